@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Sets up everything `cargo build` / `cargo test` / `target/release/ibot` need, once.
+#
+# libtorch comes from the PyPI wheel torch==2.13.0 (the version tch 0.26 is built against),
+# installed into a project-local venv (.venv, ignored by git). Python is only the installer:
+# the ibot binary never runs Python. `.libtorch` is a symlink to the wheel's torch/ folder;
+# .cargo/config.toml points LIBTORCH at it and build.rs bakes its lib dir into the rpath, so
+# a plain `cargo build` works in a fresh shell without exporting anything.
+#
+# Idempotent and quiet when already done. Usage: bash scripts/bootstrap.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+TORCH_VERSION=2.13.0
+say() { printf 'bootstrap: %s\n' "$*" >&2; }
+
+if [ -L .libtorch ] && [ -f .libtorch/lib/libtorch_cpu.so ] && [ -f .venv/.torch-$TORCH_VERSION ]; then
+  exit 0
+fi
+
+PY=${PYTHON:-python3}
+if ! command -v "$PY" >/dev/null 2>&1; then
+  say "no python3 found. Install Python 3.9+ with venv and pip, e.g. 'apt-get install python3 python3-venv python3-pip', then re-run."
+  exit 1
+fi
+if [ ! -x .venv/bin/python ]; then
+  say "creating the project venv (.venv)"
+  if ! "$PY" -m venv .venv >/dev/null 2>&1; then
+    say "'$PY -m venv' failed. Install the venv module, e.g. 'apt-get install python3-venv', then re-run."
+    exit 1
+  fi
+fi
+if ! .venv/bin/python -m pip --version >/dev/null 2>&1; then
+  say "the venv has no pip. Install it, e.g. 'apt-get install python3-pip python3-venv', then re-run."
+  exit 1
+fi
+say "installing torch==$TORCH_VERSION into .venv (libtorch for tch; a few GB, once)"
+.venv/bin/python -m pip install --quiet --disable-pip-version-check "torch==$TORCH_VERSION" numpy
+TORCH_DIR=$(.venv/bin/python -c 'import os, torch; print(os.path.dirname(torch.__file__))')
+ln -sfn "$TORCH_DIR" .libtorch
+touch ".venv/.torch-$TORCH_VERSION"
+say "libtorch ready at .libtorch -> $TORCH_DIR"

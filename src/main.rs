@@ -1,0 +1,1 @@
+fn main() { ibot::hello().print(); println!("threads {}", tch::get_num_threads()); }
