@@ -1,1 +1,14 @@
-pub fn hello() -> tch::Tensor { tch::Tensor::ones([2], (tch::Kind::Float, tch::Device::Cpu)) }
+//! iBOT — Image BERT pre-training with Online Tokenizer — on libtorch through tch.
+//!
+//! Data flows one way: [`models`] (backbone, head, multi-crop wrapper) → [`loss`] (iBOT loss
+//! with teacher centring) → [`train`] (schedules, optimizer, the step) → [`eval`]. Parameters
+//! carry the official state-dict names ([`params`]), so official weights load as they are, and
+//! [`verify`] checks everything against tensors produced by the official code.
+
+pub mod eval;
+pub mod loss;
+pub mod models;
+pub mod params;
+pub mod train;
+pub mod util;
+pub mod verify;

@@ -1,0 +1,3 @@
+//! Evaluation protocols.
+
+pub mod knn;

@@ -1,0 +1,229 @@
+//! The iBOT loss (official `main_ibot.py: iBOTLoss`).
+//!
+//! * [CLS] self-distillation: for every teacher global view q and student view v != q
+//!   (local views included), cross-entropy between the centred, sharpened teacher softmax and
+//!   the student log-softmax; averaged over the pairs, times `lambda1`.
+//! * Masked image modeling: for v == q, the same on the patch tokens, averaged over the masked
+//!   patches of each sample (`sum(loss·mask) / max(mask.sum(), 1)`), then over the batch and the
+//!   global views, times `lambda2`.
+//! * The centres (`center`, `center2`) move with momentum 0.9 towards the teacher batch means
+//!   AFTER the loss is computed; the batch sums pass through a [`CenterReduce`] (where the
+//!   data-parallel all-reduce plugs in).
+
+use anyhow::{bail, ensure, Result};
+use serde::{Deserialize, Serialize};
+use tch::{Device, Kind, Tensor};
+
+use crate::train::schedule::linspace;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct IbotLossConfig {
+    pub out_dim: i64,
+    pub patch_out_dim: i64,
+    pub ngcrops: usize,
+    pub nlcrops: usize,
+    pub warmup_teacher_temp: f64,
+    pub teacher_temp: f64,
+    pub warmup_teacher_temp2: f64,
+    pub teacher_temp2: f64,
+    pub warmup_teacher_temp_epochs: usize,
+    pub nepochs: usize,
+    pub student_temp: f64,
+    pub center_momentum: f64,
+    pub center_momentum2: f64,
+    pub lambda1: f64,
+    pub lambda2: f64,
+    pub mim_start_epoch: usize,
+}
+
+/// Sums the centre statistics over data-parallel workers. World size 1: nothing to do.
+pub trait CenterReduce {
+    /// In-place sum over workers.
+    fn all_reduce_sum(&self, t: &mut Tensor) -> Result<()>;
+    fn world_size(&self) -> usize;
+}
+
+/// The single-process reducer.
+pub struct SingleProcess;
+
+impl CenterReduce for SingleProcess {
+    fn all_reduce_sum(&self, _t: &mut Tensor) -> Result<()> {
+        Ok(())
+    }
+    fn world_size(&self) -> usize {
+        1
+    }
+}
+
+/// Loss values of one step (0-d tensors; `total` carries the graph).
+#[derive(Debug)]
+pub struct LossOutput {
+    pub cls: Tensor,
+    pub patch: Tensor,
+    pub total: Tensor,
+}
+
+#[derive(Debug)]
+pub struct IbotLoss {
+    pub cfg: IbotLossConfig,
+    /// `[1, out_dim]`
+    pub center: Tensor,
+    /// `[1, 1, patch_out_dim]`
+    pub center2: Tensor,
+    pub teacher_temp_schedule: Vec<f64>,
+    pub teacher_temp2_schedule: Vec<f64>,
+}
+
+/// The per-epoch teacher temperatures: a linear warm-up over `warmup_epochs` then constant;
+/// for the patch temperature with `mim_start_epoch > 0`, held at the warm-up value until then.
+pub fn teacher_temp_schedules(cfg: &IbotLossConfig) -> Result<(Vec<f64>, Vec<f64>)> {
+    let w = cfg.warmup_teacher_temp_epochs;
+    if w > cfg.nepochs {
+        bail!("warmup_teacher_temp_epochs ({w}) is larger than the number of epochs ({})", cfg.nepochs);
+    }
+    let mut t1 = linspace(cfg.warmup_teacher_temp, cfg.teacher_temp, w);
+    t1.extend(std::iter::repeat(cfg.teacher_temp).take(cfg.nepochs - w));
+    let t2 = if cfg.mim_start_epoch == 0 {
+        let mut t = linspace(cfg.warmup_teacher_temp2, cfg.teacher_temp2, w);
+        t.extend(std::iter::repeat(cfg.teacher_temp2).take(cfg.nepochs - w));
+        t
+    } else {
+        let s = cfg.mim_start_epoch;
+        if w + s > cfg.nepochs {
+            bail!("pred_start_epoch ({s}) + warmup_teacher_temp_epochs ({w}) exceeds the number of epochs ({})", cfg.nepochs);
+        }
+        let mut t = vec![cfg.warmup_teacher_temp2; s];
+        t.extend(linspace(cfg.warmup_teacher_temp2, cfg.teacher_temp2, w));
+        t.extend(std::iter::repeat(cfg.teacher_temp2).take(cfg.nepochs - w - s));
+        t
+    };
+    Ok((t1, t2))
+}
+
+impl IbotLoss {
+    pub fn new(cfg: IbotLossConfig, dev: Device) -> Result<Self> {
+        ensure!(cfg.ngcrops >= 1, "at least one global crop is needed");
+        ensure!(
+            cfg.ngcrops + cfg.nlcrops >= 2,
+            "the [CLS] loss needs at least two views (global_crops_number + local_crops_number >= 2)"
+        );
+        let (t1, t2) = teacher_temp_schedules(&cfg)?;
+        Ok(Self {
+            center: Tensor::zeros([1, cfg.out_dim], (Kind::Float, dev)),
+            center2: Tensor::zeros([1, 1, cfg.patch_out_dim], (Kind::Float, dev)),
+            teacher_temp_schedule: t1,
+            teacher_temp2_schedule: t2,
+            cfg,
+        })
+    }
+
+    /// Computes the loss and then updates the centres.
+    ///
+    /// * `student_cls` `[G·B, out]`, `student_patch` `[G·B, N, pd]`: student on masked globals.
+    /// * `teacher_cls`, `teacher_patch`: teacher on the globals (no gradient is taken through them).
+    /// * `student_local_cls` `[L·B, out]` or None.
+    /// * `masks`: one `[B, h, w]` mask per global view (extra entries are ignored).
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward(
+        &mut self,
+        student_cls: &Tensor,
+        student_patch: &Tensor,
+        teacher_cls: &Tensor,
+        teacher_patch: &Tensor,
+        student_local_cls: Option<&Tensor>,
+        masks: &[Tensor],
+        epoch: usize,
+        reduce: &dyn CenterReduce,
+    ) -> Result<LossOutput> {
+        let cfg = &self.cfg;
+        let g = cfg.ngcrops;
+        let ncrops = g + if student_local_cls.is_some() { cfg.nlcrops } else { 0 };
+        ensure!(masks.len() >= g, "{} masks given for {g} global views", masks.len());
+        ensure!(
+            epoch < self.teacher_temp_schedule.len(),
+            "epoch {epoch} is past the end of the temperature schedule ({} epochs)",
+            self.teacher_temp_schedule.len()
+        );
+        ensure!(
+            teacher_cls.size().last() == Some(&cfg.out_dim) && student_cls.size().last() == Some(&cfg.out_dim),
+            "[CLS] outputs must have out_dim {} (teacher {:?}, student {:?})",
+            cfg.out_dim,
+            teacher_cls.size(),
+            student_cls.size()
+        );
+        ensure!(
+            teacher_patch.size().last() == Some(&cfg.patch_out_dim) && student_patch.size().last() == Some(&cfg.patch_out_dim),
+            "patch outputs must have dim {} (teacher {:?}, student {:?}); with shared_head on either side it must equal out_dim",
+            cfg.patch_out_dim,
+            teacher_patch.size(),
+            student_patch.size()
+        );
+        let all_student_cls = match student_local_cls {
+            Some(l) => Tensor::cat(&[student_cls, l], 0),
+            None => student_cls.shallow_clone(),
+        };
+        ensure!(
+            all_student_cls.size()[0] % ncrops as i64 == 0 && teacher_cls.size()[0] % g as i64 == 0,
+            "batch rows do not split evenly into views"
+        );
+        let s_cls = (all_student_cls / cfg.student_temp).chunk(ncrops as i64, 0);
+        let s_patch = (student_patch / cfg.student_temp).chunk(g as i64, 0);
+
+        let temp = self.teacher_temp_schedule[epoch];
+        let temp2 = self.teacher_temp2_schedule[epoch];
+        let t_cls = ((teacher_cls - &self.center) / temp).softmax(-1, Kind::Float).detach().chunk(g as i64, 0);
+        let t_patch = ((teacher_patch - &self.center2) / temp2).softmax(-1, Kind::Float).detach().chunk(g as i64, 0);
+
+        let mut loss1: Option<Tensor> = None;
+        let mut loss2: Option<Tensor> = None;
+        let (mut n1, mut n2) = (0usize, 0usize);
+        let acc = |acc: &mut Option<Tensor>, v: Tensor| {
+            *acc = Some(match acc.take() {
+                Some(a) => a + v,
+                None => v,
+            })
+        };
+        for q in 0..g {
+            for v in 0..ncrops {
+                if v == q {
+                    let l = (-&t_patch[q] * s_patch[v].log_softmax(-1, Kind::Float)).sum_dim_intlist(-1, false, Kind::Float);
+                    let m = masks[v].flatten(-2, -1).to_kind(Kind::Float).to_device(l.device());
+                    ensure!(m.size() == l.size(), "mask of view {v} has {:?} patches, the output {:?}", m.size(), l.size());
+                    let l = (l * &m).sum_dim_intlist(-1, false, Kind::Float) / m.sum_dim_intlist(-1, false, Kind::Float).clamp_min(1.0);
+                    acc(&mut loss2, l.mean(Kind::Float));
+                    n2 += 1;
+                } else {
+                    let l = (-&t_cls[q] * s_cls[v].log_softmax(-1, Kind::Float)).sum_dim_intlist(-1, false, Kind::Float);
+                    acc(&mut loss1, l.mean(Kind::Float));
+                    n1 += 1;
+                }
+            }
+        }
+        let (Some(loss1), Some(loss2)) = (loss1, loss2) else { bail!("no loss terms (need two views)") };
+        let cls = loss1 / n1 as f64 * cfg.lambda1;
+        let patch = loss2 / n2 as f64 * cfg.lambda2;
+        let total = &cls + &patch;
+        self.update_center(teacher_cls, teacher_patch, reduce)?;
+        Ok(LossOutput { cls, patch, total })
+    }
+
+    /// EMA of the teacher's batch means (the official `update_center`): `center2` uses the mean
+    /// over ALL patch tokens of each sample.
+    pub fn update_center(&mut self, teacher_cls: &Tensor, teacher_patch: &Tensor, reduce: &dyn CenterReduce) -> Result<()> {
+        tch::no_grad(|| -> Result<()> {
+            let ws = reduce.world_size() as f64;
+            let mut c = teacher_cls.detach().sum_dim_intlist(0, true, Kind::Float);
+            reduce.all_reduce_sum(&mut c)?;
+            let c = c / (teacher_cls.size()[0] as f64 * ws);
+            let m = self.cfg.center_momentum;
+            self.center = &self.center * m + c * (1.0 - m);
+
+            let mut c2 = teacher_patch.detach().mean_dim(1, false, Kind::Float).sum_dim_intlist(0, true, Kind::Float);
+            reduce.all_reduce_sum(&mut c2)?;
+            let c2 = c2 / (teacher_patch.size()[0] as f64 * ws);
+            let m2 = self.cfg.center_momentum2;
+            self.center2 = &self.center2 * m2 + c2 * (1.0 - m2);
+            Ok(())
+        })
+    }
+}

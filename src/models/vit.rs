@@ -1,0 +1,374 @@
+//! Vision Transformer backbone, as the official `models/vision_transformer.py`.
+//!
+//! State-dict names: `cls_token`, `pos_embed`, `masked_embed`, `patch_embed.proj.{weight,bias}`,
+//! `blocks.{i}.{norm1,attn.qkv,attn.proj,norm2,mlp.fc1,mlp.fc2}.{weight,bias}`, `norm.{weight,bias}`
+//! (all under the prefix given at construction, e.g. `backbone.`).
+
+use anyhow::{bail, ensure, Result};
+use serde::{Deserialize, Serialize};
+use tch::{Device, Kind, Tensor};
+
+use super::init::{trunc_normal, zeros};
+use crate::params::ParamStore;
+
+/// LayerNorm epsilon of the official ViT (`partial(nn.LayerNorm, eps=1e-6)`).
+pub const LN_EPS: f64 = 1e-6;
+
+/// Shape of a ViT. The presets follow the official `vit_tiny/small/base/large`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VitConfig {
+    /// Resolution the position-embedding grid is built for (official: always 224).
+    pub img_size: i64,
+    pub patch_size: i64,
+    pub in_chans: i64,
+    pub embed_dim: i64,
+    pub depth: i64,
+    pub num_heads: i64,
+    pub mlp_ratio: f64,
+    pub qkv_bias: bool,
+    /// Stochastic depth rate of the last block (linearly increasing from 0 over the blocks).
+    pub drop_path_rate: f64,
+    /// Whether the model owns a learnable `masked_embed` (the iBOT student).
+    pub masked_im_modeling: bool,
+}
+
+impl VitConfig {
+    /// `vit_tiny`, `vit_small`, `vit_base`, `vit_large` (also `deit_tiny`/`deit_small`, which
+    /// the official code renames to the ViT of the same size).
+    pub fn from_arch(arch: &str, patch_size: i64) -> Result<Self> {
+        let arch = arch.replace("deit", "vit");
+        let (embed_dim, depth, num_heads) = match arch.as_str() {
+            "vit_tiny" => (192, 12, 3),
+            "vit_small" => (384, 12, 6),
+            "vit_base" => (768, 12, 12),
+            "vit_large" => (1024, 24, 16),
+            other => bail!(
+                "unknown architecture '{other}': expected one of vit_tiny, vit_small, vit_base, vit_large"
+            ),
+        };
+        Ok(Self {
+            img_size: 224,
+            patch_size,
+            in_chans: 3,
+            embed_dim,
+            depth,
+            num_heads,
+            mlp_ratio: 4.0,
+            qkv_bias: true,
+            drop_path_rate: 0.0,
+            masked_im_modeling: false,
+        })
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        ensure!(self.patch_size > 0, "patch_size must be positive, got {}", self.patch_size);
+        ensure!(
+            self.img_size >= self.patch_size && self.img_size % self.patch_size == 0,
+            "img_size {} must be a positive multiple of patch_size {}",
+            self.img_size,
+            self.patch_size
+        );
+        ensure!(self.embed_dim > 0 && self.depth > 0 && self.num_heads > 0, "embed_dim, depth and num_heads must be positive");
+        ensure!(
+            self.embed_dim % self.num_heads == 0,
+            "embed_dim {} is not divisible by num_heads {}",
+            self.embed_dim,
+            self.num_heads
+        );
+        ensure!((0.0..1.0).contains(&self.drop_path_rate), "drop_path_rate must be in [0, 1), got {}", self.drop_path_rate);
+        ensure!(self.mlp_ratio > 0.0, "mlp_ratio must be positive");
+        Ok(())
+    }
+
+    /// Side of the position-embedding grid (`img_size // patch_size`).
+    pub fn grid(&self) -> i64 {
+        self.img_size / self.patch_size
+    }
+
+    pub fn mlp_hidden(&self) -> i64 {
+        (self.embed_dim as f64 * self.mlp_ratio) as i64
+    }
+}
+
+/// `nn.Linear` weights.
+#[derive(Debug)]
+pub struct Linear {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+}
+
+impl Linear {
+    /// Official ViT/head init: trunc_normal(std=.02) weight, zero bias.
+    pub fn new_trunc(ps: &mut ParamStore, name: &str, in_dim: i64, out_dim: i64, bias: bool, trainable: bool, dev: Device) -> Self {
+        let weight = ps.add(format!("{name}.weight"), trunc_normal(&[out_dim, in_dim], 0.02, dev), trainable);
+        let bias = bias.then(|| ps.add(format!("{name}.bias"), zeros(&[out_dim], dev), trainable));
+        Self { weight, bias }
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        x.linear(&self.weight, self.bias.as_ref())
+    }
+}
+
+/// `nn.LayerNorm` parameters.
+#[derive(Debug)]
+pub struct LayerNorm {
+    pub weight: Tensor,
+    pub bias: Tensor,
+    pub eps: f64,
+}
+
+impl LayerNorm {
+    pub fn new(ps: &mut ParamStore, name: &str, dim: i64, eps: f64, trainable: bool, dev: Device) -> Self {
+        let weight = ps.add(format!("{name}.weight"), Tensor::ones([dim], (Kind::Float, dev)), trainable);
+        let bias = ps.add(format!("{name}.bias"), zeros(&[dim], dev), trainable);
+        Self { weight, bias, eps }
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        let d = *x.size().last().expect("layer norm on a 0-d tensor");
+        x.layer_norm([d], Some(&self.weight), Some(&self.bias), self.eps, true)
+    }
+}
+
+/// Multi-head self-attention with a fused qkv projection.
+#[derive(Debug)]
+pub struct Attention {
+    pub qkv: Linear,
+    pub proj: Linear,
+    pub num_heads: i64,
+    pub scale: f64,
+}
+
+impl Attention {
+    /// q, k, v as `[B, heads, N, head_dim]`.
+    fn qkv(&self, x: &Tensor) -> (Tensor, Tensor, Tensor) {
+        let (b, n, c) = x.size3().expect("attention input must be [B, N, C]");
+        let qkv = self
+            .qkv
+            .forward(x)
+            .reshape([b, n, 3, self.num_heads, c / self.num_heads])
+            .permute([2, 0, 3, 1, 4]);
+        (qkv.get(0), qkv.get(1), qkv.get(2))
+    }
+
+    /// Attention probabilities `[B, heads, N, N]`, computed as the official code does.
+    pub fn attention_map(&self, x: &Tensor) -> Tensor {
+        let (q, k, _) = self.qkv(x);
+        (q.matmul(&k.transpose(-2, -1)) * self.scale).softmax(-1, Kind::Float)
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        let (b, n, c) = x.size3().expect("attention input must be [B, N, C]");
+        let (q, k, v) = self.qkv(x);
+        let attn = (q.matmul(&k.transpose(-2, -1)) * self.scale).softmax(-1, Kind::Float);
+        let out = attn.matmul(&v).transpose(1, 2).reshape([b, n, c]);
+        self.proj.forward(&out)
+    }
+}
+
+/// Two-layer MLP with exact GELU.
+#[derive(Debug)]
+pub struct Mlp {
+    pub fc1: Linear,
+    pub fc2: Linear,
+}
+
+impl Mlp {
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        self.fc2.forward(&self.fc1.forward(x).gelu("none"))
+    }
+}
+
+/// Pre-norm transformer block with stochastic depth.
+#[derive(Debug)]
+pub struct Block {
+    pub norm1: LayerNorm,
+    pub attn: Attention,
+    pub norm2: LayerNorm,
+    pub mlp: Mlp,
+    pub drop_path: f64,
+}
+
+/// Stochastic depth: zeroes whole samples of the residual branch with probability `p` and
+/// rescales the rest by `1/(1-p)`, as the official `drop_path` (identity when not training).
+pub fn drop_path(x: &Tensor, p: f64, train: bool) -> Tensor {
+    if p == 0.0 || !train {
+        return x.shallow_clone();
+    }
+    let keep = 1.0 - p;
+    let mut shape = vec![x.size()[0]];
+    shape.extend(std::iter::repeat(1).take(x.dim() - 1));
+    let mask = (Tensor::rand(&shape, (x.kind(), x.device())) + keep).floor();
+    x.g_div_scalar(keep) * mask
+}
+
+impl Block {
+    pub fn forward(&self, x: &Tensor, train: bool) -> Tensor {
+        let x = x + drop_path(&self.attn.forward(&self.norm1.forward(x)), self.drop_path, train);
+        let y = self.mlp.forward(&self.norm2.forward(&x));
+        &x + drop_path(&y, self.drop_path, train)
+    }
+}
+
+/// The ViT backbone.
+#[derive(Debug)]
+pub struct VisionTransformer {
+    pub cfg: VitConfig,
+    pub cls_token: Tensor,
+    pub pos_embed: Tensor,
+    pub masked_embed: Option<Tensor>,
+    pub patch_embed: Linear, // conv weight [D, C, p, p]
+    pub blocks: Vec<Block>,
+    pub norm: LayerNorm,
+}
+
+impl VisionTransformer {
+    /// Registers the parameters under `prefix` (e.g. `"backbone."`) in the official order and
+    /// initialises them like the official code (trunc-normal .02 for tokens and linears,
+    /// PyTorch's default conv init for the patch projection, zero `masked_embed`).
+    pub fn new(ps: &mut ParamStore, prefix: &str, cfg: &VitConfig, trainable: bool, dev: Device) -> Result<Self> {
+        cfg.validate()?;
+        let d = cfg.embed_dim;
+        let n = cfg.grid() * cfg.grid();
+        // Own parameters come first in a PyTorch state dict, then children.
+        let cls_token = ps.add(format!("{prefix}cls_token"), trunc_normal(&[1, 1, d], 0.02, dev), trainable);
+        let pos_embed = ps.add(format!("{prefix}pos_embed"), trunc_normal(&[1, n + 1, d], 0.02, dev), trainable);
+        let masked_embed = cfg
+            .masked_im_modeling
+            .then(|| ps.add(format!("{prefix}masked_embed"), zeros(&[1, d], dev), trainable));
+        let p = cfg.patch_size;
+        let fan_in = (cfg.in_chans * p * p) as f64;
+        let bound = 1.0 / fan_in.sqrt();
+        let pw = Tensor::empty([d, cfg.in_chans, p, p], (Kind::Float, dev)).uniform_(-bound, bound);
+        let pb = Tensor::empty([d], (Kind::Float, dev)).uniform_(-bound, bound);
+        let patch_embed = Linear {
+            weight: ps.add(format!("{prefix}patch_embed.proj.weight"), pw, trainable),
+            bias: Some(ps.add(format!("{prefix}patch_embed.proj.bias"), pb, trainable)),
+        };
+        let mut blocks = Vec::with_capacity(cfg.depth as usize);
+        let hidden = cfg.mlp_hidden();
+        for i in 0..cfg.depth {
+            // torch.linspace(0, drop_path_rate, depth)[i]
+            let dpr = if cfg.depth > 1 { cfg.drop_path_rate * i as f64 / (cfg.depth - 1) as f64 } else { 0.0 };
+            let b = format!("{prefix}blocks.{i}.");
+            let norm1 = LayerNorm::new(ps, &format!("{b}norm1"), d, LN_EPS, trainable, dev);
+            let qkv = Linear::new_trunc(ps, &format!("{b}attn.qkv"), d, 3 * d, cfg.qkv_bias, trainable, dev);
+            let proj = Linear::new_trunc(ps, &format!("{b}attn.proj"), d, d, true, trainable, dev);
+            let norm2 = LayerNorm::new(ps, &format!("{b}norm2"), d, LN_EPS, trainable, dev);
+            let fc1 = Linear::new_trunc(ps, &format!("{b}mlp.fc1"), d, hidden, true, trainable, dev);
+            let fc2 = Linear::new_trunc(ps, &format!("{b}mlp.fc2"), hidden, d, true, trainable, dev);
+            blocks.push(Block {
+                norm1,
+                attn: Attention { qkv, proj, num_heads: cfg.num_heads, scale: ((d / cfg.num_heads) as f64).powf(-0.5) },
+                norm2,
+                mlp: Mlp { fc1, fc2 },
+                drop_path: dpr,
+            });
+        }
+        let norm = LayerNorm::new(ps, &format!("{prefix}norm"), d, LN_EPS, trainable, dev);
+        Ok(Self { cfg: cfg.clone(), cls_token, pos_embed, masked_embed, patch_embed, blocks, norm })
+    }
+
+    /// Checks an input batch `[B, C, H, W]` (and its mask `[B, H/p, W/p]`) before use.
+    pub fn check_input(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<(i64, i64, i64)> {
+        let size = x.size();
+        ensure!(size.len() == 4, "expected images of shape [B, C, H, W], got {size:?}");
+        let (b, c, h, w) = (size[0], size[1], size[2], size[3]);
+        ensure!(c == self.cfg.in_chans, "expected {} image channels, got {c}", self.cfg.in_chans);
+        let p = self.cfg.patch_size;
+        ensure!(
+            h >= p && w >= p && h % p == 0 && w % p == 0,
+            "crop size {h}x{w} is not a positive multiple of the patch size {p}"
+        );
+        if let Some(m) = mask {
+            ensure!(
+                m.size() == [b, h / p, w / p],
+                "mask shape {:?} does not match the patch grid [{b}, {}, {}] of {h}x{w} crops",
+                m.size(),
+                h / p,
+                w / p
+            );
+        }
+        Ok((b, h / p, w / p))
+    }
+
+    /// The official `interpolate_pos_encoding` for an `h x w` patch grid: the position table
+    /// as-is when the grid matches (and is square), otherwise bicubic resampling of the patch
+    /// rows (align_corners=False) with the scale factor `(n + 0.1) / sqrt(N)` handed to the
+    /// kernel as given, and the CLS row unchanged.
+    pub fn interpolate_pos_encoding(&self, gh: i64, gw: i64) -> Result<Tensor> {
+        let npatch = gh * gw;
+        let n_tab = self.pos_embed.size()[1] - 1;
+        if npatch == n_tab && gh == gw {
+            return Ok(self.pos_embed.shallow_clone());
+        }
+        let side = (n_tab as f64).sqrt() as i64;
+        ensure!(side * side == n_tab, "position embedding has {n_tab} patch rows, which is not a square grid");
+        let d = self.cfg.embed_dim;
+        let class_pos = self.pos_embed.narrow(1, 0, 1);
+        let patch_pos = self.pos_embed.narrow(1, 1, n_tab);
+        let sqrt_n = (n_tab as f64).sqrt();
+        let (sh, sw) = ((gh as f64 + 0.1) / sqrt_n, (gw as f64 + 0.1) / sqrt_n);
+        // Output size as F.interpolate derives it from a scale factor: floor(in * scale).
+        let (oh, ow) = ((side as f64 * sh).floor() as i64, (side as f64 * sw).floor() as i64);
+        ensure!(oh == gh && ow == gw, "position-embedding interpolation gave a {oh}x{ow} grid for {gh}x{gw}");
+        let grid = patch_pos.reshape([1, side, side, d]).permute([0, 3, 1, 2]);
+        let resized = grid.upsample_bicubic2d([oh, ow], false, sh, sw);
+        let resized = resized.permute([0, 2, 3, 1]).reshape([1, -1, d]);
+        Ok(Tensor::cat(&[class_pos, resized], 1))
+    }
+
+    /// Patch embedding, masking, CLS token and position embedding: `[B, 1 + N, D]`.
+    pub fn prepare_tokens(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+        let (b, gh, gw) = self.check_input(x, mask)?;
+        let p = self.cfg.patch_size;
+        let d = self.cfg.embed_dim;
+        let mut t = x.conv2d(&self.patch_embed.weight, self.patch_embed.bias.as_ref(), [p, p], [0, 0], [1, 1], 1); // [B, D, h, w]
+        if let Some(m) = mask {
+            let Some(me) = &self.masked_embed else {
+                bail!("a mask was given but this backbone has no masked_embed (masked_im_modeling is off)")
+            };
+            // Masked patch embeddings are REPLACED by masked_embed (CLS is never masked).
+            let m = m.to_kind(Kind::Bool).to_device(t.device()).unsqueeze(1); // [B, 1, h, w]
+            t = me.to_kind(t.kind()).reshape([1, d, 1, 1]).where_self(&m, &t);
+        }
+        let t = t.flatten(2, -1).transpose(1, 2); // [B, N, D]
+        let cls = self.cls_token.expand([b, -1, -1], false);
+        let t = Tensor::cat(&[cls, t], 1);
+        Ok(t + self.interpolate_pos_encoding(gh, gw)?)
+    }
+
+    /// All output tokens after the final norm, `[B, 1 + N, D]`. `train` enables drop path.
+    pub fn forward(&self, x: &Tensor, mask: Option<&Tensor>, train: bool) -> Result<Tensor> {
+        let mut t = self.prepare_tokens(x, mask)?;
+        for blk in &self.blocks {
+            t = blk.forward(&t, train);
+        }
+        Ok(self.norm.forward(&t))
+    }
+
+    /// Self-attention of the last block, `[B, heads, 1 + N, 1 + N]` (no mask, eval mode).
+    pub fn get_last_selfattention(&self, x: &Tensor) -> Result<Tensor> {
+        let mut t = self.prepare_tokens(x, None)?;
+        let (last, rest) = self.blocks.split_last().expect("a ViT has at least one block");
+        for blk in rest {
+            t = blk.forward(&t, false);
+        }
+        Ok(last.attn.attention_map(&last.norm1.forward(&t)))
+    }
+
+    /// Normed outputs of the last `n` blocks (the official `get_intermediate_layers`).
+    pub fn get_intermediate_layers(&self, x: &Tensor, n: usize) -> Result<Vec<Tensor>> {
+        let mut t = self.prepare_tokens(x, None)?;
+        let depth = self.blocks.len();
+        let mut out = Vec::new();
+        for (i, blk) in self.blocks.iter().enumerate() {
+            t = blk.forward(&t, false);
+            if depth - i <= n {
+                out.push(self.norm.forward(&t));
+            }
+        }
+        Ok(out)
+    }
+}

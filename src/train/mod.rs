@@ -1,0 +1,256 @@
+//! One iBOT training step, piece by piece as the official `train_one_epoch`.
+
+pub mod optim;
+pub mod schedule;
+
+use anyhow::{bail, ensure, Result};
+use serde::{Deserialize, Serialize};
+use tch::{Device, Kind, Tensor};
+
+use crate::loss::{CenterReduce, IbotLoss, IbotLossConfig, LossOutput};
+use crate::models::{HeadConfig, MultiCropOutput, MultiCropWrapper, VitConfig};
+use crate::params::ParamStore;
+use optim::{Optimizer, OptimizerKind};
+
+/// Everything that defines the student/teacher pair and its step.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct IbotConfig {
+    /// Student backbone (its `drop_path_rate` and `masked_im_modeling` are the student's; the
+    /// teacher uses the same shape with neither).
+    pub backbone: VitConfig,
+    /// Student head.
+    pub head: HeadConfig,
+    pub shared_head_teacher: bool,
+    pub loss: IbotLossConfig,
+    /// Per-tensor gradient-norm clip (0 disables).
+    pub clip_grad: f64,
+    /// Epochs during which the last layer's gradients are cancelled.
+    pub freeze_last_layer: usize,
+    pub optimizer: OptimizerKind,
+}
+
+impl IbotConfig {
+    pub fn teacher_backbone(&self) -> VitConfig {
+        VitConfig { drop_path_rate: 0.0, masked_im_modeling: false, ..self.backbone.clone() }
+    }
+
+    /// The teacher head: the student's shape with `shared_head_teacher` (and, as in the official
+    /// code, the default `norm_last_layer=True`, which does not matter for a frozen teacher).
+    pub fn teacher_head(&self) -> HeadConfig {
+        HeadConfig { shared_head: self.shared_head_teacher, norm_last_layer: true, ..self.head.clone() }
+    }
+}
+
+/// A non-finite loss: training must stop (the official code exits).
+#[derive(Debug, thiserror::Error)]
+#[error("loss is {value} at epoch {epoch}, stopping training (last finite loss: {last_finite:?})")]
+pub struct NonFiniteLoss {
+    pub value: f64,
+    pub epoch: usize,
+    pub last_finite: Option<f64>,
+}
+
+/// Forward results of one step.
+#[derive(Debug)]
+pub struct StepForward {
+    pub teacher: MultiCropOutput,
+    pub student: MultiCropOutput,
+    pub student_local: Option<MultiCropOutput>,
+    pub loss: LossOutput,
+}
+
+/// Scalars of one step.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct StepStats {
+    pub loss: f64,
+    pub cls: f64,
+    pub patch: f64,
+    pub lr: f64,
+    pub wd: f64,
+    pub momentum: f64,
+    /// Agreement of teacher argmax (global view 0) and student argmax (global view 1).
+    pub acc: f64,
+}
+
+/// Student, teacher, loss (with its centres) and optimizer.
+pub struct Ibot {
+    pub cfg: IbotConfig,
+    pub student_ps: ParamStore,
+    pub teacher_ps: ParamStore,
+    pub student: MultiCropWrapper,
+    pub teacher: MultiCropWrapper,
+    pub loss: IbotLoss,
+    pub optimizer: Optimizer,
+    pub device: Device,
+}
+
+impl Ibot {
+    /// Builds both networks; the teacher starts from the student's state dict loaded the way the
+    /// official `load_state_dict(strict=False)` does it.
+    pub fn new(cfg: IbotConfig, device: Device) -> Result<Self> {
+        let mut student_ps = ParamStore::new();
+        let student = MultiCropWrapper::new(&mut student_ps, &cfg.backbone, &cfg.head, true, device)?;
+        let mut teacher_ps = ParamStore::new();
+        let teacher = MultiCropWrapper::new(&mut teacher_ps, &cfg.teacher_backbone(), &cfg.teacher_head(), false, device)?;
+        teacher_ps.load_non_strict(student_ps.state_dict())?;
+        let loss = IbotLoss::new(cfg.loss.clone(), device)?;
+        let optimizer = Optimizer::new(cfg.optimizer, &student_ps);
+        Ok(Self { cfg, student_ps, teacher_ps, student, teacher, loss, optimizer, device })
+    }
+
+    /// Re-initialises the teacher from the current student (after loading student weights).
+    pub fn init_teacher_from_student(&self) -> Result<()> {
+        self.teacher_ps.load_non_strict(self.student_ps.state_dict())?;
+        Ok(())
+    }
+
+    /// Teacher on the global views, student on the masked global views and on the local views,
+    /// then the loss (which updates the centres).
+    pub fn forward(
+        &mut self,
+        images: &[Tensor],
+        masks: &[Tensor],
+        epoch: usize,
+        train: bool,
+        reduce: &dyn CenterReduce,
+    ) -> Result<StepForward> {
+        let g = self.cfg.loss.ngcrops;
+        ensure!(images.len() >= g, "{} views given, {g} global views expected", images.len());
+        ensure!(masks.len() >= g, "{} masks given for {g} global views", masks.len());
+        let globals = &images[..g];
+        let teacher = tch::no_grad(|| self.teacher.forward(globals, None, false))?;
+        let mim = self.cfg.backbone.masked_im_modeling;
+        let student = self.student.forward(globals, mim.then_some(&masks[..g]), train)?;
+        let student_local =
+            if images.len() > g { Some(self.student.forward(&images[g..], None, train)?) } else { None };
+        let (Some(t_patch), Some(s_patch)) = (&teacher.patch, &student.patch) else {
+            bail!("all global views must have the same resolution")
+        };
+        let loss = self.loss.forward(
+            &student.cls,
+            s_patch,
+            &teacher.cls,
+            t_patch,
+            student_local.as_ref().map(|o| &o.cls),
+            &masks[..g],
+            epoch,
+            reduce,
+        )?;
+        Ok(StepForward { teacher, student, student_local, loss })
+    }
+
+    /// Gradients of `loss` w.r.t. every student parameter (None: frozen or not reached).
+    pub fn backward(&self, loss: &Tensor) -> Vec<Option<Tensor>> {
+        let params = self.student_ps.params();
+        let trainable: Vec<&Tensor> = params.iter().filter(|p| p.trainable).map(|p| &p.tensor).collect();
+        let mut grads = Tensor::run_backward(&[loss], &trainable, false, false).into_iter();
+        params
+            .iter()
+            .map(|p| if p.trainable { grads.next().filter(|g| g.defined()) } else { None })
+            .collect()
+    }
+
+    /// Clipping (if enabled) then last-layer cancelling; returns the pre-clip norms per
+    /// parameter (empty when clipping is off).
+    pub fn process_grads(&self, grads: &mut [Option<Tensor>], epoch: usize) -> Vec<Option<f64>> {
+        let norms = if self.cfg.clip_grad > 0.0 { clip_gradients(grads, self.cfg.clip_grad) } else { vec![] };
+        cancel_gradients_last_layer(epoch, self.cfg.freeze_last_layer, &self.student_ps, grads);
+        norms
+    }
+
+    /// EMA of the teacher towards the student: `t = m·t + (1-m)·s` over the parameter names
+    /// both networks have (the official `names_common`).
+    pub fn update_teacher(&self, m: f64) {
+        ema_update(&self.teacher_ps, &self.student_ps, m)
+    }
+
+    /// One full training step. `lr` applies to both groups, `wd` to the first.
+    #[allow(clippy::too_many_arguments)]
+    pub fn train_step(
+        &mut self,
+        images: &[Tensor],
+        masks: &[Tensor],
+        epoch: usize,
+        lr: f64,
+        wd: f64,
+        momentum: f64,
+        reduce: &dyn CenterReduce,
+    ) -> Result<StepStats> {
+        let fwd = self.forward(images, masks, epoch, true, reduce)?;
+        let loss = fwd.loss.total.double_value(&[]);
+        if !loss.is_finite() {
+            return Err(NonFiniteLoss { value: loss, epoch, last_finite: None }.into());
+        }
+        let acc = argmax_agreement(&fwd.teacher.cls, &fwd.student.cls, self.cfg.loss.ngcrops);
+        let mut grads = self.backward(&fwd.loss.total);
+        self.process_grads(&mut grads, epoch);
+        self.optimizer.step(&self.student_ps, &grads, lr, wd)?;
+        self.update_teacher(momentum);
+        Ok(StepStats {
+            loss,
+            cls: fwd.loss.cls.double_value(&[]),
+            patch: fwd.loss.patch.double_value(&[]),
+            lr,
+            wd,
+            momentum,
+            acc,
+        })
+    }
+}
+
+/// Fraction of samples where the teacher's argmax on global view 0 equals the student's on
+/// global view 1 (0 with a single global view).
+pub fn argmax_agreement(teacher_cls: &Tensor, student_cls: &Tensor, ngcrops: usize) -> f64 {
+    if ngcrops < 2 {
+        return 0.0;
+    }
+    let t = teacher_cls.chunk(ngcrops as i64, 0);
+    let s = student_cls.chunk(ngcrops as i64, 0);
+    let eq = t[0].argmax(1, false).eq_tensor(&s[1].argmax(1, false));
+    eq.to_kind(Kind::Double).mean(Kind::Double).double_value(&[])
+}
+
+/// The official per-tensor `clip_gradients`: for every gradient, `coef = clip / (‖g‖ + 1e-6)`
+/// in float32, and `g *= coef` when `coef < 1`. Returns each gradient's norm before clipping
+/// (None where there is no gradient).
+pub fn clip_gradients(grads: &mut [Option<Tensor>], clip: f64) -> Vec<Option<f64>> {
+    let _guard = tch::no_grad_guard();
+    grads
+        .iter_mut()
+        .map(|g| {
+            let g = g.as_mut()?;
+            let norm = g.norm();
+            // Python's `clip / t` is `t.reciprocal() * clip`.
+            let coef = (&norm + 1e-6).reciprocal() * clip;
+            if coef.double_value(&[]) < 1.0 {
+                let _ = g.g_mul_(&coef);
+            }
+            Some(norm.double_value(&[]))
+        })
+        .collect()
+}
+
+/// The official `cancel_gradients_last_layer`: during the first `freeze_last_layer` epochs the
+/// gradients of every parameter whose name contains `last_layer` are dropped.
+pub fn cancel_gradients_last_layer(epoch: usize, freeze_last_layer: usize, ps: &ParamStore, grads: &mut [Option<Tensor>]) {
+    if epoch >= freeze_last_layer {
+        return;
+    }
+    for (p, g) in ps.params().iter().zip(grads.iter_mut()) {
+        if p.name.contains("last_layer") {
+            *g = None;
+        }
+    }
+}
+
+/// `t = m·t + (1-m)·s` for every parameter name the two stores share.
+pub fn ema_update(teacher: &ParamStore, student: &ParamStore, m: f64) {
+    let _guard = tch::no_grad_guard();
+    for tp in teacher.params() {
+        if let Some(sp) = student.named(&tp.name) {
+            let mut t = tp.tensor.shallow_clone();
+            let _ = t.g_mul_scalar_(m);
+            let _ = t.g_add_(&(sp.tensor.detach() * (1.0 - m)));
+        }
+    }
+}

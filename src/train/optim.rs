@@ -1,0 +1,196 @@
+//! Optimizers with the official parameter groups and PyTorch's update rules.
+//!
+//! Written here rather than taken from tch's `nn::Optimizer` because iBOT needs, per step,
+//! a learning rate for every group and a weight decay for the first group only, and it needs
+//! parameters whose gradient was cancelled to be skipped entirely (PyTorch skips `grad is None`,
+//! weight decay included), which tch's optimizer wrapper cannot express.
+
+use anyhow::{bail, Result};
+use serde::{Deserialize, Serialize};
+use tch::Tensor;
+
+use crate::params::ParamStore;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OptimizerKind {
+    Adamw,
+    Sgd,
+    Lars,
+}
+
+impl std::str::FromStr for OptimizerKind {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "adamw" => Ok(Self::Adamw),
+            "sgd" => Ok(Self::Sgd),
+            "lars" => Ok(Self::Lars),
+            other => bail!("unknown optimizer '{other}' (expected adamw, sgd or lars)"),
+        }
+    }
+}
+
+/// The official `get_params_groups`: trainable parameters whose name ends in `.bias` or that
+/// are 1-D are not weight-decayed (group 1); all others are (group 0).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ParamGroups {
+    pub regularized: Vec<usize>,
+    pub not_regularized: Vec<usize>,
+}
+
+pub fn get_params_groups(ps: &ParamStore) -> ParamGroups {
+    let mut g = ParamGroups { regularized: vec![], not_regularized: vec![] };
+    for (i, p) in ps.params().iter().enumerate() {
+        if !p.trainable {
+            continue;
+        }
+        if p.name.ends_with(".bias") || p.tensor.dim() == 1 {
+            g.not_regularized.push(i);
+        } else {
+            g.regularized.push(i);
+        }
+    }
+    g
+}
+
+#[derive(Debug)]
+struct AdamState {
+    step: u64,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+}
+
+/// Per-parameter optimizer state.
+#[derive(Debug)]
+enum State {
+    None,
+    Adam(AdamState),
+    Momentum(Tensor),
+}
+
+/// An optimizer over a [`ParamStore`] with the two official groups.
+#[derive(Debug)]
+pub struct Optimizer {
+    pub kind: OptimizerKind,
+    pub groups: ParamGroups,
+    state: Vec<State>,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub momentum: f64,
+    pub lars_eta: f64,
+}
+
+impl Optimizer {
+    pub fn new(kind: OptimizerKind, ps: &ParamStore) -> Self {
+        Self {
+            kind,
+            groups: get_params_groups(ps),
+            state: (0..ps.len()).map(|_| State::None).collect(),
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            momentum: 0.9,
+            lars_eta: 0.001,
+        }
+    }
+
+    /// One step with learning rate `lr` for both groups and weight decay `wd` for group 0.
+    /// `grads[i]` is the gradient of parameter i or None (skipped, like PyTorch's grad None).
+    pub fn step(&mut self, ps: &ParamStore, grads: &[Option<Tensor>], lr: f64, wd: f64) -> Result<()> {
+        let params = ps.params();
+        if grads.len() != params.len() {
+            bail!("{} gradients for {} parameters", grads.len(), params.len());
+        }
+        let _guard = tch::no_grad_guard();
+        for (group, decay) in [(&self.groups.regularized, wd), (&self.groups.not_regularized, 0.0)] {
+            for &i in group.iter() {
+                let Some(grad) = &grads[i] else { continue };
+                let mut p = params[i].tensor.shallow_clone();
+                match self.kind {
+                    OptimizerKind::Adamw => adamw_update(&mut self.state[i], &mut p, grad, lr, decay, self.beta1, self.beta2, self.eps),
+                    OptimizerKind::Sgd => sgd_update(&mut self.state[i], &mut p, grad, lr, decay, self.momentum),
+                    OptimizerKind::Lars => lars_update(&mut self.state[i], &mut p, grad, lr, decay, self.momentum, self.lars_eta),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Optimizer state as named tensors (for checkpoints): `{i}.exp_avg`, `{i}.exp_avg_sq`,
+    /// `{i}.step` or `{i}.momentum_buffer`, with i the parameter index.
+    pub fn state_tensors(&self) -> Vec<(String, Tensor)> {
+        let mut out = Vec::new();
+        for (i, s) in self.state.iter().enumerate() {
+            match s {
+                State::None => {}
+                State::Adam(a) => {
+                    out.push((format!("{i}.exp_avg"), a.exp_avg.shallow_clone()));
+                    out.push((format!("{i}.exp_avg_sq"), a.exp_avg_sq.shallow_clone()));
+                    out.push((format!("{i}.step"), Tensor::from(a.step as i64)));
+                }
+                State::Momentum(m) => out.push((format!("{i}.momentum_buffer"), m.shallow_clone())),
+            }
+        }
+        out
+    }
+}
+
+/// PyTorch's single-tensor AdamW (decoupled weight decay, bias correction).
+#[allow(clippy::too_many_arguments)]
+fn adamw_update(state: &mut State, p: &mut Tensor, grad: &Tensor, lr: f64, wd: f64, b1: f64, b2: f64, eps: f64) {
+    if !matches!(state, State::Adam(_)) {
+        *state = State::Adam(AdamState { step: 0, exp_avg: p.zeros_like(), exp_avg_sq: p.zeros_like() });
+    }
+    let State::Adam(s) = state else { unreachable!() };
+    s.step += 1;
+    if wd != 0.0 {
+        let _ = p.g_mul_scalar_(1.0 - lr * wd);
+    }
+    let _ = s.exp_avg.lerp_(grad, 1.0 - b1);
+    let _ = s.exp_avg_sq.g_mul_scalar_(b2);
+    let _ = s.exp_avg_sq.addcmul_(&(grad * (1.0 - b2)), grad);
+    let bc1 = 1.0 - b1.powi(s.step as i32);
+    let bc2 = 1.0 - b2.powi(s.step as i32);
+    let step_size = lr / bc1;
+    let denom = (s.exp_avg_sq.sqrt() / bc2.sqrt()) + eps;
+    let _ = p.g_add_(&(&s.exp_avg * (-step_size) / denom));
+}
+
+/// PyTorch SGD with momentum (dampening 0, no Nesterov), coupled weight decay.
+fn sgd_update(state: &mut State, p: &mut Tensor, grad: &Tensor, lr: f64, wd: f64, momentum: f64) {
+    let d = if wd != 0.0 { grad + &*p * wd } else { grad.shallow_clone() };
+    let buf = match state {
+        State::Momentum(b) => {
+            let _ = b.g_mul_scalar_(momentum);
+            let _ = b.g_add_(&d);
+            b.shallow_clone()
+        }
+        _ => {
+            let b = d.detach().copy();
+            *state = State::Momentum(b.shallow_clone());
+            b
+        }
+    };
+    let _ = p.g_add_(&(buf * (-lr)));
+}
+
+/// The official LARS (from Barlow Twins): weight decay and trust ratio on non-1-D parameters.
+fn lars_update(state: &mut State, p: &mut Tensor, grad: &Tensor, lr: f64, wd: f64, momentum: f64, eta: f64) {
+    let mut dp = grad.shallow_clone();
+    if p.dim() != 1 {
+        dp = &dp + &*p * wd;
+        let pn = p.norm().double_value(&[]);
+        let un = dp.norm().double_value(&[]);
+        let q = if pn > 0.0 && un > 0.0 { eta * pn / un } else { 1.0 };
+        dp = dp * q;
+    }
+    if !matches!(state, State::Momentum(_)) {
+        *state = State::Momentum(p.zeros_like());
+    }
+    let State::Momentum(mu) = state else { unreachable!() };
+    let _ = mu.g_mul_scalar_(momentum);
+    let _ = mu.g_add_(&dp);
+    let _ = p.g_add_(&(&*mu * (-lr)));
+}

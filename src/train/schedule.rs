@@ -1,0 +1,42 @@
+//! Schedules of the official code, computed in f64 exactly as numpy does.
+
+use anyhow::{ensure, Result};
+
+/// `np.linspace(start, stop, num)` (endpoint included): `start + i·step`, last value = `stop`.
+pub fn linspace(start: f64, stop: f64, num: usize) -> Vec<f64> {
+    match num {
+        0 => vec![],
+        1 => vec![start],
+        _ => {
+            let step = (stop - start) / (num - 1) as f64;
+            let mut v: Vec<f64> = (0..num).map(|i| i as f64 * step + start).collect();
+            v[num - 1] = stop;
+            v
+        }
+    }
+}
+
+/// The official `utils.cosine_scheduler`: one value per iteration, a linear warm-up from
+/// `start_warmup_value` to `base` over `warmup_epochs`, then a half cosine from `base` to `final_`.
+pub fn cosine_scheduler(
+    base: f64,
+    final_: f64,
+    epochs: usize,
+    niter_per_ep: usize,
+    warmup_epochs: usize,
+    start_warmup_value: f64,
+) -> Result<Vec<f64>> {
+    let total = epochs * niter_per_ep;
+    let warmup_iters = warmup_epochs * niter_per_ep;
+    ensure!(
+        warmup_iters <= total,
+        "warm-up ({warmup_epochs} epochs) is longer than training ({epochs} epochs)"
+    );
+    let mut s = if warmup_epochs > 0 { linspace(start_warmup_value, base, warmup_iters) } else { vec![] };
+    let n = total - warmup_iters;
+    s.extend((0..n).map(|i| {
+        let c = (std::f64::consts::PI * i as f64 / n as f64).cos();
+        final_ + 0.5 * (base - final_) * (1.0 + c)
+    }));
+    Ok(s)
+}
