@@ -1,0 +1,60 @@
+//! Helpers shared by the integration tests.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+
+use ibot::loss::IbotLossConfig;
+use ibot::models::{HeadConfig, VitConfig};
+use ibot::train::optim::OptimizerKind;
+use ibot::train::IbotConfig;
+
+/// The reference fixtures of the official code (`../shared/fixtures/ibot-ref/<name>`), or the
+/// directory named by IBOT_FIXTURES. Missing fixtures fail the test: they are part of the suite.
+pub fn fixture_dir(name: &str) -> PathBuf {
+    let root = std::env::var_os("IBOT_FIXTURES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/ibot-ref"));
+    let dir = root.join(name);
+    assert!(
+        dir.join("fixtures.json").is_file(),
+        "reference fixtures not found at {} (clone the project next to shared/ or set IBOT_FIXTURES)",
+        dir.display()
+    );
+    dir
+}
+
+/// A tiny configuration for fast tests.
+pub fn tiny_config(shared_head: bool, shared_head_teacher: bool) -> IbotConfig {
+    let backbone = VitConfig {
+        img_size: 16,
+        patch_size: 4,
+        in_chans: 3,
+        embed_dim: 24,
+        depth: 2,
+        num_heads: 2,
+        mlp_ratio: 2.0,
+        qkv_bias: true,
+        drop_path_rate: 0.0,
+        masked_im_modeling: true,
+    };
+    let head = HeadConfig { hidden_dim: 32, bottleneck_dim: 8, ..HeadConfig::new(24, 40, 40, false, shared_head) };
+    let loss = IbotLossConfig {
+        out_dim: 40,
+        patch_out_dim: 40,
+        ngcrops: 2,
+        nlcrops: 2,
+        warmup_teacher_temp: 0.04,
+        teacher_temp: 0.07,
+        warmup_teacher_temp2: 0.04,
+        teacher_temp2: 0.07,
+        warmup_teacher_temp_epochs: 2,
+        nepochs: 4,
+        student_temp: 0.1,
+        center_momentum: 0.9,
+        center_momentum2: 0.9,
+        lambda1: 1.0,
+        lambda2: 1.0,
+        mim_start_epoch: 0,
+    };
+    IbotConfig { backbone, head, shared_head_teacher, loss, clip_grad: 3.0, freeze_last_layer: 1, optimizer: OptimizerKind::Adamw }
+}
