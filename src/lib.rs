@@ -5,6 +5,7 @@
 //! carry the official state-dict names ([`params`]), so official weights load as they are, and
 //! [`verify`] checks everything against tensors produced by the official code.
 
+pub mod bench;
 pub mod eval;
 pub mod loss;
 pub mod models;

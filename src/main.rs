@@ -33,6 +33,10 @@ enum Cmd {
         #[arg(long, default_value_t = 0)]
         seed: i64,
     },
+    /// Benchmarks (timings, not tests). Compare with bench/torch_step.py run with the same
+    /// options on the same machine.
+    #[command(subcommand)]
+    Bench(BenchCmd),
     /// Compares this implementation with reference tensors from the official code: forward
     /// outputs, attention, position-embedding interpolation, loss and centres, gradients after
     /// clipping/cancelling, one AdamW step, the EMA teacher, schedules and k-NN. Prints one
@@ -41,6 +45,36 @@ enum Cmd {
         /// Fixture directory holding fixtures.json and fixtures.safetensors
         /// (e.g. ../shared/fixtures/ibot-ref/visible_vit).
         dir: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchCmd {
+    /// Milliseconds per full training step (teacher + masked student + local views + loss +
+    /// backward + clipping + AdamW + EMA), data loading excluded.
+    Step {
+        #[arg(long, default_value = "vit_small")]
+        arch: String,
+        #[arg(long, default_value_t = 16)]
+        patch_size: i64,
+        /// Images per step (each gives 2 global + local_crops_number local views).
+        #[arg(long, default_value_t = 8)]
+        batch: i64,
+        #[arg(long, default_value_t = 224)]
+        global_crops_size: i64,
+        #[arg(long, default_value_t = 96)]
+        local_crops_size: i64,
+        #[arg(long, default_value_t = 2)]
+        local_crops_number: usize,
+        #[arg(long, default_value_t = 8192)]
+        out_dim: i64,
+        #[arg(long, default_value_t = 0.1)]
+        drop_path: f64,
+        /// Timed steps (after the warm-up steps).
+        #[arg(long, default_value_t = 10)]
+        iters: usize,
+        #[arg(long, default_value_t = 2)]
+        warmup: usize,
     },
 }
 
@@ -104,6 +138,45 @@ fn run(cli: Cli) -> Result<bool> {
     }
     match cli.cmd {
         Cmd::Demo { steps, seed } => demo(steps, seed).map(|_| true),
+        Cmd::Bench(BenchCmd::Step {
+            arch,
+            patch_size,
+            batch,
+            global_crops_size,
+            local_crops_size,
+            local_crops_number,
+            out_dim,
+            drop_path,
+            iters,
+            warmup,
+        }) => {
+            let b = ibot::bench::StepBench {
+                arch,
+                patch_size,
+                batch,
+                global_crops_size,
+                local_crops_size,
+                local_crops_number,
+                out_dim,
+                drop_path,
+                iters,
+                warmup,
+            };
+            let t = ibot::bench::step(&b, Device::Cpu)?;
+            println!(
+                "ibot (tch, libtorch threads {}): {}/{} batch {} 2x{} + {}x{}: {:.1} ms/iter, {:.2} img/s",
+                tch::get_num_threads(),
+                b.arch,
+                b.patch_size,
+                b.batch,
+                b.global_crops_size,
+                b.local_crops_number,
+                b.local_crops_size,
+                t.ms_per_iter,
+                t.images_per_s
+            );
+            Ok(true)
+        }
         Cmd::VerifyFixture { dir } => {
             let report = ibot::verify::verify_fixture(&dir).with_context(|| format!("verifying {}", dir.display()))?;
             print!("{}", report.render());
@@ -115,6 +188,7 @@ fn run(cli: Cli) -> Result<bool> {
 }
 
 fn main() -> ExitCode {
+    ibot::util::tune_allocator();
     let cli = Cli::parse();
     match run(cli) {
         Ok(true) => ExitCode::SUCCESS,

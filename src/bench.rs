@@ -1,0 +1,89 @@
+//! Benchmarks (not tests): time a full iBOT training step on random data.
+
+use std::time::Instant;
+
+use anyhow::Result;
+use tch::{Device, Kind, Tensor};
+
+use crate::loss::{IbotLossConfig, SingleProcess};
+use crate::models::{HeadConfig, VitConfig};
+use crate::train::optim::OptimizerKind;
+use crate::train::{Ibot, IbotConfig};
+
+/// What `ibot bench step` measures.
+#[derive(Debug, Clone)]
+pub struct StepBench {
+    pub arch: String,
+    pub patch_size: i64,
+    pub batch: i64,
+    pub global_crops_size: i64,
+    pub local_crops_size: i64,
+    pub local_crops_number: usize,
+    pub out_dim: i64,
+    pub drop_path: f64,
+    pub iters: usize,
+    pub warmup: usize,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct StepTiming {
+    pub ms_per_iter: f64,
+    pub images_per_s: f64,
+}
+
+/// The same step as `bench/torch_step.py`: teacher on 2 global views, student on the masked
+/// global views and the local views, loss, backward, clipping, AdamW, EMA. Data loading is
+/// excluded (views are random tensors made before the clock starts for each step).
+pub fn step(b: &StepBench, device: Device) -> Result<StepTiming> {
+    tch::manual_seed(0);
+    let mut backbone = VitConfig::from_arch(&b.arch, b.patch_size)?;
+    backbone.drop_path_rate = b.drop_path;
+    backbone.masked_im_modeling = true;
+    let head = HeadConfig::new(backbone.embed_dim, b.out_dim, b.out_dim, true, false);
+    let loss = IbotLossConfig {
+        out_dim: b.out_dim,
+        patch_out_dim: b.out_dim,
+        ngcrops: 2,
+        nlcrops: b.local_crops_number,
+        warmup_teacher_temp: 0.04,
+        teacher_temp: 0.04,
+        warmup_teacher_temp2: 0.04,
+        teacher_temp2: 0.07,
+        warmup_teacher_temp_epochs: 1,
+        nepochs: 1,
+        student_temp: 0.1,
+        center_momentum: 0.9,
+        center_momentum2: 0.9,
+        lambda1: 1.0,
+        lambda2: 1.0,
+        mim_start_epoch: 0,
+    };
+    let cfg = IbotConfig {
+        backbone,
+        head,
+        shared_head_teacher: true,
+        loss,
+        clip_grad: 3.0,
+        freeze_last_layer: 0,
+        optimizer: OptimizerKind::Adamw,
+    };
+    let grid = b.global_crops_size / b.patch_size;
+    let mut ibot = Ibot::new(cfg, device)?;
+    let opts = (Kind::Float, device);
+    let mut total = 0.0;
+    for it in 0..b.warmup + b.iters {
+        let mut views: Vec<Tensor> =
+            (0..2).map(|_| Tensor::randn([b.batch, 3, b.global_crops_size, b.global_crops_size], opts)).collect();
+        views.extend(
+            (0..b.local_crops_number).map(|_| Tensor::randn([b.batch, 3, b.local_crops_size, b.local_crops_size], opts)),
+        );
+        let masks: Vec<Tensor> = (0..2).map(|_| Tensor::rand([b.batch, grid, grid], opts).lt(0.3)).collect();
+        let t0 = Instant::now();
+        ibot.train_step(&views, &masks, 0, 5e-4, 0.04, 0.996, &SingleProcess)?;
+        if it >= b.warmup {
+            total += t0.elapsed().as_secs_f64();
+        }
+    }
+    let dt = total / b.iters.max(1) as f64;
+    Ok(StepTiming { ms_per_iter: dt * 1e3, images_per_s: b.batch as f64 / dt })
+}
