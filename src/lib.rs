@@ -6,6 +6,7 @@
 //! [`verify`] checks everything against tensors produced by the official code.
 
 pub mod bench;
+pub mod data;
 pub mod eval;
 pub mod loss;
 pub mod models;

@@ -1,0 +1,104 @@
+//! Every augmentation op against Pillow/torchvision outputs (`../shared/fixtures/augment`).
+//! Target and tolerance: bit-exact (uint8 equality; float32 equality for ToTensor+Normalize).
+
+use std::path::PathBuf;
+
+use ibot::data::ops::{self, Rgb8};
+use ibot::params::read_safetensors;
+use tch::Tensor;
+
+fn fixture_dir() -> PathBuf {
+    let root = std::env::var_os("IBOT_AUGMENT_FIXTURES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/augment"));
+    assert!(root.join("augment.json").is_file(), "augment fixtures not found at {}", root.display());
+    root
+}
+
+fn to_rgb(t: &Tensor) -> Rgb8 {
+    let s = t.size();
+    let data: Vec<u8> = Vec::try_from(t.flatten(0, -1)).unwrap();
+    Rgb8::new(s[1] as usize, s[0] as usize, data)
+}
+
+#[test]
+fn every_op_is_bit_exact_against_pillow() {
+    let dir = fixture_dir();
+    let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("augment.json")).unwrap()).unwrap();
+    let tensors = read_safetensors(&dir.join("augment.safetensors")).unwrap();
+    let keys = json["keys"].as_object().unwrap();
+    let mut checked = 0;
+    let mut failures = Vec::new();
+    for (key, meta) in keys {
+        let op = meta["op"].as_str().unwrap();
+        if op == "input" {
+            continue;
+        }
+        let image = meta["image"].as_str().unwrap();
+        let p = &meta["params"];
+        let f = |k: &str| p[k].as_f64().unwrap();
+        let u = |k: &str| p[k].as_u64().unwrap() as usize;
+        let input = to_rgb(&tensors[&format!("input/{image}")]);
+        let expected = &tensors[key.as_str()];
+        if op == "to_tensor_normalize" {
+            let src = to_rgb(&tensors[p["source_key"].as_str().unwrap()]);
+            let mut out = vec![0f32; src.data.len()];
+            ops::to_tensor_normalize_into(&src, ops::IMAGENET_MEAN, ops::IMAGENET_STD, &mut out);
+            let ours = Tensor::from_slice(&out).view([3, src.height as i64, src.width as i64]);
+            if !ours.equal(expected) {
+                failures.push(key.clone());
+            }
+            checked += 1;
+            continue;
+        }
+        let ours = match op {
+            "resized_crop" => {
+                let size = p["size"].as_array().unwrap();
+                let (oh, ow) = (size[0].as_u64().unwrap() as usize, size[1].as_u64().unwrap() as usize);
+                ops::resized_crop(&input, u("top"), u("left"), u("height"), u("width"), oh, ow)
+            }
+            "hflip" => ops::hflip(&input),
+            "adjust_brightness" => ops::adjust_brightness(&input, f("factor")),
+            "adjust_contrast" => ops::adjust_contrast(&input, f("factor")),
+            "adjust_saturation" => ops::adjust_saturation(&input, f("factor")),
+            "adjust_hue" => ops::adjust_hue(&input, f("factor")),
+            "grayscale" => ops::grayscale(&input),
+            "gaussian_blur" => ops::gaussian_blur(&input, f("radius")),
+            "solarize" => ops::solarize(&input),
+            "color_jitter" => {
+                let mut img = input.clone();
+                for name in p["order"].as_array().unwrap() {
+                    img = match name.as_str().unwrap() {
+                        "brightness" => ops::adjust_brightness(&img, f("brightness")),
+                        "contrast" => ops::adjust_contrast(&img, f("contrast")),
+                        "saturation" => ops::adjust_saturation(&img, f("saturation")),
+                        "hue" => ops::adjust_hue(&img, f("hue")),
+                        other => panic!("unknown jitter op {other}"),
+                    };
+                }
+                img
+            }
+            other => panic!("fixture op {other} is not covered by this test"),
+        };
+        let want = to_rgb(expected);
+        if ours != want {
+            let diff = ours.data.iter().zip(&want.data).filter(|(a, b)| a != b).count();
+            let maxd = ours.data.iter().zip(&want.data).map(|(&a, &b)| (a as i32 - b as i32).abs()).max().unwrap_or(-1);
+            failures.push(format!("{key}: {diff} bytes differ, max {maxd} (shape ours {}x{}, want {}x{})", ours.width, ours.height, want.width, want.height));
+        }
+        checked += 1;
+    }
+    assert!(checked >= 85, "only {checked} keys checked");
+    assert!(failures.is_empty(), "{} of {checked} ops differ from Pillow:\n{}", failures.len(), failures.join("\n"));
+}
+
+#[test]
+fn box_blur_radii_match_pillow() {
+    for (r, want_ri, want_ww, want_fw) in [(0.1f32, 0usize, 16721291u32, 27962u32), (0.7, 0, 14036938, 1370139), (2.0, 1, 4473924, 1677722)] {
+        let br = ops::box_radius(r);
+        let ri = br as usize;
+        let ww = ((1u32 << 24) as f32 / (br * 2.0 + 1.0)) as u32;
+        let fw = ((1u32 << 24) - (ri as u32 * 2 + 1) * ww) / 2;
+        assert_eq!((ri, ww, fw), (want_ri, want_ww, want_fw), "radius {r}");
+    }
+}
