@@ -14,7 +14,23 @@ cd "$(dirname "$0")/.."
 TORCH_VERSION=2.13.0
 say() { printf 'bootstrap: %s\n' "$*" >&2; }
 
+FMNIST=/usr/share/datasets/fashion-mnist
+
+# Fashion-MNIST (the demo's data set) from Debian's package, where this user can install it.
+install_fmnist() {
+  [ -f "$FMNIST/train-images-idx3-ubyte.gz" ] && return 0
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    say "installing Fashion-MNIST (Debian package dataset-fashion-mnist)"
+    if (apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1 ||
+        { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1; }); then
+      return 0
+    fi
+  fi
+  say "Fashion-MNIST is not installed: 'sudo apt-get install dataset-fashion-mnist' (or point --data_path at any image folder)"
+}
+
 if [ -L .libtorch ] && [ -f .libtorch/lib/libtorch_cpu.so ] && [ -f .venv/.torch-$TORCH_VERSION ]; then
+  install_fmnist
   exit 0
 fi
 
@@ -40,3 +56,4 @@ TORCH_DIR=$(.venv/bin/python -c 'import os, torch; print(os.path.dirname(torch._
 ln -sfn "$TORCH_DIR" .libtorch
 touch ".venv/.torch-$TORCH_VERSION"
 say "libtorch ready at .libtorch -> $TORCH_DIR"
+install_fmnist
