@@ -1,3 +1,4 @@
 //! Evaluation protocols.
 
+pub mod cluster;
 pub mod knn;
