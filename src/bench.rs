@@ -79,7 +79,7 @@ pub fn step(b: &StepBench, device: Device) -> Result<StepTiming> {
         );
         let masks: Vec<Tensor> = (0..2).map(|_| Tensor::rand([b.batch, grid, grid], opts).lt(0.3)).collect();
         let t0 = Instant::now();
-        ibot.train_step(&views, &masks, 0, 5e-4, 0.04, 0.996, &SingleProcess)?;
+        let _ = ibot.train_step(&views, &masks, 0, 5e-4, 0.04, 0.996, &SingleProcess)?;
         if it >= b.warmup {
             total += t0.elapsed().as_secs_f64();
         }

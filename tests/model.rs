@@ -55,7 +55,8 @@ fn a_training_step_runs_and_moves_the_teacher() {
     let before = ibot.teacher_ps.get("backbone.blocks.0.attn.qkv.weight").unwrap().copy();
     let frozen = ibot.student_ps.get("head.last_layer.weight_v").unwrap().detach().copy();
     let (v, m) = views(4);
-    let stats = ibot.train_step(&v, &m, 0, 1e-3, 0.04, 0.9, &SingleProcess).unwrap();
+    let (stats, pred) = ibot.train_step(&v, &m, 0, 1e-3, 0.04, 0.9, &SingleProcess).unwrap();
+    assert_eq!(pred.size(), [4]);
     assert!(stats.loss.is_finite() && stats.cls > 0.0 && stats.patch > 0.0);
     assert!((stats.loss - stats.cls - stats.patch).abs() < 1e-4);
     let after = ibot.teacher_ps.get("backbone.blocks.0.attn.qkv.weight").unwrap();

@@ -1,4 +1,5 @@
 //! Evaluation protocols.
 
 pub mod cluster;
+pub mod features;
 pub mod knn;

@@ -1,13 +1,17 @@
 //! One iBOT training step, piece by piece as the official `train_one_epoch`.
 
+pub mod args;
+pub mod checkpoint;
 pub mod optim;
+pub mod run;
 pub mod schedule;
 
 use anyhow::{bail, ensure, Result};
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
-use crate::loss::{CenterReduce, IbotLoss, IbotLossConfig, LossOutput};
+pub use crate::loss::IbotLossConfig;
+use crate::loss::{CenterReduce, IbotLoss, LossOutput};
 use crate::models::{HeadConfig, MultiCropOutput, MultiCropWrapper, VitConfig};
 use crate::params::ParamStore;
 use optim::{Optimizer, OptimizerKind};
@@ -175,7 +179,7 @@ impl Ibot {
         wd: f64,
         momentum: f64,
         reduce: &dyn CenterReduce,
-    ) -> Result<StepStats> {
+    ) -> Result<(StepStats, Tensor)> {
         let fwd = self.forward(images, masks, epoch, true, reduce)?;
         let loss = fwd.loss.total.double_value(&[]);
         if !loss.is_finite() {
@@ -186,7 +190,9 @@ impl Ibot {
         self.process_grads(&mut grads, epoch);
         self.optimizer.step(&self.student_ps, &grads, lr, wd)?;
         self.update_teacher(momentum);
-        Ok(StepStats {
+        let b = fwd.teacher.cls.size()[0] / self.cfg.loss.ngcrops as i64;
+        let teacher_pred = fwd.teacher.cls.narrow(0, 0, b).argmax(1, false);
+        let stats = StepStats {
             loss,
             cls: fwd.loss.cls.double_value(&[]),
             patch: fwd.loss.patch.double_value(&[]),
@@ -194,7 +200,8 @@ impl Ibot {
             wd,
             momentum,
             acc,
-        })
+        };
+        Ok((stats, teacher_pred))
     }
 }
 

@@ -118,22 +118,51 @@ impl Optimizer {
         Ok(())
     }
 
-    /// Optimizer state as named tensors (for checkpoints): `{i}.exp_avg`, `{i}.exp_avg_sq`,
-    /// `{i}.step` or `{i}.momentum_buffer`, with i the parameter index.
-    pub fn state_tensors(&self) -> Vec<(String, Tensor)> {
+    /// Optimizer state as named tensors (for checkpoints): `<param>.exp_avg`,
+    /// `<param>.exp_avg_sq`, `<param>.step` (AdamW) or `<param>.momentum_buffer`.
+    pub fn state_tensors(&self, ps: &ParamStore) -> Vec<(String, Tensor)> {
         let mut out = Vec::new();
-        for (i, s) in self.state.iter().enumerate() {
+        for (s, p) in self.state.iter().zip(ps.params()) {
+            let n = &p.name;
             match s {
                 State::None => {}
                 State::Adam(a) => {
-                    out.push((format!("{i}.exp_avg"), a.exp_avg.shallow_clone()));
-                    out.push((format!("{i}.exp_avg_sq"), a.exp_avg_sq.shallow_clone()));
-                    out.push((format!("{i}.step"), Tensor::from(a.step as i64)));
+                    out.push((format!("{n}.exp_avg"), a.exp_avg.shallow_clone()));
+                    out.push((format!("{n}.exp_avg_sq"), a.exp_avg_sq.shallow_clone()));
+                    out.push((format!("{n}.step"), Tensor::from_slice(&[a.step as i64])));
                 }
-                State::Momentum(m) => out.push((format!("{i}.momentum_buffer"), m.shallow_clone())),
+                State::Momentum(m) => out.push((format!("{n}.momentum_buffer"), m.shallow_clone())),
             }
         }
         out
+    }
+
+    /// Restores the state written by [`Optimizer::state_tensors`] (keys with `prefix`).
+    pub fn load_state(&mut self, ps: &ParamStore, src: &std::collections::HashMap<String, Tensor>, prefix: &str) -> Result<()> {
+        for (i, p) in ps.params().iter().enumerate() {
+            let key = |s: &str| format!("{prefix}{}.{s}", p.name);
+            let dev = p.tensor.device();
+            let check = |t: &Tensor, what: &str| -> Result<Tensor> {
+                if t.size() != p.tensor.size() {
+                    bail!("optimizer state {what} of '{}' has shape {:?}, the parameter {:?}", p.name, t.size(), p.tensor.size());
+                }
+                Ok(t.to_device(dev).to_kind(p.tensor.kind()))
+            };
+            self.state[i] = if let (Some(m), Some(v), Some(st)) =
+                (src.get(&key("exp_avg")), src.get(&key("exp_avg_sq")), src.get(&key("step")))
+            {
+                let step = st.int64_value(&[0]);
+                if step < 0 {
+                    bail!("optimizer step of '{}' is negative", p.name);
+                }
+                State::Adam(AdamState { step: step as u64, exp_avg: check(m, "exp_avg")?, exp_avg_sq: check(v, "exp_avg_sq")? })
+            } else if let Some(b) = src.get(&key("momentum_buffer")) {
+                State::Momentum(check(b, "momentum_buffer")?)
+            } else {
+                State::None
+            };
+        }
+        Ok(())
     }
 }
 

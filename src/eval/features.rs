@@ -1,0 +1,71 @@
+//! Feature extraction with the official evaluation preprocessing.
+
+use anyhow::Result;
+use tch::{Device, Kind, Tensor};
+
+use crate::data::dataset::Dataset;
+use crate::data::ops::{self, Rgb8};
+use crate::models::head::l2_normalize;
+use crate::models::VisionTransformer;
+
+/// The official evaluation view for crop side `size`: `Resize(size·256/224)` of the shorter side
+/// (bicubic) then `CenterCrop(size)` (224 → Resize 256 + CenterCrop 224).
+pub fn eval_view(img: &Rgb8, size: usize) -> Rgb8 {
+    let short = size * 256 / 224;
+    let (w, h) = (img.width, img.height);
+    let (nw, nh) = if w <= h { (short, short * h / w) } else { (short * w / h, short) };
+    let resized = if (nw, nh) == (w, h) { img.clone() } else { ops::resized_crop(img, 0, 0, h, w, nh, nw) };
+    let top = ((nh - size) as f64 / 2.0).round_ties_even() as usize;
+    let left = ((nw - size) as f64 / 2.0).round_ties_even() as usize;
+    ops::resized_crop(&resized, top, left, size, size, size, size)
+}
+
+/// Normalised evaluation views of `indices`, stacked `[N, 3, size, size]`, with their labels.
+pub fn eval_batch(ds: &dyn Dataset, indices: &[usize], size: usize) -> Result<(Tensor, Tensor)> {
+    let mut pix = vec![0f32; indices.len() * 3 * size * size];
+    let mut labels = Vec::with_capacity(indices.len());
+    for (k, &i) in indices.iter().enumerate() {
+        let (img, l) = ds.get(i)?;
+        let v = eval_view(&img, size);
+        let n = 3 * size * size;
+        ops::to_tensor_normalize_into(&v, ops::IMAGENET_MEAN, ops::IMAGENET_STD, &mut pix[k * n..(k + 1) * n]);
+        labels.push(l);
+    }
+    let s = size as i64;
+    Ok((Tensor::from_slice(&pix).view([indices.len() as i64, 3, s, s]), Tensor::from_slice(&labels)))
+}
+
+/// What to use as the feature of an image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FeatureKind {
+    /// The backbone's [CLS] token after the final norm (the official k-NN feature).
+    Cls,
+    /// The normalised pixels themselves (a baseline).
+    Pixels,
+}
+
+/// L2-normalised features `[N, D]` and labels `[N]` of `indices`.
+pub fn extract(
+    backbone: Option<&VisionTransformer>,
+    kind: FeatureKind,
+    ds: &dyn Dataset,
+    indices: &[usize],
+    size: usize,
+    batch: usize,
+    device: Device,
+) -> Result<(Tensor, Tensor)> {
+    let mut feats = Vec::new();
+    let mut labels = Vec::new();
+    let _guard = tch::no_grad_guard();
+    for chunk in indices.chunks(batch.max(1)) {
+        let (x, l) = eval_batch(ds, chunk, size)?;
+        let f = match (kind, backbone) {
+            (FeatureKind::Cls, Some(b)) => b.forward(&x.to_device(device), None, false)?.select(1, 0),
+            (FeatureKind::Cls, None) => anyhow::bail!("[CLS] features need a backbone"),
+            (FeatureKind::Pixels, _) => x.flatten(1, -1),
+        };
+        feats.push(l2_normalize(&f.to_kind(Kind::Float)).to_device(Device::Cpu));
+        labels.push(l);
+    }
+    Ok((Tensor::cat(&feats, 0), Tensor::cat(&labels, 0)))
+}

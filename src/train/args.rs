@@ -1,0 +1,302 @@
+//! `ibot train` options: the official `main_ibot.py` arguments under the same names and with
+//! the same defaults, plus a few of our own (crop sizes, model overrides, device, presets).
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use clap::{ArgAction, Args};
+use serde::{Deserialize, Serialize};
+
+/// Parses `true/false/on/off/1/0` like the official `utils.bool_flag`.
+pub fn parse_bool(s: &str) -> Result<bool, String> {
+    match s.to_ascii_lowercase().as_str() {
+        "on" | "true" | "1" => Ok(true),
+        "off" | "false" | "0" => Ok(false),
+        _ => Err(format!("invalid value '{s}' for a boolean flag (use true or false)")),
+    }
+}
+
+#[derive(Debug, Clone, Args, Serialize, Deserialize, PartialEq)]
+#[command(rename_all = "snake_case")]
+pub struct TrainArgs {
+    // ---- model
+    /// Architecture: vit_tiny, vit_small, vit_base or vit_large (deit_tiny/deit_small are
+    /// accepted as their ViT twins). Swin is not available yet.
+    #[arg(long, default_value = "vit_small", help_heading = "Model")]
+    pub arch: String,
+    /// Side of the square patches in pixels. Smaller patches see finer detail and cost more.
+    #[arg(long, default_value_t = 16, help_heading = "Model")]
+    pub patch_size: i64,
+    /// Resolution the position-embedding table is built for. The official code always uses
+    /// 224, so keep it to produce checkpoints of the official shapes; other crop sizes are
+    /// served by bicubic interpolation of the table.
+    #[arg(long, default_value_t = 224, help_heading = "Model")]
+    pub img_size: i64,
+    /// Override the preset's width (e.g. a small ViT for small images).
+    #[arg(long, help_heading = "Model")]
+    pub embed_dim: Option<i64>,
+    /// Override the preset's number of blocks.
+    #[arg(long, help_heading = "Model")]
+    pub depth: Option<i64>,
+    /// Override the preset's number of attention heads.
+    #[arg(long, help_heading = "Model")]
+    pub num_heads: Option<i64>,
+    /// Stochastic-depth rate of the student's last block (the teacher uses none).
+    #[arg(long, default_value_t = 0.1, help_heading = "Model")]
+    pub drop_path: f64,
+    /// Output width of the [CLS] head (number of "prototypes").
+    #[arg(long, default_value_t = 8192, help_heading = "Head")]
+    pub out_dim: i64,
+    /// Output width of the patch head (used when the heads are not shared).
+    #[arg(long, default_value_t = 8192, help_heading = "Head")]
+    pub patch_out_dim: i64,
+    /// Student: one head for [CLS] and patch tokens.
+    #[arg(long, default_value = "false", value_parser = parse_bool, action = ArgAction::Set, help_heading = "Head")]
+    pub shared_head: bool,
+    /// Teacher: one head for [CLS] and patch tokens.
+    #[arg(long, default_value = "true", value_parser = parse_bool, action = ArgAction::Set, help_heading = "Head")]
+    pub shared_head_teacher: bool,
+    /// Keep the last layer's weight-norm scale fixed at 1: more stable, slightly worse
+    /// (the paper uses false for ViT-S, true for ViT-B).
+    #[arg(long, default_value = "true", value_parser = parse_bool, action = ArgAction::Set, help_heading = "Head")]
+    pub norm_last_layer: bool,
+    /// Normalisation between the head's layers: none or ln.
+    #[arg(long, default_value = "none", help_heading = "Head")]
+    pub norm_in_head: String,
+    /// Activation in the head: gelu or relu.
+    #[arg(long, default_value = "gelu", help_heading = "Head")]
+    pub act_in_head: String,
+    /// Hidden width of the head's MLP (official: 2048, no flag there).
+    #[arg(long, default_value_t = 2048, help_heading = "Head")]
+    pub head_hidden_dim: i64,
+    /// Bottleneck width before the last layer (official: 256, no flag there).
+    #[arg(long, default_value_t = 256, help_heading = "Head")]
+    pub head_bottleneck_dim: i64,
+
+    // ---- iBOT objective
+    /// Starting EMA momentum of the teacher, raised to 1 by a cosine schedule. Small batches
+    /// want it higher (e.g. 0.9995 at batch 256).
+    #[arg(long, default_value_t = 0.996, help_heading = "Objective")]
+    pub momentum_teacher: f64,
+    /// Mask patches of the student's global views and predict the teacher's patch tokens.
+    #[arg(long, default_value = "true", value_parser = parse_bool, action = ArgAction::Set, help_heading = "Objective")]
+    pub use_masked_im_modeling: bool,
+    /// Fraction of patches to mask; several values: one is drawn per image.
+    #[arg(long, num_args = 1.., default_values_t = vec![0.3], help_heading = "Objective")]
+    pub pred_ratio: Vec<f64>,
+    /// Half-width of the uniform jitter of each masking ratio (0: none); one value or one per ratio.
+    #[arg(long, num_args = 1.., default_values_t = vec![0.0], help_heading = "Objective")]
+    pub pred_ratio_var: Vec<f64>,
+    /// Mask shape: block (BEiT-style rectangles) or rand (independent patches).
+    #[arg(long, default_value = "block", help_heading = "Objective")]
+    pub pred_shape: String,
+    /// Epoch from which images are masked (before it masks are empty).
+    #[arg(long, default_value_t = 0, help_heading = "Objective")]
+    pub pred_start_epoch: usize,
+    /// Weight of the [CLS] self-distillation loss.
+    #[arg(long, default_value_t = 1.0, help_heading = "Objective")]
+    pub lambda1: f64,
+    /// Weight of the masked-patch loss.
+    #[arg(long, default_value_t = 1.0, help_heading = "Objective")]
+    pub lambda2: f64,
+    /// Teacher [CLS] temperature at the start of its warm-up.
+    #[arg(long, default_value_t = 0.04, help_heading = "Objective")]
+    pub warmup_teacher_temp: f64,
+    /// Teacher [CLS] temperature after the warm-up; above ~0.07 training tends to diverge.
+    #[arg(long, default_value_t = 0.04, help_heading = "Objective")]
+    pub teacher_temp: f64,
+    /// Teacher patch temperature at the start of its warm-up.
+    #[arg(long, default_value_t = 0.04, help_heading = "Objective")]
+    pub warmup_teacher_patch_temp: f64,
+    /// Teacher patch temperature after the warm-up.
+    #[arg(long, default_value_t = 0.07, help_heading = "Objective")]
+    pub teacher_patch_temp: f64,
+    /// Epochs of the linear temperature warm-up.
+    #[arg(long, default_value_t = 30, help_heading = "Objective")]
+    pub warmup_teacher_temp_epochs: usize,
+
+    // ---- optimisation
+    /// Mixed precision (CUDA fp16). Ignored on CPU, where training is float32.
+    #[arg(long, default_value = "true", value_parser = parse_bool, action = ArgAction::Set, help_heading = "Optimisation")]
+    pub use_fp16: bool,
+    /// Weight decay at the start of its cosine schedule.
+    #[arg(long, default_value_t = 0.04, help_heading = "Optimisation")]
+    pub weight_decay: f64,
+    /// Weight decay at the end of training.
+    #[arg(long, default_value_t = 0.4, help_heading = "Optimisation")]
+    pub weight_decay_end: f64,
+    /// Per-tensor gradient-norm clip (0 disables).
+    #[arg(long, default_value_t = 3.0, help_heading = "Optimisation")]
+    pub clip_grad: f64,
+    /// Images per step on each device.
+    #[arg(long, default_value_t = 128, help_heading = "Optimisation")]
+    pub batch_size_per_gpu: usize,
+    #[arg(long, default_value_t = 100, help_heading = "Optimisation")]
+    pub epochs: usize,
+    /// Epochs during which the head's last layer is not updated.
+    #[arg(long, default_value_t = 1, help_heading = "Optimisation")]
+    pub freeze_last_layer: usize,
+    /// Peak learning rate for a total batch of 256 (scaled linearly with the real batch).
+    #[arg(long, default_value_t = 0.0005, help_heading = "Optimisation")]
+    pub lr: f64,
+    /// Epochs of linear learning-rate warm-up.
+    #[arg(long, default_value_t = 10, help_heading = "Optimisation")]
+    pub warmup_epochs: usize,
+    /// Learning rate at the end of the cosine schedule.
+    #[arg(long, default_value_t = 1e-6, help_heading = "Optimisation")]
+    pub min_lr: f64,
+    /// adamw (for ViTs), sgd or lars.
+    #[arg(long, default_value = "adamw", help_heading = "Optimisation")]
+    pub optimizer: String,
+    /// Checkpoint to resume from (relative to --output_dir, like the official flag). Without
+    /// it, training resumes from <output_dir>/checkpoint.safetensors when that exists.
+    #[arg(long, help_heading = "Optimisation")]
+    pub load_from: Option<PathBuf>,
+
+    // ---- multi-crop
+    #[arg(long, default_value_t = 2, help_heading = "Multi-crop")]
+    pub global_crops_number: usize,
+    /// Area range of the global crops relative to the image.
+    #[arg(long, num_args = 2, default_values_t = vec![0.14, 1.0], help_heading = "Multi-crop")]
+    pub global_crops_scale: Vec<f64>,
+    /// Number of small local views (0 disables multi-crop; the paper uses 10).
+    #[arg(long, default_value_t = 0, help_heading = "Multi-crop")]
+    pub local_crops_number: usize,
+    /// Area range of the local crops.
+    #[arg(long, num_args = 2, default_values_t = vec![0.05, 0.4], help_heading = "Multi-crop")]
+    pub local_crops_scale: Vec<f64>,
+    /// Side of the global crops in pixels.
+    #[arg(long, default_value_t = 224, help_heading = "Multi-crop")]
+    pub global_crops_size: usize,
+    /// Side of the local crops in pixels.
+    #[arg(long, default_value_t = 96, help_heading = "Multi-crop")]
+    pub local_crops_size: usize,
+
+    // ---- misc
+    /// Training images: an image folder (class sub-folders or flat) or MNIST-style IDX files.
+    #[arg(long, default_value = "/path/to/imagenet/train/", help_heading = "Data and output")]
+    pub data_path: PathBuf,
+    /// Use only this many images (a fixed random subset), e.g. for quick runs.
+    #[arg(long, help_heading = "Data and output")]
+    pub subset: Option<usize>,
+    /// Skip unreadable images (and report how many) instead of stopping.
+    #[arg(long, default_value = "false", value_parser = parse_bool, action = ArgAction::Set, help_heading = "Data and output")]
+    pub skip_corrupt: bool,
+    /// Where log.txt, checkpoints and plots go.
+    #[arg(long, default_value = ".", help_heading = "Data and output")]
+    pub output_dir: PathBuf,
+    /// Also keep checkpointNNNN.safetensors every this many epochs (0: never).
+    #[arg(long, default_value_t = 40, help_heading = "Data and output")]
+    pub saveckp_freq: usize,
+    #[arg(long, default_value_t = 0, help_heading = "Data and output")]
+    pub seed: u64,
+    /// Data-loading threads.
+    #[arg(long, default_value_t = 10, help_heading = "Data and output")]
+    pub num_workers: usize,
+    /// cpu, cuda, cuda:N or auto (a GPU when there is one).
+    #[arg(long, default_value = "auto", help_heading = "Data and output")]
+    pub device: String,
+    /// Stop after this many epochs of this run (the run resumes later from its checkpoint).
+    #[arg(long, help_heading = "Data and output")]
+    pub stop_after: Option<usize>,
+}
+
+/// Named recipes, as argument lists.
+pub const PRESETS: &[(&str, &str, &[&str])] = &[
+    (
+        "vit_small_800ep",
+        "ViT-S/16, 800 epochs, 2x224 + 10x96 crops: the official README recipe (75.2% k-NN on ImageNet)",
+        &[
+            "--arch", "vit_small", "--patch_size", "16", "--teacher_temp", "0.07", "--warmup_teacher_temp_epochs", "30",
+            "--norm_last_layer", "false", "--epochs", "800", "--batch_size_per_gpu", "64", "--shared_head", "true",
+            "--out_dim", "8192", "--local_crops_number", "10", "--global_crops_scale", "0.25", "1",
+            "--local_crops_scale", "0.05", "0.25", "--pred_ratio", "0", "0.3", "--pred_ratio_var", "0", "0.2",
+        ],
+    ),
+    (
+        "fmnist_tiny",
+        "a 6-block, 192-wide ViT with 4-pixel patches on 32-pixel crops: Fashion-MNIST in minutes on a CPU",
+        &[
+            "--arch", "vit_tiny", "--patch_size", "4", "--img_size", "32", "--depth", "6", "--embed_dim", "192",
+            "--num_heads", "3", "--global_crops_size", "32", "--local_crops_size", "16", "--local_crops_number", "2",
+            "--global_crops_scale", "0.4", "1", "--local_crops_scale", "0.1", "0.4", "--out_dim", "1024",
+            "--patch_out_dim", "1024", "--head_hidden_dim", "512", "--head_bottleneck_dim", "128", "--shared_head",
+            "true", "--norm_last_layer", "false", "--batch_size_per_gpu", "64", "--epochs", "4", "--warmup_epochs",
+            "1", "--warmup_teacher_temp_epochs", "1", "--teacher_temp", "0.07", "--lr", "0.002", "--min_lr", "1e-5",
+            "--momentum_teacher", "0.99", "--drop_path", "0.0", "--pred_ratio", "0", "0.3", "--pred_ratio_var", "0", "0.2",
+            "--freeze_last_layer", "1", "--saveckp_freq", "0", "--use_fp16", "false",
+        ],
+    ),
+];
+
+/// Expands `--preset NAME` and `--config FILE` (TOML with the option names as keys) into
+/// arguments placed before the remaining command-line arguments, so that explicit options win.
+pub fn expand_config_args(args: Vec<String>) -> Result<Vec<String>> {
+    let mut out: Vec<String> = Vec::new();
+    let mut front: Vec<String> = Vec::new();
+    let mut i = 0;
+    let mut sub_at = None;
+    while i < args.len() {
+        let a = &args[i];
+        let (flag, inline) = match a.split_once('=') {
+            Some((f, v)) if f.starts_with("--") => (f.to_string(), Some(v.to_string())),
+            _ => (a.clone(), None),
+        };
+        if flag == "--preset" || flag == "--config" {
+            let value = match inline {
+                Some(v) => v,
+                None => {
+                    i += 1;
+                    args.get(i).cloned().with_context(|| format!("{flag} needs a value"))?
+                }
+            };
+            if flag == "--preset" {
+                let Some((_, _, list)) = PRESETS.iter().find(|(n, _, _)| *n == value) else {
+                    bail!(
+                        "unknown preset '{value}'; available: {}",
+                        PRESETS.iter().map(|(n, _, _)| *n).collect::<Vec<_>>().join(", ")
+                    )
+                };
+                front.extend(list.iter().map(|s| s.to_string()));
+            } else {
+                front.extend(config_file_args(&PathBuf::from(&value))?);
+            }
+        } else {
+            if sub_at.is_none() && (a == "train" || a == "demo") {
+                sub_at = Some(out.len() + 1);
+            }
+            out.push(a.clone());
+        }
+        i += 1;
+    }
+    let at = sub_at.unwrap_or(out.len());
+    out.splice(at..at, front);
+    Ok(out)
+}
+
+fn config_file_args(path: &PathBuf) -> Result<Vec<String>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading config file {}", path.display()))?;
+    let table: toml::Table = toml::from_str(&text).with_context(|| format!("parsing {} as TOML", path.display()))?;
+    let mut out = Vec::new();
+    for (k, v) in table {
+        out.push(format!("--{k}"));
+        let scalar = |v: &toml::Value| -> Result<String> {
+            Ok(match v {
+                toml::Value::String(s) => s.clone(),
+                toml::Value::Integer(i) => i.to_string(),
+                toml::Value::Float(f) => f.to_string(),
+                toml::Value::Boolean(b) => b.to_string(),
+                other => bail!("{}: option '{k}' has an unsupported value {other}", path.display()),
+            })
+        };
+        match &v {
+            toml::Value::Array(items) => {
+                for it in items {
+                    out.push(scalar(it)?);
+                }
+            }
+            other => out.push(scalar(other)?),
+        }
+    }
+    Ok(out)
+}

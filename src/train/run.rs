@@ -1,0 +1,371 @@
+//! `ibot train`: the official `train_ibot` / `train_one_epoch` loop with checkpoints, exact
+//! resume, `log.txt` and progress reporting.
+
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{bail, ensure, Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use tch::{Device, Kind, Tensor};
+
+use super::args::TrainArgs;
+use super::optim::OptimizerKind;
+use super::schedule::cosine_scheduler;
+use super::{checkpoint, Ibot, IbotConfig, IbotLossConfig, NonFiniteLoss};
+use crate::data::augment::AugmentConfig;
+use crate::data::dataset::{self, Dataset};
+use crate::data::loader::{Loader, LoaderConfig};
+use crate::data::masking::MaskConfig;
+use crate::eval::cluster;
+use crate::loss::SingleProcess;
+use crate::models::{HeadConfig, VitConfig};
+
+/// Picks the device: `auto` is the first GPU when libtorch sees one.
+pub fn select_device(name: &str) -> Result<Device> {
+    Ok(match name {
+        "auto" => Device::cuda_if_available(),
+        "cpu" => Device::Cpu,
+        "cuda" => {
+            ensure!(tch::Cuda::is_available(), "--device cuda: no CUDA device is available");
+            Device::Cuda(0)
+        }
+        s if s.starts_with("cuda:") => {
+            let i: usize = s[5..].parse().with_context(|| format!("bad device '{s}'"))?;
+            ensure!(i < tch::Cuda::device_count() as usize, "--device {s}: only {} CUDA device(s)", tch::Cuda::device_count());
+            Device::Cuda(i)
+        }
+        other => bail!("unknown device '{other}' (cpu, cuda, cuda:N or auto)"),
+    })
+}
+
+/// The model/loss configuration the arguments describe.
+pub fn ibot_config(a: &TrainArgs) -> Result<IbotConfig> {
+    if a.arch.starts_with("swin") {
+        bail!("--arch {}: Swin backbones are not implemented yet; use a ViT (vit_tiny/small/base/large)", a.arch);
+    }
+    let mut backbone = VitConfig::from_arch(&a.arch, a.patch_size)?;
+    backbone.img_size = a.img_size;
+    if let Some(d) = a.embed_dim {
+        backbone.embed_dim = d;
+    }
+    if let Some(d) = a.depth {
+        backbone.depth = d;
+    }
+    if let Some(h) = a.num_heads {
+        backbone.num_heads = h;
+    }
+    backbone.drop_path_rate = a.drop_path;
+    backbone.masked_im_modeling = a.use_masked_im_modeling;
+    backbone.validate()?;
+    let head = HeadConfig {
+        hidden_dim: a.head_hidden_dim,
+        bottleneck_dim: a.head_bottleneck_dim,
+        norm: a.norm_in_head.parse()?,
+        act: a.act_in_head.parse()?,
+        ..HeadConfig::new(backbone.embed_dim, a.out_dim, a.patch_out_dim, a.norm_last_layer, a.shared_head)
+    };
+    let same_dim = a.shared_head || a.shared_head_teacher;
+    if !a.shared_head && a.shared_head_teacher && a.patch_out_dim != a.out_dim {
+        bail!("--shared_head false with --shared_head_teacher true needs --patch_out_dim equal to --out_dim (the teacher's patch outputs have out_dim)");
+    }
+    let loss = IbotLossConfig {
+        out_dim: a.out_dim,
+        patch_out_dim: if same_dim { a.out_dim } else { a.patch_out_dim },
+        ngcrops: a.global_crops_number,
+        nlcrops: a.local_crops_number,
+        warmup_teacher_temp: a.warmup_teacher_temp,
+        teacher_temp: a.teacher_temp,
+        warmup_teacher_temp2: a.warmup_teacher_patch_temp,
+        teacher_temp2: a.teacher_patch_temp,
+        warmup_teacher_temp_epochs: a.warmup_teacher_temp_epochs,
+        nepochs: a.epochs,
+        student_temp: 0.1,
+        center_momentum: 0.9,
+        center_momentum2: 0.9,
+        lambda1: a.lambda1,
+        lambda2: a.lambda2,
+        mim_start_epoch: a.pred_start_epoch,
+    };
+    Ok(IbotConfig {
+        backbone,
+        head,
+        shared_head_teacher: a.shared_head_teacher,
+        loss,
+        clip_grad: a.clip_grad,
+        freeze_last_layer: a.freeze_last_layer,
+        optimizer: a.optimizer.parse::<OptimizerKind>()?,
+    })
+}
+
+/// The data-loading configuration the arguments describe.
+pub fn loader_config(a: &TrainArgs) -> Result<LoaderConfig> {
+    let pair = |v: &[f64], name: &str| -> Result<(f64, f64)> {
+        ensure!(v.len() == 2, "--{name} takes two numbers");
+        Ok((v[0], v[1]))
+    };
+    let augment = AugmentConfig {
+        global_crops_number: a.global_crops_number,
+        local_crops_number: a.local_crops_number,
+        global_crops_size: a.global_crops_size,
+        local_crops_size: a.local_crops_size,
+        global_crops_scale: pair(&a.global_crops_scale, "global_crops_scale")?,
+        local_crops_scale: pair(&a.local_crops_scale, "local_crops_scale")?,
+        ..AugmentConfig::default()
+    };
+    let mask = MaskConfig {
+        patch_size: a.patch_size as usize,
+        pred_ratio: a.pred_ratio.clone(),
+        pred_ratio_var: a.pred_ratio_var.clone(),
+        pred_shape: a.pred_shape.parse()?,
+        pred_aspect_ratio: (0.3, 1.0 / 0.3),
+        pred_start_epoch: a.pred_start_epoch,
+    };
+    Ok(LoaderConfig {
+        augment,
+        mask,
+        batch_size: a.batch_size_per_gpu,
+        num_workers: a.num_workers,
+        prefetch: 2,
+        seed: a.seed,
+        rank: 0,
+        world_size: 1,
+        drop_last: true,
+        skip_corrupt: a.skip_corrupt,
+    })
+}
+
+/// A fixed random subset of a data set.
+struct Subset {
+    inner: Box<dyn Dataset>,
+    indices: Vec<usize>,
+}
+
+impl Dataset for Subset {
+    fn len(&self) -> usize {
+        self.indices.len()
+    }
+    fn get(&self, i: usize) -> Result<(crate::data::ops::Rgb8, i64)> {
+        self.inner.get(self.indices[i])
+    }
+    fn label(&self, i: usize) -> i64 {
+        self.inner.label(self.indices[i])
+    }
+    fn classes(&self) -> &[String] {
+        self.inner.classes()
+    }
+    fn describe(&self) -> String {
+        format!("{} images drawn from {}", self.indices.len(), self.inner.describe())
+    }
+}
+
+/// Opens `path` (split train), keeping a seeded random subset of `n` images if asked.
+pub fn open_dataset(path: &Path, split: &str, subset: Option<usize>, seed: u64) -> Result<Arc<dyn Dataset>> {
+    let ds = dataset::open(path, split)?;
+    Ok(match subset {
+        Some(n) if n < ds.len() => {
+            let mut idx: Vec<usize> = (0..ds.len()).collect();
+            idx.shuffle(&mut rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ 0x5EED));
+            idx.truncate(n);
+            idx.sort_unstable();
+            Arc::new(Subset { inner: ds, indices: idx })
+        }
+        _ => Arc::from(ds),
+    })
+}
+
+/// Per-epoch averages, as the official log (`train_` + key).
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct EpochStats {
+    pub loss: f64,
+    pub cls: f64,
+    pub patch: f64,
+    pub lr: f64,
+    pub wd: f64,
+    pub acc: f64,
+    pub nmi: f64,
+    pub ari: f64,
+    pub fscore: f64,
+    pub adjacc: f64,
+}
+
+/// What a finished `train` call reports.
+pub struct TrainOutcome {
+    pub ibot: Ibot,
+    pub epochs_done: usize,
+    pub last: Option<EpochStats>,
+}
+
+fn progress(n: u64, epoch: usize, epochs: usize) -> Option<ProgressBar> {
+    if !std::io::stderr().is_terminal() {
+        return None;
+    }
+    let pb = ProgressBar::new(n);
+    pb.set_style(
+        ProgressStyle::with_template("epoch {prefix} [{bar:30}] {pos}/{len} {elapsed}<{eta} {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    pb.set_prefix(format!("{epoch}/{epochs}"));
+    Some(pb)
+}
+
+/// Runs (or resumes) training as the arguments say.
+pub fn train(args: &TrainArgs) -> Result<TrainOutcome> {
+    let device = select_device(&args.device)?;
+    if args.use_fp16 && device == Device::Cpu {
+        eprintln!("note: --use_fp16 applies to CUDA only; training in float32 on the CPU");
+    }
+    let cfg = ibot_config(args)?;
+    let lcfg = loader_config(args)?;
+    std::fs::create_dir_all(&args.output_dir).with_context(|| format!("creating {}", args.output_dir.display()))?;
+    let ds = open_dataset(&args.data_path, "train", args.subset, args.seed)?;
+    eprintln!("data: {}", ds.describe());
+    let loader = Loader::new(ds.clone(), lcfg)?;
+    let niter = loader.len();
+    ensure!(
+        niter > 0,
+        "{} images give no full batch of {} (drop_last): lower --batch_size_per_gpu",
+        ds.len(),
+        args.batch_size_per_gpu
+    );
+    tch::manual_seed(args.seed as i64);
+    let mut ibot = Ibot::new(cfg, device)?;
+
+    let world = 1.0;
+    let lr = cosine_scheduler(args.lr * args.batch_size_per_gpu as f64 * world / 256.0, args.min_lr, args.epochs, niter, args.warmup_epochs, 0.0)?;
+    let wd = cosine_scheduler(args.weight_decay, args.weight_decay_end, args.epochs, niter, 0, 0.0)?;
+    let mom = cosine_scheduler(args.momentum_teacher, 1.0, args.epochs, niter, 0, 0.0)?;
+
+    // Resume: --load_from (relative to output_dir), else output_dir/checkpoint.safetensors.
+    let ckpt_path = args.output_dir.join("checkpoint.safetensors");
+    let resume: Option<PathBuf> = match &args.load_from {
+        Some(p) => {
+            let p = args.output_dir.join(p);
+            ensure!(p.is_file(), "--load_from: {} does not exist", p.display());
+            Some(p)
+        }
+        None => ckpt_path.is_file().then(|| ckpt_path.clone()),
+    };
+    let mut start_epoch = 0;
+    if let Some(p) = &resume {
+        let meta = checkpoint::load(p, &mut ibot).with_context(|| format!("resuming from {}", p.display()))?;
+        start_epoch = meta.epoch;
+        eprintln!("resumed from {} at epoch {start_epoch}", p.display());
+    }
+    let args_json = serde_json::to_string_pretty(args)?;
+    crate::util::atomic_write(&args.output_dir.join("args.json"), args_json.as_bytes())?;
+
+    let mut last = None;
+    let mut done = 0;
+    let stop_at = args.stop_after.map(|n| start_epoch + n).unwrap_or(args.epochs).min(args.epochs);
+    let mut last_finite: Option<f64> = None;
+    for epoch in start_epoch..stop_at {
+        // Per-epoch seeding makes an interrupted-and-resumed run identical to a straight one.
+        tch::manual_seed((args.seed as i64).wrapping_add(epoch as i64));
+        let t0 = Instant::now();
+        let pb = progress(niter as u64, epoch, args.epochs);
+        let mut sums = EpochStats::default();
+        let (mut preds, mut labels) = (Vec::new(), Vec::new());
+        let mut skipped = 0;
+        let mut count = 0usize;
+        for (it, batch) in loader.epoch(epoch).enumerate() {
+            let batch = batch.with_context(|| format!("loading batch {it} of epoch {epoch}"))?;
+            skipped += batch.skipped;
+            if batch.indices.is_empty() {
+                continue;
+            }
+            let g = niter * epoch + it;
+            let views: Vec<Tensor> = batch.views.iter().map(|v| v.to_device(device)).collect();
+            let masks: Vec<Tensor> = batch.masks.iter().map(|m| m.to_device(device)).collect();
+            let (s, pred) = match ibot.train_step(&views, &masks, epoch, lr[g], wd[g], mom[g], &SingleProcess) {
+                Ok(x) => x,
+                Err(e) => {
+                    if let Some(nf) = e.downcast_ref::<NonFiniteLoss>() {
+                        bail!(
+                            "loss is {} at epoch {epoch}, iteration {it}: stopping (last finite loss {:?}); \
+                             the last checkpoint in {} is intact",
+                            nf.value,
+                            last_finite,
+                            args.output_dir.display()
+                        );
+                    }
+                    return Err(e);
+                }
+            };
+            last_finite = Some(s.loss);
+            sums.loss += s.loss;
+            sums.cls += s.cls;
+            sums.patch += s.patch;
+            sums.lr += s.lr;
+            sums.wd += s.wd;
+            sums.acc += s.acc;
+            count += 1;
+            preds.extend(Vec::<i64>::try_from(pred.to_device(Device::Cpu).to_kind(Kind::Int64))?);
+            labels.extend(Vec::<i64>::try_from(batch.labels.to_kind(Kind::Int64))?);
+            let msg = format!("loss {:.4} (cls {:.4} patch {:.4}) lr {:.2e}", s.loss, s.cls, s.patch, s.lr);
+            match &pb {
+                Some(pb) => {
+                    pb.set_message(msg);
+                    pb.inc(1);
+                }
+                None if it % 10 == 0 || it + 1 == niter => {
+                    eprintln!("Epoch: [{epoch}/{}] [{it}/{niter}] {msg} ({:.1}s)", args.epochs, t0.elapsed().as_secs_f64());
+                }
+                None => {}
+            }
+        }
+        if let Some(pb) = pb {
+            pb.finish_and_clear();
+        }
+        let n = count.max(1) as f64;
+        let mut st = EpochStats {
+            loss: sums.loss / n,
+            cls: sums.cls / n,
+            patch: sums.patch / n,
+            lr: sums.lr / n,
+            wd: sums.wd / n,
+            acc: sums.acc / n,
+            adjacc: -1.0,
+            ..Default::default()
+        };
+        if !labels.is_empty() && labels.iter().all(|&l| l >= 0) {
+            st.nmi = cluster::nmi(&labels, &preds);
+            st.ari = cluster::ari(&labels, &preds);
+            st.fscore = cluster::fowlkes_mallows(&labels, &preds);
+        }
+        // Checkpoint first (atomic), then the log line that refers to it.
+        checkpoint::save(&ckpt_path, &ibot, epoch + 1, args)?;
+        if args.saveckp_freq > 0 && epoch % args.saveckp_freq == 0 && epoch > 0 {
+            checkpoint::save(&args.output_dir.join(format!("checkpoint{epoch:04}.safetensors")), &ibot, epoch + 1, args)?;
+        }
+        let mut line = serde_json::Map::new();
+        for (k, v) in serde_json::to_value(&st)?.as_object().cloned().unwrap_or_default() {
+            line.insert(format!("train_{k}"), v);
+        }
+        line.insert("epoch".into(), epoch.into());
+        let mut log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(args.output_dir.join("log.txt"))
+            .context("opening log.txt")?;
+        writeln!(log, "{}", serde_json::Value::Object(line)).context("writing log.txt")?;
+        eprintln!(
+            "epoch {epoch}: loss {:.4} cls {:.4} patch {:.4} acc {:.3} nmi {:.3} ari {:.3} ({:.0}s{})",
+            st.loss,
+            st.cls,
+            st.patch,
+            st.acc,
+            st.nmi,
+            st.ari,
+            t0.elapsed().as_secs_f64(),
+            if skipped > 0 { format!(", {skipped} unreadable images skipped") } else { String::new() }
+        );
+        last = Some(st);
+        done += 1;
+    }
+    Ok(TrainOutcome { ibot, epochs_done: done, last })
+}
