@@ -196,8 +196,7 @@ fn demo(d: DemoArgs) -> Result<()> {
     eprintln!("== k-NN (k=20, T=0.07) on {} training and {} test images", tr.len(), te.len());
     let ks = [20];
     let trained = knn_report("iBOT teacher", Some(&out.ibot.teacher.backbone), FeatureKind::Cls, data, size, &ks, 0.07, device)?;
-    tch::manual_seed(a.seed as i64);
-    let init = ibot::train::Ibot::new(run::ibot_config(a)?, device)?;
+    let init = ibot::train::Ibot::seeded(run::ibot_config(a)?, device, a.seed)?;
     let at_init = knn_report("same network at initialisation", Some(&init.teacher.backbone), FeatureKind::Cls, data, size, &ks, 0.07, device)?;
     let pixels = knn_report("raw pixels", None, FeatureKind::Pixels, data, size, &ks, 0.07, device)?;
     println!();

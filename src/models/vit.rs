@@ -4,7 +4,11 @@
 //! `blocks.{i}.{norm1,attn.qkv,attn.proj,norm2,mlp.fc1,mlp.fc2}.{weight,bias}`, `norm.{weight,bias}`
 //! (all under the prefix given at construction, e.g. `backbone.`).
 
+use std::sync::Mutex;
+
 use anyhow::{bail, ensure, Result};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
@@ -192,22 +196,30 @@ pub struct Block {
 
 /// Stochastic depth: zeroes whole samples of the residual branch with probability `p` and
 /// rescales the rest by `1/(1-p)`, as the official `drop_path` (identity when not training).
-pub fn drop_path(x: &Tensor, p: f64, train: bool) -> Tensor {
+///
+/// The per-sample draws come from the model's own generator (not libtorch's global one), so a
+/// run is reproducible whatever else the process does, and resumable exactly by reseeding.
+pub fn drop_path(x: &Tensor, p: f64, train: bool, rng: &Mutex<ChaCha8Rng>) -> Tensor {
     if p == 0.0 || !train {
         return x.shallow_clone();
     }
     let keep = 1.0 - p;
-    let mut shape = vec![x.size()[0]];
+    let b = x.size()[0];
+    let draws: Vec<f32> = {
+        let mut r = rng.lock().unwrap_or_else(|e| e.into_inner());
+        (0..b).map(|_| (keep + r.gen::<f64>()).floor() as f32).collect()
+    };
+    let mut shape = vec![b];
     shape.extend(std::iter::repeat(1).take(x.dim() - 1));
-    let mask = (Tensor::rand(&shape, (x.kind(), x.device())) + keep).floor();
+    let mask = Tensor::from_slice(&draws).view(shape.as_slice()).to_device(x.device()).to_kind(x.kind());
     x.g_div_scalar(keep) * mask
 }
 
 impl Block {
-    pub fn forward(&self, x: &Tensor, train: bool) -> Tensor {
-        let x = x + drop_path(&self.attn.forward(&self.norm1.forward(x)), self.drop_path, train);
+    pub fn forward(&self, x: &Tensor, train: bool, rng: &Mutex<ChaCha8Rng>) -> Tensor {
+        let x = x + drop_path(&self.attn.forward(&self.norm1.forward(x)), self.drop_path, train, rng);
         let y = self.mlp.forward(&self.norm2.forward(&x));
-        &x + drop_path(&y, self.drop_path, train)
+        &x + drop_path(&y, self.drop_path, train, rng)
     }
 }
 
@@ -221,6 +233,8 @@ pub struct VisionTransformer {
     pub patch_embed: Linear, // conv weight [D, C, p, p]
     pub blocks: Vec<Block>,
     pub norm: LayerNorm,
+    /// Generator of the drop-path draws.
+    drop_rng: Mutex<ChaCha8Rng>,
 }
 
 impl VisionTransformer {
@@ -267,7 +281,21 @@ impl VisionTransformer {
             });
         }
         let norm = LayerNorm::new(ps, &format!("{prefix}norm"), d, LN_EPS, trainable, dev);
-        Ok(Self { cfg: cfg.clone(), cls_token, pos_embed, masked_embed, patch_embed, blocks, norm })
+        Ok(Self {
+            cfg: cfg.clone(),
+            cls_token,
+            pos_embed,
+            masked_embed,
+            patch_embed,
+            blocks,
+            norm,
+            drop_rng: Mutex::new(ChaCha8Rng::seed_from_u64(0)),
+        })
+    }
+
+    /// Restarts the drop-path generator (the training loop does it every epoch).
+    pub fn reseed_drop_path(&self, seed: u64) {
+        *self.drop_rng.lock().unwrap_or_else(|e| e.into_inner()) = ChaCha8Rng::seed_from_u64(seed);
     }
 
     /// Checks an input batch `[B, C, H, W]` (and its mask `[B, H/p, W/p]`) before use.
@@ -343,7 +371,7 @@ impl VisionTransformer {
     pub fn forward(&self, x: &Tensor, mask: Option<&Tensor>, train: bool) -> Result<Tensor> {
         let mut t = self.prepare_tokens(x, mask)?;
         for blk in &self.blocks {
-            t = blk.forward(&t, train);
+            t = blk.forward(&t, train, &self.drop_rng);
         }
         Ok(self.norm.forward(&t))
     }
@@ -353,7 +381,7 @@ impl VisionTransformer {
         let mut t = self.prepare_tokens(x, None)?;
         let (last, rest) = self.blocks.split_last().expect("a ViT has at least one block");
         for blk in rest {
-            t = blk.forward(&t, false);
+            t = blk.forward(&t, false, &self.drop_rng);
         }
         Ok(last.attn.attention_map(&last.norm1.forward(&t)))
     }
@@ -364,7 +392,7 @@ impl VisionTransformer {
         let depth = self.blocks.len();
         let mut out = Vec::new();
         for (i, blk) in self.blocks.iter().enumerate() {
-            t = blk.forward(&t, false);
+            t = blk.forward(&t, false, &self.drop_rng);
             if depth - i <= n {
                 out.push(self.norm.forward(&t));
             }

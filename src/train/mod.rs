@@ -102,6 +102,16 @@ impl Ibot {
         Ok(Self { cfg, student_ps, teacher_ps, student, teacher, loss, optimizer, device })
     }
 
+    /// [`Ibot::new`] with libtorch's generator seeded by `seed` for the initialisation. The
+    /// generator is process-wide, so construction holds a lock: concurrent constructions (e.g.
+    /// parallel tests) cannot interleave their draws.
+    pub fn seeded(cfg: IbotConfig, device: Device, seed: u64) -> Result<Self> {
+        static INIT: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let _lock = INIT.lock().unwrap_or_else(|e| e.into_inner());
+        tch::manual_seed(seed as i64);
+        Self::new(cfg, device)
+    }
+
     /// Re-initialises the teacher from the current student (after loading student weights).
     pub fn init_teacher_from_student(&self) -> Result<()> {
         self.teacher_ps.load_non_strict(self.student_ps.state_dict())?;

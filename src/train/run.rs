@@ -232,8 +232,7 @@ pub fn train(args: &TrainArgs) -> Result<TrainOutcome> {
         ds.len(),
         args.batch_size_per_gpu
     );
-    tch::manual_seed(args.seed as i64);
-    let mut ibot = Ibot::new(cfg, device)?;
+    let mut ibot = Ibot::seeded(cfg, device, args.seed)?;
 
     let world = 1.0;
     let lr = cosine_scheduler(args.lr * args.batch_size_per_gpu as f64 * world / 256.0, args.min_lr, args.epochs, niter, args.warmup_epochs, 0.0)?;
@@ -265,7 +264,7 @@ pub fn train(args: &TrainArgs) -> Result<TrainOutcome> {
     let mut last_finite: Option<f64> = None;
     for epoch in start_epoch..stop_at {
         // Per-epoch seeding makes an interrupted-and-resumed run identical to a straight one.
-        tch::manual_seed((args.seed as i64).wrapping_add(epoch as i64));
+        ibot.student.backbone.reseed_drop_path(args.seed.wrapping_add(epoch as u64));
         let t0 = Instant::now();
         let pb = progress(niter as u64, epoch, args.epochs);
         let mut sums = EpochStats::default();
