@@ -87,3 +87,31 @@ pub fn step(b: &StepBench, device: Device) -> Result<StepTiming> {
     let dt = total / b.iters.max(1) as f64;
     Ok(StepTiming { ms_per_iter: dt * 1e3, images_per_s: b.batch as f64 / dt })
 }
+
+/// Images per second of the full multi-crop pipeline (decode, 2 global + `local_crops_number`
+/// local crops with every augmentation, masks, view-major batches) over a data set.
+pub fn data(path: &std::path::Path, num_workers: usize, local_crops_number: usize, batch_size: usize, epochs: usize) -> Result<(usize, f64)> {
+    use crate::data::{augment::AugmentConfig, dataset, loader::{Loader, LoaderConfig}, masking::MaskConfig};
+    let ds: std::sync::Arc<dyn dataset::Dataset> = std::sync::Arc::from(dataset::open(path, "train")?);
+    let cfg = LoaderConfig {
+        augment: AugmentConfig { local_crops_number, ..AugmentConfig::default() },
+        mask: MaskConfig::default(),
+        batch_size,
+        num_workers,
+        prefetch: 2,
+        seed: 0,
+        rank: 0,
+        world_size: 1,
+        drop_last: true,
+        skip_corrupt: false,
+    };
+    let loader = Loader::new(ds, cfg)?;
+    let t0 = Instant::now();
+    let mut n = 0;
+    for e in 0..epochs {
+        for b in loader.epoch(e) {
+            n += b?.indices.len();
+        }
+    }
+    Ok((n, t0.elapsed().as_secs_f64()))
+}

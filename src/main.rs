@@ -107,6 +107,22 @@ struct KnnArgs {
 #[derive(Subcommand)]
 #[command(rename_all = "snake_case")]
 enum BenchCmd {
+    /// Images per second of the data pipeline (decode + 2x224 + N x96 crops with every
+    /// augmentation + masks + batching). Compare with bench/torchvision_pipeline.py.
+    #[command(rename_all = "snake_case")]
+    Data {
+        #[arg(long, default_value = "../shared/bench/photos")]
+        data_path: PathBuf,
+        #[arg(long, default_value_t = 1)]
+        num_workers: usize,
+        #[arg(long, default_value_t = 10)]
+        local_crops_number: usize,
+        #[arg(long, default_value_t = 32)]
+        batch_size: usize,
+        /// Passes over the data set.
+        #[arg(long, default_value_t = 2)]
+        epochs: usize,
+    },
     /// Milliseconds per full training step (teacher + masked student + local views + loss +
     /// backward + clipping + AdamW + EMA), data loading excluded.
     #[command(rename_all = "snake_case")]
@@ -257,6 +273,14 @@ fn run(cli: Cli) -> Result<bool> {
             for (name, what, args) in PRESETS {
                 println!("{name}: {what}\n    {}\n", args.join(" "));
             }
+            Ok(true)
+        }
+        Cmd::Bench(BenchCmd::Data { data_path, num_workers, local_crops_number, batch_size, epochs }) => {
+            let (n, dt) = ibot::bench::data(&data_path, num_workers, local_crops_number, batch_size, epochs)?;
+            println!(
+                "ibot pipeline, {num_workers} worker(s), 2x224 + {local_crops_number}x96 + masks: {:.1} img/s ({n} images in {dt:.1}s)",
+                n as f64 / dt
+            );
             Ok(true)
         }
         Cmd::Bench(BenchCmd::Step {

@@ -131,7 +131,7 @@ impl<R: Rng + ?Sized> UniformIncl for R {
 
 /// ColorJitter with factors drawn from [1-b, 1+b], [1-c, 1+c], [1-s, 1+s], [-h, h], applied
 /// in a random order.
-pub fn color_jitter(img: &Rgb8, cfg: &AugmentConfig, rng: &mut impl Rng) -> Rgb8 {
+pub fn color_jitter(img: &mut Rgb8, cfg: &AugmentConfig, rng: &mut impl Rng) {
     let mut order = [0usize, 1, 2, 3];
     for i in (1..4).rev() {
         order.swap(i, rng.gen_range(0..=i));
@@ -140,17 +140,15 @@ pub fn color_jitter(img: &Rgb8, cfg: &AugmentConfig, rng: &mut impl Rng) -> Rgb8
     let c = rng.gen_range_incl((1.0 - cfg.contrast).max(0.0), 1.0 + cfg.contrast);
     let s = rng.gen_range_incl((1.0 - cfg.saturation).max(0.0), 1.0 + cfg.saturation);
     let h = rng.gen_range_incl(-cfg.hue, cfg.hue);
-    let mut out = img.clone();
     for op in order {
-        out = match op {
-            0 if cfg.brightness > 0.0 => ops::adjust_brightness(&out, b),
-            1 if cfg.contrast > 0.0 => ops::adjust_contrast(&out, c),
-            2 if cfg.saturation > 0.0 => ops::adjust_saturation(&out, s),
-            3 if cfg.hue > 0.0 => ops::adjust_hue(&out, h),
-            _ => out,
-        };
+        match op {
+            0 if cfg.brightness > 0.0 => ops::adjust_brightness_in_place(img, b),
+            1 if cfg.contrast > 0.0 => ops::adjust_contrast_in_place(img, c),
+            2 if cfg.saturation > 0.0 => ops::adjust_saturation_in_place(img, s),
+            3 if cfg.hue > 0.0 => ops::adjust_hue_in_place(img, h),
+            _ => {}
+        }
     }
-    out
 }
 
 /// One augmented crop as uint8 (before normalisation). `index` is the crop number (global crops
@@ -161,13 +159,13 @@ pub fn augment_crop(img: &Rgb8, cfg: &AugmentConfig, index: usize, rng: &mut imp
     let (top, left, h, w) = random_resized_crop_params(img.height, img.width, scale, cfg.ratio, rng);
     let mut out = ops::resized_crop(img, top, left, h, w, size, size);
     if rng.gen::<f64>() < cfg.flip_p {
-        out = ops::hflip(&out);
+        ops::hflip_in_place(&mut out);
     }
     if rng.gen::<f64>() < cfg.jitter_p {
-        out = color_jitter(&out, cfg, rng);
+        color_jitter(&mut out, cfg, rng);
     }
     if rng.gen::<f64>() < cfg.grayscale_p {
-        out = ops::grayscale(&out);
+        ops::grayscale_in_place(&mut out);
     }
     let blur_p = match (global, index) {
         (true, 0) => cfg.blur_p.0,
@@ -176,10 +174,10 @@ pub fn augment_crop(img: &Rgb8, cfg: &AugmentConfig, index: usize, rng: &mut imp
     };
     if rng.gen::<f64>() <= blur_p {
         let r = rng.gen_range_incl(cfg.blur_radius.0, cfg.blur_radius.1);
-        out = ops::gaussian_blur(&out, r);
+        ops::gaussian_blur_in_place(&mut out, r);
     }
     if global && index > 0 && rng.gen::<f64>() < cfg.solarize_p {
-        out = ops::solarize(&out);
+        ops::solarize_in_place(&mut out);
     }
     out
 }

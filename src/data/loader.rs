@@ -212,11 +212,52 @@ impl Drop for EpochIter {
     }
 }
 
+/// A contiguous CPU float32 tensor being filled from Rust.
+///
+/// `Tensor::from_slice` zero-fills a tensor (on libtorch's thread pool, costly from loader
+/// threads) and then copies a second buffer into it; writing the pixels straight into the
+/// tensor's own storage saves the copy and the extra buffer.
+pub(crate) struct FloatTensorBuf {
+    tensor: Tensor,
+    len: usize,
+}
+
+impl FloatTensorBuf {
+    /// A zeroed tensor of `shape`.
+    pub(crate) fn zeros(shape: &[i64]) -> Self {
+        let tensor = Tensor::empty(shape, (Kind::Float, tch::Device::Cpu));
+        let len = tensor.numel();
+        let buf = Self { tensor, len };
+        // SAFETY: the storage holds `len` float32 elements, contiguous, owned by `buf.tensor`
+        // only; viewed as `MaybeUninit` it may be uninitialised, and it is fully initialised
+        // here before any `&mut [f32]` to it is made.
+        let raw = unsafe { std::slice::from_raw_parts_mut(buf.tensor.data_ptr() as *mut std::mem::MaybeUninit<f32>, len) };
+        raw.fill(std::mem::MaybeUninit::new(0.0));
+        buf
+    }
+
+    pub(crate) fn as_mut_slice(&mut self) -> &mut [f32] {
+        // SAFETY: initialised in `zeros`; the borrow of `self` keeps the storage alive and
+        // unaliased (the tensor is private until `into_tensor`).
+        unsafe { std::slice::from_raw_parts_mut(self.tensor.data_ptr() as *mut f32, self.len) }
+    }
+
+    pub(crate) fn into_tensor(self) -> Tensor {
+        self.tensor
+    }
+}
+
 /// Decodes, augments and masks the images of one batch and stacks them view-major.
 pub fn build_batch(ds: &dyn Dataset, cfg: &LoaderConfig, epoch: usize, indices: &[usize]) -> Result<Batch> {
     let aug = &cfg.augment;
     let ncrops = aug.num_crops();
-    let mut pix: Vec<Vec<f32>> = (0..ncrops).map(|_| Vec::new()).collect();
+    let n = indices.len() as i64;
+    let mut views: Vec<FloatTensorBuf> = (0..ncrops)
+        .map(|c| {
+            let s = aug.crop_size(c) as i64;
+            FloatTensorBuf::zeros(&[n, 3, s, s])
+        })
+        .collect();
     let mut masks: Vec<Vec<u8>> = (0..ncrops).map(|_| Vec::new()).collect();
     let mut labels = Vec::with_capacity(indices.len());
     let mut kept = Vec::with_capacity(indices.len());
@@ -233,12 +274,12 @@ pub fn build_batch(ds: &dyn Dataset, cfg: &LoaderConfig, epoch: usize, indices: 
             Err(e) => return Err(e.context(format!("sample {i} (pass --skip_corrupt to skip unreadable images)"))),
         };
         let mut rng = ChaCha8Rng::seed_from_u64(sample_seed(cfg.seed, epoch, i));
+        let row = kept.len();
         for c in 0..ncrops {
             let crop = augment_crop(&img, aug, c, &mut rng);
             let s = aug.crop_size(c);
-            let start = pix[c].len();
-            pix[c].resize(start + 3 * s * s, 0.0);
-            ops::to_tensor_normalize_into(&crop, aug.mean, aug.std, &mut pix[c][start..]);
+            let len = 3 * s * s;
+            ops::to_tensor_normalize_into(&crop, aug.mean, aug.std, &mut views[c].as_mut_slice()[row * len..(row + 1) * len]);
             let g = s / cfg.mask.patch_size;
             let ratio = cfg.mask.draw_ratio(epoch, &mut rng);
             masks[c].extend(cfg.mask.mask(g, g, ratio, &mut rng).into_iter().map(u8::from));
@@ -247,12 +288,8 @@ pub fn build_batch(ds: &dyn Dataset, cfg: &LoaderConfig, epoch: usize, indices: 
         kept.push(i);
     }
     let b = kept.len() as i64;
-    let views = (0..ncrops)
-        .map(|c| {
-            let s = aug.crop_size(c) as i64;
-            Tensor::from_slice(&pix[c]).view([b, 3, s, s])
-        })
-        .collect();
+    // Skipped images leave unused rows at the end.
+    let views = views.into_iter().map(|v| v.into_tensor()).map(|v| if b < n { v.narrow(0, 0, b).contiguous() } else { v }).collect();
     let masks = (0..ncrops)
         .map(|c| {
             let g = (aug.crop_size(c) / cfg.mask.patch_size) as i64;

@@ -4,6 +4,7 @@ use anyhow::Result;
 use tch::{Device, Kind, Tensor};
 
 use crate::data::dataset::Dataset;
+use crate::data::loader::FloatTensorBuf;
 use crate::data::ops::{self, Rgb8};
 use crate::models::head::l2_normalize;
 use crate::models::VisionTransformer;
@@ -22,17 +23,17 @@ pub fn eval_view(img: &Rgb8, size: usize) -> Rgb8 {
 
 /// Normalised evaluation views of `indices`, stacked `[N, 3, size, size]`, with their labels.
 pub fn eval_batch(ds: &dyn Dataset, indices: &[usize], size: usize) -> Result<(Tensor, Tensor)> {
-    let mut pix = vec![0f32; indices.len() * 3 * size * size];
+    let s = size as i64;
+    let mut pix = FloatTensorBuf::zeros(&[indices.len() as i64, 3, s, s]);
     let mut labels = Vec::with_capacity(indices.len());
     for (k, &i) in indices.iter().enumerate() {
         let (img, l) = ds.get(i)?;
         let v = eval_view(&img, size);
         let n = 3 * size * size;
-        ops::to_tensor_normalize_into(&v, ops::IMAGENET_MEAN, ops::IMAGENET_STD, &mut pix[k * n..(k + 1) * n]);
+        ops::to_tensor_normalize_into(&v, ops::IMAGENET_MEAN, ops::IMAGENET_STD, &mut pix.as_mut_slice()[k * n..(k + 1) * n]);
         labels.push(l);
     }
-    let s = size as i64;
-    Ok((Tensor::from_slice(&pix).view([indices.len() as i64, 3, s, s]), Tensor::from_slice(&labels)))
+    Ok((pix.into_tensor(), Tensor::from_slice(&labels)))
 }
 
 /// What to use as the feature of an image.
