@@ -1,4 +1,5 @@
-//! Benchmarks (not tests): time a full iBOT training step on random data.
+//! Benchmarks (not tests): a full iBOT training step, alone or fed by the data loader, and
+//! the data pipeline alone.
 
 use std::time::Instant;
 
@@ -10,7 +11,7 @@ use crate::models::{HeadConfig, VitConfig};
 use crate::train::optim::OptimizerKind;
 use crate::train::{Ibot, IbotConfig};
 
-/// What `ibot bench step` measures.
+/// What `ibot bench train` measures.
 #[derive(Debug, Clone)]
 pub struct StepBench {
     pub arch: String,
@@ -23,6 +24,9 @@ pub struct StepBench {
     pub drop_path: f64,
     pub iters: usize,
     pub warmup: usize,
+    /// Feed the steps from the loader over this image folder (with this many workers)
+    /// instead of random tensors; the time then includes waiting for batches.
+    pub data: Option<(std::path::PathBuf, usize)>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -32,8 +36,9 @@ pub struct StepTiming {
 }
 
 /// The same step as `bench/torch_step.py`: teacher on 2 global views, student on the masked
-/// global views and the local views, loss, backward, clipping, AdamW, EMA. Data loading is
-/// excluded (views are random tensors made before the clock starts for each step).
+/// global views and the local views, loss, backward, clipping, AdamW, EMA. Without
+/// `b.data`, data loading is excluded (views are random tensors made before the clock starts
+/// for each step); with it, each timed step includes getting its batch from the loader.
 pub fn step(b: &StepBench, device: Device) -> Result<StepTiming> {
     tch::manual_seed(0);
     let mut backbone = VitConfig::from_arch(&b.arch, b.patch_size)?;
@@ -70,15 +75,28 @@ pub fn step(b: &StepBench, device: Device) -> Result<StepTiming> {
     let grid = b.global_crops_size / b.patch_size;
     let mut ibot = Ibot::new(cfg, device)?;
     let opts = (Kind::Float, device);
+    let mut batches = match &b.data {
+        Some((path, num_workers)) => Some(BatchStream::new(path, *num_workers, b)?),
+        None => None,
+    };
     let mut total = 0.0;
     for it in 0..b.warmup + b.iters {
-        let mut views: Vec<Tensor> =
-            (0..2).map(|_| Tensor::randn([b.batch, 3, b.global_crops_size, b.global_crops_size], opts)).collect();
-        views.extend(
-            (0..b.local_crops_number).map(|_| Tensor::randn([b.batch, 3, b.local_crops_size, b.local_crops_size], opts)),
-        );
-        let masks: Vec<Tensor> = (0..2).map(|_| Tensor::rand([b.batch, grid, grid], opts).lt(0.3)).collect();
+        let random = || -> (Vec<Tensor>, Vec<Tensor>) {
+            let mut views: Vec<Tensor> =
+                (0..2).map(|_| Tensor::randn([b.batch, 3, b.global_crops_size, b.global_crops_size], opts)).collect();
+            views.extend(
+                (0..b.local_crops_number).map(|_| Tensor::randn([b.batch, 3, b.local_crops_size, b.local_crops_size], opts)),
+            );
+            let masks = (0..2).map(|_| Tensor::rand([b.batch, grid, grid], opts).lt(0.3)).collect();
+            (views, masks)
+        };
+        let ready = if batches.is_none() { Some(random()) } else { None };
         let t0 = Instant::now();
+        let (views, masks) = match (ready, batches.as_mut()) {
+            (Some(vm), _) => vm,
+            (None, Some(stream)) => stream.next(device)?,
+            (None, None) => unreachable!("either random views or a loader"),
+        };
         let _ = ibot.train_step(&views, &masks, 0, 5e-4, 0.04, 0.996, &SingleProcess)?;
         if it >= b.warmup {
             total += t0.elapsed().as_secs_f64();
@@ -88,14 +106,57 @@ pub fn step(b: &StepBench, device: Device) -> Result<StepTiming> {
     Ok(StepTiming { ms_per_iter: dt * 1e3, images_per_s: b.batch as f64 / dt })
 }
 
-/// Images per second of the full multi-crop pipeline (decode, 2 global + `local_crops_number`
-/// local crops with every augmentation, masks, view-major batches) over a data set.
-pub fn data(path: &std::path::Path, num_workers: usize, local_crops_number: usize, batch_size: usize, epochs: usize) -> Result<(usize, f64)> {
-    use crate::data::{augment::AugmentConfig, dataset, loader::{Loader, LoaderConfig}, masking::MaskConfig};
+/// Loader batches for the training benchmark, epoch after epoch.
+struct BatchStream {
+    loader: crate::data::loader::Loader,
+    epoch: usize,
+    iter: crate::data::loader::EpochIter,
+}
+
+impl BatchStream {
+    fn new(path: &std::path::Path, num_workers: usize, b: &StepBench) -> Result<Self> {
+        use crate::data::{augment::AugmentConfig, masking::MaskConfig};
+        let augment = AugmentConfig {
+            global_crops_size: b.global_crops_size as usize,
+            local_crops_size: b.local_crops_size as usize,
+            local_crops_number: b.local_crops_number,
+            ..AugmentConfig::default()
+        };
+        let mask = MaskConfig { patch_size: b.patch_size as usize, ..MaskConfig::default() };
+        let loader = loader_for(path, augment, mask, b.batch as usize, num_workers)?;
+        anyhow::ensure!(!loader.is_empty(), "{} has fewer images than one batch", path.display());
+        let iter = loader.epoch(0);
+        Ok(Self { loader, epoch: 0, iter })
+    }
+
+    /// Views on `device` and the masks of the global views.
+    fn next(&mut self, device: Device) -> Result<(Vec<Tensor>, Vec<Tensor>)> {
+        let batch = match self.iter.next() {
+            Some(b) => b?,
+            None => {
+                self.epoch += 1;
+                self.iter = self.loader.epoch(self.epoch);
+                self.iter.next().ok_or_else(|| anyhow::anyhow!("the loader gave an empty epoch"))??
+            }
+        };
+        let views = batch.views.iter().map(|v| v.to_device(device)).collect();
+        let masks = batch.masks[..2].iter().map(|m| m.to_device(device)).collect();
+        Ok((views, masks))
+    }
+}
+
+fn loader_for(
+    path: &std::path::Path,
+    augment: crate::data::augment::AugmentConfig,
+    mask: crate::data::masking::MaskConfig,
+    batch_size: usize,
+    num_workers: usize,
+) -> Result<crate::data::loader::Loader> {
+    use crate::data::{dataset, loader::{Loader, LoaderConfig}};
     let ds: std::sync::Arc<dyn dataset::Dataset> = std::sync::Arc::from(dataset::open(path, "train")?);
     let cfg = LoaderConfig {
-        augment: AugmentConfig { local_crops_number, ..AugmentConfig::default() },
-        mask: MaskConfig::default(),
+        augment,
+        mask,
         batch_size,
         num_workers,
         prefetch: 2,
@@ -105,7 +166,15 @@ pub fn data(path: &std::path::Path, num_workers: usize, local_crops_number: usiz
         drop_last: true,
         skip_corrupt: false,
     };
-    let loader = Loader::new(ds, cfg)?;
+    Loader::new(ds, cfg)
+}
+
+/// Images per second of the full multi-crop pipeline (decode, 2 global + `local_crops_number`
+/// local crops with every augmentation, masks, view-major batches) over a data set.
+pub fn data(path: &std::path::Path, num_workers: usize, local_crops_number: usize, batch_size: usize, epochs: usize) -> Result<(usize, f64)> {
+    use crate::data::{augment::AugmentConfig, masking::MaskConfig};
+    let augment = AugmentConfig { local_crops_number, ..AugmentConfig::default() };
+    let loader = loader_for(path, augment, MaskConfig::default(), batch_size, num_workers)?;
     let t0 = Instant::now();
     let mut n = 0;
     for e in 0..epochs {

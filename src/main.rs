@@ -124,9 +124,10 @@ enum BenchCmd {
         epochs: usize,
     },
     /// Milliseconds per full training step (teacher + masked student + local views + loss +
-    /// backward + clipping + AdamW + EMA), data loading excluded.
-    #[command(rename_all = "snake_case")]
-    Step {
+    /// backward + clipping + AdamW + EMA): on random tensors (data loading excluded, comparable
+    /// with bench/torch_step.py), or fed by the loader with --data_path.
+    #[command(rename_all = "snake_case", alias = "step")]
+    Train {
         #[arg(long, default_value = "vit_small")]
         arch: String,
         #[arg(long, default_value_t = 16)]
@@ -149,6 +150,16 @@ enum BenchCmd {
         iters: usize,
         #[arg(long, default_value_t = 2)]
         warmup: usize,
+        /// Take the batches from the data loader over this image folder (e.g.
+        /// ../shared/bench/photos); each timed step then includes waiting for its batch.
+        #[arg(long)]
+        data_path: Option<PathBuf>,
+        /// Loader worker threads (with --data_path).
+        #[arg(long, default_value_t = 1)]
+        num_workers: usize,
+        /// cpu, cuda, cuda:N or auto.
+        #[arg(long, default_value = "cpu")]
+        device: String,
     },
 }
 
@@ -283,7 +294,7 @@ fn run(cli: Cli) -> Result<bool> {
             );
             Ok(true)
         }
-        Cmd::Bench(BenchCmd::Step {
+        Cmd::Bench(BenchCmd::Train {
             arch,
             patch_size,
             batch,
@@ -294,6 +305,9 @@ fn run(cli: Cli) -> Result<bool> {
             drop_path,
             iters,
             warmup,
+            data_path,
+            num_workers,
+            device,
         }) => {
             let b = ibot::bench::StepBench {
                 arch,
@@ -306,10 +320,15 @@ fn run(cli: Cli) -> Result<bool> {
                 drop_path,
                 iters,
                 warmup,
+                data: data_path.map(|p| (p, num_workers)),
             };
-            let t = ibot::bench::step(&b, Device::Cpu)?;
+            let t = ibot::bench::step(&b, ibot::train::run::select_device(&device)?)?;
+            let feed = match &b.data {
+                Some((p, w)) => format!("loader on {} with {w} worker(s)", p.display()),
+                None => "random tensors".to_string(),
+            };
             println!(
-                "ibot (tch, libtorch threads {}): {}/{} batch {} 2x{} + {}x{}: {:.1} ms/iter, {:.2} img/s",
+                "ibot (tch, libtorch threads {}, {feed}): {}/{} batch {} 2x{} + {}x{}: {:.1} ms/iter, {:.2} img/s",
                 tch::get_num_threads(),
                 b.arch,
                 b.patch_size,
