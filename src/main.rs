@@ -355,7 +355,7 @@ fn run(cli: Cli) -> Result<bool> {
 fn demo_defaults(argv: Vec<String>) -> Vec<String> {
     let Some(pos) = argv.iter().position(|a| a == "demo") else { return argv };
     let mut out = argv[..=pos].to_vec();
-    for s in ["--preset", "fmnist_tiny", "--data_path", FMNIST, "--output_dir", "runs/fmnist-demo", "--subset", "12000", "--num_workers", "2"] {
+    for s in ["--preset", "fmnist_tiny", "--data_path", FMNIST, "--output_dir", "runs/fmnist-demo", "--subset", "20000", "--num_workers", "2"] {
         out.push(s.to_string());
     }
     out.extend(argv[pos + 1..].iter().cloned());
