@@ -81,21 +81,21 @@ pub fn step(b: &StepBench, device: Device) -> Result<StepTiming> {
     };
     let mut total = 0.0;
     for it in 0..b.warmup + b.iters {
-        let random = || -> (Vec<Tensor>, Vec<Tensor>) {
-            let mut views: Vec<Tensor> =
-                (0..2).map(|_| Tensor::randn([b.batch, 3, b.global_crops_size, b.global_crops_size], opts)).collect();
-            views.extend(
-                (0..b.local_crops_number).map(|_| Tensor::randn([b.batch, 3, b.local_crops_size, b.local_crops_size], opts)),
-            );
-            let masks = (0..2).map(|_| Tensor::rand([b.batch, grid, grid], opts).lt(0.3)).collect();
-            (views, masks)
-        };
-        let ready = if batches.is_none() { Some(random()) } else { None };
-        let t0 = Instant::now();
-        let (views, masks) = match (ready, batches.as_mut()) {
-            (Some(vm), _) => vm,
-            (None, Some(stream)) => stream.next(device)?,
-            (None, None) => unreachable!("either random views or a loader"),
+        let (views, masks, t0) = match batches.as_mut() {
+            None => {
+                let mut views: Vec<Tensor> =
+                    (0..2).map(|_| Tensor::randn([b.batch, 3, b.global_crops_size, b.global_crops_size], opts)).collect();
+                views.extend(
+                    (0..b.local_crops_number).map(|_| Tensor::randn([b.batch, 3, b.local_crops_size, b.local_crops_size], opts)),
+                );
+                let masks: Vec<Tensor> = (0..2).map(|_| Tensor::rand([b.batch, grid, grid], opts).lt(0.3)).collect();
+                (views, masks, Instant::now())
+            }
+            Some(stream) => {
+                let t0 = Instant::now();
+                let (views, masks) = stream.next(device)?;
+                (views, masks, t0)
+            }
         };
         let _ = ibot.train_step(&views, &masks, 0, 5e-4, 0.04, 0.996, &SingleProcess)?;
         if it >= b.warmup {

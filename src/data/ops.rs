@@ -170,6 +170,9 @@ pub fn resized_crop(img: &Rgb8, top: usize, left: usize, height: usize, width: u
 /// Horizontal flip (`FLIP_LEFT_RIGHT`).
 pub fn hflip_in_place(img: &mut Rgb8) {
     let w = img.width;
+    if w == 0 {
+        return;
+    }
     for row in img.data.chunks_exact_mut(w * 3) {
         for x in 0..w / 2 {
             let (a, b) = (x * 3, (w - 1 - x) * 3);

@@ -116,7 +116,8 @@ pub struct TrainArgs {
     pub warmup_teacher_temp_epochs: usize,
 
     // ---- optimisation
-    /// Mixed precision (CUDA fp16). Ignored on CPU, where training is float32.
+    /// Mixed precision (the official CUDA fp16 flag). Accepted for compatibility but not
+    /// implemented yet: training runs in float32 on every device (a note says so).
     #[arg(long, default_value = "true", value_parser = parse_bool, action = ArgAction::Set, help_heading = "Optimisation")]
     pub use_fp16: bool,
     /// Weight decay at the start of its cosine schedule.

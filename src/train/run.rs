@@ -216,8 +216,8 @@ fn progress(n: u64, epoch: usize, epochs: usize) -> Option<ProgressBar> {
 /// Runs (or resumes) training as the arguments say.
 pub fn train(args: &TrainArgs) -> Result<TrainOutcome> {
     let device = select_device(&args.device)?;
-    if args.use_fp16 && device == Device::Cpu {
-        eprintln!("note: --use_fp16 applies to CUDA only; training in float32 on the CPU");
+    if args.use_fp16 {
+        eprintln!("note: --use_fp16: mixed precision is not implemented yet; training runs in float32");
     }
     let cfg = ibot_config(args)?;
     let lcfg = loader_config(args)?;
