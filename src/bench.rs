@@ -11,22 +11,42 @@ use crate::models::{HeadConfig, VitConfig};
 use crate::train::optim::OptimizerKind;
 use crate::train::{Ibot, IbotConfig};
 
-/// What `ibot bench train` measures.
-#[derive(Debug, Clone)]
+/// What `ibot bench train` measures (its command-line options).
+#[derive(Debug, Clone, clap::Args)]
+#[command(rename_all = "snake_case")]
 pub struct StepBench {
+    #[arg(long, default_value = "vit_small")]
     pub arch: String,
+    #[arg(long, default_value_t = 16)]
     pub patch_size: i64,
+    /// Images per step (each gives 2 global + local_crops_number local views).
+    #[arg(long, default_value_t = 8)]
     pub batch: i64,
+    #[arg(long, default_value_t = 224)]
     pub global_crops_size: i64,
+    #[arg(long, default_value_t = 96)]
     pub local_crops_size: i64,
+    #[arg(long, default_value_t = 2)]
     pub local_crops_number: usize,
+    #[arg(long, default_value_t = 8192)]
     pub out_dim: i64,
+    #[arg(long, default_value_t = 0.1)]
     pub drop_path: f64,
+    /// Timed steps (after the warm-up steps).
+    #[arg(long, default_value_t = 10)]
     pub iters: usize,
+    #[arg(long, default_value_t = 2)]
     pub warmup: usize,
-    /// Feed the steps from the loader over this image folder (with this many workers)
-    /// instead of random tensors; the time then includes waiting for batches.
-    pub data: Option<(std::path::PathBuf, usize)>,
+    /// Take the batches from the data loader over this image folder (e.g.
+    /// ../shared/bench/photos); each timed step then includes waiting for its batch.
+    #[arg(long)]
+    pub data_path: Option<std::path::PathBuf>,
+    /// Loader worker threads (with --data_path).
+    #[arg(long, default_value_t = 1)]
+    pub num_workers: usize,
+    /// cpu, cuda, cuda:N or auto.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -37,7 +57,7 @@ pub struct StepTiming {
 
 /// The same step as `bench/torch_step.py`: teacher on 2 global views, student on the masked
 /// global views and the local views, loss, backward, clipping, AdamW, EMA. Without
-/// `b.data`, data loading is excluded (views are random tensors made before the clock starts
+/// `b.data_path`, data loading is excluded (views are random tensors made before the clock starts
 /// for each step); with it, each timed step includes getting its batch from the loader.
 pub fn step(b: &StepBench, device: Device) -> Result<StepTiming> {
     tch::manual_seed(0);
@@ -75,8 +95,8 @@ pub fn step(b: &StepBench, device: Device) -> Result<StepTiming> {
     let grid = b.global_crops_size / b.patch_size;
     let mut ibot = Ibot::new(cfg, device)?;
     let opts = (Kind::Float, device);
-    let mut batches = match &b.data {
-        Some((path, num_workers)) => Some(BatchStream::new(path, *num_workers, b)?),
+    let mut batches = match &b.data_path {
+        Some(path) => Some(BatchStream::new(path, b.num_workers, b)?),
         None => None,
     };
     let mut total = 0.0;

@@ -127,40 +127,7 @@ enum BenchCmd {
     /// backward + clipping + AdamW + EMA): on random tensors (data loading excluded, comparable
     /// with bench/torch_step.py), or fed by the loader with --data_path.
     #[command(rename_all = "snake_case", alias = "step")]
-    Train {
-        #[arg(long, default_value = "vit_small")]
-        arch: String,
-        #[arg(long, default_value_t = 16)]
-        patch_size: i64,
-        /// Images per step (each gives 2 global + local_crops_number local views).
-        #[arg(long, default_value_t = 8)]
-        batch: i64,
-        #[arg(long, default_value_t = 224)]
-        global_crops_size: i64,
-        #[arg(long, default_value_t = 96)]
-        local_crops_size: i64,
-        #[arg(long, default_value_t = 2)]
-        local_crops_number: usize,
-        #[arg(long, default_value_t = 8192)]
-        out_dim: i64,
-        #[arg(long, default_value_t = 0.1)]
-        drop_path: f64,
-        /// Timed steps (after the warm-up steps).
-        #[arg(long, default_value_t = 10)]
-        iters: usize,
-        #[arg(long, default_value_t = 2)]
-        warmup: usize,
-        /// Take the batches from the data loader over this image folder (e.g.
-        /// ../shared/bench/photos); each timed step then includes waiting for its batch.
-        #[arg(long)]
-        data_path: Option<PathBuf>,
-        /// Loader worker threads (with --data_path).
-        #[arg(long, default_value_t = 1)]
-        num_workers: usize,
-        /// cpu, cuda, cuda:N or auto.
-        #[arg(long, default_value = "cpu")]
-        device: String,
-    },
+    Train(ibot::bench::StepBench),
 }
 
 /// Split folders for evaluation: (train, test) data sets.
@@ -294,37 +261,10 @@ fn run(cli: Cli) -> Result<bool> {
             );
             Ok(true)
         }
-        Cmd::Bench(BenchCmd::Train {
-            arch,
-            patch_size,
-            batch,
-            global_crops_size,
-            local_crops_size,
-            local_crops_number,
-            out_dim,
-            drop_path,
-            iters,
-            warmup,
-            data_path,
-            num_workers,
-            device,
-        }) => {
-            let b = ibot::bench::StepBench {
-                arch,
-                patch_size,
-                batch,
-                global_crops_size,
-                local_crops_size,
-                local_crops_number,
-                out_dim,
-                drop_path,
-                iters,
-                warmup,
-                data: data_path.map(|p| (p, num_workers)),
-            };
-            let t = ibot::bench::step(&b, ibot::train::run::select_device(&device)?)?;
-            let feed = match &b.data {
-                Some((p, w)) => format!("loader on {} with {w} worker(s)", p.display()),
+        Cmd::Bench(BenchCmd::Train(b)) => {
+            let t = ibot::bench::step(&b, ibot::train::run::select_device(&b.device)?)?;
+            let feed = match &b.data_path {
+                Some(p) => format!("loader on {} with {} worker(s)", p.display(), b.num_workers),
                 None => "random tensors".to_string(),
             };
             println!(
