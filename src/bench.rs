@@ -103,12 +103,17 @@ pub fn step(b: &StepBench, device: Device) -> Result<StepTiming> {
     for it in 0..b.warmup + b.iters {
         let (views, masks, t0) = match batches.as_mut() {
             None => {
-                let mut views: Vec<Tensor> =
-                    (0..2).map(|_| Tensor::randn([b.batch, 3, b.global_crops_size, b.global_crops_size], opts)).collect();
-                views.extend(
-                    (0..b.local_crops_number).map(|_| Tensor::randn([b.batch, 3, b.local_crops_size, b.local_crops_size], opts)),
-                );
-                let masks: Vec<Tensor> = (0..2).map(|_| Tensor::rand([b.batch, grid, grid], opts).lt(0.3)).collect();
+                let mut views: Vec<Tensor> = (0..2)
+                    .map(|_| {
+                        Tensor::randn([b.batch, 3, b.global_crops_size, b.global_crops_size], opts)
+                    })
+                    .collect();
+                views.extend((0..b.local_crops_number).map(|_| {
+                    Tensor::randn([b.batch, 3, b.local_crops_size, b.local_crops_size], opts)
+                }));
+                let masks: Vec<Tensor> = (0..2)
+                    .map(|_| Tensor::rand([b.batch, grid, grid], opts).lt(0.3))
+                    .collect();
                 (views, masks, Instant::now())
             }
             Some(stream) => {
@@ -123,7 +128,10 @@ pub fn step(b: &StepBench, device: Device) -> Result<StepTiming> {
         }
     }
     let dt = total / b.iters.max(1) as f64;
-    Ok(StepTiming { ms_per_iter: dt * 1e3, images_per_s: b.batch as f64 / dt })
+    Ok(StepTiming {
+        ms_per_iter: dt * 1e3,
+        images_per_s: b.batch as f64 / dt,
+    })
 }
 
 /// Loader batches for the training benchmark, epoch after epoch.
@@ -142,11 +150,22 @@ impl BatchStream {
             local_crops_number: b.local_crops_number,
             ..AugmentConfig::default()
         };
-        let mask = MaskConfig { patch_size: b.patch_size as usize, ..MaskConfig::default() };
+        let mask = MaskConfig {
+            patch_size: b.patch_size as usize,
+            ..MaskConfig::default()
+        };
         let loader = loader_for(path, augment, mask, b.batch as usize, num_workers)?;
-        anyhow::ensure!(!loader.is_empty(), "{} has fewer images than one batch", path.display());
+        anyhow::ensure!(
+            !loader.is_empty(),
+            "{} has fewer images than one batch",
+            path.display()
+        );
         let iter = loader.epoch(0);
-        Ok(Self { loader, epoch: 0, iter })
+        Ok(Self {
+            loader,
+            epoch: 0,
+            iter,
+        })
     }
 
     /// Views on `device` and the masks of the global views.
@@ -156,11 +175,16 @@ impl BatchStream {
             None => {
                 self.epoch += 1;
                 self.iter = self.loader.epoch(self.epoch);
-                self.iter.next().ok_or_else(|| anyhow::anyhow!("the loader gave an empty epoch"))??
+                self.iter
+                    .next()
+                    .ok_or_else(|| anyhow::anyhow!("the loader gave an empty epoch"))??
             }
         };
         let views = batch.views.iter().map(|v| v.to_device(device)).collect();
-        let masks = batch.masks[..2].iter().map(|m| m.to_device(device)).collect();
+        let masks = batch.masks[..2]
+            .iter()
+            .map(|m| m.to_device(device))
+            .collect();
         Ok((views, masks))
     }
 }
@@ -172,8 +196,12 @@ fn loader_for(
     batch_size: usize,
     num_workers: usize,
 ) -> Result<crate::data::loader::Loader> {
-    use crate::data::{dataset, loader::{Loader, LoaderConfig}};
-    let ds: std::sync::Arc<dyn dataset::Dataset> = std::sync::Arc::from(dataset::open(path, "train")?);
+    use crate::data::{
+        dataset,
+        loader::{Loader, LoaderConfig},
+    };
+    let ds: std::sync::Arc<dyn dataset::Dataset> =
+        std::sync::Arc::from(dataset::open(path, "train")?);
     let cfg = LoaderConfig {
         augment,
         mask,
@@ -191,10 +219,25 @@ fn loader_for(
 
 /// Images per second of the full multi-crop pipeline (decode, 2 global + `local_crops_number`
 /// local crops with every augmentation, masks, view-major batches) over a data set.
-pub fn data(path: &std::path::Path, num_workers: usize, local_crops_number: usize, batch_size: usize, epochs: usize) -> Result<(usize, f64)> {
+pub fn data(
+    path: &std::path::Path,
+    num_workers: usize,
+    local_crops_number: usize,
+    batch_size: usize,
+    epochs: usize,
+) -> Result<(usize, f64)> {
     use crate::data::{augment::AugmentConfig, masking::MaskConfig};
-    let augment = AugmentConfig { local_crops_number, ..AugmentConfig::default() };
-    let loader = loader_for(path, augment, MaskConfig::default(), batch_size, num_workers)?;
+    let augment = AugmentConfig {
+        local_crops_number,
+        ..AugmentConfig::default()
+    };
+    let loader = loader_for(
+        path,
+        augment,
+        MaskConfig::default(),
+        batch_size,
+        num_workers,
+    )?;
     let t0 = Instant::now();
     let mut n = 0;
     for e in 0..epochs {

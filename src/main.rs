@@ -142,7 +142,12 @@ fn knn_report(
     name: &str,
     backbone: Option<&ibot::models::VisionTransformer>,
     kind: FeatureKind,
-    data: (&dyn ibot::data::dataset::Dataset, &[usize], &dyn ibot::data::dataset::Dataset, &[usize]),
+    data: (
+        &dyn ibot::data::dataset::Dataset,
+        &[usize],
+        &dyn ibot::data::dataset::Dataset,
+        &[usize],
+    ),
     size: usize,
     ks: &[i64],
     t: f64,
@@ -155,10 +160,22 @@ fn knn_report(
     let nclass = ltr.max().int64_value(&[]).max(lte.max().int64_value(&[])) + 1;
     let mut out = Vec::new();
     for &k in ks {
-        let r = knn_classifier(&ftr, &ltr, &fte, &lte, k.min(ftr.size()[0]), t, nclass.max(5))?;
+        let r = knn_classifier(
+            &ftr,
+            &ltr,
+            &fte,
+            &lte,
+            k.min(ftr.size()[0]),
+            t,
+            nclass.max(5),
+        )?;
         out.push((k, r.top1, r.top5));
     }
-    let best = out.iter().map(|r| format!("{}-NN {:.2}%", r.0, r.1)).collect::<Vec<_>>().join(", ");
+    let best = out
+        .iter()
+        .map(|r| format!("{}-NN {:.2}%", r.0, r.1))
+        .collect::<Vec<_>>()
+        .join(", ");
     eprintln!("k-NN {name}: {best} ({:.0}s)", t0.elapsed().as_secs_f64());
     Ok(out)
 }
@@ -177,7 +194,11 @@ fn demo(d: DemoArgs) -> Result<()> {
         );
     }
     let t0 = Instant::now();
-    eprintln!("== iBOT demo: pre-training ({} epochs) into {}", a.epochs, a.output_dir.display());
+    eprintln!(
+        "== iBOT demo: pre-training ({} epochs) into {}",
+        a.epochs,
+        a.output_dir.display()
+    );
     let out = run::train(a)?;
     let device = out.ibot.device;
     let size = a.global_crops_size;
@@ -187,18 +208,53 @@ fn demo(d: DemoArgs) -> Result<()> {
     let tr = first_n(train_ds.len(), d.knn_train);
     let te = first_n(test_ds.len(), d.knn_test);
     let data = (train_ds.as_ref(), &tr[..], test_ds.as_ref(), &te[..]);
-    eprintln!("== k-NN (k=20, T=0.07) on {} training and {} test images", tr.len(), te.len());
+    eprintln!(
+        "== k-NN (k=20, T=0.07) on {} training and {} test images",
+        tr.len(),
+        te.len()
+    );
     let ks = [20];
-    let trained = knn_report("iBOT teacher", Some(&out.ibot.teacher.backbone), FeatureKind::Cls, data, size, &ks, 0.07, device)?;
+    let trained = knn_report(
+        "iBOT teacher",
+        Some(&out.ibot.teacher.backbone),
+        FeatureKind::Cls,
+        data,
+        size,
+        &ks,
+        0.07,
+        device,
+    )?;
     let init = ibot::train::Ibot::seeded(run::ibot_config(a)?, device, a.seed)?;
-    let at_init = knn_report("same network at initialisation", Some(&init.teacher.backbone), FeatureKind::Cls, data, size, &ks, 0.07, device)?;
-    let pixels = knn_report("raw pixels", None, FeatureKind::Pixels, data, size, &ks, 0.07, device)?;
+    let at_init = knn_report(
+        "same network at initialisation",
+        Some(&init.teacher.backbone),
+        FeatureKind::Cls,
+        data,
+        size,
+        &ks,
+        0.07,
+        device,
+    )?;
+    let pixels = knn_report(
+        "raw pixels",
+        None,
+        FeatureKind::Pixels,
+        data,
+        size,
+        &ks,
+        0.07,
+        device,
+    )?;
     println!();
     println!("Fashion-MNIST k-NN top-1 (k=20, {} test images):", te.len());
     println!("  iBOT-pretrained teacher    {:6.2}%", trained[0].1);
     println!("  same ViT at initialisation {:6.2}%", at_init[0].1);
     println!("  raw pixels                 {:6.2}%", pixels[0].1);
-    println!("total time {:.0}s; checkpoint and log.txt in {}", t0.elapsed().as_secs_f64(), a.output_dir.display());
+    println!(
+        "total time {:.0}s; checkpoint and log.txt in {}",
+        t0.elapsed().as_secs_f64(),
+        a.output_dir.display()
+    );
     Ok(())
 }
 
@@ -243,7 +299,11 @@ fn run(cli: Cli) -> Result<bool> {
         Cmd::Demo(d) => demo(d).map(|_| true),
         Cmd::Train(a) => {
             let out = run::train(&a)?;
-            eprintln!("{} epoch(s) trained; checkpoint in {}", out.epochs_done, a.output_dir.display());
+            eprintln!(
+                "{} epoch(s) trained; checkpoint in {}",
+                out.epochs_done,
+                a.output_dir.display()
+            );
             Ok(true)
         }
         Cmd::EvalKnn(k) => eval_knn(k).map(|_| true),
@@ -253,8 +313,20 @@ fn run(cli: Cli) -> Result<bool> {
             }
             Ok(true)
         }
-        Cmd::Bench(BenchCmd::Data { data_path, num_workers, local_crops_number, batch_size, epochs }) => {
-            let (n, dt) = ibot::bench::data(&data_path, num_workers, local_crops_number, batch_size, epochs)?;
+        Cmd::Bench(BenchCmd::Data {
+            data_path,
+            num_workers,
+            local_crops_number,
+            batch_size,
+            epochs,
+        }) => {
+            let (n, dt) = ibot::bench::data(
+                &data_path,
+                num_workers,
+                local_crops_number,
+                batch_size,
+                epochs,
+            )?;
             println!(
                 "ibot pipeline, {num_workers} worker(s), 2x224 + {local_crops_number}x96 + masks: {:.1} img/s ({n} images in {dt:.1}s)",
                 n as f64 / dt
@@ -282,10 +354,18 @@ fn run(cli: Cli) -> Result<bool> {
             Ok(true)
         }
         Cmd::VerifyFixture { dir } => {
-            let report = ibot::verify::verify_fixture(&dir).with_context(|| format!("verifying {}", dir.display()))?;
+            let report = ibot::verify::verify_fixture(&dir)
+                .with_context(|| format!("verifying {}", dir.display()))?;
             print!("{}", report.render());
             let ok = report.passed();
-            println!("{}", if ok { "all checks passed" } else { "MISMATCH against the reference" });
+            println!(
+                "{}",
+                if ok {
+                    "all checks passed"
+                } else {
+                    "MISMATCH against the reference"
+                }
+            );
             Ok(ok)
         }
     }
@@ -293,9 +373,22 @@ fn run(cli: Cli) -> Result<bool> {
 
 /// Defaults of `ibot demo`, placed before the user's own options.
 fn demo_defaults(argv: Vec<String>) -> Vec<String> {
-    let Some(pos) = argv.iter().position(|a| a == "demo") else { return argv };
+    let Some(pos) = argv.iter().position(|a| a == "demo") else {
+        return argv;
+    };
     let mut out = argv[..=pos].to_vec();
-    for s in ["--preset", "fmnist_tiny", "--data_path", FMNIST, "--output_dir", "runs/fmnist-demo", "--subset", "20000", "--num_workers", "2"] {
+    for s in [
+        "--preset",
+        "fmnist_tiny",
+        "--data_path",
+        FMNIST,
+        "--output_dir",
+        "runs/fmnist-demo",
+        "--subset",
+        "20000",
+        "--num_workers",
+        "2",
+    ] {
         out.push(s.to_string());
     }
     out.extend(argv[pos + 1..].iter().cloned());

@@ -38,11 +38,22 @@ impl ParamStore {
     /// Registers a new parameter and returns a shallow handle sharing its storage.
     pub fn add(&mut self, name: impl Into<String>, tensor: Tensor, trainable: bool) -> Tensor {
         let name = name.into();
-        assert!(!self.index.contains_key(&name), "parameter {name} registered twice");
-        let tensor = if trainable { tensor.set_requires_grad(true) } else { tensor };
+        assert!(
+            !self.index.contains_key(&name),
+            "parameter {name} registered twice"
+        );
+        let tensor = if trainable {
+            tensor.set_requires_grad(true)
+        } else {
+            tensor
+        };
         let handle = tensor.shallow_clone();
         let i = self.params.len();
-        self.params.push(Param { name: name.clone(), tensor, trainable });
+        self.params.push(Param {
+            name: name.clone(),
+            tensor,
+            trainable,
+        });
         self.state_keys.push((name.clone(), i));
         self.index.insert(name, i);
         handle
@@ -51,7 +62,10 @@ impl ParamStore {
     /// Registers `alias` as a second state-dict key of the already registered `existing`.
     pub fn alias(&mut self, alias: impl Into<String>, existing: &str) {
         let alias = alias.into();
-        let i = *self.index.get(existing).unwrap_or_else(|| panic!("alias target {existing} missing"));
+        let i = *self
+            .index
+            .get(existing)
+            .unwrap_or_else(|| panic!("alias target {existing} missing"));
         self.state_keys.push((alias.clone(), i));
         self.index.insert(alias, i);
     }
@@ -63,7 +77,9 @@ impl ParamStore {
 
     /// `state_dict().keys()` with the tensor each refers to (shared tensors appear twice).
     pub fn state_dict(&self) -> impl Iterator<Item = (&str, &Tensor)> {
-        self.state_keys.iter().map(move |(k, i)| (k.as_str(), &self.params[*i].tensor))
+        self.state_keys
+            .iter()
+            .map(move |(k, i)| (k.as_str(), &self.params[*i].tensor))
     }
 
     pub fn get(&self, name: &str) -> Option<&Tensor> {
@@ -77,7 +93,10 @@ impl ParamStore {
 
     /// The parameter whose `named_parameters()` name is `name` (aliases do not count).
     pub fn named(&self, name: &str) -> Option<&Param> {
-        self.index.get(name).map(|&i| &self.params[i]).filter(|p| p.name == name)
+        self.index
+            .get(name)
+            .map(|&i| &self.params[i])
+            .filter(|p| p.name == name)
     }
 
     pub fn contains(&self, name: &str) -> bool {
@@ -93,12 +112,17 @@ impl ParamStore {
     }
 
     pub fn device(&self) -> Device {
-        self.params.first().map(|p| p.tensor.device()).unwrap_or(Device::Cpu)
+        self.params
+            .first()
+            .map(|p| p.tensor.device())
+            .unwrap_or(Device::Cpu)
     }
 
     /// Copies `value` into the parameter behind state-dict key `name`, checking its shape.
     pub fn set(&self, name: &str, value: &Tensor) -> Result<()> {
-        let Some(p) = self.canonical(name) else { bail!("unknown parameter '{name}'") };
+        let Some(p) = self.canonical(name) else {
+            bail!("unknown parameter '{name}'")
+        };
         let want = p.tensor.size();
         let got = value.size();
         if want != got {
@@ -129,7 +153,12 @@ impl ParamStore {
                 unexpected.push(k.to_string());
             }
         }
-        let missing = self.state_keys.iter().filter(|(k, _)| !seen.contains(k)).map(|(k, _)| k.clone()).collect();
+        let missing = self
+            .state_keys
+            .iter()
+            .filter(|(k, _)| !seen.contains(k))
+            .map(|(k, _)| k.clone())
+            .collect();
         Ok((missing, unexpected))
     }
 
@@ -163,13 +192,16 @@ impl ParamStore {
     /// Loads a safetensors file saved under official names (optionally with a prefix).
     pub fn load_safetensors(&self, path: &Path, prefix: &str) -> Result<()> {
         let map = read_safetensors(path)?;
-        self.load_strict(&map, prefix).with_context(|| format!("loading {}", path.display()))
+        self.load_strict(&map, prefix)
+            .with_context(|| format!("loading {}", path.display()))
     }
 
     /// Writes the whole state dict (aliases included, as PyTorch's `state_dict()` does).
     pub fn save_safetensors(&self, path: &Path, prefix: &str) -> Result<()> {
-        let named: Vec<(String, Tensor)> =
-            self.state_dict().map(|(k, t)| (format!("{prefix}{k}"), t.shallow_clone())).collect();
+        let named: Vec<(String, Tensor)> = self
+            .state_dict()
+            .map(|(k, t)| (format!("{prefix}{k}"), t.shallow_clone()))
+            .collect();
         write_safetensors(path, &named, None)
     }
 }
@@ -213,12 +245,14 @@ fn dtype_from_kind(k: Kind) -> Result<safetensors::Dtype> {
 pub fn read_safetensors(path: &Path) -> Result<HashMap<String, Tensor>> {
     let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
     // SAFETY: the map is read-only and dropped before returning; tensors are copied out of it.
-    let mmap = unsafe { memmap2::Mmap::map(&file) }.with_context(|| format!("mapping {}", path.display()))?;
+    let mmap = unsafe { memmap2::Mmap::map(&file) }
+        .with_context(|| format!("mapping {}", path.display()))?;
     let st = safetensors::SafeTensors::deserialize(&mmap)
         .map_err(|e| anyhow::anyhow!("{} is not a valid safetensors file: {e}", path.display()))?;
     let mut out = HashMap::new();
     for (name, view) in st.tensors() {
-        let kind = kind_from_dtype(view.dtype()).with_context(|| format!("tensor '{name}' in {}", path.display()))?;
+        let kind = kind_from_dtype(view.dtype())
+            .with_context(|| format!("tensor '{name}' in {}", path.display()))?;
         let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
         let t = Tensor::f_from_data_size(view.data(), &shape, kind)
             .with_context(|| format!("tensor '{name}' in {}", path.display()))?;

@@ -57,7 +57,14 @@ impl Report {
         self.checks.iter().filter(|c| !c.pass).collect()
     }
 
-    fn tensor(&mut self, group: &'static str, name: &str, ours: &Tensor, reference: &Tensor, tol: f64) {
+    fn tensor(
+        &mut self,
+        group: &'static str,
+        name: &str,
+        ours: &Tensor,
+        reference: &Tensor,
+        tol: f64,
+    ) {
         let ours = ours.detach().to_device(Device::Cpu).to_kind(Kind::Double);
         let reference = reference.to_kind(Kind::Double);
         if ours.size() != reference.size() {
@@ -75,7 +82,11 @@ impl Report {
         let scale = crate::util::max_abs(&reference).max(1.0);
         let diff = crate::util::max_abs(&(&ours - &reference));
         let denom = reference.abs().clamp_min(1e-12);
-        let rel = if reference.numel() == 0 { 0.0 } else { crate::util::max_abs(&((&ours - &reference) / denom)) };
+        let rel = if reference.numel() == 0 {
+            0.0
+        } else {
+            crate::util::max_abs(&((&ours - &reference) / denom))
+        };
         let tol = tol * scale;
         self.checks.push(Check {
             group,
@@ -89,13 +100,28 @@ impl Report {
     }
 
     /// Like [`Report::tensor`] on the elements where `keep` is true; the note counts the rest.
-    fn tensor_where(&mut self, group: &'static str, name: &str, ours: &Tensor, reference: &Tensor, keep: &Tensor, tol: f64) {
-        let left_out = keep.numel() as i64 - keep.to_kind(Kind::Int64).sum(Kind::Int64).int64_value(&[]);
+    fn tensor_where(
+        &mut self,
+        group: &'static str,
+        name: &str,
+        ours: &Tensor,
+        reference: &Tensor,
+        keep: &Tensor,
+        tol: f64,
+    ) {
+        let left_out =
+            keep.numel() as i64 - keep.to_kind(Kind::Int64).sum(Kind::Int64).int64_value(&[]);
         let ours = ours.detach().to_device(Device::Cpu);
         if ours.size() != reference.size() {
             return self.tensor(group, name, &ours, reference, tol);
         }
-        self.tensor(group, name, &ours.masked_select(keep), &reference.masked_select(keep), tol);
+        self.tensor(
+            group,
+            name,
+            &ours.masked_select(keep),
+            &reference.masked_select(keep),
+            tol,
+        );
         if left_out > 0 {
             if let Some(c) = self.checks.last_mut() {
                 c.note = format!("{left_out} ill-conditioned element(s) left out");
@@ -148,10 +174,17 @@ impl Report {
             e.3 &= c.pass;
             e.4 += usize::from(!c.pass);
         }
-        let mut s = format!("{:<14} {:>6} {:>12} {:>12}  result\n", "group", "checks", "max |diff|", "max rel");
+        let mut s = format!(
+            "{:<14} {:>6} {:>12} {:>12}  result\n",
+            "group", "checks", "max |diff|", "max rel"
+        );
         for g in order {
             let (n, a, r, ok, nf) = groups[g];
-            let verdict = if ok { "PASS".to_string() } else { format!("FAIL ({nf} of {n})") };
+            let verdict = if ok {
+                "PASS".to_string()
+            } else {
+                format!("FAIL ({nf} of {n})")
+            };
             s += &format!("{g:<14} {n:>6} {a:>12.3e} {r:>12.3e}  {verdict}\n");
         }
         for c in self.failures() {
@@ -171,31 +204,45 @@ impl<'a> Json<'a> {
     fn get(&self, path: &str) -> Result<&'a Value> {
         let mut v = self.0;
         for k in path.split('.') {
-            v = v.get(k).ok_or_else(|| anyhow!("fixtures.json has no '{path}'"))?;
+            v = v
+                .get(k)
+                .ok_or_else(|| anyhow!("fixtures.json has no '{path}'"))?;
         }
         Ok(v)
     }
     fn f64(&self, path: &str) -> Result<f64> {
-        self.get(path)?.as_f64().ok_or_else(|| anyhow!("fixtures.json '{path}' is not a number"))
+        self.get(path)?
+            .as_f64()
+            .ok_or_else(|| anyhow!("fixtures.json '{path}' is not a number"))
     }
     fn i64(&self, path: &str) -> Result<i64> {
-        self.get(path)?.as_i64().ok_or_else(|| anyhow!("fixtures.json '{path}' is not an integer"))
+        self.get(path)?
+            .as_i64()
+            .ok_or_else(|| anyhow!("fixtures.json '{path}' is not an integer"))
     }
     fn usize(&self, path: &str) -> Result<usize> {
         Ok(usize::try_from(self.i64(path)?)?)
     }
     fn bool(&self, path: &str) -> Result<bool> {
-        self.get(path)?.as_bool().ok_or_else(|| anyhow!("fixtures.json '{path}' is not a boolean"))
+        self.get(path)?
+            .as_bool()
+            .ok_or_else(|| anyhow!("fixtures.json '{path}' is not a boolean"))
     }
     fn str(&self, path: &str) -> Result<&'a str> {
-        self.get(path)?.as_str().ok_or_else(|| anyhow!("fixtures.json '{path}' is not a string"))
+        self.get(path)?
+            .as_str()
+            .ok_or_else(|| anyhow!("fixtures.json '{path}' is not a string"))
     }
     fn strings(&self, path: &str) -> Result<Vec<String>> {
         self.get(path)?
             .as_array()
             .ok_or_else(|| anyhow!("fixtures.json '{path}' is not a list"))?
             .iter()
-            .map(|v| v.as_str().map(String::from).ok_or_else(|| anyhow!("fixtures.json '{path}' holds a non-string")))
+            .map(|v| {
+                v.as_str()
+                    .map(String::from)
+                    .ok_or_else(|| anyhow!("fixtures.json '{path}' holds a non-string"))
+            })
             .collect()
     }
 }
@@ -210,7 +257,10 @@ fn config_from_json(j: &Json, pos_rows: i64) -> Result<IbotConfig> {
     let p = j.i64("config.backbone.patch_size")?;
     let grid = ((pos_rows - 1) as f64).sqrt().round() as i64;
     if grid * grid != pos_rows - 1 {
-        bail!("reference pos_embed has {} patch rows, not a square grid", pos_rows - 1);
+        bail!(
+            "reference pos_embed has {} patch rows, not a square grid",
+            pos_rows - 1
+        );
     }
     let backbone = VitConfig {
         img_size: grid * p,
@@ -245,7 +295,11 @@ fn config_from_json(j: &Json, pos_rows: i64) -> Result<IbotConfig> {
     let same_dim = head.shared_head || shared_head_teacher;
     let loss = IbotLossConfig {
         out_dim: head.out_dim,
-        patch_out_dim: if same_dim { head.out_dim } else { head.patch_out_dim },
+        patch_out_dim: if same_dim {
+            head.out_dim
+        } else {
+            head.patch_out_dim
+        },
         ngcrops: j.usize("config.global_crops_number")?,
         nlcrops: j.usize("config.local_crops_number")?,
         warmup_teacher_temp: j.f64("config.warmup_teacher_temp")?,
@@ -279,11 +333,17 @@ fn views(t: &Tensor) -> Vec<Tensor> {
 /// Runs the whole comparison for one fixture directory.
 pub fn verify_fixture(dir: &Path) -> Result<Report> {
     let json_path = dir.join("fixtures.json");
-    let raw = std::fs::read_to_string(&json_path).with_context(|| format!("reading {}", json_path.display()))?;
-    let value: Value = serde_json::from_str(&raw).with_context(|| format!("parsing {}", json_path.display()))?;
+    let raw = std::fs::read_to_string(&json_path)
+        .with_context(|| format!("reading {}", json_path.display()))?;
+    let value: Value =
+        serde_json::from_str(&raw).with_context(|| format!("parsing {}", json_path.display()))?;
     let j = Json(&value);
     let tensors = read_safetensors(&dir.join("fixtures.safetensors"))?;
-    let t = |k: &str| -> Result<&Tensor> { tensors.get(k).ok_or_else(|| anyhow!("fixtures.safetensors has no tensor '{k}'")) };
+    let t = |k: &str| -> Result<&Tensor> {
+        tensors
+            .get(k)
+            .ok_or_else(|| anyhow!("fixtures.safetensors has no tensor '{k}'"))
+    };
 
     let pos_rows = t("student.backbone.pos_embed")?.size()[1];
     let cfg = config_from_json(&j, pos_rows)?;
@@ -294,30 +354,99 @@ pub fn verify_fixture(dir: &Path) -> Result<Report> {
     let mut ibot = Ibot::new(cfg.clone(), device)?;
 
     // ---- structure: names, trainability, groups, teacher initialisation
-    let ours_sd: Vec<String> = ibot.student_ps.state_dict().map(|(k, _)| k.to_string()).collect();
+    let ours_sd: Vec<String> = ibot
+        .student_ps
+        .state_dict()
+        .map(|(k, _)| k.to_string())
+        .collect();
     let ref_sd = j.strings("student_state_dict_keys")?;
-    report.fact("structure", "student state_dict keys", ours_sd == ref_sd, format!("ours {ours_sd:?}"));
-    let ours_np: Vec<String> = ibot.student_ps.params().iter().map(|p| p.name.clone()).collect();
-    report.fact("structure", "student named_parameters", ours_np == j.strings("student_named_parameters")?, String::new());
-    let ours_tr: Vec<String> = ibot.student_ps.params().iter().filter(|p| p.trainable).map(|p| p.name.clone()).collect();
-    report.fact("structure", "student trainable", ours_tr == j.strings("student_trainable_parameters")?, String::new());
-    let ours_tsd: Vec<String> = ibot.teacher_ps.state_dict().map(|(k, _)| k.to_string()).collect();
-    report.fact("structure", "teacher state_dict keys", ours_tsd == j.strings("teacher_state_dict_keys")?, format!("ours {ours_tsd:?}"));
-    let ours_tnp: Vec<String> = ibot.teacher_ps.params().iter().map(|p| p.name.clone()).collect();
-    report.fact("structure", "teacher named_parameters", ours_tnp == j.strings("teacher_named_parameters")?, String::new());
+    report.fact(
+        "structure",
+        "student state_dict keys",
+        ours_sd == ref_sd,
+        format!("ours {ours_sd:?}"),
+    );
+    let ours_np: Vec<String> = ibot
+        .student_ps
+        .params()
+        .iter()
+        .map(|p| p.name.clone())
+        .collect();
+    report.fact(
+        "structure",
+        "student named_parameters",
+        ours_np == j.strings("student_named_parameters")?,
+        String::new(),
+    );
+    let ours_tr: Vec<String> = ibot
+        .student_ps
+        .params()
+        .iter()
+        .filter(|p| p.trainable)
+        .map(|p| p.name.clone())
+        .collect();
+    report.fact(
+        "structure",
+        "student trainable",
+        ours_tr == j.strings("student_trainable_parameters")?,
+        String::new(),
+    );
+    let ours_tsd: Vec<String> = ibot
+        .teacher_ps
+        .state_dict()
+        .map(|(k, _)| k.to_string())
+        .collect();
+    report.fact(
+        "structure",
+        "teacher state_dict keys",
+        ours_tsd == j.strings("teacher_state_dict_keys")?,
+        format!("ours {ours_tsd:?}"),
+    );
+    let ours_tnp: Vec<String> = ibot
+        .teacher_ps
+        .params()
+        .iter()
+        .map(|p| p.name.clone())
+        .collect();
+    report.fact(
+        "structure",
+        "teacher named_parameters",
+        ours_tnp == j.strings("teacher_named_parameters")?,
+        String::new(),
+    );
     let groups = get_params_groups(&ibot.student_ps);
-    let names = |idx: &[usize]| -> Vec<String> { idx.iter().map(|&i| ibot.student_ps.params()[i].name.clone()).collect() };
-    report.fact("structure", "param group 0 (decayed)", names(&groups.regularized) == j.strings("optim.group0_regularized")?, String::new());
-    report.fact("structure", "param group 1 (no decay)", names(&groups.not_regularized) == j.strings("optim.group1_not_regularized")?, String::new());
+    let names = |idx: &[usize]| -> Vec<String> {
+        idx.iter()
+            .map(|&i| ibot.student_ps.params()[i].name.clone())
+            .collect()
+    };
+    report.fact(
+        "structure",
+        "param group 0 (decayed)",
+        names(&groups.regularized) == j.strings("optim.group0_regularized")?,
+        String::new(),
+    );
+    report.fact(
+        "structure",
+        "param group 1 (no decay)",
+        names(&groups.not_regularized) == j.strings("optim.group1_not_regularized")?,
+        String::new(),
+    );
 
     // ---- official initial weights, teacher as load_state_dict(strict=False) leaves it
     let student_init: HashMap<String, Tensor> = tensors
         .iter()
-        .filter_map(|(k, v)| k.strip_prefix("student.").map(|n| (n.to_string(), v.shallow_clone())))
+        .filter_map(|(k, v)| {
+            k.strip_prefix("student.")
+                .map(|n| (n.to_string(), v.shallow_clone()))
+        })
         .collect();
     ibot.student_ps.load_strict(&student_init, "")?;
     ibot.init_teacher_from_student()?;
-    let init_map = j.get("teacher_init_from_student")?.as_object().ok_or_else(|| anyhow!("teacher_init_from_student is not a map"))?;
+    let init_map = j
+        .get("teacher_init_from_student")?
+        .as_object()
+        .ok_or_else(|| anyhow!("teacher_init_from_student is not a map"))?;
     let mut init_ok = init_map.len() == ours_tsd.len();
     for (tk, sk) in init_map {
         let sk = sk.as_str().unwrap_or_default();
@@ -326,50 +455,139 @@ pub fn verify_fixture(dir: &Path) -> Result<Report> {
             _ => init_ok = false,
         }
     }
-    report.fact("structure", "teacher init from student", init_ok, String::new());
+    report.fact(
+        "structure",
+        "teacher init from student",
+        init_ok,
+        String::new(),
+    );
 
     // ---- inputs
     let mut images = views(t("in.global_crops")?);
     if let Some(l) = tensors.get("in.local_crops") {
         images.extend(views(l));
     }
-    let masks: Vec<Tensor> = views(t("in.masks_global")?).into_iter().map(|m| m.to_kind(Kind::Bool)).collect();
+    let masks: Vec<Tensor> = views(t("in.masks_global")?)
+        .into_iter()
+        .map(|m| m.to_kind(Kind::Bool))
+        .collect();
     ibot.loss.center = t("loss.center_init")?.shallow_clone();
     ibot.loss.center2 = t("loss.center2_init")?.shallow_clone();
 
     // ---- forward and loss
     let g = cfg.loss.ngcrops as i64;
     let fwd = ibot.forward(&images, &masks, epoch, true, &SingleProcess)?;
-    report.tensor("forward", "teacher_cls", &fwd.teacher.cls, t("out.teacher_cls")?, TOL_FORWARD);
-    report.tensor("forward", "teacher_patch", fwd.teacher.patch.as_ref().unwrap_or(&Tensor::new()), t("out.teacher_patch")?, TOL_FORWARD);
-    report.tensor("forward", "student_cls", &fwd.student.cls, t("out.student_cls")?, TOL_FORWARD);
-    report.tensor("forward", "student_patch", fwd.student.patch.as_ref().unwrap_or(&Tensor::new()), t("out.student_patch")?, TOL_FORWARD);
+    report.tensor(
+        "forward",
+        "teacher_cls",
+        &fwd.teacher.cls,
+        t("out.teacher_cls")?,
+        TOL_FORWARD,
+    );
+    report.tensor(
+        "forward",
+        "teacher_patch",
+        fwd.teacher.patch.as_ref().unwrap_or(&Tensor::new()),
+        t("out.teacher_patch")?,
+        TOL_FORWARD,
+    );
+    report.tensor(
+        "forward",
+        "student_cls",
+        &fwd.student.cls,
+        t("out.student_cls")?,
+        TOL_FORWARD,
+    );
+    report.tensor(
+        "forward",
+        "student_patch",
+        fwd.student.patch.as_ref().unwrap_or(&Tensor::new()),
+        t("out.student_patch")?,
+        TOL_FORWARD,
+    );
     if let (Some(local), Ok(r)) = (&fwd.student_local, t("out.student_local_cls")) {
         report.tensor("forward", "student_local_cls", &local.cls, r, TOL_FORWARD);
     }
-    report.tensor("forward", "student_backbone_masked", &fwd.student.backbone[0], t("out.student_backbone_masked")?, TOL_FORWARD);
+    report.tensor(
+        "forward",
+        "student_backbone_masked",
+        &fwd.student.backbone[0],
+        t("out.student_backbone_masked")?,
+        TOL_FORWARD,
+    );
     let b = images[0].size()[0];
-    report.tensor("forward", "teacher_backbone_g0", &fwd.teacher.backbone[0].narrow(0, 0, b), t("out.teacher_backbone_g0")?, TOL_FORWARD);
+    report.tensor(
+        "forward",
+        "teacher_backbone_g0",
+        &fwd.teacher.backbone[0].narrow(0, 0, b),
+        t("out.teacher_backbone_g0")?,
+        TOL_FORWARD,
+    );
     let attn = tch::no_grad(|| ibot.teacher.backbone.get_last_selfattention(&images[0]))?;
-    report.tensor("forward", "teacher_last_attn_g0", &attn, t("out.teacher_last_attn_g0")?, TOL_FORWARD);
+    report.tensor(
+        "forward",
+        "teacher_last_attn_g0",
+        &attn,
+        t("out.teacher_last_attn_g0")?,
+        TOL_FORWARD,
+    );
     let p = cfg.backbone.patch_size;
-    for (key, idx) in [("out.pos_embed_interp_global", 0usize), ("out.pos_embed_interp_local", g as usize)] {
+    for (key, idx) in [
+        ("out.pos_embed_interp_global", 0usize),
+        ("out.pos_embed_interp_local", g as usize),
+    ] {
         if let (Some(r), Some(img)) = (tensors.get(key), images.get(idx)) {
             let s = img.size();
-            let pe = ibot.teacher.backbone.interpolate_pos_encoding(s[2] / p, s[3] / p)?;
-            report.tensor("pos_embed", key.trim_start_matches("out."), &pe, r, TOL_FORWARD);
+            let pe = ibot
+                .teacher
+                .backbone
+                .interpolate_pos_encoding(s[2] / p, s[3] / p)?;
+            report.tensor(
+                "pos_embed",
+                key.trim_start_matches("out."),
+                &pe,
+                r,
+                TOL_FORWARD,
+            );
         }
     }
     report.tensor("loss", "cls", &fwd.loss.cls, t("loss.cls")?, TOL_FORWARD);
-    report.tensor("loss", "patch", &fwd.loss.patch, t("loss.patch")?, TOL_FORWARD);
-    report.tensor("loss", "total", &fwd.loss.total, t("loss.total")?, TOL_FORWARD);
-    report.tensor("loss", "center_after", &ibot.loss.center, t("loss.center_after")?, TOL_FORWARD);
-    report.tensor("loss", "center2_after", &ibot.loss.center2, t("loss.center2_after")?, TOL_FORWARD);
+    report.tensor(
+        "loss",
+        "patch",
+        &fwd.loss.patch,
+        t("loss.patch")?,
+        TOL_FORWARD,
+    );
+    report.tensor(
+        "loss",
+        "total",
+        &fwd.loss.total,
+        t("loss.total")?,
+        TOL_FORWARD,
+    );
+    report.tensor(
+        "loss",
+        "center_after",
+        &ibot.loss.center,
+        t("loss.center_after")?,
+        TOL_FORWARD,
+    );
+    report.tensor(
+        "loss",
+        "center2_after",
+        &ibot.loss.center2,
+        t("loss.center2_after")?,
+        TOL_FORWARD,
+    );
 
     // ---- backward, clipping, cancelling
     let mut grads = ibot.backward(&fwd.loss.total);
     let norms = ibot.process_grads(&mut grads, epoch);
-    let ref_norms = j.get("grad.preclip_norms")?.as_object().ok_or_else(|| anyhow!("grad.preclip_norms is not a map"))?;
+    let ref_norms = j
+        .get("grad.preclip_norms")?
+        .as_object()
+        .ok_or_else(|| anyhow!("grad.preclip_norms is not a map"))?;
     let ours_norms: Vec<(&str, f64)> = ibot
         .student_ps
         .params()
@@ -398,7 +616,12 @@ pub fn verify_fixture(dir: &Path) -> Result<Report> {
         .filter(|(_, g)| g.is_none())
         .map(|(p, _)| p.name.clone())
         .collect();
-    report.fact("grad", "params without grad", ours_none == ref_none, format!("ours {ours_none:?}, reference {ref_none:?}"));
+    report.fact(
+        "grad",
+        "params without grad",
+        ours_none == ref_none,
+        format!("ours {ours_none:?}, reference {ref_none:?}"),
+    );
     for (p, gr) in ibot.student_ps.params().iter().zip(grads.iter()) {
         if let (Some(gr), Some(r)) = (gr, tensors.get(&format!("grad.{}", p.name))) {
             report.tensor("grad", &p.name, gr, r, TOL_GRAD);
@@ -413,7 +636,11 @@ pub fn verify_fixture(dir: &Path) -> Result<Report> {
         .student_ps
         .params()
         .iter()
-        .map(|p| tensors.get(&format!("grad.{}", p.name)).map(|g| g.shallow_clone()))
+        .map(|p| {
+            tensors
+                .get(&format!("grad.{}", p.name))
+                .map(|g| g.shallow_clone())
+        })
         .collect();
     ibot.optimizer = Optimizer::new(cfg.optimizer, &ibot.student_ps);
     ibot.optimizer.step(&ibot.student_ps, &ref_grads, lr, wd)?;
@@ -431,7 +658,9 @@ pub fn verify_fixture(dir: &Path) -> Result<Report> {
     ibot.optimizer = Optimizer::new(cfg.optimizer, &ibot.student_ps);
     ibot.optimizer.step(&ibot.student_ps, &grads, lr, wd)?;
     for (p, rg) in ibot.student_ps.params().iter().zip(ref_grads.iter()) {
-        let Some(r) = tensors.get(&format!("student_after.{}", p.name)) else { continue };
+        let Some(r) = tensors.get(&format!("student_after.{}", p.name)) else {
+            continue;
+        };
         let keep = match rg {
             Some(g) => {
                 let g = g.abs();
@@ -461,15 +690,48 @@ pub fn verify_fixture(dir: &Path) -> Result<Report> {
             j.usize(&format!("{base}.warmup_epochs"))?,
             0.0,
         )?;
-        report.tensor("schedules", key, &Tensor::from_slice(&s), t(&format!("sched.{key}"))?, TOL_SCHED);
+        report.tensor(
+            "schedules",
+            key,
+            &Tensor::from_slice(&s),
+            t(&format!("sched.{key}"))?,
+            TOL_SCHED,
+        );
     }
     let (t1, t2) = teacher_temp_schedules(&cfg.loss)?;
-    report.tensor("schedules", "teacher_temp", &Tensor::from_slice(&t1), t("sched.teacher_temp")?, TOL_SCHED);
-    report.tensor("schedules", "teacher_temp2", &Tensor::from_slice(&t2), t("sched.teacher_temp2")?, TOL_SCHED);
-    let variant = IbotLossConfig { mim_start_epoch: j.usize("config.sched.mim_start_epoch_variant")?, ..cfg.loss.clone() };
+    report.tensor(
+        "schedules",
+        "teacher_temp",
+        &Tensor::from_slice(&t1),
+        t("sched.teacher_temp")?,
+        TOL_SCHED,
+    );
+    report.tensor(
+        "schedules",
+        "teacher_temp2",
+        &Tensor::from_slice(&t2),
+        t("sched.teacher_temp2")?,
+        TOL_SCHED,
+    );
+    let variant = IbotLossConfig {
+        mim_start_epoch: j.usize("config.sched.mim_start_epoch_variant")?,
+        ..cfg.loss.clone()
+    };
     let (v1, v2) = teacher_temp_schedules(&variant)?;
-    report.tensor("schedules", "teacher_temp_mim_start", &Tensor::from_slice(&v1), t("sched.teacher_temp_mim_start")?, TOL_SCHED);
-    report.tensor("schedules", "teacher_temp2_mim_start", &Tensor::from_slice(&v2), t("sched.teacher_temp2_mim_start")?, TOL_SCHED);
+    report.tensor(
+        "schedules",
+        "teacher_temp_mim_start",
+        &Tensor::from_slice(&v1),
+        t("sched.teacher_temp_mim_start")?,
+        TOL_SCHED,
+    );
+    report.tensor(
+        "schedules",
+        "teacher_temp2_mim_start",
+        &Tensor::from_slice(&v2),
+        t("sched.teacher_temp2_mim_start")?,
+        TOL_SCHED,
+    );
 
     // ---- k-NN
     let knn = knn_classifier(

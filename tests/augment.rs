@@ -10,8 +10,14 @@ use tch::Tensor;
 fn fixture_dir() -> PathBuf {
     let root = std::env::var_os("IBOT_AUGMENT_FIXTURES")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/augment"));
-    assert!(root.join("augment.json").is_file(), "augment fixtures not found at {}", root.display());
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/augment")
+        });
+    assert!(
+        root.join("augment.json").is_file(),
+        "augment fixtures not found at {}",
+        root.display()
+    );
     root
 }
 
@@ -24,7 +30,8 @@ fn to_rgb(t: &Tensor) -> Rgb8 {
 #[test]
 fn every_op_is_bit_exact_against_pillow() {
     let dir = fixture_dir();
-    let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("augment.json")).unwrap()).unwrap();
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("augment.json")).unwrap()).unwrap();
     let tensors = read_safetensors(&dir.join("augment.safetensors")).unwrap();
     let keys = json["keys"].as_object().unwrap();
     let mut checked = 0;
@@ -54,7 +61,10 @@ fn every_op_is_bit_exact_against_pillow() {
         let ours = match op {
             "resized_crop" => {
                 let size = p["size"].as_array().unwrap();
-                let (oh, ow) = (size[0].as_u64().unwrap() as usize, size[1].as_u64().unwrap() as usize);
+                let (oh, ow) = (
+                    size[0].as_u64().unwrap() as usize,
+                    size[1].as_u64().unwrap() as usize,
+                );
                 ops::resized_crop(&input, u("top"), u("left"), u("height"), u("width"), oh, ow)
             }
             "hflip" => ops::hflip(&input),
@@ -82,19 +92,42 @@ fn every_op_is_bit_exact_against_pillow() {
         };
         let want = to_rgb(expected);
         if ours != want {
-            let diff = ours.data.iter().zip(&want.data).filter(|(a, b)| a != b).count();
-            let maxd = ours.data.iter().zip(&want.data).map(|(&a, &b)| (a as i32 - b as i32).abs()).max().unwrap_or(-1);
-            failures.push(format!("{key}: {diff} bytes differ, max {maxd} (shape ours {}x{}, want {}x{})", ours.width, ours.height, want.width, want.height));
+            let diff = ours
+                .data
+                .iter()
+                .zip(&want.data)
+                .filter(|(a, b)| a != b)
+                .count();
+            let maxd = ours
+                .data
+                .iter()
+                .zip(&want.data)
+                .map(|(&a, &b)| (a as i32 - b as i32).abs())
+                .max()
+                .unwrap_or(-1);
+            failures.push(format!(
+                "{key}: {diff} bytes differ, max {maxd} (shape ours {}x{}, want {}x{})",
+                ours.width, ours.height, want.width, want.height
+            ));
         }
         checked += 1;
     }
     assert!(checked >= 85, "only {checked} keys checked");
-    assert!(failures.is_empty(), "{} of {checked} ops differ from Pillow:\n{}", failures.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} of {checked} ops differ from Pillow:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
 }
 
 #[test]
 fn box_blur_radii_match_pillow() {
-    for (r, want_ri, want_ww, want_fw) in [(0.1f32, 0usize, 16721291u32, 27962u32), (0.7, 0, 14036938, 1370139), (2.0, 1, 4473924, 1677722)] {
+    for (r, want_ri, want_ww, want_fw) in [
+        (0.1f32, 0usize, 16721291u32, 27962u32),
+        (0.7, 0, 14036938, 1370139),
+        (2.0, 1, 4473924, 1677722),
+    ] {
         let br = ops::box_radius(r);
         let ri = br as usize;
         let ww = ((1u32 << 24) as f32 / (br * 2.0 + 1.0)) as u32;

@@ -42,8 +42,18 @@ fn write_idx(dir: &Path, n: usize, side: usize, gz: bool) {
 
 fn small_cfg(workers: usize) -> LoaderConfig {
     LoaderConfig {
-        augment: AugmentConfig { local_crops_number: 2, global_crops_size: 16, local_crops_size: 8, ..AugmentConfig::default() },
-        mask: MaskConfig { patch_size: 4, pred_ratio: vec![0.3], pred_ratio_var: vec![0.2], ..MaskConfig::default() },
+        augment: AugmentConfig {
+            local_crops_number: 2,
+            global_crops_size: 16,
+            local_crops_size: 8,
+            ..AugmentConfig::default()
+        },
+        mask: MaskConfig {
+            patch_size: 4,
+            pred_ratio: vec![0.3],
+            pred_ratio_var: vec![0.2],
+            ..MaskConfig::default()
+        },
         batch_size: 4,
         num_workers: workers,
         prefetch: 2,
@@ -66,7 +76,10 @@ fn block_masks_respect_the_official_invariants() {
         let ratio = 0.3;
         let m = cfg.mask(h, w, ratio, &mut rng);
         let count = m.iter().filter(|&&v| v).count();
-        assert!(count as f64 <= ratio * (h * w) as f64, "{count} masked cells exceed the target");
+        assert!(
+            count as f64 <= ratio * (h * w) as f64,
+            "{count} masked cells exceed the target"
+        );
         total += count;
     }
     // The target is 58.8 cells; the official algorithm stops a little short of it on average
@@ -80,7 +93,11 @@ fn block_masks_respect_the_official_invariants() {
 
 #[test]
 fn rand_masks_have_exactly_int_ratio_cells_and_start_epoch_gives_empty_masks() {
-    let cfg = MaskConfig { pred_shape: PredShape::Rand, pred_start_epoch: 3, ..MaskConfig::default() };
+    let cfg = MaskConfig {
+        pred_shape: PredShape::Rand,
+        pred_start_epoch: 3,
+        ..MaskConfig::default()
+    };
     let mut rng = ChaCha8Rng::seed_from_u64(1);
     for ratio in [0.0, 0.1, 0.3, 0.5] {
         let m = cfg.mask(14, 14, ratio, &mut rng);
@@ -88,12 +105,25 @@ fn rand_masks_have_exactly_int_ratio_cells_and_start_epoch_gives_empty_masks() {
     }
     assert_eq!(cfg.draw_ratio(2, &mut rng), 0.0);
     assert_eq!(cfg.draw_ratio(3, &mut rng), 0.3);
-    let var = MaskConfig { pred_ratio: vec![0.1, 0.4], pred_ratio_var: vec![0.05], ..MaskConfig::default() };
+    let var = MaskConfig {
+        pred_ratio: vec![0.1, 0.4],
+        pred_ratio_var: vec![0.05],
+        ..MaskConfig::default()
+    };
     for _ in 0..200 {
         let r = var.draw_ratio(0, &mut rng);
-        assert!((0.05..=0.15).contains(&r) || (0.35..=0.45).contains(&r), "{r}");
+        assert!(
+            (0.05..=0.15).contains(&r) || (0.35..=0.45).contains(&r),
+            "{r}"
+        );
     }
-    assert!(MaskConfig { pred_ratio: vec![0.1], pred_ratio_var: vec![0.2], ..MaskConfig::default() }.validate().is_err());
+    assert!(MaskConfig {
+        pred_ratio: vec![0.1],
+        pred_ratio_var: vec![0.2],
+        ..MaskConfig::default()
+    }
+    .validate()
+    .is_err());
 }
 
 #[test]
@@ -152,7 +182,11 @@ fn sharding_covers_the_data_set_like_distributed_sampler() {
     let ds: Arc<dyn Dataset> = Arc::from(dataset::open(&d, "train").unwrap());
     let mut all = Vec::new();
     for rank in 0..3 {
-        let cfg = LoaderConfig { rank, world_size: 3, ..small_cfg(0) };
+        let cfg = LoaderConfig {
+            rank,
+            world_size: 3,
+            ..small_cfg(0)
+        };
         let l = Loader::new(ds.clone(), cfg).unwrap();
         let idx = l.epoch_indices(0);
         assert_eq!(idx.len(), 4); // ceil(10 / 3)
@@ -169,17 +203,33 @@ fn corrupt_images_fail_clearly_or_are_skipped_and_counted() {
     let cls = d.join("a");
     std::fs::create_dir_all(&cls).unwrap();
     for i in 0..3 {
-        let img = image::RgbImage::from_fn(20, 24, |x, y| image::Rgb([x as u8 * 10, y as u8 * 10, i * 50]));
+        let img = image::RgbImage::from_fn(20, 24, |x, y| {
+            image::Rgb([x as u8 * 10, y as u8 * 10, i * 50])
+        });
         img.save(cls.join(format!("ok{i}.png"))).unwrap();
     }
-    std::fs::write(cls.join("bad.jpg"), b"\xff\xd8\xff\xe0 definitely not a jpeg").unwrap();
+    std::fs::write(
+        cls.join("bad.jpg"),
+        b"\xff\xd8\xff\xe0 definitely not a jpeg",
+    )
+    .unwrap();
     let ds: Arc<dyn Dataset> = Arc::from(dataset::open(&d, "train").unwrap());
     assert_eq!(ds.len(), 4);
-    let cfg = LoaderConfig { batch_size: 4, ..small_cfg(1) };
+    let cfg = LoaderConfig {
+        batch_size: 4,
+        ..small_cfg(1)
+    };
     let l = Loader::new(ds.clone(), cfg.clone()).unwrap();
     let e = format!("{:#}", l.epoch(0).next().unwrap().unwrap_err());
     assert!(e.contains("bad.jpg") && e.contains("--skip_corrupt"), "{e}");
-    let l = Loader::new(ds, LoaderConfig { skip_corrupt: true, ..cfg }).unwrap();
+    let l = Loader::new(
+        ds,
+        LoaderConfig {
+            skip_corrupt: true,
+            ..cfg
+        },
+    )
+    .unwrap();
     let b = l.epoch(0).next().unwrap().unwrap();
     assert_eq!((b.skipped, b.indices.len()), (1, 3));
     assert_eq!(b.views[0].size()[0], 3);
@@ -191,13 +241,20 @@ fn corrupt_images_fail_clearly_or_are_skipped_and_counted() {
 fn fashion_mnist_reads_as_the_reference_image() {
     let dir = Path::new("/usr/share/datasets/fashion-mnist");
     if !dir.is_dir() {
-        assert!(std::env::var_os("IBOT_REQUIRE_FMNIST").is_none(), "Fashion-MNIST is not installed");
+        assert!(
+            std::env::var_os("IBOT_REQUIRE_FMNIST").is_none(),
+            "Fashion-MNIST is not installed"
+        );
         eprintln!("skipped: install the Debian package dataset-fashion-mnist");
         return;
     }
     let ds = dataset::open(dir, "train").unwrap();
     assert_eq!(ds.len(), 60000);
-    let fx = ibot::params::read_safetensors(&PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/augment/augment.safetensors")).unwrap();
+    let fx = ibot::params::read_safetensors(
+        &PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../shared/fixtures/augment/augment.safetensors"),
+    )
+    .unwrap();
     let want: Vec<u8> = Vec::try_from(fx["input/fmnist"].flatten(0, -1)).unwrap();
     assert_eq!(ds.get(0).unwrap().0.data, want);
     assert_eq!(dataset::open(dir, "t10k").unwrap().len(), 10000);

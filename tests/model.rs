@@ -14,7 +14,9 @@ const CPU: (Kind, Device) = (Kind::Float, Device::Cpu);
 fn views(b: i64) -> (Vec<Tensor>, Vec<Tensor>) {
     let mut v: Vec<Tensor> = (0..2).map(|_| Tensor::randn([b, 3, 16, 16], CPU)).collect();
     v.extend((0..2).map(|_| Tensor::randn([b, 3, 8, 8], CPU)));
-    let m: Vec<Tensor> = (0..2).map(|_| Tensor::rand([b, 4, 4], CPU).lt(0.4)).collect();
+    let m: Vec<Tensor> = (0..2)
+        .map(|_| Tensor::rand([b, 4, 4], CPU).lt(0.4))
+        .collect();
     (v, m)
 }
 
@@ -26,8 +28,13 @@ fn shared_head_is_one_tensor_under_two_state_dict_names() {
     let a = ps.get("head.last_layer.weight_v").unwrap();
     let b = ps.get("head.last_layer2.weight_v").unwrap();
     assert_eq!(a.data_ptr(), b.data_ptr());
-    assert!(ps.named("head.last_layer2.weight_v").is_none(), "an alias is not a named parameter");
-    assert!(ps.state_dict().any(|(k, _)| k == "head.last_layer2.weight_g"));
+    assert!(
+        ps.named("head.last_layer2.weight_v").is_none(),
+        "an alias is not a named parameter"
+    );
+    assert!(ps
+        .state_dict()
+        .any(|(k, _)| k == "head.last_layer2.weight_g"));
 }
 
 /// Official default: student head not shared, teacher head shared. The teacher's single last
@@ -37,9 +44,23 @@ fn shared_head_is_one_tensor_under_two_state_dict_names() {
 fn unshared_student_and_shared_teacher_follow_the_official_quirks() {
     tch::manual_seed(1);
     let ibot = Ibot::new(common::tiny_config(false, true), Device::Cpu).unwrap();
-    let t = ibot.teacher_ps.get("head.last_layer.weight_v").unwrap().copy();
-    let s1 = ibot.student_ps.get("head.last_layer.weight_v").unwrap().detach().copy();
-    let s2 = ibot.student_ps.get("head.last_layer2.weight_v").unwrap().detach().copy();
+    let t = ibot
+        .teacher_ps
+        .get("head.last_layer.weight_v")
+        .unwrap()
+        .copy();
+    let s1 = ibot
+        .student_ps
+        .get("head.last_layer.weight_v")
+        .unwrap()
+        .detach()
+        .copy();
+    let s2 = ibot
+        .student_ps
+        .get("head.last_layer2.weight_v")
+        .unwrap()
+        .detach()
+        .copy();
     assert!(t.equal(&s2) && !t.equal(&s1));
     ibot.update_teacher(0.5);
     let expected = &s2 * 0.5 + &s1 * 0.5;
@@ -52,20 +73,45 @@ fn unshared_student_and_shared_teacher_follow_the_official_quirks() {
 fn a_training_step_runs_and_moves_the_teacher() {
     tch::manual_seed(2);
     let mut ibot = Ibot::new(common::tiny_config(false, true), Device::Cpu).unwrap();
-    let before = ibot.teacher_ps.get("backbone.blocks.0.attn.qkv.weight").unwrap().copy();
-    let frozen = ibot.student_ps.get("head.last_layer.weight_v").unwrap().detach().copy();
+    let before = ibot
+        .teacher_ps
+        .get("backbone.blocks.0.attn.qkv.weight")
+        .unwrap()
+        .copy();
+    let frozen = ibot
+        .student_ps
+        .get("head.last_layer.weight_v")
+        .unwrap()
+        .detach()
+        .copy();
     let (v, m) = views(4);
-    let (stats, pred) = ibot.train_step(&v, &m, 0, 1e-3, 0.04, 0.9, &SingleProcess).unwrap();
+    let (stats, pred) = ibot
+        .train_step(&v, &m, 0, 1e-3, 0.04, 0.9, &SingleProcess)
+        .unwrap();
     assert_eq!(pred.size(), [4]);
     assert!(stats.loss.is_finite() && stats.cls > 0.0 && stats.patch > 0.0);
     assert!((stats.loss - stats.cls - stats.patch).abs() < 1e-4);
-    let after = ibot.teacher_ps.get("backbone.blocks.0.attn.qkv.weight").unwrap();
+    let after = ibot
+        .teacher_ps
+        .get("backbone.blocks.0.attn.qkv.weight")
+        .unwrap();
     assert!(!after.equal(&before), "EMA did not move the teacher");
     // epoch 0 < freeze_last_layer 1: the last layer is untouched, weight decay included.
-    assert!(ibot.student_ps.get("head.last_layer.weight_v").unwrap().detach().equal(&frozen));
+    assert!(ibot
+        .student_ps
+        .get("head.last_layer.weight_v")
+        .unwrap()
+        .detach()
+        .equal(&frozen));
     // From epoch 1 on it trains.
-    ibot.train_step(&v, &m, 1, 1e-3, 0.04, 0.9, &SingleProcess).unwrap();
-    assert!(!ibot.student_ps.get("head.last_layer.weight_v").unwrap().detach().equal(&frozen));
+    ibot.train_step(&v, &m, 1, 1e-3, 0.04, 0.9, &SingleProcess)
+        .unwrap();
+    assert!(!ibot
+        .student_ps
+        .get("head.last_layer.weight_v")
+        .unwrap()
+        .detach()
+        .equal(&frozen));
 }
 
 #[test]
@@ -74,10 +120,24 @@ fn a_non_finite_loss_is_reported_as_such() {
     let mut ibot = Ibot::new(common::tiny_config(true, true), Device::Cpu).unwrap();
     let (mut v, m) = views(2);
     v[0] = Tensor::full([2, 3, 16, 16], f64::NAN, CPU);
-    let before = ibot.student_ps.get("backbone.cls_token").unwrap().detach().copy();
-    let err = ibot.train_step(&v, &m, 0, 1e-3, 0.04, 0.9, &SingleProcess).unwrap_err();
+    let before = ibot
+        .student_ps
+        .get("backbone.cls_token")
+        .unwrap()
+        .detach()
+        .copy();
+    let err = ibot
+        .train_step(&v, &m, 0, 1e-3, 0.04, 0.9, &SingleProcess)
+        .unwrap_err();
     assert!(err.downcast_ref::<NonFiniteLoss>().is_some(), "{err:#}");
-    assert!(ibot.student_ps.get("backbone.cls_token").unwrap().detach().equal(&before), "weights changed");
+    assert!(
+        ibot.student_ps
+            .get("backbone.cls_token")
+            .unwrap()
+            .detach()
+            .equal(&before),
+        "weights changed"
+    );
 }
 
 #[test]
@@ -86,7 +146,8 @@ fn drop_path_is_random_in_training_and_off_in_eval() {
     let mut cfg = common::tiny_config(true, true);
     cfg.backbone.drop_path_rate = 0.5;
     let mut ps = ParamStore::new();
-    let model = MultiCropWrapper::new(&mut ps, &cfg.backbone, &cfg.head, true, Device::Cpu).unwrap();
+    let model =
+        MultiCropWrapper::new(&mut ps, &cfg.backbone, &cfg.head, true, Device::Cpu).unwrap();
     let x = Tensor::randn([16, 3, 16, 16], CPU);
     let e1 = model.backbone.forward(&x, None, false).unwrap();
     let e2 = model.backbone.forward(&x, None, false).unwrap();
@@ -100,20 +161,41 @@ fn bad_inputs_are_clear_errors() {
     tch::manual_seed(5);
     let cfg = common::tiny_config(true, true);
     let mut ps = ParamStore::new();
-    let model = MultiCropWrapper::new(&mut ps, &cfg.backbone, &cfg.head, true, Device::Cpu).unwrap();
+    let model =
+        MultiCropWrapper::new(&mut ps, &cfg.backbone, &cfg.head, true, Device::Cpu).unwrap();
     let vit = &model.backbone;
-    let e = vit.forward(&Tensor::randn([2, 3, 18, 16], CPU), None, false).unwrap_err();
-    assert!(e.to_string().contains("not a positive multiple of the patch size 4"), "{e}");
-    let e = vit.forward(&Tensor::randn([2, 1, 16, 16], CPU), None, false).unwrap_err();
+    let e = vit
+        .forward(&Tensor::randn([2, 3, 18, 16], CPU), None, false)
+        .unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("not a positive multiple of the patch size 4"),
+        "{e}"
+    );
+    let e = vit
+        .forward(&Tensor::randn([2, 1, 16, 16], CPU), None, false)
+        .unwrap_err();
     assert!(e.to_string().contains("channels"), "{e}");
-    let e = vit.forward(&Tensor::randn([3, 16, 16], CPU), None, false).unwrap_err();
+    let e = vit
+        .forward(&Tensor::randn([3, 16, 16], CPU), None, false)
+        .unwrap_err();
     assert!(e.to_string().contains("[B, C, H, W]"), "{e}");
     let bad_mask = Tensor::zeros([2, 3, 4], (Kind::Bool, Device::Cpu));
-    let e = vit.forward(&Tensor::randn([2, 3, 16, 16], CPU), Some(&bad_mask), false).unwrap_err();
+    let e = vit
+        .forward(&Tensor::randn([2, 3, 16, 16], CPU), Some(&bad_mask), false)
+        .unwrap_err();
     assert!(e.to_string().contains("mask shape"), "{e}");
     let e = VitConfig::from_arch("vit_huge", 16).unwrap_err();
-    assert!(e.to_string().contains("unknown architecture 'vit_huge'"), "{e}");
-    let e = VitConfig { patch_size: 5, ..VitConfig::from_arch("vit_small", 16).unwrap() }.validate().unwrap_err();
+    assert!(
+        e.to_string().contains("unknown architecture 'vit_huge'"),
+        "{e}"
+    );
+    let e = VitConfig {
+        patch_size: 5,
+        ..VitConfig::from_arch("vit_small", 16).unwrap()
+    }
+    .validate()
+    .unwrap_err();
     assert!(e.to_string().contains("multiple of patch_size"), "{e}");
 }
 
@@ -132,7 +214,11 @@ fn weights_round_trip_through_safetensors_and_bad_files_are_refused() {
     MultiCropWrapper::new(&mut b, &cfg.backbone, &cfg.head, true, Device::Cpu).unwrap();
     b.load_safetensors(&path, "").unwrap();
     for (pa, pb) in a.params().iter().zip(b.params()) {
-        assert!(pa.tensor.detach().equal(&pb.tensor.detach()), "{} differs", pa.name);
+        assert!(
+            pa.tensor.detach().equal(&pb.tensor.detach()),
+            "{} differs",
+            pa.name
+        );
     }
 
     // A model of another shape: the error names the parameter and both shapes.
@@ -142,7 +228,10 @@ fn weights_round_trip_through_safetensors_and_bad_files_are_refused() {
     let mut c = ParamStore::new();
     MultiCropWrapper::new(&mut c, &other.backbone, &other.head, true, Device::Cpu).unwrap();
     let e = format!("{:#}", c.load_safetensors(&path, "").unwrap_err());
-    assert!(e.contains("backbone.") && e.contains("expected shape"), "{e}");
+    assert!(
+        e.contains("backbone.") && e.contains("expected shape"),
+        "{e}"
+    );
 
     // Missing keys.
     let e = format!("{:#}", b.load_safetensors(&path, "student.").unwrap_err());

@@ -12,12 +12,35 @@ use ibot::verify::verify_fixture;
 fn visible_vit_matches_the_official_code() {
     let report = verify_fixture(&common::fixture_dir("visible_vit")).expect("fixture runs");
     println!("{}", report.render());
-    assert!(report.passed(), "mismatch against the official code:\n{}", report.render());
+    assert!(
+        report.passed(),
+        "mismatch against the official code:\n{}",
+        report.render()
+    );
     // Every group the fixture documents was actually compared.
-    for group in ["structure", "forward", "pos_embed", "loss", "grad", "grad_norm", "optim_step", "step_e2e", "ema", "schedules", "knn"] {
-        assert!(report.checks.iter().any(|c| c.group == group), "group {group} was not checked");
+    for group in [
+        "structure",
+        "forward",
+        "pos_embed",
+        "loss",
+        "grad",
+        "grad_norm",
+        "optim_step",
+        "step_e2e",
+        "ema",
+        "schedules",
+        "knn",
+    ] {
+        assert!(
+            report.checks.iter().any(|c| c.group == group),
+            "group {group} was not checked"
+        );
     }
-    assert!(report.checks.len() > 200, "only {} checks ran", report.checks.len());
+    assert!(
+        report.checks.len() > 200,
+        "only {} checks ran",
+        report.checks.len()
+    );
 }
 
 /// A copy of the fixture whose configuration says something the reference did not do must
@@ -35,8 +58,15 @@ fn verification_detects_a_wrong_configuration() {
         let mut j: serde_json::Value = serde_json::from_str(&raw).unwrap();
         j["config"][key] = value;
         let dir = tempdir(&format!("wrong-{key}"));
-        std::fs::write(dir.join("fixtures.json"), serde_json::to_string(&j).unwrap()).unwrap();
-        link(&src.join("fixtures.safetensors"), &dir.join("fixtures.safetensors"));
+        std::fs::write(
+            dir.join("fixtures.json"),
+            serde_json::to_string(&j).unwrap(),
+        )
+        .unwrap();
+        link(
+            &src.join("fixtures.safetensors"),
+            &dir.join("fixtures.safetensors"),
+        );
         let report = verify_fixture(&dir).expect("fixture runs");
         assert!(!report.passed(), "changing {key} went unnoticed");
         assert!(

@@ -36,16 +36,61 @@ fn write_idx(dir: &Path, n: usize, side: usize) {
 
 fn tiny_args(data: &Path, out: &Path, extra: &[&str]) -> TrainArgs {
     let mut argv: Vec<String> = [
-        "x", "--arch", "vit_tiny", "--patch_size", "4", "--img_size", "16", "--depth", "1", "--embed_dim", "24",
-        "--num_heads", "2", "--global_crops_size", "16", "--local_crops_size", "8", "--local_crops_number", "2",
-        "--out_dim", "32", "--patch_out_dim", "32", "--head_hidden_dim", "32", "--head_bottleneck_dim", "16",
-        "--batch_size_per_gpu", "4", "--epochs", "3", "--warmup_epochs", "1", "--warmup_teacher_temp_epochs", "1",
-        "--num_workers", "2", "--device", "cpu", "--drop_path", "0.1", "--pred_ratio_var", "0.1", "--saveckp_freq", "1",
+        "x",
+        "--arch",
+        "vit_tiny",
+        "--patch_size",
+        "4",
+        "--img_size",
+        "16",
+        "--depth",
+        "1",
+        "--embed_dim",
+        "24",
+        "--num_heads",
+        "2",
+        "--global_crops_size",
+        "16",
+        "--local_crops_size",
+        "8",
+        "--local_crops_number",
+        "2",
+        "--out_dim",
+        "32",
+        "--patch_out_dim",
+        "32",
+        "--head_hidden_dim",
+        "32",
+        "--head_bottleneck_dim",
+        "16",
+        "--batch_size_per_gpu",
+        "4",
+        "--epochs",
+        "3",
+        "--warmup_epochs",
+        "1",
+        "--warmup_teacher_temp_epochs",
+        "1",
+        "--num_workers",
+        "2",
+        "--device",
+        "cpu",
+        "--drop_path",
+        "0.1",
+        "--pred_ratio_var",
+        "0.1",
+        "--saveckp_freq",
+        "1",
     ]
     .iter()
     .map(|s| s.to_string())
     .collect();
-    argv.extend(["--data_path".into(), data.display().to_string(), "--output_dir".into(), out.display().to_string()]);
+    argv.extend([
+        "--data_path".into(),
+        data.display().to_string(),
+        "--output_dir".into(),
+        out.display().to_string(),
+    ]);
     argv.extend(extra.iter().map(|s| s.to_string()));
     Cli::parse_from(argv).args
 }
@@ -66,7 +111,12 @@ fn an_interrupted_and_resumed_run_equals_an_uninterrupted_one() {
     let resumed = tempdir("resumed");
     let first = run::train(&tiny_args(&data, &resumed, &["--stop_after", "1"])).unwrap();
     assert_eq!(first.epochs_done, 1);
-    assert_eq!(checkpoint::read_meta(&resumed.join("checkpoint.safetensors")).unwrap().epoch, 1);
+    assert_eq!(
+        checkpoint::read_meta(&resumed.join("checkpoint.safetensors"))
+            .unwrap()
+            .epoch,
+        1
+    );
     let second = run::train(&tiny_args(&data, &resumed, &[])).unwrap();
     assert_eq!(second.epochs_done, 2);
 
@@ -80,13 +130,33 @@ fn an_interrupted_and_resumed_run_equals_an_uninterrupted_one() {
     }
     // The official log: one JSON object per epoch with the official keys.
     let log = std::fs::read_to_string(straight.join("log.txt")).unwrap();
-    let lines: Vec<serde_json::Value> = log.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     assert_eq!(lines.len(), 3);
-    for k in ["train_loss", "train_cls", "train_patch", "train_lr", "train_wd", "train_acc", "train_nmi", "train_ari", "train_fscore", "epoch"] {
+    for k in [
+        "train_loss",
+        "train_cls",
+        "train_patch",
+        "train_lr",
+        "train_wd",
+        "train_acc",
+        "train_nmi",
+        "train_ari",
+        "train_fscore",
+        "epoch",
+    ] {
         assert!(lines[2].get(k).is_some(), "log.txt lacks {k}");
     }
-    assert_eq!(log, std::fs::read_to_string(resumed.join("log.txt")).unwrap());
-    assert!(straight.join("checkpoint0001.safetensors").is_file() && straight.join("checkpoint0002.safetensors").is_file());
+    assert_eq!(
+        log,
+        std::fs::read_to_string(resumed.join("log.txt")).unwrap()
+    );
+    assert!(
+        straight.join("checkpoint0001.safetensors").is_file()
+            && straight.join("checkpoint0002.safetensors").is_file()
+    );
 }
 
 #[test]
@@ -109,7 +179,10 @@ fn a_damaged_checkpoint_is_refused_and_a_failed_save_keeps_the_old_one() {
     // Truncated: a clear error, nothing overwritten.
     std::fs::write(&ckpt, &good[..good.len() / 3]).unwrap();
     let e = format!("{:#}", run::train(&args).err().unwrap());
-    assert!(e.contains("checkpoint") && (e.contains("truncated") || e.contains("not a valid")), "{e}");
+    assert!(
+        e.contains("checkpoint") && (e.contains("truncated") || e.contains("not a valid")),
+        "{e}"
+    );
     assert_eq!(std::fs::read(&ckpt).unwrap().len(), good.len() / 3);
 
     // A checkpoint of another model shape is refused with an explanation.
@@ -123,19 +196,57 @@ fn a_damaged_checkpoint_is_refused_and_a_failed_save_keeps_the_old_one() {
 fn presets_and_config_files_supply_options_and_the_command_line_wins() {
     let dir = tempdir("config");
     let cfg = dir.join("run.toml");
-    std::fs::write(&cfg, "arch = \"vit_base\"\nepochs = 7\npred_ratio = [0.0, 0.3]\nshared_head = true\n").unwrap();
-    let argv: Vec<String> = ["ibot", "train", "--config", cfg.to_str().unwrap(), "--epochs", "9"].iter().map(|s| s.to_string()).collect();
+    std::fs::write(
+        &cfg,
+        "arch = \"vit_base\"\nepochs = 7\npred_ratio = [0.0, 0.3]\nshared_head = true\n",
+    )
+    .unwrap();
+    let argv: Vec<String> = [
+        "ibot",
+        "train",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--epochs",
+        "9",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
     let argv = expand_config_args(argv).unwrap();
     let a = Cli::parse_from(argv.into_iter().skip(1)).args;
-    assert_eq!((a.arch.as_str(), a.epochs, a.shared_head), ("vit_base", 9, true));
+    assert_eq!(
+        (a.arch.as_str(), a.epochs, a.shared_head),
+        ("vit_base", 9, true)
+    );
     assert_eq!(a.pred_ratio, vec![0.0, 0.3]);
 
-    let argv: Vec<String> = ["ibot", "train", "--preset", "vit_small_800ep"].iter().map(|s| s.to_string()).collect();
+    let argv: Vec<String> = ["ibot", "train", "--preset", "vit_small_800ep"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
     let a = Cli::parse_from(expand_config_args(argv).unwrap().into_iter().skip(1)).args;
-    assert_eq!((a.epochs, a.local_crops_number, a.norm_last_layer), (800, 10, false));
+    assert_eq!(
+        (a.epochs, a.local_crops_number, a.norm_last_layer),
+        (800, 10, false)
+    );
     assert_eq!(a.pred_ratio_var, vec![0.0, 0.2]);
     // Official defaults where nothing is given.
     let a = Cli::parse_from(["x"]).args;
-    assert_eq!((a.out_dim, a.batch_size_per_gpu, a.lr, a.clip_grad, a.momentum_teacher), (8192, 128, 0.0005, 3.0, 0.996));
-    assert!(expand_config_args(vec!["ibot".into(), "train".into(), "--preset".into(), "nope".into()]).is_err());
+    assert_eq!(
+        (
+            a.out_dim,
+            a.batch_size_per_gpu,
+            a.lr,
+            a.clip_grad,
+            a.momentum_teacher
+        ),
+        (8192, 128, 0.0005, 3.0, 0.996)
+    );
+    assert!(expand_config_args(vec![
+        "ibot".into(),
+        "train".into(),
+        "--preset".into(),
+        "nope".into()
+    ])
+    .is_err());
 }

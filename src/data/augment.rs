@@ -66,12 +66,27 @@ impl Default for AugmentConfig {
 
 impl AugmentConfig {
     pub fn validate(&self) -> Result<()> {
-        ensure!(self.global_crops_number >= 1, "at least one global crop is needed");
-        ensure!(self.global_crops_size > 0 && self.local_crops_size > 0, "crop sizes must be positive");
-        for (name, (a, b)) in [("global_crops_scale", self.global_crops_scale), ("local_crops_scale", self.local_crops_scale)] {
-            ensure!(0.0 < a && a <= b && b <= 1.0, "{name} must satisfy 0 < min <= max <= 1, got ({a}, {b})");
+        ensure!(
+            self.global_crops_number >= 1,
+            "at least one global crop is needed"
+        );
+        ensure!(
+            self.global_crops_size > 0 && self.local_crops_size > 0,
+            "crop sizes must be positive"
+        );
+        for (name, (a, b)) in [
+            ("global_crops_scale", self.global_crops_scale),
+            ("local_crops_scale", self.local_crops_scale),
+        ] {
+            ensure!(
+                0.0 < a && a <= b && b <= 1.0,
+                "{name} must satisfy 0 < min <= max <= 1, got ({a}, {b})"
+            );
         }
-        ensure!(0.0 <= self.hue && self.hue <= 0.5, "hue jitter must be in [0, 0.5]");
+        ensure!(
+            0.0 <= self.hue && self.hue <= 0.5,
+            "hue jitter must be in [0, 0.5]"
+        );
         Ok(())
     }
 
@@ -91,7 +106,13 @@ impl AugmentConfig {
 
 /// torchvision's `RandomResizedCrop.get_params`: up to 10 draws of area and log-uniform aspect
 /// ratio, then a centre crop. Returns `(top, left, height, width)`.
-pub fn random_resized_crop_params(h: usize, w: usize, scale: (f64, f64), ratio: (f64, f64), rng: &mut impl Rng) -> (usize, usize, usize, usize) {
+pub fn random_resized_crop_params(
+    h: usize,
+    w: usize,
+    scale: (f64, f64),
+    ratio: (f64, f64),
+    rng: &mut impl Rng,
+) -> (usize, usize, usize, usize) {
     let area = (h * w) as f64;
     let (lr0, lr1) = ((ratio.0 as f32).ln() as f64, (ratio.1 as f32).ln() as f64);
     for _ in 0..10 {
@@ -108,9 +129,15 @@ pub fn random_resized_crop_params(h: usize, w: usize, scale: (f64, f64), ratio: 
     }
     let in_ratio = w as f64 / h as f64;
     let (ch, cw) = if in_ratio < ratio.0.min(ratio.1) {
-        ((w as f64 / ratio.0.min(ratio.1)).round_ties_even() as usize, w)
+        (
+            (w as f64 / ratio.0.min(ratio.1)).round_ties_even() as usize,
+            w,
+        )
     } else if in_ratio > ratio.0.max(ratio.1) {
-        (h, (h as f64 * ratio.0.max(ratio.1)).round_ties_even() as usize)
+        (
+            h,
+            (h as f64 * ratio.0.max(ratio.1)).round_ties_even() as usize,
+        )
     } else {
         (h, w)
     };
@@ -155,8 +182,13 @@ pub fn color_jitter(img: &mut Rgb8, cfg: &AugmentConfig, rng: &mut impl Rng) {
 /// first), which selects the size, scale range, blur probability and solarisation.
 pub fn augment_crop(img: &Rgb8, cfg: &AugmentConfig, index: usize, rng: &mut impl Rng) -> Rgb8 {
     let global = index < cfg.global_crops_number;
-    let (size, scale) = if global { (cfg.global_crops_size, cfg.global_crops_scale) } else { (cfg.local_crops_size, cfg.local_crops_scale) };
-    let (top, left, h, w) = random_resized_crop_params(img.height, img.width, scale, cfg.ratio, rng);
+    let (size, scale) = if global {
+        (cfg.global_crops_size, cfg.global_crops_scale)
+    } else {
+        (cfg.local_crops_size, cfg.local_crops_scale)
+    };
+    let (top, left, h, w) =
+        random_resized_crop_params(img.height, img.width, scale, cfg.ratio, rng);
     let mut out = ops::resized_crop(img, top, left, h, w, size, size);
     if rng.gen::<f64>() < cfg.flip_p {
         ops::hflip_in_place(&mut out);

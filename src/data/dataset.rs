@@ -74,11 +74,19 @@ impl ImageFolder {
                 continue;
             }
             let label = classes.len() as i64;
-            classes.push(d.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default());
+            classes.push(
+                d.file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default(),
+            );
             samples.extend(files.into_iter().map(|f| (f, label)));
         }
         if samples.is_empty() {
-            samples = entries.into_iter().filter(|p| p.is_file() && is_image(p)).map(|p| (p, -1)).collect();
+            samples = entries
+                .into_iter()
+                .filter(|p| p.is_file() && is_image(p))
+                .map(|p| (p, -1))
+                .collect();
         }
         ensure!(
             !samples.is_empty(),
@@ -86,7 +94,11 @@ impl ImageFolder {
             root.display(),
             IMAGE_EXTENSIONS
         );
-        Ok(Self { root: root.to_path_buf(), samples, classes })
+        Ok(Self {
+            root: root.to_path_buf(),
+            samples,
+            classes,
+        })
     }
 }
 
@@ -117,9 +129,18 @@ impl Dataset for ImageFolder {
     }
     fn describe(&self) -> String {
         if self.classes.is_empty() {
-            format!("{} unlabeled images in {}", self.samples.len(), self.root.display())
+            format!(
+                "{} unlabeled images in {}",
+                self.samples.len(),
+                self.root.display()
+            )
         } else {
-            format!("{} images in {} classes in {}", self.samples.len(), self.classes.len(), self.root.display())
+            format!(
+                "{} images in {} classes in {}",
+                self.samples.len(),
+                self.classes.len(),
+                self.root.display()
+            )
         }
     }
 }
@@ -148,7 +169,9 @@ fn read_maybe_gz(path: &Path) -> Result<Vec<u8>> {
 }
 
 fn be_u32(b: &[u8], at: usize, path: &Path) -> Result<usize> {
-    let s = b.get(at..at + 4).ok_or_else(|| anyhow!("{} is truncated (header)", path.display()))?;
+    let s = b
+        .get(at..at + 4)
+        .ok_or_else(|| anyhow!("{} is truncated (header)", path.display()))?;
     Ok(u32::from_be_bytes([s[0], s[1], s[2], s[3]]) as usize)
 }
 
@@ -156,29 +179,71 @@ impl IdxDataset {
     /// Opens an images file and the labels file next to it (`images` → `labels` in the name).
     pub fn open(images: &Path) -> Result<Self> {
         let data = read_maybe_gz(images)?;
-        ensure!(be_u32(&data, 0, images)? == 0x0803, "{} is not an IDX image file (bad magic)", images.display());
-        let (n, h, w) = (be_u32(&data, 4, images)?, be_u32(&data, 8, images)?, be_u32(&data, 12, images)?);
+        ensure!(
+            be_u32(&data, 0, images)? == 0x0803,
+            "{} is not an IDX image file (bad magic)",
+            images.display()
+        );
+        let (n, h, w) = (
+            be_u32(&data, 4, images)?,
+            be_u32(&data, 8, images)?,
+            be_u32(&data, 12, images)?,
+        );
         let need = 16 + n * h * w;
-        ensure!(data.len() >= need, "{} is truncated: {} bytes for {n} images of {h}x{w}", images.display(), data.len());
-        let name = images.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+        ensure!(
+            data.len() >= need,
+            "{} is truncated: {} bytes for {n} images of {h}x{w}",
+            images.display(),
+            data.len()
+        );
+        let name = images
+            .file_name()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
         let label_name = name.replace("images-idx3", "labels-idx1");
         let mut labels = Vec::new();
-        let candidates = [label_name.clone(), label_name.trim_end_matches(".gz").to_string(), format!("{label_name}.gz")];
-        if let Some(lp) = candidates.iter().map(|c| images.with_file_name(c)).find(|p| p.is_file()) {
+        let candidates = [
+            label_name.clone(),
+            label_name.trim_end_matches(".gz").to_string(),
+            format!("{label_name}.gz"),
+        ];
+        if let Some(lp) = candidates
+            .iter()
+            .map(|c| images.with_file_name(c))
+            .find(|p| p.is_file())
+        {
             let l = read_maybe_gz(&lp)?;
-            ensure!(be_u32(&l, 0, &lp)? == 0x0801, "{} is not an IDX label file (bad magic)", lp.display());
-            ensure!(be_u32(&l, 4, &lp)? == n, "{} has a different number of labels than images", lp.display());
+            ensure!(
+                be_u32(&l, 0, &lp)? == 0x0801,
+                "{} is not an IDX label file (bad magic)",
+                lp.display()
+            );
+            ensure!(
+                be_u32(&l, 4, &lp)? == n,
+                "{} has a different number of labels than images",
+                lp.display()
+            );
             ensure!(l.len() >= 8 + n, "{} is truncated", lp.display());
             labels = l[8..8 + n].to_vec();
         }
         let nclass = labels.iter().map(|&l| l as usize + 1).max().unwrap_or(0);
         let classes = (0..nclass).map(|c| c.to_string()).collect();
-        Ok(Self { source: images.to_path_buf(), width: w, height: h, pixels: data[16..need].to_vec(), labels, classes })
+        Ok(Self {
+            source: images.to_path_buf(),
+            width: w,
+            height: h,
+            pixels: data[16..need].to_vec(),
+            labels,
+            classes,
+        })
     }
 
     /// Finds `<split>-images-idx3-ubyte[.gz]` in a folder (`train` or `t10k`).
     pub fn open_dir(dir: &Path, split: &str) -> Result<Self> {
-        for name in [format!("{split}-images-idx3-ubyte.gz"), format!("{split}-images-idx3-ubyte")] {
+        for name in [
+            format!("{split}-images-idx3-ubyte.gz"),
+            format!("{split}-images-idx3-ubyte"),
+        ] {
             let p = dir.join(name);
             if p.is_file() {
                 return Self::open(&p);
@@ -195,7 +260,10 @@ impl Dataset for IdxDataset {
     fn get(&self, index: usize) -> Result<(Rgb8, i64)> {
         let n = self.width * self.height;
         let g = &self.pixels[index * n..(index + 1) * n];
-        Ok((Rgb8::from_gray(self.width, self.height, g), self.label(index)))
+        Ok((
+            Rgb8::from_gray(self.width, self.height, g),
+            self.label(index),
+        ))
     }
     fn label(&self, index: usize) -> i64 {
         self.labels.get(index).map(|&l| l as i64).unwrap_or(-1)
@@ -204,7 +272,13 @@ impl Dataset for IdxDataset {
         &self.classes
     }
     fn describe(&self) -> String {
-        format!("{} {}x{} images from {}", self.len(), self.width, self.height, self.source.display())
+        format!(
+            "{} {}x{} images from {}",
+            self.len(),
+            self.width,
+            self.height,
+            self.source.display()
+        )
     }
 }
 
@@ -218,7 +292,11 @@ pub fn open(path: &Path, split: &str) -> Result<Box<dyn Dataset>> {
     let has_idx = std::fs::read_dir(path)
         .with_context(|| format!("listing {}", path.display()))?
         .filter_map(|e| e.ok())
-        .any(|e| e.file_name().to_string_lossy().contains("-images-idx3-ubyte"));
+        .any(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .contains("-images-idx3-ubyte")
+        });
     if has_idx {
         return Ok(Box::new(IdxDataset::open_dir(path, split)?));
     }

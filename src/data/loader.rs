@@ -79,7 +79,12 @@ impl Loader {
         cfg.augment.validate()?;
         cfg.mask.validate()?;
         ensure!(cfg.batch_size > 0, "batch size must be positive");
-        ensure!(cfg.world_size > 0 && cfg.rank < cfg.world_size, "rank {} is not below world size {}", cfg.rank, cfg.world_size);
+        ensure!(
+            cfg.world_size > 0 && cfg.rank < cfg.world_size,
+            "rank {} is not below world size {}",
+            cfg.rank,
+            cfg.world_size
+        );
         for i in 0..cfg.augment.num_crops() {
             let s = cfg.augment.crop_size(i);
             ensure!(
@@ -111,8 +116,15 @@ impl Loader {
     /// Batches of `epoch` as lists of sample indices.
     pub fn epoch_batches(&self, epoch: usize) -> Vec<Vec<usize>> {
         let idx = self.epoch_indices(epoch);
-        let mut batches: Vec<Vec<usize>> = idx.chunks(self.cfg.batch_size).map(|c| c.to_vec()).collect();
-        if self.cfg.drop_last && batches.last().is_some_and(|b| b.len() < self.cfg.batch_size) {
+        let mut batches: Vec<Vec<usize>> = idx
+            .chunks(self.cfg.batch_size)
+            .map(|c| c.to_vec())
+            .collect();
+        if self.cfg.drop_last
+            && batches
+                .last()
+                .is_some_and(|b| b.len() < self.cfg.batch_size)
+        {
             batches.pop();
         }
         batches
@@ -136,7 +148,12 @@ impl Loader {
         let mut handles = Vec::new();
         for w in 0..n {
             let (tx, rx) = sync_channel(self.cfg.prefetch.max(1));
-            let (ds, cfg, batches, stop) = (self.dataset.clone(), self.cfg.clone(), batches.clone(), stop.clone());
+            let (ds, cfg, batches, stop) = (
+                self.dataset.clone(),
+                self.cfg.clone(),
+                batches.clone(),
+                stop.clone(),
+            );
             handles.push(std::thread::spawn(move || {
                 for b in (w..batches.len()).step_by(n) {
                     if stop.load(Ordering::Relaxed) {
@@ -195,10 +212,19 @@ impl Iterator for EpochIter {
         }
         self.next += 1;
         if self.rxs.is_empty() {
-            return Some(build_batch(self.dataset.as_ref(), &self.cfg, self.epoch, &self.batches[b]));
+            return Some(build_batch(
+                self.dataset.as_ref(),
+                &self.cfg,
+                self.epoch,
+                &self.batches[b],
+            ));
         }
         let rx = &self.rxs[b % self.rxs.len()];
-        Some(rx.recv().map_err(|_| anyhow!("a data-loading worker stopped unexpectedly")).and_then(|r| r))
+        Some(
+            rx.recv()
+                .map_err(|_| anyhow!("a data-loading worker stopped unexpectedly"))
+                .and_then(|r| r),
+        )
     }
 }
 
@@ -231,7 +257,12 @@ impl FloatTensorBuf {
         // SAFETY: the storage holds `len` float32 elements, contiguous, owned by `buf.tensor`
         // only; viewed as `MaybeUninit` it may be uninitialised, and it is fully initialised
         // here before any `&mut [f32]` to it is made.
-        let raw = unsafe { std::slice::from_raw_parts_mut(buf.tensor.data_ptr() as *mut std::mem::MaybeUninit<f32>, len) };
+        let raw = unsafe {
+            std::slice::from_raw_parts_mut(
+                buf.tensor.data_ptr() as *mut std::mem::MaybeUninit<f32>,
+                len,
+            )
+        };
         raw.fill(std::mem::MaybeUninit::new(0.0));
         buf
     }
@@ -248,7 +279,12 @@ impl FloatTensorBuf {
 }
 
 /// Decodes, augments and masks the images of one batch and stacks them view-major.
-pub fn build_batch(ds: &dyn Dataset, cfg: &LoaderConfig, epoch: usize, indices: &[usize]) -> Result<Batch> {
+pub fn build_batch(
+    ds: &dyn Dataset,
+    cfg: &LoaderConfig,
+    epoch: usize,
+    indices: &[usize],
+) -> Result<Batch> {
     let aug = &cfg.augment;
     let ncrops = aug.num_crops();
     let n = indices.len() as i64;
@@ -271,7 +307,11 @@ pub fn build_batch(ds: &dyn Dataset, cfg: &LoaderConfig, epoch: usize, indices: 
                 skip_reason.get_or_insert_with(|| format!("{e:#}"));
                 continue;
             }
-            Err(e) => return Err(e.context(format!("sample {i} (pass --skip_corrupt to skip unreadable images)"))),
+            Err(e) => {
+                return Err(e.context(format!(
+                    "sample {i} (pass --skip_corrupt to skip unreadable images)"
+                )))
+            }
         };
         let mut rng = ChaCha8Rng::seed_from_u64(sample_seed(cfg.seed, epoch, i));
         let row = kept.len();
@@ -279,22 +319,51 @@ pub fn build_batch(ds: &dyn Dataset, cfg: &LoaderConfig, epoch: usize, indices: 
             let crop = augment_crop(&img, aug, c, &mut rng);
             let s = aug.crop_size(c);
             let len = 3 * s * s;
-            ops::to_tensor_normalize_into(&crop, aug.mean, aug.std, &mut views[c].as_mut_slice()[row * len..(row + 1) * len]);
+            ops::to_tensor_normalize_into(
+                &crop,
+                aug.mean,
+                aug.std,
+                &mut views[c].as_mut_slice()[row * len..(row + 1) * len],
+            );
             let g = s / cfg.mask.patch_size;
             let ratio = cfg.mask.draw_ratio(epoch, &mut rng);
-            masks[c].extend(cfg.mask.mask(g, g, ratio, &mut rng).into_iter().map(u8::from));
+            masks[c].extend(
+                cfg.mask
+                    .mask(g, g, ratio, &mut rng)
+                    .into_iter()
+                    .map(u8::from),
+            );
         }
         labels.push(label);
         kept.push(i);
     }
     let b = kept.len() as i64;
     // Skipped images leave unused rows at the end.
-    let views = views.into_iter().map(|v| v.into_tensor()).map(|v| if b < n { v.narrow(0, 0, b).contiguous() } else { v }).collect();
+    let views = views
+        .into_iter()
+        .map(|v| v.into_tensor())
+        .map(|v| {
+            if b < n {
+                v.narrow(0, 0, b).contiguous()
+            } else {
+                v
+            }
+        })
+        .collect();
     let masks = (0..ncrops)
         .map(|c| {
             let g = (aug.crop_size(c) / cfg.mask.patch_size) as i64;
-            Tensor::from_slice(&masks[c]).view([b, g, g]).to_kind(Kind::Bool)
+            Tensor::from_slice(&masks[c])
+                .view([b, g, g])
+                .to_kind(Kind::Bool)
         })
         .collect();
-    Ok(Batch { views, masks, labels: Tensor::from_slice(&labels), indices: kept, skipped, skip_reason })
+    Ok(Batch {
+        views,
+        masks,
+        labels: Tensor::from_slice(&labels),
+        indices: kept,
+        skipped,
+        skip_reason,
+    })
 }

@@ -58,7 +58,10 @@ impl Default for MaskConfig {
 impl MaskConfig {
     pub fn validate(&self) -> Result<()> {
         ensure!(self.patch_size > 0, "mask patch size must be positive");
-        ensure!(!self.pred_ratio.is_empty(), "--pred_ratio needs at least one value");
+        ensure!(
+            !self.pred_ratio.is_empty(),
+            "--pred_ratio needs at least one value"
+        );
         ensure!(
             self.pred_ratio_var.len() == 1 || self.pred_ratio_var.len() == self.pred_ratio.len(),
             "--pred_ratio_var needs one value or one per --pred_ratio value"
@@ -66,8 +69,14 @@ impl MaskConfig {
         for (i, &r) in self.pred_ratio.iter().enumerate() {
             let v = self.var(i);
             ensure!((0.0..=1.0).contains(&r), "pred_ratio {r} is outside [0, 1]");
-            ensure!(v >= 0.0 && r >= v, "pred_ratio {r} must be >= pred_ratio_var {v} >= 0");
-            ensure!(r + v <= 1.0, "pred_ratio + pred_ratio_var must not exceed 1 ({r} + {v})");
+            ensure!(
+                v >= 0.0 && r >= v,
+                "pred_ratio {r} must be >= pred_ratio_var {v} >= 0"
+            );
+            ensure!(
+                r + v <= 1.0,
+                "pred_ratio + pred_ratio_var must not exceed 1 ({r} + {v})"
+            );
         }
         ensure!(
             self.pred_aspect_ratio.0 > 0.0 && self.pred_aspect_ratio.1 > 0.0,
@@ -143,8 +152,9 @@ impl MaskConfig {
                 if bw < w && bh < h {
                     let top = rng.gen_range(0..=h - bh);
                     let left = rng.gen_range(0..=w - bw);
-                    let already: usize =
-                        (top..top + bh).map(|i| (left..left + bw).filter(|&j| mask[i * w + j]).count()).sum();
+                    let already: usize = (top..top + bh)
+                        .map(|i| (left..left + bw).filter(|&j| mask[i * w + j]).count())
+                        .sum();
                     let new = (bh * bw) as f64 - already as f64;
                     if 0.0 < new && new <= max_mask {
                         for i in top..top + bh {

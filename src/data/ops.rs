@@ -23,8 +23,16 @@ pub struct Rgb8 {
 
 impl Rgb8 {
     pub fn new(width: usize, height: usize, data: Vec<u8>) -> Self {
-        assert_eq!(data.len(), width * height * 3, "RGB buffer size does not match {width}x{height}");
-        Self { width, height, data }
+        assert_eq!(
+            data.len(),
+            width * height * 3,
+            "RGB buffer size does not match {width}x{height}"
+        );
+        Self {
+            width,
+            height,
+            data,
+        }
     }
 
     /// Gray values replicated to R, G and B (PIL `convert('RGB')` of an `L` image).
@@ -41,7 +49,12 @@ fn transpose_rgb(src: &[u8], stride: usize, rows: usize, cols: usize, dst: &mut 
     if rows == 0 || cols == 0 {
         return;
     }
-    assert!(stride >= cols && src.len() >= ((rows - 1) * stride + cols) * 3 && dst.len() >= rows * cols * 3, "transpose out of bounds");
+    assert!(
+        stride >= cols
+            && src.len() >= ((rows - 1) * stride + cols) * 3
+            && dst.len() >= rows * cols * 3,
+        "transpose out of bounds"
+    );
     let (s, d) = (src.as_ptr(), dst.as_mut_ptr());
     for r0 in (0..rows).step_by(B) {
         for c0 in (0..cols).step_by(B) {
@@ -50,7 +63,13 @@ fn transpose_rgb(src: &[u8], stride: usize, rows: usize, cols: usize, dst: &mut 
                     // SAFETY: r < rows and c < cols, so both 3-byte ranges lie inside the
                     // lengths asserted above. (Checked indexing costs a third of the time of
                     // this hot loop.)
-                    unsafe { std::ptr::copy_nonoverlapping(s.add((r * stride + c) * 3), d.add((c * rows + r) * 3), 3) };
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(
+                            s.add((r * stride + c) * 3),
+                            d.add((c * rows + r) * 3),
+                            3,
+                        )
+                    };
                 }
             }
         }
@@ -106,7 +125,11 @@ fn coeffs(in_size: usize, out_size: usize) -> Coeffs {
         for x in 0..n {
             let v = if total != 0.0 { w[x] / total } else { w[x] };
             let f = v * (1u32 << PRECISION_BITS) as f64;
-            k[xx * ksize + x] = if v < 0.0 { (f - 0.5) as i32 } else { (f + 0.5) as i32 };
+            k[xx * ksize + x] = if v < 0.0 {
+                (f - 0.5) as i32
+            } else {
+                (f + 0.5) as i32
+            };
         }
         bounds.push((xmin, n));
     }
@@ -138,8 +161,19 @@ fn resample_rows(src: &[u8], row_len: usize, c: &Coeffs, dst: &mut [u8]) {
 /// `img.crop((left, top, left+width, top+height)).resize((out_w, out_h), BICUBIC)` as Pillow
 /// computes it: horizontal pass first (skipped when the width does not change), result stored
 /// as uint8, then the vertical pass (skipped when the height does not change).
-pub fn resized_crop(img: &Rgb8, top: usize, left: usize, height: usize, width: usize, out_h: usize, out_w: usize) -> Rgb8 {
-    assert!(top + height <= img.height && left + width <= img.width && height > 0 && width > 0, "crop box outside the image");
+pub fn resized_crop(
+    img: &Rgb8,
+    top: usize,
+    left: usize,
+    height: usize,
+    width: usize,
+    out_h: usize,
+    out_w: usize,
+) -> Rgb8 {
+    assert!(
+        top + height <= img.height && left + width <= img.width && height > 0 && width > 0,
+        "crop box outside the image"
+    );
     let region = &img.data[(top * img.width + left) * 3..];
     // After the horizontal pass: [height, out_w].
     let mut rows = vec![0u8; height * out_w * 3];
@@ -237,7 +271,11 @@ pub fn adjust_brightness_in_place(img: &mut Rgb8, factor: f64) {
 
 /// `ImageEnhance.Contrast(img).enhance(f)`: blend with the rounded mean luma.
 pub fn adjust_contrast_in_place(img: &mut Rgb8, factor: f64) {
-    let sum: u64 = img.data.chunks_exact(3).map(|p| luma(p[0], p[1], p[2]) as u64).sum();
+    let sum: u64 = img
+        .data
+        .chunks_exact(3)
+        .map(|p| luma(p[0], p[1], p[2]) as u64)
+        .sum();
     let n = (img.width * img.height).max(1);
     let mean = (sum as f64 / n as f64 + 0.5) as i64 as u8;
     blend_const_in_place(img, mean, factor)
@@ -250,7 +288,11 @@ pub fn adjust_saturation_in_place(img: &mut Rgb8, factor: f64) {
         return;
     }
     // Luma replicated per byte first, so that the blend is one flat loop that vectorises.
-    let gray3: Vec<u8> = img.data.chunks_exact(3).flat_map(|p| [luma(p[0], p[1], p[2]); 3]).collect();
+    let gray3: Vec<u8> = img
+        .data
+        .chunks_exact(3)
+        .flat_map(|p| [luma(p[0], p[1], p[2]); 3])
+        .collect();
     blend_bytes(&mut img.data, &gray3, alpha);
 }
 
@@ -302,8 +344,16 @@ fn hue_block(px: &mut [u8], shift: f64) {
         let h = (if x >= 1.0 { x - 1.0 } else { x }) as f32;
         // From here on integers are kept in f64 (exact) so that no saturating float→int cast
         // breaks the vectorisation: int(h·255) and int(s·255) truncate non-negative values.
-        let hh = if gray { 0.0 } else { (h as f64 * 255.0).trunc().clamp(0.0, 255.0) };
-        let ss = if gray { 0.0 } else { (s as f64 * 255.0).trunc().clamp(0.0, 255.0) };
+        let hh = if gray {
+            0.0
+        } else {
+            (h as f64 * 255.0).trunc().clamp(0.0, 255.0)
+        };
+        let ss = if gray {
+            0.0
+        } else {
+            (s as f64 * 255.0).trunc().clamp(0.0, 255.0)
+        };
         let v = maxc as f64;
         // hsv2rgb on the hue byte shifted modulo 256.
         let h = hh + shift;
@@ -325,9 +375,33 @@ fn hue_block(px: &mut [u8], shift: f64) {
         let (ro, go, bo) = if ss == 0.0 {
             (v, v, v)
         } else {
-            let ro = if sector == 0.0 || sector == 5.0 { v } else if sector == 1.0 { q } else if sector == 4.0 { t } else { p };
-            let go = if sector == 1.0 || sector == 2.0 { v } else if sector == 0.0 { t } else if sector == 3.0 { q } else { p };
-            let bo = if sector == 3.0 || sector == 4.0 { v } else if sector == 2.0 { t } else if sector == 5.0 { q } else { p };
+            let ro = if sector == 0.0 || sector == 5.0 {
+                v
+            } else if sector == 1.0 {
+                q
+            } else if sector == 4.0 {
+                t
+            } else {
+                p
+            };
+            let go = if sector == 1.0 || sector == 2.0 {
+                v
+            } else if sector == 0.0 {
+                t
+            } else if sector == 3.0 {
+                q
+            } else {
+                p
+            };
+            let bo = if sector == 3.0 || sector == 4.0 {
+                v
+            } else if sector == 2.0 {
+                t
+            } else if sector == 5.0 {
+                q
+            } else {
+                p
+            };
             (ro, go, bo)
         };
         // SAFETY: each value is an integer in [0, 255] (clamped above, or a byte's value).
@@ -363,7 +437,16 @@ pub fn box_radius(radius: f32) -> f32 {
 /// One extended-box pass along the row axis (Pillow's line blur, edge rows repeated), over
 /// every byte of the rows at once. `acc` is scratch of `row_len`.
 #[multiversion(targets("x86_64+avx2", "x86_64+sse4.1"))]
-fn box_rows(src: &[u8], dst: &mut [u8], nrows: usize, row_len: usize, ri: usize, ww: u32, fw: u32, acc: &mut [u32]) {
+fn box_rows(
+    src: &[u8],
+    dst: &mut [u8],
+    nrows: usize,
+    row_len: usize,
+    ri: usize,
+    ww: u32,
+    fw: u32,
+    acc: &mut [u32],
+) {
     let row = |j: isize| {
         let j = j.clamp(0, nrows as isize - 1) as usize;
         &src[j * row_len..(j + 1) * row_len]
@@ -456,7 +539,8 @@ pub const IMAGENET_STD: [f32; 3] = [0.229, 0.224, 0.225];
 pub fn to_tensor_normalize_into(img: &Rgb8, mean: [f32; 3], std: [f32; 3], out: &mut [f32]) {
     let plane = img.width * img.height;
     assert_eq!(out.len(), plane * 3);
-    let lut: [[f32; 256]; 3] = std::array::from_fn(|c| std::array::from_fn(|v| (v as f32 / 255.0 - mean[c]) / std[c]));
+    let lut: [[f32; 256]; 3] =
+        std::array::from_fn(|c| std::array::from_fn(|v| (v as f32 / 255.0 - mean[c]) / std[c]));
     let (r, gb) = out.split_at_mut(plane);
     let (g, b) = gb.split_at_mut(plane);
     for (i, p) in img.data.chunks_exact(3).enumerate() {
@@ -522,7 +606,9 @@ mod tests {
     /// Every one of the 2^24 colours, for shifts covering the hue jitter range and its wrap.
     #[test]
     fn vectorised_hue_equals_pillow_transcription_on_every_colour() {
-        let all: Vec<u8> = (0..1u32 << 24).flat_map(|c| [(c >> 16) as u8, (c >> 8) as u8, c as u8]).collect();
+        let all: Vec<u8> = (0..1u32 << 24)
+            .flat_map(|c| [(c >> 16) as u8, (c >> 8) as u8, c as u8])
+            .collect();
         for factor in [-0.1, -0.037, 0.0, 0.05, 0.1, 0.5] {
             let mut img = Rgb8::new(1 << 12, 1 << 12, all.clone());
             adjust_hue_in_place(&mut img, factor);
@@ -547,19 +633,32 @@ mod tests {
         }
     }
 
-    fn resized_crop_ref(img: &Rgb8, top: usize, left: usize, height: usize, width: usize, out_h: usize, out_w: usize) -> Rgb8 {
-        assert!(top + height <= img.height && left + width <= img.width && height > 0 && width > 0, "crop box outside the image");
+    fn resized_crop_ref(
+        img: &Rgb8,
+        top: usize,
+        left: usize,
+        height: usize,
+        width: usize,
+        out_h: usize,
+        out_w: usize,
+    ) -> Rgb8 {
+        assert!(
+            top + height <= img.height && left + width <= img.width && height > 0 && width > 0,
+            "crop box outside the image"
+        );
         // Horizontal pass over the crop rows: [height, out_w].
         let mut tmp = vec![0u8; height * out_w * 3];
         if out_w == width {
             for y in 0..height {
                 let src = ((top + y) * img.width + left) * 3;
-                tmp[y * out_w * 3..(y + 1) * out_w * 3].copy_from_slice(&img.data[src..src + width * 3]);
+                tmp[y * out_w * 3..(y + 1) * out_w * 3]
+                    .copy_from_slice(&img.data[src..src + width * 3]);
             }
         } else {
             let c = coeffs(width, out_w);
             for y in 0..height {
-                let row = &img.data[((top + y) * img.width + left) * 3..((top + y) * img.width + left + width) * 3];
+                let row = &img.data[((top + y) * img.width + left) * 3
+                    ..((top + y) * img.width + left + width) * 3];
                 for (xx, &(xmin, n)) in c.bounds.iter().enumerate() {
                     let k = &c.k[xx * c.ksize..xx * c.ksize + n];
                     let mut acc = [1i32 << (PRECISION_BITS - 1); 3];
@@ -653,9 +752,17 @@ mod tests {
             let (cw, ch) = (rng.gen_range(1..=w), rng.gen_range(1..=h));
             let (left, top) = (rng.gen_range(0..=w - cw), rng.gen_range(0..=h - ch));
             let (ow, oh) = (rng.gen_range(1..80), rng.gen_range(1..80));
-            assert_eq!(resized_crop(&img, top, left, ch, cw, oh, ow), resized_crop_ref(&img, top, left, ch, cw, oh, ow), "{w}x{h} crop {cw}x{ch} to {ow}x{oh}");
+            assert_eq!(
+                resized_crop(&img, top, left, ch, cw, oh, ow),
+                resized_crop_ref(&img, top, left, ch, cw, oh, ow),
+                "{w}x{h} crop {cw}x{ch} to {ow}x{oh}"
+            );
             let radius = rng.gen_range(0.1..8.0);
-            assert_eq!(gaussian_blur(&img, radius), gaussian_blur_ref(&img, radius), "{w}x{h} blur {radius}");
+            assert_eq!(
+                gaussian_blur(&img, radius),
+                gaussian_blur_ref(&img, radius),
+                "{w}x{h} blur {radius}"
+            );
         }
     }
 }

@@ -14,7 +14,11 @@ struct Contingency {
 }
 
 fn contingency(labels: &[i64], pred: &[i64]) -> Contingency {
-    assert_eq!(labels.len(), pred.len(), "labels and predictions differ in length");
+    assert_eq!(
+        labels.len(),
+        pred.len(),
+        "labels and predictions differ in length"
+    );
     let mut li = HashMap::new();
     let mut pi = HashMap::new();
     let mut cell: HashMap<(usize, usize), f64> = HashMap::new();
@@ -34,7 +38,13 @@ fn contingency(labels: &[i64], pred: &[i64]) -> Contingency {
         rows[r] += v;
         cols[c] += v;
     }
-    Contingency { n: labels.len() as f64, cells, rows, cols, at }
+    Contingency {
+        n: labels.len() as f64,
+        cells,
+        rows,
+        cols,
+        at,
+    }
 }
 
 fn entropy(counts: &[f64]) -> f64 {
@@ -42,7 +52,11 @@ fn entropy(counts: &[f64]) -> f64 {
     if counts.len() <= 1 || total == 0.0 {
         return 0.0;
     }
-    -counts.iter().filter(|&&c| c > 0.0).map(|&c| (c / total) * (c.ln() - total.ln())).sum::<f64>()
+    -counts
+        .iter()
+        .filter(|&&c| c > 0.0)
+        .map(|&c| (c / total) * (c.ln() - total.ln()))
+        .sum::<f64>()
 }
 
 /// `sklearn.metrics.normalized_mutual_info_score` (arithmetic mean).
@@ -55,7 +69,8 @@ pub fn nmi(labels: &[i64], pred: &[i64]) -> f64 {
     let mut mi = 0.0;
     for (&(r, k), &v) in c.at.iter().zip(&c.cells) {
         let p = v / c.n;
-        let term = p * (v.ln() - c.n.ln()) + p * (-(c.rows[r] * c.cols[k]).ln() + sr.ln() + sc.ln());
+        let term =
+            p * (v.ln() - c.n.ln()) + p * (-(c.rows[r] * c.cols[k]).ln() + sr.ln() + sc.ln());
         mi += if term.abs() < f64::EPSILON { 0.0 } else { term };
     }
     let mi = mi.max(0.0);
@@ -70,8 +85,18 @@ pub fn nmi(labels: &[i64], pred: &[i64]) -> f64 {
 fn pairs(c: &Contingency) -> (f64, f64, f64, f64) {
     let sum_sq: f64 = c.cells.iter().map(|v| v * v).sum();
     let tp = sum_sq - c.n;
-    let fp = c.at.iter().zip(&c.cells).map(|(&(_, k), &v)| v * c.cols[k]).sum::<f64>() - sum_sq;
-    let fn_ = c.at.iter().zip(&c.cells).map(|(&(r, _), &v)| v * c.rows[r]).sum::<f64>() - sum_sq;
+    let fp =
+        c.at.iter()
+            .zip(&c.cells)
+            .map(|(&(_, k), &v)| v * c.cols[k])
+            .sum::<f64>()
+            - sum_sq;
+    let fn_ =
+        c.at.iter()
+            .zip(&c.cells)
+            .map(|(&(r, _), &v)| v * c.rows[r])
+            .sum::<f64>()
+            - sum_sq;
     let tn = c.n * c.n - fp - fn_ - sum_sq;
     (tn, fp, fn_, tp)
 }

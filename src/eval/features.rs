@@ -14,8 +14,16 @@ use crate::models::VisionTransformer;
 pub fn eval_view(img: &Rgb8, size: usize) -> Rgb8 {
     let short = size * 256 / 224;
     let (w, h) = (img.width, img.height);
-    let (nw, nh) = if w <= h { (short, short * h / w) } else { (short * w / h, short) };
-    let resized = if (nw, nh) == (w, h) { img.clone() } else { ops::resized_crop(img, 0, 0, h, w, nh, nw) };
+    let (nw, nh) = if w <= h {
+        (short, short * h / w)
+    } else {
+        (short * w / h, short)
+    };
+    let resized = if (nw, nh) == (w, h) {
+        img.clone()
+    } else {
+        ops::resized_crop(img, 0, 0, h, w, nh, nw)
+    };
     let top = ((nh - size) as f64 / 2.0).round_ties_even() as usize;
     let left = ((nw - size) as f64 / 2.0).round_ties_even() as usize;
     ops::resized_crop(&resized, top, left, size, size, size, size)
@@ -30,7 +38,12 @@ pub fn eval_batch(ds: &dyn Dataset, indices: &[usize], size: usize) -> Result<(T
         let (img, l) = ds.get(i)?;
         let v = eval_view(&img, size);
         let n = 3 * size * size;
-        ops::to_tensor_normalize_into(&v, ops::IMAGENET_MEAN, ops::IMAGENET_STD, &mut pix.as_mut_slice()[k * n..(k + 1) * n]);
+        ops::to_tensor_normalize_into(
+            &v,
+            ops::IMAGENET_MEAN,
+            ops::IMAGENET_STD,
+            &mut pix.as_mut_slice()[k * n..(k + 1) * n],
+        );
         labels.push(l);
     }
     Ok((pix.into_tensor(), Tensor::from_slice(&labels)))
@@ -61,7 +74,9 @@ pub fn extract(
     for chunk in indices.chunks(batch.max(1)) {
         let (x, l) = eval_batch(ds, chunk, size)?;
         let f = match (kind, backbone) {
-            (FeatureKind::Cls, Some(b)) => b.forward(&x.to_device(device), None, false)?.select(1, 0),
+            (FeatureKind::Cls, Some(b)) => {
+                b.forward(&x.to_device(device), None, false)?.select(1, 0)
+            }
             (FeatureKind::Cls, None) => anyhow::bail!("[CLS] features need a backbone"),
             (FeatureKind::Pixels, _) => x.flatten(1, -1),
         };

@@ -79,7 +79,10 @@ pub struct IbotLoss {
 pub fn teacher_temp_schedules(cfg: &IbotLossConfig) -> Result<(Vec<f64>, Vec<f64>)> {
     let w = cfg.warmup_teacher_temp_epochs;
     if w > cfg.nepochs {
-        bail!("warmup_teacher_temp_epochs ({w}) is larger than the number of epochs ({})", cfg.nepochs);
+        bail!(
+            "warmup_teacher_temp_epochs ({w}) is larger than the number of epochs ({})",
+            cfg.nepochs
+        );
     }
     let mut t1 = linspace(cfg.warmup_teacher_temp, cfg.teacher_temp, w);
     t1.extend(std::iter::repeat(cfg.teacher_temp).take(cfg.nepochs - w));
@@ -137,15 +140,24 @@ impl IbotLoss {
     ) -> Result<LossOutput> {
         let cfg = &self.cfg;
         let g = cfg.ngcrops;
-        let ncrops = g + if student_local_cls.is_some() { cfg.nlcrops } else { 0 };
-        ensure!(masks.len() >= g, "{} masks given for {g} global views", masks.len());
+        let ncrops = g + if student_local_cls.is_some() {
+            cfg.nlcrops
+        } else {
+            0
+        };
+        ensure!(
+            masks.len() >= g,
+            "{} masks given for {g} global views",
+            masks.len()
+        );
         ensure!(
             epoch < self.teacher_temp_schedule.len(),
             "epoch {epoch} is past the end of the temperature schedule ({} epochs)",
             self.teacher_temp_schedule.len()
         );
         ensure!(
-            teacher_cls.size().last() == Some(&cfg.out_dim) && student_cls.size().last() == Some(&cfg.out_dim),
+            teacher_cls.size().last() == Some(&cfg.out_dim)
+                && student_cls.size().last() == Some(&cfg.out_dim),
             "[CLS] outputs must have out_dim {} (teacher {:?}, student {:?})",
             cfg.out_dim,
             teacher_cls.size(),
@@ -171,8 +183,14 @@ impl IbotLoss {
 
         let temp = self.teacher_temp_schedule[epoch];
         let temp2 = self.teacher_temp2_schedule[epoch];
-        let t_cls = ((teacher_cls - &self.center) / temp).softmax(-1, Kind::Float).detach().chunk(g as i64, 0);
-        let t_patch = ((teacher_patch - &self.center2) / temp2).softmax(-1, Kind::Float).detach().chunk(g as i64, 0);
+        let t_cls = ((teacher_cls - &self.center) / temp)
+            .softmax(-1, Kind::Float)
+            .detach()
+            .chunk(g as i64, 0);
+        let t_patch = ((teacher_patch - &self.center2) / temp2)
+            .softmax(-1, Kind::Float)
+            .detach()
+            .chunk(g as i64, 0);
 
         let mut loss1: Option<Tensor> = None;
         let mut loss2: Option<Tensor> = None;
@@ -186,20 +204,36 @@ impl IbotLoss {
         for q in 0..g {
             for v in 0..ncrops {
                 if v == q {
-                    let l = (-&t_patch[q] * s_patch[v].log_softmax(-1, Kind::Float)).sum_dim_intlist(-1, false, Kind::Float);
-                    let m = masks[v].flatten(-2, -1).to_kind(Kind::Float).to_device(l.device());
-                    ensure!(m.size() == l.size(), "mask of view {v} has {:?} patches, the output {:?}", m.size(), l.size());
-                    let l = (l * &m).sum_dim_intlist(-1, false, Kind::Float) / m.sum_dim_intlist(-1, false, Kind::Float).clamp_min(1.0);
+                    let l = (-&t_patch[q] * s_patch[v].log_softmax(-1, Kind::Float))
+                        .sum_dim_intlist(-1, false, Kind::Float);
+                    let m = masks[v]
+                        .flatten(-2, -1)
+                        .to_kind(Kind::Float)
+                        .to_device(l.device());
+                    ensure!(
+                        m.size() == l.size(),
+                        "mask of view {v} has {:?} patches, the output {:?}",
+                        m.size(),
+                        l.size()
+                    );
+                    let l = (l * &m).sum_dim_intlist(-1, false, Kind::Float)
+                        / m.sum_dim_intlist(-1, false, Kind::Float).clamp_min(1.0);
                     acc(&mut loss2, l.mean(Kind::Float));
                     n2 += 1;
                 } else {
-                    let l = (-&t_cls[q] * s_cls[v].log_softmax(-1, Kind::Float)).sum_dim_intlist(-1, false, Kind::Float);
+                    let l = (-&t_cls[q] * s_cls[v].log_softmax(-1, Kind::Float)).sum_dim_intlist(
+                        -1,
+                        false,
+                        Kind::Float,
+                    );
                     acc(&mut loss1, l.mean(Kind::Float));
                     n1 += 1;
                 }
             }
         }
-        let (Some(loss1), Some(loss2)) = (loss1, loss2) else { bail!("no loss terms (need two views)") };
+        let (Some(loss1), Some(loss2)) = (loss1, loss2) else {
+            bail!("no loss terms (need two views)")
+        };
         let cls = loss1 / n1 as f64 * cfg.lambda1;
         let patch = loss2 / n2 as f64 * cfg.lambda2;
         let total = &cls + &patch;
@@ -209,7 +243,12 @@ impl IbotLoss {
 
     /// EMA of the teacher's batch means (the official `update_center`): `center2` uses the mean
     /// over ALL patch tokens of each sample.
-    pub fn update_center(&mut self, teacher_cls: &Tensor, teacher_patch: &Tensor, reduce: &dyn CenterReduce) -> Result<()> {
+    pub fn update_center(
+        &mut self,
+        teacher_cls: &Tensor,
+        teacher_patch: &Tensor,
+        reduce: &dyn CenterReduce,
+    ) -> Result<()> {
         tch::no_grad(|| -> Result<()> {
             let ws = reduce.world_size() as f64;
             let mut c = teacher_cls.detach().sum_dim_intlist(0, true, Kind::Float);
@@ -218,7 +257,10 @@ impl IbotLoss {
             let m = self.cfg.center_momentum;
             self.center = &self.center * m + c * (1.0 - m);
 
-            let mut c2 = teacher_patch.detach().mean_dim(1, false, Kind::Float).sum_dim_intlist(0, true, Kind::Float);
+            let mut c2 = teacher_patch
+                .detach()
+                .mean_dim(1, false, Kind::Float)
+                .sum_dim_intlist(0, true, Kind::Float);
             reduce.all_reduce_sum(&mut c2)?;
             let c2 = c2 / (teacher_patch.size()[0] as f64 * ws);
             let m2 = self.cfg.center_momentum2;

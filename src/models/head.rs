@@ -46,7 +46,9 @@ impl std::str::FromStr for HeadNorm {
             "" | "none" | "None" => Ok(Self::None),
             "ln" => Ok(Self::Ln),
             "bn" | "syncbn" | "csyncbn" | "psyncbn" => {
-                bail!("--norm_in_head {s} (batch norm in the head) is not supported; use none or ln")
+                bail!(
+                    "--norm_in_head {s} (batch norm in the head) is not supported; use none or ln"
+                )
             }
             other => bail!("unknown head norm '{other}' (expected none or ln)"),
         }
@@ -71,7 +73,13 @@ pub struct HeadConfig {
 
 impl HeadConfig {
     /// The official defaults of `iBOTHead` (hidden 2048, bottleneck 256, 3 layers, GELU).
-    pub fn new(in_dim: i64, out_dim: i64, patch_out_dim: i64, norm_last_layer: bool, shared_head: bool) -> Self {
+    pub fn new(
+        in_dim: i64,
+        out_dim: i64,
+        patch_out_dim: i64,
+        norm_last_layer: bool,
+        shared_head: bool,
+    ) -> Self {
         Self {
             in_dim,
             out_dim,
@@ -96,10 +104,16 @@ impl HeadConfig {
     }
 
     pub fn validate(&self) -> Result<()> {
-        ensure!(self.in_dim > 0 && self.out_dim > 0 && self.patch_out_dim > 0, "head dimensions must be positive");
+        ensure!(
+            self.in_dim > 0 && self.out_dim > 0 && self.patch_out_dim > 0,
+            "head dimensions must be positive"
+        );
         ensure!(self.bottleneck_dim >= 0, "bottleneck_dim must be >= 0");
         ensure!(self.nlayers >= 1, "the head needs at least one layer");
-        ensure!(self.nlayers == 1 || self.hidden_dim > 0, "hidden_dim must be positive");
+        ensure!(
+            self.nlayers == 1 || self.hidden_dim > 0,
+            "hidden_dim must be positive"
+        );
         ensure!(
             !(self.nlayers == 1 && self.bottleneck_dim == 0),
             "a one-layer head without bottleneck cannot produce patch outputs"
@@ -117,7 +131,15 @@ pub struct WeightNormLinear {
 
 impl WeightNormLinear {
     /// PyTorch's default Linear init for v (uniform ±1/√in), then g filled with 1.
-    fn new(ps: &mut ParamStore, name: &str, in_dim: i64, out_dim: i64, freeze_g: bool, trainable: bool, dev: Device) -> Self {
+    fn new(
+        ps: &mut ParamStore,
+        name: &str,
+        in_dim: i64,
+        out_dim: i64,
+        freeze_g: bool,
+        trainable: bool,
+        dev: Device,
+    ) -> Self {
         let bound = 1.0 / (in_dim as f64).sqrt();
         let v = Tensor::empty([out_dim, in_dim], (Kind::Float, dev)).uniform_(-bound, bound);
         let g = Tensor::ones([out_dim, 1], (Kind::Float, dev));
@@ -169,38 +191,91 @@ pub fn l2_normalize(x: &Tensor) -> Tensor {
 
 impl IbotHead {
     /// Registers the head under `prefix` (e.g. `"head."`) in official order.
-    pub fn new(ps: &mut ParamStore, prefix: &str, cfg: &HeadConfig, trainable: bool, dev: Device) -> Result<Self> {
+    pub fn new(
+        ps: &mut ParamStore,
+        prefix: &str,
+        cfg: &HeadConfig,
+        trainable: bool,
+        dev: Device,
+    ) -> Result<Self> {
         cfg.validate()?;
-        let last_in = if cfg.bottleneck_dim > 0 { cfg.bottleneck_dim } else { cfg.out_dim };
+        let last_in = if cfg.bottleneck_dim > 0 {
+            cfg.bottleneck_dim
+        } else {
+            cfg.out_dim
+        };
         let mut mlp = Vec::new();
         if cfg.nlayers == 1 {
             // A plain nn.Linear (not a Sequential): its names have no index.
-            mlp.push(MlpLayer::Linear(Linear::new_trunc(ps, &format!("{prefix}mlp"), cfg.in_dim, last_in, true, trainable, dev)));
+            mlp.push(MlpLayer::Linear(Linear::new_trunc(
+                ps,
+                &format!("{prefix}mlp"),
+                cfg.in_dim,
+                last_in,
+                true,
+                trainable,
+                dev,
+            )));
         } else {
             let mut idx = 0;
-            let push_hidden = |ps: &mut ParamStore, mlp: &mut Vec<MlpLayer>, idx: &mut usize, in_dim: i64| {
-                mlp.push(MlpLayer::Linear(Linear::new_trunc(ps, &format!("{prefix}mlp.{idx}"), in_dim, cfg.hidden_dim, true, trainable, dev)));
-                *idx += 1;
-                if cfg.norm == HeadNorm::Ln {
-                    mlp.push(MlpLayer::Norm(LayerNorm::new(ps, &format!("{prefix}mlp.{idx}"), cfg.hidden_dim, 1e-5, trainable, dev)));
+            let push_hidden =
+                |ps: &mut ParamStore, mlp: &mut Vec<MlpLayer>, idx: &mut usize, in_dim: i64| {
+                    mlp.push(MlpLayer::Linear(Linear::new_trunc(
+                        ps,
+                        &format!("{prefix}mlp.{idx}"),
+                        in_dim,
+                        cfg.hidden_dim,
+                        true,
+                        trainable,
+                        dev,
+                    )));
                     *idx += 1;
-                }
-                mlp.push(MlpLayer::Act(cfg.act));
-                *idx += 1;
-            };
+                    if cfg.norm == HeadNorm::Ln {
+                        mlp.push(MlpLayer::Norm(LayerNorm::new(
+                            ps,
+                            &format!("{prefix}mlp.{idx}"),
+                            cfg.hidden_dim,
+                            1e-5,
+                            trainable,
+                            dev,
+                        )));
+                        *idx += 1;
+                    }
+                    mlp.push(MlpLayer::Act(cfg.act));
+                    *idx += 1;
+                };
             push_hidden(ps, &mut mlp, &mut idx, cfg.in_dim);
             for _ in 0..cfg.nlayers - 2 {
                 push_hidden(ps, &mut mlp, &mut idx, cfg.hidden_dim);
             }
-            mlp.push(MlpLayer::Linear(Linear::new_trunc(ps, &format!("{prefix}mlp.{idx}"), cfg.hidden_dim, last_in, true, trainable, dev)));
+            mlp.push(MlpLayer::Linear(Linear::new_trunc(
+                ps,
+                &format!("{prefix}mlp.{idx}"),
+                cfg.hidden_dim,
+                last_in,
+                true,
+                trainable,
+                dev,
+            )));
         }
         let last_layer = (cfg.bottleneck_dim > 0).then(|| {
-            WeightNormLinear::new(ps, &format!("{prefix}last_layer"), cfg.bottleneck_dim, cfg.out_dim, cfg.norm_last_layer, trainable, dev)
+            WeightNormLinear::new(
+                ps,
+                &format!("{prefix}last_layer"),
+                cfg.bottleneck_dim,
+                cfg.out_dim,
+                cfg.norm_last_layer,
+                trainable,
+                dev,
+            )
         });
         let patch = match (cfg.shared_head, cfg.bottleneck_dim > 0) {
             (true, true) => {
                 for s in ["weight_g", "weight_v"] {
-                    ps.alias(format!("{prefix}last_layer2.{s}"), &format!("{prefix}last_layer.{s}"));
+                    ps.alias(
+                        format!("{prefix}last_layer2.{s}"),
+                        &format!("{prefix}last_layer.{s}"),
+                    );
                 }
                 PatchProj::SharedLast
             }
@@ -220,9 +295,21 @@ impl IbotHead {
                 }
                 PatchProj::SharedMlpLast
             }
-            (false, false) => PatchProj::Mlp2(Linear::new_torch_default(ps, &format!("{prefix}mlp2"), cfg.hidden_dim, cfg.patch_out_dim, trainable, dev)),
+            (false, false) => PatchProj::Mlp2(Linear::new_torch_default(
+                ps,
+                &format!("{prefix}mlp2"),
+                cfg.hidden_dim,
+                cfg.patch_out_dim,
+                trainable,
+                dev,
+            )),
         };
-        Ok(Self { cfg: cfg.clone(), mlp, last_layer, patch })
+        Ok(Self {
+            cfg: cfg.clone(),
+            mlp,
+            last_layer,
+            patch,
+        })
     }
 
     fn run_mlp(&self, layers: &[MlpLayer], x: &Tensor) -> Tensor {
@@ -256,9 +343,16 @@ impl IbotHead {
 
     /// Head on all tokens `[B, 1 + N, D]` -> (`[B, out_dim]`, `[B, N, patch_dim]`).
     pub fn forward_tokens(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
-        ensure!(x.dim() == 3, "head input must be [B, tokens, D], got {:?}", x.size());
+        ensure!(
+            x.dim() == 3,
+            "head input must be [B, tokens, D], got {:?}",
+            x.size()
+        );
         let n = x.size()[1];
-        ensure!(n >= 2, "head input needs a [CLS] token and at least one patch token");
+        ensure!(
+            n >= 2,
+            "head input needs a [CLS] token and at least one patch token"
+        );
         match &self.last_layer {
             Some(last) => {
                 let x = l2_normalize(&self.run_mlp(&self.mlp, x));
@@ -289,10 +383,20 @@ impl IbotHead {
 impl Linear {
     /// PyTorch's default `nn.Linear` init (uniform ±1/√in for weight and bias), used where the
     /// official code does not re-initialise (`mlp2` is created after `apply(_init_weights)`).
-    pub fn new_torch_default(ps: &mut ParamStore, name: &str, in_dim: i64, out_dim: i64, trainable: bool, dev: Device) -> Self {
+    pub fn new_torch_default(
+        ps: &mut ParamStore,
+        name: &str,
+        in_dim: i64,
+        out_dim: i64,
+        trainable: bool,
+        dev: Device,
+    ) -> Self {
         let bound = 1.0 / (in_dim as f64).sqrt();
         let w = Tensor::empty([out_dim, in_dim], (Kind::Float, dev)).uniform_(-bound, bound);
         let b = Tensor::empty([out_dim], (Kind::Float, dev)).uniform_(-bound, bound);
-        Self { weight: ps.add(format!("{name}.weight"), w, trainable), bias: Some(ps.add(format!("{name}.bias"), b, trainable)) }
+        Self {
+            weight: ps.add(format!("{name}.weight"), w, trainable),
+            bias: Some(ps.add(format!("{name}.bias"), b, trainable)),
+        }
     }
 }

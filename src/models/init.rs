@@ -22,5 +22,8 @@ pub fn zeros(shape: &[i64], dev: Device) -> Tensor {
 
 /// erf in double precision (Rust's std has none; libtorch's is exact enough and already here).
 fn libm_erf(x: f64) -> f64 {
-    Tensor::from(x).to_kind(Kind::Double).erf().double_value(&[])
+    Tensor::from(x)
+        .to_kind(Kind::Double)
+        .erf()
+        .double_value(&[])
 }

@@ -32,7 +32,13 @@ pub struct MultiCropWrapper {
 }
 
 impl MultiCropWrapper {
-    pub fn new(ps: &mut ParamStore, vit: &VitConfig, head: &HeadConfig, trainable: bool, dev: Device) -> Result<Self> {
+    pub fn new(
+        ps: &mut ParamStore,
+        vit: &VitConfig,
+        head: &HeadConfig,
+        trainable: bool,
+        dev: Device,
+    ) -> Result<Self> {
         ensure!(
             head.in_dim == vit.embed_dim,
             "head input dim {} does not match the backbone embed dim {}",
@@ -46,10 +52,20 @@ impl MultiCropWrapper {
 
     /// Runs views `[B, C, H, W]` (each with an optional mask `[B, h, w]`) through backbone and
     /// head. `train` enables drop path.
-    pub fn forward(&self, views: &[Tensor], masks: Option<&[Tensor]>, train: bool) -> Result<MultiCropOutput> {
+    pub fn forward(
+        &self,
+        views: &[Tensor],
+        masks: Option<&[Tensor]>,
+        train: bool,
+    ) -> Result<MultiCropOutput> {
         ensure!(!views.is_empty(), "no views to run");
         if let Some(m) = masks {
-            ensure!(m.len() == views.len(), "{} masks given for {} views", m.len(), views.len());
+            ensure!(
+                m.len() == views.len(),
+                "{} masks given for {} views",
+                m.len(),
+                views.len()
+            );
         }
         let mut cls = Vec::new();
         let mut patch = Vec::new();
@@ -72,6 +88,10 @@ impl MultiCropWrapper {
         }
         let same_n = patch.windows(2).all(|w| w[0].size()[1] == w[1].size()[1]);
         let patch = same_n.then(|| Tensor::cat(&patch, 0));
-        Ok(MultiCropOutput { cls: Tensor::cat(&cls, 0), patch, backbone })
+        Ok(MultiCropOutput {
+            cls: Tensor::cat(&cls, 0),
+            patch,
+            backbone,
+        })
     }
 }

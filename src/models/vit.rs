@@ -65,21 +65,32 @@ impl VitConfig {
     }
 
     pub fn validate(&self) -> Result<()> {
-        ensure!(self.patch_size > 0, "patch_size must be positive, got {}", self.patch_size);
+        ensure!(
+            self.patch_size > 0,
+            "patch_size must be positive, got {}",
+            self.patch_size
+        );
         ensure!(
             self.img_size >= self.patch_size && self.img_size % self.patch_size == 0,
             "img_size {} must be a positive multiple of patch_size {}",
             self.img_size,
             self.patch_size
         );
-        ensure!(self.embed_dim > 0 && self.depth > 0 && self.num_heads > 0, "embed_dim, depth and num_heads must be positive");
+        ensure!(
+            self.embed_dim > 0 && self.depth > 0 && self.num_heads > 0,
+            "embed_dim, depth and num_heads must be positive"
+        );
         ensure!(
             self.embed_dim % self.num_heads == 0,
             "embed_dim {} is not divisible by num_heads {}",
             self.embed_dim,
             self.num_heads
         );
-        ensure!((0.0..1.0).contains(&self.drop_path_rate), "drop_path_rate must be in [0, 1), got {}", self.drop_path_rate);
+        ensure!(
+            (0.0..1.0).contains(&self.drop_path_rate),
+            "drop_path_rate must be in [0, 1), got {}",
+            self.drop_path_rate
+        );
         ensure!(self.mlp_ratio > 0.0, "mlp_ratio must be positive");
         Ok(())
     }
@@ -103,8 +114,20 @@ pub struct Linear {
 
 impl Linear {
     /// Official ViT/head init: trunc_normal(std=.02) weight, zero bias.
-    pub fn new_trunc(ps: &mut ParamStore, name: &str, in_dim: i64, out_dim: i64, bias: bool, trainable: bool, dev: Device) -> Self {
-        let weight = ps.add(format!("{name}.weight"), trunc_normal(&[out_dim, in_dim], 0.02, dev), trainable);
+    pub fn new_trunc(
+        ps: &mut ParamStore,
+        name: &str,
+        in_dim: i64,
+        out_dim: i64,
+        bias: bool,
+        trainable: bool,
+        dev: Device,
+    ) -> Self {
+        let weight = ps.add(
+            format!("{name}.weight"),
+            trunc_normal(&[out_dim, in_dim], 0.02, dev),
+            trainable,
+        );
         let bias = bias.then(|| ps.add(format!("{name}.bias"), zeros(&[out_dim], dev), trainable));
         Self { weight, bias }
     }
@@ -123,8 +146,19 @@ pub struct LayerNorm {
 }
 
 impl LayerNorm {
-    pub fn new(ps: &mut ParamStore, name: &str, dim: i64, eps: f64, trainable: bool, dev: Device) -> Self {
-        let weight = ps.add(format!("{name}.weight"), Tensor::ones([dim], (Kind::Float, dev)), trainable);
+    pub fn new(
+        ps: &mut ParamStore,
+        name: &str,
+        dim: i64,
+        eps: f64,
+        trainable: bool,
+        dev: Device,
+    ) -> Self {
+        let weight = ps.add(
+            format!("{name}.weight"),
+            Tensor::ones([dim], (Kind::Float, dev)),
+            trainable,
+        );
         let bias = ps.add(format!("{name}.bias"), zeros(&[dim], dev), trainable);
         Self { weight, bias, eps }
     }
@@ -207,17 +241,27 @@ pub fn drop_path(x: &Tensor, p: f64, train: bool, rng: &Mutex<ChaCha8Rng>) -> Te
     let b = x.size()[0];
     let draws: Vec<f32> = {
         let mut r = rng.lock().unwrap_or_else(|e| e.into_inner());
-        (0..b).map(|_| (keep + r.gen::<f64>()).floor() as f32).collect()
+        (0..b)
+            .map(|_| (keep + r.gen::<f64>()).floor() as f32)
+            .collect()
     };
     let mut shape = vec![b];
     shape.extend(std::iter::repeat(1).take(x.dim() - 1));
-    let mask = Tensor::from_slice(&draws).view(shape.as_slice()).to_device(x.device()).to_kind(x.kind());
+    let mask = Tensor::from_slice(&draws)
+        .view(shape.as_slice())
+        .to_device(x.device())
+        .to_kind(x.kind());
     x.g_div_scalar(keep) * mask
 }
 
 impl Block {
     pub fn forward(&self, x: &Tensor, train: bool, rng: &Mutex<ChaCha8Rng>) -> Tensor {
-        let x = x + drop_path(&self.attn.forward(&self.norm1.forward(x)), self.drop_path, train, rng);
+        let x = x + drop_path(
+            &self.attn.forward(&self.norm1.forward(x)),
+            self.drop_path,
+            train,
+            rng,
+        );
         let y = self.mlp.forward(&self.norm2.forward(&x));
         &x + drop_path(&y, self.drop_path, train, rng)
     }
@@ -241,16 +285,34 @@ impl VisionTransformer {
     /// Registers the parameters under `prefix` (e.g. `"backbone."`) in the official order and
     /// initialises them like the official code (trunc-normal .02 for tokens and linears,
     /// PyTorch's default conv init for the patch projection, zero `masked_embed`).
-    pub fn new(ps: &mut ParamStore, prefix: &str, cfg: &VitConfig, trainable: bool, dev: Device) -> Result<Self> {
+    pub fn new(
+        ps: &mut ParamStore,
+        prefix: &str,
+        cfg: &VitConfig,
+        trainable: bool,
+        dev: Device,
+    ) -> Result<Self> {
         cfg.validate()?;
         let d = cfg.embed_dim;
         let n = cfg.grid() * cfg.grid();
         // Own parameters come first in a PyTorch state dict, then children.
-        let cls_token = ps.add(format!("{prefix}cls_token"), trunc_normal(&[1, 1, d], 0.02, dev), trainable);
-        let pos_embed = ps.add(format!("{prefix}pos_embed"), trunc_normal(&[1, n + 1, d], 0.02, dev), trainable);
-        let masked_embed = cfg
-            .masked_im_modeling
-            .then(|| ps.add(format!("{prefix}masked_embed"), zeros(&[1, d], dev), trainable));
+        let cls_token = ps.add(
+            format!("{prefix}cls_token"),
+            trunc_normal(&[1, 1, d], 0.02, dev),
+            trainable,
+        );
+        let pos_embed = ps.add(
+            format!("{prefix}pos_embed"),
+            trunc_normal(&[1, n + 1, d], 0.02, dev),
+            trainable,
+        );
+        let masked_embed = cfg.masked_im_modeling.then(|| {
+            ps.add(
+                format!("{prefix}masked_embed"),
+                zeros(&[1, d], dev),
+                trainable,
+            )
+        });
         let p = cfg.patch_size;
         let fan_in = (cfg.in_chans * p * p) as f64;
         let bound = 1.0 / fan_in.sqrt();
@@ -264,17 +326,36 @@ impl VisionTransformer {
         let hidden = cfg.mlp_hidden();
         for i in 0..cfg.depth {
             // torch.linspace(0, drop_path_rate, depth)[i]
-            let dpr = if cfg.depth > 1 { cfg.drop_path_rate * i as f64 / (cfg.depth - 1) as f64 } else { 0.0 };
+            let dpr = if cfg.depth > 1 {
+                cfg.drop_path_rate * i as f64 / (cfg.depth - 1) as f64
+            } else {
+                0.0
+            };
             let b = format!("{prefix}blocks.{i}.");
             let norm1 = LayerNorm::new(ps, &format!("{b}norm1"), d, LN_EPS, trainable, dev);
-            let qkv = Linear::new_trunc(ps, &format!("{b}attn.qkv"), d, 3 * d, cfg.qkv_bias, trainable, dev);
+            let qkv = Linear::new_trunc(
+                ps,
+                &format!("{b}attn.qkv"),
+                d,
+                3 * d,
+                cfg.qkv_bias,
+                trainable,
+                dev,
+            );
             let proj = Linear::new_trunc(ps, &format!("{b}attn.proj"), d, d, true, trainable, dev);
             let norm2 = LayerNorm::new(ps, &format!("{b}norm2"), d, LN_EPS, trainable, dev);
-            let fc1 = Linear::new_trunc(ps, &format!("{b}mlp.fc1"), d, hidden, true, trainable, dev);
-            let fc2 = Linear::new_trunc(ps, &format!("{b}mlp.fc2"), hidden, d, true, trainable, dev);
+            let fc1 =
+                Linear::new_trunc(ps, &format!("{b}mlp.fc1"), d, hidden, true, trainable, dev);
+            let fc2 =
+                Linear::new_trunc(ps, &format!("{b}mlp.fc2"), hidden, d, true, trainable, dev);
             blocks.push(Block {
                 norm1,
-                attn: Attention { qkv, proj, num_heads: cfg.num_heads, scale: ((d / cfg.num_heads) as f64).powf(-0.5) },
+                attn: Attention {
+                    qkv,
+                    proj,
+                    num_heads: cfg.num_heads,
+                    scale: ((d / cfg.num_heads) as f64).powf(-0.5),
+                },
                 norm2,
                 mlp: Mlp { fc1, fc2 },
                 drop_path: dpr,
@@ -301,9 +382,16 @@ impl VisionTransformer {
     /// Checks an input batch `[B, C, H, W]` (and its mask `[B, H/p, W/p]`) before use.
     pub fn check_input(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<(i64, i64, i64)> {
         let size = x.size();
-        ensure!(size.len() == 4, "expected images of shape [B, C, H, W], got {size:?}");
+        ensure!(
+            size.len() == 4,
+            "expected images of shape [B, C, H, W], got {size:?}"
+        );
         let (b, c, h, w) = (size[0], size[1], size[2], size[3]);
-        ensure!(c == self.cfg.in_chans, "expected {} image channels, got {c}", self.cfg.in_chans);
+        ensure!(
+            c == self.cfg.in_chans,
+            "expected {} image channels, got {c}",
+            self.cfg.in_chans
+        );
         let p = self.cfg.patch_size;
         ensure!(
             h >= p && w >= p && h % p == 0 && w % p == 0,
@@ -332,15 +420,24 @@ impl VisionTransformer {
             return Ok(self.pos_embed.shallow_clone());
         }
         let side = (n_tab as f64).sqrt() as i64;
-        ensure!(side * side == n_tab, "position embedding has {n_tab} patch rows, which is not a square grid");
+        ensure!(
+            side * side == n_tab,
+            "position embedding has {n_tab} patch rows, which is not a square grid"
+        );
         let d = self.cfg.embed_dim;
         let class_pos = self.pos_embed.narrow(1, 0, 1);
         let patch_pos = self.pos_embed.narrow(1, 1, n_tab);
         let sqrt_n = (n_tab as f64).sqrt();
         let (sh, sw) = ((gh as f64 + 0.1) / sqrt_n, (gw as f64 + 0.1) / sqrt_n);
         // Output size as F.interpolate derives it from a scale factor: floor(in * scale).
-        let (oh, ow) = ((side as f64 * sh).floor() as i64, (side as f64 * sw).floor() as i64);
-        ensure!(oh == gh && ow == gw, "position-embedding interpolation gave a {oh}x{ow} grid for {gh}x{gw}");
+        let (oh, ow) = (
+            (side as f64 * sh).floor() as i64,
+            (side as f64 * sw).floor() as i64,
+        );
+        ensure!(
+            oh == gh && ow == gw,
+            "position-embedding interpolation gave a {oh}x{ow} grid for {gh}x{gw}"
+        );
         let grid = patch_pos.reshape([1, side, side, d]).permute([0, 3, 1, 2]);
         let resized = grid.upsample_bicubic2d([oh, ow], false, sh, sw);
         let resized = resized.permute([0, 2, 3, 1]).reshape([1, -1, d]);
@@ -352,14 +449,24 @@ impl VisionTransformer {
         let (b, gh, gw) = self.check_input(x, mask)?;
         let p = self.cfg.patch_size;
         let d = self.cfg.embed_dim;
-        let mut t = x.conv2d(&self.patch_embed.weight, self.patch_embed.bias.as_ref(), [p, p], [0, 0], [1, 1], 1); // [B, D, h, w]
+        let mut t = x.conv2d(
+            &self.patch_embed.weight,
+            self.patch_embed.bias.as_ref(),
+            [p, p],
+            [0, 0],
+            [1, 1],
+            1,
+        ); // [B, D, h, w]
         if let Some(m) = mask {
             let Some(me) = &self.masked_embed else {
                 bail!("a mask was given but this backbone has no masked_embed (masked_im_modeling is off)")
             };
             // Masked patch embeddings are REPLACED by masked_embed (CLS is never masked).
             let m = m.to_kind(Kind::Bool).to_device(t.device()).unsqueeze(1); // [B, 1, h, w]
-            t = me.to_kind(t.kind()).reshape([1, d, 1, 1]).where_self(&m, &t);
+            t = me
+                .to_kind(t.kind())
+                .reshape([1, d, 1, 1])
+                .where_self(&m, &t);
         }
         let t = t.flatten(2, -1).transpose(1, 2); // [B, N, D]
         let cls = self.cls_token.expand([b, -1, -1], false);
@@ -379,7 +486,10 @@ impl VisionTransformer {
     /// Self-attention of the last block, `[B, heads, 1 + N, 1 + N]` (no mask, eval mode).
     pub fn get_last_selfattention(&self, x: &Tensor) -> Result<Tensor> {
         let mut t = self.prepare_tokens(x, None)?;
-        let (last, rest) = self.blocks.split_last().expect("a ViT has at least one block");
+        let (last, rest) = self
+            .blocks
+            .split_last()
+            .expect("a ViT has at least one block");
         for blk in rest {
             t = blk.forward(&t, false, &self.drop_rng);
         }

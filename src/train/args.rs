@@ -12,7 +12,9 @@ pub fn parse_bool(s: &str) -> Result<bool, String> {
     match s.to_ascii_lowercase().as_str() {
         "on" | "true" | "1" => Ok(true),
         "off" | "false" | "0" => Ok(false),
-        _ => Err(format!("invalid value '{s}' for a boolean flag (use true or false)")),
+        _ => Err(format!(
+            "invalid value '{s}' for a boolean flag (use true or false)"
+        )),
     }
 }
 
@@ -175,7 +177,11 @@ pub struct TrainArgs {
 
     // ---- misc
     /// Training images: an image folder (class sub-folders or flat) or MNIST-style IDX files.
-    #[arg(long, default_value = "/path/to/imagenet/train/", help_heading = "Data and output")]
+    #[arg(
+        long,
+        default_value = "/path/to/imagenet/train/",
+        help_heading = "Data and output"
+    )]
     pub data_path: PathBuf,
     /// Use only this many images (a fixed random subset), e.g. for quick runs.
     #[arg(long, help_heading = "Data and output")]
@@ -248,14 +254,20 @@ pub fn expand_config_args(args: Vec<String>) -> Result<Vec<String>> {
                 Some(v) => v,
                 None => {
                     i += 1;
-                    args.get(i).cloned().with_context(|| format!("{flag} needs a value"))?
+                    args.get(i)
+                        .cloned()
+                        .with_context(|| format!("{flag} needs a value"))?
                 }
             };
             if flag == "--preset" {
                 let Some((_, _, list)) = PRESETS.iter().find(|(n, _, _)| *n == value) else {
                     bail!(
                         "unknown preset '{value}'; available: {}",
-                        PRESETS.iter().map(|(n, _, _)| *n).collect::<Vec<_>>().join(", ")
+                        PRESETS
+                            .iter()
+                            .map(|(n, _, _)| *n)
+                            .collect::<Vec<_>>()
+                            .join(", ")
                     )
                 };
                 front.extend(list.iter().map(|s| s.to_string()));
@@ -276,8 +288,10 @@ pub fn expand_config_args(args: Vec<String>) -> Result<Vec<String>> {
 }
 
 fn config_file_args(path: &PathBuf) -> Result<Vec<String>> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading config file {}", path.display()))?;
-    let table: toml::Table = toml::from_str(&text).with_context(|| format!("parsing {} as TOML", path.display()))?;
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading config file {}", path.display()))?;
+    let table: toml::Table =
+        toml::from_str(&text).with_context(|| format!("parsing {} as TOML", path.display()))?;
     let mut out = Vec::new();
     for (k, v) in table {
         out.push(format!("--{k}"));
@@ -287,7 +301,10 @@ fn config_file_args(path: &PathBuf) -> Result<Vec<String>> {
                 toml::Value::Integer(i) => i.to_string(),
                 toml::Value::Float(f) => f.to_string(),
                 toml::Value::Boolean(b) => b.to_string(),
-                other => bail!("{}: option '{k}' has an unsupported value {other}", path.display()),
+                other => bail!(
+                    "{}: option '{k}' has an unsupported value {other}",
+                    path.display()
+                ),
             })
         };
         match &v {

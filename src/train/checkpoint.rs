@@ -41,24 +41,45 @@ pub fn save(path: &Path, ibot: &Ibot, next_epoch: usize, args: &TrainArgs) -> Re
     }
     tensors.push(("loss.center".into(), ibot.loss.center.shallow_clone()));
     tensors.push(("loss.center2".into(), ibot.loss.center2.shallow_clone()));
-    let meta = CheckpointMeta { format: FORMAT.into(), epoch: next_epoch, args: args.clone(), config: ibot.cfg.clone() };
+    let meta = CheckpointMeta {
+        format: FORMAT.into(),
+        epoch: next_epoch,
+        args: args.clone(),
+        config: ibot.cfg.clone(),
+    };
     let mut md = HashMap::new();
     md.insert("ibot".to_string(), serde_json::to_string(&meta)?);
-    write_safetensors(path, &tensors, Some(md)).with_context(|| format!("saving checkpoint {}", path.display()))
+    write_safetensors(path, &tensors, Some(md))
+        .with_context(|| format!("saving checkpoint {}", path.display()))
 }
 
 /// Reads only the metadata of a checkpoint.
 pub fn read_meta(path: &Path) -> Result<CheckpointMeta> {
     let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    let (_, md) = safetensors::SafeTensors::read_metadata(&bytes)
-        .map_err(|e| anyhow!("{} is not a valid checkpoint (truncated or corrupt?): {e}", path.display()))?;
+    let (_, md) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| {
+        anyhow!(
+            "{} is not a valid checkpoint (truncated or corrupt?): {e}",
+            path.display()
+        )
+    })?;
     let raw = md
         .metadata()
         .as_ref()
         .and_then(|m| m.get("ibot"))
-        .ok_or_else(|| anyhow!("{} has no ibot training metadata (not a checkpoint written by `ibot train`)", path.display()))?;
-    let meta: CheckpointMeta = serde_json::from_str(raw).with_context(|| format!("{}: damaged metadata", path.display()))?;
-    ensure!(meta.format == FORMAT, "{}: unsupported checkpoint format '{}'", path.display(), meta.format);
+        .ok_or_else(|| {
+            anyhow!(
+                "{} has no ibot training metadata (not a checkpoint written by `ibot train`)",
+                path.display()
+            )
+        })?;
+    let meta: CheckpointMeta = serde_json::from_str(raw)
+        .with_context(|| format!("{}: damaged metadata", path.display()))?;
+    ensure!(
+        meta.format == FORMAT,
+        "{}: unsupported checkpoint format '{}'",
+        path.display(),
+        meta.format
+    );
     Ok(meta)
 }
 
@@ -66,7 +87,13 @@ pub fn read_meta(path: &Path) -> Result<CheckpointMeta> {
 pub fn load(path: &Path, ibot: &mut Ibot) -> Result<CheckpointMeta> {
     let meta = read_meta(path)?;
     // A different number of epochs only stretches the schedules; anything else is another model.
-    let shape = |c: &IbotConfig| IbotConfig { loss: super::IbotLossConfig { nepochs: 0, ..c.loss.clone() }, ..c.clone() };
+    let shape = |c: &IbotConfig| IbotConfig {
+        loss: super::IbotLossConfig {
+            nepochs: 0,
+            ..c.loss.clone()
+        },
+        ..c.clone()
+    };
     if shape(&meta.config) != shape(&ibot.cfg) {
         bail!(
             "{} was written for a different model or loss configuration; use the same options as the run that wrote it \
@@ -77,14 +104,25 @@ pub fn load(path: &Path, ibot: &mut Ibot) -> Result<CheckpointMeta> {
         );
     }
     let t = read_safetensors(path)?;
-    ibot.student_ps.load_strict(&t, "student.").context("student")?;
-    ibot.teacher_ps.load_strict(&t, "teacher.").context("teacher")?;
-    ibot.optimizer.load_state(&ibot.student_ps, &t, "optimizer.")?;
-    let get = |k: &str| t.get(k).ok_or_else(|| anyhow!("{} has no '{k}'", path.display()));
+    ibot.student_ps
+        .load_strict(&t, "student.")
+        .context("student")?;
+    ibot.teacher_ps
+        .load_strict(&t, "teacher.")
+        .context("teacher")?;
+    ibot.optimizer
+        .load_state(&ibot.student_ps, &t, "optimizer.")?;
+    let get = |k: &str| {
+        t.get(k)
+            .ok_or_else(|| anyhow!("{} has no '{k}'", path.display()))
+    };
     let dev = ibot.device;
     let c = get("loss.center")?;
     let c2 = get("loss.center2")?;
-    ensure!(c.size() == ibot.loss.center.size() && c2.size() == ibot.loss.center2.size(), "loss centres have the wrong shape");
+    ensure!(
+        c.size() == ibot.loss.center.size() && c2.size() == ibot.loss.center2.size(),
+        "loss centres have the wrong shape"
+    );
     ibot.loss.center = c.to_device(dev);
     ibot.loss.center2 = c2.to_device(dev);
     Ok(meta)

@@ -35,13 +35,21 @@ pub struct IbotConfig {
 
 impl IbotConfig {
     pub fn teacher_backbone(&self) -> VitConfig {
-        VitConfig { drop_path_rate: 0.0, masked_im_modeling: false, ..self.backbone.clone() }
+        VitConfig {
+            drop_path_rate: 0.0,
+            masked_im_modeling: false,
+            ..self.backbone.clone()
+        }
     }
 
     /// The teacher head: the student's shape with `shared_head_teacher` (and, as in the official
     /// code, the default `norm_last_layer=True`, which does not matter for a frozen teacher).
     pub fn teacher_head(&self) -> HeadConfig {
-        HeadConfig { shared_head: self.shared_head_teacher, norm_last_layer: true, ..self.head.clone() }
+        HeadConfig {
+            shared_head: self.shared_head_teacher,
+            norm_last_layer: true,
+            ..self.head.clone()
+        }
     }
 }
 
@@ -93,13 +101,29 @@ impl Ibot {
     /// official `load_state_dict(strict=False)` does it.
     pub fn new(cfg: IbotConfig, device: Device) -> Result<Self> {
         let mut student_ps = ParamStore::new();
-        let student = MultiCropWrapper::new(&mut student_ps, &cfg.backbone, &cfg.head, true, device)?;
+        let student =
+            MultiCropWrapper::new(&mut student_ps, &cfg.backbone, &cfg.head, true, device)?;
         let mut teacher_ps = ParamStore::new();
-        let teacher = MultiCropWrapper::new(&mut teacher_ps, &cfg.teacher_backbone(), &cfg.teacher_head(), false, device)?;
+        let teacher = MultiCropWrapper::new(
+            &mut teacher_ps,
+            &cfg.teacher_backbone(),
+            &cfg.teacher_head(),
+            false,
+            device,
+        )?;
         teacher_ps.load_non_strict(student_ps.state_dict())?;
         let loss = IbotLoss::new(cfg.loss.clone(), device)?;
         let optimizer = Optimizer::new(cfg.optimizer, &student_ps);
-        Ok(Self { cfg, student_ps, teacher_ps, student, teacher, loss, optimizer, device })
+        Ok(Self {
+            cfg,
+            student_ps,
+            teacher_ps,
+            student,
+            teacher,
+            loss,
+            optimizer,
+            device,
+        })
     }
 
     /// [`Ibot::new`] with libtorch's generator seeded by `seed` for the initialisation. The
@@ -114,7 +138,8 @@ impl Ibot {
 
     /// Re-initialises the teacher from the current student (after loading student weights).
     pub fn init_teacher_from_student(&self) -> Result<()> {
-        self.teacher_ps.load_non_strict(self.student_ps.state_dict())?;
+        self.teacher_ps
+            .load_non_strict(self.student_ps.state_dict())?;
         Ok(())
     }
 
@@ -129,14 +154,27 @@ impl Ibot {
         reduce: &dyn CenterReduce,
     ) -> Result<StepForward> {
         let g = self.cfg.loss.ngcrops;
-        ensure!(images.len() >= g, "{} views given, {g} global views expected", images.len());
-        ensure!(masks.len() >= g, "{} masks given for {g} global views", masks.len());
+        ensure!(
+            images.len() >= g,
+            "{} views given, {g} global views expected",
+            images.len()
+        );
+        ensure!(
+            masks.len() >= g,
+            "{} masks given for {g} global views",
+            masks.len()
+        );
         let globals = &images[..g];
         let teacher = tch::no_grad(|| self.teacher.forward(globals, None, false))?;
         let mim = self.cfg.backbone.masked_im_modeling;
-        let student = self.student.forward(globals, mim.then_some(&masks[..g]), train)?;
-        let student_local =
-            if images.len() > g { Some(self.student.forward(&images[g..], None, train)?) } else { None };
+        let student = self
+            .student
+            .forward(globals, mim.then_some(&masks[..g]), train)?;
+        let student_local = if images.len() > g {
+            Some(self.student.forward(&images[g..], None, train)?)
+        } else {
+            None
+        };
         let (Some(t_patch), Some(s_patch)) = (&teacher.patch, &student.patch) else {
             bail!("all global views must have the same resolution")
         };
@@ -150,24 +188,43 @@ impl Ibot {
             epoch,
             reduce,
         )?;
-        Ok(StepForward { teacher, student, student_local, loss })
+        Ok(StepForward {
+            teacher,
+            student,
+            student_local,
+            loss,
+        })
     }
 
     /// Gradients of `loss` w.r.t. every student parameter (None: frozen or not reached).
     pub fn backward(&self, loss: &Tensor) -> Vec<Option<Tensor>> {
         let params = self.student_ps.params();
-        let trainable: Vec<&Tensor> = params.iter().filter(|p| p.trainable).map(|p| &p.tensor).collect();
+        let trainable: Vec<&Tensor> = params
+            .iter()
+            .filter(|p| p.trainable)
+            .map(|p| &p.tensor)
+            .collect();
         let mut grads = Tensor::run_backward(&[loss], &trainable, false, false).into_iter();
         params
             .iter()
-            .map(|p| if p.trainable { grads.next().filter(|g| g.defined()) } else { None })
+            .map(|p| {
+                if p.trainable {
+                    grads.next().filter(|g| g.defined())
+                } else {
+                    None
+                }
+            })
             .collect()
     }
 
     /// Clipping (if enabled) then last-layer cancelling; returns the pre-clip norms per
     /// parameter (empty when clipping is off).
     pub fn process_grads(&self, grads: &mut [Option<Tensor>], epoch: usize) -> Vec<Option<f64>> {
-        let norms = if self.cfg.clip_grad > 0.0 { clip_gradients(grads, self.cfg.clip_grad) } else { vec![] };
+        let norms = if self.cfg.clip_grad > 0.0 {
+            clip_gradients(grads, self.cfg.clip_grad)
+        } else {
+            vec![]
+        };
         cancel_gradients_last_layer(epoch, self.cfg.freeze_last_layer, &self.student_ps, grads);
         norms
     }
@@ -193,7 +250,12 @@ impl Ibot {
         let fwd = self.forward(images, masks, epoch, true, reduce)?;
         let loss = fwd.loss.total.double_value(&[]);
         if !loss.is_finite() {
-            return Err(NonFiniteLoss { value: loss, epoch, last_finite: None }.into());
+            return Err(NonFiniteLoss {
+                value: loss,
+                epoch,
+                last_finite: None,
+            }
+            .into());
         }
         let acc = argmax_agreement(&fwd.teacher.cls, &fwd.student.cls, self.cfg.loss.ngcrops);
         let mut grads = self.backward(&fwd.loss.total);
@@ -224,7 +286,9 @@ pub fn argmax_agreement(teacher_cls: &Tensor, student_cls: &Tensor, ngcrops: usi
     let t = teacher_cls.chunk(ngcrops as i64, 0);
     let s = student_cls.chunk(ngcrops as i64, 0);
     let eq = t[0].argmax(1, false).eq_tensor(&s[1].argmax(1, false));
-    eq.to_kind(Kind::Double).mean(Kind::Double).double_value(&[])
+    eq.to_kind(Kind::Double)
+        .mean(Kind::Double)
+        .double_value(&[])
 }
 
 /// The official per-tensor `clip_gradients`: for every gradient, `coef = clip / (‖g‖ + 1e-6)`
@@ -249,7 +313,12 @@ pub fn clip_gradients(grads: &mut [Option<Tensor>], clip: f64) -> Vec<Option<f64
 
 /// The official `cancel_gradients_last_layer`: during the first `freeze_last_layer` epochs the
 /// gradients of every parameter whose name contains `last_layer` are dropped.
-pub fn cancel_gradients_last_layer(epoch: usize, freeze_last_layer: usize, ps: &ParamStore, grads: &mut [Option<Tensor>]) {
+pub fn cancel_gradients_last_layer(
+    epoch: usize,
+    freeze_last_layer: usize,
+    ps: &ParamStore,
+    grads: &mut [Option<Tensor>],
+) {
     if epoch >= freeze_last_layer {
         return;
     }

@@ -40,7 +40,10 @@ pub struct ParamGroups {
 }
 
 pub fn get_params_groups(ps: &ParamStore) -> ParamGroups {
-    let mut g = ParamGroups { regularized: vec![], not_regularized: vec![] };
+    let mut g = ParamGroups {
+        regularized: vec![],
+        not_regularized: vec![],
+    };
     for (i, p) in ps.params().iter().enumerate() {
         if !p.trainable {
             continue;
@@ -98,20 +101,48 @@ impl Optimizer {
 
     /// One step with learning rate `lr` for both groups and weight decay `wd` for group 0.
     /// `grads[i]` is the gradient of parameter i or None (skipped, like PyTorch's grad None).
-    pub fn step(&mut self, ps: &ParamStore, grads: &[Option<Tensor>], lr: f64, wd: f64) -> Result<()> {
+    pub fn step(
+        &mut self,
+        ps: &ParamStore,
+        grads: &[Option<Tensor>],
+        lr: f64,
+        wd: f64,
+    ) -> Result<()> {
         let params = ps.params();
         if grads.len() != params.len() {
             bail!("{} gradients for {} parameters", grads.len(), params.len());
         }
         let _guard = tch::no_grad_guard();
-        for (group, decay) in [(&self.groups.regularized, wd), (&self.groups.not_regularized, 0.0)] {
+        for (group, decay) in [
+            (&self.groups.regularized, wd),
+            (&self.groups.not_regularized, 0.0),
+        ] {
             for &i in group.iter() {
                 let Some(grad) = &grads[i] else { continue };
                 let mut p = params[i].tensor.shallow_clone();
                 match self.kind {
-                    OptimizerKind::Adamw => adamw_update(&mut self.state[i], &mut p, grad, lr, decay, self.beta1, self.beta2, self.eps),
-                    OptimizerKind::Sgd => sgd_update(&mut self.state[i], &mut p, grad, lr, decay, self.momentum),
-                    OptimizerKind::Lars => lars_update(&mut self.state[i], &mut p, grad, lr, decay, self.momentum, self.lars_eta),
+                    OptimizerKind::Adamw => adamw_update(
+                        &mut self.state[i],
+                        &mut p,
+                        grad,
+                        lr,
+                        decay,
+                        self.beta1,
+                        self.beta2,
+                        self.eps,
+                    ),
+                    OptimizerKind::Sgd => {
+                        sgd_update(&mut self.state[i], &mut p, grad, lr, decay, self.momentum)
+                    }
+                    OptimizerKind::Lars => lars_update(
+                        &mut self.state[i],
+                        &mut p,
+                        grad,
+                        lr,
+                        decay,
+                        self.momentum,
+                        self.lars_eta,
+                    ),
                 }
             }
         }
@@ -138,24 +169,40 @@ impl Optimizer {
     }
 
     /// Restores the state written by [`Optimizer::state_tensors`] (keys with `prefix`).
-    pub fn load_state(&mut self, ps: &ParamStore, src: &std::collections::HashMap<String, Tensor>, prefix: &str) -> Result<()> {
+    pub fn load_state(
+        &mut self,
+        ps: &ParamStore,
+        src: &std::collections::HashMap<String, Tensor>,
+        prefix: &str,
+    ) -> Result<()> {
         for (i, p) in ps.params().iter().enumerate() {
             let key = |s: &str| format!("{prefix}{}.{s}", p.name);
             let dev = p.tensor.device();
             let check = |t: &Tensor, what: &str| -> Result<Tensor> {
                 if t.size() != p.tensor.size() {
-                    bail!("optimizer state {what} of '{}' has shape {:?}, the parameter {:?}", p.name, t.size(), p.tensor.size());
+                    bail!(
+                        "optimizer state {what} of '{}' has shape {:?}, the parameter {:?}",
+                        p.name,
+                        t.size(),
+                        p.tensor.size()
+                    );
                 }
                 Ok(t.to_device(dev).to_kind(p.tensor.kind()))
             };
-            self.state[i] = if let (Some(m), Some(v), Some(st)) =
-                (src.get(&key("exp_avg")), src.get(&key("exp_avg_sq")), src.get(&key("step")))
-            {
+            self.state[i] = if let (Some(m), Some(v), Some(st)) = (
+                src.get(&key("exp_avg")),
+                src.get(&key("exp_avg_sq")),
+                src.get(&key("step")),
+            ) {
                 let step = st.int64_value(&[0]);
                 if step < 0 {
                     bail!("optimizer step of '{}' is negative", p.name);
                 }
-                State::Adam(AdamState { step: step as u64, exp_avg: check(m, "exp_avg")?, exp_avg_sq: check(v, "exp_avg_sq")? })
+                State::Adam(AdamState {
+                    step: step as u64,
+                    exp_avg: check(m, "exp_avg")?,
+                    exp_avg_sq: check(v, "exp_avg_sq")?,
+                })
             } else if let Some(b) = src.get(&key("momentum_buffer")) {
                 State::Momentum(check(b, "momentum_buffer")?)
             } else {
@@ -168,11 +215,26 @@ impl Optimizer {
 
 /// PyTorch's single-tensor AdamW (decoupled weight decay, bias correction).
 #[allow(clippy::too_many_arguments)]
-fn adamw_update(state: &mut State, p: &mut Tensor, grad: &Tensor, lr: f64, wd: f64, b1: f64, b2: f64, eps: f64) {
+fn adamw_update(
+    state: &mut State,
+    p: &mut Tensor,
+    grad: &Tensor,
+    lr: f64,
+    wd: f64,
+    b1: f64,
+    b2: f64,
+    eps: f64,
+) {
     if !matches!(state, State::Adam(_)) {
-        *state = State::Adam(AdamState { step: 0, exp_avg: p.zeros_like(), exp_avg_sq: p.zeros_like() });
+        *state = State::Adam(AdamState {
+            step: 0,
+            exp_avg: p.zeros_like(),
+            exp_avg_sq: p.zeros_like(),
+        });
     }
-    let State::Adam(s) = state else { unreachable!() };
+    let State::Adam(s) = state else {
+        unreachable!()
+    };
     s.step += 1;
     if wd != 0.0 {
         let _ = p.g_mul_scalar_(1.0 - lr * wd);
@@ -189,7 +251,11 @@ fn adamw_update(state: &mut State, p: &mut Tensor, grad: &Tensor, lr: f64, wd: f
 
 /// PyTorch SGD with momentum (dampening 0, no Nesterov), coupled weight decay.
 fn sgd_update(state: &mut State, p: &mut Tensor, grad: &Tensor, lr: f64, wd: f64, momentum: f64) {
-    let d = if wd != 0.0 { grad + &*p * wd } else { grad.shallow_clone() };
+    let d = if wd != 0.0 {
+        grad + &*p * wd
+    } else {
+        grad.shallow_clone()
+    };
     let buf = match state {
         State::Momentum(b) => {
             let _ = b.g_mul_scalar_(momentum);
@@ -206,19 +272,33 @@ fn sgd_update(state: &mut State, p: &mut Tensor, grad: &Tensor, lr: f64, wd: f64
 }
 
 /// The official LARS (from Barlow Twins): weight decay and trust ratio on non-1-D parameters.
-fn lars_update(state: &mut State, p: &mut Tensor, grad: &Tensor, lr: f64, wd: f64, momentum: f64, eta: f64) {
+fn lars_update(
+    state: &mut State,
+    p: &mut Tensor,
+    grad: &Tensor,
+    lr: f64,
+    wd: f64,
+    momentum: f64,
+    eta: f64,
+) {
     let mut dp = grad.shallow_clone();
     if p.dim() != 1 {
         dp = &dp + &*p * wd;
         let pn = p.norm().double_value(&[]);
         let un = dp.norm().double_value(&[]);
-        let q = if pn > 0.0 && un > 0.0 { eta * pn / un } else { 1.0 };
+        let q = if pn > 0.0 && un > 0.0 {
+            eta * pn / un
+        } else {
+            1.0
+        };
         dp = dp * q;
     }
     if !matches!(state, State::Momentum(_)) {
         *state = State::Momentum(p.zeros_like());
     }
-    let State::Momentum(mu) = state else { unreachable!() };
+    let State::Momentum(mu) = state else {
+        unreachable!()
+    };
     let _ = mu.g_mul_scalar_(momentum);
     let _ = mu.g_add_(&dp);
     let _ = p.g_add_(&(&*mu * (-lr)));

@@ -30,12 +30,21 @@ pub fn select_device(name: &str) -> Result<Device> {
         "auto" => Device::cuda_if_available(),
         "cpu" => Device::Cpu,
         "cuda" => {
-            ensure!(tch::Cuda::is_available(), "--device cuda: no CUDA device is available");
+            ensure!(
+                tch::Cuda::is_available(),
+                "--device cuda: no CUDA device is available"
+            );
             Device::Cuda(0)
         }
         s if s.starts_with("cuda:") => {
-            let i: usize = s[5..].parse().with_context(|| format!("bad device '{s}'"))?;
-            ensure!(i < tch::Cuda::device_count() as usize, "--device {s}: only {} CUDA device(s)", tch::Cuda::device_count());
+            let i: usize = s[5..]
+                .parse()
+                .with_context(|| format!("bad device '{s}'"))?;
+            ensure!(
+                i < tch::Cuda::device_count() as usize,
+                "--device {s}: only {} CUDA device(s)",
+                tch::Cuda::device_count()
+            );
             Device::Cuda(i)
         }
         other => bail!("unknown device '{other}' (cpu, cuda, cuda:N or auto)"),
@@ -66,7 +75,13 @@ pub fn ibot_config(a: &TrainArgs) -> Result<IbotConfig> {
         bottleneck_dim: a.head_bottleneck_dim,
         norm: a.norm_in_head.parse()?,
         act: a.act_in_head.parse()?,
-        ..HeadConfig::new(backbone.embed_dim, a.out_dim, a.patch_out_dim, a.norm_last_layer, a.shared_head)
+        ..HeadConfig::new(
+            backbone.embed_dim,
+            a.out_dim,
+            a.patch_out_dim,
+            a.norm_last_layer,
+            a.shared_head,
+        )
     };
     let same_dim = a.shared_head || a.shared_head_teacher;
     if !a.shared_head && a.shared_head_teacher && a.patch_out_dim != a.out_dim {
@@ -158,12 +173,21 @@ impl Dataset for Subset {
         self.inner.classes()
     }
     fn describe(&self) -> String {
-        format!("{} images drawn from {}", self.indices.len(), self.inner.describe())
+        format!(
+            "{} images drawn from {}",
+            self.indices.len(),
+            self.inner.describe()
+        )
     }
 }
 
 /// Opens `path` (split train), keeping a seeded random subset of `n` images if asked.
-pub fn open_dataset(path: &Path, split: &str, subset: Option<usize>, seed: u64) -> Result<Arc<dyn Dataset>> {
+pub fn open_dataset(
+    path: &Path,
+    split: &str,
+    subset: Option<usize>,
+    seed: u64,
+) -> Result<Arc<dyn Dataset>> {
     let ds = dataset::open(path, split)?;
     Ok(match subset {
         Some(n) if n < ds.len() => {
@@ -171,7 +195,10 @@ pub fn open_dataset(path: &Path, split: &str, subset: Option<usize>, seed: u64) 
             idx.shuffle(&mut rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ 0x5EED));
             idx.truncate(n);
             idx.sort_unstable();
-            Arc::new(Subset { inner: ds, indices: idx })
+            Arc::new(Subset {
+                inner: ds,
+                indices: idx,
+            })
         }
         _ => Arc::from(ds),
     })
@@ -217,11 +244,14 @@ fn progress(n: u64, epoch: usize, epochs: usize) -> Option<ProgressBar> {
 pub fn train(args: &TrainArgs) -> Result<TrainOutcome> {
     let device = select_device(&args.device)?;
     if args.use_fp16 {
-        eprintln!("note: --use_fp16: mixed precision is not implemented yet; training runs in float32");
+        eprintln!(
+            "note: --use_fp16: mixed precision is not implemented yet; training runs in float32"
+        );
     }
     let cfg = ibot_config(args)?;
     let lcfg = loader_config(args)?;
-    std::fs::create_dir_all(&args.output_dir).with_context(|| format!("creating {}", args.output_dir.display()))?;
+    std::fs::create_dir_all(&args.output_dir)
+        .with_context(|| format!("creating {}", args.output_dir.display()))?;
     let ds = open_dataset(&args.data_path, "train", args.subset, args.seed)?;
     eprintln!("data: {}", ds.describe());
     let loader = Loader::new(ds.clone(), lcfg)?;
@@ -235,8 +265,22 @@ pub fn train(args: &TrainArgs) -> Result<TrainOutcome> {
     let mut ibot = Ibot::seeded(cfg, device, args.seed)?;
 
     let world = 1.0;
-    let lr = cosine_scheduler(args.lr * args.batch_size_per_gpu as f64 * world / 256.0, args.min_lr, args.epochs, niter, args.warmup_epochs, 0.0)?;
-    let wd = cosine_scheduler(args.weight_decay, args.weight_decay_end, args.epochs, niter, 0, 0.0)?;
+    let lr = cosine_scheduler(
+        args.lr * args.batch_size_per_gpu as f64 * world / 256.0,
+        args.min_lr,
+        args.epochs,
+        niter,
+        args.warmup_epochs,
+        0.0,
+    )?;
+    let wd = cosine_scheduler(
+        args.weight_decay,
+        args.weight_decay_end,
+        args.epochs,
+        niter,
+        0,
+        0.0,
+    )?;
     let mom = cosine_scheduler(args.momentum_teacher, 1.0, args.epochs, niter, 0, 0.0)?;
 
     // Resume: --load_from (relative to output_dir), else output_dir/checkpoint.safetensors.
@@ -251,7 +295,8 @@ pub fn train(args: &TrainArgs) -> Result<TrainOutcome> {
     };
     let mut start_epoch = 0;
     if let Some(p) = &resume {
-        let meta = checkpoint::load(p, &mut ibot).with_context(|| format!("resuming from {}", p.display()))?;
+        let meta = checkpoint::load(p, &mut ibot)
+            .with_context(|| format!("resuming from {}", p.display()))?;
         start_epoch = meta.epoch;
         eprintln!("resumed from {} at epoch {start_epoch}", p.display());
     }
@@ -260,11 +305,17 @@ pub fn train(args: &TrainArgs) -> Result<TrainOutcome> {
 
     let mut last = None;
     let mut done = 0;
-    let stop_at = args.stop_after.map(|n| start_epoch + n).unwrap_or(args.epochs).min(args.epochs);
+    let stop_at = args
+        .stop_after
+        .map(|n| start_epoch + n)
+        .unwrap_or(args.epochs)
+        .min(args.epochs);
     let mut last_finite: Option<f64> = None;
     for epoch in start_epoch..stop_at {
         // Per-epoch seeding makes an interrupted-and-resumed run identical to a straight one.
-        ibot.student.backbone.reseed_drop_path(args.seed.wrapping_add(epoch as u64));
+        ibot.student
+            .backbone
+            .reseed_drop_path(args.seed.wrapping_add(epoch as u64));
         let t0 = Instant::now();
         let pb = progress(niter as u64, epoch, args.epochs);
         let mut sums = EpochStats::default();
@@ -280,7 +331,15 @@ pub fn train(args: &TrainArgs) -> Result<TrainOutcome> {
             let g = niter * epoch + it;
             let views: Vec<Tensor> = batch.views.iter().map(|v| v.to_device(device)).collect();
             let masks: Vec<Tensor> = batch.masks.iter().map(|m| m.to_device(device)).collect();
-            let (s, pred) = match ibot.train_step(&views, &masks, epoch, lr[g], wd[g], mom[g], &SingleProcess) {
+            let (s, pred) = match ibot.train_step(
+                &views,
+                &masks,
+                epoch,
+                lr[g],
+                wd[g],
+                mom[g],
+                &SingleProcess,
+            ) {
                 Ok(x) => x,
                 Err(e) => {
                     if let Some(nf) = e.downcast_ref::<NonFiniteLoss>() {
@@ -303,16 +362,25 @@ pub fn train(args: &TrainArgs) -> Result<TrainOutcome> {
             sums.wd += s.wd;
             sums.acc += s.acc;
             count += 1;
-            preds.extend(Vec::<i64>::try_from(pred.to_device(Device::Cpu).to_kind(Kind::Int64))?);
+            preds.extend(Vec::<i64>::try_from(
+                pred.to_device(Device::Cpu).to_kind(Kind::Int64),
+            )?);
             labels.extend(Vec::<i64>::try_from(batch.labels.to_kind(Kind::Int64))?);
-            let msg = format!("loss {:.4} (cls {:.4} patch {:.4}) lr {:.2e}", s.loss, s.cls, s.patch, s.lr);
+            let msg = format!(
+                "loss {:.4} (cls {:.4} patch {:.4}) lr {:.2e}",
+                s.loss, s.cls, s.patch, s.lr
+            );
             match &pb {
                 Some(pb) => {
                     pb.set_message(msg);
                     pb.inc(1);
                 }
                 None if it % 10 == 0 || it + 1 == niter => {
-                    eprintln!("Epoch: [{epoch}/{}] [{it}/{niter}] {msg} ({:.1}s)", args.epochs, t0.elapsed().as_secs_f64());
+                    eprintln!(
+                        "Epoch: [{epoch}/{}] [{it}/{niter}] {msg} ({:.1}s)",
+                        args.epochs,
+                        t0.elapsed().as_secs_f64()
+                    );
                 }
                 None => {}
             }
@@ -339,10 +407,21 @@ pub fn train(args: &TrainArgs) -> Result<TrainOutcome> {
         // Checkpoint first (atomic), then the log line that refers to it.
         checkpoint::save(&ckpt_path, &ibot, epoch + 1, args)?;
         if args.saveckp_freq > 0 && epoch % args.saveckp_freq == 0 && epoch > 0 {
-            checkpoint::save(&args.output_dir.join(format!("checkpoint{epoch:04}.safetensors")), &ibot, epoch + 1, args)?;
+            checkpoint::save(
+                &args
+                    .output_dir
+                    .join(format!("checkpoint{epoch:04}.safetensors")),
+                &ibot,
+                epoch + 1,
+                args,
+            )?;
         }
         let mut line = serde_json::Map::new();
-        for (k, v) in serde_json::to_value(&st)?.as_object().cloned().unwrap_or_default() {
+        for (k, v) in serde_json::to_value(&st)?
+            .as_object()
+            .cloned()
+            .unwrap_or_default()
+        {
             line.insert(format!("train_{k}"), v);
         }
         line.insert("epoch".into(), epoch.into());
@@ -366,5 +445,9 @@ pub fn train(args: &TrainArgs) -> Result<TrainOutcome> {
         last = Some(st);
         done += 1;
     }
-    Ok(TrainOutcome { ibot, epochs_done: done, last })
+    Ok(TrainOutcome {
+        ibot,
+        epochs_done: done,
+        last,
+    })
 }

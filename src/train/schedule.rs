@@ -32,7 +32,11 @@ pub fn cosine_scheduler(
         warmup_iters <= total,
         "warm-up ({warmup_epochs} epochs) is longer than training ({epochs} epochs)"
     );
-    let mut s = if warmup_epochs > 0 { linspace(start_warmup_value, base, warmup_iters) } else { vec![] };
+    let mut s = if warmup_epochs > 0 {
+        linspace(start_warmup_value, base, warmup_iters)
+    } else {
+        vec![]
+    };
     let n = total - warmup_iters;
     s.extend((0..n).map(|i| {
         let c = (std::f64::consts::PI * i as f64 / n as f64).cos();

@@ -13,7 +13,9 @@ use ibot::train::IbotConfig;
 pub fn fixture_dir(name: &str) -> PathBuf {
     let root = std::env::var_os("IBOT_FIXTURES")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/ibot-ref"));
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/ibot-ref")
+        });
     let dir = root.join(name);
     assert!(
         dir.join("fixtures.json").is_file(),
@@ -37,7 +39,11 @@ pub fn tiny_config(shared_head: bool, shared_head_teacher: bool) -> IbotConfig {
         drop_path_rate: 0.0,
         masked_im_modeling: true,
     };
-    let head = HeadConfig { hidden_dim: 32, bottleneck_dim: 8, ..HeadConfig::new(24, 40, 40, false, shared_head) };
+    let head = HeadConfig {
+        hidden_dim: 32,
+        bottleneck_dim: 8,
+        ..HeadConfig::new(24, 40, 40, false, shared_head)
+    };
     let loss = IbotLossConfig {
         out_dim: 40,
         patch_out_dim: 40,
@@ -56,5 +62,13 @@ pub fn tiny_config(shared_head: bool, shared_head_teacher: bool) -> IbotConfig {
         lambda2: 1.0,
         mim_start_epoch: 0,
     };
-    IbotConfig { backbone, head, shared_head_teacher, loss, clip_grad: 3.0, freeze_last_layer: 1, optimizer: OptimizerKind::Adamw }
+    IbotConfig {
+        backbone,
+        head,
+        shared_head_teacher,
+        loss,
+        clip_grad: 3.0,
+        freeze_last_layer: 1,
+        optimizer: OptimizerKind::Adamw,
+    }
 }
