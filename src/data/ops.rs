@@ -93,6 +93,41 @@ fn bicubic(x: f64) -> f64 {
     }
 }
 
+/// Pillow's triangle (bilinear) kernel.
+fn triangle(x: f64) -> f64 {
+    let x = x.abs();
+    if x < 1.0 {
+        1.0 - x
+    } else {
+        0.0
+    }
+}
+
+/// Resampling filter: torchvision's `InterpolationMode.BICUBIC` (the iBOT pre-training and
+/// evaluation resizes) or `BILINEAR` (the default of `RandomResizedCrop`, used by the official
+/// linear-probe training transform).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Filter {
+    Bicubic,
+    Bilinear,
+}
+
+impl Filter {
+    fn support(self) -> f64 {
+        match self {
+            Filter::Bicubic => 2.0,
+            Filter::Bilinear => 1.0,
+        }
+    }
+
+    fn weight(self, x: f64) -> f64 {
+        match self {
+            Filter::Bicubic => bicubic(x),
+            Filter::Bilinear => triangle(x),
+        }
+    }
+}
+
 /// Per output sample: first input index and the 22-bit fixed-point weights.
 struct Coeffs {
     bounds: Vec<(usize, usize)>,
@@ -102,10 +137,10 @@ struct Coeffs {
 
 /// Pillow's `precompute_coeffs` + `normalize_coeffs_8bpc` for an axis of `in_size` samples
 /// resampled to `out_size`.
-fn coeffs(in_size: usize, out_size: usize) -> Coeffs {
+fn coeffs(in_size: usize, out_size: usize, filter: Filter) -> Coeffs {
     let scale = in_size as f64 / out_size as f64;
     let filterscale = scale.max(1.0);
-    let support = 2.0 * filterscale;
+    let support = filter.support() * filterscale;
     let ksize = support.ceil() as usize * 2 + 1;
     let ss = 1.0 / filterscale;
     let mut bounds = Vec::with_capacity(out_size);
@@ -118,7 +153,7 @@ fn coeffs(in_size: usize, out_size: usize) -> Coeffs {
         let n = xmax.saturating_sub(xmin);
         let mut total = 0.0;
         for x in 0..n {
-            let v = bicubic((x as f64 + xmin as f64 - center + 0.5) * ss);
+            let v = filter.weight((x as f64 + xmin as f64 - center + 0.5) * ss);
             w[x] = v;
             total += v;
         }
@@ -170,6 +205,21 @@ pub fn resized_crop(
     out_h: usize,
     out_w: usize,
 ) -> Rgb8 {
+    resized_crop_with(img, top, left, height, width, out_h, out_w, Filter::Bicubic)
+}
+
+/// [`resized_crop`] with another resampling filter.
+#[allow(clippy::too_many_arguments)]
+pub fn resized_crop_with(
+    img: &Rgb8,
+    top: usize,
+    left: usize,
+    height: usize,
+    width: usize,
+    out_h: usize,
+    out_w: usize,
+    filter: Filter,
+) -> Rgb8 {
     assert!(
         top + height <= img.height && left + width <= img.width && height > 0 && width > 0,
         "crop box outside the image"
@@ -188,14 +238,14 @@ pub fn resized_crop(
         let mut t = vec![0u8; width * height * 3];
         transpose_rgb(region, img.width, height, width, &mut t);
         let mut u = vec![0u8; out_w * height * 3];
-        resample_rows(&t, height * 3, &coeffs(width, out_w), &mut u);
+        resample_rows(&t, height * 3, &coeffs(width, out_w, filter), &mut u);
         transpose_rgb(&u, height, out_w, height, &mut rows);
     }
     if out_h == height {
         return Rgb8::new(out_w, out_h, rows);
     }
     let mut out = vec![0u8; out_h * out_w * 3];
-    resample_rows(&rows, out_w * 3, &coeffs(height, out_h), &mut out);
+    resample_rows(&rows, out_w * 3, &coeffs(height, out_h, filter), &mut out);
     Rgb8::new(out_w, out_h, out)
 }
 
@@ -655,7 +705,7 @@ mod tests {
                     .copy_from_slice(&img.data[src..src + width * 3]);
             }
         } else {
-            let c = coeffs(width, out_w);
+            let c = coeffs(width, out_w, Filter::Bicubic);
             for y in 0..height {
                 let row = &img.data[((top + y) * img.width + left) * 3
                     ..((top + y) * img.width + left + width) * 3];
@@ -678,7 +728,7 @@ mod tests {
         if out_h == height {
             return Rgb8::new(out_w, out_h, tmp);
         }
-        let c = coeffs(height, out_h);
+        let c = coeffs(height, out_h, Filter::Bicubic);
         let mut out = vec![0u8; out_h * out_w * 3];
         let stride = out_w * 3;
         for (yy, &(ymin, n)) in c.bounds.iter().enumerate() {

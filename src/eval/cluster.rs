@@ -123,3 +123,45 @@ pub fn fowlkes_mallows(labels: &[i64], pred: &[i64]) -> f64 {
         (tk / pk).sqrt() * (tk / qk).sqrt()
     }
 }
+
+/// Accuracy (in 0..=1) of the best one-to-one matching of clusters to labels: the Hungarian
+/// (Kuhn–Munkres) assignment on the contingency table, as the official `eval_pred(...,
+/// calc_acc=True)` computes it with `munkres`. Clusters left without a label (more clusters than
+/// labels) count as wrong. Where the official code's indexing works (cluster ids in `0..n_labels`
+/// with a 0 among them) both give the same number; with cluster ids beyond that range the
+/// official code stops with an IndexError, while this one still returns the matched accuracy.
+pub fn hungarian_accuracy(labels: &[i64], pred: &[i64]) -> f64 {
+    let c = contingency(labels, pred);
+    if c.n == 0.0 {
+        return 0.0;
+    }
+    // kuhn_munkres needs rows <= columns: put the smaller side on the rows.
+    let transpose = c.rows.len() > c.cols.len();
+    let (nr, nc) = if transpose {
+        (c.cols.len(), c.rows.len())
+    } else {
+        (c.rows.len(), c.cols.len())
+    };
+    let mut w = pathfinding::matrix::Matrix::new(nr, nc, 0i64);
+    for (&(r, k), &v) in c.at.iter().zip(&c.cells) {
+        let (i, j) = if transpose { (k, r) } else { (r, k) };
+        w[(i, j)] = v as i64;
+    }
+    let (matched, _) = pathfinding::kuhn_munkres::kuhn_munkres(&w);
+    matched as f64 / c.n
+}
+
+/// The official `eval_pred`: (NMI, ARI, F, ACC), ACC being -1 unless `calc_acc`.
+pub fn eval_pred(labels: &[i64], pred: &[i64], calc_acc: bool) -> (f64, f64, f64, f64) {
+    let acc = if calc_acc {
+        hungarian_accuracy(labels, pred)
+    } else {
+        -1.0
+    };
+    (
+        nmi(labels, pred),
+        ari(labels, pred),
+        fowlkes_mallows(labels, pred),
+        acc,
+    )
+}
