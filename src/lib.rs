@@ -8,6 +8,7 @@
 pub mod bench;
 pub mod data;
 pub mod eval;
+pub mod interop;
 pub mod loss;
 pub mod models;
 pub mod params;

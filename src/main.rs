@@ -44,8 +44,20 @@ enum Cmd {
     /// iBOT pre-training (the official main_ibot.py). Resumes from <output_dir>/checkpoint.safetensors.
     #[command(args_override_self = true)]
     Train(Box<TrainArgs>),
-    /// Weighted k-NN accuracy of a checkpoint's [CLS] features (eval_knn.py).
+    /// Weighted k-NN accuracy of [CLS] features (eval_knn.py). Reads `ibot train` checkpoints,
+    /// exported backbones and official .pth files.
     EvalKnn(KnnArgs),
+    /// Linear probe on frozen features (eval_linear.py): SGD on a linear layer over the [CLS]
+    /// tokens of the last blocks, validation each epoch, checkpointed and resumable.
+    EvalLinear(ibot::eval::linear::LinearArgs),
+    /// Unsupervised classification (unsup_cls.py): the teacher head's argmax on the validation
+    /// images as cluster ids, scored against the labels with NMI, ARI, F and Hungarian accuracy.
+    EvalUnsup(UnsupArgs),
+    /// Backbone weights of a checkpoint (ours or official .pth) to a safetensors file under the
+    /// official names, like extract_backbone_weights.py.
+    ExtractBackbone(ExtractArgs),
+    /// Features of every image of a data set to a safetensors file (`features` [N, D], `labels` [N]).
+    ExtractFeatures(FeatureArgs),
     /// Lists the named recipes for --preset.
     Presets,
     /// Benchmarks (timings, not tests). Compare with bench/torch_step.py run with the same
@@ -76,15 +88,32 @@ struct DemoArgs {
     knn_test: usize,
 }
 
+/// Where the weights come from (shared by the evaluation commands).
+#[derive(Args, Clone)]
+#[command(rename_all = "snake_case")]
+struct WeightsArgs {
+    /// Weights to evaluate: an `ibot train` checkpoint, a backbone from `extract-backbone`, or an
+    /// official .pth (full checkpoint.pth or backbone-only file).
+    #[arg(long, alias = "checkpoint")]
+    pretrained_weights: Option<PathBuf>,
+    /// Network to take from full checkpoints: teacher or student.
+    #[arg(long, default_value = "teacher")]
+    checkpoint_key: String,
+    /// Architecture (vit_tiny/small/base/large); only needed when the width is not a standard one.
+    #[arg(long)]
+    arch: Option<String>,
+    /// Evaluation crop side (default: the resolution the position embedding was built for).
+    #[arg(long)]
+    crop_size: Option<usize>,
+    #[arg(long, default_value = "auto")]
+    device: String,
+}
+
 #[derive(Args)]
 #[command(rename_all = "snake_case")]
 struct KnnArgs {
-    /// A checkpoint written by `ibot train`.
-    #[arg(long)]
-    checkpoint: PathBuf,
-    /// teacher or student.
-    #[arg(long, default_value = "teacher")]
-    checkpoint_key: String,
+    #[command(flatten)]
+    weights: WeightsArgs,
     /// A folder with train/ and val/ image folders, or IDX files (train-* and t10k-*).
     #[arg(long)]
     data_path: PathBuf,
@@ -92,16 +121,85 @@ struct KnnArgs {
     nb_knn: Vec<i64>,
     #[arg(long, default_value_t = 0.07)]
     temperature: f64,
-    /// Evaluation crop side (default: the checkpoint's global crop size).
-    #[arg(long)]
-    crop_size: Option<usize>,
     #[arg(long, default_value_t = 128)]
     batch_size_per_gpu: usize,
     /// Use at most this many training / test images.
     #[arg(long)]
     subset: Option<usize>,
-    #[arg(long, default_value = "auto")]
-    device: String,
+    /// Save the computed (L2-normalised) features and labels to this folder (knn_features.safetensors).
+    #[arg(long)]
+    dump_features: Option<PathBuf>,
+    /// Reuse features saved by --dump_features from this folder instead of computing them.
+    #[arg(long)]
+    load_features: Option<PathBuf>,
+    /// Also write the accuracies as JSON to this file.
+    #[arg(long)]
+    output: Option<PathBuf>,
+}
+
+#[derive(Args)]
+#[command(rename_all = "snake_case")]
+struct UnsupArgs {
+    #[command(flatten)]
+    weights: WeightsArgs,
+    /// A folder with a val/ image folder, or IDX files (the t10k-* split is used).
+    #[arg(long)]
+    data_path: PathBuf,
+    #[arg(long, default_value_t = 128)]
+    batch_size_per_gpu: usize,
+    /// Use at most this many images.
+    #[arg(long)]
+    subset: Option<usize>,
+    /// Also write the metrics as JSON to this file.
+    #[arg(long)]
+    output: Option<PathBuf>,
+}
+
+#[derive(Args)]
+#[command(rename_all = "snake_case")]
+struct ExtractArgs {
+    /// The checkpoint to read (ours or an official .pth).
+    input: PathBuf,
+    /// The safetensors file to write.
+    output: PathBuf,
+    /// Network to take from full checkpoints: teacher or student.
+    #[arg(long, default_value = "teacher")]
+    checkpoint_key: String,
+    /// Architecture, only needed when the width is not a standard one.
+    #[arg(long)]
+    arch: Option<String>,
+    /// Names for timm's VisionTransformer (drops `masked_embed`, which timm does not have).
+    #[arg(long)]
+    timm: bool,
+}
+
+#[derive(Args)]
+#[command(rename_all = "snake_case")]
+struct FeatureArgs {
+    #[command(flatten)]
+    weights: WeightsArgs,
+    /// An image folder (with or without class folders) or a folder of IDX files.
+    #[arg(long)]
+    data_path: PathBuf,
+    /// IDX split to read (train or t10k); ignored for image folders.
+    #[arg(long, default_value = "train")]
+    split: String,
+    /// The safetensors file to write.
+    #[arg(long)]
+    output: PathBuf,
+    /// Concatenate the [CLS] tokens of the last n blocks.
+    #[arg(long, default_value_t = 1)]
+    n_last_blocks: usize,
+    /// 0: [CLS] tokens; 1: mean of the patch tokens; 2: both.
+    #[arg(long, default_value_t = 0)]
+    avgpool_patchtokens: u8,
+    #[arg(long, default_value_t = 128)]
+    batch_size_per_gpu: usize,
+    #[arg(long, default_value_t = 2)]
+    num_workers: usize,
+    /// Use at most this many images.
+    #[arg(long)]
+    subset: Option<usize>,
 }
 
 #[derive(Subcommand)]
@@ -258,36 +356,246 @@ fn demo(d: DemoArgs) -> Result<()> {
     Ok(())
 }
 
-fn eval_knn(k: KnnArgs) -> Result<()> {
-    let device = run::select_device(&k.device)?;
-    let meta = ibot::train::checkpoint::read_meta(&k.checkpoint)?;
-    let mut ibot = ibot::train::Ibot::new(meta.config.clone(), device)?;
-    ibot::train::checkpoint::load(&k.checkpoint, &mut ibot)?;
-    let backbone = match k.checkpoint_key.as_str() {
-        "teacher" => &ibot.teacher.backbone,
-        "student" => &ibot.student.backbone,
-        other => bail!("--checkpoint_key must be teacher or student, not '{other}'"),
-    };
-    let size = k.crop_size.unwrap_or(meta.args.global_crops_size);
-    let (trp, trs, tep, tes) = eval_splits(&k.data_path)?;
-    let train_ds = ibot::data::dataset::open(&trp, trs)?;
-    let test_ds = ibot::data::dataset::open(&tep, tes)?;
-    let lim = k.subset.unwrap_or(usize::MAX);
-    let tr = first_n(train_ds.len(), lim);
-    let te = first_n(test_ds.len(), lim);
-    let res = knn_report(
-        &k.checkpoint_key,
-        Some(backbone),
-        FeatureKind::Cls,
-        (train_ds.as_ref(), &tr[..], test_ds.as_ref(), &te[..]),
-        size,
-        &k.nb_knn,
-        k.temperature,
-        device,
-    )?;
-    for (kk, t1, t5) in res {
-        println!("{kk}-NN classifier result: Top1: {t1}, Top5: {t5}");
+/// The backbone (and the raw weights, for the head) named by `w`, with the crop side to use.
+fn open_backbone(
+    w: &WeightsArgs,
+) -> Result<(
+    ibot::interop::Pretrained,
+    ibot::models::VisionTransformer,
+    usize,
+    Device,
+)> {
+    let device = run::select_device(&w.device)?;
+    if !["teacher", "student"].contains(&w.checkpoint_key.as_str()) {
+        bail!(
+            "--checkpoint_key must be teacher or student, not '{}'",
+            w.checkpoint_key
+        );
     }
+    let Some(path) = &w.pretrained_weights else {
+        bail!("--pretrained_weights is required")
+    };
+    let p = ibot::interop::load_pretrained(path, &w.checkpoint_key, w.arch.as_deref())?;
+    eprintln!("weights: {}", p.description);
+    let (_, vit) = p.backbone_model(device)?;
+    let size = w.crop_size.unwrap_or(p.vit.img_size as usize);
+    Ok((p, vit, size, device))
+}
+
+fn write_json(path: &std::path::Path, v: &serde_json::Value) -> Result<()> {
+    ibot::util::atomic_write(path, serde_json::to_string_pretty(v)?.as_bytes())
+}
+
+fn eval_knn(k: KnnArgs) -> Result<()> {
+    let t0 = Instant::now();
+    let (ftr, ltr, fte, lte) = if let Some(dir) = &k.load_features {
+        let path = dir.join("knn_features.safetensors");
+        let mut t = ibot::params::read_safetensors(&path)?;
+        let mut take = |n: &str| {
+            t.remove(n)
+                .with_context(|| format!("{} has no '{n}'", path.display()))
+        };
+        (
+            take("train_features")?,
+            take("train_labels")?,
+            take("test_features")?,
+            take("test_labels")?,
+        )
+    } else {
+        let (_, vit, size, device) = open_backbone(&k.weights)?;
+        let (trp, trs, tep, tes) = eval_splits(&k.data_path)?;
+        let train_ds = ibot::data::dataset::open(&trp, trs)?;
+        let test_ds = ibot::data::dataset::open(&tep, tes)?;
+        let lim = k.subset.unwrap_or(usize::MAX);
+        let tr = first_n(train_ds.len(), lim);
+        let te = first_n(test_ds.len(), lim);
+        let bs = k.batch_size_per_gpu;
+        let (ftr, ltr) = features::extract(
+            Some(&vit),
+            FeatureKind::Cls,
+            train_ds.as_ref(),
+            &tr,
+            size,
+            bs,
+            device,
+        )?;
+        let (fte, lte) = features::extract(
+            Some(&vit),
+            FeatureKind::Cls,
+            test_ds.as_ref(),
+            &te,
+            size,
+            bs,
+            device,
+        )?;
+        if let Some(dir) = &k.dump_features {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+            let named = [
+                ("train_features", &ftr),
+                ("train_labels", &ltr),
+                ("test_features", &fte),
+                ("test_labels", &lte),
+            ]
+            .map(|(n, t)| (n.to_string(), t.shallow_clone()));
+            ibot::params::write_safetensors(&dir.join("knn_features.safetensors"), &named, None)?;
+            eprintln!(
+                "features saved to {}",
+                dir.join("knn_features.safetensors").display()
+            );
+        }
+        (ftr, ltr, fte, lte)
+    };
+    eprintln!(
+        "features of {} training and {} test images ({:.0}s)",
+        ftr.size()[0],
+        fte.size()[0],
+        t0.elapsed().as_secs_f64()
+    );
+    let nclass = ltr.max().int64_value(&[]).max(lte.max().int64_value(&[])) + 1;
+    let mut results = Vec::new();
+    for &kk in &k.nb_knn {
+        let r = knn_classifier(
+            &ftr,
+            &ltr,
+            &fte,
+            &lte,
+            kk.min(ftr.size()[0]),
+            k.temperature,
+            nclass.max(5),
+        )?;
+        println!(
+            "{kk}-NN classifier result: Top1: {}, Top5: {}",
+            r.top1, r.top5
+        );
+        results.push(serde_json::json!({"k": kk, "top1": r.top1, "top5": r.top5}));
+    }
+    if let Some(out) = &k.output {
+        write_json(
+            out,
+            &serde_json::json!({"pretrained_weights": k.weights.pretrained_weights, "checkpoint_key": k.weights.checkpoint_key, "temperature": k.temperature, "knn": results}),
+        )?;
+    }
+    Ok(())
+}
+
+fn eval_unsup(u: UnsupArgs) -> Result<()> {
+    let (p, vit, size, device) = open_backbone(&u.weights)?;
+    let (_, head) = p
+        .head_model(device)?
+        .context("these weights have no projection head (a backbone-only file?); eval-unsup needs a full checkpoint")?;
+    let (_, _, tep, tes) = eval_splits(&u.data_path)?;
+    let ds = ibot::data::dataset::open(&tep, tes)?;
+    let idx = first_n(ds.len(), u.subset.unwrap_or(usize::MAX));
+    let bar = ibot::util::progress_bar(
+        idx.len().div_ceil(u.batch_size_per_gpu.max(1)) as u64,
+        "eval-unsup",
+    );
+    let (mut labels, mut preds) = (Vec::new(), Vec::new());
+    for chunk in idx.chunks(u.batch_size_per_gpu.max(1)) {
+        let (x, l) = features::eval_batch(ds.as_ref(), chunk, size)?;
+        let logits = tch::no_grad(|| -> Result<tch::Tensor> {
+            Ok(head.forward_cls(&vit.forward(&x.to_device(device), None, false)?.select(1, 0)))
+        })?;
+        preds.extend(Vec::<i64>::try_from(
+            logits.argmax(1, false).to_device(Device::Cpu),
+        )?);
+        labels.extend(Vec::<i64>::try_from(l)?);
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    if labels.iter().any(|&l| l < 0) {
+        bail!("eval-unsup needs labelled images (class folders or IDX labels)");
+    }
+    let (nmi, ari, f, acc) = ibot::eval::cluster::eval_pred(&labels, &preds, true);
+    let used = preds.iter().collect::<std::collections::HashSet<_>>().len();
+    println!("NMI: {nmi}, ARI: {ari}, F: {f}, ACC: {acc}");
+    eprintln!(
+        "{} images, {used} of {} clusters used",
+        labels.len(),
+        head.cfg.out_dim
+    );
+    if let Some(out) = &u.output {
+        write_json(
+            out,
+            &serde_json::json!({"nmi": nmi, "ari": ari, "f": f, "acc": acc, "images": labels.len(), "clusters_used": used}),
+        )?;
+    }
+    Ok(())
+}
+
+fn extract_backbone(e: ExtractArgs) -> Result<()> {
+    let p = ibot::interop::load_pretrained(&e.input, &e.checkpoint_key, e.arch.as_deref())?;
+    let n = ibot::interop::export_backbone(&p, &e.output, e.timm)?;
+    println!(
+        "{n} backbone tensors of {} written to {}",
+        p.description,
+        e.output.display()
+    );
+    Ok(())
+}
+
+fn extract_features(f: FeatureArgs) -> Result<()> {
+    let (_, vit, size, device) = open_backbone(&f.weights)?;
+    let spec = ibot::eval::linear::FeatureSpec {
+        n_last_blocks: f.n_last_blocks,
+        avgpool: f.avgpool_patchtokens,
+    };
+    spec.validate(vit.blocks.len())?;
+    let ds = ibot::data::dataset::open(&f.data_path, &f.split)?;
+    let idx = first_n(ds.len(), f.subset.unwrap_or(usize::MAX));
+    let bs = f.batch_size_per_gpu.max(1);
+    let bar = ibot::util::progress_bar(idx.len().div_ceil(bs) as u64, "features");
+    let (mut feats, mut labels) = (Vec::new(), Vec::new());
+    for chunk in idx.chunks(bs) {
+        let (x, l) = features::view_batch(
+            ds.as_ref(),
+            chunk,
+            size,
+            f.num_workers,
+            &|img: &ibot::data::ops::Rgb8, _| features::eval_view(img, size),
+        )?;
+        feats.push(
+            spec.features(&vit, &x.to_device(device))?
+                .to_device(Device::Cpu),
+        );
+        labels.push(l);
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    let named = vec![
+        ("features".to_string(), tch::Tensor::cat(&feats, 0)),
+        ("labels".to_string(), tch::Tensor::cat(&labels, 0)),
+    ];
+    let shape = named[0].1.size();
+    ibot::params::write_safetensors(&f.output, &named, None)?;
+    println!(
+        "features {shape:?} of {} written to {}",
+        ds.describe(),
+        f.output.display()
+    );
+    Ok(())
+}
+
+fn eval_linear(a: ibot::eval::linear::LinearArgs) -> Result<()> {
+    let device = run::select_device(&a.device)?;
+    let p = ibot::interop::load_pretrained(
+        &a.pretrained_weights,
+        &a.checkpoint_key,
+        a.arch.as_deref(),
+    )?;
+    eprintln!("weights: {}", p.description);
+    let (_, vit) = p.backbone_model(device)?;
+    let (trp, trs, tep, tes) = eval_splits(&a.data_path)?;
+    let train_ds = ibot::data::dataset::open(&trp, trs)?;
+    let val_ds = ibot::data::dataset::open(&tep, tes)?;
+    eprintln!(
+        "data: {} training ({}), {} validation images",
+        train_ds.len(),
+        train_ds.describe(),
+        val_ds.len()
+    );
+    let r = ibot::eval::linear::run(&a, &vit, train_ds.as_ref(), val_ds.as_ref(), device)?;
+    println!("Training of the linear classifier on frozen features completed. Top-1 test accuracy: {:.1}", r.best_acc1);
     Ok(())
 }
 
@@ -307,6 +615,10 @@ fn run(cli: Cli) -> Result<bool> {
             Ok(true)
         }
         Cmd::EvalKnn(k) => eval_knn(k).map(|_| true),
+        Cmd::EvalLinear(a) => eval_linear(a).map(|_| true),
+        Cmd::EvalUnsup(u) => eval_unsup(u).map(|_| true),
+        Cmd::ExtractBackbone(e) => extract_backbone(e).map(|_| true),
+        Cmd::ExtractFeatures(f) => extract_features(f).map(|_| true),
         Cmd::Presets => {
             for (name, what, args) in PRESETS {
                 println!("{name}: {what}\n    {}\n", args.join(" "));

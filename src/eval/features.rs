@@ -31,20 +31,61 @@ pub fn eval_view(img: &Rgb8, size: usize) -> Rgb8 {
 
 /// Normalised evaluation views of `indices`, stacked `[N, 3, size, size]`, with their labels.
 pub fn eval_batch(ds: &dyn Dataset, indices: &[usize], size: usize) -> Result<(Tensor, Tensor)> {
+    view_batch(ds, indices, size, 1, &|img: &Rgb8, _| eval_view(img, size))
+}
+
+/// Views `view(image, dataset index)` (each `size x size`) of `indices`, normalised and stacked
+/// `[N, 3, size, size]`, with their labels; decoding and the views run on `workers` threads.
+pub fn view_batch(
+    ds: &dyn Dataset,
+    indices: &[usize],
+    size: usize,
+    workers: usize,
+    view: &(dyn Fn(&Rgb8, usize) -> Rgb8 + Sync),
+) -> Result<(Tensor, Tensor)> {
     let s = size as i64;
+    let n = 3 * size * size;
     let mut pix = FloatTensorBuf::zeros(&[indices.len() as i64, 3, s, s]);
-    let mut labels = Vec::with_capacity(indices.len());
-    for (k, &i) in indices.iter().enumerate() {
-        let (img, l) = ds.get(i)?;
-        let v = eval_view(&img, size);
-        let n = 3 * size * size;
-        ops::to_tensor_normalize_into(
-            &v,
-            ops::IMAGENET_MEAN,
-            ops::IMAGENET_STD,
-            &mut pix.as_mut_slice()[k * n..(k + 1) * n],
-        );
-        labels.push(l);
+    let mut labels = vec![0i64; indices.len()];
+    let per = indices.len().div_ceil(workers.max(1)).max(1);
+    let results: Vec<Result<()>> = std::thread::scope(|scope| {
+        let jobs: Vec<_> = pix
+            .as_mut_slice()
+            .chunks_mut(per * n)
+            .zip(labels.chunks_mut(per))
+            .zip(indices.chunks(per))
+            .map(|((px, lb), idx)| {
+                scope.spawn(move || -> Result<()> {
+                    for (k, &i) in idx.iter().enumerate() {
+                        let (img, l) = ds.get(i)?;
+                        let v = view(&img, i);
+                        anyhow::ensure!(
+                            v.width == size && v.height == size,
+                            "view of image {i} is {}x{}, expected {size}x{size}",
+                            v.width,
+                            v.height
+                        );
+                        ops::to_tensor_normalize_into(
+                            &v,
+                            ops::IMAGENET_MEAN,
+                            ops::IMAGENET_STD,
+                            &mut px[k * n..(k + 1) * n],
+                        );
+                        lb[k] = l;
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        jobs.into_iter()
+            .map(|j| {
+                j.join()
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("an image worker panicked")))
+            })
+            .collect()
+    });
+    for r in results {
+        r?;
     }
     Ok((pix.into_tensor(), Tensor::from_slice(&labels)))
 }

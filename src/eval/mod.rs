@@ -3,3 +3,4 @@
 pub mod cluster;
 pub mod features;
 pub mod knn;
+pub mod linear;

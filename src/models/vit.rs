@@ -498,13 +498,23 @@ impl VisionTransformer {
 
     /// Normed outputs of the last `n` blocks (the official `get_intermediate_layers`).
     pub fn get_intermediate_layers(&self, x: &Tensor, n: usize) -> Result<Vec<Tensor>> {
+        self.intermediate_tokens(x, n, true)
+    }
+
+    /// Outputs of the last `n` blocks, `[B, 1 + N, D]` each, through the final norm or not (the
+    /// official mean-pooling ViT of `--avgpool_patchtokens 1` replaces that norm by an identity).
+    pub fn intermediate_tokens(&self, x: &Tensor, n: usize, normed: bool) -> Result<Vec<Tensor>> {
         let mut t = self.prepare_tokens(x, None)?;
         let depth = self.blocks.len();
         let mut out = Vec::new();
         for (i, blk) in self.blocks.iter().enumerate() {
             t = blk.forward(&t, false, &self.drop_rng);
             if depth - i <= n {
-                out.push(self.norm.forward(&t));
+                out.push(if normed {
+                    self.norm.forward(&t)
+                } else {
+                    t.shallow_clone()
+                });
             }
         }
         Ok(out)

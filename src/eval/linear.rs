@@ -1,0 +1,528 @@
+//! Linear probing on frozen features, as the official `eval_linear.py` (from DINO).
+//!
+//! Features: the normed [CLS] tokens of the last `n_last_blocks` blocks, concatenated
+//! (`avgpool_patchtokens 0`), the mean of the last block's patch tokens without the final norm
+//! (`1`, the official mean-pooling ViT), or both (`2`). A `nn.Linear` (weights N(0, 0.01), bias
+//! 0) is trained with cross-entropy and SGD (momentum 0.9, no weight decay, lr scaled by
+//! batch/256), the lr following `CosineAnnealingLR(epochs, eta_min=0)` stepped once per epoch.
+//! Training images get `RandomResizedCrop(size)` (bilinear, scale 0.08..1) and a horizontal flip;
+//! validation images `Resize(size·256/224)` + `CenterCrop(size)`.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, ensure, Context, Result};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+use tch::{Device, Kind, Reduction, Tensor};
+
+use super::features::{eval_view, view_batch};
+use crate::data::augment::random_resized_crop_params;
+use crate::data::dataset::Dataset;
+use crate::data::ops::{self, Filter, Rgb8};
+use crate::models::VisionTransformer;
+use crate::params::{read_safetensors, write_safetensors};
+
+/// How features are taken from the backbone (`--n_last_blocks`, `--avgpool_patchtokens`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FeatureSpec {
+    pub n_last_blocks: usize,
+    pub avgpool: u8,
+}
+
+impl FeatureSpec {
+    pub fn validate(&self, depth: usize) -> Result<()> {
+        ensure!(
+            self.avgpool <= 2,
+            "--avgpool_patchtokens must be 0, 1 or 2, not {}",
+            self.avgpool
+        );
+        ensure!(
+            self.avgpool == 1 || (1..=depth).contains(&self.n_last_blocks),
+            "--n_last_blocks must be in 1..={depth} for this backbone, not {}",
+            self.n_last_blocks
+        );
+        Ok(())
+    }
+
+    /// Width of the concatenated feature for a backbone of width `embed_dim`.
+    pub fn dim(&self, embed_dim: i64) -> i64 {
+        let cls = if self.avgpool != 1 {
+            self.n_last_blocks as i64
+        } else {
+            0
+        };
+        embed_dim * (cls + i64::from(self.avgpool > 0))
+    }
+
+    /// Features `[B, dim]` of images `[B, 3, H, W]` (no gradient).
+    pub fn features(&self, vit: &VisionTransformer, x: &Tensor) -> Result<Tensor> {
+        let _g = tch::no_grad_guard();
+        let n = if self.avgpool == 1 {
+            1
+        } else {
+            self.n_last_blocks
+        };
+        let layers = vit.intermediate_tokens(x, n, self.avgpool != 1)?;
+        let mut parts: Vec<Tensor> = Vec::new();
+        if self.avgpool != 1 {
+            parts.extend(layers.iter().map(|t| t.select(1, 0)));
+        }
+        if self.avgpool > 0 {
+            let last = layers.last().context("no block outputs")?;
+            let n_tok = last.size()[1];
+            parts.push(last.narrow(1, 1, n_tok - 1).mean_dim(1, false, Kind::Float));
+        }
+        Ok(Tensor::cat(&parts, -1))
+    }
+}
+
+/// `LinearClassifier`: one `nn.Linear(dim, num_labels)` trained by SGD with momentum 0.9.
+#[derive(Debug)]
+pub struct LinearProbe {
+    pub weight: Tensor,
+    pub bias: Tensor,
+    /// SGD momentum buffers (absent before the first step, as in PyTorch).
+    momentum: Option<(Tensor, Tensor)>,
+}
+
+pub const MOMENTUM: f64 = 0.9;
+
+impl LinearProbe {
+    /// Weights N(0, 0.01), bias 0, drawn from libtorch's generator (seed it with `tch::manual_seed`).
+    pub fn new(dim: i64, num_labels: i64, device: Device) -> Self {
+        let weight = (Tensor::randn([num_labels, dim], (Kind::Float, device)) * 0.01)
+            .set_requires_grad(true);
+        let bias = Tensor::zeros([num_labels], (Kind::Float, device)).set_requires_grad(true);
+        Self {
+            weight,
+            bias,
+            momentum: None,
+        }
+    }
+
+    /// Given weights (e.g. from a reference) and no momentum yet.
+    pub fn from_weights(weight: Tensor, bias: Tensor) -> Self {
+        Self {
+            weight: weight.detach().copy().set_requires_grad(true),
+            bias: bias.detach().copy().set_requires_grad(true),
+            momentum: None,
+        }
+    }
+
+    pub fn logits(&self, feats: &Tensor) -> Tensor {
+        feats.flatten(1, -1).linear(&self.weight, Some(&self.bias))
+    }
+
+    /// One SGD step on a batch; returns the (pre-step) cross-entropy loss.
+    pub fn train_step(&mut self, feats: &Tensor, targets: &Tensor, lr: f64) -> Result<f64> {
+        let loss = self.logits(feats).cross_entropy_loss::<Tensor>(
+            targets,
+            None,
+            Reduction::Mean,
+            -100,
+            0.0,
+        );
+        let value = loss.double_value(&[]);
+        ensure!(value.is_finite(), "linear-probe loss is {value}");
+        let grads = Tensor::run_backward(&[&loss], &[&self.weight, &self.bias], false, false);
+        tch::no_grad(|| {
+            // PyTorch SGD: buf = g on the first step, then buf = momentum * buf + g; p -= lr * buf.
+            let bufs = match self.momentum.take() {
+                None => (grads[0].copy(), grads[1].copy()),
+                Some((mut bw, mut bb)) => {
+                    let _ = bw.g_mul_scalar_(MOMENTUM).g_add_(&grads[0]);
+                    let _ = bb.g_mul_scalar_(MOMENTUM).g_add_(&grads[1]);
+                    (bw, bb)
+                }
+            };
+            let _ = self.weight.g_add_(&(&bufs.0 * -lr));
+            let _ = self.bias.g_add_(&(&bufs.1 * -lr));
+            self.momentum = Some(bufs);
+        });
+        Ok(value)
+    }
+
+    fn state(&self) -> Vec<(String, Tensor)> {
+        let mut v = vec![
+            ("linear.weight".to_string(), self.weight.detach()),
+            ("linear.bias".to_string(), self.bias.detach()),
+        ];
+        if let Some((bw, bb)) = &self.momentum {
+            v.push(("momentum.weight".into(), bw.shallow_clone()));
+            v.push(("momentum.bias".into(), bb.shallow_clone()));
+        }
+        v
+    }
+}
+
+/// `CosineAnnealingLR(T_max=epochs, eta_min=0)` after `epoch` scheduler steps.
+pub fn cosine_annealing_lr(base: f64, epoch: usize, epochs: usize) -> f64 {
+    base * (1.0 + (std::f64::consts::PI * epoch as f64 / epochs.max(1) as f64).cos()) / 2.0
+}
+
+/// Options of `ibot eval-linear` (names and defaults of the official `eval_linear.py`).
+#[derive(Debug, Clone, clap::Args, Serialize, Deserialize)]
+#[command(rename_all = "snake_case")]
+pub struct LinearArgs {
+    /// Weights to evaluate: an `ibot train` checkpoint, an exported backbone, or an official
+    /// .pth (full checkpoint or backbone only).
+    #[arg(long, alias = "checkpoint")]
+    pub pretrained_weights: PathBuf,
+    /// Network to take from full checkpoints: teacher or student.
+    #[arg(long, default_value = "teacher")]
+    pub checkpoint_key: String,
+    /// Architecture (vit_tiny/small/base/large); only needed for non-standard widths.
+    #[arg(long)]
+    pub arch: Option<String>,
+    /// Folder with train/ and val/ image folders, or IDX files (train-* and t10k-*).
+    #[arg(long)]
+    pub data_path: PathBuf,
+    /// Concatenate the [CLS] tokens of the last n blocks (official: 4 for ViT-S, 1 for ViT-B/L).
+    #[arg(long, default_value_t = 4)]
+    pub n_last_blocks: usize,
+    /// 0: [CLS] tokens; 1: mean of the patch tokens; 2: both (official choice for ViT-B/L).
+    #[arg(long, default_value_t = 0)]
+    pub avgpool_patchtokens: u8,
+    #[arg(long, default_value_t = 100)]
+    pub epochs: usize,
+    /// Learning rate for a batch of 256 (scaled linearly with the batch size).
+    #[arg(long, default_value_t = 0.001)]
+    pub lr: f64,
+    #[arg(long, default_value_t = 128)]
+    pub batch_size_per_gpu: usize,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Threads decoding and augmenting images.
+    #[arg(long, default_value_t = 2)]
+    pub num_workers: usize,
+    /// Validate every this many epochs (and after the last).
+    #[arg(long, default_value_t = 1)]
+    pub val_freq: usize,
+    #[arg(long, default_value = ".")]
+    pub output_dir: PathBuf,
+    /// Number of classes (default: read from the data set).
+    #[arg(long)]
+    pub num_labels: Option<i64>,
+    /// Resume from this checkpoint (default: <output_dir>/checkpoint_<key>_linear.safetensors if present).
+    #[arg(long)]
+    pub load_from: Option<PathBuf>,
+    /// Crop side for training and validation views.
+    #[arg(long, default_value_t = 224)]
+    pub crop_size: usize,
+    /// Use at most this many training and validation images.
+    #[arg(long)]
+    pub subset: Option<usize>,
+    /// Not the official protocol: compute the features of the centre-cropped training images once
+    /// and train on those (no augmentation; about `epochs` times faster on a CPU).
+    #[arg(long)]
+    pub precompute_features: bool,
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+}
+
+/// Outcome of a linear-probe run (also written to `<output_dir>/results_linear_<key>.json`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LinearResult {
+    pub best_acc1: f64,
+    pub last_acc1: f64,
+    pub last_acc5: Option<f64>,
+    pub epochs: usize,
+    pub feature_dim: i64,
+    pub num_labels: i64,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct LinearCkptMeta {
+    format: String,
+    /// Next epoch to run.
+    epoch: usize,
+    best_acc: f64,
+    args: LinearArgs,
+}
+
+const CKPT_FORMAT: &str = "ibot-rs-linear/1";
+
+fn training_view(img: &Rgb8, size: usize, rng: &mut impl Rng) -> Rgb8 {
+    let (top, left, h, w) = random_resized_crop_params(
+        img.height,
+        img.width,
+        (0.08, 1.0),
+        (3.0 / 4.0, 4.0 / 3.0),
+        rng,
+    );
+    let mut v = ops::resized_crop_with(img, top, left, h, w, size, size, Filter::Bilinear);
+    if rng.gen::<f64>() < 0.5 {
+        ops::hflip_in_place(&mut v);
+    }
+    v
+}
+
+/// Top-1 / top-5 accuracy (percent) and mean loss of `probe` on features `[N, F]`.
+fn evaluate(
+    probe: &LinearProbe,
+    feats: &Tensor,
+    labels: &Tensor,
+    num_labels: i64,
+) -> (f64, Option<f64>, f64) {
+    let _g = tch::no_grad_guard();
+    let logits = probe.logits(feats);
+    let loss = logits
+        .cross_entropy_loss::<Tensor>(labels, None, Reduction::Mean, -100, 0.0)
+        .double_value(&[]);
+    let k = 5.min(num_labels);
+    let (_, top) = logits.topk(k, 1, true, true);
+    let hit = top.eq_tensor(&labels.reshape([-1, 1]));
+    let n = labels.size()[0] as f64;
+    let acc1 = hit.narrow(1, 0, 1).sum(Kind::Float).double_value(&[]) * 100.0 / n;
+    let acc5 = (num_labels >= 5).then(|| hit.sum(Kind::Float).double_value(&[]) * 100.0 / n);
+    (acc1, acc5, loss)
+}
+
+/// Runs the linear evaluation of `backbone` on `train`/`val`.
+pub fn run(
+    a: &LinearArgs,
+    backbone: &VisionTransformer,
+    train: &dyn Dataset,
+    val: &dyn Dataset,
+    device: Device,
+) -> Result<LinearResult> {
+    let spec = FeatureSpec {
+        n_last_blocks: a.n_last_blocks,
+        avgpool: a.avgpool_patchtokens,
+    };
+    spec.validate(backbone.blocks.len())?;
+    ensure!(
+        a.epochs > 0 && a.batch_size_per_gpu > 0 && a.val_freq > 0,
+        "--epochs, --batch_size_per_gpu and --val_freq must be positive"
+    );
+    let lim = a.subset.unwrap_or(usize::MAX);
+    let train_idx: Vec<usize> = (0..train.len().min(lim)).collect();
+    let val_idx: Vec<usize> = (0..val.len().min(lim)).collect();
+    ensure!(
+        !train_idx.is_empty() && !val_idx.is_empty(),
+        "the training or validation set is empty"
+    );
+    let tl: Vec<i64> = train_idx.iter().map(|&i| train.label(i)).collect();
+    let vl: Vec<i64> = val_idx.iter().map(|&i| val.label(i)).collect();
+    if tl.iter().chain(&vl).any(|&l| l < 0) {
+        bail!("linear evaluation needs labelled images (class folders or IDX labels)");
+    }
+    let seen = tl.iter().chain(&vl).max().copied().unwrap_or(0) + 1;
+    let num_labels = a.num_labels.unwrap_or(seen);
+    ensure!(
+        seen <= num_labels,
+        "labels go up to {} but --num_labels is {num_labels}",
+        seen - 1
+    );
+    let dim = spec.dim(backbone.cfg.embed_dim);
+    let size = a.crop_size;
+    let feats_of = |x: &Tensor| spec.features(backbone, &x.to_device(device));
+
+    std::fs::create_dir_all(&a.output_dir)
+        .with_context(|| format!("creating {}", a.output_dir.display()))?;
+    let ckpt_path = a.output_dir.join(format!(
+        "checkpoint_{}_linear.safetensors",
+        a.checkpoint_key
+    ));
+    tch::manual_seed(a.seed as i64);
+    let mut probe = LinearProbe::new(dim, num_labels, device);
+    let (mut start, mut best) = (0, 0.0f64);
+    let resume = a
+        .load_from
+        .clone()
+        .or_else(|| ckpt_path.is_file().then(|| ckpt_path.clone()));
+    if let Some(p) = resume {
+        let (e, b) = load_probe(&p, &mut probe, dim, num_labels)?;
+        eprintln!(
+            "resuming the linear probe from {} at epoch {e} (best so far {b:.2}%)",
+            p.display()
+        );
+        (start, best) = (e, b);
+    }
+
+    // Validation features never change (frozen backbone, fixed views): compute them once.
+    let bs = a.batch_size_per_gpu;
+    let eval_feats = |ds: &dyn Dataset, idx: &[usize], what: &str| -> Result<(Tensor, Tensor)> {
+        let bar = crate::util::progress_bar(idx.len().div_ceil(bs) as u64, what);
+        let mut f = Vec::new();
+        let mut l = Vec::new();
+        for chunk in idx.chunks(bs) {
+            let (x, y) = view_batch(ds, chunk, size, a.num_workers, &|img: &Rgb8, _| {
+                eval_view(img, size)
+            })?;
+            f.push(feats_of(&x)?.to_device(Device::Cpu));
+            l.push(y);
+            bar.inc(1);
+        }
+        bar.finish_and_clear();
+        Ok((
+            Tensor::cat(&f, 0).to_device(device),
+            Tensor::cat(&l, 0).to_device(device),
+        ))
+    };
+    let (val_f, val_l) = eval_feats(val, &val_idx, "validation features")?;
+    let cached_train = if a.precompute_features {
+        Some(eval_feats(train, &train_idx, "training features")?)
+    } else {
+        None
+    };
+
+    let base_lr = a.lr * bs as f64 / 256.0;
+    let log_path = a.output_dir.join("log.txt");
+    let (mut last1, mut last5) = (0.0, None);
+    for epoch in start..a.epochs {
+        let lr = cosine_annealing_lr(base_lr, epoch, a.epochs);
+        let mut order = train_idx.clone();
+        let mut rng =
+            ChaCha8Rng::seed_from_u64(a.seed.wrapping_mul(1_000_003).wrapping_add(epoch as u64));
+        rand::seq::SliceRandom::shuffle(&mut order[..], &mut rng);
+        let bar =
+            crate::util::progress_bar(order.len().div_ceil(bs) as u64, &format!("epoch {epoch}"));
+        let (mut loss_sum, mut steps) = (0.0, 0usize);
+        for (b, chunk) in order.chunks(bs).enumerate() {
+            let (feats, y) = match &cached_train {
+                Some((f, l)) => {
+                    let pos: Vec<i64> = chunk.iter().map(|&i| i as i64).collect();
+                    let pos = Tensor::from_slice(&pos).to_device(device);
+                    (f.index_select(0, &pos), l.index_select(0, &pos))
+                }
+                None => {
+                    let (seed, ep) = (a.seed, epoch as u64);
+                    let view = move |img: &Rgb8, i: usize| {
+                        let mut r = ChaCha8Rng::seed_from_u64(
+                            seed ^ (ep << 40) ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+                        );
+                        training_view(img, size, &mut r)
+                    };
+                    let (x, y) = view_batch(train, chunk, size, a.num_workers, &view)?;
+                    (feats_of(&x)?, y.to_device(device))
+                }
+            };
+            let loss = probe
+                .train_step(&feats, &y, lr)
+                .with_context(|| format!("epoch {epoch}, batch {b}"))?;
+            loss_sum += loss;
+            steps += 1;
+            bar.set_message(format!("loss {:.4}", loss_sum / steps as f64));
+            bar.inc(1);
+        }
+        bar.finish_and_clear();
+        let mut log = serde_json::json!({ "train_loss": loss_sum / steps.max(1) as f64, "train_lr": lr, "epoch": epoch });
+        if epoch % a.val_freq == 0 || epoch + 1 == a.epochs {
+            let (acc1, acc5, vloss) = evaluate(&probe, &val_f, &val_l, num_labels);
+            (last1, last5) = (acc1, acc5);
+            log["test_loss"] = vloss.into();
+            log["test_acc1"] = acc1.into();
+            if let Some(a5) = acc5 {
+                log["test_acc5"] = a5.into();
+            }
+            if acc1 >= best {
+                save_probe(
+                    &a.output_dir
+                        .join(format!("best_{}_linear.safetensors", a.checkpoint_key)),
+                    &probe,
+                    epoch + 1,
+                    acc1,
+                    a,
+                )?;
+            }
+            best = best.max(acc1);
+            eprintln!(
+                "epoch {epoch}: train loss {:.4}, lr {lr:.3e}, val acc@1 {acc1:.2}%{} (best {best:.2}%)",
+                loss_sum / steps.max(1) as f64,
+                acc5.map(|v| format!(", acc@5 {v:.2}%")).unwrap_or_default()
+            );
+        }
+        append_line(&log_path, &log.to_string())?;
+        save_probe(&ckpt_path, &probe, epoch + 1, best, a)?;
+    }
+    let res = LinearResult {
+        best_acc1: best,
+        last_acc1: last1,
+        last_acc5: last5,
+        epochs: a.epochs,
+        feature_dim: dim,
+        num_labels,
+    };
+    let out = a
+        .output_dir
+        .join(format!("results_linear_{}.json", a.checkpoint_key));
+    crate::util::atomic_write(&out, serde_json::to_string_pretty(&res)?.as_bytes())?;
+    Ok(res)
+}
+
+fn append_line(path: &Path, line: &str) -> Result<()> {
+    use std::io::Write;
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    writeln!(f, "{line}").with_context(|| format!("writing {}", path.display()))
+}
+
+fn save_probe(
+    path: &Path,
+    probe: &LinearProbe,
+    next_epoch: usize,
+    best: f64,
+    a: &LinearArgs,
+) -> Result<()> {
+    let meta = LinearCkptMeta {
+        format: CKPT_FORMAT.into(),
+        epoch: next_epoch,
+        best_acc: best,
+        args: a.clone(),
+    };
+    let mut md = std::collections::HashMap::new();
+    md.insert("ibot_linear".to_string(), serde_json::to_string(&meta)?);
+    write_safetensors(path, &probe.state(), Some(md))
+}
+
+fn load_probe(
+    path: &Path,
+    probe: &mut LinearProbe,
+    dim: i64,
+    num_labels: i64,
+) -> Result<(usize, f64)> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let (_, md) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| {
+        anyhow::anyhow!(
+            "{} is not a valid checkpoint (truncated or corrupt?): {e}",
+            path.display()
+        )
+    })?;
+    let raw = md
+        .metadata()
+        .as_ref()
+        .and_then(|m| m.get("ibot_linear"))
+        .with_context(|| format!("{} is not a linear-probe checkpoint", path.display()))?;
+    let meta: LinearCkptMeta = serde_json::from_str(raw)
+        .with_context(|| format!("{}: damaged metadata", path.display()))?;
+    ensure!(
+        meta.format == CKPT_FORMAT,
+        "{}: unsupported format {}",
+        path.display(),
+        meta.format
+    );
+    let t = read_safetensors(path)?;
+    let get = |k: &str| {
+        t.get(k)
+            .map(|v| v.shallow_clone())
+            .with_context(|| format!("{} has no '{k}'", path.display()))
+    };
+    let (w, b) = (get("linear.weight")?, get("linear.bias")?);
+    ensure!(
+        w.size() == [num_labels, dim] && b.size() == [num_labels],
+        "{}: the classifier is {:?}, this run needs [{num_labels}, {dim}] (other backbone or feature options?)",
+        path.display(),
+        w.size()
+    );
+    let dev = probe.weight.device();
+    *probe = LinearProbe::from_weights(w.to_device(dev), b.to_device(dev));
+    if let (Ok(bw), Ok(bb)) = (get("momentum.weight"), get("momentum.bias")) {
+        probe.momentum = Some((bw.to_device(dev), bb.to_device(dev)));
+    }
+    Ok((meta.epoch, meta.best_acc))
+}

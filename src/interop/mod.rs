@@ -1,0 +1,11 @@
+//! Weights from and for other tools: official PyTorch checkpoints (read without executing
+//! anything), backbone export, layout detection.
+
+pub mod pth;
+pub mod weights;
+
+pub use pth::{read_pth, PthFile};
+pub use weights::{
+    export_backbone, infer_head_config, infer_vit_config, load_pretrained, Pretrained,
+    VIT_CONFIG_KEY,
+};

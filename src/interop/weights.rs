@@ -1,0 +1,402 @@
+//! Pre-trained weights from any of the layouts users arrive with, turned into our models.
+//!
+//! Understood layouts (the file type is told by its content, not its name):
+//! - our training checkpoints (`checkpoint.safetensors`: `student.*` / `teacher.*` plus the
+//!   exact model configuration in the metadata);
+//! - backbones exported by `ibot extract-backbone` (bare official names, configuration in the
+//!   metadata) and any other safetensors file with official or timm ViT names;
+//! - the official full checkpoint `checkpoint.pth` (`student`, `teacher`, `optimizer`, `epoch`,
+//!   `args`, `ibot_loss`, maybe `fp16_scaler`; keys maybe prefixed `module.`);
+//! - backbone-only `.pth` files (`{"state_dict": {...}}` as released, or a bare dictionary as
+//!   written by the official `extract_backbone_weights.py`).
+//!
+//! As the official `load_pretrained_weights`, the entry `checkpoint_key` is taken when the file
+//! has one, and `module.` and `backbone.` are removed from the names. Where the file does not
+//! carry the configuration, it is read off the tensor shapes (width, depth, patch size, grid,
+//! MLP ratio, qkv bias, `masked_embed`); the number of heads, which no shape shows, comes from
+//! `--arch` or else from the standard ViT of that width.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use anyhow::{bail, ensure, Context, Result};
+use tch::{Device, Tensor};
+
+use super::pth::read_pth;
+use crate::models::{HeadAct, HeadConfig, HeadNorm, IbotHead, VisionTransformer, VitConfig};
+use crate::params::{read_safetensors, ParamStore};
+
+/// Metadata key under which exported backbones store their [`VitConfig`] (JSON).
+pub const VIT_CONFIG_KEY: &str = "ibot_vit_config";
+
+/// Weights of one network (teacher or student) under official names without prefixes.
+#[derive(Debug)]
+pub struct Pretrained {
+    pub vit: VitConfig,
+    /// Backbone tensors (`cls_token`, `blocks.0.attn.qkv.weight`, ...).
+    pub backbone: HashMap<String, Tensor>,
+    /// Projection head tensors (`mlp.0.weight`, `last_layer.weight_v`, ...), if the file has them.
+    pub head: HashMap<String, Tensor>,
+    /// What was read, for messages: file kind, entry and the layout found.
+    pub description: String,
+}
+
+/// True when the bytes start like a safetensors file (u64 header length, then `{`).
+fn looks_like_safetensors(path: &Path) -> Result<bool> {
+    use std::io::Read;
+    let mut head = [0u8; 9];
+    let mut f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let n = f
+        .read(&mut head)
+        .with_context(|| format!("reading {}", path.display()))?;
+    Ok(n == 9
+        && head[8] == b'{'
+        && u64::from_le_bytes(head[..8].try_into().unwrap_or_default()) < 100_000_000)
+}
+
+fn strip_all(name: &str, prefix: &str) -> String {
+    // The official loader uses str.replace, which removes the pattern anywhere in the name.
+    name.replace(prefix, "")
+}
+
+/// The standard number of heads of a ViT of width `embed_dim`.
+fn default_heads(embed_dim: i64) -> Option<i64> {
+    ["vit_tiny", "vit_small", "vit_base", "vit_large"]
+        .iter()
+        .filter_map(|a| VitConfig::from_arch(a, 16).ok())
+        .find(|c| c.embed_dim == embed_dim)
+        .map(|c| c.num_heads)
+}
+
+fn shape_of<'a>(t: &'a HashMap<String, Tensor>, k: &str) -> Result<Vec<i64>> {
+    t.get(k)
+        .map(|x| x.size())
+        .with_context(|| format!("the weights have no '{k}' (not a ViT backbone?)"))
+}
+
+/// Reads the ViT shape off the backbone tensors. `arch` (e.g. `vit_small`) fixes the number of
+/// heads and is checked against the width.
+pub fn infer_vit_config(
+    backbone: &HashMap<String, Tensor>,
+    arch: Option<&str>,
+) -> Result<VitConfig> {
+    if backbone.keys().any(|k| k.starts_with("layers.")) {
+        bail!("these are Swin Transformer weights; only ViT backbones are supported so far");
+    }
+    let cls = shape_of(backbone, "cls_token")?;
+    ensure!(
+        cls.len() == 3 && cls[0] == 1 && cls[1] == 1,
+        "cls_token has shape {cls:?}, expected [1, 1, D]"
+    );
+    let d = cls[2];
+    let pw = shape_of(backbone, "patch_embed.proj.weight")?;
+    ensure!(
+        pw.len() == 4 && pw[0] == d && pw[2] == pw[3],
+        "patch_embed.proj.weight has shape {pw:?}, expected [{d}, C, p, p]"
+    );
+    let (in_chans, patch) = (pw[1], pw[2]);
+    let pos = shape_of(backbone, "pos_embed")?;
+    ensure!(
+        pos.len() == 3 && pos[2] == d && pos[1] >= 2,
+        "pos_embed has shape {pos:?}, expected [1, 1 + N, {d}]"
+    );
+    let grid = ((pos[1] - 1) as f64).sqrt().round() as i64;
+    ensure!(
+        grid * grid == pos[1] - 1,
+        "pos_embed holds {} patch positions, not a square grid",
+        pos[1] - 1
+    );
+    let mut depth = 0;
+    while backbone.contains_key(&format!("blocks.{depth}.norm1.weight")) {
+        depth += 1;
+    }
+    ensure!(
+        depth > 0,
+        "the weights have no transformer blocks ('blocks.0.norm1.weight')"
+    );
+    let fc1 = shape_of(backbone, "blocks.0.mlp.fc1.weight")?;
+    ensure!(
+        fc1.len() == 2 && fc1[1] == d,
+        "blocks.0.mlp.fc1.weight has shape {fc1:?}"
+    );
+    let num_heads = match arch {
+        Some(a) => {
+            let c = VitConfig::from_arch(a, patch)?;
+            ensure!(c.embed_dim == d, "--arch {a} has width {}, the weights have width {d}", c.embed_dim);
+            c.num_heads
+        }
+        None => default_heads(d).with_context(|| {
+            format!("width {d} is not a standard ViT; give --arch so the number of attention heads is known")
+        })?,
+    };
+    let cfg = VitConfig {
+        img_size: grid * patch,
+        patch_size: patch,
+        in_chans,
+        embed_dim: d,
+        depth,
+        num_heads,
+        mlp_ratio: fc1[0] as f64 / d as f64,
+        qkv_bias: backbone.contains_key("blocks.0.attn.qkv.bias"),
+        drop_path_rate: 0.0,
+        masked_im_modeling: backbone.contains_key("masked_embed"),
+    };
+    ensure!(
+        cfg.mlp_hidden() == fc1[0],
+        "MLP width {} is not representable as a ratio of {d}",
+        fc1[0]
+    );
+    cfg.validate()?;
+    Ok(cfg)
+}
+
+/// Reads the projection-head shape off the head tensors (`None` when there is no head).
+pub fn infer_head_config(
+    head: &HashMap<String, Tensor>,
+    in_dim: i64,
+) -> Result<Option<HeadConfig>> {
+    if head.is_empty() {
+        return Ok(None);
+    }
+    if head.keys().any(|k| k.ends_with("running_mean")) {
+        bail!("the head uses batch norm (--norm_in_head bn), which is not supported");
+    }
+    let two_d = |k: &str| head.get(k).filter(|t| t.dim() == 2).map(|t| t.size());
+    // Linear layers of the Sequential `mlp` (LayerNorms have 1-D weights, activations none).
+    let mut linears = Vec::new();
+    let mut has_ln = false;
+    for i in 0..64 {
+        let k = format!("mlp.{i}.weight");
+        match head.get(&k) {
+            Some(t) if t.dim() == 2 => linears.push(t.size()),
+            Some(_) => has_ln = true,
+            None => {}
+        }
+    }
+    if let Some(w) = two_d("mlp.weight") {
+        linears.push(w);
+    }
+    ensure!(!linears.is_empty(), "the head has no 'mlp' layers");
+    ensure!(
+        linears[0][1] == in_dim,
+        "the head takes width {}, the backbone gives {in_dim}",
+        linears[0][1]
+    );
+    let last = two_d("last_layer.weight_v");
+    let last2 = two_d("last_layer2.weight_v");
+    let (out_dim, bottleneck) = match &last {
+        Some(v) => (v[0], v[1]),
+        None => (linears[linears.len() - 1][0], 0),
+    };
+    let patch_out_dim = last2
+        .as_ref()
+        .map(|v| v[0])
+        .or_else(|| two_d("mlp2.weight").map(|w| w[0]))
+        .unwrap_or(out_dim);
+    let shared_head = last2.is_none() && !head.contains_key("mlp2.weight");
+    let cfg = HeadConfig {
+        in_dim,
+        out_dim,
+        patch_out_dim,
+        hidden_dim: if linears.len() > 1 { linears[0][0] } else { 0 },
+        bottleneck_dim: bottleneck,
+        nlayers: linears.len() as i64,
+        norm: if has_ln { HeadNorm::Ln } else { HeadNorm::None },
+        act: HeadAct::Gelu,
+        norm_last_layer: true,
+        shared_head,
+    };
+    cfg.validate()?;
+    Ok(Some(cfg))
+}
+
+/// Loads the weights of network `checkpoint_key` (`teacher` or `student`; ignored for files
+/// holding a single network) from `path`.
+pub fn load_pretrained(
+    path: &Path,
+    checkpoint_key: &str,
+    arch: Option<&str>,
+) -> Result<Pretrained> {
+    let shown = path.display().to_string();
+    let (all, known_cfg, kind) = if looks_like_safetensors(path)? {
+        let all = read_safetensors(path)?;
+        let cfg = known_config(path, checkpoint_key)?;
+        (all, cfg, "safetensors")
+    } else {
+        let f = read_pth(path)?;
+        for s in &f.skipped {
+            eprintln!("note: {shown}: skipped the non-tensor object {s}");
+        }
+        (f.tensors, None, "PyTorch pickle")
+    };
+    ensure!(!all.is_empty(), "{shown} holds no tensors");
+    // Take the entry `checkpoint_key` when the file has one (full checkpoints), else the
+    // `state_dict` entry (released backbones), else everything.
+    let entry = [checkpoint_key, "state_dict", "model"]
+        .into_iter()
+        .find(|e| all.keys().any(|k| k.starts_with(&format!("{e}."))));
+    let mut backbone = HashMap::new();
+    let mut head = HashMap::new();
+    for (k, v) in all {
+        let rest = match entry {
+            Some(e) => match k.strip_prefix(&format!("{e}.")) {
+                Some(r) => r.to_string(),
+                None => continue,
+            },
+            None => k,
+        };
+        let rest = strip_all(&rest, "module.");
+        if let Some(h) = rest.strip_prefix("head.") {
+            head.insert(h.to_string(), v);
+        } else {
+            backbone.insert(strip_all(&rest, "backbone."), v);
+        }
+    }
+    // timm checkpoints name the classifier `head.weight` / `head.bias`: not a projection head.
+    if head.keys().all(|k| k == "weight" || k == "bias") {
+        head.clear();
+    }
+    let vit = match known_cfg {
+        Some(c) => c,
+        None => infer_vit_config(&backbone, arch)
+            .with_context(|| format!("reading the model shape from {shown}"))?,
+    };
+    let description = format!(
+        "{shown} ({kind}{}; ViT width {} depth {} patch {} grid {}x{}{})",
+        entry.map(|e| format!(", entry '{e}'")).unwrap_or_default(),
+        vit.embed_dim,
+        vit.depth,
+        vit.patch_size,
+        vit.grid(),
+        vit.grid(),
+        if head.is_empty() {
+            ""
+        } else {
+            ", with projection head"
+        }
+    );
+    Ok(Pretrained {
+        vit,
+        backbone,
+        head,
+        description,
+    })
+}
+
+/// The exact backbone configuration stored by our own files, if any.
+fn known_config(path: &Path, checkpoint_key: &str) -> Result<Option<VitConfig>> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let (_, md) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| {
+        anyhow::anyhow!(
+            "{} is not a valid safetensors file (truncated or corrupt?): {e}",
+            path.display()
+        )
+    })?;
+    let Some(md) = md.metadata() else {
+        return Ok(None);
+    };
+    if let Some(raw) = md.get(VIT_CONFIG_KEY) {
+        let c: VitConfig = serde_json::from_str(raw)
+            .with_context(|| format!("{}: damaged {VIT_CONFIG_KEY}", path.display()))?;
+        return Ok(Some(c));
+    }
+    if md.contains_key("ibot") {
+        let meta = crate::train::checkpoint::read_meta(path)?;
+        return Ok(Some(match checkpoint_key {
+            "student" => VitConfig {
+                drop_path_rate: 0.0,
+                ..meta.config.backbone.clone()
+            },
+            _ => meta.config.teacher_backbone(),
+        }));
+    }
+    Ok(None)
+}
+
+impl Pretrained {
+    /// The backbone as an inference model (no drop path), every tensor checked.
+    pub fn backbone_model(&self, device: Device) -> Result<(ParamStore, VisionTransformer)> {
+        let mut ps = ParamStore::new();
+        let cfg = VitConfig {
+            drop_path_rate: 0.0,
+            ..self.vit.clone()
+        };
+        let vit = VisionTransformer::new(&mut ps, "", &cfg, false, device)?;
+        ps.load_strict(&self.backbone, "")
+            .context("loading the backbone weights")?;
+        Ok((ps, vit))
+    }
+
+    /// The projection head, when the file has one.
+    pub fn head_model(&self, device: Device) -> Result<Option<(ParamStore, IbotHead)>> {
+        let Some(cfg) = infer_head_config(&self.head, self.vit.embed_dim)? else {
+            return Ok(None);
+        };
+        let mut ps = ParamStore::new();
+        let head = IbotHead::new(&mut ps, "", &cfg, false, device)?;
+        let mut src: HashMap<String, Tensor> = self
+            .head
+            .iter()
+            .map(|(k, v)| (k.clone(), v.shallow_clone()))
+            .collect();
+        if cfg.shared_head {
+            // The file has no separate patch layer: the shared one answers to both names.
+            for (alias, k) in [
+                ("last_layer2.weight_g", "last_layer.weight_g"),
+                ("last_layer2.weight_v", "last_layer.weight_v"),
+            ] {
+                if let Some(t) = self.head.get(k) {
+                    src.insert(alias.to_string(), t.shallow_clone());
+                }
+            }
+            if cfg.bottleneck_dim == 0 {
+                let last_idx = (0..64).rev().find(|i| {
+                    self.head
+                        .get(&format!("mlp.{i}.weight"))
+                        .is_some_and(|t| t.dim() == 2)
+                });
+                let last = last_idx
+                    .map(|i| format!("mlp.{i}"))
+                    .unwrap_or_else(|| "mlp".to_string());
+                for s in ["weight", "bias"] {
+                    if let Some(t) = self.head.get(&format!("{last}.{s}")) {
+                        src.insert(format!("mlp2.{s}"), t.shallow_clone());
+                    }
+                }
+            }
+        }
+        ps.load_strict(&src, "")
+            .context("loading the projection-head weights")?;
+        Ok(Some((ps, head)))
+    }
+
+    /// The backbone tensors in the official order, optionally named for timm
+    /// (`masked_embed`, which timm's ViT does not have, is left out).
+    pub fn backbone_tensors(&self, timm: bool) -> Result<Vec<(String, Tensor)>> {
+        let (ps, _) = self.backbone_model(Device::Cpu)?;
+        Ok(ps
+            .state_dict()
+            .filter(|(k, _)| !(timm && *k == "masked_embed"))
+            .map(|(k, t)| (k.to_string(), t.shallow_clone()))
+            .collect())
+    }
+}
+
+/// Writes the backbone of `p` to `out` as safetensors under official names (no prefix), with its
+/// configuration in the metadata so it loads back without guessing. With `timm`, names are
+/// those timm's `VisionTransformer` uses (the same, minus `masked_embed`).
+pub fn export_backbone(p: &Pretrained, out: &Path, timm: bool) -> Result<usize> {
+    let tensors = p.backbone_tensors(timm)?;
+    let mut md = HashMap::new();
+    md.insert(
+        VIT_CONFIG_KEY.to_string(),
+        serde_json::to_string(&VitConfig {
+            masked_im_modeling: p.vit.masked_im_modeling && !timm,
+            ..p.vit.clone()
+        })?,
+    );
+    md.insert("format".to_string(), "pt".to_string());
+    crate::params::write_safetensors(out, &tensors, Some(md))
+        .with_context(|| format!("writing {}", out.display()))?;
+    Ok(tensors.len())
+}
