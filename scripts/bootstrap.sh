@@ -29,8 +29,20 @@ install_fmnist() {
   say "Fashion-MNIST is not installed: 'sudo apt-get install dataset-fashion-mnist' (or point --data_path at any image folder)"
 }
 
+# A font for the labels of loss.png (without one the curves are drawn unlabelled).
+install_font() {
+  [ -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] && return 0
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    apt-get install -y -qq fonts-dejavu-core >/dev/null 2>&1 ||
+      { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq fonts-dejavu-core >/dev/null 2>&1; } ||
+      say "could not install fonts-dejavu-core; loss.png will have no labels"
+  fi
+  return 0
+}
+
 if [ -L .libtorch ] && [ -f .libtorch/lib/libtorch_cpu.so ] && [ -f .venv/.torch-$TORCH_VERSION ]; then
   install_fmnist
+  install_font
   exit 0
 fi
 
@@ -57,3 +69,4 @@ ln -sfn "$TORCH_DIR" .libtorch
 touch ".venv/.torch-$TORCH_VERSION"
 say "libtorch ready at .libtorch -> $TORCH_DIR"
 install_fmnist
+install_font

@@ -3,6 +3,7 @@
 pub mod args;
 pub mod checkpoint;
 pub mod optim;
+pub mod plot;
 pub mod run;
 pub mod schedule;
 

@@ -431,6 +431,13 @@ pub fn train(args: &TrainArgs) -> Result<TrainOutcome> {
             .open(args.output_dir.join("log.txt"))
             .context("opening log.txt")?;
         writeln!(log, "{}", serde_json::Value::Object(line)).context("writing log.txt")?;
+        drop(log);
+        // The curve is a convenience: failing to draw it never stops training.
+        let curve = super::plot::read_log(&args.output_dir.join("log.txt"))
+            .and_then(|pts| super::plot::write_loss_png(&pts, &args.output_dir.join("loss.png")));
+        if let Err(e) = curve {
+            eprintln!("note: could not draw loss.png: {e:#}");
+        }
         eprintln!(
             "epoch {epoch}: loss {:.4} cls {:.4} patch {:.4} acc {:.3} nmi {:.3} ari {:.3} ({:.0}s{})",
             st.loss,
