@@ -3,6 +3,7 @@
 # the ratio. Usage (from the repo root):
 #   bash bench/compare.sh data    # data pipeline, 1 and 2 workers, on ../shared/bench/photos
 #   bash bench/compare.sh step    # one full ViT-S/16 training step on random tensors
+#   bash bench/compare.sh step-bf16  # the same step under bfloat16 autocast (both sides)
 # The data comparison needs torchvision + Pillow in the venv; they are installed here (not by
 # scripts/bootstrap.sh: only this benchmark uses them).
 set -euo pipefail
@@ -30,8 +31,13 @@ step)
     ref=$($py bench/torch_step.py --iters 8 --warmup 2 | rate)
     printf 'ms/iter: ibot %s, PyTorch eager %s, time ratio ibot/PyTorch %.2f\n' "$ours" "$ref" "$(awk -v a="$ours" -v b="$ref" 'BEGIN { print a / b }')"
     ;;
+step-bf16)
+    ours=$(target/release/ibot bench train --iters 8 --warmup 2 --use_fp16 true | rate)
+    ref=$($py bench/torch_step.py --iters 8 --warmup 2 --autocast bf16 | rate)
+    printf 'ms/iter (bf16 autocast): ibot %s, PyTorch eager %s, time ratio ibot/PyTorch %.2f\n' "$ours" "$ref" "$(awk -v a="$ours" -v b="$ref" 'BEGIN { print a / b }')"
+    ;;
 *)
-    echo "usage: bash bench/compare.sh data|step" >&2
+    echo "usage: bash bench/compare.sh data|step|step-bf16" >&2
     exit 2
     ;;
 esac

@@ -119,6 +119,8 @@ def main():
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--autocast", choices=["none", "bf16"], default="none",
+                    help="run forward and loss under torch.autocast (CPU, bfloat16), as the official --use_fp16 does on CUDA")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -137,10 +139,12 @@ def main():
     b, g, l = args.batch, args.global_crops_size, args.local_crops_size
     grid = g // args.patch_size
 
-    def step():
+    def forward(views, masks):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.autocast == "bf16"):
+            return forward_and_loss(views, masks)
+
+    def forward_and_loss(views, masks):
         nonlocal center, center2
-        views = [torch.randn(b, 3, g, g) for _ in range(2)] + [torch.randn(b, 3, l, l) for _ in range(args.local_crops_number)]
-        masks = [torch.rand(b, grid, grid) < 0.3 for _ in range(2)]
         with torch.no_grad():
             t_cls, t_patch = teacher(views[:2])
         s_cls, s_patch = student(views[:2], masks)
@@ -163,8 +167,14 @@ def main():
                     n1 += 1
         loss = l1 / n1 + l2 / n2
         with torch.no_grad():
-            center = center * 0.9 + t_cls.sum(0, keepdim=True) / len(t_cls) * 0.1
-            center2 = center2 * 0.9 + t_patch.mean(1).sum(0, keepdim=True) / len(t_patch) * 0.1
+            center = center * 0.9 + t_cls.float().sum(0, keepdim=True) / len(t_cls) * 0.1
+            center2 = center2 * 0.9 + t_patch.float().mean(1).sum(0, keepdim=True) / len(t_patch) * 0.1
+        return loss
+
+    def step():
+        views = [torch.randn(b, 3, g, g) for _ in range(2)] + [torch.randn(b, 3, l, l) for _ in range(args.local_crops_number)]
+        masks = [torch.rand(b, grid, grid) < 0.3 for _ in range(2)]
+        loss = forward(views, masks)
         opt.zero_grad()
         loss.backward()
         for p in student.parameters():
@@ -185,7 +195,7 @@ def main():
     for _ in range(args.iters):
         step()
     dt = (time.perf_counter() - t0) / args.iters
-    print(f"pytorch {torch.__version__} threads {torch.get_num_threads()}: {args.arch}/{args.patch_size} batch {b} "
+    print(f"pytorch {torch.__version__} threads {torch.get_num_threads()} autocast {args.autocast}: {args.arch}/{args.patch_size} batch {b} "
           f"2x{g} + {args.local_crops_number}x{l}: {dt * 1000:.1f} ms/iter, {b / dt:.2f} img/s")
 
 

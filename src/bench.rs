@@ -47,6 +47,10 @@ pub struct StepBench {
     /// cpu, cuda, cuda:N or auto.
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// Mixed precision as in `ibot train --use_fp16` (bfloat16 autocast on CPUs with native
+    /// bfloat16, float16 with loss scaling on CUDA). Compare with `torch_step.py --autocast bf16`.
+    #[arg(long, default_value = "false", value_parser = crate::train::args::parse_bool, action = clap::ArgAction::Set)]
+    pub use_fp16: bool,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -94,6 +98,7 @@ pub fn step(b: &StepBench, device: Device) -> Result<StepTiming> {
     };
     let grid = b.global_crops_size / b.patch_size;
     let mut ibot = Ibot::new(cfg, device)?;
+    ibot.precision = crate::train::amp::Precision::for_device(b.use_fp16, device);
     let opts = (Kind::Float, device);
     let mut batches = match &b.data_path {
         Some(path) => Some(BatchStream::new(path, b.num_workers, b)?),

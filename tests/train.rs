@@ -160,9 +160,18 @@ fn an_interrupted_and_resumed_run_equals_an_uninterrupted_one() {
     // The loss curve, redrawn each epoch: a real PNG with the three curves on it.
     let png = image::open(straight.join("loss.png")).unwrap().to_rgb8();
     assert_eq!(png.dimensions(), (800, 480));
-    let red = png.pixels().filter(|p| p[0] > 200 && p[1] < 60 && p[2] < 60).count();
-    let blue = png.pixels().filter(|p| p[2] > 200 && p[0] < 60 && p[1] < 60).count();
-    assert!(red > 100 && blue > 100, "curves missing from loss.png ({red} red, {blue} blue pixels)");
+    let red = png
+        .pixels()
+        .filter(|p| p[0] > 200 && p[1] < 60 && p[2] < 60)
+        .count();
+    let blue = png
+        .pixels()
+        .filter(|p| p[2] > 200 && p[0] < 60 && p[1] < 60)
+        .count();
+    assert!(
+        red > 100 && blue > 100,
+        "curves missing from loss.png ({red} red, {blue} blue pixels)"
+    );
 }
 
 #[test]

@@ -2,7 +2,7 @@
 //! give Ok or an error, never a panic, a hang or an unbounded allocation.
 //!
 //! Run (nightly, from the project root, after `bash scripts/bootstrap.sh`):
-//!   PATH=$PWD/.venv/bin:$PATH LIBTORCH_USE_PYTORCH=1 cargo +nightly fuzz run pth -s none fuzz/corpus/pth
+//!   LD_LIBRARY_PATH=$(readlink -f .libtorch/lib) cargo +nightly fuzz run pth -s none fuzz/corpus/pth
 //! Seed the corpus with real checkpoints (e.g. the files tests/interop.rs builds).
 #![no_main]
 

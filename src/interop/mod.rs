@@ -4,7 +4,7 @@
 pub mod pth;
 pub mod weights;
 
-pub use pth::{read_pth, PthFile};
+pub use pth::{read_pth, read_pth_subset, PthFile};
 pub use weights::{
     export_backbone, infer_head_config, infer_vit_config, load_pretrained, Pretrained,
     VIT_CONFIG_KEY,

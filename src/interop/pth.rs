@@ -120,6 +120,12 @@ fn kind_of(d: DType) -> Result<Kind> {
 /// Reads every tensor of a PyTorch file onto the CPU, refusing files that contain objects other
 /// than tensors, plain data and [`HARMLESS`] ones. Errors name the file and never panic.
 pub fn read_pth(path: &Path) -> Result<PthFile> {
+    read_pth_subset(path, |_, _| true)
+}
+
+/// [`read_pth`] reading only the tensors for which `keep(name, all_names)` holds (the others'
+/// bytes are never read, e.g. the optimizer state of a full checkpoint).
+pub fn read_pth_subset(path: &Path, keep: impl Fn(&str, &[String]) -> bool) -> Result<PthFile> {
     let shown = path.display();
     let meta = std::fs::metadata(path).with_context(|| format!("opening {shown}"))?;
     if !meta.is_file() {
@@ -135,7 +141,7 @@ pub fn read_pth(path: &Path) -> Result<PthFile> {
         let list: Vec<&String> = refused.iter().take(5).collect();
         bail!(
             "refusing {shown}: it contains objects that would call Python code when loaded with torch.load: {}{} \
-             (nothing was executed; only tensors, plain data and {} are accepted)",
+             (nothing was executed; only tensors, plain data and known harmless objects such as {} are accepted)",
             list.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", "),
             if refused.len() > 5 { ", ..." } else { "" },
             HARMLESS[0]
@@ -151,8 +157,12 @@ pub fn read_pth(path: &Path) -> Result<PthFile> {
     };
     drop(tree);
     let reader = PytorchReader::new(path).map_err(not_pth)?;
-    let mut tensors = HashMap::with_capacity(reader.len());
+    let names = reader.keys();
+    let mut tensors = HashMap::new();
     for (name, t) in reader.into_tensors() {
+        if !keep(&name, &names) {
+            continue;
+        }
         let kind = kind_of(t.dtype()).with_context(|| format!("tensor '{name}' in {shown}"))?;
         let shape: Vec<i64> = t.shape().iter().map(|&d| d as i64).collect();
         let bytes = t

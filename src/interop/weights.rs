@@ -22,7 +22,7 @@ use std::path::Path;
 use anyhow::{bail, ensure, Context, Result};
 use tch::{Device, Tensor};
 
-use super::pth::read_pth;
+use super::pth::read_pth_subset;
 use crate::models::{HeadAct, HeadConfig, HeadNorm, IbotHead, VisionTransformer, VitConfig};
 use crate::params::{read_safetensors, ParamStore};
 
@@ -210,6 +210,17 @@ pub fn infer_head_config(
     Ok(Some(cfg))
 }
 
+/// The entry of a multi-network file to read: `checkpoint_key` when the file has one (full
+/// checkpoints), else `state_dict` (released backbones), else `model`; `None`: the whole file.
+fn pick_entry<'a>(checkpoint_key: &'a str, names: &[String]) -> Option<&'a str> {
+    [checkpoint_key, "state_dict", "model"]
+        .into_iter()
+        .find(|e| {
+            let p = format!("{e}.");
+            names.iter().any(|k| k.starts_with(&p))
+        })
+}
+
 /// Loads the weights of network `checkpoint_key` (`teacher` or `student`; ignored for files
 /// holding a single network) from `path`.
 pub fn load_pretrained(
@@ -223,7 +234,16 @@ pub fn load_pretrained(
         let cfg = known_config(path, checkpoint_key)?;
         (all, cfg, "safetensors")
     } else {
-        let f = read_pth(path)?;
+        // Only the tensors of the entry `load_pretrained` will pick (see `pick_entry`).
+        let chosen = std::cell::OnceCell::new();
+        let f = read_pth_subset(path, |name, all| {
+            let prefix =
+                chosen.get_or_init(|| pick_entry(checkpoint_key, all).map(|e| format!("{e}.")));
+            match prefix {
+                Some(p) => name.starts_with(p.as_str()),
+                None => true,
+            }
+        })?;
         for s in &f.skipped {
             eprintln!("note: {shown}: skipped the non-tensor object {s}");
         }
@@ -232,9 +252,8 @@ pub fn load_pretrained(
     ensure!(!all.is_empty(), "{shown} holds no tensors");
     // Take the entry `checkpoint_key` when the file has one (full checkpoints), else the
     // `state_dict` entry (released backbones), else everything.
-    let entry = [checkpoint_key, "state_dict", "model"]
-        .into_iter()
-        .find(|e| all.keys().any(|k| k.starts_with(&format!("{e}."))));
+    let names: Vec<String> = all.keys().cloned().collect();
+    let entry = pick_entry(checkpoint_key, &names);
     let mut backbone = HashMap::new();
     let mut head = HashMap::new();
     for (k, v) in all {

@@ -12,6 +12,7 @@ use anyhow::{anyhow, bail, ensure, Context, Result};
 use serde::{Deserialize, Serialize};
 use tch::Tensor;
 
+use super::amp::{GradScaler, Precision};
 use super::args::TrainArgs;
 use super::{Ibot, IbotConfig};
 use crate::params::{read_safetensors, write_safetensors};
@@ -25,6 +26,9 @@ pub struct CheckpointMeta {
     pub epoch: usize,
     pub args: TrainArgs,
     pub config: IbotConfig,
+    /// Loss-scaler state of float16 runs (the official `fp16_scaler`).
+    #[serde(default)]
+    pub scaler: Option<GradScaler>,
 }
 
 /// Writes `ibot`'s complete training state to `path`.
@@ -46,6 +50,7 @@ pub fn save(path: &Path, ibot: &Ibot, next_epoch: usize, args: &TrainArgs) -> Re
         epoch: next_epoch,
         args: args.clone(),
         config: ibot.cfg.clone(),
+        scaler: (ibot.precision == Precision::Fp16).then(|| ibot.scaler.clone()),
     };
     let mut md = HashMap::new();
     md.insert("ibot".to_string(), serde_json::to_string(&meta)?);
@@ -125,5 +130,8 @@ pub fn load(path: &Path, ibot: &mut Ibot) -> Result<CheckpointMeta> {
     );
     ibot.loss.center = c.to_device(dev);
     ibot.loss.center2 = c2.to_device(dev);
+    if let Some(sc) = &meta.scaler {
+        ibot.scaler = sc.clone();
+    }
     Ok(meta)
 }

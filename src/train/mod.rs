@@ -1,5 +1,6 @@
 //! One iBOT training step, piece by piece as the official `train_one_epoch`.
 
+pub mod amp;
 pub mod args;
 pub mod checkpoint;
 pub mod optim;
@@ -15,6 +16,7 @@ pub use crate::loss::IbotLossConfig;
 use crate::loss::{CenterReduce, IbotLoss, LossOutput};
 use crate::models::{HeadConfig, MultiCropOutput, MultiCropWrapper, VitConfig};
 use crate::params::ParamStore;
+use amp::{GradScaler, Precision};
 use optim::{Optimizer, OptimizerKind};
 
 /// Everything that defines the student/teacher pair and its step.
@@ -95,6 +97,10 @@ pub struct Ibot {
     pub loss: IbotLoss,
     pub optimizer: Optimizer,
     pub device: Device,
+    /// Arithmetic of the forward passes and the loss (float32 unless set, see [`amp`]).
+    pub precision: Precision,
+    /// Loss scaling for float16 (unused otherwise).
+    pub scaler: GradScaler,
 }
 
 impl Ibot {
@@ -124,6 +130,8 @@ impl Ibot {
             loss,
             optimizer,
             device,
+            precision: Precision::Fp32,
+            scaler: GradScaler::default(),
         })
     }
 
@@ -248,7 +256,11 @@ impl Ibot {
         momentum: f64,
         reduce: &dyn CenterReduce,
     ) -> Result<(StepStats, Tensor)> {
-        let fwd = self.forward(images, masks, epoch, true, reduce)?;
+        let (precision, device) = (self.precision, self.device);
+        // As the official loop: forward passes and loss under autocast, the rest outside.
+        let fwd = amp::autocast(precision, device, || {
+            self.forward(images, masks, epoch, true, reduce)
+        })?;
         let loss = fwd.loss.total.double_value(&[]);
         if !loss.is_finite() {
             return Err(NonFiniteLoss {
@@ -259,9 +271,21 @@ impl Ibot {
             .into());
         }
         let acc = argmax_agreement(&fwd.teacher.cls, &fwd.student.cls, self.cfg.loss.ngcrops);
-        let mut grads = self.backward(&fwd.loss.total);
-        self.process_grads(&mut grads, epoch);
-        self.optimizer.step(&self.student_ps, &grads, lr, wd)?;
+        if precision == Precision::Fp16 {
+            // GradScaler: backward on the scaled loss, unscale before clipping, skip the
+            // optimizer step when a gradient overflowed, then adapt the scale.
+            let mut grads = self.backward(&self.scaler.scale_loss(&fwd.loss.total));
+            let found_inf = self.scaler.unscale(&mut grads);
+            self.process_grads(&mut grads, epoch);
+            if !found_inf {
+                self.optimizer.step(&self.student_ps, &grads, lr, wd)?;
+            }
+            self.scaler.update(found_inf);
+        } else {
+            let mut grads = self.backward(&fwd.loss.total);
+            self.process_grads(&mut grads, epoch);
+            self.optimizer.step(&self.student_ps, &grads, lr, wd)?;
+        }
         self.update_teacher(momentum);
         let b = fwd.teacher.cls.size()[0] / self.cfg.loss.ngcrops as i64;
         let teacher_pred = fwd.teacher.cls.narrow(0, 0, b).argmax(1, false);

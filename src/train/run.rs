@@ -12,6 +12,7 @@ use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use tch::{Device, Kind, Tensor};
 
+use super::amp::Precision;
 use super::args::TrainArgs;
 use super::optim::OptimizerKind;
 use super::schedule::cosine_scheduler;
@@ -243,11 +244,6 @@ fn progress(n: u64, epoch: usize, epochs: usize) -> Option<ProgressBar> {
 /// Runs (or resumes) training as the arguments say.
 pub fn train(args: &TrainArgs) -> Result<TrainOutcome> {
     let device = select_device(&args.device)?;
-    if args.use_fp16 {
-        eprintln!(
-            "note: --use_fp16: mixed precision is not implemented yet; training runs in float32"
-        );
-    }
     let cfg = ibot_config(args)?;
     let lcfg = loader_config(args)?;
     std::fs::create_dir_all(&args.output_dir)
@@ -263,6 +259,15 @@ pub fn train(args: &TrainArgs) -> Result<TrainOutcome> {
         args.batch_size_per_gpu
     );
     let mut ibot = Ibot::seeded(cfg, device, args.seed)?;
+    ibot.precision = Precision::for_device(args.use_fp16, device);
+    if args.use_fp16 && ibot.precision == Precision::Fp32 {
+        eprintln!(
+            "note: --use_fp16: this CPU has no native bfloat16 arithmetic (AVX512-BF16 or AMX), \
+             where it would be slower than float32; training runs in float32"
+        );
+    } else {
+        eprintln!("precision: {}", ibot.precision.name());
+    }
 
     let world = 1.0;
     let lr = cosine_scheduler(

@@ -1,0 +1,155 @@
+//! Mixed precision: libtorch's autocast (bfloat16 on CPUs, float16 on CUDA) and a loss scaler
+//! with the behaviour of `torch.cuda.amp.GradScaler`.
+//!
+//! The official `--use_fp16` runs the forward passes and the loss under
+//! `torch.cuda.amp.autocast()` and steps through a `GradScaler`. Here the same flag picks:
+//! CUDA → float16 autocast with loss scaling; a CPU with native bfloat16 arithmetic (AVX512-BF16
+//! or AMX) → bfloat16 autocast, which needs no scaling; any other CPU → float32, because
+//! emulated bfloat16 is slower than float32 there.
+
+use serde::{Deserialize, Serialize};
+use tch::{Device, Tensor};
+
+extern "C" {
+    fn ibot_autocast_enter(cuda: i32, half: i32) -> i32;
+    fn ibot_autocast_exit(cuda: i32, previous: i32);
+    fn ibot_autocast_is_enabled(cuda: i32) -> i32;
+}
+
+/// The arithmetic of the forward passes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    Fp32,
+    /// bfloat16 autocast (no loss scaling).
+    Bf16,
+    /// float16 autocast with loss scaling (CUDA).
+    Fp16,
+}
+
+impl Precision {
+    /// What `--use_fp16` means on `device` (see the module documentation).
+    pub fn for_device(use_fp16: bool, device: Device) -> Self {
+        match (use_fp16, device) {
+            (false, _) => Precision::Fp32,
+            (true, Device::Cuda(_)) => Precision::Fp16,
+            (true, _) if cpu_has_native_bf16() => Precision::Bf16,
+            (true, _) => Precision::Fp32,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::Fp32 => "float32",
+            Precision::Bf16 => "bfloat16 autocast",
+            Precision::Fp16 => "float16 autocast with loss scaling",
+        }
+    }
+}
+
+/// True when the CPU computes bfloat16 natively (AVX512-BF16 or AMX-BF16).
+pub fn cpu_has_native_bf16() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::fs::read_to_string("/proc/cpuinfo")
+            .map(|s| {
+                s.lines().filter(|l| l.starts_with("flags")).any(|l| {
+                    l.split_whitespace()
+                        .any(|f| f == "avx512_bf16" || f == "amx_bf16")
+                })
+            })
+            .unwrap_or(false)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Runs `f` with autocast on for `device` in `precision` (a plain call for float32). Autocast
+/// state is per thread in libtorch, as is this scope; it is restored even if `f` panics.
+pub fn autocast<T>(precision: Precision, device: Device, f: impl FnOnce() -> T) -> T {
+    let half = match precision {
+        Precision::Fp32 => return f(),
+        Precision::Bf16 => 0,
+        Precision::Fp16 => 1,
+    };
+    let cuda = i32::from(device.is_cuda());
+    struct Exit(i32, i32);
+    impl Drop for Exit {
+        fn drop(&mut self) {
+            // SAFETY: plain calls into libtorch's thread-local autocast state.
+            unsafe { ibot_autocast_exit(self.0, self.1) }
+        }
+    }
+    // SAFETY: as above; the returned previous state is handed back on exit.
+    let _exit = Exit(cuda, unsafe { ibot_autocast_enter(cuda, half) });
+    f()
+}
+
+/// Whether autocast is currently on for `device` on this thread.
+pub fn autocast_enabled(device: Device) -> bool {
+    // SAFETY: reads libtorch's thread-local autocast flag.
+    unsafe { ibot_autocast_is_enabled(i32::from(device.is_cuda())) != 0 }
+}
+
+/// `torch.cuda.amp.GradScaler` with its defaults: the loss is multiplied by `scale` before the
+/// backward pass; gradients are divided by it before clipping; a step whose gradients hold an
+/// inf or NaN is skipped and halves the scale; 2000 clean steps in a row double it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GradScaler {
+    pub scale: f64,
+    pub growth_factor: f64,
+    pub backoff_factor: f64,
+    pub growth_interval: u64,
+    /// Clean steps since the last change of scale.
+    pub growth_tracker: u64,
+}
+
+impl Default for GradScaler {
+    fn default() -> Self {
+        Self {
+            scale: 65536.0,
+            growth_factor: 2.0,
+            backoff_factor: 0.5,
+            growth_interval: 2000,
+            growth_tracker: 0,
+        }
+    }
+}
+
+impl GradScaler {
+    /// `scaler.scale(loss)`.
+    pub fn scale_loss(&self, loss: &Tensor) -> Tensor {
+        loss * self.scale
+    }
+
+    /// `scaler.unscale_(optimizer)`: divides every gradient by the scale (multiplying by the
+    /// float32 reciprocal, as PyTorch does) and reports whether any is not finite.
+    pub fn unscale(&self, grads: &mut [Option<Tensor>]) -> bool {
+        let _g = tch::no_grad_guard();
+        let inv = (1.0f32 / self.scale as f32) as f64;
+        let mut found_inf = false;
+        for g in grads.iter_mut().flatten() {
+            let _ = g.g_mul_scalar_(inv);
+            if !found_inf {
+                found_inf = g.isfinite().logical_not().any().int64_value(&[]) != 0;
+            }
+        }
+        found_inf
+    }
+
+    /// `scaler.update()` after a step that found (or not) non-finite gradients.
+    pub fn update(&mut self, found_inf: bool) {
+        if found_inf {
+            self.scale *= self.backoff_factor;
+            self.growth_tracker = 0;
+        } else {
+            self.growth_tracker += 1;
+            if self.growth_tracker == self.growth_interval {
+                self.scale *= self.growth_factor;
+                self.growth_tracker = 0;
+            }
+        }
+    }
+}

@@ -1,0 +1,184 @@
+//! Mixed precision: autocast really switches the arithmetic (and is scoped), a bfloat16 step
+//! stays within tolerance of the float32 step, and the loss scaler follows GradScaler: unscaled
+//! gradients, skipped steps on overflow with the scale halved, growth after the interval.
+
+mod common;
+
+use ibot::loss::SingleProcess;
+use ibot::train::amp::{autocast, autocast_enabled, GradScaler, Precision};
+use ibot::train::Ibot;
+use tch::{Device, Kind, Tensor};
+
+const CPU: (Kind, Device) = (Kind::Float, Device::Cpu);
+
+/// Inputs from a private generator (libtorch's global one is shared with the other tests, which
+/// run in parallel and seed it for model initialisation).
+fn views(b: i64) -> (Vec<Tensor>, Vec<Tensor>) {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
+    let mut rand_t = |shape: &[i64]| {
+        let n: i64 = shape.iter().product();
+        let data: Vec<f32> = (0..n).map(|_| rng.gen_range(-2.0f32..2.0)).collect();
+        Tensor::from_slice(&data).reshape(shape)
+    };
+    let mut v: Vec<Tensor> = (0..2).map(|_| rand_t(&[b, 3, 16, 16])).collect();
+    v.extend((0..2).map(|_| rand_t(&[b, 3, 8, 8])));
+    let m: Vec<Tensor> = (0..2).map(|_| rand_t(&[b, 4, 4]).lt(-0.4)).collect();
+    (v, m)
+}
+
+#[test]
+fn autocast_switches_matmuls_to_bfloat16_inside_the_scope_only() {
+    // No draws from libtorch's global generator here: other tests seed it for their models.
+    let a = Tensor::arange(32, CPU).reshape([4, 8]) / 7.0;
+    let w = Tensor::arange(24, CPU).reshape([3, 8]) / 5.0;
+    assert!(!autocast_enabled(Device::Cpu));
+    let inside = autocast(Precision::Bf16, Device::Cpu, || {
+        assert!(autocast_enabled(Device::Cpu));
+        a.linear(&w, None::<Tensor>)
+    });
+    assert_eq!(inside.kind(), Kind::BFloat16);
+    assert!(
+        !autocast_enabled(Device::Cpu),
+        "autocast must be off after the scope"
+    );
+    assert_eq!(a.linear(&w, None::<Tensor>).kind(), Kind::Float);
+    // Float32 is a plain call.
+    assert_eq!(
+        autocast(Precision::Fp32, Device::Cpu, || a
+            .linear(&w, None::<Tensor>))
+        .kind(),
+        Kind::Float
+    );
+}
+
+/// Tolerance: the bfloat16 loss within 2% of the float32 loss (bfloat16 keeps 8 bits of
+/// mantissa; the loss sums thousands of them), and the updated weights stay float32.
+#[test]
+fn a_bfloat16_step_stays_close_to_the_float32_step() {
+    let (v, m) = views(4);
+    let mut f32_ibot = Ibot::seeded(common::tiny_config(false, true), Device::Cpu, 9).unwrap();
+    let mut bf16_ibot = Ibot::seeded(common::tiny_config(false, true), Device::Cpu, 9).unwrap();
+    bf16_ibot.precision = Precision::Bf16;
+    let (a, _) = f32_ibot
+        .train_step(&v, &m, 0, 1e-3, 0.04, 0.9, &SingleProcess)
+        .unwrap();
+    let (b, _) = bf16_ibot
+        .train_step(&v, &m, 0, 1e-3, 0.04, 0.9, &SingleProcess)
+        .unwrap();
+    for (name, x, y) in [
+        ("loss", a.loss, b.loss),
+        ("cls", a.cls, b.cls),
+        ("patch", a.patch, b.patch),
+    ] {
+        assert!(
+            (x - y).abs() <= 0.02 * x.abs(),
+            "{name}: float32 {x}, bfloat16 {y}"
+        );
+    }
+    assert_ne!(a.loss, b.loss, "the bfloat16 step did not run in bfloat16");
+    for p in bf16_ibot.student_ps.params() {
+        assert_eq!(p.tensor.kind(), Kind::Float, "{} changed kind", p.name);
+    }
+    assert_eq!(bf16_ibot.loss.center.kind(), Kind::Float);
+    let w32 = f32_ibot
+        .student_ps
+        .get("backbone.blocks.0.attn.qkv.weight")
+        .unwrap();
+    let w16 = bf16_ibot
+        .student_ps
+        .get("backbone.blocks.0.attn.qkv.weight")
+        .unwrap();
+    assert!(
+        ibot::util::max_abs(&(w32 - w16)) < 5e-3,
+        "weights after one step differ too much"
+    );
+}
+
+#[test]
+fn grad_scaler_unscales_detects_overflow_and_adapts() {
+    let s = GradScaler {
+        scale: 1024.0,
+        ..GradScaler::default()
+    };
+    let mut g = vec![Some(Tensor::from_slice(&[2048.0f32, -512.0])), None];
+    assert!(!s.unscale(&mut g));
+    assert_eq!(
+        Vec::<f32>::try_from(g[0].as_ref().unwrap()).unwrap(),
+        [2.0, -0.5]
+    );
+    let mut bad = vec![
+        Some(Tensor::from_slice(&[1.0f32, f32::INFINITY])),
+        Some(Tensor::from_slice(&[f32::NAN])),
+    ];
+    assert!(s.unscale(&mut bad));
+
+    let mut s = GradScaler {
+        growth_interval: 3,
+        ..GradScaler::default()
+    };
+    assert_eq!(s.scale, 65536.0);
+    s.update(true);
+    assert_eq!((s.scale, s.growth_tracker), (32768.0, 0));
+    s.update(false);
+    s.update(false);
+    assert_eq!((s.scale, s.growth_tracker), (32768.0, 2));
+    s.update(false);
+    assert_eq!((s.scale, s.growth_tracker), (65536.0, 0));
+}
+
+/// The float16 path end to end on the CPU: an absurd scale overflows the gradients, so the
+/// optimizer step is skipped (weights unchanged, the EMA still runs as in the official loop)
+/// and the scale is halved; with a sane scale the step happens.
+#[test]
+fn float16_steps_are_skipped_on_overflow() {
+    let (v, m) = views(4);
+    let mut ibot = Ibot::seeded(common::tiny_config(false, true), Device::Cpu, 4).unwrap();
+    ibot.precision = Precision::Fp16;
+    ibot.scaler.scale = 2f64.powi(126);
+    let before = ibot
+        .student_ps
+        .get("backbone.blocks.0.mlp.fc1.weight")
+        .unwrap()
+        .copy();
+    ibot.train_step(&v, &m, 0, 1e-3, 0.04, 0.9, &SingleProcess)
+        .unwrap();
+    assert!(
+        ibot.student_ps
+            .get("backbone.blocks.0.mlp.fc1.weight")
+            .unwrap()
+            .equal(&before),
+        "overflowing step was applied"
+    );
+    assert_eq!(ibot.scaler.scale, 2f64.powi(125));
+    // The scale keeps halving while the float16 gradients overflow, until a step goes through.
+    let mut skipped = 0;
+    while ibot
+        .student_ps
+        .get("backbone.blocks.0.mlp.fc1.weight")
+        .unwrap()
+        .equal(&before)
+    {
+        let scale = ibot.scaler.scale;
+        ibot.train_step(&v, &m, 0, 1e-3, 0.04, 0.9, &SingleProcess)
+            .unwrap();
+        if ibot.scaler.growth_tracker == 0 {
+            assert_eq!(ibot.scaler.scale, scale / 2.0);
+            skipped += 1;
+        }
+        assert!(skipped < 140, "no step ever went through");
+    }
+    assert_eq!(ibot.scaler.growth_tracker, 1);
+    let w = ibot
+        .student_ps
+        .get("backbone.blocks.0.mlp.fc1.weight")
+        .unwrap();
+    assert!(
+        w.isfinite().all().int64_value(&[]) == 1,
+        "the applied step left non-finite weights"
+    );
+    eprintln!(
+        "float16 step applied at scale {} after {skipped} skipped steps",
+        ibot.scaler.scale
+    );
+}
