@@ -240,6 +240,65 @@ fn dtype_from_kind(k: Kind) -> Result<safetensors::Dtype> {
     })
 }
 
+/// The `__metadata__` strings of a safetensors file, reading only its header. The header must
+/// parse and the file must be exactly as long as the header says (a truncated or extended file
+/// is an error naming the file).
+pub fn read_safetensors_metadata(path: &Path) -> Result<HashMap<String, String>> {
+    use std::io::Read;
+    let shown = path.display();
+    let bad = |why: String| {
+        anyhow::anyhow!("{shown} is not a valid safetensors file (truncated or corrupt?): {why}")
+    };
+    let mut f = std::fs::File::open(path).with_context(|| format!("opening {shown}"))?;
+    let file_len = f
+        .metadata()
+        .with_context(|| format!("reading {shown}"))?
+        .len();
+    let mut len = [0u8; 8];
+    f.read_exact(&mut len)
+        .map_err(|e| bad(format!("no header ({e})")))?;
+    let n = u64::from_le_bytes(len);
+    if n > 100_000_000 || n + 8 > file_len {
+        return Err(bad(format!(
+            "header length {n} does not fit a {file_len}-byte file"
+        )));
+    }
+    let mut header = vec![0u8; n as usize];
+    f.read_exact(&mut header)
+        .map_err(|e| bad(format!("short header ({e})")))?;
+    let json: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(&header).map_err(|e| bad(format!("header is not JSON ({e})")))?;
+    let mut data_end = 0u64;
+    let mut metadata = HashMap::new();
+    for (k, v) in &json {
+        if k == "__metadata__" {
+            let m = v
+                .as_object()
+                .ok_or_else(|| bad("__metadata__ is not an object".into()))?;
+            for (mk, mv) in m {
+                let s = mv
+                    .as_str()
+                    .ok_or_else(|| bad(format!("metadata '{mk}' is not a string")))?;
+                metadata.insert(mk.clone(), s.to_string());
+            }
+            continue;
+        }
+        let end = v
+            .get("data_offsets")
+            .and_then(|o| o.get(1))
+            .and_then(|e| e.as_u64())
+            .ok_or_else(|| bad(format!("tensor '{k}' has no data_offsets")))?;
+        data_end = data_end.max(end);
+    }
+    if 8 + n + data_end != file_len {
+        return Err(bad(format!(
+            "the header describes {} bytes, the file has {file_len}",
+            8 + n + data_end
+        )));
+    }
+    Ok(metadata)
+}
+
 /// Reads every tensor of a safetensors file onto the CPU. A truncated or corrupt file is an
 /// error naming the file, never a panic.
 pub fn read_safetensors(path: &Path) -> Result<HashMap<String, Tensor>> {

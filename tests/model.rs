@@ -246,5 +246,28 @@ fn weights_round_trip_through_safetensors_and_bad_files_are_refused() {
     std::fs::write(&cut, b"garbage").unwrap();
     assert!(b.load_safetensors(&cut, "").is_err());
     b.load_safetensors(&path, "").unwrap();
+
+    // Metadata is read from the header alone, and the header must account for every byte.
+    let named = vec![("t".to_string(), Tensor::ones([3], CPU))];
+    let md: std::collections::HashMap<String, String> = [("k".to_string(), "v".to_string())].into();
+    let with_md = dir.join("md.safetensors");
+    ibot::params::write_safetensors(&with_md, &named, Some(md.clone())).unwrap();
+    assert_eq!(
+        ibot::params::read_safetensors_metadata(&with_md).unwrap(),
+        md
+    );
+    let full = std::fs::read(&with_md).unwrap();
+    for bad in [
+        &full[..full.len() - 1],
+        &full[..10],
+        &[full.clone(), vec![0]].concat()[..],
+    ] {
+        std::fs::write(&cut, bad).unwrap();
+        let e = format!(
+            "{:#}",
+            ibot::params::read_safetensors_metadata(&cut).unwrap_err()
+        );
+        assert!(e.contains("not a valid safetensors file"), "{e}");
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -486,17 +486,9 @@ fn load_probe(
     dim: i64,
     num_labels: i64,
 ) -> Result<(usize, f64)> {
-    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    let (_, md) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| {
-        anyhow::anyhow!(
-            "{} is not a valid checkpoint (truncated or corrupt?): {e}",
-            path.display()
-        )
-    })?;
+    let md = crate::params::read_safetensors_metadata(path)?;
     let raw = md
-        .metadata()
-        .as_ref()
-        .and_then(|m| m.get("ibot_linear"))
+        .get("ibot_linear")
         .with_context(|| format!("{} is not a linear-probe checkpoint", path.display()))?;
     let meta: LinearCkptMeta = serde_json::from_str(raw)
         .with_context(|| format!("{}: damaged metadata", path.display()))?;

@@ -304,16 +304,7 @@ pub fn load_pretrained(
 
 /// The exact backbone configuration stored by our own files, if any.
 fn known_config(path: &Path, checkpoint_key: &str) -> Result<Option<VitConfig>> {
-    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    let (_, md) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| {
-        anyhow::anyhow!(
-            "{} is not a valid safetensors file (truncated or corrupt?): {e}",
-            path.display()
-        )
-    })?;
-    let Some(md) = md.metadata() else {
-        return Ok(None);
-    };
+    let md = crate::params::read_safetensors_metadata(path)?;
     if let Some(raw) = md.get(VIT_CONFIG_KEY) {
         let c: VitConfig = serde_json::from_str(raw)
             .with_context(|| format!("{}: damaged {VIT_CONFIG_KEY}", path.display()))?;

@@ -60,23 +60,13 @@ pub fn save(path: &Path, ibot: &Ibot, next_epoch: usize, args: &TrainArgs) -> Re
 
 /// Reads only the metadata of a checkpoint.
 pub fn read_meta(path: &Path) -> Result<CheckpointMeta> {
-    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    let (_, md) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| {
+    let md = crate::params::read_safetensors_metadata(path)?;
+    let raw = md.get("ibot").ok_or_else(|| {
         anyhow!(
-            "{} is not a valid checkpoint (truncated or corrupt?): {e}",
+            "{} has no ibot training metadata (not a checkpoint written by `ibot train`)",
             path.display()
         )
     })?;
-    let raw = md
-        .metadata()
-        .as_ref()
-        .and_then(|m| m.get("ibot"))
-        .ok_or_else(|| {
-            anyhow!(
-                "{} has no ibot training metadata (not a checkpoint written by `ibot train`)",
-                path.display()
-            )
-        })?;
     let meta: CheckpointMeta = serde_json::from_str(raw)
         .with_context(|| format!("{}: damaged metadata", path.display()))?;
     ensure!(
