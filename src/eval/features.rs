@@ -30,8 +30,10 @@ pub fn eval_view(img: &Rgb8, size: usize) -> Rgb8 {
 }
 
 /// Normalised evaluation views of `indices`, stacked `[N, 3, size, size]`, with their labels.
+/// Images are decoded and resized on every core.
 pub fn eval_batch(ds: &dyn Dataset, indices: &[usize], size: usize) -> Result<(Tensor, Tensor)> {
-    view_batch(ds, indices, size, 1, &|img: &Rgb8, _| eval_view(img, size))
+    let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
+    view_batch(ds, indices, size, workers, &|img: &Rgb8, _| eval_view(img, size))
 }
 
 /// Views `view(image, dataset index)` (each `size x size`) of `indices`, normalised and stacked
