@@ -32,7 +32,7 @@ step)
     printf 'ms/iter: ibot %s, PyTorch eager %s, time ratio ibot/PyTorch %.2f\n' "$ours" "$ref" "$(awk -v a="$ours" -v b="$ref" 'BEGIN { print a / b }')"
     ;;
 step-bf16)
-    ours=$(target/release/ibot bench train --iters 8 --warmup 2 --use_fp16 true | rate)
+    ours=$(target/release/ibot bench train --iters 8 --warmup 2 --precision bfloat16 | rate)
     ref=$($py bench/torch_step.py --iters 8 --warmup 2 --autocast bf16 | rate)
     printf 'ms/iter (bf16 autocast): ibot %s, PyTorch eager %s, time ratio ibot/PyTorch %.2f\n' "$ours" "$ref" "$(awk -v a="$ours" -v b="$ref" 'BEGIN { print a / b }')"
     ;;

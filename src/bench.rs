@@ -51,6 +51,9 @@ pub struct StepBench {
     /// bfloat16, float16 with loss scaling on CUDA). Compare with `torch_step.py --autocast bf16`.
     #[arg(long, default_value = "false", value_parser = crate::train::args::parse_bool, action = clap::ArgAction::Set)]
     pub use_fp16: bool,
+    /// Force the arithmetic as `ibot train --precision` (auto follows --use_fp16).
+    #[arg(long, value_enum, default_value_t = crate::train::amp::PrecisionChoice::Auto)]
+    pub precision: crate::train::amp::PrecisionChoice,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -98,7 +101,7 @@ pub fn step(b: &StepBench, device: Device) -> Result<StepTiming> {
     };
     let grid = b.global_crops_size / b.patch_size;
     let mut ibot = Ibot::new(cfg, device)?;
-    ibot.precision = crate::train::amp::Precision::for_device(b.use_fp16, device);
+    ibot.precision = crate::train::amp::Precision::resolve(b.use_fp16, b.precision, device)?;
     let opts = (Kind::Float, device);
     let mut batches = match &b.data_path {
         Some(path) => Some(BatchStream::new(path, b.num_workers, b)?),

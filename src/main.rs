@@ -654,7 +654,7 @@ fn run(cli: Cli) -> Result<bool> {
             println!(
                 "ibot (tch, libtorch threads {}, {}, {feed}): {}/{} batch {} 2x{} + {}x{}: {:.1} ms/iter, {:.2} img/s",
                 tch::get_num_threads(),
-                ibot::train::amp::Precision::for_device(b.use_fp16, ibot::train::run::select_device(&b.device)?).name(),
+                ibot::train::amp::Precision::resolve(b.use_fp16, b.precision, ibot::train::run::select_device(&b.device)?)?.name(),
                 b.arch,
                 b.patch_size,
                 b.batch,

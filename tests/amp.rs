@@ -141,7 +141,8 @@ fn float16_steps_are_skipped_on_overflow() {
         .get("backbone.blocks.0.mlp.fc1.weight")
         .unwrap()
         .copy();
-    ibot.train_step(&v, &m, 0, 1e-3, 0.04, 0.9, &SingleProcess)
+    let _ = ibot
+        .train_step(&v, &m, 0, 1e-3, 0.04, 0.9, &SingleProcess)
         .unwrap();
     assert!(
         ibot.student_ps
@@ -160,7 +161,8 @@ fn float16_steps_are_skipped_on_overflow() {
         .equal(&before)
     {
         let scale = ibot.scaler.scale;
-        ibot.train_step(&v, &m, 0, 1e-3, 0.04, 0.9, &SingleProcess)
+        let _ = ibot
+            .train_step(&v, &m, 0, 1e-3, 0.04, 0.9, &SingleProcess)
             .unwrap();
         if ibot.scaler.growth_tracker == 0 {
             assert_eq!(ibot.scaler.scale, scale / 2.0);
@@ -181,4 +183,30 @@ fn float16_steps_are_skipped_on_overflow() {
         "float16 step applied at scale {} after {skipped} skipped steps",
         ibot.scaler.scale
     );
+}
+
+#[test]
+fn precision_choice_overrides_use_fp16_and_float16_needs_cuda() {
+    use ibot::train::amp::PrecisionChoice as C;
+    let cpu = Device::Cpu;
+    assert_eq!(
+        Precision::resolve(true, C::Float32, cpu).unwrap(),
+        Precision::Fp32
+    );
+    assert_eq!(
+        Precision::resolve(false, C::Bfloat16, cpu).unwrap(),
+        Precision::Bf16
+    );
+    assert_eq!(
+        Precision::resolve(false, C::Auto, cpu).unwrap(),
+        Precision::Fp32
+    );
+    assert_eq!(
+        Precision::resolve(true, C::Auto, cpu).unwrap(),
+        Precision::for_device(true, cpu)
+    );
+    let err = Precision::resolve(true, C::Float16, cpu)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("CUDA"), "{err}");
 }

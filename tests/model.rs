@@ -104,7 +104,8 @@ fn a_training_step_runs_and_moves_the_teacher() {
         .detach()
         .equal(&frozen));
     // From epoch 1 on it trains.
-    ibot.train_step(&v, &m, 1, 1e-3, 0.04, 0.9, &SingleProcess)
+    let _ = ibot
+        .train_step(&v, &m, 1, 1e-3, 0.04, 0.9, &SingleProcess)
         .unwrap();
     assert!(!ibot
         .student_ps

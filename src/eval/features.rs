@@ -33,7 +33,9 @@ pub fn eval_view(img: &Rgb8, size: usize) -> Rgb8 {
 /// Images are decoded and resized on every core.
 pub fn eval_batch(ds: &dyn Dataset, indices: &[usize], size: usize) -> Result<(Tensor, Tensor)> {
     let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
-    view_batch(ds, indices, size, workers, &|img: &Rgb8, _| eval_view(img, size))
+    view_batch(ds, indices, size, workers, &|img: &Rgb8, _| {
+        eval_view(img, size)
+    })
 }
 
 /// Views `view(image, dataset index)` (each `size x size`) of `indices`, normalised and stacked

@@ -204,7 +204,8 @@ pub struct LinearArgs {
     /// Number of classes (default: read from the data set).
     #[arg(long)]
     pub num_labels: Option<i64>,
-    /// Resume from this checkpoint (default: <output_dir>/checkpoint_<key>_linear.safetensors if present).
+    /// Resume from this checkpoint, relative to --output_dir (default:
+    /// <output_dir>/checkpoint_<key>_linear.safetensors when it exists).
     #[arg(long)]
     pub load_from: Option<PathBuf>,
     /// Crop side for training and validation views.
@@ -328,10 +329,15 @@ pub fn run(
     tch::manual_seed(a.seed as i64);
     let mut probe = LinearProbe::new(dim, num_labels, device);
     let (mut start, mut best) = (0, 0.0f64);
-    let resume = a
-        .load_from
-        .clone()
-        .or_else(|| ckpt_path.is_file().then(|| ckpt_path.clone()));
+    // As in `train`: --load_from is taken relative to --output_dir (an absolute path stays as is).
+    let resume = match &a.load_from {
+        Some(p) => {
+            let p = a.output_dir.join(p);
+            ensure!(p.is_file(), "--load_from: {} does not exist", p.display());
+            Some(p)
+        }
+        None => ckpt_path.is_file().then(|| ckpt_path.clone()),
+    };
     if let Some(p) = resume {
         let (e, b) = load_probe(&p, &mut probe, dim, num_labels)?;
         eprintln!(

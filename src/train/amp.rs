@@ -38,6 +38,26 @@ impl Precision {
         }
     }
 
+    /// The precision a run uses: `choice` when it names one, else what `--use_fp16` means on
+    /// `device`. float16 needs CUDA (its loss scaling guards CUDA's float16 kernels; CPUs take
+    /// bfloat16).
+    pub fn resolve(
+        use_fp16: bool,
+        choice: PrecisionChoice,
+        device: Device,
+    ) -> anyhow::Result<Self> {
+        Ok(match choice {
+            PrecisionChoice::Auto => Self::for_device(use_fp16, device),
+            PrecisionChoice::Float32 => Precision::Fp32,
+            PrecisionChoice::Bfloat16 => Precision::Bf16,
+            PrecisionChoice::Float16 if device.is_cuda() => Precision::Fp16,
+            PrecisionChoice::Float16 => anyhow::bail!(
+                "--precision float16 needs a CUDA device (this run is on {device:?}); \
+                 use --precision bfloat16 on a CPU"
+            ),
+        })
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Precision::Fp32 => "float32",
@@ -45,6 +65,18 @@ impl Precision {
             Precision::Fp16 => "float16 autocast with loss scaling",
         }
     }
+}
+
+/// `--precision`: `auto` follows `--use_fp16`; the others force one arithmetic, e.g. bfloat16
+/// on a CPU without native support (emulated: slower, but the numerics of a bfloat16 machine).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PrecisionChoice {
+    #[default]
+    Auto,
+    Float32,
+    Bfloat16,
+    Float16,
 }
 
 /// True when the CPU computes bfloat16 natively (AVX512-BF16 or AMX-BF16).

@@ -7,6 +7,8 @@ use anyhow::{bail, Context, Result};
 use clap::{ArgAction, Args};
 use serde::{Deserialize, Serialize};
 
+use crate::train::amp::PrecisionChoice;
+
 /// Parses `true/false/on/off/1/0` like the official `utils.bool_flag`.
 pub fn parse_bool(s: &str) -> Result<bool, String> {
     match s.to_ascii_lowercase().as_str() {
@@ -123,6 +125,13 @@ pub struct TrainArgs {
     /// (AVX512-BF16 or AMX): bfloat16 autocast, about twice as fast. Other CPUs: float32.
     #[arg(long, default_value = "true", value_parser = parse_bool, action = ArgAction::Set, help_heading = "Optimisation")]
     pub use_fp16: bool,
+    /// Force the arithmetic instead of letting --use_fp16 choose (auto): float32, bfloat16
+    /// (autocast on any device; emulated, hence slower, on CPUs without native bfloat16) or
+    /// float16 (CUDA only, with loss scaling). bfloat16 kernels on AMX CPUs are not bit-for-bit
+    /// reproducible from run to run; float32 is.
+    #[arg(long, value_enum, default_value_t = PrecisionChoice::Auto, help_heading = "Optimisation")]
+    #[serde(default)]
+    pub precision: PrecisionChoice,
     /// Weight decay at the start of its cosine schedule.
     #[arg(long, default_value_t = 0.04, help_heading = "Optimisation")]
     pub weight_decay: f64,

@@ -12,7 +12,7 @@ use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use tch::{Device, Kind, Tensor};
 
-use super::amp::Precision;
+use super::amp::{Precision, PrecisionChoice};
 use super::args::TrainArgs;
 use super::optim::OptimizerKind;
 use super::schedule::cosine_scheduler;
@@ -259,8 +259,9 @@ pub fn train(args: &TrainArgs) -> Result<TrainOutcome> {
         args.batch_size_per_gpu
     );
     let mut ibot = Ibot::seeded(cfg, device, args.seed)?;
-    ibot.precision = Precision::for_device(args.use_fp16, device);
-    if args.use_fp16 && ibot.precision == Precision::Fp32 {
+    ibot.precision = Precision::resolve(args.use_fp16, args.precision, device)?;
+    if args.use_fp16 && args.precision == PrecisionChoice::Auto && ibot.precision == Precision::Fp32
+    {
         eprintln!(
             "note: --use_fp16: this CPU has no native bfloat16 arithmetic (AVX512-BF16 or AMX), \
              where it would be slower than float32; training runs in float32"
