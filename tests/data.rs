@@ -1,5 +1,7 @@
 //! Data sets, masks and the loader: invariants, determinism, sharding and bad input.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -239,16 +241,10 @@ fn corrupt_images_fail_clearly_or_are_skipped_and_counted() {
 /// the one the augmentation fixtures were made from. Required in CI (IBOT_REQUIRE_FMNIST=1).
 #[test]
 fn fashion_mnist_reads_as_the_reference_image() {
-    let dir = Path::new("/usr/share/datasets/fashion-mnist");
-    if !dir.is_dir() {
-        assert!(
-            std::env::var_os("IBOT_REQUIRE_FMNIST").is_none(),
-            "Fashion-MNIST is not installed"
-        );
-        eprintln!("skipped: install the Debian package dataset-fashion-mnist");
+    let Some(dir) = common::fashion_mnist_dir() else {
         return;
-    }
-    let ds = dataset::open(dir, "train").unwrap();
+    };
+    let ds = dataset::open(&dir, "train").unwrap();
     assert_eq!(ds.len(), 60000);
     let fx = ibot::params::read_safetensors(
         &PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -257,5 +253,5 @@ fn fashion_mnist_reads_as_the_reference_image() {
     .unwrap();
     let want: Vec<u8> = Vec::try_from(fx["input/fmnist"].flatten(0, -1)).unwrap();
     assert_eq!(ds.get(0).unwrap().0.data, want);
-    assert_eq!(dataset::open(dir, "t10k").unwrap().len(), 10000);
+    assert_eq!(dataset::open(&dir, "t10k").unwrap().len(), 10000);
 }

@@ -194,17 +194,11 @@ fn feature_layouts_are_the_official_ones() {
 /// stopped.
 #[test]
 fn linear_probe_learns_on_fashion_mnist_and_resumes() {
-    let dir = std::path::Path::new("/usr/share/datasets/fashion-mnist");
-    if !dir.is_dir() {
-        assert!(
-            std::env::var_os("IBOT_REQUIRE_FMNIST").is_none(),
-            "Fashion-MNIST is not installed"
-        );
-        eprintln!("skipped: install the Debian package dataset-fashion-mnist");
+    let Some(dir) = common::fashion_mnist_dir() else {
         return;
-    }
-    let train = ibot::data::dataset::open(dir, "train").unwrap();
-    let val = ibot::data::dataset::open(dir, "t10k").unwrap();
+    };
+    let train = ibot::data::dataset::open(&dir, "train").unwrap();
+    let val = ibot::data::dataset::open(&dir, "t10k").unwrap();
     let vit = tiny_vit();
     let out = tmp("linear-e2e");
     let mut a = ibot::eval::linear::LinearArgs {

@@ -25,6 +25,21 @@ pub fn fixture_dir(name: &str) -> PathBuf {
     dir
 }
 
+/// The Debian package's Fashion-MNIST directory, or `None` (the caller skips) when it is not
+/// installed; with IBOT_REQUIRE_FMNIST set (as CI does) a missing data set fails the test.
+pub fn fashion_mnist_dir() -> Option<PathBuf> {
+    let dir = PathBuf::from("/usr/share/datasets/fashion-mnist");
+    if dir.is_dir() {
+        return Some(dir);
+    }
+    assert!(
+        std::env::var_os("IBOT_REQUIRE_FMNIST").is_none(),
+        "Fashion-MNIST is not installed"
+    );
+    eprintln!("skipped: install the Debian package dataset-fashion-mnist");
+    None
+}
+
 /// A tiny configuration for fast tests.
 pub fn tiny_config(shared_head: bool, shared_head_teacher: bool) -> IbotConfig {
     let backbone = VitConfig {
