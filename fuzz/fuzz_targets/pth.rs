@@ -3,7 +3,7 @@
 //!
 //! Run (nightly, from the project root, after `bash scripts/bootstrap.sh`):
 //!   LD_LIBRARY_PATH=$(readlink -f .libtorch/lib) cargo +nightly fuzz run pth -s none fuzz/corpus/pth
-//! Seed the corpus with real checkpoints (e.g. the files tests/interop.rs builds).
+//! Seed the corpus first: `.venv/bin/python tools/make_pth_fuzz_seeds.py`.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
