@@ -205,7 +205,7 @@ fn linear_probe_learns_on_fashion_mnist_and_resumes() {
         pretrained_weights: "unused".into(),
         checkpoint_key: "teacher".into(),
         arch: None,
-        data_path: dir.into(),
+        data_path: dir,
         n_last_blocks: 2,
         avgpool_patchtokens: 0,
         epochs: 8,

@@ -68,7 +68,7 @@ fn default_heads(embed_dim: i64) -> Option<i64> {
         .map(|c| c.num_heads)
 }
 
-fn shape_of<'a>(t: &'a HashMap<String, Tensor>, k: &str) -> Result<Vec<i64>> {
+fn shape_of(t: &HashMap<String, Tensor>, k: &str) -> Result<Vec<i64>> {
     t.get(k)
         .map(|x| x.size())
         .with_context(|| format!("the weights have no '{k}' (not a ViT backbone?)"))

@@ -291,7 +291,7 @@ fn lars_update(
         } else {
             1.0
         };
-        dp = dp * q;
+        dp = &dp * q;
     }
     if !matches!(state, State::Momentum(_)) {
         *state = State::Momentum(p.zeros_like());
