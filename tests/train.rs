@@ -280,13 +280,15 @@ fn a_resumed_bfloat16_run_stays_with_the_uninterrupted_one() {
     // bfloat16 autocast (forced, so it runs on any CPU). oneDNN's AMX bfloat16 kernels are not
     // bit-reproducible from one run to the next (two uninterrupted runs already differ in the
     // 4th digit of the loss on such CPUs), so here the resumed run only has to stay within
-    // bfloat16 noise of the straight one: 15 steps of a 1-block model at a large learning rate,
-    // |a - b| <= 2e-3 + 2e-2|b| on every tensor of the checkpoint. The tolerance is tight enough
-    // to tell one epoch of training apart (checked below on the straight run's own epoch-1
-    // checkpoint), so a resume that lost state (optimizer moments, centers, schedules, RNG)
-    // fails it. The epoch counters must match exactly.
-    let (straight, resumed) =
-        straight_and_resumed("bf16", &["--precision", "bfloat16", "--lr", "0.5"]);
+    // bfloat16 noise of the straight one: |a - b| <= 2e-3 + 2e-2|b| on every tensor of the
+    // checkpoint after 15 steps of a 1-block model. The learning rate stays at its small
+    // default on purpose: Adam turns the pure-noise gradient of the attention key bias (zero in
+    // exact arithmetic) into updates of up to lr per step, which would differ between two such
+    // runs by more than any bfloat16 tolerance at a large rate. The tolerance is still tight
+    // enough to tell epochs apart: the straight run's own epoch-1 checkpoint must fail it on
+    // both centres and on most optimizer moments, so a resume that lost state (moments,
+    // centres, schedules, RNG) fails it too. The epoch counters must match exactly.
+    let (straight, resumed) = straight_and_resumed("bf16", &["--precision", "bfloat16"]);
     let close = |a: &tch::Tensor, b: &tch::Tensor| a.allclose(b, 2e-2, 2e-3, false);
     let a = tensors(&straight.join("checkpoint.safetensors"));
     let b = tensors(&resumed.join("checkpoint.safetensors"));
@@ -300,14 +302,19 @@ fn a_resumed_bfloat16_run_stays_with_the_uninterrupted_one() {
         );
     }
     let earlier = tensors(&straight.join("checkpoint0001.safetensors"));
-    let told_apart = a
-        .iter()
-        .zip(&earlier)
-        .filter(|((k, t), (_, e))| k.starts_with("student.") && !close(t, e))
-        .count();
+    let apart = |pred: &dyn Fn(&str) -> bool| {
+        a.iter()
+            .zip(&earlier)
+            .filter(|((k, t), (_, e))| pred(k) && !close(t, e))
+            .count()
+    };
+    let moments = a.iter().filter(|(k, _)| k.ends_with(".exp_avg")).count();
+    let centres_apart = apart(&|k| k.starts_with("loss.center"));
+    let moments_apart = apart(&|k| k.ends_with(".exp_avg"));
     assert!(
-        told_apart > 5,
-        "the tolerance cannot tell epoch 1 from epoch 3 ({told_apart} student tensors differ)"
+        centres_apart == 2 && 2 * moments_apart > moments,
+        "the tolerance cannot tell epoch 1 from epoch 3: {centres_apart}/2 centres and \
+         {moments_apart}/{moments} first moments differ"
     );
     let meta = |d: &Path| checkpoint::read_meta(&d.join("checkpoint.safetensors")).unwrap();
     assert_eq!(meta(&straight).epoch, meta(&resumed).epoch);
