@@ -58,6 +58,10 @@ enum Cmd {
     ExtractBackbone(ExtractArgs),
     /// Features of every image of a data set to a safetensors file (`features` [N, D], `labels` [N]).
     ExtractFeatures(FeatureArgs),
+    /// Self-attention maps of the [CLS] token in the last block, per head, for one image
+    /// (visualize_attention.py): heat maps, the patches holding --threshold of each head's
+    /// attention mass drawn over the image, and the raw maps as safetensors.
+    VisualizeAttention(AttentionArgs),
     /// Lists the named recipes for --preset.
     Presets,
     /// Benchmarks (timings, not tests). Compare with bench/torch_step.py run with the same
@@ -200,6 +204,27 @@ struct FeatureArgs {
     /// Use at most this many images.
     #[arg(long)]
     subset: Option<usize>,
+}
+
+#[derive(Args)]
+#[command(rename_all = "snake_case")]
+struct AttentionArgs {
+    #[command(flatten)]
+    weights: WeightsArgs,
+    /// The image to look at (any format the data loader reads).
+    #[arg(long)]
+    image_path: PathBuf,
+    /// Resize to HEIGHT WIDTH (two numbers), or the shorter side to N keeping the aspect ratio
+    /// (one number); the result is then cut to a multiple of the patch size.
+    #[arg(long, num_args = 1..=2, default_values_t = [480, 480])]
+    image_size: Vec<usize>,
+    /// Share of each head's attention mass whose patches are drawn over the image (0 to 1;
+    /// 0 draws no masks).
+    #[arg(long, default_value_t = 0.6)]
+    threshold: f64,
+    /// Where the pictures go.
+    #[arg(long, default_value = ".")]
+    output_dir: PathBuf,
 }
 
 #[derive(Subcommand)]
@@ -576,6 +601,27 @@ fn extract_features(f: FeatureArgs) -> Result<()> {
     Ok(())
 }
 
+fn visualize_attention(a: AttentionArgs) -> Result<()> {
+    use ibot::analysis::attention;
+    let (_, vit, _, device) = open_backbone(&a.weights)?;
+    let patch = vit.cfg.patch_size as usize;
+    let img = ibot::data::dataset::load_rgb(&a.image_path)?;
+    let img = attention::prepare_image(&img, &a.image_size, patch)?;
+    let threshold = (a.threshold > 0.0).then_some(a.threshold);
+    let maps = attention::attention_of(&vit, &img, threshold, device)?;
+    let files = attention::save_pictures(&img, &maps, patch, threshold, &a.output_dir)?;
+    println!(
+        "{} heads over {}x{} patches of {}: {} files in {}",
+        maps.attentions.size()[0],
+        img.height / patch,
+        img.width / patch,
+        a.image_path.display(),
+        files.len(),
+        a.output_dir.display()
+    );
+    Ok(())
+}
+
 fn eval_linear(a: ibot::eval::linear::LinearArgs) -> Result<()> {
     let device = run::select_device(&a.device)?;
     let p = ibot::interop::load_pretrained(
@@ -619,6 +665,7 @@ fn run(cli: Cli) -> Result<bool> {
         Cmd::EvalUnsup(u) => eval_unsup(u).map(|_| true),
         Cmd::ExtractBackbone(e) => extract_backbone(e).map(|_| true),
         Cmd::ExtractFeatures(f) => extract_features(f).map(|_| true),
+        Cmd::VisualizeAttention(a) => visualize_attention(a).map(|_| true),
         Cmd::Presets => {
             for (name, what, args) in PRESETS {
                 println!("{name}: {what}\n    {}\n", args.join(" "));

@@ -1,0 +1,245 @@
+//! What the [CLS] token looks at: the last block's self-attention from [CLS] to every patch, per
+//! head, as the official `analysis/attention_map/visualize_attention.py` computes it, plus the
+//! pictures it saves (heat maps per head, the patches that hold a given share of the mass).
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{ensure, Context, Result};
+use plotters::style::colors::colormaps::{ColorMap, ViridisRGB};
+use tch::{Device, Kind, Tensor};
+
+use crate::data::ops::{self, Filter, Rgb8};
+use crate::models::VisionTransformer;
+
+/// [CLS]→patch attention maps of one image.
+#[derive(Debug)]
+pub struct AttentionMaps {
+    /// One map per head, `[heads, gh, gw]`, each row summing to at most 1 (the [CLS] column
+    /// is left out, as officially).
+    pub attentions: Tensor,
+    /// 1 where a patch belongs to the smallest set of a head's largest weights that holds
+    /// `threshold` of the head's patch mass, else 0; `[heads, gh, gw]` (float).
+    pub th_attn: Option<Tensor>,
+}
+
+/// Splits `attn` (`[1, heads, 1 + gh*gw, 1 + gh*gw]`, from `get_last_selfattention`) into
+/// per-head maps and, with `threshold`, the official mass mask: sort each head's weights
+/// ascending, normalise them to sum 1, keep those whose running sum exceeds `1 - threshold`.
+pub fn cls_attention_maps(
+    attn: &Tensor,
+    gh: i64,
+    gw: i64,
+    threshold: Option<f64>,
+) -> Result<AttentionMaps> {
+    let size = attn.size();
+    let n = gh * gw;
+    ensure!(
+        size.len() == 4 && size[0] == 1 && size[2] == 1 + n && size[3] == 1 + n,
+        "attention of shape {size:?} does not fit one image of {gh}x{gw} patches"
+    );
+    let heads = size[1];
+    // Row 0 is the [CLS] query; its first column is [CLS] itself.
+    let a = attn
+        .get(0)
+        .select(1, 0)
+        .narrow(1, 1, n)
+        .to_kind(Kind::Float); // [heads, N]
+    let th_attn = match threshold {
+        None => None,
+        Some(t) => {
+            ensure!(
+                (0.0..=1.0).contains(&t),
+                "--threshold {t} is not a share of the mass in [0, 1]"
+            );
+            let (val, idx) = a.sort(1, false);
+            let val = &val / val.sum_dim_intlist(Some(&[1i64][..]), true, Kind::Float);
+            let keep_sorted = val.cumsum(1, Kind::Float).gt(1.0 - t);
+            // Back to patch order: position i holds the entry ranked argsort(idx)[i].
+            let keep = keep_sorted.gather(1, &idx.argsort(1, false), false);
+            Some(keep.to_kind(Kind::Float).reshape([heads, gh, gw]))
+        }
+    };
+    Ok(AttentionMaps {
+        attentions: a.reshape([heads, gh, gw]),
+        th_attn,
+    })
+}
+
+/// How the official script prepares the image: `Resize(image_size)` (two values: exactly that
+/// height and width; one value: the shorter side, keeping the aspect ratio as torchvision
+/// does), Pillow's bilinear filter, then the bottom/right cut to a multiple of the patch size.
+pub fn prepare_image(img: &Rgb8, image_size: &[usize], patch: usize) -> Result<Rgb8> {
+    let (h, w) = match *image_size {
+        [s] => {
+            let (short, long) = (img.height.min(img.width), img.height.max(img.width));
+            let other = (s as f64 * long as f64 / short as f64) as usize;
+            if img.height <= img.width {
+                (s, other)
+            } else {
+                (other, s)
+            }
+        }
+        [h, w] => (h, w),
+        _ => anyhow::bail!("--image_size takes one or two numbers"),
+    };
+    ensure!(
+        h >= patch && w >= patch,
+        "--image_size {h}x{w} is smaller than one {patch}-pixel patch"
+    );
+    let resized = ops::resized_crop_with(img, 0, 0, img.height, img.width, h, w, Filter::Bilinear);
+    let (ch, cw) = (h - h % patch, w - w % patch);
+    let mut data = Vec::with_capacity(ch * cw * 3);
+    for row in resized.data.chunks_exact(w * 3).take(ch) {
+        data.extend_from_slice(&row[..cw * 3]);
+    }
+    Ok(Rgb8::new(cw, ch, data))
+}
+
+/// The maps of `img` (already prepared, sides multiples of the patch size) under `vit`.
+pub fn attention_of(
+    vit: &VisionTransformer,
+    img: &Rgb8,
+    threshold: Option<f64>,
+    device: Device,
+) -> Result<AttentionMaps> {
+    let p = vit.cfg.patch_size as usize;
+    ensure!(
+        img.width % p == 0 && img.height % p == 0,
+        "image sides must be multiples of the patch size"
+    );
+    let mut pix = vec![0f32; 3 * img.width * img.height];
+    ops::to_tensor_normalize_into(img, ops::IMAGENET_MEAN, ops::IMAGENET_STD, &mut pix);
+    let x = Tensor::from_slice(&pix)
+        .reshape([1, 3, img.height as i64, img.width as i64])
+        .to_device(device);
+    let attn = tch::no_grad(|| vit.get_last_selfattention(&x))?.to_device(Device::Cpu);
+    cls_attention_maps(
+        &attn,
+        (img.height / p) as i64,
+        (img.width / p) as i64,
+        threshold,
+    )
+}
+
+/// A patch-level map (`[gh, gw]`) as an RGB picture `patch` times larger (nearest, as the
+/// official `interpolate(scale_factor=patch, mode="nearest")`), coloured with viridis between
+/// the map's own minimum and maximum (as `plt.imsave` does).
+pub fn heat_map(map: &Tensor, patch: usize) -> Result<Rgb8> {
+    let (gh, gw) = match map.size()[..] {
+        [h, w] => (h as usize, w as usize),
+        ref s => anyhow::bail!("a map must be 2-D, not {s:?}"),
+    };
+    let v = Vec::<f32>::try_from(map.to_kind(Kind::Float).flatten(0, -1))?;
+    let (lo, hi) = v
+        .iter()
+        .fold((f32::INFINITY, f32::NEG_INFINITY), |(l, h), &x| {
+            (l.min(x), h.max(x))
+        });
+    let span = if hi > lo { hi - lo } else { 1.0 };
+    let colours: Vec<[u8; 3]> = v
+        .iter()
+        .map(|&x| {
+            let c = ViridisRGB.get_color((x - lo) / span);
+            [c.0, c.1, c.2]
+        })
+        .collect();
+    let (h, w) = (gh * patch, gw * patch);
+    let mut data = Vec::with_capacity(h * w * 3);
+    for y in 0..h {
+        for x in 0..w {
+            data.extend_from_slice(&colours[(y / patch) * gw + x / patch]);
+        }
+    }
+    Ok(Rgb8::new(w, h, data))
+}
+
+/// `img` with a patch mask (`[gh, gw]`, 0/1) painted over it in red at half opacity, as the
+/// official `apply_mask` (without the contour lines it adds with matplotlib).
+pub fn masked_image(img: &Rgb8, mask: &Tensor, patch: usize) -> Result<Rgb8> {
+    let gw = img.width / patch;
+    let m = Vec::<f32>::try_from(mask.to_kind(Kind::Float).flatten(0, -1))?;
+    ensure!(
+        m.len() == gw * (img.height / patch),
+        "mask does not fit the image"
+    );
+    let colour = [255.0f32, 0.0, 0.0];
+    let mut out = img.clone();
+    for y in 0..img.height {
+        for x in 0..img.width {
+            let a = 0.5 * m[(y / patch) * gw + x / patch];
+            for c in 0..3 {
+                let i = (y * img.width + x) * 3 + c;
+                out.data[i] = (img.data[i] as f32 * (1.0 - a) + a * colour[c]) as u8;
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn save_png(img: &Rgb8, path: &Path) -> Result<()> {
+    image::RgbImage::from_raw(img.width as u32, img.height as u32, img.data.clone())
+        .context("image buffer")?
+        .save(path)
+        .with_context(|| format!("writing {}", path.display()))
+}
+
+/// Writes the official set of pictures into `dir`: `img.png` (the prepared image),
+/// `attn-head{j}.png` per head, `mask_th{t}_head{j}.png` per head with a threshold, `attn.png`
+/// (the image and every head side by side), and the raw maps as `attention.safetensors`
+/// (`attentions`, `th_attn`). Returns the files written.
+pub fn save_pictures(
+    img: &Rgb8,
+    maps: &AttentionMaps,
+    patch: usize,
+    threshold: Option<f64>,
+    dir: &Path,
+) -> Result<Vec<PathBuf>> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let mut written = Vec::new();
+    let mut save = |pic: &Rgb8, name: String| -> Result<()> {
+        let path = dir.join(name);
+        save_png(pic, &path)?;
+        written.push(path);
+        Ok(())
+    };
+    save(img, "img.png".into())?;
+    let heads = maps.attentions.size()[0];
+    let mut strip = vec![img.clone()];
+    for j in 0..heads {
+        let heat = heat_map(&maps.attentions.get(j), patch)?;
+        save(&heat, format!("attn-head{j}.png"))?;
+        strip.push(heat);
+        if let (Some(th), Some(t)) = (&maps.th_attn, threshold) {
+            save(
+                &masked_image(img, &th.get(j), patch)?,
+                format!("mask_th{t}_head{j}.png"),
+            )?;
+        }
+    }
+    save(&side_by_side(&strip), "attn.png".into())?;
+    let mut named = vec![("attentions".to_string(), maps.attentions.shallow_clone())];
+    if let Some(th) = &maps.th_attn {
+        named.push(("th_attn".to_string(), th.shallow_clone()));
+    }
+    let raw = dir.join("attention.safetensors");
+    crate::params::write_safetensors(&raw, &named, None)?;
+    written.push(raw);
+    Ok(written)
+}
+
+/// Pictures of equal height placed left to right.
+fn side_by_side(pics: &[Rgb8]) -> Rgb8 {
+    let h = pics.iter().map(|p| p.height).max().unwrap_or(0);
+    let w: usize = pics.iter().map(|p| p.width).sum();
+    let mut data = vec![0u8; w * h * 3];
+    let mut x0 = 0;
+    for p in pics {
+        for y in 0..p.height {
+            let dst = (y * w + x0) * 3;
+            data[dst..dst + p.width * 3]
+                .copy_from_slice(&p.data[y * p.width * 3..(y + 1) * p.width * 3]);
+        }
+        x0 += p.width;
+    }
+    Rgb8::new(w, h, data)
+}
