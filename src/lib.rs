@@ -1,9 +1,10 @@
 //! iBOT — Image BERT pre-training with Online Tokenizer — on libtorch through tch.
 //!
 //! Data flows one way: [`models`] (backbone, head, multi-crop wrapper) → [`loss`] (iBOT loss
-//! with teacher centring) → [`train`] (schedules, optimizer, the step) → [`eval`] and [`analysis`]. Parameters
-//! carry the official state-dict names ([`params`]), so official weights load as they are, and
-//! [`verify`] checks everything against tensors produced by the official code.
+//! with teacher centring) → [`train`] (schedules, optimizer, the step) → [`eval`] and
+//! [`analysis`]. Parameters carry the official state-dict names ([`params`]), so official
+//! weights load as they are, and [`verify`] checks everything against tensors produced by the
+//! official code.
 
 pub mod analysis;
 pub mod bench;

@@ -167,9 +167,13 @@ pub fn masked_image(img: &Rgb8, mask: &Tensor, patch: usize) -> Result<Rgb8> {
     for y in 0..img.height {
         for x in 0..img.width {
             let a = 0.5 * m[(y / patch) * gw + x / patch];
-            for c in 0..3 {
-                let i = (y * img.width + x) * 3 + c;
-                out.data[i] = (img.data[i] as f32 * (1.0 - a) + a * colour[c]) as u8;
+            let i = (y * img.width + x) * 3;
+            for ((o, &v), col) in out.data[i..i + 3]
+                .iter_mut()
+                .zip(&img.data[i..i + 3])
+                .zip(colour)
+            {
+                *o = (v as f32 * (1.0 - a) + a * col) as u8;
             }
         }
     }
