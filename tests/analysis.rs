@@ -2,6 +2,8 @@
 //! (checked against tests/py/attention_ref.py run with the venv's torch at test time), the
 //! image preparation, and the pictures written.
 
+mod common;
+
 use std::path::PathBuf;
 
 use ibot::analysis::attention::{
@@ -13,20 +15,7 @@ use ibot::params::{read_safetensors, ParamStore};
 use tch::{Device, Kind, Tensor};
 
 fn tmp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("ibot-analysis-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-fn python() -> PathBuf {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python");
-    assert!(
-        p.is_file(),
-        "{} missing: run `bash scripts/bootstrap.sh` first",
-        p.display()
-    );
-    p
+    common::scratch_dir("analysis", name)
 }
 
 #[test]
@@ -49,7 +38,7 @@ fn attention_maps_and_mass_masks_match_the_official_code() {
             &inp,
         )
         .unwrap();
-        let st = std::process::Command::new(python())
+        let st = std::process::Command::new(common::venv_python())
             .arg(concat!(
                 env!("CARGO_MANIFEST_DIR"),
                 "/tests/py/attention_ref.py"

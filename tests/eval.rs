@@ -13,19 +13,7 @@ use ibot::params::ParamStore;
 use tch::{Device, Kind, Tensor};
 
 fn tmp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("ibot-eval-{}-{name}", std::process::id()));
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-fn python() -> PathBuf {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python");
-    assert!(
-        p.is_file(),
-        "{} missing: run `bash scripts/bootstrap.sh` first",
-        p.display()
-    );
-    p
+    common::scratch_dir("eval", name)
 }
 
 /// 3 epochs x 4 steps of SGD-momentum with the cosine schedule: weights within 1e-6 of PyTorch's
@@ -52,7 +40,7 @@ fn linear_probe_optimisation_matches_pytorch() {
     )
     .unwrap();
     let out = dir.join("out.npz");
-    let st = std::process::Command::new(python())
+    let st = std::process::Command::new(common::venv_python())
         .arg(concat!(
             env!("CARGO_MANIFEST_DIR"),
             "/tests/py/linear_probe_ref.py"

@@ -40,6 +40,26 @@ pub fn fashion_mnist_dir() -> Option<PathBuf> {
     None
 }
 
+/// The project venv's Python (with the torch wheel libtorch comes from), for reference values
+/// computed by the official operations at test time.
+pub fn venv_python() -> PathBuf {
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python");
+    assert!(
+        p.is_file(),
+        "{} missing: run `bash scripts/bootstrap.sh` first",
+        p.display()
+    );
+    p
+}
+
+/// A fresh scratch directory `ibot-<suite>-<pid>-<name>` under the system temp directory.
+pub fn scratch_dir(suite: &str, name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("ibot-{suite}-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
 /// A tiny configuration for fast tests.
 pub fn tiny_config(shared_head: bool, shared_head_teacher: bool) -> IbotConfig {
     let backbone = VitConfig {
