@@ -5,6 +5,23 @@ use std::path::Path;
 
 use anyhow::{Context, Result};
 
+/// The checkpoint a run resumes from: `load_from` taken relative to `output_dir` (an absolute
+/// path stays as is) and required to exist, else `default` when it exists, else none.
+pub fn resume_path(
+    output_dir: &Path,
+    load_from: Option<&Path>,
+    default: &Path,
+) -> Result<Option<std::path::PathBuf>> {
+    match load_from {
+        Some(p) => {
+            let p = output_dir.join(p);
+            anyhow::ensure!(p.is_file(), "--load_from: {} does not exist", p.display());
+            Ok(Some(p))
+        }
+        None => Ok(default.is_file().then(|| default.to_path_buf())),
+    }
+}
+
 /// Writes `bytes` to `path` so that readers only ever see the old or the new complete file:
 /// write to a temporary sibling, fsync it, rename over `path`, fsync the directory.
 pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {

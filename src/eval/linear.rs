@@ -329,15 +329,7 @@ pub fn run(
     tch::manual_seed(a.seed as i64);
     let mut probe = LinearProbe::new(dim, num_labels, device);
     let (mut start, mut best) = (0, 0.0f64);
-    // As in `train`: --load_from is taken relative to --output_dir (an absolute path stays as is).
-    let resume = match &a.load_from {
-        Some(p) => {
-            let p = a.output_dir.join(p);
-            ensure!(p.is_file(), "--load_from: {} does not exist", p.display());
-            Some(p)
-        }
-        None => ckpt_path.is_file().then(|| ckpt_path.clone()),
-    };
+    let resume = crate::util::resume_path(&a.output_dir, a.load_from.as_deref(), &ckpt_path)?;
     if let Some(p) = resume {
         let (e, b) = load_probe(&p, &mut probe, dim, num_labels)?;
         eprintln!(

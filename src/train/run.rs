@@ -2,7 +2,7 @@
 //! resume, `log.txt` and progress reporting.
 
 use std::io::{IsTerminal, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -291,14 +291,7 @@ pub fn train(args: &TrainArgs) -> Result<TrainOutcome> {
 
     // Resume: --load_from (relative to output_dir), else output_dir/checkpoint.safetensors.
     let ckpt_path = args.output_dir.join("checkpoint.safetensors");
-    let resume: Option<PathBuf> = match &args.load_from {
-        Some(p) => {
-            let p = args.output_dir.join(p);
-            ensure!(p.is_file(), "--load_from: {} does not exist", p.display());
-            Some(p)
-        }
-        None => ckpt_path.is_file().then(|| ckpt_path.clone()),
-    };
+    let resume = crate::util::resume_path(&args.output_dir, args.load_from.as_deref(), &ckpt_path)?;
     let mut start_epoch = 0;
     if let Some(p) = &resume {
         let meta = checkpoint::load(p, &mut ibot)
