@@ -60,6 +60,8 @@ pub struct StepBench {
 pub struct StepTiming {
     pub ms_per_iter: f64,
     pub images_per_s: f64,
+    /// The arithmetic the step ran in.
+    pub precision: crate::train::amp::Precision,
 }
 
 /// The same step as `bench/torch_step.py`: teacher on 2 global views, student on the masked
@@ -139,6 +141,7 @@ pub fn step(b: &StepBench, device: Device) -> Result<StepTiming> {
     Ok(StepTiming {
         ms_per_iter: dt * 1e3,
         images_per_s: b.batch as f64 / dt,
+        precision: ibot.precision,
     })
 }
 

@@ -701,7 +701,7 @@ fn run(cli: Cli) -> Result<bool> {
             println!(
                 "ibot (tch, libtorch threads {}, {}, {feed}): {}/{} batch {} 2x{} + {}x{}: {:.1} ms/iter, {:.2} img/s",
                 tch::get_num_threads(),
-                ibot::train::amp::Precision::resolve(b.use_fp16, b.precision, ibot::train::run::select_device(&b.device)?)?.name(),
+                t.precision.name(),
                 b.arch,
                 b.patch_size,
                 b.batch,
