@@ -27,29 +27,15 @@ fn attention_maps_and_mass_masks_match_the_official_code() {
         // Softmax rows, like real attention; distinct values so the sort order is unambiguous.
         let attn = (Tensor::randn([1, heads, n, n], (Kind::Float, Device::Cpu)) * 2.0)
             .softmax(-1, Kind::Float);
-        let inp = dir.join("in.npz");
-        let out = dir.join("out.npz");
-        Tensor::write_npz(
+        let r = common::python_reference(
+            "attention_ref.py",
             &[
                 ("attn", &attn),
                 ("grid", &Tensor::from_slice(&[gh, gw])),
                 ("threshold", &Tensor::from(threshold)),
             ],
-            &inp,
-        )
-        .unwrap();
-        let st = std::process::Command::new(common::venv_python())
-            .arg(concat!(
-                env!("CARGO_MANIFEST_DIR"),
-                "/tests/py/attention_ref.py"
-            ))
-            .arg(&inp)
-            .arg(&out)
-            .status()
-            .unwrap();
-        assert!(st.success(), "attention_ref.py failed");
-        let r: std::collections::HashMap<String, Tensor> =
-            Tensor::read_npz(&out).unwrap().into_iter().collect();
+            &dir,
+        );
         let ours = cls_attention_maps(&attn, gh, gw, Some(threshold)).unwrap();
         // Same selections and the same float32 operations: exact.
         assert!(ours.attentions.equal(&r["attentions"]));

@@ -27,8 +27,8 @@ fn linear_probe_optimisation_matches_pytorch() {
     let mut probe = LinearProbe::new(f, c, Device::Cpu);
     let base_lr = 0.5 * b as f64 / 256.0;
     let dir = tmp("linear");
-    let inp = dir.join("in.npz");
-    Tensor::write_npz(
+    let r = common::python_reference(
+        "linear_probe_ref.py",
         &[
             ("feats", feats.shallow_clone()),
             ("targets", targets.shallow_clone()),
@@ -36,22 +36,8 @@ fn linear_probe_optimisation_matches_pytorch() {
             ("bias", probe.bias.detach()),
             ("lr", Tensor::from(base_lr)),
         ],
-        &inp,
-    )
-    .unwrap();
-    let out = dir.join("out.npz");
-    let st = std::process::Command::new(common::venv_python())
-        .arg(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/tests/py/linear_probe_ref.py"
-        ))
-        .arg(&inp)
-        .arg(&out)
-        .status()
-        .unwrap();
-    assert!(st.success(), "linear_probe_ref.py failed");
-    let r: std::collections::HashMap<String, Tensor> =
-        Tensor::read_npz(&out).unwrap().into_iter().collect();
+        &dir,
+    );
     for e in 0..epochs {
         let lr = cosine_annealing_lr(base_lr, e as usize, epochs as usize);
         for s in 0..steps {

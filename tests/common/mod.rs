@@ -52,6 +52,29 @@ pub fn venv_python() -> PathBuf {
     p
 }
 
+/// Runs `tests/py/<script>` with the venv's Python on `inputs` (written to `dir/in.npz`) and
+/// returns the arrays it writes to `dir/out.npz`: reference values from the official
+/// operations, computed at test time.
+pub fn python_reference<T: AsRef<tch::Tensor>>(
+    script: &str,
+    inputs: &[(&str, T)],
+    dir: &std::path::Path,
+) -> std::collections::HashMap<String, tch::Tensor> {
+    let (inp, out) = (dir.join("in.npz"), dir.join("out.npz"));
+    tch::Tensor::write_npz(inputs, &inp).unwrap();
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/py")
+        .join(script);
+    let st = std::process::Command::new(venv_python())
+        .arg(&path)
+        .arg(&inp)
+        .arg(&out)
+        .status()
+        .unwrap();
+    assert!(st.success(), "{script} failed");
+    tch::Tensor::read_npz(&out).unwrap().into_iter().collect()
+}
+
 /// A fresh scratch directory `ibot-<suite>-<pid>-<name>` under the system temp directory.
 pub fn scratch_dir(suite: &str, name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("ibot-{suite}-{}-{name}", std::process::id()));
