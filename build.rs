@@ -3,29 +3,75 @@
 //! The directory is canonicalised: libtorch's own RPATH (`$ORIGIN/../../nvidia/...`) must
 //! resolve against the real wheel location, not the `.libtorch` symlink.
 //!
-//! It also compiles `csrc/autocast.cpp`, a few lines of C++ that switch libtorch's autocast on
-//! and off for the CPU (tch only exposes the CUDA switch).
-use std::path::PathBuf;
+//! It also compiles the C++ shims over libtorch:
+//! * `csrc/autocast.cpp`: libtorch's autocast switches for the CPU (tch only exposes CUDA's);
+//! * `csrc/dist.cpp`: c10d's TCPStore and process groups for data-parallel training. The wheel
+//!   ships c10d's headers and symbols but not the gloo headers that ProcessGroupGloo.hpp
+//!   includes; with Debian's libgloo-dev (installed by scripts/bootstrap.sh) Gloo is compiled
+//!   in, without it the shim still builds and a distributed run says what to install.
+use std::path::{Path, PathBuf};
+
+fn gloo_include() -> Option<PathBuf> {
+    let candidates = std::env::var_os("GLOO_INCLUDE")
+        .map(PathBuf::from)
+        .into_iter()
+        .chain([PathBuf::from("/usr/include"), PathBuf::from("/usr/local/include")]);
+    for dir in candidates {
+        if dir.join("gloo/config.h").is_file() {
+            return Some(dir);
+        }
+    }
+    None
+}
 
 fn main() {
     println!("cargo:rerun-if-env-changed=LIBTORCH");
+    println!("cargo:rerun-if-env-changed=GLOO_INCLUDE");
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rerun-if-changed=csrc/autocast.cpp");
+    println!("cargo:rerun-if-changed=csrc/dist.cpp");
     let Some(libtorch) = std::env::var_os("LIBTORCH") else {
-        println!("cargo:warning=LIBTORCH is not set; run scripts/bootstrap.sh first");
-        return;
+        panic!("LIBTORCH is not set: run `bash scripts/bootstrap.sh` first (it installs libtorch into .venv and points .cargo/config.toml at it)");
     };
     let root = PathBuf::from(libtorch);
+    if !root.join("include").is_dir() {
+        panic!(
+            "libtorch not found at {}: run `bash scripts/bootstrap.sh` first",
+            root.display()
+        );
+    }
     let abi = std::env::var("LIBTORCH_CXX11_ABI").unwrap_or_else(|_| "1".into());
-    cc::Build::new()
-        .cpp(true)
-        .file("csrc/autocast.cpp")
-        .include(root.join("include"))
-        .flag_if_supported("-std=c++17")
-        .define("_GLIBCXX_USE_CXX11_ABI", abi.as_str())
-        .warnings(false)
-        .compile("ibot_autocast");
     let lib: PathBuf = root.join("lib");
     let lib = std::fs::canonicalize(&lib).unwrap_or(lib);
+    // Rebuild when the symlink is pointed at another libtorch.
+    println!(
+        "cargo:rerun-if-changed={}",
+        lib.join("libtorch_cpu.so").display()
+    );
+    let base = |b: &mut cc::Build, root: &Path| {
+        b.cpp(true)
+            .include(root.join("include"))
+            .flag_if_supported("-std=c++17")
+            .define("_GLIBCXX_USE_CXX11_ABI", abi.as_str())
+            .warnings(false);
+    };
+    let mut b = cc::Build::new();
+    base(&mut b, &root);
+    b.file("csrc/autocast.cpp").compile("ibot_autocast");
+
+    let mut d = cc::Build::new();
+    base(&mut d, &root);
+    d.file("csrc/dist.cpp")
+        .include(root.join("include/torch/csrc/api/include"));
+    match gloo_include() {
+        Some(inc) => {
+            println!("cargo:rerun-if-changed={}", inc.join("gloo/config.h").display());
+            d.include(inc).define("USE_C10D_GLOO", None);
+        }
+        None => println!(
+            "cargo:warning=gloo headers not found (Debian package libgloo-dev): data-parallel training on CPU is disabled in this build; run scripts/bootstrap.sh as root to install them"
+        ),
+    }
+    d.compile("ibot_dist");
     println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib.display());
 }

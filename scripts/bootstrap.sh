@@ -40,7 +40,24 @@ install_font() {
   return 0
 }
 
+# The gloo headers that libtorch's ProcessGroupGloo.hpp includes (the wheel ships c10d's
+# headers and gloo's symbols, not gloo's headers): data-parallel training on CPU needs them at
+# build time. Only headers are used; every gloo symbol resolves inside libtorch.
+install_gloo_headers() {
+  [ -f /usr/include/gloo/config.h ] && return 0
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    say "installing the gloo headers (Debian package libgloo-dev) for data-parallel training"
+    apt-get install -y -qq libgloo-dev >/dev/null 2>&1 ||
+      { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq libgloo-dev >/dev/null 2>&1; } ||
+      say "could not install libgloo-dev; data-parallel training on CPU will be disabled in this build"
+  else
+    say "for data-parallel training on CPU: 'sudo apt-get install libgloo-dev', then rebuild"
+  fi
+  return 0
+}
+
 if [ -L .libtorch ] && [ -f .libtorch/lib/libtorch_cpu.so ] && [ -f .venv/.torch-$TORCH_VERSION ]; then
+  install_gloo_headers
   install_fmnist
   install_font
   exit 0
@@ -68,5 +85,6 @@ TORCH_DIR=$(.venv/bin/python -c 'import os, torch; print(os.path.dirname(torch._
 ln -sfn "$TORCH_DIR" .libtorch
 touch ".venv/.torch-$TORCH_VERSION"
 say "libtorch ready at .libtorch -> $TORCH_DIR"
+install_gloo_headers
 install_fmnist
 install_font

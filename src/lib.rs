@@ -9,6 +9,7 @@
 pub mod analysis;
 pub mod bench;
 pub mod data;
+pub mod dist;
 pub mod eval;
 pub mod interop;
 pub mod loss;

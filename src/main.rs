@@ -44,6 +44,11 @@ enum Cmd {
     /// iBOT pre-training (the official main_ibot.py). Resumes from <output_dir>/checkpoint.safetensors.
     #[command(args_override_self = true)]
     Train(Box<TrainArgs>),
+    /// Starts N data-parallel worker processes of an ibot command on this node, like torchrun
+    /// (no Python needed): `ibot launch --nproc_per_node 2 train --data_path DIR ...`.
+    /// Several nodes: the same command on each with --nnodes, --node_rank and --master_addr.
+    #[command(args_override_self = true)]
+    Launch(ibot::dist::launch::LaunchArgs),
     /// Weighted k-NN accuracy of [CLS] features (eval_knn.py). Reads `ibot train` checkpoints,
     /// exported backbones and official .pth files.
     EvalKnn(KnnArgs),
@@ -647,17 +652,29 @@ fn eval_linear(a: ibot::eval::linear::LinearArgs) -> Result<()> {
 
 fn run(cli: Cli) -> Result<bool> {
     if let Some(n) = cli.threads {
-        tch::set_num_threads(n);
+        if n < 1 {
+            bail!("--threads must be at least 1 (got {n})");
+        }
+        ibot::util::set_threads_explicitly(n);
     }
     match cli.cmd {
         Cmd::Demo(d) => demo(d).map(|_| true),
         Cmd::Train(a) => {
             let out = run::train(&a)?;
-            eprintln!(
-                "{} epoch(s) trained; checkpoint in {}",
-                out.epochs_done,
-                a.output_dir.display()
-            );
+            if out.rank == 0 {
+                eprintln!(
+                    "{} epoch(s) trained; checkpoint in {}",
+                    out.epochs_done,
+                    a.output_dir.display()
+                );
+            }
+            Ok(true)
+        }
+        Cmd::Launch(l) => {
+            let code = ibot::dist::launch::launch(&l)?;
+            if code != 0 {
+                std::process::exit(code);
+            }
             Ok(true)
         }
         Cmd::EvalKnn(k) => eval_knn(k).map(|_| true),

@@ -103,3 +103,17 @@ pub fn progress_bar(n: u64, label: &str) -> indicatif::ProgressBar {
     pb.set_prefix(label.to_string());
     pb
 }
+
+static THREADS_SET: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Sets libtorch's intra-op threads on the user's request (`--threads`); data-parallel ranks
+/// then keep that number instead of sharing the cores among themselves.
+pub fn set_threads_explicitly(n: i32) {
+    THREADS_SET.store(true, std::sync::atomic::Ordering::Relaxed);
+    tch::set_num_threads(n);
+}
+
+/// Whether [`set_threads_explicitly`] was called.
+pub fn threads_set_explicitly() -> bool {
+    THREADS_SET.load(std::sync::atomic::Ordering::Relaxed)
+}

@@ -7,13 +7,14 @@
 //!   patches of each sample (`sum(loss·mask) / max(mask.sum(), 1)`), then over the batch and the
 //!   global views, times `lambda2`.
 //! * The centres (`center`, `center2`) move with momentum 0.9 towards the teacher batch means
-//!   AFTER the loss is computed; the batch sums pass through a [`CenterReduce`] (where the
+//!   AFTER the loss is computed; the batch sums pass through a [`Comm`] (where the
 //!   data-parallel all-reduce plugs in).
 
 use anyhow::{bail, ensure, Result};
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
+use crate::dist::Comm;
 use crate::train::schedule::linspace;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -36,24 +37,7 @@ pub struct IbotLossConfig {
     pub mim_start_epoch: usize,
 }
 
-/// Sums the centre statistics over data-parallel workers. World size 1: nothing to do.
-pub trait CenterReduce {
-    /// In-place sum over workers.
-    fn all_reduce_sum(&self, t: &mut Tensor) -> Result<()>;
-    fn world_size(&self) -> usize;
-}
-
-/// The single-process reducer.
-pub struct SingleProcess;
-
-impl CenterReduce for SingleProcess {
-    fn all_reduce_sum(&self, _t: &mut Tensor) -> Result<()> {
-        Ok(())
-    }
-    fn world_size(&self) -> usize {
-        1
-    }
-}
+pub use crate::dist::SingleProcess;
 
 /// Loss values of one step (0-d tensors; `total` carries the graph).
 #[derive(Debug)]
@@ -136,7 +120,7 @@ impl IbotLoss {
         student_local_cls: Option<&Tensor>,
         masks: &[Tensor],
         epoch: usize,
-        reduce: &dyn CenterReduce,
+        reduce: &dyn Comm,
     ) -> Result<LossOutput> {
         let cfg = &self.cfg;
         let g = cfg.ngcrops;
@@ -247,7 +231,7 @@ impl IbotLoss {
         &mut self,
         teacher_cls: &Tensor,
         teacher_patch: &Tensor,
-        reduce: &dyn CenterReduce,
+        reduce: &dyn Comm,
     ) -> Result<()> {
         tch::no_grad(|| -> Result<()> {
             let ws = reduce.world_size() as f64;

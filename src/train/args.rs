@@ -216,6 +216,42 @@ pub struct TrainArgs {
     /// Stop after this many epochs of this run (the run resumes later from its checkpoint).
     #[arg(long, help_heading = "Data and output")]
     pub stop_after: Option<usize>,
+
+    // ---- data parallelism (not part of the run's identity: a run may resume on another world)
+    #[command(flatten)]
+    #[serde(skip)]
+    pub dist: DistArgs,
+}
+
+/// How the processes of a data-parallel run find each other. The world itself (rank, world
+/// size, master) comes from the launcher: torchrun, `srun` or `ibot launch`; see README.
+#[derive(Debug, Clone, Args, PartialEq)]
+#[command(rename_all = "snake_case")]
+pub struct DistArgs {
+    /// Rendezvous, as the official --dist_url: env:// reads MASTER_ADDR and MASTER_PORT (set by
+    /// torchrun and `ibot launch`; under SLURM the first node of the job by default, port
+    /// 29500); tcp://HOST:PORT names the master directly. Rank and world size always come from
+    /// RANK/WORLD_SIZE or SLURM_PROCID/SLURM_NTASKS.
+    #[arg(long, default_value = "env://", help_heading = "Data parallelism")]
+    pub dist_url: String,
+    /// Seconds any collective (and joining the group) may wait for the other ranks before the
+    /// run stops with an error, like torch's init_process_group(timeout=...).
+    #[arg(long, default_value_t = crate::dist::DEFAULT_TIMEOUT_SECS, help_heading = "Data parallelism")]
+    pub dist_timeout: u64,
+    /// Accepted for `python -m torch.distributed.launch`, which passes it; LOCAL_RANK is read
+    /// from the environment.
+    #[arg(long, alias = "local-rank", hide = true)]
+    pub local_rank: Option<usize>,
+}
+
+impl Default for DistArgs {
+    fn default() -> Self {
+        Self {
+            dist_url: "env://".into(),
+            dist_timeout: crate::dist::DEFAULT_TIMEOUT_SECS,
+            local_rank: None,
+        }
+    }
 }
 
 /// Named recipes, as argument lists.

@@ -13,7 +13,8 @@ use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
 pub use crate::loss::IbotLossConfig;
-use crate::loss::{CenterReduce, IbotLoss, LossOutput};
+use crate::dist::Comm;
+use crate::loss::{IbotLoss, LossOutput};
 use crate::models::{HeadConfig, MultiCropOutput, MultiCropWrapper, VitConfig};
 use crate::params::ParamStore;
 use amp::{GradScaler, Precision};
@@ -63,6 +64,8 @@ pub struct NonFiniteLoss {
     pub value: f64,
     pub epoch: usize,
     pub last_finite: Option<f64>,
+    /// This rank's loss was finite; another rank's was not.
+    pub other_rank: bool,
 }
 
 /// Forward results of one step.
@@ -160,7 +163,7 @@ impl Ibot {
         masks: &[Tensor],
         epoch: usize,
         train: bool,
-        reduce: &dyn CenterReduce,
+        reduce: &dyn Comm,
     ) -> Result<StepForward> {
         let g = self.cfg.loss.ngcrops;
         ensure!(
@@ -254,19 +257,30 @@ impl Ibot {
         lr: f64,
         wd: f64,
         momentum: f64,
-        reduce: &dyn CenterReduce,
+        comm: &dyn Comm,
     ) -> Result<(StepStats, Tensor)> {
         let (precision, device) = (self.precision, self.device);
         // As the official loop: forward passes and loss under autocast, the rest outside.
         let fwd = amp::autocast(precision, device, || {
-            self.forward(images, masks, epoch, true, reduce)
+            self.forward(images, masks, epoch, true, comm)
         })?;
         let loss = fwd.loss.total.double_value(&[]);
-        if !loss.is_finite() {
+        // Every rank stops together when any rank's loss is not finite (the official code
+        // leaves the others waiting in the next collective).
+        let any_nonfinite = if comm.world_size() > 1 {
+            let mut flag = Tensor::from_slice(&[f32::from(u8::from(!loss.is_finite()))])
+                .to_device(comm.device());
+            comm.all_reduce_max(&mut flag)?;
+            flag.double_value(&[0]) > 0.0
+        } else {
+            !loss.is_finite()
+        };
+        if any_nonfinite {
             return Err(NonFiniteLoss {
                 value: loss,
                 epoch,
                 last_finite: None,
+                other_rank: loss.is_finite(),
             }
             .into());
         }
@@ -275,6 +289,9 @@ impl Ibot {
             // GradScaler: backward on the scaled loss, unscale before clipping, skip the
             // optimizer step when a gradient overflowed, then adapt the scale.
             let mut grads = self.backward(&self.scaler.scale_loss(&fwd.loss.total));
+            // As DDP: gradients averaged over ranks as they leave backward (an overflow on any
+            // rank reaches every rank, so all skip the step together).
+            crate::dist::average_gradients(comm, &mut grads)?;
             let found_inf = self.scaler.unscale(&mut grads);
             self.process_grads(&mut grads, epoch);
             if !found_inf {
@@ -283,6 +300,7 @@ impl Ibot {
             self.scaler.update(found_inf);
         } else {
             let mut grads = self.backward(&fwd.loss.total);
+            crate::dist::average_gradients(comm, &mut grads)?;
             self.process_grads(&mut grads, epoch);
             self.optimizer.step(&self.student_ps, &grads, lr, wd)?;
         }

@@ -4,7 +4,7 @@
 use std::io::{IsTerminal, Write};
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -13,7 +13,7 @@ use rand::SeedableRng;
 use tch::{Device, Kind, Tensor};
 
 use super::amp::{Precision, PrecisionChoice};
-use super::args::TrainArgs;
+use super::args::{DistArgs, TrainArgs};
 use super::optim::OptimizerKind;
 use super::schedule::cosine_scheduler;
 use super::{checkpoint, Ibot, IbotConfig, IbotLossConfig, NonFiniteLoss};
@@ -22,7 +22,7 @@ use crate::data::dataset::{self, Dataset};
 use crate::data::loader::{Loader, LoaderConfig};
 use crate::data::masking::MaskConfig;
 use crate::eval::cluster;
-use crate::loss::SingleProcess;
+use crate::dist::{Comm, DistEnv, ProcessGroup, SingleProcess};
 use crate::models::{HeadConfig, VitConfig};
 
 /// Picks the device: `auto` is the first GPU when libtorch sees one.
@@ -225,6 +225,8 @@ pub struct TrainOutcome {
     pub ibot: Ibot,
     pub epochs_done: usize,
     pub last: Option<EpochStats>,
+    /// This process's rank (0 without data parallelism).
+    pub rank: usize,
 }
 
 fn progress(n: u64, epoch: usize, epochs: usize) -> Option<ProgressBar> {
@@ -241,36 +243,130 @@ fn progress(n: u64, epoch: usize, epochs: usize) -> Option<ProgressBar> {
     Some(pb)
 }
 
-/// Runs (or resumes) training as the arguments say.
+/// The device of this rank: with `auto` or `cuda` in a data-parallel run, the GPU named by
+/// LOCAL_RANK (as the official `torch.cuda.set_device(args.gpu)`).
+fn rank_device(name: &str, env: Option<&DistEnv>) -> Result<Device> {
+    let device = select_device(name)?;
+    Ok(match (device, env) {
+        (Device::Cuda(_), Some(e)) if name == "auto" || name == "cuda" => {
+            let n = tch::Cuda::device_count() as usize;
+            ensure!(
+                e.local_rank < n,
+                "LOCAL_RANK {} but only {n} CUDA device(s) on this node",
+                e.local_rank
+            );
+            Device::Cuda(e.local_rank)
+        }
+        _ => device,
+    })
+}
+
+/// FNV-1a of the options every rank must share (the model, data and optimisation ones; paths,
+/// workers and the device may differ between nodes).
+fn options_fingerprint(args: &TrainArgs) -> Result<u64> {
+    let mut v = serde_json::to_value(args)?;
+    if let Some(m) = v.as_object_mut() {
+        for k in ["output_dir", "data_path", "num_workers", "device", "load_from", "stop_after"] {
+            m.remove(k);
+        }
+    }
+    let text = v.to_string();
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in text.bytes() {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    Ok(h)
+}
+
+/// This process's view of the data-parallel world: a c10d group when launched for one.
+pub fn join_world(
+    dist: &DistArgs,
+    device_name: &str,
+) -> Result<(Box<dyn Comm>, Device, Option<DistEnv>)> {
+    let env = DistEnv::detect(&dist.dist_url)?;
+    let device = rank_device(device_name, env.as_ref())?;
+    let comm: Box<dyn Comm> = match &env {
+        None => Box::new(SingleProcess),
+        Some(e) => {
+            ensure!(
+                dist.dist_timeout > 0,
+                "--dist_timeout must be at least 1 second"
+            );
+            if e.local_world_size > 1
+                && std::env::var_os("OMP_NUM_THREADS").is_none()
+                && !crate::util::threads_set_explicitly()
+            {
+                // Share the node's cores among its ranks instead of oversubscribing them.
+                let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+                tch::set_num_threads((cores / e.local_world_size).max(1) as i32);
+            }
+            let pg = ProcessGroup::new(e, Duration::from_secs(dist.dist_timeout), device)?;
+            if e.rank == 0 {
+                eprintln!(
+                    "data parallel: {} (launched by {}), master {}:{}, {} thread(s) per rank",
+                    pg.describe(),
+                    e.launcher,
+                    e.master_addr,
+                    e.master_port,
+                    tch::get_num_threads()
+                );
+            }
+            Box::new(pg)
+        }
+    };
+    Ok((comm, device, env))
+}
+
+/// Runs (or resumes) training as the arguments say: one process, or one rank of a data-parallel
+/// run when launched by torchrun, SLURM or `ibot launch`.
 pub fn train(args: &TrainArgs) -> Result<TrainOutcome> {
-    let device = select_device(&args.device)?;
+    let (comm, device, _env) = join_world(&args.dist, &args.device)?;
+    train_with(args, comm.as_ref(), device)
+}
+
+/// [`train`] inside an existing world.
+pub fn train_with(args: &TrainArgs, comm: &dyn Comm, device: Device) -> Result<TrainOutcome> {
+    let main = comm.is_main();
+    // As the official `setup_for_distributed`: only rank 0 reports progress.
+    let say = |msg: String| {
+        if main {
+            eprintln!("{msg}");
+        }
+    };
     let cfg = ibot_config(args)?;
-    let lcfg = loader_config(args)?;
+    let mut lcfg = loader_config(args)?;
+    lcfg.rank = comm.rank();
+    lcfg.world_size = comm.world_size();
+    crate::dist::check_same(comm, options_fingerprint(args)?, "training options")?;
     std::fs::create_dir_all(&args.output_dir)
         .with_context(|| format!("creating {}", args.output_dir.display()))?;
     let ds = open_dataset(&args.data_path, "train", args.subset, args.seed)?;
-    eprintln!("data: {}", ds.describe());
+    say(format!("data: {}", ds.describe()));
     let loader = Loader::new(ds.clone(), lcfg)?;
     let niter = loader.len();
     ensure!(
         niter > 0,
-        "{} images give no full batch of {} (drop_last): lower --batch_size_per_gpu",
+        "{} images give no full batch of {} per process over {} process(es) (drop_last): lower --batch_size_per_gpu",
         ds.len(),
-        args.batch_size_per_gpu
+        args.batch_size_per_gpu,
+        comm.world_size()
     );
     let mut ibot = Ibot::seeded(cfg, device, args.seed)?;
     ibot.precision = Precision::resolve(args.use_fp16, args.precision, device)?;
     if args.use_fp16 && args.precision == PrecisionChoice::Auto && ibot.precision == Precision::Fp32
     {
-        eprintln!(
+        say(
             "note: --use_fp16: this CPU has no native bfloat16 arithmetic (AVX512-BF16 or AMX), \
              where it would be slower than float32; training runs in float32"
+                .into(),
         );
     } else {
-        eprintln!("precision: {}", ibot.precision.name());
+        say(format!("precision: {}", ibot.precision.name()));
     }
 
-    let world = 1.0;
+    // lr scaled by the total batch, as the official `args.lr * batch_size_per_gpu * world / 256`.
+    let world = comm.world_size() as f64;
     let lr = cosine_scheduler(
         args.lr * args.batch_size_per_gpu as f64 * world / 256.0,
         args.min_lr,
@@ -290,6 +386,7 @@ pub fn train(args: &TrainArgs) -> Result<TrainOutcome> {
     let mom = cosine_scheduler(args.momentum_teacher, 1.0, args.epochs, niter, 0, 0.0)?;
 
     // Resume: --load_from (relative to output_dir), else output_dir/checkpoint.safetensors.
+    // Every rank reads the checkpoint itself.
     let ckpt_path = args.output_dir.join("checkpoint.safetensors");
     let resume = crate::util::resume_path(&args.output_dir, args.load_from.as_deref(), &ckpt_path)?;
     let mut start_epoch = 0;
@@ -297,10 +394,29 @@ pub fn train(args: &TrainArgs) -> Result<TrainOutcome> {
         let meta = checkpoint::load(p, &mut ibot)
             .with_context(|| format!("resuming from {}", p.display()))?;
         start_epoch = meta.epoch;
-        eprintln!("resumed from {} at epoch {start_epoch}", p.display());
+        say(format!("resumed from {} at epoch {start_epoch}", p.display()));
     }
-    let args_json = serde_json::to_string_pretty(args)?;
-    crate::util::atomic_write(&args.output_dir.join("args.json"), args_json.as_bytes())?;
+    if comm.world_size() > 1 {
+        let epochs = crate::dist::all_gather_i64(comm, &[start_epoch as i64])?;
+        if let Some(r) = epochs.iter().position(|&e| e != start_epoch as i64) {
+            bail!(
+                "rank {r} would resume at epoch {} but rank {} at epoch {start_epoch}: every rank must \
+                 see the same checkpoint (put --output_dir on a file system all nodes share)",
+                epochs[r],
+                comm.rank()
+            );
+        }
+        // As DDP at construction: rank 0's weights everywhere, checked.
+        crate::dist::broadcast_params(comm, &ibot.student_ps).context("student")?;
+        crate::dist::broadcast_params(comm, &ibot.teacher_ps).context("teacher")?;
+        let _guard = tch::no_grad_guard();
+        comm.broadcast(&mut ibot.loss.center, 0)?;
+        comm.broadcast(&mut ibot.loss.center2, 0)?;
+    }
+    if main {
+        let args_json = serde_json::to_string_pretty(args)?;
+        crate::util::atomic_write(&args.output_dir.join("args.json"), args_json.as_bytes())?;
+    }
 
     let mut last = None;
     let mut done = 0;
@@ -316,7 +432,11 @@ pub fn train(args: &TrainArgs) -> Result<TrainOutcome> {
             .backbone
             .reseed_drop_path(args.seed.wrapping_add(epoch as u64));
         let t0 = Instant::now();
-        let pb = progress(niter as u64, epoch, args.epochs);
+        let pb = if main {
+            progress(niter as u64, epoch, args.epochs)
+        } else {
+            None
+        };
         let mut sums = EpochStats::default();
         let (mut preds, mut labels) = (Vec::new(), Vec::new());
         let mut skipped = 0;
@@ -324,35 +444,43 @@ pub fn train(args: &TrainArgs) -> Result<TrainOutcome> {
         for (it, batch) in loader.epoch(epoch).enumerate() {
             let batch = batch.with_context(|| format!("loading batch {it} of epoch {epoch}"))?;
             skipped += batch.skipped;
-            if batch.indices.is_empty() {
+            // With --skip_corrupt a batch may lose every image; in a data-parallel run all
+            // ranks then skip the step together (a collective must be entered by everyone).
+            let mut empty = batch.indices.is_empty();
+            if comm.world_size() > 1 && args.skip_corrupt {
+                let mut flag = Tensor::from_slice(&[f32::from(u8::from(empty))]).to_device(comm.device());
+                comm.all_reduce_max(&mut flag)?;
+                empty = flag.double_value(&[0]) > 0.0;
+            }
+            if empty {
                 continue;
             }
             let g = niter * epoch + it;
             let views: Vec<Tensor> = batch.views.iter().map(|v| v.to_device(device)).collect();
             let masks: Vec<Tensor> = batch.masks.iter().map(|m| m.to_device(device)).collect();
-            let (s, pred) = match ibot.train_step(
-                &views,
-                &masks,
-                epoch,
-                lr[g],
-                wd[g],
-                mom[g],
-                &SingleProcess,
-            ) {
-                Ok(x) => x,
-                Err(e) => {
-                    if let Some(nf) = e.downcast_ref::<NonFiniteLoss>() {
-                        bail!(
-                            "loss is {} at epoch {epoch}, iteration {it}: stopping (last finite loss {:?}); \
-                             the last checkpoint in {} is intact",
-                            nf.value,
-                            last_finite,
-                            args.output_dir.display()
-                        );
+            let (s, pred) =
+                match ibot.train_step(&views, &masks, epoch, lr[g], wd[g], mom[g], comm) {
+                    Ok(x) => x,
+                    Err(e) => {
+                        if let Some(nf) = e.downcast_ref::<NonFiniteLoss>() {
+                            let whose = if nf.other_rank {
+                                "on another rank".to_string()
+                            } else {
+                                format!("{}", nf.value)
+                            };
+                            let kept = if resume.is_some() || epoch > start_epoch {
+                                format!("the last checkpoint in {} is intact", args.output_dir.display())
+                            } else {
+                                "no checkpoint was written yet".to_string()
+                            };
+                            bail!(
+                                "loss is {whose} at epoch {epoch}, iteration {it}: stopping (last finite loss {:?}); {kept}",
+                                last_finite
+                            );
+                        }
+                        return Err(e);
                     }
-                    return Err(e);
-                }
-            };
+                };
             last_finite = Some(s.loss);
             sums.loss += s.loss;
             sums.cls += s.cls;
@@ -374,7 +502,7 @@ pub fn train(args: &TrainArgs) -> Result<TrainOutcome> {
                     pb.set_message(msg);
                     pb.inc(1);
                 }
-                None if it % 10 == 0 || it + 1 == niter => {
+                None if main && (it % 10 == 0 || it + 1 == niter) => {
                     eprintln!(
                         "Epoch: [{epoch}/{}] [{it}/{niter}] {msg} ({:.1}s)",
                         args.epochs,
@@ -387,57 +515,48 @@ pub fn train(args: &TrainArgs) -> Result<TrainOutcome> {
         if let Some(pb) = pb {
             pb.finish_and_clear();
         }
-        let n = count.max(1) as f64;
+        // As MetricLogger.synchronize_between_processes: averages over every rank's steps.
+        let mut totals = Tensor::from_slice(&[
+            sums.loss,
+            sums.cls,
+            sums.patch,
+            sums.lr,
+            sums.wd,
+            sums.acc,
+            count as f64,
+            skipped as f64,
+        ])
+        .to_device(comm.device());
+        comm.all_reduce_sum(&mut totals)?;
+        let t = Vec::<f64>::try_from(totals.to_device(Device::Cpu))?;
+        let n = t[6].max(1.0);
+        let skipped = t[7] as usize;
         let mut st = EpochStats {
-            loss: sums.loss / n,
-            cls: sums.cls / n,
-            patch: sums.patch / n,
-            lr: sums.lr / n,
-            wd: sums.wd / n,
-            acc: sums.acc / n,
+            loss: t[0] / n,
+            cls: t[1] / n,
+            patch: t[2] / n,
+            lr: t[3] / n,
+            wd: t[4] / n,
+            acc: t[5] / n,
             adjacc: -1.0,
             ..Default::default()
         };
+        // As the official concat_all_gather of predictions and labels.
+        let preds = crate::dist::all_gather_i64(comm, &preds)?;
+        let labels = crate::dist::all_gather_i64(comm, &labels)?;
         if !labels.is_empty() && labels.iter().all(|&l| l >= 0) {
             // The official log leaves `adjacc` at -1 (eval_pred without calc_acc); the
             // Hungarian-matched accuracy is cheap enough to report.
             (st.nmi, st.ari, st.fscore, st.adjacc) = cluster::eval_pred(&labels, &preds, true);
         }
-        // Checkpoint first (atomic), then the log line that refers to it.
-        checkpoint::save(&ckpt_path, &ibot, epoch + 1, args)?;
-        if args.saveckp_freq > 0 && epoch % args.saveckp_freq == 0 && epoch > 0 {
-            checkpoint::save(
-                &args
-                    .output_dir
-                    .join(format!("checkpoint{epoch:04}.safetensors")),
-                &ibot,
-                epoch + 1,
-                args,
-            )?;
+        // Rank 0 saves between two barriers: nobody runs ahead of a checkpoint being written,
+        // and a failed save stops every rank.
+        comm.barrier().context("before saving the checkpoint")?;
+        if main {
+            save_epoch(args, &ibot, epoch, &ckpt_path, &st)?;
         }
-        let mut line = serde_json::Map::new();
-        for (k, v) in serde_json::to_value(&st)?
-            .as_object()
-            .cloned()
-            .unwrap_or_default()
-        {
-            line.insert(format!("train_{k}"), v);
-        }
-        line.insert("epoch".into(), epoch.into());
-        let mut log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(args.output_dir.join("log.txt"))
-            .context("opening log.txt")?;
-        writeln!(log, "{}", serde_json::Value::Object(line)).context("writing log.txt")?;
-        drop(log);
-        // The curve is a convenience: failing to draw it never stops training.
-        let curve = super::plot::read_log(&args.output_dir.join("log.txt"))
-            .and_then(|pts| super::plot::write_loss_png(&pts, &args.output_dir.join("loss.png")));
-        if let Err(e) = curve {
-            eprintln!("note: could not draw loss.png: {e:#}");
-        }
-        eprintln!(
+        comm.barrier().context("after saving the checkpoint")?;
+        say(format!(
             "epoch {epoch}: loss {:.4} cls {:.4} patch {:.4} acc {:.3} nmi {:.3} ari {:.3} ({:.0}s{})",
             st.loss,
             st.cls,
@@ -447,7 +566,7 @@ pub fn train(args: &TrainArgs) -> Result<TrainOutcome> {
             st.ari,
             t0.elapsed().as_secs_f64(),
             if skipped > 0 { format!(", {skipped} unreadable images skipped") } else { String::new() }
-        );
+        ));
         last = Some(st);
         done += 1;
     }
@@ -455,5 +574,51 @@ pub fn train(args: &TrainArgs) -> Result<TrainOutcome> {
         ibot,
         epochs_done: done,
         last,
+        rank: comm.rank(),
     })
+}
+
+/// Rank 0's end of an epoch: the checkpoint(s), then the log line that refers to them, then
+/// the curve.
+fn save_epoch(
+    args: &TrainArgs,
+    ibot: &Ibot,
+    epoch: usize,
+    ckpt_path: &Path,
+    st: &EpochStats,
+) -> Result<()> {
+    checkpoint::save(ckpt_path, ibot, epoch + 1, args)?;
+    if args.saveckp_freq > 0 && epoch % args.saveckp_freq == 0 && epoch > 0 {
+        checkpoint::save(
+            &args
+                .output_dir
+                .join(format!("checkpoint{epoch:04}.safetensors")),
+            ibot,
+            epoch + 1,
+            args,
+        )?;
+    }
+    let mut line = serde_json::Map::new();
+    for (k, v) in serde_json::to_value(st)?
+        .as_object()
+        .cloned()
+        .unwrap_or_default()
+    {
+        line.insert(format!("train_{k}"), v);
+    }
+    line.insert("epoch".into(), epoch.into());
+    let mut log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(args.output_dir.join("log.txt"))
+        .context("opening log.txt")?;
+    writeln!(log, "{}", serde_json::Value::Object(line)).context("writing log.txt")?;
+    drop(log);
+    // The curve is a convenience: failing to draw it never stops training.
+    let curve = super::plot::read_log(&args.output_dir.join("log.txt"))
+        .and_then(|pts| super::plot::write_loss_png(&pts, &args.output_dir.join("loss.png")));
+    if let Err(e) = curve {
+        eprintln!("note: could not draw loss.png: {e:#}");
+    }
+    Ok(())
 }
