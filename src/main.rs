@@ -10,7 +10,7 @@ use tch::Device;
 
 use ibot::eval::features::{self, FeatureKind};
 use ibot::eval::knn::knn_classifier;
-use ibot::train::args::{expand_config_args, TrainArgs, PRESETS};
+use ibot::train::args::{expand_config_args, DistArgs, TrainArgs, PRESETS};
 use ibot::train::run;
 
 const FMNIST: &str = "/usr/share/datasets/fashion-mnist";
@@ -144,6 +144,9 @@ struct KnnArgs {
     /// Also write the accuracies as JSON to this file.
     #[arg(long)]
     output: Option<PathBuf>,
+    /// Under torchrun / srun / `ibot launch`, every rank extracts a shard of the features.
+    #[command(flatten)]
+    dist: DistArgs,
 }
 
 #[derive(Args)]
@@ -209,6 +212,9 @@ struct FeatureArgs {
     /// Use at most this many images.
     #[arg(long)]
     subset: Option<usize>,
+    /// Under torchrun / srun / `ibot launch`, every rank extracts a shard of the features.
+    #[command(flatten)]
+    dist: DistArgs,
 }
 
 #[derive(Args)]
@@ -395,7 +401,19 @@ fn open_backbone(
     usize,
     Device,
 )> {
-    let device = run::select_device(&w.device)?;
+    open_backbone_on(w, run::select_device(&w.device)?)
+}
+
+/// [`open_backbone`] on a given device (a data-parallel rank's).
+fn open_backbone_on(
+    w: &WeightsArgs,
+    device: Device,
+) -> Result<(
+    ibot::interop::Pretrained,
+    ibot::models::VisionTransformer,
+    usize,
+    Device,
+)> {
     if !["teacher", "student"].contains(&w.checkpoint_key.as_str()) {
         bail!(
             "--checkpoint_key must be teacher or student, not '{}'",
@@ -418,6 +436,9 @@ fn write_json(path: &std::path::Path, v: &serde_json::Value) -> Result<()> {
 
 fn eval_knn(k: KnnArgs) -> Result<()> {
     let t0 = Instant::now();
+    let (comm, device, _) = run::join_world(&k.dist, &k.weights.device)?;
+    let comm = comm.as_ref();
+    let main = comm.is_main();
     let (ftr, ltr, fte, lte) = if let Some(dir) = &k.load_features {
         let path = dir.join("knn_features.safetensors");
         let mut t = ibot::params::read_safetensors(&path)?;
@@ -432,7 +453,7 @@ fn eval_knn(k: KnnArgs) -> Result<()> {
             take("test_labels")?,
         )
     } else {
-        let (_, vit, size, device) = open_backbone(&k.weights)?;
+        let (_, vit, size, device) = open_backbone_on(&k.weights, device)?;
         let (trp, trs, tep, tes) = eval_splits(&k.data_path)?;
         let train_ds = ibot::data::dataset::open(&trp, trs)?;
         let test_ds = ibot::data::dataset::open(&tep, tes)?;
@@ -440,7 +461,8 @@ fn eval_knn(k: KnnArgs) -> Result<()> {
         let tr = first_n(train_ds.len(), lim);
         let te = first_n(test_ds.len(), lim);
         let bs = k.batch_size_per_gpu;
-        let (ftr, ltr) = features::extract(
+        let (ftr, ltr) = features::extract_sharded(
+            comm,
             Some(&vit),
             FeatureKind::Cls,
             train_ds.as_ref(),
@@ -449,7 +471,8 @@ fn eval_knn(k: KnnArgs) -> Result<()> {
             bs,
             device,
         )?;
-        let (fte, lte) = features::extract(
+        let (fte, lte) = features::extract_sharded(
+            comm,
             Some(&vit),
             FeatureKind::Cls,
             test_ds.as_ref(),
@@ -458,7 +481,7 @@ fn eval_knn(k: KnnArgs) -> Result<()> {
             bs,
             device,
         )?;
-        if let Some(dir) = &k.dump_features {
+        if let (Some(dir), true) = (&k.dump_features, main) {
             std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
             let named = [
                 ("train_features", &ftr),
@@ -475,11 +498,20 @@ fn eval_knn(k: KnnArgs) -> Result<()> {
         }
         (ftr, ltr, fte, lte)
     };
+    // As the official eval_knn.py: every rank extracts, rank 0 classifies and reports.
+    if !main {
+        return Ok(());
+    }
     eprintln!(
-        "features of {} training and {} test images ({:.0}s)",
+        "features of {} training and {} test images ({:.0}s{})",
         ftr.size()[0],
         fte.size()[0],
-        t0.elapsed().as_secs_f64()
+        t0.elapsed().as_secs_f64(),
+        if comm.world_size() > 1 {
+            format!(", {} ranks", comm.world_size())
+        } else {
+            String::new()
+        }
     );
     let nclass = ltr.max().int64_value(&[]).max(lte.max().int64_value(&[])) + 1;
     let mut results = Vec::new();
@@ -565,16 +597,24 @@ fn extract_backbone(e: ExtractArgs) -> Result<()> {
 }
 
 fn extract_features(f: FeatureArgs) -> Result<()> {
-    let (_, vit, size, device) = open_backbone(&f.weights)?;
+    let (comm, device, _) = run::join_world(&f.dist, &f.weights.device)?;
+    let comm = comm.as_ref();
+    let (_, vit, size, device) = open_backbone_on(&f.weights, device)?;
     let spec = ibot::eval::linear::FeatureSpec {
         n_last_blocks: f.n_last_blocks,
         avgpool: f.avgpool_patchtokens,
     };
     spec.validate(vit.blocks.len())?;
     let ds = ibot::data::dataset::open(&f.data_path, &f.split)?;
-    let idx = first_n(ds.len(), f.subset.unwrap_or(usize::MAX));
+    let all = first_n(ds.len(), f.subset.unwrap_or(usize::MAX));
+    anyhow::ensure!(!all.is_empty(), "no images to extract features from");
+    let idx = ibot::dist::shard(&all, comm.rank(), comm.world_size());
     let bs = f.batch_size_per_gpu.max(1);
-    let bar = ibot::util::progress_bar(idx.len().div_ceil(bs) as u64, "features");
+    let bar = if comm.is_main() {
+        ibot::util::progress_bar(idx.len().div_ceil(bs) as u64, "features")
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
     let (mut feats, mut labels) = (Vec::new(), Vec::new());
     for chunk in idx.chunks(bs) {
         let (x, l) = features::view_batch(
@@ -592,9 +632,14 @@ fn extract_features(f: FeatureArgs) -> Result<()> {
         bar.inc(1);
     }
     bar.finish_and_clear();
+    let feats = ibot::dist::unshard(comm, &tch::Tensor::cat(&feats, 0), all.len())?;
+    let labels = ibot::dist::unshard(comm, &tch::Tensor::cat(&labels, 0), all.len())?;
+    if !comm.is_main() {
+        return Ok(());
+    }
     let named = vec![
-        ("features".to_string(), tch::Tensor::cat(&feats, 0)),
-        ("labels".to_string(), tch::Tensor::cat(&labels, 0)),
+        ("features".to_string(), feats),
+        ("labels".to_string(), labels),
     ];
     let shape = named[0].1.size();
     ibot::params::write_safetensors(&f.output, &named, None)?;

@@ -616,3 +616,34 @@ pub fn all_gather_i64(comm: &dyn Comm, values: &[i64]) -> Result<Vec<i64>> {
     }
     Ok(out)
 }
+
+/// This rank's share of `items`, as `DistributedSampler(shuffle=False)`: positions r, r + W,
+/// r + 2W, … of the list padded to a multiple of W by wrapping around.
+pub fn shard<T: Copy>(items: &[T], rank: usize, world_size: usize) -> Vec<T> {
+    if world_size <= 1 || items.is_empty() {
+        return items.to_vec();
+    }
+    let per = items.len().div_ceil(world_size);
+    (0..per)
+        .map(|k| items[(k * world_size + rank) % items.len()])
+        .collect()
+}
+
+/// The inverse of [`shard`]: every rank's rows (`t` holds this rank's shard, one row per item)
+/// gathered and put back in the order of the `n` original items, on every rank (on the CPU).
+pub fn unshard(comm: &dyn Comm, t: &Tensor, n: usize) -> Result<Tensor> {
+    let ws = comm.world_size();
+    if ws == 1 {
+        return Ok(t.shallow_clone());
+    }
+    let per = n.div_ceil(ws);
+    ensure!(
+        t.size().first() == Some(&(per as i64)),
+        "shard of {:?} rows, expected {per}",
+        t.size()
+    );
+    let all = comm.all_gather(&t.to_device(comm.device()))?.to_device(Device::Cpu);
+    // Position p was computed by rank p % W as its (p / W)-th row.
+    let order: Vec<i64> = (0..n).map(|p| ((p % ws) * per + p / ws) as i64).collect();
+    Ok(all.f_index_select(0, &Tensor::from_slice(&order))?)
+}

@@ -130,3 +130,32 @@ pub fn extract(
     }
     Ok((Tensor::cat(&feats, 0), Tensor::cat(&labels, 0)))
 }
+
+/// [`extract`] split over the ranks of a data-parallel run, as the official eval_knn.py: rank r
+/// takes positions r, r + W, r + 2W, … of `indices` (padded by wrapping around, like
+/// `DistributedSampler(shuffle=False)`), and the shards are all-gathered back into the order of
+/// `indices` on every rank.
+#[allow(clippy::too_many_arguments)]
+pub fn extract_sharded(
+    comm: &dyn crate::dist::Comm,
+    backbone: Option<&VisionTransformer>,
+    kind: FeatureKind,
+    ds: &dyn Dataset,
+    indices: &[usize],
+    size: usize,
+    batch: usize,
+    device: Device,
+) -> Result<(Tensor, Tensor)> {
+    let ws = comm.world_size();
+    if ws == 1 {
+        return extract(backbone, kind, ds, indices, size, batch, device);
+    }
+    let n = indices.len();
+    anyhow::ensure!(n > 0, "no images to extract features from");
+    let mine = crate::dist::shard(indices, comm.rank(), ws);
+    let (f, l) = extract(backbone, kind, ds, &mine, size, batch, device)?;
+    Ok((
+        crate::dist::unshard(comm, &f, n)?,
+        crate::dist::unshard(comm, &l, n)?,
+    ))
+}
