@@ -715,7 +715,11 @@ fn run(cli: Cli) -> Result<bool> {
             }
             Ok(true)
         }
-        Cmd::Launch(l) => {
+        Cmd::Launch(mut l) => {
+            // `ibot --threads N launch ...`: the workers get the thread count too.
+            if let Some(n) = cli.threads {
+                l.command.splice(1..1, ["--threads".to_string(), n.to_string()]);
+            }
             let code = ibot::dist::launch::launch(&l)?;
             if code != 0 {
                 std::process::exit(code);

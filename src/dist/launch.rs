@@ -231,6 +231,11 @@ fn worker_env(args: &LaunchArgs, local_rank: usize) -> Vec<(&'static str, String
     ]
 }
 
+/// Variables of the launcher's own environment (say, when it runs under torchrun) that would
+/// mislead the workers. TORCHELASTIC_USE_AGENT_STORE=True tells rank 0 that a launcher already
+/// hosts the TCP store; this one does not, so rank 0 must create it.
+const INHERITED_ENV_DROPPED: &[&str] = &["TORCHELASTIC_USE_AGENT_STORE"];
+
 /// OMP_NUM_THREADS for the workers, so that together they use each core once rather than each
 /// starting a thread per core; `None` when the user has set it already (theirs wins).
 fn omp_num_threads(nproc_per_node: usize) -> Option<String> {
@@ -378,6 +383,9 @@ impl Workers {
         let mut cmd = Command::new(program);
         cmd.args(command)
             .envs(env.iter().map(|(k, v)| (k, OsString::from(v))));
+        for var in INHERITED_ENV_DROPPED {
+            cmd.env_remove(var);
+        }
         if !owns_terminal {
             cmd.stdin(Stdio::null())
                 .stdout(Stdio::piped())
@@ -782,14 +790,19 @@ mod tests {
         let _g = serial();
         let dir = temp_dir("signal");
         let script = r#"echo $$ > "$0/tmp$LOCAL_RANK" && mv "$0/tmp$LOCAL_RANK" "$0/pid$LOCAL_RANK"; exec sleep 100"#;
-        // Signals the test process once both workers run, i.e. while the handlers are in place.
+        // Signals the launcher once both workers run, i.e. while its handlers are in place. The
+        // signal goes to this thread only, not to the process, so that no other test running in
+        // parallel sees a system call interrupted.
+        // SAFETY: pthread_self has no preconditions.
+        let launcher = unsafe { libc::pthread_self() };
         let watched = dir.clone();
         let sender = thread::spawn(move || {
             while !(watched.join("pid0").exists() && watched.join("pid1").exists()) {
                 thread::sleep(Duration::from_millis(20));
             }
-            // SAFETY: kill(2) on our own pid; the launcher's handler records the signal.
-            unsafe { libc::kill(std::process::id() as libc::pid_t, libc::SIGTERM) };
+            // SAFETY: the target thread is alive: it runs the launcher until its workers exit,
+            // which they do only on this signal.
+            unsafe { libc::pthread_kill(launcher, libc::SIGTERM) };
         });
         let start = Instant::now();
         assert_eq!(
