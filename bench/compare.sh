@@ -4,6 +4,9 @@
 #   bash bench/compare.sh data    # data pipeline, 1 and 2 workers, on ../shared/bench/photos
 #   bash bench/compare.sh step    # one full ViT-S/16 training step on random tensors
 #   bash bench/compare.sh step-bf16  # the same step under bfloat16 autocast (both sides)
+#   bash bench/compare.sh allreduce  # c10d Gloo all-reduce of a ViT-S-sized gradient, 2 ranks:
+#                                    # ibot launch vs torchrun + torch.distributed
+#   bash bench/compare.sh dp-step    # ViT-S/16 step: 2 ranks x 1 thread vs 1 process x 2 threads
 # ROUNDS=n sets how many alternating runs of each side the step comparisons take the median of.
 # The data comparison needs torchvision + Pillow in the venv; they are installed here (not by
 # scripts/bootstrap.sh: only this benchmark uses them).
@@ -46,8 +49,30 @@ step | step-bf16)
     mo=$(median "${o[@]}"); mr=$(median "${r[@]}")
     printf 'ms/iter (%s, median of %s): ibot %s, PyTorch eager %s, time ratio ibot/PyTorch %.2f\n' "$what" "$rounds" "$mo" "$mr" "$(awk -v a="$mo" -v b="$mr" 'BEGIN { print a / b }')"
     ;;
+allreduce)
+    rounds=${ROUNDS:-3}
+    median() { printf '%s\n' "$@" | sort -g | awk '{ v[NR] = $1 } END { print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
+    ms() { grep -oE '[0-9.]+ ms' | head -1 | cut -d' ' -f1; }
+    o=(); r=()
+    for i in $(seq "$rounds"); do
+        o+=("$(target/release/ibot launch --nproc_per_node 2 --master_port 29731 bench allreduce --iters 20 2>/dev/null | ms)")
+        r+=("$(.venv/bin/torchrun --nproc_per_node 2 --master_port 29732 bench/torch_allreduce.py --iters 20 2>/dev/null | ms)")
+        echo "round $i: ibot ${o[-1]} ms, torch.distributed ${r[-1]} ms"
+    done
+    mo=$(median "${o[@]}"); mr=$(median "${r[@]}")
+    printf 'all_reduce of 22M float32 over 2 ranks (Gloo, median of %s): ibot %s ms, torch.distributed %s ms, bandwidth ratio ibot/torch %.2f\n' "$rounds" "$mo" "$mr" "$(awk -v a="$mo" -v b="$mr" 'BEGIN { print b / a }')"
+    ;;
+dp-step)
+    # The same total batch (16 images) as 1 process x 2 threads and as 2 ranks x 1 thread x 8.
+    rounds=${ROUNDS:-3}
+    for i in $(seq "$rounds"); do
+        one=$(target/release/ibot --threads 2 bench train --batch 16 --iters 5 --warmup 1 | rate)
+        two=$(target/release/ibot launch --nproc_per_node 2 --master_port 29733 bench train --batch 8 --iters 5 --warmup 1 2>/dev/null | grep -v '^\[' | rate)
+        echo "round $i: 1 process x 2 threads ${one} ms/iter, 2 ranks x 1 thread ${two} ms/iter (16 images per step either way)"
+    done
+    ;;
 *)
-    echo "usage: bash bench/compare.sh data|step|step-bf16" >&2
+    echo "usage: bash bench/compare.sh data|step|step-bf16|allreduce|dp-step" >&2
     exit 2
     ;;
 esac

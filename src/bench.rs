@@ -6,7 +6,8 @@ use std::time::Instant;
 use anyhow::Result;
 use tch::{Device, Kind, Tensor};
 
-use crate::loss::{IbotLossConfig, SingleProcess};
+use crate::dist::Comm;
+use crate::loss::IbotLossConfig;
 use crate::models::{HeadConfig, VitConfig};
 use crate::train::optim::OptimizerKind;
 use crate::train::{Ibot, IbotConfig};
@@ -54,6 +55,10 @@ pub struct StepBench {
     /// Force the arithmetic as `ibot train --precision` (auto follows --use_fp16).
     #[arg(long, value_enum, default_value_t = crate::train::amp::PrecisionChoice::Auto)]
     pub precision: crate::train::amp::PrecisionChoice,
+    /// Under torchrun / srun / `ibot launch`, every rank runs the step on its own batch and the
+    /// gradients are averaged as in training (img/s then counts every rank's images).
+    #[command(flatten)]
+    pub dist: crate::train::args::DistArgs,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -68,7 +73,7 @@ pub struct StepTiming {
 /// global views and the local views, loss, backward, clipping, AdamW, EMA. Without
 /// `b.data_path`, data loading is excluded (views are random tensors made before the clock starts
 /// for each step); with it, each timed step includes getting its batch from the loader.
-pub fn step(b: &StepBench, device: Device) -> Result<StepTiming> {
+pub fn step(b: &StepBench, device: Device, comm: &dyn Comm) -> Result<StepTiming> {
     tch::manual_seed(0);
     let mut backbone = VitConfig::from_arch(&b.arch, b.patch_size)?;
     backbone.drop_path_rate = b.drop_path;
@@ -132,7 +137,7 @@ pub fn step(b: &StepBench, device: Device) -> Result<StepTiming> {
                 (views, masks, t0)
             }
         };
-        let _ = ibot.train_step(&views, &masks, 0, 5e-4, 0.04, 0.996, &SingleProcess)?;
+        let _ = ibot.train_step(&views, &masks, 0, 5e-4, 0.04, 0.996, comm)?;
         if it >= b.warmup {
             total += t0.elapsed().as_secs_f64();
         }
@@ -140,7 +145,7 @@ pub fn step(b: &StepBench, device: Device) -> Result<StepTiming> {
     let dt = total / b.iters.max(1) as f64;
     Ok(StepTiming {
         ms_per_iter: dt * 1e3,
-        images_per_s: b.batch as f64 / dt,
+        images_per_s: (b.batch as usize * comm.world_size()) as f64 / dt,
         precision: ibot.precision,
     })
 }
@@ -257,4 +262,23 @@ pub fn data(
         }
     }
     Ok((n, t0.elapsed().as_secs_f64()))
+}
+
+/// Milliseconds per in-place sum all-reduce of a flat float32 tensor of `numel` elements
+/// (a ViT-S gradient is about 22M), the median over `iters` timed calls after `warmup`.
+/// Compare with `bench/torch_allreduce.py` under torchrun: the same Gloo underneath.
+pub fn allreduce(comm: &dyn Comm, numel: i64, iters: usize, warmup: usize) -> Result<f64> {
+    anyhow::ensure!(numel > 0, "--numel must be positive");
+    let mut t = Tensor::f_ones([numel], (Kind::Float, comm.device()))?;
+    let mut times = Vec::with_capacity(iters);
+    for i in 0..warmup + iters {
+        comm.barrier()?;
+        let t0 = Instant::now();
+        comm.all_reduce_sum(&mut t)?;
+        if i >= warmup {
+            times.push(t0.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(times.get(times.len() / 2).copied().unwrap_or(0.0))
 }

@@ -262,6 +262,23 @@ enum BenchCmd {
     /// with bench/torch_step.py), or fed by the loader with --data_path.
     #[command(rename_all = "snake_case", alias = "step")]
     Train(ibot::bench::StepBench),
+    /// Milliseconds and bandwidth of one all-reduce of a flat float32 gradient over the ranks
+    /// of a data-parallel launch: `ibot launch --nproc_per_node 2 bench allreduce`. Compare with
+    /// `torchrun --nproc_per_node 2 bench/torch_allreduce.py`.
+    #[command(rename_all = "snake_case")]
+    Allreduce {
+        /// Elements of the tensor (ViT-S/16's gradient: about 22 million).
+        #[arg(long, default_value_t = 22_000_000)]
+        numel: i64,
+        #[arg(long, default_value_t = 10)]
+        iters: usize,
+        #[arg(long, default_value_t = 2)]
+        warmup: usize,
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        #[command(flatten)]
+        dist: DistArgs,
+    },
 }
 
 /// Split folders for evaluation: (train, test) data sets.
@@ -758,14 +775,45 @@ fn run(cli: Cli) -> Result<bool> {
             );
             Ok(true)
         }
+        Cmd::Bench(BenchCmd::Allreduce {
+            numel,
+            iters,
+            warmup,
+            device,
+            dist,
+        }) => {
+            let (comm, _, _) = run::join_world(&dist, &device)?;
+            let ws = comm.world_size();
+            anyhow::ensure!(
+                ws > 1,
+                "bench allreduce needs several processes: run it under `ibot launch --nproc_per_node 2` or torchrun"
+            );
+            let ms = ibot::bench::allreduce(comm.as_ref(), numel, iters, warmup)?;
+            if comm.is_main() {
+                // nccl-tests' definitions: algorithm bandwidth = bytes / time; bus bandwidth
+                // scales it by 2(n-1)/n, the bytes each rank really moves in a ring.
+                let gb = numel as f64 * 4.0 / 1e9;
+                let alg = gb / (ms / 1e3);
+                println!(
+                    "ibot all_reduce (c10d Gloo, {ws} ranks): {numel} float32 in {ms:.1} ms (median of {iters}): algbw {alg:.2} GB/s, busbw {:.2} GB/s",
+                    alg * 2.0 * (ws as f64 - 1.0) / ws as f64
+                );
+            }
+            Ok(true)
+        }
         Cmd::Bench(BenchCmd::Train(b)) => {
-            let t = ibot::bench::step(&b, ibot::train::run::select_device(&b.device)?)?;
+            let (comm, device, _) = run::join_world(&b.dist, &b.device)?;
+            let t = ibot::bench::step(&b, device, comm.as_ref())?;
+            if !comm.is_main() {
+                return Ok(true);
+            }
             let feed = match &b.data_path {
                 Some(p) => format!("loader on {} with {} worker(s)", p.display(), b.num_workers),
                 None => "random tensors".to_string(),
             };
             println!(
-                "ibot (tch, libtorch threads {}, {}, {feed}): {}/{} batch {} 2x{} + {}x{}: {:.1} ms/iter, {:.2} img/s",
+                "ibot (tch, {} rank(s) x {} libtorch thread(s), {}, {feed}): {}/{} batch {} 2x{} + {}x{}: {:.1} ms/iter, {:.2} img/s",
+                comm.world_size(),
                 tch::get_num_threads(),
                 t.precision.name(),
                 b.arch,
