@@ -72,6 +72,46 @@ fn main() {
             "cargo:warning=gloo headers not found (Debian package libgloo-dev): data-parallel training on CPU is disabled in this build; run scripts/bootstrap.sh as root to install them"
         ),
     }
+    // NCCL (CUDA) groups: opt-in with IBOT_NCCL=1, since they need the CUDA/NCCL headers of the
+    // wheel's nvidia packages and make every ibot process load libtorch_cuda.
+    println!("cargo:rerun-if-env-changed=IBOT_NCCL");
+    println!("cargo:rerun-if-changed=csrc/dist_nccl.cpp");
+    println!("cargo:rerun-if-changed=csrc/dist_nccl.h");
+    let nccl = std::env::var("IBOT_NCCL").is_ok_and(|v| v == "1");
+    if nccl {
+        d.define("IBOT_WITH_NCCL", None);
+    }
+    // ibot_dist before ibot_dist_nccl on the link line: the first calls into the second.
     d.compile("ibot_dist");
+    if nccl {
+        let nvidia = std::fs::canonicalize(&root)
+            .unwrap_or_else(|_| root.clone())
+            .join("../nvidia");
+        let cuda_inc = ["cu13", "cu12", "cuda_runtime"]
+            .iter()
+            .map(|d| nvidia.join(d).join("include"))
+            .find(|d| d.join("cuda_runtime_api.h").is_file())
+            .unwrap_or_else(|| panic!("IBOT_NCCL=1: no CUDA headers under {}", nvidia.display()));
+        let nccl_inc = nvidia.join("nccl/include");
+        assert!(
+            nccl_inc.join("nccl.h").is_file(),
+            "IBOT_NCCL=1: no nccl.h under {}",
+            nccl_inc.display()
+        );
+        let mut n = cc::Build::new();
+        base(&mut n, &root);
+        n.file("csrc/dist_nccl.cpp")
+            .include(root.join("include/torch/csrc/api/include"))
+            .include(&cuda_inc)
+            .include(&nccl_inc)
+            .define("USE_C10D_NCCL", None)
+            .define("USE_CUDA", None)
+            .compile("ibot_dist_nccl");
+        println!("cargo:rustc-link-arg=-Wl,--no-as-needed");
+        println!("cargo:rustc-link-arg=-L{}", lib.display());
+        println!("cargo:rustc-link-arg=-ltorch_cuda");
+        println!("cargo:rustc-link-arg=-lc10_cuda");
+        println!("cargo:rustc-link-arg=-Wl,--as-needed");
+    }
     println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib.display());
 }
