@@ -73,13 +73,17 @@ enum Cmd {
     /// options on the same machine.
     #[command(subcommand)]
     Bench(BenchCmd),
-    /// Compares this implementation with reference tensors from the official code: forward
-    /// outputs, attention, position-embedding interpolation, loss and centres, gradients after
-    /// clipping/cancelling, one AdamW step, the EMA teacher, schedules and k-NN. Prints one
-    /// line per group and exits non-zero on any mismatch.
+    /// Compares this implementation with reference tensors from the official code. A one-step
+    /// fixture (fixtures.json): forward outputs, attention, position-embedding interpolation,
+    /// loss and centres, gradients after clipping/cancelling, one AdamW step, the EMA teacher,
+    /// schedules and k-NN. A trajectory fixture (trajectory.json): its fixed batches run through
+    /// the `ibot train` loop, compared step by step (schedules, loss terms, centres), epoch by
+    /// epoch (statistics, every student and teacher tensor) and at the end (optimizer state).
+    /// Prints one line per group and exits non-zero on any mismatch.
     VerifyFixture {
-        /// Fixture directory holding fixtures.json and fixtures.safetensors
-        /// (e.g. ../shared/fixtures/ibot-ref/visible_vit).
+        /// Fixture directory holding fixtures.json and fixtures.safetensors (e.g.
+        /// ../shared/fixtures/ibot-ref/visible_vit), or trajectory.json and
+        /// trajectory.safetensors (e.g. ../shared/fixtures/ibot-ref/visible_traj).
         dir: PathBuf,
     },
 }

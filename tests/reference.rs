@@ -87,3 +87,58 @@ fn tempdir(name: &str) -> std::path::PathBuf {
 fn link(src: &Path, dst: &Path) {
     std::os::unix::fs::symlink(std::fs::canonicalize(src).unwrap(), dst).unwrap();
 }
+
+/// Three epochs of the official training loop on fixed batches, fed through the loop
+/// `ibot train` runs (see `ibot::verify::traj`).
+#[test]
+fn visible_traj_matches_the_official_training_loop() {
+    let report = verify_fixture(&common::fixture_dir("visible_traj")).expect("fixture runs");
+    println!("{}", report.render());
+    assert!(report.passed(), "mismatch:\n{}", report.render());
+    for group in [
+        "teacher init",
+        "schedules",
+        "loss terms",
+        "centres",
+        "epoch stats",
+        "parameters",
+        "optimizer",
+        "coverage",
+    ] {
+        assert!(
+            report.checks.iter().any(|c| c.group == group),
+            "group {group} was not checked"
+        );
+    }
+}
+
+/// Each of these settings differs from what the official run did; the trajectory comparison
+/// must notice every one, in the group that holds the evidence.
+#[test]
+fn the_trajectory_check_fails_on_a_wrong_setting() {
+    use ibot::train::args::TrainArgs;
+    use ibot::verify::traj::verify_trajectory;
+    let dir = common::fixture_dir("visible_traj");
+    type Tweak = fn(&mut TrainArgs);
+    let cases: [(&str, Tweak, &str); 7] = [
+        ("EMA skipped (momentum 1)", |a| a.momentum_teacher = 1.0, "parameters"),
+        ("teacher momentum 0.99 instead of 0.9", |a| a.momentum_teacher = 0.99, "parameters"),
+        ("weight decay dropped", |a| {
+            a.weight_decay = 0.0;
+            a.weight_decay_end = 0.0;
+        }, "parameters"),
+        ("lr 1% high", |a| a.lr *= 1.01, "schedules"),
+        ("last layer not frozen in epoch 0", |a| a.freeze_last_layer = 0, "optimizer"),
+        ("no gradient clipping", |a| a.clip_grad = 0.0, "parameters"),
+        ("teacher temperature warm-up from 0.05", |a| a.warmup_teacher_temp = 0.05, "schedules"),
+    ];
+    for (what, tweak, group) in cases {
+        let report = verify_trajectory(&dir, &tweak).expect("fixture runs");
+        assert!(!report.passed(), "{what} went unnoticed");
+        assert!(
+            report.failures().iter().any(|c| c.group == group),
+            "{what} did not fail group {group}:\n{}",
+            report.render()
+        );
+    }
+}

@@ -16,10 +16,10 @@ use super::amp::{Precision, PrecisionChoice};
 use super::args::{DistArgs, TrainArgs};
 use super::optim::OptimizerKind;
 use super::schedule::cosine_scheduler;
-use super::{checkpoint, Ibot, IbotConfig, IbotLossConfig, NonFiniteLoss};
+use super::{checkpoint, Ibot, IbotConfig, IbotLossConfig, NonFiniteLoss, StepStats};
 use crate::data::augment::AugmentConfig;
 use crate::data::dataset::{self, Dataset};
-use crate::data::loader::{Loader, LoaderConfig};
+use crate::data::loader::{Batch, Loader, LoaderConfig};
 use crate::data::masking::MaskConfig;
 use crate::eval::cluster;
 use crate::dist::{Comm, DistEnv, ProcessGroup, SingleProcess};
@@ -325,16 +325,42 @@ pub fn train(args: &TrainArgs) -> Result<TrainOutcome> {
     train_with(args, comm.as_ref(), device)
 }
 
+/// Where the batches of each epoch come from: the data loader, or the fixed batches of a
+/// trajectory fixture (`ibot verify-fixture`), which then runs this very loop.
+pub trait BatchSource {
+    /// Batches per epoch (the schedules' `niter_per_ep`).
+    fn iters_per_epoch(&self) -> usize;
+    fn batches(&self, epoch: usize) -> Box<dyn Iterator<Item = Result<Batch>> + '_>;
+}
+
+impl BatchSource for Loader {
+    fn iters_per_epoch(&self) -> usize {
+        self.len()
+    }
+    fn batches(&self, epoch: usize) -> Box<dyn Iterator<Item = Result<Batch>> + '_> {
+        Box::new(self.epoch(epoch))
+    }
+}
+
+/// Sees the run as it goes (verification compares every step with the official loop's).
+pub trait Observer {
+    /// After the step of global iteration `it` (epoch × iters_per_epoch + iteration).
+    fn step(&mut self, _it: usize, _stats: &StepStats, _ibot: &Ibot) -> Result<()> {
+        Ok(())
+    }
+    /// After the epoch's statistics, before its checkpoint.
+    fn epoch_end(&mut self, _epoch: usize, _stats: &EpochStats, _ibot: &Ibot) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// Observes nothing.
+pub struct NoObserver;
+impl Observer for NoObserver {}
+
 /// [`train`] inside an existing world.
 pub fn train_with(args: &TrainArgs, comm: &dyn Comm, device: Device) -> Result<TrainOutcome> {
     let main = comm.is_main();
-    // As the official `setup_for_distributed`: only rank 0 reports progress.
-    let say = |msg: String| {
-        if main {
-            eprintln!("{msg}");
-        }
-    };
-    let cfg = ibot_config(args)?;
     let mut lcfg = loader_config(args)?;
     lcfg.rank = comm.rank();
     lcfg.world_size = comm.world_size();
@@ -342,17 +368,43 @@ pub fn train_with(args: &TrainArgs, comm: &dyn Comm, device: Device) -> Result<T
     std::fs::create_dir_all(&args.output_dir)
         .with_context(|| format!("creating {}", args.output_dir.display()))?;
     let ds = open_dataset(&args.data_path, "train", args.subset, args.seed)?;
-    say(format!("data: {}", ds.describe()));
+    if main {
+        eprintln!("data: {}", ds.describe());
+    }
     let loader = Loader::new(ds.clone(), lcfg)?;
-    let niter = loader.len();
     ensure!(
-        niter > 0,
+        loader.len() > 0,
         "{} images give no full batch of {} per process over {} process(es) (drop_last): lower --batch_size_per_gpu",
         ds.len(),
         args.batch_size_per_gpu,
         comm.world_size()
     );
-    let mut ibot = Ibot::seeded(cfg, device, args.seed)?;
+    let ibot = Ibot::seeded(ibot_config(args)?, device, args.seed)?;
+    train_loop(args, comm, ibot, &loader, &mut NoObserver)
+}
+
+/// The official `train_ibot` loop from a built model: precision, schedules (lr scaled by the
+/// total batch), resume, then per epoch the steps, the synchronised statistics and rank 0's
+/// checkpoint and log line.
+pub fn train_loop(
+    args: &TrainArgs,
+    comm: &dyn Comm,
+    mut ibot: Ibot,
+    source: &dyn BatchSource,
+    observer: &mut dyn Observer,
+) -> Result<TrainOutcome> {
+    let main = comm.is_main();
+    let device = ibot.device;
+    // As the official `setup_for_distributed`: only rank 0 reports progress.
+    let say = |msg: String| {
+        if main {
+            eprintln!("{msg}");
+        }
+    };
+    let niter = source.iters_per_epoch();
+    ensure!(niter > 0, "no batches to train on");
+    std::fs::create_dir_all(&args.output_dir)
+        .with_context(|| format!("creating {}", args.output_dir.display()))?;
     ibot.precision = Precision::resolve(args.use_fp16, args.precision, device)?;
     if args.use_fp16 && args.precision == PrecisionChoice::Auto && ibot.precision == Precision::Fp32
     {
@@ -441,7 +493,7 @@ pub fn train_with(args: &TrainArgs, comm: &dyn Comm, device: Device) -> Result<T
         let (mut preds, mut labels) = (Vec::new(), Vec::new());
         let mut skipped = 0;
         let mut count = 0usize;
-        for (it, batch) in loader.epoch(epoch).enumerate() {
+        for (it, batch) in source.batches(epoch).enumerate() {
             let batch = batch.with_context(|| format!("loading batch {it} of epoch {epoch}"))?;
             skipped += batch.skipped;
             // With --skip_corrupt a batch may lose every image; in a data-parallel run all
@@ -481,6 +533,7 @@ pub fn train_with(args: &TrainArgs, comm: &dyn Comm, device: Device) -> Result<T
                         return Err(e);
                     }
                 };
+            observer.step(g, &s, &ibot)?;
             last_finite = Some(s.loss);
             sums.loss += s.loss;
             sums.cls += s.cls;
@@ -549,6 +602,7 @@ pub fn train_with(args: &TrainArgs, comm: &dyn Comm, device: Device) -> Result<T
             // Hungarian-matched accuracy is cheap enough to report.
             (st.nmi, st.ari, st.fscore, st.adjacc) = cluster::eval_pred(&labels, &preds, true);
         }
+        observer.epoch_end(epoch, &st, &ibot)?;
         // Rank 0 saves between two barriers: nobody runs ahead of a checkpoint being written,
         // and a failed save stops every rank.
         comm.barrier().context("before saving the checkpoint")?;

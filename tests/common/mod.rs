@@ -18,7 +18,7 @@ pub fn fixture_dir(name: &str) -> PathBuf {
         });
     let dir = root.join(name);
     assert!(
-        dir.join("fixtures.json").is_file(),
+        dir.join("fixtures.json").is_file() || dir.join("trajectory.json").is_file(),
         "reference fixtures not found at {} (clone the project next to shared/ or set IBOT_FIXTURES)",
         dir.display()
     );

@@ -11,6 +11,8 @@
 //! * gradients and parameters after the optimizer step / EMA: 1e-4
 //! * schedules (f64): 1e-12; k-NN accuracies: exact.
 
+pub mod traj;
+
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
@@ -57,7 +59,7 @@ impl Report {
         self.checks.iter().filter(|c| !c.pass).collect()
     }
 
-    fn tensor(
+    pub(crate) fn tensor(
         &mut self,
         group: &'static str,
         name: &str,
@@ -100,7 +102,7 @@ impl Report {
     }
 
     /// Like [`Report::tensor`] on the elements where `keep` is true; the note counts the rest.
-    fn tensor_where(
+    pub(crate) fn tensor_where(
         &mut self,
         group: &'static str,
         name: &str,
@@ -129,7 +131,7 @@ impl Report {
         }
     }
 
-    fn scalar(&mut self, group: &'static str, name: &str, ours: f64, reference: f64, tol: f64) {
+    pub(crate) fn scalar(&mut self, group: &'static str, name: &str, ours: f64, reference: f64, tol: f64) {
         let diff = (ours - reference).abs();
         self.checks.push(Check {
             group,
@@ -142,7 +144,7 @@ impl Report {
         });
     }
 
-    fn fact(&mut self, group: &'static str, name: &str, pass: bool, note: String) {
+    pub(crate) fn fact(&mut self, group: &'static str, name: &str, pass: bool, note: String) {
         self.checks.push(Check {
             group,
             name: name.to_string(),
@@ -330,8 +332,13 @@ fn views(t: &Tensor) -> Vec<Tensor> {
     (0..t.size()[0]).map(|v| t.get(v)).collect()
 }
 
-/// Runs the whole comparison for one fixture directory.
+/// Runs the whole comparison for one fixture directory: a one-step fixture
+/// (`fixtures.json`) or a trajectory of the official training loop (`trajectory.json`, see
+/// [`traj`]).
 pub fn verify_fixture(dir: &Path) -> Result<Report> {
+    if dir.join("trajectory.json").is_file() {
+        return traj::verify_trajectory(dir, &|_| {});
+    }
     let json_path = dir.join("fixtures.json");
     let raw = std::fs::read_to_string(&json_path)
         .with_context(|| format!("reading {}", json_path.display()))?;
