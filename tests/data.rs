@@ -244,13 +244,12 @@ fn fashion_mnist_reads_as_the_reference_image() {
     let Some(dir) = common::fashion_mnist_dir() else {
         return;
     };
+    let Some(fixtures) = common::augment_fixture_dir() else {
+        return;
+    };
     let ds = dataset::open(&dir, "train").unwrap();
     assert_eq!(ds.len(), 60000);
-    let fx = ibot::params::read_safetensors(
-        &PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-            .join("../shared/fixtures/augment/augment.safetensors"),
-    )
-    .unwrap();
+    let fx = ibot::params::read_safetensors(&fixtures.join("augment.safetensors")).unwrap();
     let want: Vec<u8> = Vec::try_from(fx["input/fmnist"].flatten(0, -1)).unwrap();
     assert_eq!(ds.get(0).unwrap().0.data, want);
     assert_eq!(dataset::open(&dir, "t10k").unwrap().len(), 10000);

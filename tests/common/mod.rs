@@ -9,20 +9,52 @@ use ibot::train::optim::OptimizerKind;
 use ibot::train::IbotConfig;
 
 /// The reference fixtures of the official code (`../shared/fixtures/ibot-ref/<name>`), or the
-/// directory named by IBOT_FIXTURES. Missing fixtures fail the test: they are part of the suite.
-pub fn fixture_dir(name: &str) -> PathBuf {
+/// directory named by IBOT_FIXTURES. A clone without `../shared` beside it has none: the test
+/// is then skipped with a printed reason, unless IBOT_REQUIRE_FIXTURES is set (as CI does), which
+/// makes a missing fixture a failure.
+pub fn fixture_dir(name: &str) -> Option<PathBuf> {
     let root = std::env::var_os("IBOT_FIXTURES")
         .map(PathBuf::from)
         .unwrap_or_else(|| {
             PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/ibot-ref")
         });
     let dir = root.join(name);
-    assert!(
-        dir.join("fixtures.json").is_file() || dir.join("trajectory.json").is_file(),
+    if dir.join("fixtures.json").is_file() || dir.join("trajectory.json").is_file() {
+        return Some(dir);
+    }
+    skip_or_fail(&format!(
         "reference fixtures not found at {} (clone the project next to shared/ or set IBOT_FIXTURES)",
         dir.display()
+    ));
+    None
+}
+
+/// The Pillow/torchvision outputs of `../shared/fixtures/augment` (or IBOT_AUGMENT_FIXTURES),
+/// under the same rule as [`fixture_dir`].
+pub fn augment_fixture_dir() -> Option<PathBuf> {
+    let root = std::env::var_os("IBOT_AUGMENT_FIXTURES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/augment")
+        });
+    if root.join("augment.json").is_file() {
+        return Some(root);
+    }
+    skip_or_fail(&format!(
+        "augment fixtures not found at {} (clone the project next to shared/ or set IBOT_AUGMENT_FIXTURES)",
+        root.display()
+    ));
+    None
+}
+
+fn skip_or_fail(why: &str) {
+    assert!(
+        std::env::var_os("IBOT_REQUIRE_FIXTURES").is_none(),
+        "{why}; IBOT_REQUIRE_FIXTURES is set"
     );
-    dir
+    // Straight to the process's stderr, past the test harness's capture: a skip must be seen.
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "skipped: {why}");
 }
 
 /// The Debian package's Fashion-MNIST directory, or `None` (the caller skips) when it is not
@@ -36,7 +68,11 @@ pub fn fashion_mnist_dir() -> Option<PathBuf> {
         std::env::var_os("IBOT_REQUIRE_FMNIST").is_none(),
         "Fashion-MNIST is not installed"
     );
-    eprintln!("skipped: install the Debian package dataset-fashion-mnist");
+    use std::io::Write;
+    let _ = writeln!(
+        std::io::stderr(),
+        "skipped: install the Debian package dataset-fashion-mnist"
+    );
     None
 }
 
