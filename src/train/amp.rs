@@ -3,9 +3,11 @@
 //!
 //! The official `--use_fp16` runs the forward passes and the loss under
 //! `torch.cuda.amp.autocast()` and steps through a `GradScaler`. Here the same flag picks:
-//! CUDA → float16 autocast with loss scaling; a CPU with native bfloat16 arithmetic (AVX512-BF16
-//! or AMX) → bfloat16 autocast, which needs no scaling; any other CPU → float32, because
-//! emulated bfloat16 is slower than float32 there.
+//! CUDA → float16 autocast with loss scaling; a CPU with AMX (bfloat16 tile matrix units) →
+//! bfloat16 autocast, which needs no scaling and about halves a ViT step there; any other CPU →
+//! float32. AVX512-BF16 alone is not enough: measured on such a Xeon (2 cores, no AMX), a
+//! ViT-S/16 step under bfloat16 autocast took 1.5x its float32 time (the casts cost more than
+//! the dot-product instructions save), and emulated bfloat16 is slower still.
 
 use serde::{Deserialize, Serialize};
 use tch::{Device, Tensor};
@@ -33,8 +35,25 @@ impl Precision {
         match (use_fp16, device) {
             (false, _) => Precision::Fp32,
             (true, Device::Cuda(_)) => Precision::Fp16,
-            (true, _) if cpu_has_native_bf16() => Precision::Bf16,
+            (true, _) if cpu_has_amx_bf16() => Precision::Bf16,
             (true, _) => Precision::Fp32,
+        }
+    }
+
+    /// Why `auto` chose what it chose, for the start-up line.
+    pub fn auto_reason(use_fp16: bool, device: Device) -> &'static str {
+        match (use_fp16, device) {
+            (false, _) => "--use_fp16 false",
+            (true, Device::Cuda(_)) => "--use_fp16 on CUDA",
+            (true, _) if cpu_has_amx_bf16() => "--use_fp16 on a CPU with AMX bfloat16 units",
+            (true, _) if cpu_has_native_bf16() => {
+                "--use_fp16, but this CPU has AVX512-BF16 without AMX, where bfloat16 autocast \
+                 measured slower than float32; --precision bfloat16 forces it"
+            }
+            (true, _) => {
+                "--use_fp16, but this CPU has no native bfloat16 arithmetic, where it would be \
+                 slower than float32; --precision bfloat16 forces it"
+            }
         }
     }
 
@@ -81,19 +100,28 @@ pub enum PrecisionChoice {
 
 /// True when the CPU computes bfloat16 natively (AVX512-BF16 or AMX-BF16).
 pub fn cpu_has_native_bf16() -> bool {
+    cpu_flag(&["avx512_bf16", "amx_bf16"])
+}
+
+/// True when the CPU has AMX bfloat16 tile units (where bfloat16 autocast pays).
+pub fn cpu_has_amx_bf16() -> bool {
+    cpu_flag(&["amx_bf16"])
+}
+
+fn cpu_flag(names: &[&str]) -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         std::fs::read_to_string("/proc/cpuinfo")
             .map(|s| {
-                s.lines().filter(|l| l.starts_with("flags")).any(|l| {
-                    l.split_whitespace()
-                        .any(|f| f == "avx512_bf16" || f == "amx_bf16")
-                })
+                s.lines()
+                    .filter(|l| l.starts_with("flags"))
+                    .any(|l| l.split_whitespace().any(|f| names.contains(&f)))
             })
             .unwrap_or(false)
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
+        let _ = names;
         false
     }
 }

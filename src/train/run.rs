@@ -406,15 +406,14 @@ pub fn train_loop(
     std::fs::create_dir_all(&args.output_dir)
         .with_context(|| format!("creating {}", args.output_dir.display()))?;
     ibot.precision = Precision::resolve(args.use_fp16, args.precision, device)?;
-    if args.use_fp16 && args.precision == PrecisionChoice::Auto && ibot.precision == Precision::Fp32
-    {
-        say(
-            "note: --use_fp16: this CPU has no native bfloat16 arithmetic (AVX512-BF16 or AMX), \
-             where it would be slower than float32; training runs in float32"
-                .into(),
-        );
+    if args.precision == PrecisionChoice::Auto {
+        say(format!(
+            "precision: {} ({})",
+            ibot.precision.name(),
+            Precision::auto_reason(args.use_fp16, device)
+        ));
     } else {
-        say(format!("precision: {}", ibot.precision.name()));
+        say(format!("precision: {} (--precision)", ibot.precision.name()));
     }
 
     // lr scaled by the total batch, as the official `args.lr * batch_size_per_gpu * world / 256`.
