@@ -557,7 +557,11 @@ fn eval_knn(k: KnnArgs) -> Result<()> {
     let mut results = Vec::new();
     for &kk in &k.nb_knn {
         if kk > ftr.size()[0] {
-            eprintln!("note: k = {kk} is more than the {} training images; using k = {}", ftr.size()[0], ftr.size()[0]);
+            eprintln!(
+                "note: k = {kk} is more than the {} training images; using k = {}",
+                ftr.size()[0],
+                ftr.size()[0]
+            );
         }
         let r = knn_classifier(
             &ftr,
@@ -591,7 +595,10 @@ fn eval_unsup(u: UnsupArgs) -> Result<()> {
     let (_, _, tep, tes) = eval_splits(&u.data_path)?;
     let ds = ibot::data::dataset::open(&tep, tes)?;
     let idx = first_n(ds.len(), u.subset.unwrap_or(usize::MAX));
-    anyhow::ensure!(!idx.is_empty(), "no images to evaluate (an empty data set or --subset 0)");
+    anyhow::ensure!(
+        !idx.is_empty(),
+        "no images to evaluate (an empty data set or --subset 0)"
+    );
     let bar = ibot::util::progress_bar(
         idx.len().div_ceil(u.batch_size_per_gpu.max(1)) as u64,
         "eval-unsup",

@@ -273,10 +273,17 @@ fn idx_headers_with_a_zero_dimension_or_overflowing_sizes_are_errors() {
     for dims in [[0, 6, 6], [10, 0, 6], [10, 6, 0], [0, 0, 0]] {
         write_idx_header(&p, dims, 360);
         let e = format!("{:#}", IdxDataset::open(&p).err().unwrap());
-        assert!(e.contains("every dimension must be at least 1"), "{dims:?}: {e}");
+        assert!(
+            e.contains("every dimension must be at least 1"),
+            "{dims:?}: {e}"
+        );
     }
     // n·h·w overflows 64 bits (and 32 bits): an error, not a wrap-around or a panic.
-    for dims in [[u32::MAX, u32::MAX, u32::MAX], [65536, 65536, 65536], [1 << 31, 4, 1]] {
+    for dims in [
+        [u32::MAX, u32::MAX, u32::MAX],
+        [65536, 65536, 65536],
+        [1 << 31, 4, 1],
+    ] {
         write_idx_header(&p, dims, 64);
         let e = format!("{:#}", IdxDataset::open(&p).err().unwrap());
         assert!(e.contains("truncated or damaged"), "{dims:?}: {e}");
@@ -303,7 +310,10 @@ fn non_finite_enhance_factors_are_safe() {
     for (&o, &x) in up.data.iter().zip(&img.data) {
         assert_eq!(o, if x == 0 { 0 } else { 255 });
     }
-    assert!(ops::adjust_brightness(&img, f64::NEG_INFINITY).data.iter().all(|&o| o == 0));
+    assert!(ops::adjust_brightness(&img, f64::NEG_INFINITY)
+        .data
+        .iter()
+        .all(|&o| o == 0));
     assert_eq!(ops::adjust_brightness(&img, 1e300).data, up.data);
     let sat = ops::adjust_saturation(&img, f64::INFINITY);
     assert_eq!(sat.data.len(), img.data.len());
@@ -319,7 +329,10 @@ fn non_finite_enhance_factors_are_safe() {
 fn photos() -> Vec<PathBuf> {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/bench/photos");
     let mut v = Vec::new();
-    for d in std::fs::read_dir(&root).expect("../shared/bench/photos").flatten() {
+    for d in std::fs::read_dir(&root)
+        .expect("../shared/bench/photos")
+        .flatten()
+    {
         for f in std::fs::read_dir(d.path()).unwrap().flatten() {
             v.push(f.path());
         }
@@ -385,7 +398,9 @@ fn symlink_cycles_under_the_data_path_are_read_once() {
     assert_eq!(ds.classes(), ["a", "b"]);
     // A link to a real folder elsewhere is followed.
     let other = tempdir("cycle-other");
-    image::RgbImage::new(4, 4).save(other.join("x.png")).unwrap();
+    image::RgbImage::new(4, 4)
+        .save(other.join("x.png"))
+        .unwrap();
     std::os::unix::fs::symlink(&other, d.join("a/ext")).unwrap();
     assert_eq!(dataset::open(&d, "train").unwrap().len(), 9);
 }

@@ -85,8 +85,16 @@ fn stderr(o: &Output) -> String {
 /// Asserts that `o` failed cleanly (exit code 2, "error:" on stderr) with `needle` in the message.
 fn assert_error(o: &Output, needle: &str) {
     let e = stderr(o);
-    assert_eq!(o.status.code(), Some(2), "expected a clean error, got {:?}: {e}", o.status);
-    assert!(e.contains("error:") && e.contains(needle), "expected '{needle}' in: {e}");
+    assert_eq!(
+        o.status.code(),
+        Some(2),
+        "expected a clean error, got {:?}: {e}",
+        o.status
+    );
+    assert!(
+        e.contains("error:") && e.contains(needle),
+        "expected '{needle}' in: {e}"
+    );
     assert!(!e.contains("panicked"), "{e}");
 }
 
@@ -100,7 +108,15 @@ fn trained() -> &'static (PathBuf, PathBuf) {
         write_idx(&data, "t10k", 12, 16);
         let out = tempdir("run");
         let (d, o) = (data.display().to_string(), out.display().to_string());
-        let mut args = vec!["train", "--data_path", &d, "--output_dir", &o, "--epochs", "1"];
+        let mut args = vec![
+            "train",
+            "--data_path",
+            &d,
+            "--output_dir",
+            &o,
+            "--epochs",
+            "1",
+        ];
         args.extend_from_slice(TINY);
         let r = ibot(&args);
         assert!(r.status.success(), "{}", stderr(&r));
@@ -118,7 +134,14 @@ fn eval_crop_size_zero_and_no_images_are_errors() {
     let (d, w) = (s(data), s(ckpt));
     let out = tempdir("feat");
     let feats = s(&out.join("f.safetensors"));
-    let base = ["--pretrained_weights", &w, "--data_path", &d, "--device", "cpu"];
+    let base = [
+        "--pretrained_weights",
+        &w,
+        "--data_path",
+        &d,
+        "--device",
+        "cpu",
+    ];
     let with = |cmd: &str, extra: &[&str]| {
         let mut a = vec![cmd];
         a.extend_from_slice(&base);
@@ -129,10 +152,19 @@ fn eval_crop_size_zero_and_no_images_are_errors() {
         ibot(&a)
     };
     for cmd in ["eval-knn", "extract-features", "eval-unsup"] {
-        assert_error(&with(cmd, &["--crop_size", "0"]), "--crop_size must be between 1");
-        assert_error(&with(cmd, &["--crop_size", "2"]), "smaller than one 4-pixel patch");
+        assert_error(
+            &with(cmd, &["--crop_size", "0"]),
+            "--crop_size must be between 1",
+        );
+        assert_error(
+            &with(cmd, &["--crop_size", "2"]),
+            "smaller than one 4-pixel patch",
+        );
     }
-    assert_error(&with("eval-knn", &["--subset", "0"]), "no images to extract features from");
+    assert_error(
+        &with("eval-knn", &["--subset", "0"]),
+        "no images to extract features from",
+    );
     assert_error(&with("extract-features", &["--subset", "0"]), "no images");
     // eval-unsup printed "NMI: 1, ARI: 1" for zero images.
     let r = with("eval-unsup", &["--subset", "0"]);
@@ -147,7 +179,15 @@ fn eval_crop_size_zero_and_no_images_are_errors() {
 fn nb_knn_must_be_at_least_one_and_is_lowered_to_the_memory_size() {
     let (data, ckpt) = trained();
     let (d, w) = (s(data), s(ckpt));
-    let base = ["eval-knn", "--pretrained_weights", &w, "--data_path", &d, "--device", "cpu"];
+    let base = [
+        "eval-knn",
+        "--pretrained_weights",
+        &w,
+        "--data_path",
+        &d,
+        "--device",
+        "cpu",
+    ];
     let mut a = base.to_vec();
     a.extend(["--nb_knn", "5", "0"]);
     assert_error(&ibot(&a), "every k must be at least 1");
@@ -161,10 +201,16 @@ fn nb_knn_must_be_at_least_one_and_is_lowered_to_the_memory_size() {
     assert!(r.status.success(), "{}", stderr(&r));
     assert!(stderr(&r).contains("k = 1000 is more than the 12 training images; using k = 12"));
     let out = String::from_utf8_lossy(&r.stdout).into_owned();
-    let lines: Vec<&str> = out.lines().filter(|l| l.contains("NN classifier")).collect();
+    let lines: Vec<&str> = out
+        .lines()
+        .filter(|l| l.contains("NN classifier"))
+        .collect();
     assert_eq!(lines.len(), 2, "{out}");
     // Lowered to the memory size, k = 1000 gives exactly the k = 12 result.
-    assert_eq!(lines[0].split_once(':').unwrap().1, lines[1].split_once(':').unwrap().1);
+    assert_eq!(
+        lines[0].split_once(':').unwrap().1,
+        lines[1].split_once(':').unwrap().1
+    );
     let help = String::from_utf8_lossy(&ibot(&["eval-knn", "--help"]).stdout).into_owned();
     assert!(help.contains("at least 1"), "{help}");
 }
@@ -175,12 +221,20 @@ fn visualize_attention_bounds_the_image_size_before_allocating() {
     let w = s(ckpt);
     let dir = tempdir("attn");
     let img = dir.join("img.png");
-    image::RgbImage::from_fn(40, 30, |x, y| image::Rgb([(x * 6) as u8, (y * 8) as u8, 100]))
-        .save(&img)
-        .unwrap();
+    image::RgbImage::from_fn(40, 30, |x, y| {
+        image::Rgb([(x * 6) as u8, (y * 8) as u8, 100])
+    })
+    .save(&img)
+    .unwrap();
     let (i, o) = (s(&img), s(&dir.join("out")));
     let run = |size: &[&str]| {
-        let mut a = vec!["visualize-attention", "--pretrained_weights", &w, "--image_path", &i];
+        let mut a = vec![
+            "visualize-attention",
+            "--pretrained_weights",
+            &w,
+            "--image_path",
+            &i,
+        ];
         a.extend(["--output_dir", &o, "--device", "cpu", "--image_size"]);
         a.extend_from_slice(size);
         ibot(&a)
@@ -204,23 +258,41 @@ fn extract_backbone_never_overwrites_its_input_and_needs_force_to_replace() {
     let before = std::fs::read(&input).unwrap();
     let i = s(&input);
     assert_error(&ibot(&["extract-backbone", &i, &i]), "is the input file");
-    assert_error(&ibot(&["extract-backbone", &i, &i, "--force"]), "is the input file");
+    assert_error(
+        &ibot(&["extract-backbone", &i, &i, "--force"]),
+        "is the input file",
+    );
     // The same file under another name (a symbolic link, a path with ..).
     let link = dir.join("link.safetensors");
     std::os::unix::fs::symlink(&input, &link).unwrap();
-    assert_error(&ibot(&["extract-backbone", &i, &s(&link), "--force"]), "is the input file");
-    let dotted = format!("{}/../{}/checkpoint.safetensors", i.rsplit_once('/').unwrap().0, dir.file_name().unwrap().to_string_lossy());
-    assert_error(&ibot(&["extract-backbone", &i, &dotted, "--force"]), "is the input file");
+    assert_error(
+        &ibot(&["extract-backbone", &i, &s(&link), "--force"]),
+        "is the input file",
+    );
+    let dotted = format!(
+        "{}/../{}/checkpoint.safetensors",
+        i.rsplit_once('/').unwrap().0,
+        dir.file_name().unwrap().to_string_lossy()
+    );
+    assert_error(
+        &ibot(&["extract-backbone", &i, &dotted, "--force"]),
+        "is the input file",
+    );
     assert_eq!(std::fs::read(&input).unwrap(), before);
 
     let out = dir.join("backbone.safetensors");
     let o = s(&out);
     let r = ibot(&["extract-backbone", &i, &o]);
     assert!(r.status.success(), "{}", stderr(&r));
-    assert_error(&ibot(&["extract-backbone", &i, &o]), "already exists; pass --force");
+    assert_error(
+        &ibot(&["extract-backbone", &i, &o]),
+        "already exists; pass --force",
+    );
     let r = ibot(&["extract-backbone", &i, &o, "--force", "--timm"]);
     assert!(r.status.success(), "{}", stderr(&r));
-    assert!(!ibot::params::read_safetensors(&out).unwrap().contains_key("masked_embed"));
+    assert!(!ibot::params::read_safetensors(&out)
+        .unwrap()
+        .contains_key("masked_embed"));
 }
 
 /// Offset of the first byte of tensor `name`'s data in a safetensors file.
@@ -255,11 +327,27 @@ fn flipped_bytes_in_tensor_data_are_refused_by_every_reader() {
     assert!(!dir.join("bb.safetensors").exists());
     let d = s(data);
     assert_error(
-        &ibot(&["eval-knn", "--pretrained_weights", &b, "--data_path", &d, "--device", "cpu"]),
+        &ibot(&[
+            "eval-knn",
+            "--pretrained_weights",
+            &b,
+            "--data_path",
+            &d,
+            "--device",
+            "cpu",
+        ]),
         name,
     );
     let o = s(&dir);
-    let mut a = vec!["train", "--data_path", &d, "--output_dir", &o, "--epochs", "2"];
+    let mut a = vec![
+        "train",
+        "--data_path",
+        &d,
+        "--output_dir",
+        &o,
+        "--epochs",
+        "2",
+    ];
     a.extend_from_slice(TINY);
     let r = ibot(&a);
     assert_error(&r, name);
@@ -268,7 +356,10 @@ fn flipped_bytes_in_tensor_data_are_refused_by_every_reader() {
     let mut bytes = std::fs::read(ckpt).unwrap();
     let text = String::from_utf8_lossy(&bytes).into_owned();
     let key = format!("\\\"{name}\\\":\\\"");
-    let pos = text.find(&key).expect("checksum of the tensor in the header") + key.len();
+    let pos = text
+        .find(&key)
+        .expect("checksum of the tensor in the header")
+        + key.len();
     bytes[pos] = if bytes[pos] == b'0' { b'1' } else { b'0' };
     std::fs::write(&bad, &bytes).unwrap();
     let e = format!("{:#}", ibot::params::read_safetensors(&bad).unwrap_err());
@@ -280,7 +371,10 @@ fn files_without_checksums_still_load() {
     use safetensors::tensor::{Dtype, TensorView};
     let dir = tempdir("legacy");
     let path = dir.join("old.safetensors");
-    let raw: Vec<u8> = [1.5f32, -2.0, 3.25].iter().flat_map(|v| v.to_le_bytes()).collect();
+    let raw: Vec<u8> = [1.5f32, -2.0, 3.25]
+        .iter()
+        .flat_map(|v| v.to_le_bytes())
+        .collect();
     let view = TensorView::new(Dtype::F32, vec![3], &raw).unwrap();
     let bytes = safetensors::serialize([("t", view)], None).unwrap();
     std::fs::write(&path, bytes).unwrap();
@@ -297,7 +391,12 @@ fn files_without_checksums_still_load() {
     ibot::params::read_safetensors(&ours).unwrap();
     // The key is reserved.
     let md = [(ibot::params::CHECKSUM_KEY.to_string(), "{}".to_string())].into();
-    assert!(ibot::params::write_safetensors(&ours, &[("t".into(), t["t"].shallow_clone())], Some(md)).is_err());
+    assert!(ibot::params::write_safetensors(
+        &ours,
+        &[("t".into(), t["t"].shallow_clone())],
+        Some(md)
+    )
+    .is_err());
 }
 
 #[test]
@@ -306,19 +405,34 @@ fn skip_corrupt_with_every_image_unreadable_is_an_error() {
     for c in ["a", "b"] {
         std::fs::create_dir_all(data.join(c)).unwrap();
         for i in 0..4 {
-            std::fs::write(data.join(c).join(format!("{i}.png")), b"not an image at all").unwrap();
+            std::fs::write(
+                data.join(c).join(format!("{i}.png")),
+                b"not an image at all",
+            )
+            .unwrap();
         }
     }
     let out = tempdir("corrupt-out");
     let (d, o) = (s(&data), s(&out));
-    let mut a = vec!["train", "--data_path", &d, "--output_dir", &o, "--epochs", "2"];
+    let mut a = vec![
+        "train",
+        "--data_path",
+        &d,
+        "--output_dir",
+        &o,
+        "--epochs",
+        "2",
+    ];
     a.extend_from_slice(TINY);
     a.extend(["--skip_corrupt", "true"]);
     let r = ibot(&a);
     assert_error(&r, "every image of epoch 0 was unreadable");
     let e = stderr(&r);
     // The first skipped file is named in the error, the first few on their own lines.
-    assert!(e.contains("; the first: cannot decode image ") && e.contains(&d), "{e}");
+    assert!(
+        e.contains("; the first: cannot decode image ") && e.contains(&d),
+        "{e}"
+    );
     assert!(e.matches("skipped an unreadable image").count() >= 4, "{e}");
     assert!(!out.join("checkpoint.safetensors").exists());
 }
@@ -329,19 +443,40 @@ fn a_second_run_on_the_same_output_dir_is_refused_and_the_lock_dies_with_its_pro
     let out = tempdir("locked");
     let (d, o) = (s(data), s(&out));
     // Another process holds the directory: a long run, killed with SIGKILL below.
-    let mut a = vec!["train", "--data_path", &d, "--output_dir", &o, "--epochs", "100000"];
+    let mut a = vec![
+        "train",
+        "--data_path",
+        &d,
+        "--output_dir",
+        &o,
+        "--epochs",
+        "100000",
+    ];
     a.extend_from_slice(TINY);
-    let mut child = Command::new(BIN)
-        .args(["--threads", "1"])
-        .args(&a)
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let pid = child.id().to_string();
+    /// Kills the run (SIGKILL) however the test ends.
+    struct Killed(std::process::Child);
+    impl Drop for Killed {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut child = Killed(
+        Command::new(BIN)
+            .args(["--threads", "1"])
+            .args(&a)
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let pid = child.0.id().to_string();
     let lock = out.join(".ibot.lock");
     let t0 = std::time::Instant::now();
     while std::fs::read_to_string(&lock).unwrap_or_default() != pid {
-        assert!(t0.elapsed().as_secs() < 60, "the first run never took the lock");
+        assert!(
+            t0.elapsed().as_secs() < 60,
+            "the first run never took the lock"
+        );
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
     let r = ibot(&a);
@@ -349,10 +484,13 @@ fn a_second_run_on_the_same_output_dir_is_refused_and_the_lock_dies_with_its_pro
     // In-process too: the lock is exclusive.
     assert!(ibot::util::lock_dir(&out).is_err());
     // kill -9 leaves no stale lock.
-    child.kill().unwrap();
-    child.wait().unwrap();
+    child.0.kill().unwrap();
+    child.0.wait().unwrap();
     let held = ibot::util::lock_dir(&out).unwrap();
-    assert_eq!(std::fs::read_to_string(&lock).unwrap(), std::process::id().to_string());
+    assert_eq!(
+        std::fs::read_to_string(&lock).unwrap(),
+        std::process::id().to_string()
+    );
     let e = format!("{:#}", ibot::util::lock_dir(&out).unwrap_err());
     assert!(e.contains(&format!("pid {}", std::process::id())), "{e}");
     drop(held);

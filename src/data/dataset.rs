@@ -73,7 +73,10 @@ pub fn jpeg_is_complete(b: &[u8]) -> bool {
             0x00 | 0x01 | 0xD0..=0xD8 => continue,
             _ => {}
         }
-        let Some(len) = b.get(i..i + 2).map(|s| u16::from_be_bytes([s[0], s[1]]) as usize) else {
+        let Some(len) = b
+            .get(i..i + 2)
+            .map(|s| u16::from_be_bytes([s[0], s[1]]) as usize)
+        else {
             return false;
         };
         if len < 2 || i + len > n {

@@ -118,7 +118,10 @@ pub fn extract(
         !indices.is_empty(),
         "no images to extract features from (an empty data set or --subset 0?)"
     );
-    anyhow::ensure!(size > 0, "the evaluation crop size must be at least 1 pixel");
+    anyhow::ensure!(
+        size > 0,
+        "the evaluation crop size must be at least 1 pixel"
+    );
     let mut feats = Vec::new();
     let mut labels = Vec::new();
     let _guard = tch::no_grad_guard();
