@@ -115,7 +115,8 @@ struct WeightsArgs {
     /// Architecture (vit_tiny/small/base/large); only needed when the width is not a standard one.
     #[arg(long)]
     arch: Option<String>,
-    /// Evaluation crop side (default: the resolution the position embedding was built for).
+    /// Evaluation crop side, 1 to 4096 pixels and at least one patch (default: the resolution
+    /// the position embedding was built for).
     #[arg(long)]
     crop_size: Option<usize>,
     #[arg(long, default_value = "auto")]
@@ -130,6 +131,8 @@ struct KnnArgs {
     /// A folder with train/ and val/ image folders, or IDX files (train-* and t10k-*).
     #[arg(long)]
     data_path: PathBuf,
+    /// Numbers of nearest neighbours k, each at least 1; a k above the number of training
+    /// (memory) images is lowered to that number, with a note.
     #[arg(long, num_args = 1.., default_values_t = vec![10, 20, 100, 200])]
     nb_knn: Vec<i64>,
     #[arg(long, default_value_t = 0.07)]
@@ -187,6 +190,9 @@ struct ExtractArgs {
     /// Names for timm's VisionTransformer (drops `masked_embed`, which timm does not have).
     #[arg(long)]
     timm: bool,
+    /// Replace OUTPUT when it already exists (it may never be the input file).
+    #[arg(long)]
+    force: bool,
 }
 
 #[derive(Args)]
@@ -413,6 +419,9 @@ fn demo(d: DemoArgs) -> Result<()> {
     Ok(())
 }
 
+/// Largest evaluation crop side (`--crop_size`).
+const MAX_CROP: usize = 4096;
+
 /// The backbone (and the raw weights, for the head) named by `w`, with the crop side to use.
 fn open_backbone(
     w: &WeightsArgs,
@@ -441,6 +450,12 @@ fn open_backbone_on(
             w.checkpoint_key
         );
     }
+    if let Some(c) = w.crop_size {
+        anyhow::ensure!(
+            (1..=MAX_CROP).contains(&c),
+            "--crop_size must be between 1 and {MAX_CROP} pixels (got {c})"
+        );
+    }
     let Some(path) = &w.pretrained_weights else {
         bail!("--pretrained_weights is required")
     };
@@ -448,6 +463,11 @@ fn open_backbone_on(
     eprintln!("weights: {}", p.description);
     let (_, vit) = p.backbone_model(device)?;
     let size = w.crop_size.unwrap_or(p.vit.img_size as usize);
+    let patch = p.vit.patch_size as usize;
+    anyhow::ensure!(
+        size >= patch,
+        "--crop_size {size} is smaller than one {patch}-pixel patch of this model"
+    );
     Ok((p, vit, size, device))
 }
 
@@ -456,6 +476,9 @@ fn write_json(path: &std::path::Path, v: &serde_json::Value) -> Result<()> {
 }
 
 fn eval_knn(k: KnnArgs) -> Result<()> {
+    if let Some(bad) = k.nb_knn.iter().find(|&&x| x < 1) {
+        bail!("--nb_knn: every k must be at least 1 (got {bad})");
+    }
     let t0 = Instant::now();
     let (comm, device, _) = run::join_world(&k.dist, &k.weights.device)?;
     let comm = comm.as_ref();
@@ -537,6 +560,13 @@ fn eval_knn(k: KnnArgs) -> Result<()> {
     let nclass = ltr.max().int64_value(&[]).max(lte.max().int64_value(&[])) + 1;
     let mut results = Vec::new();
     for &kk in &k.nb_knn {
+        if kk > ftr.size()[0] {
+            eprintln!(
+                "note: k = {kk} is more than the {} training images; using k = {}",
+                ftr.size()[0],
+                ftr.size()[0]
+            );
+        }
         let r = knn_classifier(
             &ftr,
             &ltr,
@@ -569,6 +599,10 @@ fn eval_unsup(u: UnsupArgs) -> Result<()> {
     let (_, _, tep, tes) = eval_splits(&u.data_path)?;
     let ds = ibot::data::dataset::open(&tep, tes)?;
     let idx = first_n(ds.len(), u.subset.unwrap_or(usize::MAX));
+    anyhow::ensure!(
+        !idx.is_empty(),
+        "no images to evaluate (an empty data set or --subset 0)"
+    );
     let bar = ibot::util::progress_bar(
         idx.len().div_ceil(u.batch_size_per_gpu.max(1)) as u64,
         "eval-unsup",
@@ -607,6 +641,18 @@ fn eval_unsup(u: UnsupArgs) -> Result<()> {
 }
 
 fn extract_backbone(e: ExtractArgs) -> Result<()> {
+    if let (Ok(a), Ok(b)) = (e.input.canonicalize(), e.output.canonicalize()) {
+        anyhow::ensure!(
+            a != b,
+            "the output {} is the input file: refusing to overwrite the checkpoint being read",
+            e.output.display()
+        );
+    }
+    anyhow::ensure!(
+        e.force || std::fs::symlink_metadata(&e.output).is_err(),
+        "{} already exists; pass --force to replace it",
+        e.output.display()
+    );
     let p = ibot::interop::load_pretrained(&e.input, &e.checkpoint_key, e.arch.as_deref())?;
     let n = ibot::interop::export_backbone(&p, &e.output, e.timm)?;
     println!(

@@ -240,6 +240,62 @@ fn dtype_from_kind(k: Kind) -> Result<safetensors::Dtype> {
     })
 }
 
+/// Metadata key under which [`write_safetensors`] stores a CRC-32 of every tensor's bytes (a
+/// JSON object: tensor name → 8 hex digits), checked by [`read_safetensors`]. Distinct from the
+/// keys the rest of the crate stores (`ibot`, `ibot_vit_config`, `ibot_linear`, `format`).
+pub const CHECKSUM_KEY: &str = "ibot_tensor_crc32";
+
+fn crc32_hex(data: &[u8]) -> String {
+    format!("{:08x}", crc32fast::hash(data))
+}
+
+/// Files already reported as carrying no checksums (the note is printed once per file).
+static UNCHECKED_NOTED: std::sync::Mutex<Vec<std::path::PathBuf>> =
+    std::sync::Mutex::new(Vec::new());
+
+fn note_unchecked(path: &Path) {
+    let key = path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
+    let Ok(mut seen) = UNCHECKED_NOTED.lock() else {
+        return;
+    };
+    if !seen.contains(&key) {
+        eprintln!(
+            "note: {} has no tensor checksums (written by an older ibot or another tool); its data is not verified",
+            path.display()
+        );
+        seen.push(key);
+    }
+}
+
+/// Checks every tensor of `st` against the checksums in its metadata (when it has them).
+fn verify_checksums(path: &Path, st: &safetensors::SafeTensors<'_>, mmap: &[u8]) -> Result<()> {
+    let shown = path.display();
+    let (_, header) = safetensors::SafeTensors::read_metadata(mmap)
+        .map_err(|e| anyhow::anyhow!("{shown} is not a valid safetensors file: {e}"))?;
+    let Some(raw) = header.metadata().as_ref().and_then(|m| m.get(CHECKSUM_KEY)) else {
+        note_unchecked(path);
+        return Ok(());
+    };
+    let sums: HashMap<String, String> = serde_json::from_str(raw)
+        .with_context(|| format!("{shown}: damaged header (the checksum table is not readable)"))?;
+    for (name, view) in st.iter() {
+        let Some(want) = sums.get(name) else {
+            bail!("{shown}: tensor '{name}' has no checksum (damaged header?)");
+        };
+        let got = crc32_hex(view.data());
+        if &got != want {
+            bail!(
+                "{shown} is damaged: the data of tensor '{name}' does not match its checksum \
+                 (stored {want}, computed {got}); restore the file from a copy"
+            );
+        }
+    }
+    if let Some(missing) = sums.keys().find(|k| st.tensor(k).is_err()) {
+        bail!("{shown} is damaged: tensor '{missing}' is listed in the checksums but missing");
+    }
+    Ok(())
+}
+
 /// The `__metadata__` strings of a safetensors file, reading only its header. The header must
 /// parse and the file must be exactly as long as the header says (a truncated or extended file
 /// is an error naming the file).
@@ -279,7 +335,9 @@ pub fn read_safetensors_metadata(path: &Path) -> Result<HashMap<String, String>>
                 let s = mv
                     .as_str()
                     .ok_or_else(|| bad(format!("metadata '{mk}' is not a string")))?;
-                metadata.insert(mk.clone(), s.to_string());
+                if mk != CHECKSUM_KEY {
+                    metadata.insert(mk.clone(), s.to_string());
+                }
             }
             continue;
         }
@@ -300,7 +358,9 @@ pub fn read_safetensors_metadata(path: &Path) -> Result<HashMap<String, String>>
 }
 
 /// Reads every tensor of a safetensors file onto the CPU. A truncated or corrupt file is an
-/// error naming the file, never a panic.
+/// error naming the file, never a panic; a tensor whose bytes do not match the checksum stored
+/// by [`write_safetensors`] is an error naming the tensor (files without checksums load, with
+/// a note on stderr once per file).
 pub fn read_safetensors(path: &Path) -> Result<HashMap<String, Tensor>> {
     let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
     // SAFETY: the map is read-only and dropped before returning; tensors are copied out of it.
@@ -308,6 +368,7 @@ pub fn read_safetensors(path: &Path) -> Result<HashMap<String, Tensor>> {
         .with_context(|| format!("mapping {}", path.display()))?;
     let st = safetensors::SafeTensors::deserialize(&mmap)
         .map_err(|e| anyhow::anyhow!("{} is not a valid safetensors file: {e}", path.display()))?;
+    verify_checksums(path, &st, &mmap)?;
     let mut out = HashMap::new();
     for (name, view) in st.tensors() {
         let kind = kind_from_dtype(view.dtype())
@@ -321,7 +382,8 @@ pub fn read_safetensors(path: &Path) -> Result<HashMap<String, Tensor>> {
 }
 
 /// Writes tensors to `path` atomically: a temporary file in the same directory, fsync, rename.
-/// A failure (full disk, interruption) leaves any previous file at `path` untouched.
+/// A failure (full disk, interruption) leaves any previous file at `path` untouched. A CRC-32 of
+/// every tensor goes into the metadata under [`CHECKSUM_KEY`].
 pub fn write_safetensors(
     path: &Path,
     tensors: &[(String, Tensor)],
@@ -357,6 +419,16 @@ pub fn write_safetensors(
         let shape = t.size().iter().map(|&d| d as usize).collect();
         owned.push((name.clone(), Owned { dtype, shape, data }));
     }
+    let mut metadata = metadata.unwrap_or_default();
+    if metadata.contains_key(CHECKSUM_KEY) {
+        bail!("metadata key '{CHECKSUM_KEY}' is reserved for the tensor checksums");
+    }
+    let sums: std::collections::BTreeMap<&str, String> = owned
+        .iter()
+        .map(|(n, o)| (n.as_str(), crc32_hex(&o.data)))
+        .collect();
+    metadata.insert(CHECKSUM_KEY.to_string(), serde_json::to_string(&sums)?);
+    let metadata = Some(metadata);
     let views: Vec<(&str, &Owned)> = owned.iter().map(|(n, o)| (n.as_str(), o)).collect();
     let bytes = safetensors::serialize(views, metadata)
         .map_err(|e| anyhow::anyhow!("serialising {}: {e}", path.display()))?;

@@ -117,3 +117,58 @@ pub fn set_threads_explicitly(n: i32) {
 pub fn threads_set_explicitly() -> bool {
     THREADS_SET.load(std::sync::atomic::Ordering::Relaxed)
 }
+
+/// An exclusive advisory lock (`flock`) on `<dir>/.ibot.lock`, held while this value lives.
+/// The OS releases it when the process ends in any way (even `kill -9`), so it never goes stale.
+#[derive(Debug)]
+pub struct DirLock {
+    _file: std::fs::File,
+}
+
+/// Name of the lock file [`lock_dir`] keeps in the directory.
+pub const LOCK_FILE: &str = ".ibot.lock";
+
+/// Takes [`DirLock`] on `dir` for this process (its pid is written into the lock file), or
+/// fails with "another ibot run (pid N) is using DIR" when another process holds it. On a file
+/// system without `flock` support the run goes on unlocked, with a warning.
+pub fn lock_dir(dir: &Path) -> Result<DirLock> {
+    use std::io::{Read, Seek};
+    use std::os::unix::io::AsRawFd;
+    let path = dir.join(LOCK_FILE);
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .with_context(|| format!("opening the lock file {}", path.display()))?;
+    // SAFETY: flock on a file descriptor this function owns; no memory is involved.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc != 0 {
+        let err = std::io::Error::last_os_error();
+        if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            let mut text = String::new();
+            let _ = file.read_to_string(&mut text);
+            let pid = match text.trim() {
+                "" => "unknown".to_string(),
+                t => t.to_string(),
+            };
+            anyhow::bail!(
+                "another ibot run (pid {pid}) is using {}; wait for it to finish or choose another --output_dir",
+                dir.display()
+            );
+        }
+        eprintln!(
+            "warning: could not lock {} ({err}); nothing stops another run from using the same directory",
+            path.display()
+        );
+        return Ok(DirLock { _file: file });
+    }
+    let pid = std::process::id().to_string();
+    file.set_len(0)
+        .and_then(|_| file.rewind())
+        .and_then(|_| file.write_all(pid.as_bytes()))
+        .and_then(|_| file.flush())
+        .with_context(|| format!("writing {}", path.display()))?;
+    Ok(DirLock { _file: file })
+}

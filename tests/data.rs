@@ -254,3 +254,152 @@ fn fashion_mnist_reads_as_the_reference_image() {
     assert_eq!(ds.get(0).unwrap().0.data, want);
     assert_eq!(dataset::open(&dir, "t10k").unwrap().len(), 10000);
 }
+
+/// An IDX images file with the given header numbers and `payload` bytes of pixels.
+fn write_idx_header(path: &Path, dims: [u32; 3], payload: usize) {
+    let mut b = vec![0, 0, 8, 3];
+    for v in dims {
+        b.extend_from_slice(&v.to_be_bytes());
+    }
+    b.extend(std::iter::repeat(7u8).take(payload));
+    std::fs::write(path, b).unwrap();
+}
+
+#[test]
+fn idx_headers_with_a_zero_dimension_or_overflowing_sizes_are_errors() {
+    let d = tempdir("idx-bad-header");
+    let p = d.join("train-images-idx3-ubyte");
+    for dims in [[0, 6, 6], [10, 0, 6], [10, 6, 0], [0, 0, 0]] {
+        write_idx_header(&p, dims, 360);
+        let e = format!("{:#}", IdxDataset::open(&p).err().unwrap());
+        assert!(
+            e.contains("every dimension must be at least 1"),
+            "{dims:?}: {e}"
+        );
+    }
+    // n·h·w overflows 64 bits (and 32 bits): an error, not a wrap-around or a panic.
+    for dims in [
+        [u32::MAX, u32::MAX, u32::MAX],
+        [65536, 65536, 65536],
+        [1 << 31, 4, 1],
+    ] {
+        write_idx_header(&p, dims, 64);
+        let e = format!("{:#}", IdxDataset::open(&p).err().unwrap());
+        assert!(e.contains("truncated or damaged"), "{dims:?}: {e}");
+    }
+    write_idx_header(&p, [10, 6, 6], 360);
+    assert_eq!(IdxDataset::open(&p).unwrap().len(), 10);
+}
+
+#[test]
+fn non_finite_enhance_factors_are_safe() {
+    use ibot::data::ops::{self, Rgb8};
+    let data: Vec<u8> = (0..=255u8).flat_map(|v| [v, v / 2, 255 - v]).collect();
+    let img = Rgb8::new(16, 16, data);
+    // NaN leaves the image as it is (Pillow's C arithmetic has no defined result for it).
+    for f in [f64::NAN, -f64::NAN] {
+        assert_eq!(ops::adjust_brightness(&img, f).data, img.data);
+        assert_eq!(ops::adjust_contrast(&img, f).data, img.data);
+        assert_eq!(ops::adjust_saturation(&img, f).data, img.data);
+        let _ = ops::adjust_hue(&img, f);
+        let _ = ops::gaussian_blur(&img, f);
+    }
+    // Infinities act as their limit: every byte pushed to 0 or 255 away from the degenerate.
+    let up = ops::adjust_brightness(&img, f64::INFINITY);
+    for (&o, &x) in up.data.iter().zip(&img.data) {
+        assert_eq!(o, if x == 0 { 0 } else { 255 });
+    }
+    assert!(ops::adjust_brightness(&img, f64::NEG_INFINITY)
+        .data
+        .iter()
+        .all(|&o| o == 0));
+    assert_eq!(ops::adjust_brightness(&img, 1e300).data, up.data);
+    let sat = ops::adjust_saturation(&img, f64::INFINITY);
+    assert_eq!(sat.data.len(), img.data.len());
+    let _ = ops::adjust_contrast(&img, f64::NEG_INFINITY);
+    // A large finite factor gives the same as the float32 limit it is clamped to.
+    assert_eq!(
+        ops::adjust_contrast(&img, 1e300).data,
+        ops::adjust_contrast(&img, f32::MAX as f64).data
+    );
+}
+
+/// The benchmark photos (real JPEGs).
+fn photos() -> Vec<PathBuf> {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/bench/photos");
+    let mut v = Vec::new();
+    for d in std::fs::read_dir(&root)
+        .expect("../shared/bench/photos")
+        .flatten()
+    {
+        for f in std::fs::read_dir(d.path()).unwrap().flatten() {
+            v.push(f.path());
+        }
+    }
+    v.sort();
+    v
+}
+
+#[test]
+fn a_truncated_jpeg_is_unreadable_like_pillow_says() {
+    let all = photos();
+    assert!(all.len() > 100);
+    // Every complete photo passes the end-of-image check.
+    for p in &all {
+        let b = std::fs::read(p).unwrap();
+        assert!(dataset::jpeg_is_complete(&b), "{}", p.display());
+    }
+    let d = tempdir("jpeg-cut");
+    let full = std::fs::read(&all[0]).unwrap();
+    for (name, bytes) in [
+        ("half.jpg", &full[..full.len() / 2]),
+        ("most.jpg", &full[..full.len() - 100]),
+        ("no-eoi.jpg", &full[..full.len() - 2]),
+        ("header-only.jpg", &full[..600]),
+    ] {
+        let p = d.join(name);
+        std::fs::write(&p, bytes).unwrap();
+        let e = format!("{:#}", dataset::load_rgb(&p).err().unwrap());
+        assert!(e.contains("truncated") && e.contains(name), "{e}");
+    }
+    let p = d.join("full.jpg");
+    std::fs::write(&p, &full).unwrap();
+    dataset::load_rgb(&p).unwrap();
+    // Trailing bytes after the end-of-image marker (some cameras add them) are fine.
+    std::fs::write(&p, [&full[..], &[0u8; 64][..], b"trailer"].concat()).unwrap();
+    dataset::load_rgb(&p).unwrap();
+    // In training, the truncated file stops the run (or is skipped with --skip_corrupt).
+    std::fs::create_dir_all(d.join("c")).unwrap();
+    std::fs::rename(d.join("half.jpg"), d.join("c/half.jpg")).unwrap();
+    let ds = dataset::open(&d, "train").unwrap();
+    let i = (0..ds.len()).find(|&i| format!("{:?}", ds.get(i).err()).contains("half.jpg"));
+    assert!(i.is_some());
+}
+
+#[test]
+fn symlink_cycles_under_the_data_path_are_read_once() {
+    let d = tempdir("cycle");
+    for c in ["a", "b"] {
+        std::fs::create_dir_all(d.join(c)).unwrap();
+        for i in 0..4 {
+            image::RgbImage::from_pixel(4, 4, image::Rgb([i * 40, 0, 0]))
+                .save(d.join(c).join(format!("{i}.png")))
+                .unwrap();
+        }
+    }
+    // A link to the root inside a class, a link to its own class and a second name of class b.
+    std::os::unix::fs::symlink(&d, d.join("a/root")).unwrap();
+    std::os::unix::fs::symlink("..", d.join("b/up")).unwrap();
+    std::os::unix::fs::symlink(d.join("a"), d.join("a/self")).unwrap();
+    std::os::unix::fs::symlink(d.join("b"), d.join("c")).unwrap();
+    let ds = dataset::open(&d, "train").unwrap();
+    assert_eq!(ds.len(), 8, "{}", ds.describe());
+    assert_eq!(ds.classes(), ["a", "b"]);
+    // A link to a real folder elsewhere is followed.
+    let other = tempdir("cycle-other");
+    image::RgbImage::new(4, 4)
+        .save(other.join("x.png"))
+        .unwrap();
+    std::os::unix::fs::symlink(&other, d.join("a/ext")).unwrap();
+    assert_eq!(dataset::open(&d, "train").unwrap().len(), 9);
+}

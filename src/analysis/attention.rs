@@ -65,6 +65,13 @@ pub fn cls_attention_maps(
     })
 }
 
+/// Largest side of the prepared image (`--image_size`).
+pub const MAX_SIDE: usize = 4096;
+/// Most patches of the prepared image (a 128x128 grid).
+pub const MAX_PATCHES: usize = 16384;
+/// Largest attention matrix (`heads x (1 + patches)^2` float32) one block may need.
+const MAX_ATTENTION_BYTES: u64 = 2 << 30;
+
 /// How the official script prepares the image: `Resize(image_size)` (two values: exactly that
 /// height and width; one value: the shorter side, keeping the aspect ratio as torchvision
 /// does), Pillow's bilinear filter, then the bottom/right cut to a multiple of the patch size.
@@ -86,6 +93,16 @@ pub fn prepare_image(img: &Rgb8, image_size: &[usize], patch: usize) -> Result<R
         h >= patch && w >= patch,
         "--image_size {h}x{w} is smaller than one {patch}-pixel patch"
     );
+    ensure!(
+        h <= MAX_SIDE && w <= MAX_SIDE,
+        "--image_size {h}x{w} is too large: at most {MAX_SIDE} pixels per side"
+    );
+    let patches = (h / patch) * (w / patch);
+    ensure!(
+        patches <= MAX_PATCHES,
+        "--image_size {h}x{w} gives {patches} patches of {patch} pixels: at most {MAX_PATCHES} \
+         (the attention matrix grows with the square of the patch count); use a smaller size"
+    );
     let resized = ops::resized_crop_with(img, 0, 0, img.height, img.width, h, w, Filter::Bilinear);
     let (ch, cw) = (h - h % patch, w - w % patch);
     let mut data = Vec::with_capacity(ch * cw * 3);
@@ -106,6 +123,18 @@ pub fn attention_of(
     ensure!(
         img.width % p == 0 && img.height % p == 0,
         "image sides must be multiples of the patch size"
+    );
+    let tokens = 1 + (img.width / p) as u64 * (img.height / p) as u64;
+    let bytes = vit.cfg.num_heads as u64 * tokens * tokens * 4;
+    ensure!(
+        bytes <= MAX_ATTENTION_BYTES,
+        "a {}x{} image has {} patches: each block's attention matrix would need {:.1} GB \
+         (at most {} GB); use a smaller --image_size",
+        img.height,
+        img.width,
+        tokens - 1,
+        bytes as f64 / 1e9,
+        MAX_ATTENTION_BYTES as f64 / 1e9
     );
     let mut pix = vec![0f32; 3 * img.width * img.height];
     ops::to_tensor_normalize_into(img, ops::IMAGENET_MEAN, ops::IMAGENET_STD, &mut pix);

@@ -29,12 +29,76 @@ pub trait Dataset: Send + Sync {
 /// alpha dropped).
 pub fn load_rgb(path: &Path) -> Result<Rgb8> {
     let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    if bytes.starts_with(&[0xFF, 0xD8]) && !jpeg_is_complete(&bytes) {
+        bail!(
+            "cannot decode image {}: the JPEG file is truncated (its data ends before the \
+             end-of-image marker; Pillow refuses it as 'image file is truncated')",
+            path.display()
+        );
+    }
     let img = image::load_from_memory(&bytes)
         .map_err(|e| anyhow!("cannot decode image {}: {e}", path.display()))?;
     let rgb = img.to_rgb8();
     let (w, h) = rgb.dimensions();
     ensure!(w > 0 && h > 0, "image {} is empty", path.display());
     Ok(Rgb8::new(w as usize, h as usize, rgb.into_raw()))
+}
+
+/// Whether a JPEG stream (starting with SOI) reaches its EOI marker: walks the marker
+/// segments by their lengths and the entropy-coded data of every scan (where 0xFF is stuffed as
+/// FF 00 or starts a restart marker), so the markers of an embedded thumbnail do not count.
+///
+/// The `image` crate's decoder fills the missing part of a truncated JPEG without an error,
+/// where Pillow (without `LOAD_TRUNCATED_IMAGES`) raises "image file is truncated" as soon as
+/// the decoder runs out of data; a file cut anywhere before its end-of-image marker is refused
+/// here (Pillow would still accept a file missing only those last two bytes).
+pub fn jpeg_is_complete(b: &[u8]) -> bool {
+    let n = b.len();
+    let mut i = 2;
+    loop {
+        // The next marker: skip anything up to its 0xFF and any fill bytes.
+        match b.get(i..).and_then(|r| r.iter().position(|&x| x == 0xFF)) {
+            Some(k) => i += k,
+            None => return false,
+        }
+        while i < n && b[i] == 0xFF {
+            i += 1;
+        }
+        let Some(&m) = b.get(i) else {
+            return false;
+        };
+        i += 1;
+        match m {
+            0xD9 => return true,
+            0x00 | 0x01 | 0xD0..=0xD8 => continue,
+            _ => {}
+        }
+        let Some(len) = b
+            .get(i..i + 2)
+            .map(|s| u16::from_be_bytes([s[0], s[1]]) as usize)
+        else {
+            return false;
+        };
+        if len < 2 || i + len > n {
+            return false;
+        }
+        i += len;
+        if m == 0xDA {
+            // Entropy-coded data up to the next marker that is not stuffing or a restart.
+            loop {
+                match b.get(i..).and_then(|r| r.iter().position(|&x| x == 0xFF)) {
+                    Some(k) => i += k,
+                    None => return false,
+                }
+                match b.get(i + 1) {
+                    None => return false,
+                    Some(0x00) | Some(0xD0..=0xD7) => i += 2,
+                    Some(0xFF) => i += 1,
+                    Some(_) => break,
+                }
+            }
+        }
+    }
 }
 
 fn is_image(p: &Path) -> bool {
@@ -67,9 +131,16 @@ impl ImageFolder {
         let entries = sorted_entries(root)?;
         let mut classes = Vec::new();
         let mut samples = Vec::new();
+        // Links are followed, but every real directory is read once: a link back to an
+        // ancestor (a cycle) or to a folder already read is skipped with a warning.
+        let mut visited = std::collections::HashSet::new();
+        visited.insert(
+            root.canonicalize()
+                .with_context(|| format!("resolving {}", root.display()))?,
+        );
         for d in entries.iter().filter(|p| p.is_dir()) {
             let mut files: Vec<PathBuf> = Vec::new();
-            collect_images(d, &mut files)?;
+            collect_images(d, &mut files, &mut visited)?;
             if files.is_empty() {
                 continue;
             }
@@ -102,10 +173,25 @@ impl ImageFolder {
     }
 }
 
-fn collect_images(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
+fn collect_images(
+    dir: &Path,
+    out: &mut Vec<PathBuf>,
+    visited: &mut std::collections::HashSet<PathBuf>,
+) -> Result<()> {
+    let real = dir
+        .canonicalize()
+        .with_context(|| format!("resolving {}", dir.display()))?;
+    if !visited.insert(real.clone()) {
+        eprintln!(
+            "warning: skipping {}: it leads to {}, a folder already read (a symbolic-link cycle or a duplicate)",
+            dir.display(),
+            real.display()
+        );
+        return Ok(());
+    }
     for p in sorted_entries(dir)? {
         if p.is_dir() {
-            collect_images(&p, out)?;
+            collect_images(&p, out, visited)?;
         } else if is_image(&p) {
             out.push(p);
         }
@@ -189,13 +275,23 @@ impl IdxDataset {
             be_u32(&data, 8, images)?,
             be_u32(&data, 12, images)?,
         );
-        let need = 16 + n * h * w;
         ensure!(
-            data.len() >= need,
-            "{} is truncated: {} bytes for {n} images of {h}x{w}",
-            images.display(),
-            data.len()
+            n > 0 && h > 0 && w > 0,
+            "{} holds {n} images of {h}x{w} pixels: every dimension must be at least 1",
+            images.display()
         );
+        let need = n
+            .checked_mul(h)
+            .and_then(|x| x.checked_mul(w))
+            .and_then(|x| x.checked_add(16))
+            .filter(|&x| x <= data.len())
+            .ok_or_else(|| {
+                anyhow!(
+                    "{} is truncated or damaged: {} bytes for {n} images of {h}x{w}",
+                    images.display(),
+                    data.len()
+                )
+            })?;
         let name = images
             .file_name()
             .map(|s| s.to_string_lossy().into_owned())

@@ -56,6 +56,8 @@ pub struct Batch {
     pub skipped: usize,
     /// Description of the first skipped image's error.
     pub skip_reason: Option<String>,
+    /// The errors of every skipped image, in order (each names its file).
+    pub skip_reasons: Vec<String>,
 }
 
 pub struct Loader {
@@ -298,13 +300,13 @@ pub fn build_batch(
     let mut labels = Vec::with_capacity(indices.len());
     let mut kept = Vec::with_capacity(indices.len());
     let mut skipped = 0;
-    let mut skip_reason = None;
+    let mut skip_reasons = Vec::new();
     for &i in indices {
         let (img, label) = match ds.get(i) {
             Ok(x) => x,
             Err(e) if cfg.skip_corrupt => {
                 skipped += 1;
-                skip_reason.get_or_insert_with(|| format!("{e:#}"));
+                skip_reasons.push(format!("{e:#}"));
                 continue;
             }
             Err(e) => {
@@ -364,6 +366,7 @@ pub fn build_batch(
         labels: Tensor::from_slice(&labels),
         indices: kept,
         skipped,
-        skip_reason,
+        skip_reason: skip_reasons.first().cloned(),
+        skip_reasons,
     })
 }

@@ -297,14 +297,29 @@ pub fn grayscale_in_place(img: &mut Rgb8) {
 #[inline]
 fn blend(d: u8, x: u8, alpha: f32) -> u8 {
     let t = (d as i32 as f32 + alpha * (x as i32 - d as i32) as f32).clamp(0.0, 255.0);
-    // SAFETY: t is finite and in [0, 255]; truncation as in C. (Rust's saturating `as` would
-    // give the same value but does not vectorise.)
+    debug_assert!(!t.is_nan(), "blend factor {alpha} gave NaN");
+    // SAFETY: callers pass a finite `alpha` (see `blend_alpha`), so the sum is finite or ±inf,
+    // never NaN, and the clamp puts it in [0, 255]; truncation as in C. (Rust's saturating
+    // `as` would give the same value but does not vectorise.)
     unsafe { t.to_int_unchecked::<i32>() as u8 }
+}
+
+/// The float32 blend factor of `factor`, made safe for [`blend`]: NaN gives `None` (the image
+/// is left unchanged; Pillow's C arithmetic has no defined result for it), infinities and
+/// values beyond float32 become ±`f32::MAX` (their limit: every byte pushed to 0 or 255 away
+/// from the degenerate value). With a finite `alpha`, `d + alpha·(x - d)` is never NaN.
+fn blend_alpha(factor: f64) -> Option<f32> {
+    if factor.is_nan() {
+        return None;
+    }
+    Some(factor.clamp(f32::MIN as f64, f32::MAX as f64) as f32)
 }
 
 /// Blend with a constant degenerate image: a function of the byte alone, so a table.
 fn blend_const_in_place(img: &mut Rgb8, d: u8, factor: f64) {
-    let alpha = factor as f32;
+    let Some(alpha) = blend_alpha(factor) else {
+        return;
+    };
     if alpha == 1.0 {
         return;
     }
@@ -333,7 +348,9 @@ pub fn adjust_contrast_in_place(img: &mut Rgb8, factor: f64) {
 
 /// `ImageEnhance.Color(img).enhance(f)`: blend with the luma image.
 pub fn adjust_saturation_in_place(img: &mut Rgb8, factor: f64) {
-    let alpha = factor as f32;
+    let Some(alpha) = blend_alpha(factor) else {
+        return;
+    };
     if alpha == 1.0 {
         return;
     }
@@ -454,7 +471,9 @@ fn hue_block(px: &mut [u8], shift: f64) {
             };
             (ro, go, bo)
         };
-        // SAFETY: each value is an integer in [0, 255] (clamped above, or a byte's value).
+        // SAFETY: each value is an integer in [0, 255] (clamped above, or a byte's value): `v`
+        // is a byte, `shift` an integer in [0, 255] whatever the hue factor (saturating cast),
+        // so `f`, `fs` and the rounded products are finite.
         let byte = |x: f64| unsafe { x.to_int_unchecked::<i32>() } as u8;
         out[i] = [byte(ro), byte(go), byte(bo)];
     }

@@ -47,6 +47,7 @@ pub fn view_batch(
     workers: usize,
     view: &(dyn Fn(&Rgb8, usize) -> Rgb8 + Sync),
 ) -> Result<(Tensor, Tensor)> {
+    anyhow::ensure!(size > 0, "the view size must be at least 1 pixel");
     let s = size as i64;
     let n = 3 * size * size;
     let mut pix = FloatTensorBuf::zeros(&[indices.len() as i64, 3, s, s]);
@@ -113,6 +114,14 @@ pub fn extract(
     batch: usize,
     device: Device,
 ) -> Result<(Tensor, Tensor)> {
+    anyhow::ensure!(
+        !indices.is_empty(),
+        "no images to extract features from (an empty data set or --subset 0?)"
+    );
+    anyhow::ensure!(
+        size > 0,
+        "the evaluation crop size must be at least 1 pixel"
+    );
     let mut feats = Vec::new();
     let mut labels = Vec::new();
     let _guard = tch::no_grad_guard();

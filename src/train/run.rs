@@ -367,6 +367,12 @@ pub fn train_with(args: &TrainArgs, comm: &dyn Comm, device: Device) -> Result<T
     crate::dist::check_same(comm, options_fingerprint(args)?, "training options")?;
     std::fs::create_dir_all(&args.output_dir)
         .with_context(|| format!("creating {}", args.output_dir.display()))?;
+    // One run per output directory: rank 0 holds an exclusive lock until it returns.
+    let _lock = if main {
+        Some(crate::util::lock_dir(&args.output_dir)?)
+    } else {
+        None
+    };
     let ds = open_dataset(&args.data_path, "train", args.subset, args.seed)?;
     if main {
         eprintln!("data: {}", ds.describe());
@@ -477,6 +483,9 @@ pub fn train_loop(
         .unwrap_or(args.epochs)
         .min(args.epochs);
     let mut last_finite: Option<f64> = None;
+    // Unreadable images skipped so far (--skip_corrupt): the first few are named on stderr.
+    let mut listed_skips = 0usize;
+    const LIST_SKIPS: usize = 5;
     for epoch in start_epoch..stop_at {
         // Per-epoch seeding makes an interrupted-and-resumed run identical to a straight one.
         ibot.student
@@ -491,10 +500,22 @@ pub fn train_loop(
         let mut sums = EpochStats::default();
         let (mut preds, mut labels) = (Vec::new(), Vec::new());
         let mut skipped = 0;
+        let mut first_skip: Option<String> = None;
         let mut count = 0usize;
         for (it, batch) in source.batches(epoch).enumerate() {
             let batch = batch.with_context(|| format!("loading batch {it} of epoch {epoch}"))?;
             skipped += batch.skipped;
+            if first_skip.is_none() {
+                first_skip = batch.skip_reason.clone();
+            }
+            for r in &batch.skip_reasons {
+                if listed_skips < LIST_SKIPS {
+                    eprintln!("skipped an unreadable image: {r}");
+                } else if listed_skips == LIST_SKIPS {
+                    eprintln!("(further unreadable images are skipped without being listed)");
+                }
+                listed_skips += 1;
+            }
             // With --skip_corrupt a batch may lose every image; in a data-parallel run all
             // ranks then skip the step together (a collective must be entered by everyone).
             let mut empty = batch.indices.is_empty();
@@ -581,8 +602,19 @@ pub fn train_loop(
         .to_device(comm.device());
         comm.all_reduce_sum(&mut totals)?;
         let t = Vec::<f64>::try_from(totals.to_device(Device::Cpu))?;
-        let n = t[6].max(1.0);
         let skipped = t[7] as usize;
+        if t[6] == 0.0 {
+            // Not one step: every image of the epoch was skipped (--skip_corrupt).
+            bail!(
+                "every image of epoch {epoch} was unreadable ({skipped} skipped, no batch left to train on){}; \
+                 the last checkpoint is left as it was",
+                match &first_skip {
+                    Some(r) => format!("; the first: {r}"),
+                    None => String::new(),
+                }
+            );
+        }
+        let n = t[6];
         let mut st = EpochStats {
             loss: t[0] / n,
             cls: t[1] / n,
