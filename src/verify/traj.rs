@@ -187,6 +187,7 @@ impl BatchSource for FixedBatches {
                 indices: (0..labels.size()[0] as usize).collect(),
                 skipped: 0,
                 skip_reason: None,
+                skip_reasons: Vec::new(),
             })
         }))
     }
