@@ -55,6 +55,10 @@ pub struct StepBench {
     /// Force the arithmetic as `ibot train --precision` (auto follows --use_fp16).
     #[arg(long, value_enum, default_value_t = crate::train::amp::PrecisionChoice::Auto)]
     pub precision: crate::train::amp::PrecisionChoice,
+    /// Run the student's head on every token as the official code does (false: only on the
+    /// masked tokens and the local views' [CLS], which is what `ibot train` does).
+    #[arg(long, default_value = "false", value_parser = crate::train::args::parse_bool, action = clap::ArgAction::Set)]
+    pub full_head: bool,
     /// Under torchrun / srun / `ibot launch`, every rank runs the step on its own batch and the
     /// gradients are averaged as in training (img/s then counts every rank's images).
     #[command(flatten)]
@@ -108,6 +112,7 @@ pub fn step(b: &StepBench, device: Device, comm: &dyn Comm) -> Result<StepTiming
     };
     let grid = b.global_crops_size / b.patch_size;
     let mut ibot = Ibot::new(cfg, device)?;
+    ibot.full_head = b.full_head;
     ibot.precision = crate::train::amp::Precision::resolve(b.use_fp16, b.precision, device)?;
     let opts = (Kind::Float, device);
     let mut batches = match &b.data_path {

@@ -24,6 +24,7 @@ fn visible_vit_matches_the_official_code() {
     for group in [
         "structure",
         "forward",
+        "train_path",
         "pos_embed",
         "loss",
         "grad",

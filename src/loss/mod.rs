@@ -225,6 +225,128 @@ impl IbotLoss {
         Ok(LossOutput { cls, patch, total })
     }
 
+    /// The same loss as [`IbotLoss::forward`] when the student's patch head ran only where the
+    /// loss looks: `student_patch_rows` `[M, pd]` are the student's patch outputs at the masked
+    /// positions `masked` (flat indices `row · N + patch` into the `[G·B, N]` grid of the global
+    /// views, ascending), `teacher_patch` the teacher's outputs at every position `[G·B, N, pd]`
+    /// (the centre needs them all). Per sample, the masked-patch cross-entropy is summed over
+    /// its masked patches and divided by their number (at least 1), then averaged over the
+    /// samples of each view and over the views — the official reduction without ever forming
+    /// the unmasked rows. Equal to `forward` up to float summation order (`tests/model.rs`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward_masked(
+        &mut self,
+        student_cls: &Tensor,
+        student_patch_rows: &Tensor,
+        masked: &Tensor,
+        teacher_cls: &Tensor,
+        teacher_patch: &Tensor,
+        student_local_cls: Option<&Tensor>,
+        masks: &[Tensor],
+        epoch: usize,
+        reduce: &dyn Comm,
+    ) -> Result<LossOutput> {
+        let cfg = &self.cfg;
+        let g = cfg.ngcrops;
+        ensure!(masks.len() >= g, "{} masks given for {g} global views", masks.len());
+        ensure!(
+            epoch < self.teacher_temp_schedule.len(),
+            "epoch {epoch} is past the end of the temperature schedule ({} epochs)",
+            self.teacher_temp_schedule.len()
+        );
+        let tsz = teacher_patch.size();
+        ensure!(
+            tsz.len() == 3 && tsz[2] == cfg.patch_out_dim && student_patch_rows.size().last() == Some(&cfg.patch_out_dim),
+            "patch outputs must have dim {} (teacher {:?}, student rows {:?})",
+            cfg.patch_out_dim,
+            tsz,
+            student_patch_rows.size()
+        );
+        let (rows, n) = (tsz[0], tsz[1]);
+        let cls = self.cls_term(student_cls, teacher_cls, student_local_cls, epoch)?;
+
+        let temp2 = self.teacher_temp2_schedule[epoch];
+        let t_rows = teacher_patch.reshape([rows * n, cfg.patch_out_dim]).index_select(0, masked);
+        let t = ((t_rows - self.center2.reshape([1, cfg.patch_out_dim])) / temp2)
+            .softmax(-1, Kind::Float)
+            .detach();
+        let ce = (-t * (student_patch_rows / cfg.student_temp).log_softmax(-1, Kind::Float))
+            .sum_dim_intlist(-1, false, Kind::Float);
+        let sample = masked.divide_scalar_mode(n, "floor");
+        let per_row = Tensor::zeros([rows], (Kind::Float, ce.device())).index_add(0, &sample, &ce);
+        let m: Vec<Tensor> = masks[..g].iter().map(|m| m.flatten(-2, -1)).collect();
+        let m = Tensor::cat(&m, 0).to_device(ce.device());
+        ensure!(
+            m.size() == [rows, n],
+            "masks cover {:?} patches, the outputs [{rows}, {n}]",
+            m.size()
+        );
+        let count = m
+            .to_kind(Kind::Float)
+            .sum_dim_intlist(-1, false, Kind::Float)
+            .clamp_min(1.0);
+        let patch = (per_row / count).mean(Kind::Float) * cfg.lambda2;
+        let total = &cls + &patch;
+        self.update_center(teacher_cls, teacher_patch, reduce)?;
+        Ok(LossOutput { cls, patch, total })
+    }
+
+    /// The [CLS] self-distillation term: every teacher global view against every other student
+    /// view (local views included), averaged over the pairs, times `lambda1`.
+    fn cls_term(
+        &self,
+        student_cls: &Tensor,
+        teacher_cls: &Tensor,
+        student_local_cls: Option<&Tensor>,
+        epoch: usize,
+    ) -> Result<Tensor> {
+        let cfg = &self.cfg;
+        let g = cfg.ngcrops;
+        let ncrops = g + if student_local_cls.is_some() { cfg.nlcrops } else { 0 };
+        ensure!(
+            teacher_cls.size().last() == Some(&cfg.out_dim)
+                && student_cls.size().last() == Some(&cfg.out_dim),
+            "[CLS] outputs must have out_dim {} (teacher {:?}, student {:?})",
+            cfg.out_dim,
+            teacher_cls.size(),
+            student_cls.size()
+        );
+        let all = match student_local_cls {
+            Some(l) => Tensor::cat(&[student_cls, l], 0),
+            None => student_cls.shallow_clone(),
+        };
+        ensure!(
+            all.size()[0] % ncrops as i64 == 0 && teacher_cls.size()[0] % g as i64 == 0,
+            "batch rows do not split evenly into views"
+        );
+        let s_cls = (all / cfg.student_temp).chunk(ncrops as i64, 0);
+        let t_cls = ((teacher_cls - &self.center) / self.teacher_temp_schedule[epoch])
+            .softmax(-1, Kind::Float)
+            .detach()
+            .chunk(g as i64, 0);
+        let mut total: Option<Tensor> = None;
+        let mut pairs = 0usize;
+        for (q, tq) in t_cls.iter().enumerate() {
+            for (v, sv) in s_cls.iter().enumerate() {
+                if v == q {
+                    continue;
+                }
+                let l = (-tq * sv.log_softmax(-1, Kind::Float))
+                    .sum_dim_intlist(-1, false, Kind::Float)
+                    .mean(Kind::Float);
+                total = Some(match total.take() {
+                    Some(a) => a + l,
+                    None => l,
+                });
+                pairs += 1;
+            }
+        }
+        let Some(total) = total else {
+            bail!("no [CLS] loss terms (need two views)")
+        };
+        Ok(total / pairs as f64 * cfg.lambda1)
+    }
+
     /// EMA of the teacher's batch means (the official `update_center`): `center2` uses the mean
     /// over ALL patch tokens of each sample.
     pub fn update_center(

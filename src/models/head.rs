@@ -341,6 +341,28 @@ impl IbotHead {
         }
     }
 
+    /// Head on selected patch tokens `[M, D]` -> `[M, patch_dim]`: row for row what
+    /// [`IbotHead::forward_tokens`] gives for those tokens (every layer acts on each token
+    /// alone), so training can run the patch head only where the loss looks (masked tokens).
+    pub fn forward_patch_rows(&self, x: &Tensor) -> Tensor {
+        match &self.last_layer {
+            Some(last) => {
+                let x = l2_normalize(&self.run_mlp(&self.mlp, x));
+                match &self.patch {
+                    PatchProj::Last2(l2) => l2.forward(&x),
+                    _ => last.forward(&x),
+                }
+            }
+            None => {
+                let x = self.run_mlp(&self.mlp[..self.mlp.len() - 1], x);
+                match &self.patch {
+                    PatchProj::Mlp2(l) => l.forward(&x),
+                    _ => self.last_mlp_linear().forward(&x),
+                }
+            }
+        }
+    }
+
     /// Head on all tokens `[B, 1 + N, D]` -> (`[B, out_dim]`, `[B, N, patch_dim]`).
     pub fn forward_tokens(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
         ensure!(

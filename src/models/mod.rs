@@ -58,6 +58,22 @@ impl MultiCropWrapper {
         masks: Option<&[Tensor]>,
         train: bool,
     ) -> Result<MultiCropOutput> {
+        self.forward_with(views, masks, train, true)
+    }
+
+    /// [`MultiCropWrapper::forward`] with the head on the [CLS] tokens only (`patch` is None):
+    /// the student's local views, whose patch outputs the loss never reads.
+    pub fn forward_cls_only(&self, views: &[Tensor], train: bool) -> Result<MultiCropOutput> {
+        self.forward_with(views, None, train, false)
+    }
+
+    fn forward_with(
+        &self,
+        views: &[Tensor],
+        masks: Option<&[Tensor]>,
+        train: bool,
+        patch_head: bool,
+    ) -> Result<MultiCropOutput> {
         ensure!(!views.is_empty(), "no views to run");
         if let Some(m) = masks {
             ensure!(
@@ -80,14 +96,18 @@ impl MultiCropWrapper {
             let x = Tensor::cat(&views[start..end], 0);
             let m = masks.map(|m| Tensor::cat(&m[start..end], 0));
             let tokens = self.backbone.forward(&x, m.as_ref(), train)?;
-            let (c, p) = self.head.forward_tokens(&tokens)?;
-            cls.push(c);
-            patch.push(p);
+            if patch_head {
+                let (c, p) = self.head.forward_tokens(&tokens)?;
+                cls.push(c);
+                patch.push(p);
+            } else {
+                cls.push(self.head.forward_cls(&tokens.select(1, 0)));
+            }
             backbone.push(tokens);
             start = end;
         }
         let same_n = patch.windows(2).all(|w| w[0].size()[1] == w[1].size()[1]);
-        let patch = same_n.then(|| Tensor::cat(&patch, 0));
+        let patch = (patch_head && same_n).then(|| Tensor::cat(&patch, 0));
         Ok(MultiCropOutput {
             cls: Tensor::cat(&cls, 0),
             patch,

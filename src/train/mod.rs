@@ -104,6 +104,10 @@ pub struct Ibot {
     pub precision: Precision,
     /// Loss scaling for float16 (unused otherwise).
     pub scaler: GradScaler,
+    /// Run the student's head on every token in training steps, as the official code does,
+    /// instead of only where the loss looks ([`Ibot::forward_train`]); same loss, slower. For
+    /// benchmarks.
+    pub full_head: bool,
 }
 
 impl Ibot {
@@ -135,6 +139,7 @@ impl Ibot {
             device,
             precision: Precision::Fp32,
             scaler: GradScaler::default(),
+            full_head: false,
         })
     }
 
@@ -208,6 +213,69 @@ impl Ibot {
         })
     }
 
+    /// The forward pass of a training step: the same loss as [`Ibot::forward`] without the work
+    /// whose result the loss discards (as DINOv2 does): the student's patch head runs only on
+    /// the masked tokens of the global views (the patch loss is a masked mean) and the local
+    /// views go through the head with their [CLS] token only (their patch outputs are never
+    /// used). The teacher still runs its head on every token: the patch centre averages them
+    /// all. `student.patch` of the result is None.
+    pub fn forward_train(
+        &mut self,
+        images: &[Tensor],
+        masks: &[Tensor],
+        epoch: usize,
+        comm: &dyn Comm,
+    ) -> Result<StepForward> {
+        let g = self.cfg.loss.ngcrops;
+        ensure!(images.len() >= g, "{} views given, {g} global views expected", images.len());
+        ensure!(masks.len() >= g, "{} masks given for {g} global views", masks.len());
+        let globals = &images[..g];
+        let teacher = tch::no_grad(|| self.teacher.forward(globals, None, false))?;
+        let Some(t_patch) = &teacher.patch else {
+            bail!("all global views must have the same resolution")
+        };
+        let x = Tensor::f_cat(globals, 0)?;
+        let m = Tensor::f_cat(&masks[..g], 0)?.to_device(self.device);
+        let mim = self.cfg.backbone.masked_im_modeling;
+        let tokens = self.student.backbone.forward(&x, mim.then_some(&m), true)?;
+        let (n, d) = (tokens.size()[1] - 1, tokens.size()[2]);
+        ensure!(
+            m.dim() == 3 && m.size()[1] * m.size()[2] == n,
+            "masks of {:?} do not cover the {n} patches of the global views",
+            m.size()
+        );
+        let student_cls = self.student.head.forward_cls(&tokens.select(1, 0));
+        let masked = m.flatten(0, -1).nonzero().squeeze_dim(1);
+        let rows = tokens.narrow(1, 1, n).reshape([-1, d]).index_select(0, &masked);
+        let student_patch = self.student.head.forward_patch_rows(&rows);
+        let student_local = if images.len() > g {
+            Some(self.student.forward_cls_only(&images[g..], true)?)
+        } else {
+            None
+        };
+        let loss = self.loss.forward_masked(
+            &student_cls,
+            &student_patch,
+            &masked,
+            &teacher.cls,
+            t_patch,
+            student_local.as_ref().map(|o| &o.cls),
+            &masks[..g],
+            epoch,
+            comm,
+        )?;
+        Ok(StepForward {
+            teacher,
+            student: MultiCropOutput {
+                cls: student_cls,
+                patch: None,
+                backbone: vec![tokens],
+            },
+            student_local,
+            loss,
+        })
+    }
+
     /// Gradients of `loss` w.r.t. every student parameter (None: frozen or not reached).
     pub fn backward(&self, loss: &Tensor) -> Vec<Option<Tensor>> {
         let params = self.student_ps.params();
@@ -262,7 +330,11 @@ impl Ibot {
         let (precision, device) = (self.precision, self.device);
         // As the official loop: forward passes and loss under autocast, the rest outside.
         let fwd = amp::autocast(precision, device, || {
-            self.forward(images, masks, epoch, true, comm)
+            if self.full_head {
+                self.forward(images, masks, epoch, true, comm)
+            } else {
+                self.forward_train(images, masks, epoch, comm)
+            }
         })?;
         let loss = fwd.loss.total.double_value(&[]);
         // Every rank stops together when any rank's loss is not finite (the official code

@@ -588,9 +588,46 @@ pub fn verify_fixture(dir: &Path) -> Result<Report> {
         TOL_FORWARD,
     );
 
+    // ---- the training path (`forward_train`: the student's patch head on masked tokens only,
+    // local views' [CLS] only) must give the same loss, centres and gradients.
+    let centres = (
+        ibot.loss.center.shallow_clone(),
+        ibot.loss.center2.shallow_clone(),
+    );
+    ibot.loss.center = t("loss.center_init")?.shallow_clone();
+    ibot.loss.center2 = t("loss.center2_init")?.shallow_clone();
+    let lean = ibot.forward_train(&images, &masks, epoch, &SingleProcess)?;
+    for (name, ours, key) in [
+        ("cls", &lean.loss.cls, "loss.cls"),
+        ("patch", &lean.loss.patch, "loss.patch"),
+        ("total", &lean.loss.total, "loss.total"),
+        ("center_after", &ibot.loss.center, "loss.center_after"),
+        ("center2_after", &ibot.loss.center2, "loss.center2_after"),
+    ] {
+        report.tensor("train_path", name, ours, t(key)?, TOL_FORWARD);
+    }
+    let mut lean_grads = ibot.backward(&lean.loss.total);
+    ibot.loss.center = centres.0;
+    ibot.loss.center2 = centres.1;
+
     // ---- backward, clipping, cancelling
     let mut grads = ibot.backward(&fwd.loss.total);
     let norms = ibot.process_grads(&mut grads, epoch);
+    ibot.process_grads(&mut lean_grads, epoch);
+    for ((p, full), lean) in ibot.student_ps.params().iter().zip(&grads).zip(&lean_grads) {
+        match (full, lean) {
+            (Some(f), Some(l)) => {
+                report.tensor("train_path", &format!("grad.{}", p.name), l, f, TOL_GRAD)
+            }
+            (None, None) => {}
+            _ => report.fact(
+                "train_path",
+                &format!("grad.{}", p.name),
+                false,
+                "a gradient on one path only".into(),
+            ),
+        }
+    }
     let ref_norms = j
         .get("grad.preclip_norms")?
         .as_object()
