@@ -272,3 +272,49 @@ fn weights_round_trip_through_safetensors_and_bad_files_are_refused() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The training path (patch head on masked tokens only, locals' [CLS] only) gives the loss,
+/// centres and gradients of the full forward pass, for every head layout, with masks that
+/// include an image without any masked patch; and it fails loudly when the masks do not fit.
+#[test]
+fn the_lean_training_forward_equals_the_full_one() {
+    for (shared, shared_t, bottleneck) in [(false, true, 8), (true, true, 8), (false, false, 8), (false, true, 0)] {
+        tch::manual_seed(3);
+        let mut cfg = common::tiny_config(shared, shared_t);
+        cfg.head.bottleneck_dim = bottleneck;
+        let mut ibot = Ibot::new(cfg, Device::Cpu).unwrap();
+        let (v, m) = views(3);
+        let _ = m[1].get(0).fill_(0); // one image of view 1 has no masked patch
+        let (c, c2) = (ibot.loss.center.copy(), ibot.loss.center2.copy());
+        let full = ibot.forward(&v, &m, 0, true, &SingleProcess).unwrap();
+        let full_centres = (ibot.loss.center.copy(), ibot.loss.center2.copy());
+        let gf = ibot.backward(&full.loss.total);
+        ibot.loss.center = c;
+        ibot.loss.center2 = c2;
+        let lean = ibot.forward_train(&v, &m, 0, &SingleProcess).unwrap();
+        assert!(lean.student.patch.is_none());
+        let gl = ibot.backward(&lean.loss.total);
+        let close = |a: &Tensor, b: &Tensor, tol: f64, what: &str| {
+            let d = (a - b).abs().max().double_value(&[]);
+            let s = b.abs().max().double_value(&[]).max(1e-3);
+            assert!(d <= tol * s, "{what} ({shared}/{shared_t}/{bottleneck}): {d:e} vs scale {s:e}");
+        };
+        close(&lean.loss.cls, &full.loss.cls, 1e-6, "cls loss");
+        close(&lean.loss.patch, &full.loss.patch, 1e-6, "patch loss");
+        close(&ibot.loss.center, &full_centres.0, 1e-6, "center");
+        close(&ibot.loss.center2, &full_centres.1, 1e-6, "center2");
+        for ((p, a), b) in ibot.student_ps.params().iter().zip(&gl).zip(&gf) {
+            match (a, b) {
+                (Some(a), Some(b)) => close(a, b, 1e-5, &p.name),
+                (None, None) => {}
+                _ => panic!("{}: gradient on one path only", p.name),
+            }
+        }
+    }
+    // Masks of the wrong grid are an error, not a silent misalignment.
+    tch::manual_seed(3);
+    let mut ibot = Ibot::new(common::tiny_config(false, true), Device::Cpu).unwrap();
+    let (v, _) = views(3);
+    let bad: Vec<Tensor> = (0..2).map(|_| Tensor::ones([3, 2, 2], (Kind::Bool, Device::Cpu))).collect();
+    assert!(ibot.forward_train(&v, &bad, 0, &SingleProcess).is_err());
+}
