@@ -90,8 +90,14 @@ fn main() {
         let cuda_inc = ["cu13", "cu12", "cuda_runtime"]
             .iter()
             .map(|d| nvidia.join(d).join("include"))
-            .find(|d| d.join("cuda_runtime_api.h").is_file())
-            .unwrap_or_else(|| panic!("IBOT_NCCL=1: no CUDA headers under {}", nvidia.display()));
+            .find(|d| d.join("cuda_runtime_api.h").is_file() && d.join("crt/host_config.h").is_file())
+            .unwrap_or_else(|| {
+                panic!(
+                    "IBOT_NCCL=1: no complete CUDA headers under {}: run `IBOT_NCCL=1 bash scripts/bootstrap.sh` \
+                     (it adds the crt and CCCL headers the wheel lacks)",
+                    nvidia.display()
+                )
+            });
         let nccl_inc = nvidia.join("nccl/include");
         assert!(
             nccl_inc.join("nccl.h").is_file(),

@@ -56,7 +56,17 @@ install_gloo_headers() {
   return 0
 }
 
+# IBOT_NCCL=1 (opt-in NCCL process groups for CUDA): the wheel's CUDA headers lack the crt/ and
+# CCCL headers that ATen's CUDA headers include; NVIDIA publishes them as PyPI packages.
+install_cuda_headers() {
+  [ "${IBOT_NCCL:-0}" = 1 ] || return 0
+  [ -f .libtorch/../nvidia/cu13/include/crt/host_config.h ] && [ -e .libtorch/../nvidia/cu13/include/nv/target ] && return 0
+  say "IBOT_NCCL=1: installing the CUDA crt and CCCL headers into .venv"
+  .venv/bin/python -m pip install --quiet --disable-pip-version-check --no-deps "nvidia-cuda-crt==13.0.*" "nvidia-cuda-cccl==13.0.*"
+}
+
 if [ -L .libtorch ] && [ -f .libtorch/lib/libtorch_cpu.so ] && [ -f .venv/.torch-$TORCH_VERSION ]; then
+  install_cuda_headers
   install_gloo_headers
   install_fmnist
   install_font
@@ -85,6 +95,7 @@ TORCH_DIR=$(.venv/bin/python -c 'import os, torch; print(os.path.dirname(torch._
 ln -sfn "$TORCH_DIR" .libtorch
 touch ".venv/.torch-$TORCH_VERSION"
 say "libtorch ready at .libtorch -> $TORCH_DIR"
+install_cuda_headers
 install_gloo_headers
 install_fmnist
 install_font

@@ -680,7 +680,7 @@ fn extract_features(f: FeatureArgs) -> Result<()> {
     let bar = if comm.is_main() {
         ibot::util::progress_bar(idx.len().div_ceil(bs) as u64, "features")
     } else {
-        indicatif::ProgressBar::hidden()
+        ibot::util::Progress::hidden()
     };
     let (mut feats, mut labels) = (Vec::new(), Vec::new());
     for chunk in idx.chunks(bs) {

@@ -86,11 +86,13 @@ pub fn tune_allocator() {
     }
 }
 
-/// A progress bar on stderr for `n` steps of `label` (hidden when stderr is not a terminal).
-pub fn progress_bar(n: u64, label: &str) -> indicatif::ProgressBar {
+/// Progress of `n` steps of `label` on stderr: an animated bar on a terminal; otherwise (a
+/// log file, a pipe, a batch job) a plain line with the rate and the time left every
+/// [`PLAIN_EVERY`] and at the end, so long evaluations never run silently.
+pub fn progress_bar(n: u64, label: &str) -> Progress {
     use std::io::IsTerminal;
     if !std::io::stderr().is_terminal() {
-        return indicatif::ProgressBar::hidden();
+        return Progress::plain(n, label);
     }
     let pb = indicatif::ProgressBar::new(n);
     pb.set_style(
@@ -101,7 +103,108 @@ pub fn progress_bar(n: u64, label: &str) -> indicatif::ProgressBar {
         .progress_chars("=> "),
     );
     pb.set_prefix(label.to_string());
-    pb
+    Progress {
+        bar: Some(pb),
+        plain: None,
+    }
+}
+
+/// How often the plain progress lines come.
+pub const PLAIN_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// See [`progress_bar`].
+pub struct Progress {
+    bar: Option<indicatif::ProgressBar>,
+    plain: Option<PlainProgress>,
+}
+
+struct PlainProgress {
+    label: String,
+    len: u64,
+    pos: std::cell::Cell<u64>,
+    start: std::time::Instant,
+    last: std::cell::Cell<std::time::Instant>,
+    msg: std::cell::RefCell<String>,
+}
+
+impl Progress {
+    fn plain(n: u64, label: &str) -> Self {
+        let now = std::time::Instant::now();
+        Self {
+            bar: None,
+            plain: Some(PlainProgress {
+                label: label.to_string(),
+                len: n,
+                pos: std::cell::Cell::new(0),
+                start: now,
+                last: std::cell::Cell::new(now),
+                msg: std::cell::RefCell::new(String::new()),
+            }),
+        }
+    }
+
+    /// Shows nothing (e.g. on the ranks other than 0).
+    pub fn hidden() -> Self {
+        Self {
+            bar: None,
+            plain: None,
+        }
+    }
+
+    pub fn inc(&self, k: u64) {
+        if let Some(b) = &self.bar {
+            b.inc(k);
+        }
+        if let Some(p) = &self.plain {
+            p.pos.set(p.pos.get() + k);
+            if p.last.get().elapsed() >= PLAIN_EVERY {
+                p.last.set(std::time::Instant::now());
+                p.line();
+            }
+        }
+    }
+
+    /// A short status after the counts (the bar's message; the plain lines' tail).
+    pub fn set_message(&self, msg: String) {
+        if let Some(b) = &self.bar {
+            b.set_message(msg.clone());
+        }
+        if let Some(p) = &self.plain {
+            p.msg.replace(msg);
+        }
+    }
+
+    pub fn finish_and_clear(&self) {
+        if let Some(b) = &self.bar {
+            b.finish_and_clear();
+        }
+        if let Some(p) = &self.plain {
+            // Only runs long enough to have said something get a closing line.
+            if p.start.elapsed() >= PLAIN_EVERY {
+                p.line();
+            }
+        }
+    }
+}
+
+impl PlainProgress {
+    fn line(&self) {
+        let (pos, t) = (self.pos.get(), self.start.elapsed().as_secs_f64());
+        let rate = pos as f64 / t.max(1e-9);
+        let left = if rate > 0.0 && self.len >= pos {
+            format!(", {:.0}s left", (self.len - pos) as f64 / rate)
+        } else {
+            String::new()
+        };
+        let msg = self.msg.borrow();
+        eprintln!(
+            "{}: {pos}/{} ({rate:.2}/s, {t:.0}s{left}){}{}",
+            self.label,
+            self.len,
+            if msg.is_empty() { "" } else { " " },
+            msg
+        );
+    }
 }
 
 static THREADS_SET: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);

@@ -125,6 +125,7 @@ pub fn extract(
     let mut feats = Vec::new();
     let mut labels = Vec::new();
     let _guard = tch::no_grad_guard();
+    let bar = crate::util::progress_bar(indices.len().div_ceil(batch.max(1)) as u64, "features");
     for chunk in indices.chunks(batch.max(1)) {
         let (x, l) = eval_batch(ds, chunk, size)?;
         let f = match (kind, backbone) {
@@ -136,7 +137,9 @@ pub fn extract(
         };
         feats.push(l2_normalize(&f.to_kind(Kind::Float)).to_device(Device::Cpu));
         labels.push(l);
+        bar.inc(1);
     }
+    bar.finish_and_clear();
     Ok((Tensor::cat(&feats, 0), Tensor::cat(&labels, 0)))
 }
 
