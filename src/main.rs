@@ -349,7 +349,11 @@ fn eval_split(
     let Some(path) = data_path else {
         bail!("give --data_path (a folder with train/ and val/ image folders, or IDX files train-* and t10k-*), or {flag}");
     };
-    anyhow::ensure!(path.exists(), "--data_path {} does not exist", path.display());
+    anyhow::ensure!(
+        path.exists(),
+        "--data_path {} does not exist",
+        path.display()
+    );
     let (tr, va) = (path.join("train"), path.join("val"));
     if tr.is_dir() && va.is_dir() {
         return Ok((path.join(dir), "train"));
@@ -371,7 +375,9 @@ fn eval_split(
         "it has neither".to_string()
     };
     bail!(
-        "--data_path {} is not split into training and validation images ({found}): evaluation needs          train/ and val/ image folders, or IDX files with both train-* and t10k-*; or give the two          sets explicitly with --train_path and --val_path",
+        "--data_path {} is not split into training and validation images ({found}): evaluation \
+         needs train/ and val/ image folders, or IDX files with both train-* and t10k-*; or give \
+         the two sets explicitly with --train_path and --val_path",
         path.display()
     )
 }
@@ -908,7 +914,8 @@ fn run(cli: Cli) -> Result<bool> {
         Cmd::Launch(mut l) => {
             // `ibot --threads N launch ...`: the workers get the thread count too.
             if let Some(n) = cli.threads {
-                l.command.splice(1..1, ["--threads".to_string(), n.to_string()]);
+                l.command
+                    .splice(1..1, ["--threads".to_string(), n.to_string()]);
             }
             let code = ibot::dist::launch::launch(&l)?;
             if code != 0 {
@@ -1082,7 +1089,10 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::FAILURE,
-        Err(e) if e.downcast_ref::<ibot::train::interrupt::Interrupted>().is_some() => {
+        Err(e)
+            if e.downcast_ref::<ibot::train::interrupt::Interrupted>()
+                .is_some() =>
+        {
             let i = e
                 .downcast_ref::<ibot::train::interrupt::Interrupted>()
                 .map(|i| (i.exit_code(), i.message.clone()))

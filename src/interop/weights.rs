@@ -114,7 +114,10 @@ fn heads_for(d: i64, depth: i64, arch: Option<&str>, num_heads: Option<i64>) -> 
             "--num_heads {h} does not divide the width {d} of the weights"
         );
         if let (Some(a), Some(ah)) = (arch, from_arch) {
-            ensure!(ah == h, "--num_heads {h} contradicts --arch {a}, which has {ah} heads");
+            ensure!(
+                ah == h,
+                "--num_heads {h} contradicts --arch {a}, which has {ah} heads"
+            );
         }
         return Ok(h);
     }
@@ -369,13 +372,15 @@ pub fn load_pretrained_with(
     let vit = match known_cfg {
         Some(c) => {
             // The file states its configuration: --arch / --num_heads may only agree with it.
-            let h = heads_for(c.embed_dim, c.depth, arch, num_heads)
-                .with_context(|| format!("checking the options against {shown}"))?;
-            ensure!(
-                (arch.is_none() && num_heads.is_none()) || h == c.num_heads,
-                "{shown} was written for {} attention heads, not {h}",
-                c.num_heads
-            );
+            if arch.is_some() || num_heads.is_some() {
+                let h = heads_for(c.embed_dim, c.depth, arch, num_heads)
+                    .with_context(|| format!("checking the options against {shown}"))?;
+                ensure!(
+                    h == c.num_heads,
+                    "{shown} was written for {} attention heads, not {h}",
+                    c.num_heads
+                );
+            }
             c
         }
         None => infer_vit_config_with(&backbone, arch, num_heads)

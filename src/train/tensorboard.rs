@@ -22,7 +22,11 @@ fn crc32c(data: &[u8]) -> u32 {
         for (i, e) in t.iter_mut().enumerate() {
             let mut c = i as u32;
             for _ in 0..8 {
-                c = if c & 1 != 0 { (c >> 1) ^ 0x82F6_3B78 } else { c >> 1 };
+                c = if c & 1 != 0 {
+                    (c >> 1) ^ 0x82F6_3B78
+                } else {
+                    c >> 1
+                };
             }
             *e = c;
         }
@@ -61,7 +65,12 @@ fn bytes_field(field: u32, data: &[u8], out: &mut Vec<u8>) {
 }
 
 /// `Event { wall_time = 1 (double), step = 2 (int64), file_version = 3 | summary = 5 }`.
-fn event(wall_time: f64, step: i64, file_version: Option<&str>, scalar: Option<(&str, f32)>) -> Vec<u8> {
+fn event(
+    wall_time: f64,
+    step: i64,
+    file_version: Option<&str>,
+    scalar: Option<(&str, f32)>,
+) -> Vec<u8> {
     let mut ev = Vec::new();
     key(1, 1, &mut ev);
     ev.extend_from_slice(&wall_time.to_le_bytes());
