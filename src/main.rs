@@ -349,11 +349,7 @@ fn eval_split(
     let Some(path) = data_path else {
         bail!("give --data_path (a folder with train/ and val/ image folders, or IDX files train-* and t10k-*), or {flag}");
     };
-    anyhow::ensure!(
-        path.exists(),
-        "--data_path {} does not exist",
-        path.display()
-    );
+    anyhow::ensure!(path.exists(), "--data_path {} does not exist", path.display());
     let (tr, va) = (path.join("train"), path.join("val"));
     if tr.is_dir() && va.is_dir() {
         return Ok((path.join(dir), "train"));
@@ -914,8 +910,7 @@ fn run(cli: Cli) -> Result<bool> {
         Cmd::Launch(mut l) => {
             // `ibot --threads N launch ...`: the workers get the thread count too.
             if let Some(n) = cli.threads {
-                l.command
-                    .splice(1..1, ["--threads".to_string(), n.to_string()]);
+                l.command.splice(1..1, ["--threads".to_string(), n.to_string()]);
             }
             let code = ibot::dist::launch::launch(&l)?;
             if code != 0 {
@@ -1089,10 +1084,7 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::FAILURE,
-        Err(e)
-            if e.downcast_ref::<ibot::train::interrupt::Interrupted>()
-                .is_some() =>
-        {
+        Err(e) if e.downcast_ref::<ibot::train::interrupt::Interrupted>().is_some() => {
             let i = e
                 .downcast_ref::<ibot::train::interrupt::Interrupted>()
                 .map(|i| (i.exit_code(), i.message.clone()))

@@ -131,36 +131,16 @@ fn the_trajectory_check_fails_on_a_wrong_setting() {
     };
     type Tweak = fn(&mut TrainArgs);
     let cases: [(&str, Tweak, &str); 7] = [
-        (
-            "EMA skipped (momentum 1)",
-            |a| a.momentum_teacher = 1.0,
-            "parameters",
-        ),
-        (
-            "teacher momentum 0.99 instead of 0.9",
-            |a| a.momentum_teacher = 0.99,
-            "parameters",
-        ),
-        (
-            "weight decay dropped",
-            |a| {
-                a.weight_decay = 0.0;
-                a.weight_decay_end = 0.0;
-            },
-            "parameters",
-        ),
+        ("EMA skipped (momentum 1)", |a| a.momentum_teacher = 1.0, "parameters"),
+        ("teacher momentum 0.99 instead of 0.9", |a| a.momentum_teacher = 0.99, "parameters"),
+        ("weight decay dropped", |a| {
+            a.weight_decay = 0.0;
+            a.weight_decay_end = 0.0;
+        }, "parameters"),
         ("lr 1% high", |a| a.lr *= 1.01, "schedules"),
-        (
-            "last layer not frozen in epoch 0",
-            |a| a.freeze_last_layer = 0,
-            "optimizer",
-        ),
+        ("last layer not frozen in epoch 0", |a| a.freeze_last_layer = 0, "optimizer"),
         ("no gradient clipping", |a| a.clip_grad = 0.0, "parameters"),
-        (
-            "teacher temperature warm-up from 0.05",
-            |a| a.warmup_teacher_temp = 0.05,
-            "schedules",
-        ),
+        ("teacher temperature warm-up from 0.05", |a| a.warmup_teacher_temp = 0.05, "schedules"),
     ];
     for (what, tweak, group) in cases {
         let report = verify_trajectory(&dir, &tweak).expect("fixture runs");

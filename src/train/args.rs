@@ -41,22 +41,12 @@ pub struct TrainArgs {
     #[arg(long, default_value = "vit_small", help_heading = "Model")]
     pub arch: String,
     /// Side of the square patches in pixels. Smaller patches see finer detail and cost more.
-    #[arg(
-        long,
-        allow_hyphen_values = true,
-        default_value_t = 16,
-        help_heading = "Model"
-    )]
+    #[arg(long, allow_hyphen_values = true, default_value_t = 16, help_heading = "Model")]
     pub patch_size: i64,
     /// Resolution the position-embedding table is built for. The official code always uses
     /// 224, so keep it to produce checkpoints of the official shapes; other crop sizes are
     /// served by bicubic interpolation of the table.
-    #[arg(
-        long,
-        allow_hyphen_values = true,
-        default_value_t = 224,
-        help_heading = "Model"
-    )]
+    #[arg(long, allow_hyphen_values = true, default_value_t = 224, help_heading = "Model")]
     pub img_size: i64,
     /// Override the preset's width (e.g. a small ViT for small images).
     #[arg(long, allow_hyphen_values = true, help_heading = "Model")]
@@ -68,28 +58,13 @@ pub struct TrainArgs {
     #[arg(long, allow_hyphen_values = true, help_heading = "Model")]
     pub num_heads: Option<i64>,
     /// Stochastic-depth rate of the student's last block (the teacher uses none).
-    #[arg(
-        long,
-        allow_hyphen_values = true,
-        default_value_t = 0.1,
-        help_heading = "Model"
-    )]
+    #[arg(long, allow_hyphen_values = true, default_value_t = 0.1, help_heading = "Model")]
     pub drop_path: f64,
     /// Output width of the [CLS] head (number of "prototypes").
-    #[arg(
-        long,
-        allow_hyphen_values = true,
-        default_value_t = 8192,
-        help_heading = "Head"
-    )]
+    #[arg(long, allow_hyphen_values = true, default_value_t = 8192, help_heading = "Head")]
     pub out_dim: i64,
     /// Output width of the patch head (used when the heads are not shared).
-    #[arg(
-        long,
-        allow_hyphen_values = true,
-        default_value_t = 8192,
-        help_heading = "Head"
-    )]
+    #[arg(long, allow_hyphen_values = true, default_value_t = 8192, help_heading = "Head")]
     pub patch_out_dim: i64,
     /// Student: one head for [CLS] and patch tokens.
     #[arg(long, default_value = "false", value_parser = parse_bool, action = ArgAction::Set, num_args = 0..=1, default_missing_value = "true", help_heading = "Head")]
@@ -108,31 +83,16 @@ pub struct TrainArgs {
     #[arg(long, default_value = "gelu", help_heading = "Head")]
     pub act_in_head: String,
     /// Hidden width of the head's MLP (official: 2048, no flag there).
-    #[arg(
-        long,
-        allow_hyphen_values = true,
-        default_value_t = 2048,
-        help_heading = "Head"
-    )]
+    #[arg(long, allow_hyphen_values = true, default_value_t = 2048, help_heading = "Head")]
     pub head_hidden_dim: i64,
     /// Bottleneck width before the last layer (official: 256, no flag there).
-    #[arg(
-        long,
-        allow_hyphen_values = true,
-        default_value_t = 256,
-        help_heading = "Head"
-    )]
+    #[arg(long, allow_hyphen_values = true, default_value_t = 256, help_heading = "Head")]
     pub head_bottleneck_dim: i64,
 
     // ---- iBOT objective
     /// Starting EMA momentum of the teacher, raised to 1 by a cosine schedule. Small batches
     /// want it higher (e.g. 0.9995 at batch 256).
-    #[arg(
-        long,
-        allow_hyphen_values = true,
-        default_value_t = 0.996,
-        help_heading = "Objective"
-    )]
+    #[arg(long, allow_hyphen_values = true, default_value_t = 0.996, help_heading = "Objective")]
     pub momentum_teacher: f64,
     /// Mask patches of the student's global views and predict the teacher's patch tokens.
     #[arg(long, default_value = "true", value_parser = parse_bool, action = ArgAction::Set, num_args = 0..=1, default_missing_value = "true", help_heading = "Objective")]
@@ -147,70 +107,30 @@ pub struct TrainArgs {
     #[arg(long, default_value = "block", help_heading = "Objective")]
     pub pred_shape: String,
     /// Epoch from which images are masked (before it masks are empty).
-    #[arg(
-        long,
-        allow_hyphen_values = true,
-        default_value_t = 0,
-        help_heading = "Objective"
-    )]
+    #[arg(long, allow_hyphen_values = true, default_value_t = 0, help_heading = "Objective")]
     pub pred_start_epoch: usize,
     /// Weight of the [CLS] self-distillation loss.
-    #[arg(
-        long,
-        allow_hyphen_values = true,
-        default_value_t = 1.0,
-        help_heading = "Objective"
-    )]
+    #[arg(long, allow_hyphen_values = true, default_value_t = 1.0, help_heading = "Objective")]
     pub lambda1: f64,
     /// Weight of the masked-patch loss.
-    #[arg(
-        long,
-        allow_hyphen_values = true,
-        default_value_t = 1.0,
-        help_heading = "Objective"
-    )]
+    #[arg(long, allow_hyphen_values = true, default_value_t = 1.0, help_heading = "Objective")]
     pub lambda2: f64,
     /// Teacher [CLS] temperature at the start of its warm-up.
-    #[arg(
-        long,
-        allow_hyphen_values = true,
-        default_value_t = 0.04,
-        help_heading = "Objective"
-    )]
+    #[arg(long, allow_hyphen_values = true, default_value_t = 0.04, help_heading = "Objective")]
     pub warmup_teacher_temp: f64,
     /// Teacher [CLS] temperature after the warm-up; above ~0.07 training tends to diverge.
-    #[arg(
-        long,
-        allow_hyphen_values = true,
-        default_value_t = 0.04,
-        help_heading = "Objective"
-    )]
+    #[arg(long, allow_hyphen_values = true, default_value_t = 0.04, help_heading = "Objective")]
     pub teacher_temp: f64,
     /// Teacher patch temperature at the start of its warm-up.
-    #[arg(
-        long,
-        allow_hyphen_values = true,
-        default_value_t = 0.04,
-        help_heading = "Objective"
-    )]
+    #[arg(long, allow_hyphen_values = true, default_value_t = 0.04, help_heading = "Objective")]
     pub warmup_teacher_patch_temp: f64,
     /// Teacher patch temperature after the warm-up.
-    #[arg(
-        long,
-        allow_hyphen_values = true,
-        default_value_t = 0.07,
-        help_heading = "Objective"
-    )]
+    #[arg(long, allow_hyphen_values = true, default_value_t = 0.07, help_heading = "Objective")]
     pub teacher_patch_temp: f64,
     /// Epochs of the linear teacher-temperature warm-up (official default 30). As in the
     /// official code it must not exceed --epochs: for shorter runs set it lower, e.g.
     /// `--warmup_teacher_temp_epochs 0`.
-    #[arg(
-        long,
-        allow_hyphen_values = true,
-        default_value_t = 30,
-        help_heading = "Objective"
-    )]
+    #[arg(long, allow_hyphen_values = true, default_value_t = 30, help_heading = "Objective")]
     pub warmup_teacher_temp_epochs: usize,
 
     // ---- optimisation
@@ -228,75 +148,30 @@ pub struct TrainArgs {
     #[serde(default)]
     pub precision: PrecisionChoice,
     /// Weight decay at the start of its cosine schedule.
-    #[arg(
-        long,
-        allow_hyphen_values = true,
-        default_value_t = 0.04,
-        help_heading = "Optimisation"
-    )]
+    #[arg(long, allow_hyphen_values = true, default_value_t = 0.04, help_heading = "Optimisation")]
     pub weight_decay: f64,
     /// Weight decay at the end of training.
-    #[arg(
-        long,
-        allow_hyphen_values = true,
-        default_value_t = 0.4,
-        help_heading = "Optimisation"
-    )]
+    #[arg(long, allow_hyphen_values = true, default_value_t = 0.4, help_heading = "Optimisation")]
     pub weight_decay_end: f64,
     /// Per-tensor gradient-norm clip (0 disables).
-    #[arg(
-        long,
-        allow_hyphen_values = true,
-        default_value_t = 3.0,
-        help_heading = "Optimisation"
-    )]
+    #[arg(long, allow_hyphen_values = true, default_value_t = 3.0, help_heading = "Optimisation")]
     pub clip_grad: f64,
     /// Images per step on each device.
-    #[arg(
-        long,
-        allow_hyphen_values = true,
-        default_value_t = 128,
-        help_heading = "Optimisation"
-    )]
+    #[arg(long, allow_hyphen_values = true, default_value_t = 128, help_heading = "Optimisation")]
     pub batch_size_per_gpu: usize,
-    #[arg(
-        long,
-        allow_hyphen_values = true,
-        default_value_t = 100,
-        help_heading = "Optimisation"
-    )]
+    #[arg(long, allow_hyphen_values = true, default_value_t = 100, help_heading = "Optimisation")]
     pub epochs: usize,
     /// Epochs during which the head's last layer is not updated.
-    #[arg(
-        long,
-        allow_hyphen_values = true,
-        default_value_t = 1,
-        help_heading = "Optimisation"
-    )]
+    #[arg(long, allow_hyphen_values = true, default_value_t = 1, help_heading = "Optimisation")]
     pub freeze_last_layer: usize,
     /// Peak learning rate for a total batch of 256 (scaled linearly with the real batch).
-    #[arg(
-        long,
-        allow_hyphen_values = true,
-        default_value_t = 0.0005,
-        help_heading = "Optimisation"
-    )]
+    #[arg(long, allow_hyphen_values = true, default_value_t = 0.0005, help_heading = "Optimisation")]
     pub lr: f64,
     /// Epochs of linear learning-rate warm-up.
-    #[arg(
-        long,
-        allow_hyphen_values = true,
-        default_value_t = 10,
-        help_heading = "Optimisation"
-    )]
+    #[arg(long, allow_hyphen_values = true, default_value_t = 10, help_heading = "Optimisation")]
     pub warmup_epochs: usize,
     /// Learning rate at the end of the cosine schedule.
-    #[arg(
-        long,
-        allow_hyphen_values = true,
-        default_value_t = 1e-6,
-        help_heading = "Optimisation"
-    )]
+    #[arg(long, allow_hyphen_values = true, default_value_t = 1e-6, help_heading = "Optimisation")]
     pub min_lr: f64,
     /// adamw (for ViTs), sgd or lars.
     #[arg(long, default_value = "adamw", help_heading = "Optimisation")]
@@ -307,42 +182,22 @@ pub struct TrainArgs {
     pub load_from: Option<PathBuf>,
 
     // ---- multi-crop
-    #[arg(
-        long,
-        allow_hyphen_values = true,
-        default_value_t = 2,
-        help_heading = "Multi-crop"
-    )]
+    #[arg(long, allow_hyphen_values = true, default_value_t = 2, help_heading = "Multi-crop")]
     pub global_crops_number: usize,
     /// Area range of the global crops relative to the image.
     #[arg(long, allow_negative_numbers = true, num_args = 2, default_values_t = vec![0.14, 1.0], help_heading = "Multi-crop")]
     pub global_crops_scale: Vec<f64>,
     /// Number of small local views (0 disables multi-crop; the paper uses 10).
-    #[arg(
-        long,
-        allow_hyphen_values = true,
-        default_value_t = 0,
-        help_heading = "Multi-crop"
-    )]
+    #[arg(long, allow_hyphen_values = true, default_value_t = 0, help_heading = "Multi-crop")]
     pub local_crops_number: usize,
     /// Area range of the local crops.
     #[arg(long, allow_negative_numbers = true, num_args = 2, default_values_t = vec![0.05, 0.4], help_heading = "Multi-crop")]
     pub local_crops_scale: Vec<f64>,
     /// Side of the global crops in pixels.
-    #[arg(
-        long,
-        allow_hyphen_values = true,
-        default_value_t = 224,
-        help_heading = "Multi-crop"
-    )]
+    #[arg(long, allow_hyphen_values = true, default_value_t = 224, help_heading = "Multi-crop")]
     pub global_crops_size: usize,
     /// Side of the local crops in pixels.
-    #[arg(
-        long,
-        allow_hyphen_values = true,
-        default_value_t = 96,
-        help_heading = "Multi-crop"
-    )]
+    #[arg(long, allow_hyphen_values = true, default_value_t = 96, help_heading = "Multi-crop")]
     pub local_crops_size: usize,
 
     // ---- misc
@@ -363,27 +218,12 @@ pub struct TrainArgs {
     #[arg(long, default_value = ".", help_heading = "Data and output")]
     pub output_dir: PathBuf,
     /// Also keep checkpointNNNN.safetensors every this many epochs (0: never).
-    #[arg(
-        long,
-        allow_hyphen_values = true,
-        default_value_t = 40,
-        help_heading = "Data and output"
-    )]
+    #[arg(long, allow_hyphen_values = true, default_value_t = 40, help_heading = "Data and output")]
     pub saveckp_freq: usize,
-    #[arg(
-        long,
-        allow_hyphen_values = true,
-        default_value_t = 0,
-        help_heading = "Data and output"
-    )]
+    #[arg(long, allow_hyphen_values = true, default_value_t = 0, help_heading = "Data and output")]
     pub seed: u64,
     /// Data-loading threads.
-    #[arg(
-        long,
-        allow_hyphen_values = true,
-        default_value_t = 10,
-        help_heading = "Data and output"
-    )]
+    #[arg(long, allow_hyphen_values = true, default_value_t = 10, help_heading = "Data and output")]
     pub num_workers: usize,
     /// cpu, cuda, cuda:N or auto (a GPU when there is one).
     #[arg(long, default_value = "auto", help_heading = "Data and output")]
@@ -412,10 +252,7 @@ impl TrainArgs {
             ("lambda2", self.lambda2),
         ];
         for (name, v) in nonneg {
-            ensure!(
-                v >= 0.0 && v.is_finite(),
-                "--{name} must be a number >= 0 (got {v})"
-            );
+            ensure!(v >= 0.0 && v.is_finite(), "--{name} must be a number >= 0 (got {v})");
         }
         for (name, v) in [
             ("warmup_teacher_temp", self.warmup_teacher_temp),

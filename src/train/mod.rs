@@ -14,8 +14,8 @@ use anyhow::{bail, ensure, Result};
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
-use crate::dist::Comm;
 pub use crate::loss::IbotLossConfig;
+use crate::dist::Comm;
 use crate::loss::{IbotLoss, LossOutput};
 use crate::models::{HeadConfig, MultiCropOutput, MultiCropWrapper, VitConfig};
 use crate::params::ParamStore;

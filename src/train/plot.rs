@@ -109,10 +109,7 @@ fn y_range(ys: &[f64]) -> (f64, f64) {
         let pad = if scale > 0.0 { scale * 0.5 } else { 1.0 };
         return (lo - if lo < 0.0 { pad } else { 0.0 }, hi + pad);
     }
-    (
-        if lo < 0.0 { lo - 0.05 * span } else { lo },
-        hi + 0.05 * span,
-    )
+    (if lo < 0.0 { lo - 0.05 * span } else { lo }, hi + 0.05 * span)
 }
 
 /// Width of the legend column on the right of the chart.
@@ -143,9 +140,7 @@ fn draw(
     let (xlo, xhi) = points
         .iter()
         .map(|p| p.epoch)
-        .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), e| {
-            (a.min(e), b.max(e))
-        });
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), e| (a.min(e), b.max(e)));
     let (xlo, xhi) = if xlo.is_finite() {
         (xlo - 0.5, xhi + 0.5)
     } else {

@@ -21,8 +21,8 @@ use crate::data::augment::AugmentConfig;
 use crate::data::dataset::{self, Dataset};
 use crate::data::loader::{Batch, Loader, LoaderConfig};
 use crate::data::masking::MaskConfig;
-use crate::dist::{Comm, DistEnv, ProcessGroup, SingleProcess};
 use crate::eval::cluster;
+use crate::dist::{Comm, DistEnv, ProcessGroup, SingleProcess};
 use crate::models::{HeadConfig, VitConfig};
 
 /// Picks the device: `auto` is the first GPU when libtorch sees one.
@@ -268,14 +268,7 @@ fn rank_device(name: &str, env: Option<&DistEnv>) -> Result<Device> {
 fn options_fingerprint(args: &TrainArgs) -> Result<u64> {
     let mut v = serde_json::to_value(args)?;
     if let Some(m) = v.as_object_mut() {
-        for k in [
-            "output_dir",
-            "data_path",
-            "num_workers",
-            "device",
-            "load_from",
-            "stop_after",
-        ] {
+        for k in ["output_dir", "data_path", "num_workers", "device", "load_from", "stop_after"] {
             m.remove(k);
         }
     }
@@ -429,10 +422,7 @@ pub fn train_loop(
             Precision::auto_reason(args.use_fp16, device)
         ));
     } else {
-        say(format!(
-            "precision: {} (--precision)",
-            ibot.precision.name()
-        ));
+        say(format!("precision: {} (--precision)", ibot.precision.name()));
     }
 
     // lr scaled by the total batch, as the official `args.lr * batch_size_per_gpu * world / 256`.
@@ -464,10 +454,7 @@ pub fn train_loop(
         let meta = checkpoint::load(p, &mut ibot)
             .with_context(|| format!("resuming from {}", p.display()))?;
         start_epoch = meta.epoch;
-        say(format!(
-            "resumed from {} at epoch {start_epoch}",
-            p.display()
-        ));
+        say(format!("resumed from {} at epoch {start_epoch}", p.display()));
     }
     if comm.world_size() > 1 {
         let epochs = crate::dist::all_gather_i64(comm, &[start_epoch as i64])?;
@@ -516,7 +503,7 @@ pub fn train_loop(
         None
     };
     let tb_write = |tb: &mut Option<super::tensorboard::EventWriter>,
-                    points: &[(&str, f64, i64)]| {
+                        points: &[(&str, f64, i64)]| {
         if let Some(w) = tb.as_mut() {
             let r = points
                 .iter()
@@ -573,8 +560,7 @@ pub fn train_loop(
             // ranks then skip the step together (a collective must be entered by everyone).
             let mut empty = batch.indices.is_empty();
             if comm.world_size() > 1 && args.skip_corrupt {
-                let mut flag =
-                    Tensor::from_slice(&[f32::from(u8::from(empty))]).to_device(comm.device());
+                let mut flag = Tensor::from_slice(&[f32::from(u8::from(empty))]).to_device(comm.device());
                 comm.all_reduce_max(&mut flag)?;
                 empty = flag.double_value(&[0]) > 0.0;
             }
@@ -584,43 +570,44 @@ pub fn train_loop(
             let g = niter * epoch + it;
             let views: Vec<Tensor> = batch.views.iter().map(|v| v.to_device(device)).collect();
             let masks: Vec<Tensor> = batch.masks.iter().map(|m| m.to_device(device)).collect();
-            let (s, pred) = match ibot.train_step(&views, &masks, epoch, lr[g], wd[g], mom[g], comm)
-            {
-                Ok(x) => x,
-                Err(e) => {
-                    if let Some(sig) = super::interrupt::pending() {
-                        // A peer that stopped on the signal breaks the collective.
-                        return Err(super::interrupt::interrupted(sig));
-                    }
-                    if let Some(nf) = e.downcast_ref::<NonFiniteLoss>() {
-                        let whose = if nf.other_rank {
-                            "on another rank".to_string()
-                        } else {
-                            format!("{}", nf.value)
-                        };
-                        // What is on disk, not what should be there.
-                        let kept = match checkpoint::read_meta(&ckpt_path) {
-                            Ok(m) => format!(
-                                "the last checkpoint, {} (epoch {} finished), is intact",
-                                ckpt_path.display(),
-                                m.epoch.saturating_sub(1)
-                            ),
-                            Err(_) if ckpt_path.exists() => {
-                                format!("{} is left as it was", ckpt_path.display())
-                            }
-                            Err(_) => format!(
-                                "no checkpoint was written in {}",
-                                args.output_dir.display()
-                            ),
-                        };
-                        bail!(
+            let (s, pred) =
+                match ibot.train_step(&views, &masks, epoch, lr[g], wd[g], mom[g], comm) {
+                    Ok(x) => x,
+                    Err(e) => {
+                        if let Some(sig) = super::interrupt::pending() {
+                            // A peer that stopped on the signal breaks the collective.
+                            return Err(super::interrupt::interrupted(sig));
+                        }
+                        if let Some(nf) = e.downcast_ref::<NonFiniteLoss>() {
+                            let whose = if nf.other_rank {
+                                "on another rank".to_string()
+                            } else {
+                                format!("{}", nf.value)
+                            };
+                            // What is on disk, not what should be there.
+                            let kept = match checkpoint::read_meta(&ckpt_path) {
+                                Ok(m) => format!(
+                                    "the last checkpoint, {} (epoch {} finished), is intact",
+                                    ckpt_path.display(),
+                                    m.epoch.saturating_sub(1)
+                                ),
+                                Err(_) if ckpt_path.exists() => format!(
+                                    "{} is left as it was",
+                                    ckpt_path.display()
+                                ),
+                                Err(_) => format!(
+                                    "no checkpoint was written in {}",
+                                    args.output_dir.display()
+                                ),
+                            };
+                            bail!(
                                 "loss is {whose} at epoch {epoch}, iteration {it}: stopping (last finite loss {:?}); {kept}",
                                 last_finite
                             );
+                        }
+                        return Err(e);
                     }
-                    return Err(e);
-                }
-            };
+                };
             observer.step(g, &s, &ibot)?;
             tb_write(
                 &mut tb,
@@ -723,10 +710,8 @@ pub fn train_loop(
                     }
                 }
             }
-            let pts: Vec<(&str, f64, i64)> = pts
-                .iter()
-                .map(|(k, v)| (k.as_str(), *v, epoch as i64))
-                .collect();
+            let pts: Vec<(&str, f64, i64)> =
+                pts.iter().map(|(k, v)| (k.as_str(), *v, epoch as i64)).collect();
             tb_write(&mut tb, &pts);
         }
         say(format!(

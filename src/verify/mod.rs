@@ -131,14 +131,7 @@ impl Report {
         }
     }
 
-    pub(crate) fn scalar(
-        &mut self,
-        group: &'static str,
-        name: &str,
-        ours: f64,
-        reference: f64,
-        tol: f64,
-    ) {
+    pub(crate) fn scalar(&mut self, group: &'static str, name: &str, ours: f64, reference: f64, tol: f64) {
         let diff = (ours - reference).abs();
         self.checks.push(Check {
             group,
