@@ -1100,3 +1100,25 @@ print(json.dumps(out))
         }
     }
 }
+
+#[test]
+fn loss_png_shows_a_single_epoch_and_flat_curves() {
+    use ibot::train::plot::{write_loss_png, EpochLoss};
+    let dir = tempdir("plot");
+    let count = |path: &Path, rgb: [u8; 3]| {
+        let img = image::open(path).unwrap().to_rgb8();
+        img.pixels().filter(|p| p.0 == rgb).count()
+    };
+    // One epoch: markers make it visible (it was an empty chart).
+    let one = dir.join("one.png");
+    let p = EpochLoss { epoch: 0.0, loss: 9.4, cls: 3.8, patch: 5.6 };
+    write_loss_png(&[p], &one).unwrap();
+    assert!(count(&one, [0, 0, 255]) > 20, "no blue marker");
+    assert!(count(&one, [255, 0, 0]) > 20, "no red marker");
+    // All zero: still drawn, in a padded range.
+    let zero = dir.join("zero.png");
+    let z = |e| EpochLoss { epoch: e, loss: 0.0, cls: 0.0, patch: 0.0 };
+    write_loss_png(&[z(0.0), z(1.0), z(2.0)], &zero).unwrap();
+    assert!(count(&zero, [255, 0, 0]) > 20);
+    eprintln!("pictures in {}", dir.display());
+}
