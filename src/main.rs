@@ -38,8 +38,9 @@ struct Cli {
 enum Cmd {
     /// Pre-trains a small ViT on Fashion-MNIST for a few minutes, then compares the k-NN
     /// accuracy of its teacher with the same network at initialisation and with raw pixels.
-    /// Takes every `train` option (defaults: --preset fmnist_tiny on the Debian package's files).
-    #[command(args_override_self = true)]
+    /// Takes every `train` option (defaults: --preset fmnist_tiny on the Debian package's files,
+    /// listed at the end of `ibot demo --help`).
+    #[command(args_override_self = true, after_help = demo_help())]
     Demo(DemoArgs),
     /// iBOT pre-training (the official main_ibot.py). Resumes from <output_dir>/checkpoint.safetensors.
     #[command(args_override_self = true)]
@@ -112,9 +113,14 @@ struct WeightsArgs {
     /// Network to take from full checkpoints: teacher or student.
     #[arg(long, default_value = "teacher")]
     checkpoint_key: String,
-    /// Architecture (vit_tiny/small/base/large); only needed when the width is not a standard one.
+    /// Architecture (vit_tiny/small/base/large); only needed when the width is not a standard
+    /// one. Checked against the weights: an --arch whose width or depth differs is an error.
     #[arg(long)]
     arch: Option<String>,
+    /// Number of attention heads, for weights of a width no standard ViT has (no tensor shape
+    /// shows it); checked against the width and against --arch.
+    #[arg(long)]
+    num_heads: Option<i64>,
     /// Evaluation crop side, 1 to 4096 pixels and at least one patch (default: the resolution
     /// the position embedding was built for).
     #[arg(long)]
@@ -128,9 +134,18 @@ struct WeightsArgs {
 struct KnnArgs {
     #[command(flatten)]
     weights: WeightsArgs,
-    /// A folder with train/ and val/ image folders, or IDX files (train-* and t10k-*).
+    /// A folder with train/ and val/ image folders, or IDX files (train-* and t10k-*). Other
+    /// layouts: give --train_path and --val_path.
     #[arg(long)]
-    data_path: PathBuf,
+    data_path: Option<PathBuf>,
+    /// The memory (training) images, instead of <data_path>/train: an image folder, a folder
+    /// of IDX files (train-* is read) or an IDX images file.
+    #[arg(long)]
+    train_path: Option<PathBuf>,
+    /// The query (validation) images, instead of <data_path>/val: an image folder, a folder of
+    /// IDX files (t10k-* is read) or an IDX images file.
+    #[arg(long)]
+    val_path: Option<PathBuf>,
     /// Numbers of nearest neighbours k, each at least 1; a k above the number of training
     /// (memory) images is lowered to that number, with a note.
     #[arg(long, num_args = 1.., default_values_t = vec![10, 20, 100, 200])]
@@ -161,9 +176,14 @@ struct KnnArgs {
 struct UnsupArgs {
     #[command(flatten)]
     weights: WeightsArgs,
-    /// A folder with a val/ image folder, or IDX files (the t10k-* split is used).
+    /// A folder with a val/ image folder, or IDX files (the t10k-* split is used). Other
+    /// layouts: give --val_path.
     #[arg(long)]
-    data_path: PathBuf,
+    data_path: Option<PathBuf>,
+    /// The images to evaluate, instead of <data_path>/val: an image folder, a folder of IDX
+    /// files (t10k-* is read) or an IDX images file.
+    #[arg(long)]
+    val_path: Option<PathBuf>,
     #[arg(long, default_value_t = 128)]
     batch_size_per_gpu: usize,
     /// Use at most this many images.
@@ -184,9 +204,13 @@ struct ExtractArgs {
     /// Network to take from full checkpoints: teacher or student.
     #[arg(long, default_value = "teacher")]
     checkpoint_key: String,
-    /// Architecture, only needed when the width is not a standard one.
+    /// Architecture, only needed when the width is not a standard one (checked against the
+    /// weights).
     #[arg(long)]
     arch: Option<String>,
+    /// Number of attention heads, for weights of a non-standard width.
+    #[arg(long)]
+    num_heads: Option<i64>,
     /// Names for timm's VisionTransformer (drops `masked_embed`, which timm does not have).
     #[arg(long)]
     timm: bool,
@@ -291,12 +315,78 @@ enum BenchCmd {
     },
 }
 
-/// Split folders for evaluation: (train, test) data sets.
-fn eval_splits(path: &std::path::Path) -> Result<(PathBuf, &'static str, PathBuf, &'static str)> {
-    if path.join("train").is_dir() && path.join("val").is_dir() {
-        return Ok((path.join("train"), "train", path.join("val"), "train"));
+/// Which half of an evaluation split.
+#[derive(Clone, Copy, PartialEq)]
+enum Half {
+    Train,
+    Val,
+}
+
+/// True when `dir` holds `<split>-images-idx3-ubyte[.gz]`.
+fn has_idx(dir: &std::path::Path, split: &str) -> bool {
+    ["", ".gz"]
+        .iter()
+        .any(|z| dir.join(format!("{split}-images-idx3-ubyte{z}")).is_file())
+}
+
+/// One half of an evaluation split: `explicit` (--train_path / --val_path) when given, else
+/// `<data_path>/train` / `<data_path>/val` image folders, or IDX files with both `train-*` and
+/// `t10k-*` in `data_path`. Anything else is an error: evaluating on the images the memory (or
+/// classifier) was built from would report a meaningless accuracy.
+fn eval_split(
+    data_path: Option<&std::path::Path>,
+    explicit: Option<&std::path::Path>,
+    half: Half,
+) -> Result<(PathBuf, &'static str)> {
+    let (flag, dir, idx) = match half {
+        Half::Train => ("--train_path", "train", "train"),
+        Half::Val => ("--val_path", "val", "t10k"),
+    };
+    if let Some(p) = explicit {
+        anyhow::ensure!(p.exists(), "{flag} {} does not exist", p.display());
+        return Ok((p.to_path_buf(), idx));
     }
-    Ok((path.to_path_buf(), "train", path.to_path_buf(), "t10k"))
+    let Some(path) = data_path else {
+        bail!("give --data_path (a folder with train/ and val/ image folders, or IDX files train-* and t10k-*), or {flag}");
+    };
+    anyhow::ensure!(path.exists(), "--data_path {} does not exist", path.display());
+    let (tr, va) = (path.join("train"), path.join("val"));
+    if tr.is_dir() && va.is_dir() {
+        return Ok((path.join(dir), "train"));
+    }
+    if path.is_dir() && has_idx(path, "train") && has_idx(path, "t10k") {
+        return Ok((path.to_path_buf(), idx));
+    }
+    let found = if tr.is_dir() {
+        "it has train/ but no val/".to_string()
+    } else if va.is_dir() {
+        "it has val/ but no train/".to_string()
+    } else if path.is_dir() && has_idx(path, "train") {
+        "it has IDX files train-* but no t10k-*".to_string()
+    } else if path.is_dir() && has_idx(path, "t10k") {
+        "it has IDX files t10k-* but no train-*".to_string()
+    } else if path.is_file() {
+        "it is a single file".to_string()
+    } else {
+        "it has neither".to_string()
+    };
+    bail!(
+        "--data_path {} is not split into training and validation images ({found}): evaluation \
+         needs train/ and val/ image folders, or IDX files with both train-* and t10k-*; or give \
+         the two sets explicitly with --train_path and --val_path",
+        path.display()
+    )
+}
+
+/// Both halves of an evaluation split (see [`eval_split`]).
+fn eval_splits(
+    data_path: Option<&std::path::Path>,
+    train_path: Option<&std::path::Path>,
+    val_path: Option<&std::path::Path>,
+) -> Result<(PathBuf, &'static str, PathBuf, &'static str)> {
+    let (trp, trs) = eval_split(data_path, train_path, Half::Train)?;
+    let (vap, vas) = eval_split(data_path, val_path, Half::Val)?;
+    Ok((trp, trs, vap, vas))
 }
 
 fn knn_report(
@@ -363,7 +453,8 @@ fn demo(d: DemoArgs) -> Result<()> {
     let out = run::train(a)?;
     let device = out.ibot.device;
     let size = a.global_crops_size;
-    let (train_path, train_split, test_path, test_split) = eval_splits(&a.data_path)?;
+    let (train_path, train_split, test_path, test_split) =
+        eval_splits(Some(&a.data_path), None, None)?;
     let train_ds = ibot::data::dataset::open(&train_path, train_split)?;
     let test_ds = ibot::data::dataset::open(&test_path, test_split)?;
     let tr = first_n(train_ds.len(), d.knn_train);
@@ -459,7 +550,12 @@ fn open_backbone_on(
     let Some(path) = &w.pretrained_weights else {
         bail!("--pretrained_weights is required")
     };
-    let p = ibot::interop::load_pretrained(path, &w.checkpoint_key, w.arch.as_deref())?;
+    let p = ibot::interop::load_pretrained_with(
+        path,
+        &w.checkpoint_key,
+        w.arch.as_deref(),
+        w.num_heads,
+    )?;
     eprintln!("weights: {}", p.description);
     let (_, vit) = p.backbone_model(device)?;
     let size = w.crop_size.unwrap_or(p.vit.img_size as usize);
@@ -498,7 +594,11 @@ fn eval_knn(k: KnnArgs) -> Result<()> {
         )
     } else {
         let (_, vit, size, device) = open_backbone_on(&k.weights, device)?;
-        let (trp, trs, tep, tes) = eval_splits(&k.data_path)?;
+        let (trp, trs, tep, tes) = eval_splits(
+            k.data_path.as_deref(),
+            k.train_path.as_deref(),
+            k.val_path.as_deref(),
+        )?;
         let train_ds = ibot::data::dataset::open(&trp, trs)?;
         let test_ds = ibot::data::dataset::open(&tep, tes)?;
         let lim = k.subset.unwrap_or(usize::MAX);
@@ -596,7 +696,7 @@ fn eval_unsup(u: UnsupArgs) -> Result<()> {
     let (_, head) = p
         .head_model(device)?
         .context("these weights have no projection head (a backbone-only file?); eval-unsup needs a full checkpoint")?;
-    let (_, _, tep, tes) = eval_splits(&u.data_path)?;
+    let (tep, tes) = eval_split(u.data_path.as_deref(), u.val_path.as_deref(), Half::Val)?;
     let ds = ibot::data::dataset::open(&tep, tes)?;
     let idx = first_n(ds.len(), u.subset.unwrap_or(usize::MAX));
     anyhow::ensure!(
@@ -653,7 +753,12 @@ fn extract_backbone(e: ExtractArgs) -> Result<()> {
         "{} already exists; pass --force to replace it",
         e.output.display()
     );
-    let p = ibot::interop::load_pretrained(&e.input, &e.checkpoint_key, e.arch.as_deref())?;
+    let p = ibot::interop::load_pretrained_with(
+        &e.input,
+        &e.checkpoint_key,
+        e.arch.as_deref(),
+        e.num_heads,
+    )?;
     let n = ibot::interop::export_backbone(&p, &e.output, e.timm)?;
     println!(
         "{n} backbone tensors of {} written to {}",
@@ -741,14 +846,19 @@ fn visualize_attention(a: AttentionArgs) -> Result<()> {
 
 fn eval_linear(a: ibot::eval::linear::LinearArgs) -> Result<()> {
     let device = run::select_device(&a.device)?;
-    let p = ibot::interop::load_pretrained(
+    let p = ibot::interop::load_pretrained_with(
         &a.pretrained_weights,
         &a.checkpoint_key,
         a.arch.as_deref(),
+        a.num_heads,
     )?;
     eprintln!("weights: {}", p.description);
     let (_, vit) = p.backbone_model(device)?;
-    let (trp, trs, tep, tes) = eval_splits(&a.data_path)?;
+    let (trp, trs, tep, tes) = eval_splits(
+        a.data_path.as_deref(),
+        a.train_path.as_deref(),
+        a.val_path.as_deref(),
+    )?;
     let train_ds = ibot::data::dataset::open(&trp, trs)?;
     let val_ds = ibot::data::dataset::open(&tep, tes)?;
     eprintln!(
@@ -772,13 +882,28 @@ fn run(cli: Cli) -> Result<bool> {
     match cli.cmd {
         Cmd::Demo(d) => demo(d).map(|_| true),
         Cmd::Train(a) => {
+            ibot::train::interrupt::install()?;
             let out = run::train(&a)?;
             if out.rank == 0 {
-                eprintln!(
-                    "{} epoch(s) trained; checkpoint in {}",
-                    out.epochs_done,
-                    a.output_dir.display()
-                );
+                let ckpt = a.output_dir.join("checkpoint.safetensors");
+                if out.epochs_done == 0 {
+                    eprintln!(
+                        "no epoch was trained (the run was already at epoch {} of --epochs {}); {}",
+                        out.start_epoch,
+                        a.epochs,
+                        if ckpt.is_file() {
+                            format!("{} is unchanged", ckpt.display())
+                        } else {
+                            "no checkpoint was written".to_string()
+                        }
+                    );
+                } else {
+                    eprintln!(
+                        "{} epoch(s) trained; checkpoint in {}",
+                        out.epochs_done,
+                        ckpt.display()
+                    );
+                }
             }
             Ok(true)
         }
@@ -895,26 +1020,52 @@ fn run(cli: Cli) -> Result<bool> {
     }
 }
 
-/// Defaults of `ibot demo`, placed before the user's own options.
+/// Defaults of `ibot demo`, placed right after the subcommand, before the user's own options
+/// (which therefore win).
+const DEMO_DEFAULTS: &[&str] = &[
+    "--preset",
+    "fmnist_tiny",
+    "--data_path",
+    FMNIST,
+    "--output_dir",
+    "runs/fmnist-demo",
+    "--subset",
+    "20000",
+    "--num_workers",
+    "2",
+];
+
+/// The end of `ibot demo --help`: the defaults it really runs with (the option list above it
+/// shows `train`'s, which the demo's replace).
+fn demo_help() -> String {
+    let mut pairs = Vec::new();
+    for p in DEMO_DEFAULTS.chunks(2) {
+        pairs.push(format!("  {} {}", p[0], p[1]));
+    }
+    let preset = PRESETS
+        .iter()
+        .find(|(n, _, _)| *n == "fmnist_tiny")
+        .map(|(_, _, a)| a.join(" "))
+        .unwrap_or_default();
+    format!(
+        "The demo runs with these defaults in place of train's (options you give win):\n{}\n\n\
+         --preset fmnist_tiny stands for:\n  {preset}",
+        pairs.join("\n")
+    )
+}
+
+/// Puts [`DEMO_DEFAULTS`] right after the subcommand when the subcommand is `demo` (the first
+/// argument that is neither an option nor the value of `--threads`); any other command line,
+/// including one where `demo` is only the value of an option or a file name, is left alone.
 fn demo_defaults(argv: Vec<String>) -> Vec<String> {
-    let Some(pos) = argv.iter().position(|a| a == "demo") else {
+    let Some(pos) = ibot::train::args::subcommand_position(&argv) else {
         return argv;
     };
-    let mut out = argv[..=pos].to_vec();
-    for s in [
-        "--preset",
-        "fmnist_tiny",
-        "--data_path",
-        FMNIST,
-        "--output_dir",
-        "runs/fmnist-demo",
-        "--subset",
-        "20000",
-        "--num_workers",
-        "2",
-    ] {
-        out.push(s.to_string());
+    if argv[pos] != "demo" {
+        return argv;
     }
+    let mut out = argv[..=pos].to_vec();
+    out.extend(DEMO_DEFAULTS.iter().map(|s| s.to_string()));
     out.extend(argv[pos + 1..].iter().cloned());
     out
 }
@@ -933,6 +1084,16 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::FAILURE,
+        Err(e) if e.downcast_ref::<ibot::train::interrupt::Interrupted>().is_some() => {
+            let i = e
+                .downcast_ref::<ibot::train::interrupt::Interrupted>()
+                .map(|i| (i.exit_code(), i.message.clone()))
+                .unwrap_or((130, String::new()));
+            if !i.1.is_empty() {
+                eprintln!("{}", i.1);
+            }
+            ExitCode::from(i.0)
+        }
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::from(2)

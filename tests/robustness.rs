@@ -496,3 +496,629 @@ fn a_second_run_on_the_same_output_dir_is_refused_and_the_lock_dies_with_its_pro
     drop(held);
     ibot::util::lock_dir(&out).unwrap();
 }
+
+// ---------------------------------------------------------------------------------------------
+// Issue 12, second half.
+
+/// `ibot train` on the shared tiny data set into a fresh output directory, with `extra` options.
+fn train_tiny(out: &Path, extra: &[&str]) -> Output {
+    let (data, _) = trained();
+    let (d, o) = (s(data), s(out));
+    let mut a = vec!["train", "--data_path", &d, "--output_dir", &o];
+    a.extend_from_slice(TINY);
+    a.extend_from_slice(extra);
+    ibot(&a)
+}
+
+#[test]
+fn evaluation_needs_a_real_split_or_explicit_paths() {
+    let (data, ckpt) = trained();
+    let w = s(ckpt);
+    // IDX files of the training split only: memory and queries would be the same images.
+    let only_train = tempdir("only-train");
+    write_idx(&only_train, "train", 12, 16);
+    // An image folder whose only sub-folder is train/.
+    let only_dir = tempdir("only-dir");
+    std::fs::create_dir_all(only_dir.join("train/a")).unwrap();
+    image::RgbImage::from_pixel(16, 16, image::Rgb([10, 20, 30]))
+        .save(only_dir.join("train/a/0.png"))
+        .unwrap();
+    let run = |cmd: &str, extra: &[&str]| {
+        let mut a = vec![cmd, "--pretrained_weights", &w, "--device", "cpu"];
+        a.extend_from_slice(extra);
+        if cmd == "eval-linear" {
+            a.extend(["--epochs", "1", "--crop_size", "16", "--n_last_blocks", "1"]);
+        }
+        ibot(&a)
+    };
+    let (ot, od) = (s(&only_train), s(&only_dir));
+    for cmd in ["eval-knn", "eval-linear"] {
+        let r = run(cmd, &["--data_path", &ot]);
+        assert_error(&r, "IDX files train-* but no t10k-*");
+        assert!(
+            stderr(&r).contains("--train_path and --val_path"),
+            "{}",
+            stderr(&r)
+        );
+        assert_error(
+            &run(cmd, &["--data_path", &od]),
+            "it has train/ but no val/",
+        );
+    }
+    assert_error(&run("eval-unsup", &["--data_path", &ot]), "no t10k-*");
+    assert_error(&run("eval-knn", &[]), "give --data_path");
+    // Explicit sets work, with or without --data_path.
+    let d = s(data);
+    let r = run(
+        "eval-knn",
+        &["--train_path", &ot, "--val_path", &d, "--nb_knn", "5"],
+    );
+    assert!(r.status.success(), "{}", stderr(&r));
+    let r = run("eval-unsup", &["--val_path", &d]);
+    assert!(r.status.success(), "{}", stderr(&r));
+    assert_error(
+        &run(
+            "eval-knn",
+            &["--data_path", &d, "--val_path", "/nonexistent/x"],
+        ),
+        "--val_path /nonexistent/x does not exist",
+    );
+    // A proper split still works as before.
+    let r = run("eval-knn", &["--data_path", &d, "--nb_knn", "5"]);
+    assert!(r.status.success(), "{}", stderr(&r));
+}
+
+#[test]
+fn arch_and_num_heads_are_checked_against_the_weights() {
+    let (data, ckpt) = trained();
+    let (d, w) = (s(data), s(ckpt));
+    let knn = |w: &str, extra: &[&str]| {
+        let mut a = vec![
+            "eval-knn",
+            "--pretrained_weights",
+            w,
+            "--data_path",
+            &d,
+            "--device",
+            "cpu",
+            "--nb_knn",
+            "5",
+        ];
+        a.extend_from_slice(extra);
+        ibot(&a)
+    };
+    // Our checkpoint states its shape: a contradicting --arch was silently ignored.
+    assert_error(
+        &knn(&w, &["--arch", "vit_small"]),
+        "--arch vit_small has width 384, the weights have width 24",
+    );
+    assert_error(
+        &knn(&w, &["--num_heads", "3"]),
+        "was written for 2 attention heads, not 3",
+    );
+    let r = knn(&w, &["--num_heads", "2"]);
+    assert!(r.status.success(), "{}", stderr(&r));
+    // Bare tensors of a non-standard width (24): the heads come from --num_heads.
+    let dir = tempdir("heads");
+    let bare = dir.join("bare.safetensors");
+    let t = ibot::params::read_safetensors(ckpt).unwrap();
+    let named: Vec<(String, tch::Tensor)> = t
+        .iter()
+        .filter_map(|(k, v)| {
+            k.strip_prefix("teacher.backbone.")
+                .map(|n| (n.to_string(), v.shallow_clone()))
+        })
+        .collect();
+    ibot::params::write_safetensors(&bare, &named, None).unwrap();
+    let b = s(&bare);
+    let r = knn(&b, &[]);
+    assert_error(&r, "give --num_heads");
+    assert!(!stderr(&r).contains("give --arch"), "{}", stderr(&r));
+    assert_error(
+        &knn(&b, &["--num_heads", "5"]),
+        "does not divide the width 24",
+    );
+    let r = knn(&b, &["--num_heads", "2"]);
+    assert!(r.status.success(), "{}", stderr(&r));
+    let out = s(&dir.join("bb.safetensors"));
+    let r = ibot(&["extract-backbone", &b, &out, "--num_heads", "2"]);
+    assert!(r.status.success(), "{}", stderr(&r));
+}
+
+#[test]
+fn epochs_zero_says_that_nothing_was_trained() {
+    let out = tempdir("epochs0");
+    let r = train_tiny(&out, &["--epochs", "0"]);
+    assert!(r.status.success(), "{}", stderr(&r));
+    let e = stderr(&r);
+    assert!(
+        e.contains("no epoch was trained") && e.contains("no checkpoint was written"),
+        "{e}"
+    );
+    assert!(!e.contains("checkpoint in"), "{e}");
+    assert!(!out.join("checkpoint.safetensors").exists());
+}
+
+#[test]
+fn a_non_finite_loss_reports_the_checkpoint_that_really_exists() {
+    // An absurd learning rate overflows the weights within a few steps.
+    let out = tempdir("nan");
+    let r = train_tiny(&out, &["--epochs", "3", "--lr", "1e30"]);
+    assert_error(&r, "stopping (last finite loss");
+    assert!(
+        stderr(&r).contains("no checkpoint was written in"),
+        "{}",
+        stderr(&r)
+    );
+    // After a good epoch, the message names the file and its epoch.
+    let out = tempdir("nan2");
+    let r = train_tiny(&out, &["--epochs", "3", "--stop_after", "1"]);
+    assert!(r.status.success(), "{}", stderr(&r));
+    let r = train_tiny(&out, &["--epochs", "3", "--lr", "1e30"]);
+    assert_error(&r, "(epoch 0 finished), is intact");
+}
+
+#[test]
+fn demo_is_only_the_subcommand_never_an_option_value_or_file_name() {
+    let cwd = tempdir("demo-word");
+    let (data, ckpt) = trained();
+    let d = s(data);
+    // `--output_dir demo` trains into ./demo (it turned `train` into the demo).
+    let mut a = vec![
+        "--threads",
+        "1",
+        "train",
+        "--data_path",
+        &d,
+        "--output_dir",
+        "demo",
+        "--epochs",
+        "1",
+    ];
+    a.extend_from_slice(TINY);
+    let r = Command::new(BIN)
+        .args(&a)
+        .current_dir(&cwd)
+        .output()
+        .unwrap();
+    assert!(r.status.success(), "{}", stderr(&r));
+    assert!(!stderr(&r).contains("iBOT demo"), "{}", stderr(&r));
+    assert!(cwd.join("demo/checkpoint.safetensors").exists());
+    // A checkpoint file named `demo`.
+    std::fs::copy(ckpt, cwd.join("demo.bin")).unwrap();
+    std::fs::rename(cwd.join("demo.bin"), cwd.join("demo2")).unwrap();
+    std::fs::remove_dir_all(cwd.join("demo")).unwrap();
+    std::fs::rename(cwd.join("demo2"), cwd.join("demo")).unwrap();
+    let r = Command::new(BIN)
+        .args(["extract-backbone", "demo", "bb.safetensors"])
+        .current_dir(&cwd)
+        .output()
+        .unwrap();
+    assert!(r.status.success(), "{}", stderr(&r));
+    // The demo itself still gets its defaults, after global options too; the user's win.
+    let r = ibot(&["demo", "--data_path", "/nonexistent/fmnist"]);
+    assert_error(&r, "/nonexistent/fmnist not found");
+    // Its help lists the defaults it uses.
+    let help = String::from_utf8_lossy(&ibot(&["demo", "--help"]).stdout).into_owned();
+    for s in ibot_demo_defaults() {
+        assert!(help.contains(s), "'{s}' missing from demo --help: {help}");
+    }
+    // Presets: only in train/demo's own arguments; launch leaves them to its workers.
+    use ibot::train::args::expand_config_args;
+    let v = |x: &[&str]| x.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    let e = expand_config_args(v(&[
+        "ibot",
+        "--threads",
+        "1",
+        "train",
+        "--output_dir",
+        "x",
+        "--preset",
+        "fmnist_tiny",
+    ]))
+    .unwrap();
+    assert_eq!(
+        &e[..6],
+        &v(&["ibot", "--threads", "1", "train", "--arch", "vit_tiny"])[..]
+    );
+    assert_eq!(&e[e.len() - 2..], &v(&["--output_dir", "x"])[..]);
+    let keep = v(&[
+        "ibot",
+        "eval-knn",
+        "--data_path",
+        "train",
+        "--preset",
+        "nope",
+    ]);
+    assert_eq!(expand_config_args(keep.clone()).unwrap(), keep);
+    let launch = v(&[
+        "ibot",
+        "launch",
+        "--nproc_per_node",
+        "2",
+        "train",
+        "--preset",
+        "fmnist_tiny",
+    ]);
+    assert_eq!(expand_config_args(launch.clone()).unwrap(), launch);
+    // ... and each worker, which runs `ibot train --preset fmnist_tiny`, expands it.
+    let w = expand_config_args(v(&["ibot", "train", "--preset", "fmnist_tiny"])).unwrap();
+    assert!(w.contains(&"vit_tiny".to_string()) && !w.contains(&"--preset".to_string()));
+}
+
+fn ibot_demo_defaults() -> [&'static str; 5] {
+    [
+        "--preset fmnist_tiny",
+        "--data_path /usr/share/datasets/fashion-mnist",
+        "--output_dir runs/fmnist-demo",
+        "--subset 20000",
+        "--num_workers 2",
+    ]
+}
+
+#[test]
+fn negative_and_out_of_range_training_options_name_the_flag() {
+    let out = tempdir("neg");
+    for (flag, value, msg) in [
+        ("--lr", "-0.001", "--lr must be a number >= 0 (got -0.001)"),
+        ("--min_lr", "-1e-6", "--min_lr must be a number >= 0"),
+        (
+            "--weight_decay",
+            "-0.04",
+            "--weight_decay must be a number >= 0",
+        ),
+        ("--weight_decay_end", "-1", "--weight_decay_end must be"),
+        ("--clip_grad", "-3", "--clip_grad must be"),
+        (
+            "--momentum_teacher",
+            "1.5",
+            "--momentum_teacher must be between 0 and 1",
+        ),
+        (
+            "--momentum_teacher",
+            "-0.5",
+            "--momentum_teacher must be between 0 and 1",
+        ),
+        ("--teacher_temp", "0", "--teacher_temp must be > 0"),
+        (
+            "--warmup_teacher_patch_temp",
+            "-0.04",
+            "--warmup_teacher_patch_temp must be > 0",
+        ),
+        (
+            "--pred_ratio",
+            "1.0",
+            "--pred_ratio values must be in [0, 1)",
+        ),
+        (
+            "--pred_ratio",
+            "-0.3",
+            "--pred_ratio values must be in [0, 1)",
+        ),
+        ("--out_dim", "0", "--out_dim must be at least 1"),
+        (
+            "--patch_out_dim",
+            "-5",
+            "--patch_out_dim must be at least 1",
+        ),
+    ] {
+        assert_error(&train_tiny(&out, &["--epochs", "1", flag, value]), msg);
+    }
+    // A negative integer is a parse error naming the flag, not "unexpected argument".
+    let r = train_tiny(&out, &["--epochs", "-1"]);
+    let e = stderr(&r);
+    assert!(
+        e.contains("--epochs") && !e.contains("unexpected argument"),
+        "{e}"
+    );
+    assert!(!out.join("checkpoint.safetensors").exists());
+}
+
+#[test]
+fn boolean_options_take_a_value_or_stand_alone() {
+    let out = tempdir("bools");
+    let r = train_tiny(
+        &out,
+        &[
+            "--epochs",
+            "0",
+            "--skip_corrupt",
+            "--shared_head",
+            "--norm_last_layer",
+            "false",
+            "--use_fp16",
+        ],
+    );
+    assert!(r.status.success(), "{}", stderr(&r));
+    let args: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("args.json")).unwrap()).unwrap();
+    assert_eq!(args["skip_corrupt"], true);
+    assert_eq!(args["shared_head"], true);
+    assert_eq!(args["norm_last_layer"], false);
+    assert_eq!(args["use_fp16"], true);
+    let r = train_tiny(
+        &out,
+        &[
+            "--epochs",
+            "0",
+            "--use_fp16",
+            "false",
+            "--shared_head=false",
+        ],
+    );
+    assert!(r.status.success(), "{}", stderr(&r));
+    let args: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("args.json")).unwrap()).unwrap();
+    assert_eq!(args["use_fp16"], false);
+    assert_eq!(args["shared_head"], false);
+    assert_error(
+        &train_tiny(&out, &["--epochs", "0", "--use_fp16", "maybe"]),
+        "use true or false",
+    );
+}
+
+#[test]
+fn resume_mismatch_lists_the_differences_and_damaged_safetensors_say_so() {
+    let out = tempdir("mismatch");
+    let r = train_tiny(&out, &["--epochs", "1"]);
+    assert!(r.status.success(), "{}", stderr(&r));
+    let r = train_tiny(
+        &out,
+        &["--epochs", "2", "--out_dim", "16", "--patch_out_dim", "16"],
+    );
+    assert_error(&r, "head.out_dim 32 vs 16");
+    let e = stderr(&r);
+    assert!(e.contains("loss.out_dim 32 vs 16"), "{e}");
+    assert!(e.len() < 900, "{} bytes: {e}", e.len());
+    // A truncated safetensors file.
+    let (data, ckpt) = trained();
+    let bad = out.join("cut.safetensors");
+    let bytes = std::fs::read(ckpt).unwrap();
+    std::fs::write(&bad, &bytes[..bytes.len() / 2]).unwrap();
+    let (b, d) = (s(&bad), s(data));
+    let r = ibot(&[
+        "eval-knn",
+        "--pretrained_weights",
+        &b,
+        "--data_path",
+        &d,
+        "--device",
+        "cpu",
+    ]);
+    assert_error(&r, "is a damaged safetensors file");
+    assert!(!stderr(&r).contains("PyTorch"), "{}", stderr(&r));
+}
+
+#[test]
+fn train_help_documents_presets_config_and_the_warmup_flag() {
+    let help = String::from_utf8_lossy(&ibot(&["train", "--help"]).stdout).into_owned();
+    assert!(
+        help.contains("--preset <NAME>") && help.contains("--config <FILE.toml>"),
+        "{help}"
+    );
+    assert!(help.contains("--warmup_teacher_temp_epochs 0"), "{help}");
+    // The official default (30) with a shorter run: the error names the flag to set.
+    let out = tempdir("warm");
+    let (data, _) = trained();
+    let (d, o) = (s(data), s(&out));
+    let mut a = vec!["train", "--data_path", &d, "--output_dir", &o];
+    a.extend_from_slice(TINY);
+    a.extend(["--warmup_teacher_temp_epochs", "30", "--epochs", "5"]);
+    assert_error(&ibot(&a), "pass --warmup_teacher_temp_epochs 5");
+    // --preset and --config are still accepted where clap sees them.
+    let cfg = out.join("c.toml");
+    std::fs::write(&cfg, "epochs = 0\n").unwrap();
+    let c = s(&cfg);
+    let mut a = vec!["train", "--data_path", &d, "--output_dir", &o];
+    a.extend_from_slice(TINY);
+    a.extend(["--config", &c]);
+    let r = ibot(&a);
+    assert!(r.status.success(), "{}", stderr(&r));
+    assert!(
+        stderr(&r).contains("no epoch was trained"),
+        "{}",
+        stderr(&r)
+    );
+}
+
+/// Starts a long tiny training run in the background; killed however the test ends.
+struct Background(std::process::Child);
+impl Drop for Background {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn background_run(out: &Path, launch: bool) -> Background {
+    let (data, _) = trained();
+    let (d, o) = (s(data), s(out));
+    let mut a: Vec<&str> = vec!["--threads", "1"];
+    if launch {
+        a.extend(["launch", "--nproc_per_node", "1", "--master_port", "29871"]);
+    }
+    a.extend([
+        "train",
+        "--data_path",
+        &d,
+        "--output_dir",
+        &o,
+        "--epochs",
+        "100000",
+    ]);
+    a.extend_from_slice(TINY);
+    Background(
+        Command::new(BIN)
+            .args(&a)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    )
+}
+
+fn wait_for(path: &Path, what: &str) {
+    let t0 = std::time::Instant::now();
+    while !path.exists() {
+        assert!(t0.elapsed().as_secs() < 120, "{what} never appeared");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// Sends `sig` and returns the exit code, stderr and how long the process took to end.
+fn signal_and_wait(mut b: Background, sig: i32) -> (Option<i32>, String, f64) {
+    let t0 = std::time::Instant::now();
+    unsafe {
+        libc::kill(b.0.id() as i32, sig);
+    }
+    let mut err = String::new();
+    use std::io::Read;
+    b.0.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    let status = b.0.wait().unwrap();
+    (status.code(), err, t0.elapsed().as_secs_f64())
+}
+
+#[test]
+fn sigint_and_sigterm_stop_training_with_a_message_and_128_plus_the_signal() {
+    // SIGINT after the first epoch: the checkpoint of epoch 0 is named.
+    let out = tempdir("sigint");
+    let b = background_run(&out, false);
+    wait_for(&out.join("log.txt"), "the first epoch");
+    let (code, err, dt) = signal_and_wait(b, libc::SIGINT);
+    assert_eq!(code, Some(130), "{err}");
+    assert!(
+        err.contains("SIGINT received: interrupted at epoch"),
+        "{err}"
+    );
+    let ckpt = s(&out.join("checkpoint.safetensors"));
+    let meta = ibot::train::checkpoint::read_meta(&out.join("checkpoint.safetensors")).unwrap();
+    assert!(
+        err.contains(&format!(
+            "the last finished epoch ({}) is in {ckpt}",
+            meta.epoch - 1
+        )),
+        "{err}"
+    );
+    assert!(err.contains("rerun the same command to resume"), "{err}");
+    assert!(dt < 10.0, "took {dt}s to stop");
+    // SIGTERM before any epoch finished: nothing to name.
+    let out = tempdir("sigterm");
+    let b = background_run(&out, false);
+    wait_for(&out.join("args.json"), "the start of training");
+    let (code, err, _) = signal_and_wait(b, libc::SIGTERM);
+    assert_eq!(code, Some(143), "{err}");
+    if !out.join("checkpoint.safetensors").exists() {
+        assert!(err.contains("no epoch had finished"), "{err}");
+    }
+    // Under `ibot launch` the launcher forwards the signal; it still exits with 130.
+    let out = tempdir("sigint-launch");
+    let b = background_run(&out, true);
+    wait_for(&out.join("log.txt"), "the first epoch under launch");
+    let (code, err, _) = signal_and_wait(b, libc::SIGINT);
+    assert_eq!(code, Some(130), "{err}");
+    assert!(err.contains("interrupted at epoch"), "{err}");
+}
+
+#[test]
+fn tensorboard_reads_the_event_files() {
+    let out = tempdir("tb");
+    let r = train_tiny(&out, &["--epochs", "2"]);
+    assert!(r.status.success(), "{}", stderr(&r));
+    let dir = out.join("tf_logs");
+    let files: Vec<_> = std::fs::read_dir(&dir).unwrap().collect();
+    assert_eq!(files.len(), 1);
+    let py = Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python");
+    let have = |py: &Path| {
+        Command::new(py)
+            .args(["-c", "import tensorboard"])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    if !have(&py) {
+        let _ = Command::new(&py)
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+                "tensorboard",
+            ])
+            .output();
+    }
+    if !have(&py) {
+        use std::io::Write;
+        let _ = writeln!(
+            std::io::stderr(),
+            "skipped: TensorBoard is not installed in {} and could not be installed",
+            py.display()
+        );
+        return;
+    }
+    let script = r#"
+import sys, json
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+ea = EventAccumulator(sys.argv[1]); ea.Reload()
+out = {t: [[e.step, e.value] for e in ea.Scalars(t)] for t in ea.Tags()["scalars"]}
+print(json.dumps(out))
+"#;
+    let o = Command::new(&py)
+        .args(["-c", script, &s(&dir)])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    // 12 images, batch 4: 3 iterations per epoch, 2 epochs.
+    let loss = v["iter/loss"].as_array().unwrap();
+    assert_eq!(loss.len(), 6, "{v}");
+    assert_eq!(loss[5][0], 5);
+    assert_eq!(v["iter/lr"].as_array().unwrap().len(), 6);
+    let log: Vec<serde_json::Value> = std::fs::read_to_string(out.join("log.txt"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    for key in [
+        "train_loss",
+        "train_cls",
+        "train_patch",
+        "train_lr",
+        "train_wd",
+        "train_acc",
+        "train_nmi",
+    ] {
+        let pts = v[key].as_array().unwrap_or_else(|| panic!("no {key}: {v}"));
+        assert_eq!(pts.len(), 2);
+        for (e, p) in pts.iter().enumerate() {
+            assert_eq!(p[0], e as i64);
+            let want = log[e][key].as_f64().unwrap();
+            let got = p[1].as_f64().unwrap();
+            assert!(
+                (got - want).abs() <= 1e-6 * want.abs().max(1.0),
+                "{key} {got} vs {want}"
+            );
+        }
+    }
+}
+
+#[test]
+fn loss_png_shows_a_single_epoch_and_flat_curves() {
+    use ibot::train::plot::{write_loss_png, EpochLoss};
+    let dir = tempdir("plot");
+    let count = |path: &Path, rgb: [u8; 3]| {
+        let img = image::open(path).unwrap().to_rgb8();
+        img.pixels().filter(|p| p.0 == rgb).count()
+    };
+    // One epoch: markers make it visible (it was an empty chart).
+    let one = dir.join("one.png");
+    let p = EpochLoss { epoch: 0.0, loss: 9.4, cls: 3.8, patch: 5.6 };
+    write_loss_png(&[p], &one).unwrap();
+    assert!(count(&one, [0, 0, 255]) > 20, "no blue marker");
+    assert!(count(&one, [255, 0, 0]) > 20, "no red marker");
+    // All zero: still drawn, in a padded range.
+    let zero = dir.join("zero.png");
+    let z = |e| EpochLoss { epoch: e, loss: 0.0, cls: 0.0, patch: 0.0 };
+    write_loss_png(&[z(0.0), z(1.0), z(2.0)], &zero).unwrap();
+    assert!(count(&zero, [255, 0, 0]) > 20);
+    eprintln!("pictures in {}", dir.display());
+}

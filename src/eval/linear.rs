@@ -172,12 +172,29 @@ pub struct LinearArgs {
     /// Network to take from full checkpoints: teacher or student.
     #[arg(long, default_value = "teacher")]
     pub checkpoint_key: String,
-    /// Architecture (vit_tiny/small/base/large); only needed for non-standard widths.
+    /// Architecture (vit_tiny/small/base/large); only needed for non-standard widths (checked
+    /// against the weights).
     #[arg(long)]
     pub arch: Option<String>,
-    /// Folder with train/ and val/ image folders, or IDX files (train-* and t10k-*).
+    /// Number of attention heads, for weights of a non-standard width.
     #[arg(long)]
-    pub data_path: PathBuf,
+    #[serde(default)]
+    pub num_heads: Option<i64>,
+    /// Folder with train/ and val/ image folders, or IDX files (train-* and t10k-*). Other
+    /// layouts: give --train_path and --val_path.
+    #[arg(long)]
+    #[serde(default)]
+    pub data_path: Option<PathBuf>,
+    /// Training images, instead of <data_path>/train: an image folder, a folder of IDX files
+    /// (train-* is read) or an IDX images file.
+    #[arg(long)]
+    #[serde(default)]
+    pub train_path: Option<PathBuf>,
+    /// Validation images, instead of <data_path>/val: an image folder, a folder of IDX files
+    /// (t10k-* is read) or an IDX images file.
+    #[arg(long)]
+    #[serde(default)]
+    pub val_path: Option<PathBuf>,
     /// Concatenate the [CLS] tokens of the last n blocks (official: 4 for ViT-S, 1 for ViT-B/L).
     #[arg(long, default_value_t = 4)]
     pub n_last_blocks: usize,

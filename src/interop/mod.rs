@@ -6,6 +6,7 @@ pub mod weights;
 
 pub use pth::{read_pth, read_pth_subset, PthFile};
 pub use weights::{
-    export_backbone, infer_head_config, infer_vit_config, load_pretrained, Pretrained,
+    export_backbone, infer_head_config, infer_vit_config, infer_vit_config_with, load_pretrained,
+    load_pretrained_with, Pretrained,
     VIT_CONFIG_KEY,
 };

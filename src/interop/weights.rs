@@ -80,6 +80,72 @@ pub fn infer_vit_config(
     backbone: &HashMap<String, Tensor>,
     arch: Option<&str>,
 ) -> Result<VitConfig> {
+    infer_vit_config_with(backbone, arch, None)
+}
+
+/// The number of attention heads of weights of width `d` and depth `depth`: `--num_heads`,
+/// else `--arch`'s, else the standard ViT of that width. `--arch` and `--num_heads` are
+/// checked against the shapes: a contradiction is an error, never silently ignored.
+fn heads_for(d: i64, depth: i64, arch: Option<&str>, num_heads: Option<i64>) -> Result<i64> {
+    let from_arch = match arch {
+        Some(a) => {
+            let c = VitConfig::from_arch(a, 16)?;
+            ensure!(
+                c.embed_dim == d,
+                "--arch {a} has width {}, the weights have width {d}{}",
+                c.embed_dim,
+                match default_arch(d) {
+                    Some(s) => format!(" (that is {s})"),
+                    None => " (no standard ViT; leave out --arch and give --num_heads)".to_string(),
+                }
+            );
+            ensure!(
+                c.depth == depth,
+                "--arch {a} has {} blocks, the weights have {depth}",
+                c.depth
+            );
+            Some(c.num_heads)
+        }
+        None => None,
+    };
+    if let Some(h) = num_heads {
+        ensure!(
+            h >= 1 && d % h == 0,
+            "--num_heads {h} does not divide the width {d} of the weights"
+        );
+        if let (Some(a), Some(ah)) = (arch, from_arch) {
+            ensure!(ah == h, "--num_heads {h} contradicts --arch {a}, which has {ah} heads");
+        }
+        return Ok(h);
+    }
+    if let Some(h) = from_arch {
+        return Ok(h);
+    }
+    default_heads(d).with_context(|| {
+        format!(
+            "width {d} is not a standard ViT (192, 384, 768, 1024), so the number of attention \
+             heads is unknown; give --num_heads (e.g. --num_heads {})",
+            [16, 12, 8, 6, 4, 3, 2, 1]
+                .into_iter()
+                .find(|h| d % h == 0 && d / h >= 32)
+                .unwrap_or(1)
+        )
+    })
+}
+
+/// The standard architecture of width `embed_dim`, for messages.
+fn default_arch(embed_dim: i64) -> Option<&'static str> {
+    ["vit_tiny", "vit_small", "vit_base", "vit_large"]
+        .into_iter()
+        .find(|a| VitConfig::from_arch(a, 16).is_ok_and(|c| c.embed_dim == embed_dim))
+}
+
+/// [`infer_vit_config`] with `--num_heads` too.
+pub fn infer_vit_config_with(
+    backbone: &HashMap<String, Tensor>,
+    arch: Option<&str>,
+    num_heads: Option<i64>,
+) -> Result<VitConfig> {
     if backbone.keys().any(|k| k.starts_with("layers.")) {
         bail!("these are Swin Transformer weights; only ViT backbones are supported so far");
     }
@@ -119,16 +185,7 @@ pub fn infer_vit_config(
         fc1.len() == 2 && fc1[1] == d,
         "blocks.0.mlp.fc1.weight has shape {fc1:?}"
     );
-    let num_heads = match arch {
-        Some(a) => {
-            let c = VitConfig::from_arch(a, patch)?;
-            ensure!(c.embed_dim == d, "--arch {a} has width {}, the weights have width {d}", c.embed_dim);
-            c.num_heads
-        }
-        None => default_heads(d).with_context(|| {
-            format!("width {d} is not a standard ViT; give --arch so the number of attention heads is known")
-        })?,
-    };
+    let num_heads = heads_for(d, depth, arch, num_heads)?;
     let cfg = VitConfig {
         img_size: grid * patch,
         patch_size: patch,
@@ -228,9 +285,43 @@ pub fn load_pretrained(
     checkpoint_key: &str,
     arch: Option<&str>,
 ) -> Result<Pretrained> {
+    load_pretrained_with(path, checkpoint_key, arch, None)
+}
+
+/// True when the file is meant to be safetensors: its name ends in `.safetensors` or it starts
+/// like one (u64 header length, then `{`).
+fn claims_safetensors(path: &Path) -> Result<bool> {
+    if path
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("safetensors"))
+    {
+        return Ok(true);
+    }
+    use std::io::Read;
+    let mut head = [0u8; 9];
+    let mut f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let n = f
+        .read(&mut head)
+        .with_context(|| format!("reading {}", path.display()))?;
+    // A PyTorch file starts with a zip header ("PK") or a pickle opcode (0x80): neither is the
+    // low byte of a plausible header length followed by six zero bytes.
+    Ok(n == 9 && head[8] == b'{' || (n >= 8 && head[2..8] == [0; 6] && head[0] != 0x80))
+}
+
+/// [`load_pretrained`] with `--num_heads` for weights of a non-standard width. `arch` and
+/// `num_heads` are checked against the weights' shapes (and against the configuration our own
+/// files store).
+pub fn load_pretrained_with(
+    path: &Path,
+    checkpoint_key: &str,
+    arch: Option<&str>,
+    num_heads: Option<i64>,
+) -> Result<Pretrained> {
     let shown = path.display().to_string();
-    let (all, known_cfg, kind) = if looks_like_safetensors(path)? {
-        let all = read_safetensors(path)?;
+    let (all, known_cfg, kind) = if looks_like_safetensors(path)? || claims_safetensors(path)? {
+        let all = read_safetensors(path).map_err(|e| {
+            anyhow::anyhow!("{shown} is a damaged safetensors file (truncated or corrupt?): {e:#}")
+        })?;
         let cfg = known_config(path, checkpoint_key)?;
         (all, cfg, "safetensors")
     } else {
@@ -276,8 +367,20 @@ pub fn load_pretrained(
         head.clear();
     }
     let vit = match known_cfg {
-        Some(c) => c,
-        None => infer_vit_config(&backbone, arch)
+        Some(c) => {
+            // The file states its configuration: --arch / --num_heads may only agree with it.
+            if arch.is_some() || num_heads.is_some() {
+                let h = heads_for(c.embed_dim, c.depth, arch, num_heads)
+                    .with_context(|| format!("checking the options against {shown}"))?;
+                ensure!(
+                    h == c.num_heads,
+                    "{shown} was written for {} attention heads, not {h}",
+                    c.num_heads
+                );
+            }
+            c
+        }
+        None => infer_vit_config_with(&backbone, arch, num_heads)
             .with_context(|| format!("reading the model shape from {shown}"))?,
     };
     let description = format!(

@@ -64,7 +64,7 @@ pub fn teacher_temp_schedules(cfg: &IbotLossConfig) -> Result<(Vec<f64>, Vec<f64
     let w = cfg.warmup_teacher_temp_epochs;
     if w > cfg.nepochs {
         bail!(
-            "warmup_teacher_temp_epochs ({w}) is larger than the number of epochs ({})",
+            "--warmup_teacher_temp_epochs ({w}) is larger than --epochs ({}); set --warmup_teacher_temp_epochs to at most that",
             cfg.nepochs
         );
     }
@@ -77,7 +77,7 @@ pub fn teacher_temp_schedules(cfg: &IbotLossConfig) -> Result<(Vec<f64>, Vec<f64
     } else {
         let s = cfg.mim_start_epoch;
         if w + s > cfg.nepochs {
-            bail!("pred_start_epoch ({s}) + warmup_teacher_temp_epochs ({w}) exceeds the number of epochs ({})", cfg.nepochs);
+            bail!("--pred_start_epoch ({s}) + --warmup_teacher_temp_epochs ({w}) exceeds --epochs ({}); lower --warmup_teacher_temp_epochs", cfg.nepochs);
         }
         let mut t = vec![cfg.warmup_teacher_temp2; s];
         t.extend(linspace(cfg.warmup_teacher_temp2, cfg.teacher_temp2, w));

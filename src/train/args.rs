@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use clap::{ArgAction, Args};
 use serde::{Deserialize, Serialize};
 
@@ -23,46 +23,58 @@ pub fn parse_bool(s: &str) -> Result<bool, String> {
 #[derive(Debug, Clone, Args, Serialize, Deserialize, PartialEq)]
 #[command(rename_all = "snake_case")]
 pub struct TrainArgs {
+    // ---- recipes (expanded into options before parsing; kept here for --help)
+    /// A named recipe (see `ibot presets`): its options go before the command line's, so
+    /// options given explicitly win.
+    #[arg(long, value_name = "NAME", help_heading = "Recipes")]
+    #[serde(skip)]
+    pub preset: Option<String>,
+    /// A TOML file whose keys are option names (e.g. `epochs = 20`, `pred_ratio = [0, 0.3]`);
+    /// its options go before the command line's, after a --preset's.
+    #[arg(long, value_name = "FILE.toml", help_heading = "Recipes")]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+
     // ---- model
     /// Architecture: vit_tiny, vit_small, vit_base or vit_large (deit_tiny/deit_small are
     /// accepted as their ViT twins). Swin is not available yet.
     #[arg(long, default_value = "vit_small", help_heading = "Model")]
     pub arch: String,
     /// Side of the square patches in pixels. Smaller patches see finer detail and cost more.
-    #[arg(long, default_value_t = 16, help_heading = "Model")]
+    #[arg(long, allow_hyphen_values = true, default_value_t = 16, help_heading = "Model")]
     pub patch_size: i64,
     /// Resolution the position-embedding table is built for. The official code always uses
     /// 224, so keep it to produce checkpoints of the official shapes; other crop sizes are
     /// served by bicubic interpolation of the table.
-    #[arg(long, default_value_t = 224, help_heading = "Model")]
+    #[arg(long, allow_hyphen_values = true, default_value_t = 224, help_heading = "Model")]
     pub img_size: i64,
     /// Override the preset's width (e.g. a small ViT for small images).
-    #[arg(long, help_heading = "Model")]
+    #[arg(long, allow_hyphen_values = true, help_heading = "Model")]
     pub embed_dim: Option<i64>,
     /// Override the preset's number of blocks.
-    #[arg(long, help_heading = "Model")]
+    #[arg(long, allow_hyphen_values = true, help_heading = "Model")]
     pub depth: Option<i64>,
     /// Override the preset's number of attention heads.
-    #[arg(long, help_heading = "Model")]
+    #[arg(long, allow_hyphen_values = true, help_heading = "Model")]
     pub num_heads: Option<i64>,
     /// Stochastic-depth rate of the student's last block (the teacher uses none).
-    #[arg(long, default_value_t = 0.1, help_heading = "Model")]
+    #[arg(long, allow_hyphen_values = true, default_value_t = 0.1, help_heading = "Model")]
     pub drop_path: f64,
     /// Output width of the [CLS] head (number of "prototypes").
-    #[arg(long, default_value_t = 8192, help_heading = "Head")]
+    #[arg(long, allow_hyphen_values = true, default_value_t = 8192, help_heading = "Head")]
     pub out_dim: i64,
     /// Output width of the patch head (used when the heads are not shared).
-    #[arg(long, default_value_t = 8192, help_heading = "Head")]
+    #[arg(long, allow_hyphen_values = true, default_value_t = 8192, help_heading = "Head")]
     pub patch_out_dim: i64,
     /// Student: one head for [CLS] and patch tokens.
-    #[arg(long, default_value = "false", value_parser = parse_bool, action = ArgAction::Set, help_heading = "Head")]
+    #[arg(long, default_value = "false", value_parser = parse_bool, action = ArgAction::Set, num_args = 0..=1, default_missing_value = "true", help_heading = "Head")]
     pub shared_head: bool,
     /// Teacher: one head for [CLS] and patch tokens.
-    #[arg(long, default_value = "true", value_parser = parse_bool, action = ArgAction::Set, help_heading = "Head")]
+    #[arg(long, default_value = "true", value_parser = parse_bool, action = ArgAction::Set, num_args = 0..=1, default_missing_value = "true", help_heading = "Head")]
     pub shared_head_teacher: bool,
     /// Keep the last layer's weight-norm scale fixed at 1: more stable, slightly worse
     /// (the paper uses false for ViT-S, true for ViT-B).
-    #[arg(long, default_value = "true", value_parser = parse_bool, action = ArgAction::Set, help_heading = "Head")]
+    #[arg(long, default_value = "true", value_parser = parse_bool, action = ArgAction::Set, num_args = 0..=1, default_missing_value = "true", help_heading = "Head")]
     pub norm_last_layer: bool,
     /// Normalisation between the head's layers: none or ln.
     #[arg(long, default_value = "none", help_heading = "Head")]
@@ -71,52 +83,54 @@ pub struct TrainArgs {
     #[arg(long, default_value = "gelu", help_heading = "Head")]
     pub act_in_head: String,
     /// Hidden width of the head's MLP (official: 2048, no flag there).
-    #[arg(long, default_value_t = 2048, help_heading = "Head")]
+    #[arg(long, allow_hyphen_values = true, default_value_t = 2048, help_heading = "Head")]
     pub head_hidden_dim: i64,
     /// Bottleneck width before the last layer (official: 256, no flag there).
-    #[arg(long, default_value_t = 256, help_heading = "Head")]
+    #[arg(long, allow_hyphen_values = true, default_value_t = 256, help_heading = "Head")]
     pub head_bottleneck_dim: i64,
 
     // ---- iBOT objective
     /// Starting EMA momentum of the teacher, raised to 1 by a cosine schedule. Small batches
     /// want it higher (e.g. 0.9995 at batch 256).
-    #[arg(long, default_value_t = 0.996, help_heading = "Objective")]
+    #[arg(long, allow_hyphen_values = true, default_value_t = 0.996, help_heading = "Objective")]
     pub momentum_teacher: f64,
     /// Mask patches of the student's global views and predict the teacher's patch tokens.
-    #[arg(long, default_value = "true", value_parser = parse_bool, action = ArgAction::Set, help_heading = "Objective")]
+    #[arg(long, default_value = "true", value_parser = parse_bool, action = ArgAction::Set, num_args = 0..=1, default_missing_value = "true", help_heading = "Objective")]
     pub use_masked_im_modeling: bool,
     /// Fraction of patches to mask; several values: one is drawn per image.
-    #[arg(long, num_args = 1.., default_values_t = vec![0.3], help_heading = "Objective")]
+    #[arg(long, allow_negative_numbers = true, num_args = 1.., default_values_t = vec![0.3], help_heading = "Objective")]
     pub pred_ratio: Vec<f64>,
     /// Half-width of the uniform jitter of each masking ratio (0: none); one value or one per ratio.
-    #[arg(long, num_args = 1.., default_values_t = vec![0.0], help_heading = "Objective")]
+    #[arg(long, allow_negative_numbers = true, num_args = 1.., default_values_t = vec![0.0], help_heading = "Objective")]
     pub pred_ratio_var: Vec<f64>,
     /// Mask shape: block (BEiT-style rectangles) or rand (independent patches).
     #[arg(long, default_value = "block", help_heading = "Objective")]
     pub pred_shape: String,
     /// Epoch from which images are masked (before it masks are empty).
-    #[arg(long, default_value_t = 0, help_heading = "Objective")]
+    #[arg(long, allow_hyphen_values = true, default_value_t = 0, help_heading = "Objective")]
     pub pred_start_epoch: usize,
     /// Weight of the [CLS] self-distillation loss.
-    #[arg(long, default_value_t = 1.0, help_heading = "Objective")]
+    #[arg(long, allow_hyphen_values = true, default_value_t = 1.0, help_heading = "Objective")]
     pub lambda1: f64,
     /// Weight of the masked-patch loss.
-    #[arg(long, default_value_t = 1.0, help_heading = "Objective")]
+    #[arg(long, allow_hyphen_values = true, default_value_t = 1.0, help_heading = "Objective")]
     pub lambda2: f64,
     /// Teacher [CLS] temperature at the start of its warm-up.
-    #[arg(long, default_value_t = 0.04, help_heading = "Objective")]
+    #[arg(long, allow_hyphen_values = true, default_value_t = 0.04, help_heading = "Objective")]
     pub warmup_teacher_temp: f64,
     /// Teacher [CLS] temperature after the warm-up; above ~0.07 training tends to diverge.
-    #[arg(long, default_value_t = 0.04, help_heading = "Objective")]
+    #[arg(long, allow_hyphen_values = true, default_value_t = 0.04, help_heading = "Objective")]
     pub teacher_temp: f64,
     /// Teacher patch temperature at the start of its warm-up.
-    #[arg(long, default_value_t = 0.04, help_heading = "Objective")]
+    #[arg(long, allow_hyphen_values = true, default_value_t = 0.04, help_heading = "Objective")]
     pub warmup_teacher_patch_temp: f64,
     /// Teacher patch temperature after the warm-up.
-    #[arg(long, default_value_t = 0.07, help_heading = "Objective")]
+    #[arg(long, allow_hyphen_values = true, default_value_t = 0.07, help_heading = "Objective")]
     pub teacher_patch_temp: f64,
-    /// Epochs of the linear temperature warm-up.
-    #[arg(long, default_value_t = 30, help_heading = "Objective")]
+    /// Epochs of the linear teacher-temperature warm-up (official default 30). As in the
+    /// official code it must not exceed --epochs: for shorter runs set it lower, e.g.
+    /// `--warmup_teacher_temp_epochs 0`.
+    #[arg(long, allow_hyphen_values = true, default_value_t = 30, help_heading = "Objective")]
     pub warmup_teacher_temp_epochs: usize,
 
     // ---- optimisation
@@ -124,7 +138,7 @@ pub struct TrainArgs {
     /// and the loss, with dynamic loss scaling (GradScaler). On a CPU with AMX: bfloat16
     /// autocast, about twice as fast. Other CPUs (AVX512-BF16 alone included, where bfloat16
     /// measured slower): float32. The choice and its reason are printed at start.
-    #[arg(long, default_value = "true", value_parser = parse_bool, action = ArgAction::Set, help_heading = "Optimisation")]
+    #[arg(long, default_value = "true", value_parser = parse_bool, action = ArgAction::Set, num_args = 0..=1, default_missing_value = "true", help_heading = "Optimisation")]
     pub use_fp16: bool,
     /// Force the arithmetic instead of letting --use_fp16 choose (auto): float32, bfloat16
     /// (autocast on any device; emulated, hence slower, on CPUs without native bfloat16) or
@@ -134,30 +148,30 @@ pub struct TrainArgs {
     #[serde(default)]
     pub precision: PrecisionChoice,
     /// Weight decay at the start of its cosine schedule.
-    #[arg(long, default_value_t = 0.04, help_heading = "Optimisation")]
+    #[arg(long, allow_hyphen_values = true, default_value_t = 0.04, help_heading = "Optimisation")]
     pub weight_decay: f64,
     /// Weight decay at the end of training.
-    #[arg(long, default_value_t = 0.4, help_heading = "Optimisation")]
+    #[arg(long, allow_hyphen_values = true, default_value_t = 0.4, help_heading = "Optimisation")]
     pub weight_decay_end: f64,
     /// Per-tensor gradient-norm clip (0 disables).
-    #[arg(long, default_value_t = 3.0, help_heading = "Optimisation")]
+    #[arg(long, allow_hyphen_values = true, default_value_t = 3.0, help_heading = "Optimisation")]
     pub clip_grad: f64,
     /// Images per step on each device.
-    #[arg(long, default_value_t = 128, help_heading = "Optimisation")]
+    #[arg(long, allow_hyphen_values = true, default_value_t = 128, help_heading = "Optimisation")]
     pub batch_size_per_gpu: usize,
-    #[arg(long, default_value_t = 100, help_heading = "Optimisation")]
+    #[arg(long, allow_hyphen_values = true, default_value_t = 100, help_heading = "Optimisation")]
     pub epochs: usize,
     /// Epochs during which the head's last layer is not updated.
-    #[arg(long, default_value_t = 1, help_heading = "Optimisation")]
+    #[arg(long, allow_hyphen_values = true, default_value_t = 1, help_heading = "Optimisation")]
     pub freeze_last_layer: usize,
     /// Peak learning rate for a total batch of 256 (scaled linearly with the real batch).
-    #[arg(long, default_value_t = 0.0005, help_heading = "Optimisation")]
+    #[arg(long, allow_hyphen_values = true, default_value_t = 0.0005, help_heading = "Optimisation")]
     pub lr: f64,
     /// Epochs of linear learning-rate warm-up.
-    #[arg(long, default_value_t = 10, help_heading = "Optimisation")]
+    #[arg(long, allow_hyphen_values = true, default_value_t = 10, help_heading = "Optimisation")]
     pub warmup_epochs: usize,
     /// Learning rate at the end of the cosine schedule.
-    #[arg(long, default_value_t = 1e-6, help_heading = "Optimisation")]
+    #[arg(long, allow_hyphen_values = true, default_value_t = 1e-6, help_heading = "Optimisation")]
     pub min_lr: f64,
     /// adamw (for ViTs), sgd or lars.
     #[arg(long, default_value = "adamw", help_heading = "Optimisation")]
@@ -168,22 +182,22 @@ pub struct TrainArgs {
     pub load_from: Option<PathBuf>,
 
     // ---- multi-crop
-    #[arg(long, default_value_t = 2, help_heading = "Multi-crop")]
+    #[arg(long, allow_hyphen_values = true, default_value_t = 2, help_heading = "Multi-crop")]
     pub global_crops_number: usize,
     /// Area range of the global crops relative to the image.
-    #[arg(long, num_args = 2, default_values_t = vec![0.14, 1.0], help_heading = "Multi-crop")]
+    #[arg(long, allow_negative_numbers = true, num_args = 2, default_values_t = vec![0.14, 1.0], help_heading = "Multi-crop")]
     pub global_crops_scale: Vec<f64>,
     /// Number of small local views (0 disables multi-crop; the paper uses 10).
-    #[arg(long, default_value_t = 0, help_heading = "Multi-crop")]
+    #[arg(long, allow_hyphen_values = true, default_value_t = 0, help_heading = "Multi-crop")]
     pub local_crops_number: usize,
     /// Area range of the local crops.
-    #[arg(long, num_args = 2, default_values_t = vec![0.05, 0.4], help_heading = "Multi-crop")]
+    #[arg(long, allow_negative_numbers = true, num_args = 2, default_values_t = vec![0.05, 0.4], help_heading = "Multi-crop")]
     pub local_crops_scale: Vec<f64>,
     /// Side of the global crops in pixels.
-    #[arg(long, default_value_t = 224, help_heading = "Multi-crop")]
+    #[arg(long, allow_hyphen_values = true, default_value_t = 224, help_heading = "Multi-crop")]
     pub global_crops_size: usize,
     /// Side of the local crops in pixels.
-    #[arg(long, default_value_t = 96, help_heading = "Multi-crop")]
+    #[arg(long, allow_hyphen_values = true, default_value_t = 96, help_heading = "Multi-crop")]
     pub local_crops_size: usize,
 
     // ---- misc
@@ -195,33 +209,120 @@ pub struct TrainArgs {
     )]
     pub data_path: PathBuf,
     /// Use only this many images (a fixed random subset), e.g. for quick runs.
-    #[arg(long, help_heading = "Data and output")]
+    #[arg(long, allow_hyphen_values = true, help_heading = "Data and output")]
     pub subset: Option<usize>,
     /// Skip unreadable images (and report how many) instead of stopping.
-    #[arg(long, default_value = "false", value_parser = parse_bool, action = ArgAction::Set, help_heading = "Data and output")]
+    #[arg(long, default_value = "false", value_parser = parse_bool, action = ArgAction::Set, num_args = 0..=1, default_missing_value = "true", help_heading = "Data and output")]
     pub skip_corrupt: bool,
     /// Where log.txt, checkpoints and plots go.
     #[arg(long, default_value = ".", help_heading = "Data and output")]
     pub output_dir: PathBuf,
     /// Also keep checkpointNNNN.safetensors every this many epochs (0: never).
-    #[arg(long, default_value_t = 40, help_heading = "Data and output")]
+    #[arg(long, allow_hyphen_values = true, default_value_t = 40, help_heading = "Data and output")]
     pub saveckp_freq: usize,
-    #[arg(long, default_value_t = 0, help_heading = "Data and output")]
+    #[arg(long, allow_hyphen_values = true, default_value_t = 0, help_heading = "Data and output")]
     pub seed: u64,
     /// Data-loading threads.
-    #[arg(long, default_value_t = 10, help_heading = "Data and output")]
+    #[arg(long, allow_hyphen_values = true, default_value_t = 10, help_heading = "Data and output")]
     pub num_workers: usize,
     /// cpu, cuda, cuda:N or auto (a GPU when there is one).
     #[arg(long, default_value = "auto", help_heading = "Data and output")]
     pub device: String,
     /// Stop after this many epochs of this run (the run resumes later from its checkpoint).
-    #[arg(long, help_heading = "Data and output")]
+    #[arg(long, allow_hyphen_values = true, help_heading = "Data and output")]
     pub stop_after: Option<usize>,
 
     // ---- data parallelism (not part of the run's identity: a run may resume on another world)
     #[command(flatten)]
     #[serde(skip)]
     pub dist: DistArgs,
+}
+
+impl TrainArgs {
+    /// Checks the values no run can use, naming the flag: negative rates and decays,
+    /// temperatures that are not positive, ratios outside their range, empty heads.
+    pub fn validate(&self) -> Result<()> {
+        let nonneg = [
+            ("lr", self.lr),
+            ("min_lr", self.min_lr),
+            ("weight_decay", self.weight_decay),
+            ("weight_decay_end", self.weight_decay_end),
+            ("clip_grad", self.clip_grad),
+            ("lambda1", self.lambda1),
+            ("lambda2", self.lambda2),
+        ];
+        for (name, v) in nonneg {
+            ensure!(v >= 0.0 && v.is_finite(), "--{name} must be a number >= 0 (got {v})");
+        }
+        for (name, v) in [
+            ("warmup_teacher_temp", self.warmup_teacher_temp),
+            ("teacher_temp", self.teacher_temp),
+            ("warmup_teacher_patch_temp", self.warmup_teacher_patch_temp),
+            ("teacher_patch_temp", self.teacher_patch_temp),
+        ] {
+            ensure!(v > 0.0 && v.is_finite(), "--{name} must be > 0 (got {v})");
+        }
+        ensure!(
+            (0.0..=1.0).contains(&self.momentum_teacher),
+            "--momentum_teacher must be between 0 and 1 (got {})",
+            self.momentum_teacher
+        );
+        ensure!(
+            (0.0..1.0).contains(&self.drop_path),
+            "--drop_path must be in [0, 1) (got {})",
+            self.drop_path
+        );
+        for &r in &self.pred_ratio {
+            ensure!(
+                (0.0..1.0).contains(&r),
+                "--pred_ratio values must be in [0, 1) (got {r})"
+            );
+        }
+        for &r in &self.pred_ratio_var {
+            ensure!(
+                (0.0..1.0).contains(&r),
+                "--pred_ratio_var values must be in [0, 1) (got {r})"
+            );
+        }
+        for (name, v) in [
+            ("global_crops_scale", &self.global_crops_scale),
+            ("local_crops_scale", &self.local_crops_scale),
+        ] {
+            ensure!(
+                v.iter().all(|&x| x > 0.0 && x <= 1.0),
+                "--{name} values must be in (0, 1] (got {v:?})"
+            );
+        }
+        for (name, v) in [
+            ("out_dim", self.out_dim),
+            ("patch_out_dim", self.patch_out_dim),
+            ("head_hidden_dim", self.head_hidden_dim),
+            ("head_bottleneck_dim", self.head_bottleneck_dim),
+            ("patch_size", self.patch_size),
+            ("img_size", self.img_size),
+        ] {
+            ensure!(v >= 1, "--{name} must be at least 1 (got {v})");
+        }
+        for (name, v) in [
+            ("embed_dim", self.embed_dim),
+            ("depth", self.depth),
+            ("num_heads", self.num_heads),
+        ] {
+            if let Some(v) = v {
+                ensure!(v >= 1, "--{name} must be at least 1 (got {v})");
+            }
+        }
+        ensure!(
+            self.warmup_teacher_temp_epochs <= self.epochs,
+            "--warmup_teacher_temp_epochs ({}) is larger than --epochs ({}); as in the official code \
+             the teacher-temperature warm-up must fit in the run: pass --warmup_teacher_temp_epochs {} \
+             (or fewer)",
+            self.warmup_teacher_temp_epochs,
+            self.epochs,
+            self.epochs
+        );
+        Ok(())
+    }
 }
 
 /// How the processes of a data-parallel run find each other. The world itself (rank, world
@@ -237,11 +338,11 @@ pub struct DistArgs {
     pub dist_url: String,
     /// Seconds any collective (and joining the group) may wait for the other ranks before the
     /// run stops with an error, like torch's init_process_group(timeout=...).
-    #[arg(long, default_value_t = crate::dist::DEFAULT_TIMEOUT_SECS, help_heading = "Data parallelism")]
+    #[arg(long, allow_hyphen_values = true, default_value_t = crate::dist::DEFAULT_TIMEOUT_SECS, help_heading = "Data parallelism")]
     pub dist_timeout: u64,
     /// Accepted for `python -m torch.distributed.launch`, which passes it; LOCAL_RANK is read
     /// from the environment.
-    #[arg(long, alias = "local-rank", hide = true)]
+    #[arg(long, allow_hyphen_values = true, alias = "local-rank", hide = true)]
     pub local_rank: Option<usize>,
 }
 
@@ -283,15 +384,45 @@ pub const PRESETS: &[(&str, &str, &[&str])] = &[
     ),
 ];
 
-/// Expands `--preset NAME` and `--config FILE` (TOML with the option names as keys) into
-/// arguments placed before the remaining command-line arguments, so that explicit options win.
+/// Index in `argv` (program name first) of the subcommand: the first argument that is not an
+/// option or the value of a global option (`--threads N`). `None` when there is none.
+pub fn subcommand_position(argv: &[String]) -> Option<usize> {
+    let mut i = 1;
+    while i < argv.len() {
+        let a = &argv[i];
+        if a == "--threads" {
+            i += 2;
+        } else if a.starts_with('-') {
+            i += 1;
+        } else {
+            return Some(i);
+        }
+    }
+    None
+}
+
+/// Expands `--preset NAME` and `--config FILE` (TOML with the option names as keys) of `ibot
+/// train` / `ibot demo` into arguments placed right after the subcommand, before the remaining
+/// command-line arguments, so that explicit options win. Only the arguments of those two
+/// subcommands are looked at (a value such as `--output_dir train` is never taken for the
+/// subcommand); `ibot launch ... train --preset X` is left alone: each worker expands its own
+/// command line.
 pub fn expand_config_args(args: Vec<String>) -> Result<Vec<String>> {
-    let mut out: Vec<String> = Vec::new();
+    let Some(sub) = subcommand_position(&args) else {
+        return Ok(args);
+    };
+    if args[sub] != "train" && args[sub] != "demo" {
+        return Ok(args);
+    }
+    let mut out: Vec<String> = args[..=sub].to_vec();
     let mut front: Vec<String> = Vec::new();
-    let mut i = 0;
-    let mut sub_at = None;
+    let mut i = sub + 1;
     while i < args.len() {
         let a = &args[i];
+        if a == "--" {
+            out.extend(args[i..].iter().cloned());
+            break;
+        }
         let (flag, inline) = match a.split_once('=') {
             Some((f, v)) if f.starts_with("--") => (f.to_string(), Some(v.to_string())),
             _ => (a.clone(), None),
@@ -322,14 +453,11 @@ pub fn expand_config_args(args: Vec<String>) -> Result<Vec<String>> {
                 front.extend(config_file_args(&PathBuf::from(&value))?);
             }
         } else {
-            if sub_at.is_none() && (a == "train" || a == "demo") {
-                sub_at = Some(out.len() + 1);
-            }
             out.push(a.clone());
         }
         i += 1;
     }
-    let at = sub_at.unwrap_or(out.len());
+    let at = sub + 1;
     out.splice(at..at, front);
     Ok(out)
 }

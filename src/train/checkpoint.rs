@@ -78,6 +78,49 @@ pub fn read_meta(path: &Path) -> Result<CheckpointMeta> {
     Ok(meta)
 }
 
+/// The paths (`a.b.c`) where two JSON values differ, each with both values.
+pub fn json_diff(
+    old: &serde_json::Value,
+    new: &serde_json::Value,
+    path: &str,
+    out: &mut Vec<String>,
+) {
+    use serde_json::Value;
+    let join = |k: &str| {
+        if path.is_empty() {
+            k.to_string()
+        } else {
+            format!("{path}.{k}")
+        }
+    };
+    match (old, new) {
+        (Value::Object(a), Value::Object(b)) => {
+            let mut keys: Vec<&String> = a.keys().chain(b.keys()).collect();
+            keys.sort();
+            keys.dedup();
+            for k in keys {
+                let null = Value::Null;
+                json_diff(
+                    a.get(k).unwrap_or(&null),
+                    b.get(k).unwrap_or(&null),
+                    &join(k),
+                    out,
+                );
+            }
+        }
+        (Value::Array(a), Value::Array(b)) if a.len() == b.len() => {
+            for (i, (x, y)) in a.iter().zip(b).enumerate() {
+                json_diff(x, y, &join(&i.to_string()), out);
+            }
+        }
+        (a, b) if a != b => out.push(format!(
+            "{} {a} vs {b}",
+            if path.is_empty() { "<root>" } else { path }
+        )),
+        _ => {}
+    }
+}
+
 /// Restores student, teacher, optimizer and centres; returns the metadata (next epoch etc.).
 pub fn load(path: &Path, ibot: &mut Ibot) -> Result<CheckpointMeta> {
     let meta = read_meta(path)?;
@@ -90,12 +133,22 @@ pub fn load(path: &Path, ibot: &mut Ibot) -> Result<CheckpointMeta> {
         ..c.clone()
     };
     if shape(&meta.config) != shape(&ibot.cfg) {
+        let mut diffs = Vec::new();
+        json_diff(
+            &serde_json::to_value(shape(&meta.config))?,
+            &serde_json::to_value(shape(&ibot.cfg))?,
+            "",
+            &mut diffs,
+        );
+        const SHOWN: usize = 8;
+        let more = diffs.len().saturating_sub(SHOWN);
+        diffs.truncate(SHOWN);
         bail!(
             "{} was written for a different model or loss configuration; use the same options as the run that wrote it \
-             (checkpoint: {}, now: {})",
+             (its args are in args.json next to it). Differences (checkpoint vs now): {}{}",
             path.display(),
-            serde_json::to_string(&meta.config)?,
-            serde_json::to_string(&ibot.cfg)?
+            diffs.join("; "),
+            if more > 0 { format!("; and {more} more") } else { String::new() }
         );
     }
     let t = read_safetensors(path)?;

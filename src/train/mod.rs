@@ -3,10 +3,12 @@
 pub mod amp;
 pub mod args;
 pub mod checkpoint;
+pub mod interrupt;
 pub mod optim;
 pub mod plot;
 pub mod run;
 pub mod schedule;
+pub mod tensorboard;
 
 use anyhow::{bail, ensure, Result};
 use serde::{Deserialize, Serialize};

@@ -90,6 +90,31 @@ pub fn write_loss_png(points: &[EpochLoss], path: &Path) -> Result<()> {
     crate::util::atomic_write(path, &png)
 }
 
+/// The y range to draw: the values' range from 0 (or below, for negative values), padded so
+/// that a flat curve (e.g. an all-zero run) still gets distinct tick labels.
+fn y_range(ys: &[f64]) -> (f64, f64) {
+    let (lo, hi) = ys
+        .iter()
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &v| {
+            (a.min(v), b.max(v))
+        });
+    if !lo.is_finite() {
+        return (0.0, 1.0);
+    }
+    let (lo, hi) = (lo.min(0.0), hi.max(0.0));
+    let span = hi - lo;
+    let scale = lo.abs().max(hi.abs());
+    if span <= 1e-12 * scale.max(1.0) {
+        // Flat at 0 (or at one value): one unit of the value's own size around it.
+        let pad = if scale > 0.0 { scale * 0.5 } else { 1.0 };
+        return (lo - if lo < 0.0 { pad } else { 0.0 }, hi + pad);
+    }
+    (if lo < 0.0 { lo - 0.05 * span } else { lo }, hi + 0.05 * span)
+}
+
+/// Width of the legend column on the right of the chart.
+const LEGEND_W: u32 = 150;
+
 fn draw(
     points: &[EpochLoss],
     buf: &mut [u8],
@@ -97,39 +122,52 @@ fn draw(
 ) -> std::result::Result<(), Box<dyn std::error::Error>> {
     let root = BitMapBackend::with_buffer(buf, (W, H)).into_drawing_area();
     root.fill(&WHITE)?;
+    // The legend gets its own column, so it never hides the ends of the curves.
+    let (area, legend) = if text {
+        root.split_horizontally(W - LEGEND_W)
+    } else {
+        root.split_horizontally(W)
+    };
     let finite = |v: f64| v.is_finite();
     let ys: Vec<f64> = points
         .iter()
         .flat_map(|p| [p.loss, p.cls, p.patch])
         .filter(|v| finite(*v))
         .collect();
-    let (ymin, ymax) = ys
-        .iter()
-        .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &v| {
-            (a.min(v), b.max(v))
-        });
-    let (ymin, ymax) = if ymin.is_finite() {
-        (ymin.min(0.0), ymax.max(ymin + 1e-6) * 1.05)
-    } else {
-        (0.0, 1.0)
-    };
-    let xmax = points
+    let (ymin, ymax) = y_range(&ys);
+    // x from the first to the last epoch, half an epoch of margin: a single epoch is a point in
+    // the middle, not on the border.
+    let (xlo, xhi) = points
         .iter()
         .map(|p| p.epoch)
-        .fold(0.0f64, f64::max)
-        .max(1.0);
-    let mut b = ChartBuilder::on(&root);
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), e| (a.min(e), b.max(e)));
+    let (xlo, xhi) = if xlo.is_finite() {
+        (xlo - 0.5, xhi + 0.5)
+    } else {
+        (-0.5, 0.5)
+    };
+    let mut b = ChartBuilder::on(&area);
     b.margin(15);
     if text {
         b.caption("iBOT training loss per epoch", ("sans-serif", 22))
             .x_label_area_size(40)
-            .y_label_area_size(55);
+            .y_label_area_size(60);
     }
-    let mut chart = b.build_cartesian_2d(0f64..xmax, ymin..ymax)?;
+    let mut chart = b.build_cartesian_2d(xlo..xhi, ymin..ymax)?;
     let mut mesh = chart.configure_mesh();
     if text {
+        // Whole epochs only.
+        let n = (xhi - xlo).round().max(1.0) as usize;
         mesh.x_desc("epoch")
             .y_desc("loss")
+            .x_labels(n.min(12) + 1)
+            .x_label_formatter(&|x| {
+                if (x - x.round()).abs() < 1e-6 {
+                    format!("{}", x.round() as i64)
+                } else {
+                    String::new()
+                }
+            })
             .label_style(("sans-serif", 14));
     } else {
         mesh.x_labels(0).y_labels(0);
@@ -140,26 +178,47 @@ fn draw(
         ("train_cls", BLUE, |p| p.cls),
         ("train_patch", RED, |p| p.patch),
     ];
-    for (name, color, get) in series {
-        let line = points
+    for (_, color, get) in series {
+        let pts: Vec<(f64, f64)> = points
             .iter()
             .map(|p| (p.epoch, get(p)))
-            .filter(|(_, v)| finite(*v));
-        let s = chart.draw_series(LineSeries::new(line, color.stroke_width(2)))?;
-        if text {
-            s.label(name).legend(move |(x, y)| {
-                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
-            });
-        }
+            .filter(|(_, v)| finite(*v))
+            .collect();
+        chart.draw_series(LineSeries::new(pts.iter().copied(), color.stroke_width(2)))?;
+        // Markers: a single epoch is a visible point, not an empty chart.
+        chart.draw_series(
+            pts.iter()
+                .map(|&(x, y)| Circle::new((x, y), 4, color.filled())),
+        )?;
     }
     if text {
-        chart
-            .configure_series_labels()
-            .background_style(WHITE.mix(0.8))
-            .border_style(BLACK)
-            .label_font(("sans-serif", 14))
-            .draw()?;
+        for (i, (name, color, _)) in series.iter().enumerate() {
+            let y = 60 + 26 * i as i32;
+            legend.draw(&PathElement::new(
+                vec![(8, y), (36, y)],
+                color.stroke_width(2),
+            ))?;
+            legend.draw(&Circle::new((22, y), 4, color.filled()))?;
+            legend.draw(&Text::new(
+                *name,
+                (44, y - 8),
+                ("sans-serif", 15).into_font().color(&BLACK),
+            ))?;
+        }
     }
     root.present()?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::y_range;
+
+    #[test]
+    fn flat_ranges_are_padded() {
+        assert_eq!(y_range(&[0.0, 0.0]), (0.0, 1.0));
+        let (lo, hi) = y_range(&[5.0, 5.0]);
+        assert!(lo == 0.0 && hi > 5.0, "{lo} {hi}");
+        assert_eq!(y_range(&[]), (0.0, 1.0));
+    }
 }

@@ -227,6 +227,8 @@ pub struct TrainOutcome {
     pub last: Option<EpochStats>,
     /// This process's rank (0 without data parallelism).
     pub rank: usize,
+    /// The epoch the run started (or resumed) at.
+    pub start_epoch: usize,
 }
 
 fn progress(n: u64, epoch: usize, epochs: usize) -> Option<ProgressBar> {
@@ -321,6 +323,7 @@ pub fn join_world(
 /// Runs (or resumes) training as the arguments say: one process, or one rank of a data-parallel
 /// run when launched by torchrun, SLURM or `ibot launch`.
 pub fn train(args: &TrainArgs) -> Result<TrainOutcome> {
+    args.validate()?;
     let (comm, device, _env) = join_world(&args.dist, &args.device)?;
     train_with(args, comm.as_ref(), device)
 }
@@ -486,7 +489,37 @@ pub fn train_loop(
     // Unreadable images skipped so far (--skip_corrupt): the first few are named on stderr.
     let mut listed_skips = 0usize;
     const LIST_SKIPS: usize = 5;
+    super::interrupt::set_run(&args.output_dir, main);
+    // TensorBoard scalars (rank 0): a convenience, so a failure only turns them off.
+    let mut tb = if main {
+        match super::tensorboard::EventWriter::create(&args.output_dir.join("tf_logs")) {
+            Ok(w) => Some(w),
+            Err(e) => {
+                eprintln!("note: no TensorBoard logs: {e:#}");
+                None
+            }
+        }
+    } else {
+        None
+    };
+    let tb_write = |tb: &mut Option<super::tensorboard::EventWriter>,
+                        points: &[(&str, f64, i64)]| {
+        if let Some(w) = tb.as_mut() {
+            let r = points
+                .iter()
+                .try_for_each(|(t, v, s)| w.scalar(t, *v, *s))
+                .and_then(|_| w.flush());
+            if let Err(e) = r {
+                eprintln!("note: TensorBoard logs stopped: {e:#}");
+                *tb = None;
+            }
+        }
+    };
     for epoch in start_epoch..stop_at {
+        super::interrupt::set_position(epoch, 0);
+        if let Some(sig) = super::interrupt::pending() {
+            return Err(super::interrupt::interrupted(sig));
+        }
         // Per-epoch seeding makes an interrupted-and-resumed run identical to a straight one.
         ibot.student
             .backbone
@@ -503,6 +536,13 @@ pub fn train_loop(
         let mut first_skip: Option<String> = None;
         let mut count = 0usize;
         for (it, batch) in source.batches(epoch).enumerate() {
+            super::interrupt::set_position(epoch, it);
+            if let Some(sig) = super::interrupt::pending() {
+                if let Some(pb) = &pb {
+                    pb.finish_and_clear();
+                }
+                return Err(super::interrupt::interrupted(sig));
+            }
             let batch = batch.with_context(|| format!("loading batch {it} of epoch {epoch}"))?;
             skipped += batch.skipped;
             if first_skip.is_none() {
@@ -534,16 +574,31 @@ pub fn train_loop(
                 match ibot.train_step(&views, &masks, epoch, lr[g], wd[g], mom[g], comm) {
                     Ok(x) => x,
                     Err(e) => {
+                        if let Some(sig) = super::interrupt::pending() {
+                            // A peer that stopped on the signal breaks the collective.
+                            return Err(super::interrupt::interrupted(sig));
+                        }
                         if let Some(nf) = e.downcast_ref::<NonFiniteLoss>() {
                             let whose = if nf.other_rank {
                                 "on another rank".to_string()
                             } else {
                                 format!("{}", nf.value)
                             };
-                            let kept = if resume.is_some() || epoch > start_epoch {
-                                format!("the last checkpoint in {} is intact", args.output_dir.display())
-                            } else {
-                                "no checkpoint was written yet".to_string()
+                            // What is on disk, not what should be there.
+                            let kept = match checkpoint::read_meta(&ckpt_path) {
+                                Ok(m) => format!(
+                                    "the last checkpoint, {} (epoch {} finished), is intact",
+                                    ckpt_path.display(),
+                                    m.epoch.saturating_sub(1)
+                                ),
+                                Err(_) if ckpt_path.exists() => format!(
+                                    "{} is left as it was",
+                                    ckpt_path.display()
+                                ),
+                                Err(_) => format!(
+                                    "no checkpoint was written in {}",
+                                    args.output_dir.display()
+                                ),
                             };
                             bail!(
                                 "loss is {whose} at epoch {epoch}, iteration {it}: stopping (last finite loss {:?}); {kept}",
@@ -554,6 +609,10 @@ pub fn train_loop(
                     }
                 };
             observer.step(g, &s, &ibot)?;
+            tb_write(
+                &mut tb,
+                &[("iter/loss", s.loss, g as i64), ("iter/lr", s.lr, g as i64)],
+            );
             last_finite = Some(s.loss);
             sums.loss += s.loss;
             sums.cls += s.cls;
@@ -638,9 +697,23 @@ pub fn train_loop(
         // and a failed save stops every rank.
         comm.barrier().context("before saving the checkpoint")?;
         if main {
+            let _saving = super::interrupt::Saving::begin();
             save_epoch(args, &ibot, epoch, &ckpt_path, &st)?;
         }
         comm.barrier().context("after saving the checkpoint")?;
+        if tb.is_some() {
+            let mut pts: Vec<(String, f64)> = Vec::new();
+            if let Some(m) = serde_json::to_value(&st)?.as_object() {
+                for (k, v) in m {
+                    if let Some(x) = v.as_f64() {
+                        pts.push((format!("train_{k}"), x));
+                    }
+                }
+            }
+            let pts: Vec<(&str, f64, i64)> =
+                pts.iter().map(|(k, v)| (k.as_str(), *v, epoch as i64)).collect();
+            tb_write(&mut tb, &pts);
+        }
         say(format!(
             "epoch {epoch}: loss {:.4} cls {:.4} patch {:.4} acc {:.3} nmi {:.3} ari {:.3} ({:.0}s{})",
             st.loss,
@@ -660,6 +733,7 @@ pub fn train_loop(
         epochs_done: done,
         last,
         rank: comm.rank(),
+        start_epoch,
     })
 }
 
