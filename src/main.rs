@@ -371,7 +371,13 @@ fn demo(d: DemoArgs) -> Result<()> {
     let ks = [20];
     let trained = knn_report(
         "iBOT teacher",
-        Some(&out.ibot.teacher.backbone),
+        Some(
+            out.ibot
+                .teacher
+                .backbone
+                .as_vit()
+                .context("the demo trains a ViT")?,
+        ),
         FeatureKind::Cls,
         data,
         size,
@@ -382,7 +388,12 @@ fn demo(d: DemoArgs) -> Result<()> {
     let init = ibot::train::Ibot::seeded(run::ibot_config(a)?, device, a.seed)?;
     let at_init = knn_report(
         "same network at initialisation",
-        Some(&init.teacher.backbone),
+        Some(
+            init.teacher
+                .backbone
+                .as_vit()
+                .context("the demo trains a ViT")?,
+        ),
         FeatureKind::Cls,
         data,
         size,

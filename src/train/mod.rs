@@ -15,7 +15,7 @@ use tch::{Device, Kind, Tensor};
 pub use crate::loss::IbotLossConfig;
 use crate::dist::Comm;
 use crate::loss::{IbotLoss, LossOutput};
-use crate::models::{HeadConfig, MultiCropOutput, MultiCropWrapper, VitConfig};
+use crate::models::{BackboneConfig, HeadConfig, MultiCropOutput, MultiCropWrapper};
 use crate::params::ParamStore;
 use amp::{GradScaler, Precision};
 use optim::{Optimizer, OptimizerKind};
@@ -25,7 +25,7 @@ use optim::{Optimizer, OptimizerKind};
 pub struct IbotConfig {
     /// Student backbone (its `drop_path_rate` and `masked_im_modeling` are the student's; the
     /// teacher uses the same shape with neither).
-    pub backbone: VitConfig,
+    pub backbone: BackboneConfig,
     /// Student head.
     pub head: HeadConfig,
     pub shared_head_teacher: bool,
@@ -38,12 +38,8 @@ pub struct IbotConfig {
 }
 
 impl IbotConfig {
-    pub fn teacher_backbone(&self) -> VitConfig {
-        VitConfig {
-            drop_path_rate: 0.0,
-            masked_im_modeling: false,
-            ..self.backbone.clone()
-        }
+    pub fn teacher_backbone(&self) -> BackboneConfig {
+        self.backbone.without_training_parts()
     }
 
     /// The teacher head: the student's shape with `shared_head_teacher` (and, as in the official
@@ -178,7 +174,7 @@ impl Ibot {
         );
         let globals = &images[..g];
         let teacher = tch::no_grad(|| self.teacher.forward(globals, None, false))?;
-        let mim = self.cfg.backbone.masked_im_modeling;
+        let mim = self.cfg.backbone.masked_im_modeling();
         let student = self
             .student
             .forward(globals, mim.then_some(&masks[..g]), train)?;
