@@ -138,10 +138,7 @@ impl Ibot {
     /// generator is process-wide, so construction holds a lock: concurrent constructions (e.g.
     /// parallel tests) cannot interleave their draws.
     pub fn seeded(cfg: IbotConfig, device: Device, seed: u64) -> Result<Self> {
-        static INIT: std::sync::Mutex<()> = std::sync::Mutex::new(());
-        let _lock = INIT.lock().unwrap_or_else(|e| e.into_inner());
-        tch::manual_seed(seed as i64);
-        Self::new(cfg, device)
+        seeded_init(seed, || Self::new(cfg, device))
     }
 
     /// Re-initialises the teacher from the current student (after loading student weights).
@@ -314,6 +311,15 @@ impl Ibot {
         };
         Ok((stats, teacher_pred))
     }
+}
+
+/// Runs `init` with libtorch's process-wide generator seeded by `seed`, holding the lock that
+/// [`Ibot::seeded`] holds: model constructions in concurrent threads cannot interleave draws.
+pub fn seeded_init<T>(seed: u64, init: impl FnOnce() -> T) -> T {
+    static INIT: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _lock = INIT.lock().unwrap_or_else(|e| e.into_inner());
+    tch::manual_seed(seed as i64);
+    init()
 }
 
 /// Fraction of samples where the teacher's argmax on global view 0 equals the student's on
