@@ -192,7 +192,9 @@ fn tiny_swin(mim: bool) -> (ParamStore, SwinTransformer) {
 fn crops_that_are_not_whole_windows_run_through_every_stage() {
     let (ps, m) = tiny_swin(false);
     // Buffers are in the state dict, not among the parameters.
-    assert!(ps.get("layers.0.blocks.0.attn.relative_position_index").is_some());
+    assert!(ps
+        .get("layers.0.blocks.0.attn.relative_position_index")
+        .is_some());
     assert!(ps
         .params()
         .iter()
@@ -245,11 +247,7 @@ fn masks_on_the_coarse_grid_replace_every_patch_they_cover() {
     assert!(!masked.allclose(&none, 1e-6, 1e-6, false));
     // What lies under the masked cells does not matter any more.
     let x2 = x.copy();
-    let _ = x2
-        .get(0)
-        .narrow(1, 8, 8)
-        .narrow(2, 16, 8)
-        .fill_(5.0);
+    let _ = x2.get(0).narrow(1, 8, 8).narrow(2, 16, 8).fill_(5.0);
     let _ = x2.get(1).narrow(1, 24, 8).narrow(2, 0, 8).fill_(-3.0);
     let masked2 = m.forward(&x2, Some(&mask), false).unwrap();
     assert!(masked.allclose(&masked2, 1e-6, 1e-6, false));

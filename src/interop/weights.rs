@@ -321,7 +321,7 @@ fn known_config(path: &Path, checkpoint_key: &str) -> Result<Option<VitConfig>> 
         return match cfg {
             BackboneConfig::Vit(c) => Ok(Some(c)),
             BackboneConfig::Swin(_) => bail!(
-                "{} is a Swin Transformer checkpoint; the evaluation commands only take ViT backbones so far",
+                "{} is a Swin Transformer checkpoint; the commands that load pretrained weights (eval-knn, eval-linear, eval-unsup, extract-backbone, extract-features, visualize-attention) only take ViT backbones so far",
                 path.display()
             ),
         };

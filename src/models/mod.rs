@@ -126,7 +126,9 @@ impl Backbone {
         dev: Device,
     ) -> Result<Self> {
         Ok(match cfg {
-            BackboneConfig::Vit(c) => Self::Vit(VisionTransformer::new(ps, prefix, c, trainable, dev)?),
+            BackboneConfig::Vit(c) => {
+                Self::Vit(VisionTransformer::new(ps, prefix, c, trainable, dev)?)
+            }
             BackboneConfig::Swin(c) => {
                 Self::Swin(SwinTransformer::new(ps, prefix, c, trainable, dev)?)
             }

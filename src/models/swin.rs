@@ -247,7 +247,9 @@ impl WindowAttention {
     /// Windows `[B·nW, N, C]` (all windows of all images at once) with an optional
     /// `[nW, N, N]` mask; returns the output and the attention probabilities.
     pub fn forward(&self, x: &Tensor, mask: Option<&Tensor>) -> (Tensor, Tensor) {
-        let (bw, n, c) = x.size3().expect("window attention input must be [B·nW, N, C]");
+        let (bw, n, c) = x
+            .size3()
+            .expect("window attention input must be [B·nW, N, C]");
         let qkv = self
             .qkv
             .forward(x)
@@ -258,9 +260,8 @@ impl WindowAttention {
         let mut attn = q.matmul(&k.transpose(-2, -1)) + self.bias().unsqueeze(0);
         if let Some(m) = mask {
             let nw = m.size()[0];
-            attn = (attn.view([bw / nw, nw, self.num_heads, n, n])
-                + m.unsqueeze(1).unsqueeze(0))
-            .view([-1, self.num_heads, n, n]);
+            attn = (attn.view([bw / nw, nw, self.num_heads, n, n]) + m.unsqueeze(1).unsqueeze(0))
+                .view([-1, self.num_heads, n, n]);
         }
         let attn = attn.softmax(-1, Kind::Float);
         let out = attn.matmul(&v).transpose(1, 2).reshape([bw, n, c]);
@@ -458,10 +459,24 @@ impl SwinTransformer {
                 let proj =
                     Linear::new_trunc(ps, &format!("{b}attn.proj"), dim, dim, true, trainable, dev);
                 let norm2 = LayerNorm::new(ps, &format!("{b}norm2"), dim, LN_EPS, trainable, dev);
-                let fc1 =
-                    Linear::new_trunc(ps, &format!("{b}mlp.fc1"), dim, hidden, true, trainable, dev);
-                let fc2 =
-                    Linear::new_trunc(ps, &format!("{b}mlp.fc2"), hidden, dim, true, trainable, dev);
+                let fc1 = Linear::new_trunc(
+                    ps,
+                    &format!("{b}mlp.fc1"),
+                    dim,
+                    hidden,
+                    true,
+                    trainable,
+                    dev,
+                );
+                let fc2 = Linear::new_trunc(
+                    ps,
+                    &format!("{b}mlp.fc2"),
+                    hidden,
+                    dim,
+                    true,
+                    trainable,
+                    dev,
+                );
                 blocks.push(SwinBlock {
                     norm1,
                     attn: WindowAttention {
