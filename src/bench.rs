@@ -102,7 +102,7 @@ pub fn step(b: &StepBench, device: Device, comm: &dyn Comm) -> Result<StepTiming
         mim_start_epoch: 0,
     };
     let cfg = IbotConfig {
-        backbone,
+        backbone: backbone.into(),
         head,
         shared_head_teacher: true,
         loss,

@@ -468,7 +468,13 @@ fn demo(d: DemoArgs) -> Result<()> {
     let ks = [20];
     let trained = knn_report(
         "iBOT teacher",
-        Some(&out.ibot.teacher.backbone),
+        Some(
+            out.ibot
+                .teacher
+                .backbone
+                .as_vit()
+                .context("the demo trains a ViT")?,
+        ),
         FeatureKind::Cls,
         data,
         size,
@@ -479,7 +485,12 @@ fn demo(d: DemoArgs) -> Result<()> {
     let init = ibot::train::Ibot::seeded(run::ibot_config(a)?, device, a.seed)?;
     let at_init = knn_report(
         "same network at initialisation",
-        Some(&init.teacher.backbone),
+        Some(
+            init.teacher
+                .backbone
+                .as_vit()
+                .context("the demo trains a ViT")?,
+        ),
         FeatureKind::Cls,
         data,
         size,

@@ -21,13 +21,22 @@ pub struct Param {
     pub trainable: bool,
 }
 
-/// Ordered parameters plus state-dict aliases.
+/// Where a state-dict key points: a parameter or a buffer (e.g. Swin's
+/// `relative_position_index`), which is saved and loaded but never trained, averaged or decayed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Slot {
+    Param(usize),
+    Buffer(usize),
+}
+
+/// Ordered parameters and buffers plus state-dict aliases.
 #[derive(Debug, Default)]
 pub struct ParamStore {
     params: Vec<Param>,
-    /// State-dict keys in official order, each pointing at an index of `params`.
-    state_keys: Vec<(String, usize)>,
-    index: HashMap<String, usize>,
+    buffers: Vec<Param>,
+    /// State-dict keys in official order, each pointing at a parameter or a buffer.
+    state_keys: Vec<(String, Slot)>,
+    index: HashMap<String, Slot>,
 }
 
 impl ParamStore {
@@ -48,26 +57,58 @@ impl ParamStore {
             tensor
         };
         let handle = tensor.shallow_clone();
-        let i = self.params.len();
+        let slot = Slot::Param(self.params.len());
         self.params.push(Param {
             name: name.clone(),
             tensor,
             trainable,
         });
-        self.state_keys.push((name.clone(), i));
-        self.index.insert(name, i);
+        self.state_keys.push((name.clone(), slot));
+        self.index.insert(name, slot);
         handle
+    }
+
+    /// Registers a buffer (`register_buffer`): part of the state dict, not of
+    /// `named_parameters()`, never trainable.
+    pub fn add_buffer(&mut self, name: impl Into<String>, tensor: Tensor) -> Tensor {
+        let name = name.into();
+        assert!(
+            !self.index.contains_key(&name),
+            "buffer {name} registered twice"
+        );
+        let handle = tensor.shallow_clone();
+        let slot = Slot::Buffer(self.buffers.len());
+        self.buffers.push(Param {
+            name: name.clone(),
+            tensor,
+            trainable: false,
+        });
+        self.state_keys.push((name.clone(), slot));
+        self.index.insert(name, slot);
+        handle
+    }
+
+    /// `named_buffers()`.
+    pub fn buffers(&self) -> &[Param] {
+        &self.buffers
+    }
+
+    fn slot(&self, slot: Slot) -> &Param {
+        match slot {
+            Slot::Param(i) => &self.params[i],
+            Slot::Buffer(i) => &self.buffers[i],
+        }
     }
 
     /// Registers `alias` as a second state-dict key of the already registered `existing`.
     pub fn alias(&mut self, alias: impl Into<String>, existing: &str) {
         let alias = alias.into();
-        let i = *self
+        let slot = *self
             .index
             .get(existing)
             .unwrap_or_else(|| panic!("alias target {existing} missing"));
-        self.state_keys.push((alias.clone(), i));
-        self.index.insert(alias, i);
+        self.state_keys.push((alias.clone(), slot));
+        self.index.insert(alias, slot);
     }
 
     /// `named_parameters()`: each tensor once, under its canonical name.
@@ -79,24 +120,25 @@ impl ParamStore {
     pub fn state_dict(&self) -> impl Iterator<Item = (&str, &Tensor)> {
         self.state_keys
             .iter()
-            .map(move |(k, i)| (k.as_str(), &self.params[*i].tensor))
+            .map(move |(k, s)| (k.as_str(), &self.slot(*s).tensor))
     }
 
     pub fn get(&self, name: &str) -> Option<&Tensor> {
-        self.index.get(name).map(|&i| &self.params[i].tensor)
+        self.index.get(name).map(|&s| &self.slot(s).tensor)
     }
 
-    /// The canonical parameter behind a state-dict key.
+    /// The canonical parameter (or buffer) behind a state-dict key.
     pub fn canonical(&self, name: &str) -> Option<&Param> {
-        self.index.get(name).map(|&i| &self.params[i])
+        self.index.get(name).map(|&s| self.slot(s))
     }
 
-    /// The parameter whose `named_parameters()` name is `name` (aliases do not count).
+    /// The parameter whose `named_parameters()` name is `name` (aliases and buffers do not
+    /// count).
     pub fn named(&self, name: &str) -> Option<&Param> {
-        self.index
-            .get(name)
-            .map(|&i| &self.params[i])
-            .filter(|p| p.name == name)
+        match self.index.get(name) {
+            Some(&Slot::Param(i)) => Some(&self.params[i]).filter(|p| p.name == name),
+            _ => None,
+        }
     }
 
     pub fn contains(&self, name: &str) -> bool {

@@ -145,7 +145,7 @@ fn a_non_finite_loss_is_reported_as_such() {
 fn drop_path_is_random_in_training_and_off_in_eval() {
     tch::manual_seed(4);
     let mut cfg = common::tiny_config(true, true);
-    cfg.backbone.drop_path_rate = 0.5;
+    cfg.backbone.as_vit_mut().unwrap().drop_path_rate = 0.5;
     let mut ps = ParamStore::new();
     let model =
         MultiCropWrapper::new(&mut ps, &cfg.backbone, &cfg.head, true, Device::Cpu).unwrap();
@@ -164,7 +164,7 @@ fn bad_inputs_are_clear_errors() {
     let mut ps = ParamStore::new();
     let model =
         MultiCropWrapper::new(&mut ps, &cfg.backbone, &cfg.head, true, Device::Cpu).unwrap();
-    let vit = &model.backbone;
+    let vit = model.backbone.as_vit().unwrap();
     let e = vit
         .forward(&Tensor::randn([2, 3, 18, 16], CPU), None, false)
         .unwrap_err();
@@ -224,7 +224,7 @@ fn weights_round_trip_through_safetensors_and_bad_files_are_refused() {
 
     // A model of another shape: the error names the parameter and both shapes.
     let mut other = cfg.clone();
-    other.backbone.embed_dim = 32;
+    other.backbone.as_vit_mut().unwrap().embed_dim = 32;
     other.head.in_dim = 32;
     let mut c = ParamStore::new();
     MultiCropWrapper::new(&mut c, &other.backbone, &other.head, true, Device::Cpu).unwrap();

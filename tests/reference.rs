@@ -47,6 +47,47 @@ fn visible_vit_matches_the_official_code() {
     );
 }
 
+#[test]
+fn visible_swin_matches_the_official_code() {
+    let Some(dir) = common::fixture_dir("visible_swin") else {
+        return;
+    };
+    let report = verify_fixture(&dir).expect("fixture runs");
+    println!("{}", report.render());
+    assert!(
+        report.passed(),
+        "mismatch against the official code:\n{}",
+        report.render()
+    );
+    // Every group that applies to Swin was compared (no pos_embed: Swin has none).
+    for group in [
+        "structure",
+        "forward",
+        "loss",
+        "grad",
+        "grad_norm",
+        "optim_step",
+        "step_e2e",
+        "ema",
+        "schedules",
+        "knn",
+    ] {
+        assert!(
+            report.checks.iter().any(|c| c.group == group),
+            "group {group} was not checked"
+        );
+    }
+    assert!(
+        report.checks.iter().all(|c| c.group != "pos_embed"),
+        "a Swin has no position embedding to compare"
+    );
+    assert!(
+        report.checks.len() > 400,
+        "only {} checks ran",
+        report.checks.len()
+    );
+}
+
 /// A copy of the fixture whose configuration says something the reference did not do must
 /// fail: the comparison is able to see a wrong loss weight, a wrong temperature and a wrong
 /// clipping threshold.

@@ -23,7 +23,9 @@ use anyhow::{bail, ensure, Context, Result};
 use tch::{Device, Tensor};
 
 use super::pth::read_pth_subset;
-use crate::models::{HeadAct, HeadConfig, HeadNorm, IbotHead, VisionTransformer, VitConfig};
+use crate::models::{
+    BackboneConfig, HeadAct, HeadConfig, HeadNorm, IbotHead, VisionTransformer, VitConfig,
+};
 use crate::params::{read_safetensors, ParamStore};
 
 /// Metadata key under which exported backbones store their [`VitConfig`] (JSON).
@@ -415,13 +417,17 @@ fn known_config(path: &Path, checkpoint_key: &str) -> Result<Option<VitConfig>> 
     }
     if md.contains_key("ibot") {
         let meta = crate::train::checkpoint::read_meta(path)?;
-        return Ok(Some(match checkpoint_key {
-            "student" => VitConfig {
-                drop_path_rate: 0.0,
-                ..meta.config.backbone.clone()
-            },
+        let cfg = match checkpoint_key {
+            "student" => meta.config.backbone.without_drop_path(),
             _ => meta.config.teacher_backbone(),
-        }));
+        };
+        return match cfg {
+            BackboneConfig::Vit(c) => Ok(Some(c)),
+            BackboneConfig::Swin(_) => bail!(
+                "{} is a Swin Transformer checkpoint; the commands that load pretrained weights (eval-knn, eval-linear, eval-unsup, extract-backbone, extract-features, visualize-attention) only take ViT backbones so far",
+                path.display()
+            ),
+        };
     }
     Ok(None)
 }

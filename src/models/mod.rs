@@ -2,13 +2,186 @@
 
 pub mod head;
 pub mod init;
+pub mod swin;
 pub mod vit;
 
 use anyhow::{ensure, Result};
+use serde::{Deserialize, Serialize};
 use tch::{Device, Tensor};
 
 pub use head::{HeadAct, HeadConfig, HeadNorm, IbotHead};
+pub use swin::{SwinConfig, SwinTransformer};
 pub use vit::{VisionTransformer, VitConfig};
+
+/// Shape of a backbone: a ViT or a Swin. Serialised as the inner configuration (a ViT
+/// configuration written before Swin existed reads back as `Vit`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum BackboneConfig {
+    Vit(VitConfig),
+    Swin(SwinConfig),
+}
+
+impl From<VitConfig> for BackboneConfig {
+    fn from(c: VitConfig) -> Self {
+        Self::Vit(c)
+    }
+}
+
+impl From<SwinConfig> for BackboneConfig {
+    fn from(c: SwinConfig) -> Self {
+        Self::Swin(c)
+    }
+}
+
+impl BackboneConfig {
+    /// Width of the output tokens (the head's input).
+    pub fn embed_dim(&self) -> i64 {
+        match self {
+            Self::Vit(c) => c.embed_dim,
+            Self::Swin(c) => c.num_features(),
+        }
+    }
+
+    pub fn masked_im_modeling(&self) -> bool {
+        match self {
+            Self::Vit(c) => c.masked_im_modeling,
+            Self::Swin(c) => c.masked_im_modeling,
+        }
+    }
+
+    pub fn drop_path_rate(&self) -> f64 {
+        match self {
+            Self::Vit(c) => c.drop_path_rate,
+            Self::Swin(c) => c.drop_path_rate,
+        }
+    }
+
+    /// The same shape without drop path and `masked_embed` (the teacher, or inference).
+    pub fn without_training_parts(&self) -> Self {
+        match self {
+            Self::Vit(c) => Self::Vit(VitConfig {
+                drop_path_rate: 0.0,
+                masked_im_modeling: false,
+                ..c.clone()
+            }),
+            Self::Swin(c) => Self::Swin(SwinConfig {
+                drop_path_rate: 0.0,
+                masked_im_modeling: false,
+                ..c.clone()
+            }),
+        }
+    }
+
+    /// The same shape without drop path (`masked_embed` kept when present).
+    pub fn without_drop_path(&self) -> Self {
+        match self {
+            Self::Vit(c) => Self::Vit(VitConfig {
+                drop_path_rate: 0.0,
+                ..c.clone()
+            }),
+            Self::Swin(c) => Self::Swin(SwinConfig {
+                drop_path_rate: 0.0,
+                ..c.clone()
+            }),
+        }
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        match self {
+            Self::Vit(c) => c.validate(),
+            Self::Swin(c) => c.validate(),
+        }
+    }
+
+    pub fn as_vit(&self) -> Option<&VitConfig> {
+        match self {
+            Self::Vit(c) => Some(c),
+            Self::Swin(_) => None,
+        }
+    }
+
+    pub fn as_vit_mut(&mut self) -> Option<&mut VitConfig> {
+        match self {
+            Self::Vit(c) => Some(c),
+            Self::Swin(_) => None,
+        }
+    }
+}
+
+/// A ViT or a Swin behind one interface: tokens `[B, 1 + N, D]` (for Swin, token 0 is the
+/// average-pooled final-stage token).
+#[derive(Debug)]
+pub enum Backbone {
+    Vit(VisionTransformer),
+    Swin(SwinTransformer),
+}
+
+impl Backbone {
+    pub fn new(
+        ps: &mut ParamStore,
+        prefix: &str,
+        cfg: &BackboneConfig,
+        trainable: bool,
+        dev: Device,
+    ) -> Result<Self> {
+        Ok(match cfg {
+            BackboneConfig::Vit(c) => {
+                Self::Vit(VisionTransformer::new(ps, prefix, c, trainable, dev)?)
+            }
+            BackboneConfig::Swin(c) => {
+                Self::Swin(SwinTransformer::new(ps, prefix, c, trainable, dev)?)
+            }
+        })
+    }
+
+    /// All output tokens after the final norm; `train` enables drop path.
+    pub fn forward(&self, x: &Tensor, mask: Option<&Tensor>, train: bool) -> Result<Tensor> {
+        match self {
+            Self::Vit(m) => m.forward(x, mask, train),
+            Self::Swin(m) => m.forward(x, mask, train),
+        }
+    }
+
+    /// Restarts the drop-path generator.
+    pub fn reseed_drop_path(&self, seed: u64) {
+        match self {
+            Self::Vit(m) => m.reseed_drop_path(seed),
+            Self::Swin(m) => m.reseed_drop_path(seed),
+        }
+    }
+
+    /// Width of the output tokens.
+    pub fn embed_dim(&self) -> i64 {
+        match self {
+            Self::Vit(m) => m.cfg.embed_dim,
+            Self::Swin(m) => m.cfg.num_features(),
+        }
+    }
+
+    /// The last block's attention: ViT `get_last_selfattention` `[B, heads, 1+N, 1+N]`, Swin
+    /// `get_selfattention` `[nW·B, heads, ws², ws²]`.
+    pub fn last_selfattention(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::Vit(m) => m.get_last_selfattention(x),
+            Self::Swin(m) => m.get_selfattention(x),
+        }
+    }
+
+    pub fn as_vit(&self) -> Option<&VisionTransformer> {
+        match self {
+            Self::Vit(m) => Some(m),
+            Self::Swin(_) => None,
+        }
+    }
+
+    pub fn as_swin(&self) -> Option<&SwinTransformer> {
+        match self {
+            Self::Swin(m) => Some(m),
+            Self::Vit(_) => None,
+        }
+    }
+}
 
 use crate::params::ParamStore;
 
@@ -27,25 +200,25 @@ pub struct MultiCropOutput {
 /// `head.*`. Consecutive views of equal resolution are concatenated and run together.
 #[derive(Debug)]
 pub struct MultiCropWrapper {
-    pub backbone: VisionTransformer,
+    pub backbone: Backbone,
     pub head: IbotHead,
 }
 
 impl MultiCropWrapper {
     pub fn new(
         ps: &mut ParamStore,
-        vit: &VitConfig,
+        backbone: &BackboneConfig,
         head: &HeadConfig,
         trainable: bool,
         dev: Device,
     ) -> Result<Self> {
         ensure!(
-            head.in_dim == vit.embed_dim,
+            head.in_dim == backbone.embed_dim(),
             "head input dim {} does not match the backbone embed dim {}",
             head.in_dim,
-            vit.embed_dim
+            backbone.embed_dim()
         );
-        let backbone = VisionTransformer::new(ps, "backbone.", vit, trainable, dev)?;
+        let backbone = Backbone::new(ps, "backbone.", backbone, trainable, dev)?;
         let head = IbotHead::new(ps, "head.", head, trainable, dev)?;
         Ok(Self { backbone, head })
     }

@@ -20,6 +20,34 @@ pub fn parse_bool(s: &str) -> Result<bool, String> {
     }
 }
 
+fn default_window_size() -> i64 {
+    7
+}
+
+impl TrainArgs {
+    /// Whether `--arch` names a Swin Transformer.
+    pub fn is_swin(&self) -> bool {
+        self.arch.starts_with("swin")
+    }
+
+    /// `--patch_size`, or its default: 16 for ViT, 4 for Swin (the official Swin recipe's).
+    pub fn resolved_patch_size(&self) -> i64 {
+        self.patch_size
+            .unwrap_or(if self.is_swin() { 4 } else { 16 })
+    }
+
+    /// Side of a mask cell in pixels: the patch size for ViT, patch_size x 8 for Swin (the
+    /// official `pred_size`; masks are repeated up to Swin's 4-px patch grid).
+    pub fn mask_patch_size(&self) -> i64 {
+        let p = self.resolved_patch_size();
+        if self.is_swin() {
+            p * 8
+        } else {
+            p
+        }
+    }
+}
+
 #[derive(Debug, Clone, Args, Serialize, Deserialize, PartialEq)]
 #[command(rename_all = "snake_case")]
 pub struct TrainArgs {
@@ -36,16 +64,25 @@ pub struct TrainArgs {
     pub config: Option<PathBuf>,
 
     // ---- model
-    /// Architecture: vit_tiny, vit_small, vit_base or vit_large (deit_tiny/deit_small are
-    /// accepted as their ViT twins). Swin is not available yet.
+    /// Architecture: vit_tiny, vit_small, vit_base, vit_large (deit_tiny/deit_small are
+    /// accepted as their ViT twins) or swin_tiny, swin_small, swin_base, swin_large.
     #[arg(long, default_value = "vit_small", help_heading = "Model")]
     pub arch: String,
-    /// Side of the square patches in pixels. Smaller patches see finer detail and cost more.
-    #[arg(long, allow_hyphen_values = true, default_value_t = 16, help_heading = "Model")]
-    pub patch_size: i64,
+    /// Side of the square patches in pixels (default 16; 4 for Swin). Smaller patches see finer
+    /// detail and cost more. Swin: as in main_ibot.py the network always embeds 4-px patches and
+    /// this value only sets the mask cells, which are patch_size x 8 pixels (the official recipe
+    /// passes 4: 32-px cells, a 7x7 mask grid on 224-px crops).
+    #[arg(long, allow_hyphen_values = true, help_heading = "Model")]
+    pub patch_size: Option<i64>,
+    /// Swin window size (7 or 14 in the paper). Stages whose grid is not larger than the window
+    /// (at --img_size) use one window over the whole grid and no shift, as the official code.
+    #[arg(long, allow_hyphen_values = true, default_value_t = 7, help_heading = "Model")]
+    #[serde(default = "default_window_size")]
+    pub window_size: i64,
     /// Resolution the position-embedding table is built for. The official code always uses
     /// 224, so keep it to produce checkpoints of the official shapes; other crop sizes are
-    /// served by bicubic interpolation of the table.
+    /// served by bicubic interpolation of the table. Swin: the resolution that fixes each
+    /// stage's window and shift (other crop sizes are padded to whole windows).
     #[arg(long, allow_hyphen_values = true, default_value_t = 224, help_heading = "Model")]
     pub img_size: i64,
     /// Override the preset's width (e.g. a small ViT for small images).
@@ -57,7 +94,16 @@ pub struct TrainArgs {
     /// Override the preset's number of attention heads.
     #[arg(long, allow_hyphen_values = true, help_heading = "Model")]
     pub num_heads: Option<i64>,
-    /// Stochastic-depth rate of the student's last block (the teacher uses none).
+    /// Swin: override the number of blocks of each stage (e.g. `--depths 2 2 6 2`).
+    #[arg(long, num_args = 1.., help_heading = "Model")]
+    #[serde(default)]
+    pub depths: Option<Vec<i64>>,
+    /// Swin: override the number of attention heads of each stage (e.g. `--stage_heads 3 6 12 24`).
+    #[arg(long, num_args = 1.., help_heading = "Model")]
+    #[serde(default)]
+    pub stage_heads: Option<Vec<i64>>,
+    /// Stochastic-depth rate of the student's last block (the teacher uses none). Swin: as in
+    /// main_ibot.py the architecture's own rate is used (swin_tiny 0.1, the others 0.2).
     #[arg(long, allow_hyphen_values = true, default_value_t = 0.1, help_heading = "Model")]
     pub drop_path: f64,
     /// Output width of the [CLS] head (number of "prototypes").
@@ -298,7 +344,7 @@ impl TrainArgs {
             ("patch_out_dim", self.patch_out_dim),
             ("head_hidden_dim", self.head_hidden_dim),
             ("head_bottleneck_dim", self.head_bottleneck_dim),
-            ("patch_size", self.patch_size),
+            ("patch_size", self.resolved_patch_size()),
             ("img_size", self.img_size),
         ] {
             ensure!(v >= 1, "--{name} must be at least 1 (got {v})");

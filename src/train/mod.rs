@@ -17,7 +17,7 @@ use tch::{Device, Kind, Tensor};
 pub use crate::loss::IbotLossConfig;
 use crate::dist::Comm;
 use crate::loss::{IbotLoss, LossOutput};
-use crate::models::{HeadConfig, MultiCropOutput, MultiCropWrapper, VitConfig};
+use crate::models::{BackboneConfig, HeadConfig, MultiCropOutput, MultiCropWrapper};
 use crate::params::ParamStore;
 use amp::{GradScaler, Precision};
 use optim::{Optimizer, OptimizerKind};
@@ -27,7 +27,7 @@ use optim::{Optimizer, OptimizerKind};
 pub struct IbotConfig {
     /// Student backbone (its `drop_path_rate` and `masked_im_modeling` are the student's; the
     /// teacher uses the same shape with neither).
-    pub backbone: VitConfig,
+    pub backbone: BackboneConfig,
     /// Student head.
     pub head: HeadConfig,
     pub shared_head_teacher: bool,
@@ -40,12 +40,8 @@ pub struct IbotConfig {
 }
 
 impl IbotConfig {
-    pub fn teacher_backbone(&self) -> VitConfig {
-        VitConfig {
-            drop_path_rate: 0.0,
-            masked_im_modeling: false,
-            ..self.backbone.clone()
-        }
+    pub fn teacher_backbone(&self) -> BackboneConfig {
+        self.backbone.without_training_parts()
     }
 
     /// The teacher head: the student's shape with `shared_head_teacher` (and, as in the official
@@ -149,10 +145,7 @@ impl Ibot {
     /// generator is process-wide, so construction holds a lock: concurrent constructions (e.g.
     /// parallel tests) cannot interleave their draws.
     pub fn seeded(cfg: IbotConfig, device: Device, seed: u64) -> Result<Self> {
-        static INIT: std::sync::Mutex<()> = std::sync::Mutex::new(());
-        let _lock = INIT.lock().unwrap_or_else(|e| e.into_inner());
-        tch::manual_seed(seed as i64);
-        Self::new(cfg, device)
+        seeded_init(seed, || Self::new(cfg, device))
     }
 
     /// Re-initialises the teacher from the current student (after loading student weights).
@@ -185,7 +178,7 @@ impl Ibot {
         );
         let globals = &images[..g];
         let teacher = tch::no_grad(|| self.teacher.forward(globals, None, false))?;
-        let mim = self.cfg.backbone.masked_im_modeling;
+        let mim = self.cfg.backbone.masked_im_modeling();
         let student = self
             .student
             .forward(globals, mim.then_some(&masks[..g]), train)?;
@@ -238,7 +231,7 @@ impl Ibot {
         };
         let x = Tensor::f_cat(globals, 0)?;
         let m = Tensor::f_cat(&masks[..g], 0)?.to_device(self.device);
-        let mim = self.cfg.backbone.masked_im_modeling;
+        let mim = self.cfg.backbone.masked_im_modeling();
         let tokens = self.student.backbone.forward(&x, mim.then_some(&m), true)?;
         let (n, d) = (tokens.size()[1] - 1, tokens.size()[2]);
         ensure!(
@@ -392,6 +385,15 @@ impl Ibot {
         };
         Ok((stats, teacher_pred))
     }
+}
+
+/// Runs `init` with libtorch's process-wide generator seeded by `seed`, holding the lock that
+/// [`Ibot::seeded`] holds: model constructions in concurrent threads cannot interleave draws.
+pub fn seeded_init<T>(seed: u64, init: impl FnOnce() -> T) -> T {
+    static INIT: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _lock = INIT.lock().unwrap_or_else(|e| e.into_inner());
+    tch::manual_seed(seed as i64);
+    init()
 }
 
 /// Fraction of samples where the teacher's argmax on global view 0 equals the student's on

@@ -23,7 +23,7 @@ use crate::data::loader::{Batch, Loader, LoaderConfig};
 use crate::data::masking::MaskConfig;
 use crate::eval::cluster;
 use crate::dist::{Comm, DistEnv, ProcessGroup, SingleProcess};
-use crate::models::{HeadConfig, VitConfig};
+use crate::models::{BackboneConfig, HeadConfig, SwinConfig, VitConfig};
 
 /// Picks the device: `auto` is the first GPU when libtorch sees one.
 pub fn select_device(name: &str) -> Result<Device> {
@@ -54,22 +54,44 @@ pub fn select_device(name: &str) -> Result<Device> {
 
 /// The model/loss configuration the arguments describe.
 pub fn ibot_config(a: &TrainArgs) -> Result<IbotConfig> {
-    if a.arch.starts_with("swin") {
-        bail!("--arch {}: Swin backbones are not implemented yet; use a ViT (vit_tiny/small/base/large)", a.arch);
-    }
-    let mut backbone = VitConfig::from_arch(&a.arch, a.patch_size)?;
-    backbone.img_size = a.img_size;
-    if let Some(d) = a.embed_dim {
-        backbone.embed_dim = d;
-    }
-    if let Some(d) = a.depth {
-        backbone.depth = d;
-    }
-    if let Some(h) = a.num_heads {
-        backbone.num_heads = h;
-    }
-    backbone.drop_path_rate = a.drop_path;
-    backbone.masked_im_modeling = a.use_masked_im_modeling;
+    let backbone: BackboneConfig = if a.is_swin() {
+        ensure!(
+            a.depth.is_none() && a.num_heads.is_none(),
+            "--depth and --num_heads describe a ViT; for Swin use --depths and --stage_heads (one value per stage)"
+        );
+        let mut c = SwinConfig::from_arch(&a.arch, a.window_size)?;
+        c.img_size = a.img_size;
+        if let Some(d) = a.embed_dim {
+            c.embed_dim = d;
+        }
+        if let Some(d) = &a.depths {
+            c.depths = d.clone();
+        }
+        if let Some(h) = &a.stage_heads {
+            c.num_heads = h.clone();
+        }
+        c.masked_im_modeling = a.use_masked_im_modeling;
+        c.into()
+    } else {
+        ensure!(
+            a.depths.is_none() && a.stage_heads.is_none(),
+            "--depths and --stage_heads describe a Swin; for a ViT use --depth and --num_heads"
+        );
+        let mut c = VitConfig::from_arch(&a.arch, a.resolved_patch_size())?;
+        c.img_size = a.img_size;
+        if let Some(d) = a.embed_dim {
+            c.embed_dim = d;
+        }
+        if let Some(d) = a.depth {
+            c.depth = d;
+        }
+        if let Some(h) = a.num_heads {
+            c.num_heads = h;
+        }
+        c.drop_path_rate = a.drop_path;
+        c.masked_im_modeling = a.use_masked_im_modeling;
+        c.into()
+    };
     backbone.validate()?;
     let head = HeadConfig {
         hidden_dim: a.head_hidden_dim,
@@ -77,7 +99,7 @@ pub fn ibot_config(a: &TrainArgs) -> Result<IbotConfig> {
         norm: a.norm_in_head.parse()?,
         act: a.act_in_head.parse()?,
         ..HeadConfig::new(
-            backbone.embed_dim,
+            backbone.embed_dim(),
             a.out_dim,
             a.patch_out_dim,
             a.norm_last_layer,
@@ -133,7 +155,7 @@ pub fn loader_config(a: &TrainArgs) -> Result<LoaderConfig> {
         ..AugmentConfig::default()
     };
     let mask = MaskConfig {
-        patch_size: a.patch_size as usize,
+        patch_size: a.mask_patch_size() as usize,
         pred_ratio: a.pred_ratio.clone(),
         pred_ratio_var: a.pred_ratio_var.clone(),
         pred_shape: a.pred_shape.parse()?,

@@ -22,7 +22,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::eval::knn::knn_classifier;
 use crate::loss::{teacher_temp_schedules, IbotLossConfig, SingleProcess};
-use crate::models::{HeadAct, HeadConfig, HeadNorm, VitConfig};
+use crate::models::{BackboneConfig, HeadAct, HeadConfig, HeadNorm, SwinConfig, VitConfig};
 use crate::params::read_safetensors;
 use crate::train::optim::{get_params_groups, Optimizer, OptimizerKind};
 use crate::train::schedule::cosine_scheduler;
@@ -235,6 +235,17 @@ impl<'a> Json<'a> {
             .as_str()
             .ok_or_else(|| anyhow!("fixtures.json '{path}' is not a string"))
     }
+    fn i64s(&self, path: &str) -> Result<Vec<i64>> {
+        self.get(path)?
+            .as_array()
+            .ok_or_else(|| anyhow!("fixtures.json '{path}' is not a list"))?
+            .iter()
+            .map(|v| {
+                v.as_i64()
+                    .ok_or_else(|| anyhow!("fixtures.json '{path}' holds a non-integer"))
+            })
+            .collect()
+    }
     fn strings(&self, path: &str) -> Result<Vec<String>> {
         self.get(path)?
             .as_array()
@@ -249,40 +260,65 @@ impl<'a> Json<'a> {
     }
 }
 
-/// The fixture's configuration as an [`IbotConfig`]; `pos_rows` is the number of rows of the
-/// reference `pos_embed` (it fixes the grid the table was built for).
-fn config_from_json(j: &Json, pos_rows: i64) -> Result<IbotConfig> {
+/// The fixture's backbone. ViT: `pos_rows` is the number of rows of the reference `pos_embed`
+/// (it fixes the grid the table was built for). Swin: built for `config.backbone.img_size`
+/// (224, as main_ibot builds it, when the fixture does not say).
+fn backbone_from_json(j: &Json, pos_rows: Option<i64>) -> Result<BackboneConfig> {
     let arch = j.str("config.arch")?;
-    if arch != "vit" {
-        bail!("fixture architecture '{arch}' is not supported yet (only ViT backbones are implemented)");
+    let masked_im_modeling = j.bool("config.use_masked_im_modeling")?;
+    match arch {
+        "vit" => {
+            let Some(pos_rows) = pos_rows else {
+                bail!("the ViT fixture has no student.backbone.pos_embed")
+            };
+            let p = j.i64("config.backbone.patch_size")?;
+            let grid = ((pos_rows - 1) as f64).sqrt().round() as i64;
+            if grid * grid != pos_rows - 1 {
+                bail!(
+                    "reference pos_embed has {} patch rows, not a square grid",
+                    pos_rows - 1
+                );
+            }
+            Ok(BackboneConfig::Vit(VitConfig {
+                img_size: grid * p,
+                patch_size: p,
+                in_chans: 3,
+                embed_dim: j.i64("config.backbone.embed_dim")?,
+                depth: j.i64("config.backbone.depth")?,
+                num_heads: j.i64("config.backbone.num_heads")?,
+                mlp_ratio: j.f64("config.backbone.mlp_ratio")?,
+                qkv_bias: j.bool("config.backbone.qkv_bias")?,
+                drop_path_rate: j.f64("config.backbone.drop_path_rate")?,
+                masked_im_modeling,
+            }))
+        }
+        "swin" => Ok(BackboneConfig::Swin(SwinConfig {
+            img_size: j.i64("config.backbone.img_size").unwrap_or(224),
+            patch_size: j.i64("config.backbone.patch_size")?,
+            in_chans: 3,
+            embed_dim: j.i64("config.backbone.embed_dim")?,
+            depths: j.i64s("config.backbone.depths")?,
+            num_heads: j.i64s("config.backbone.num_heads")?,
+            window_size: j.i64("config.backbone.window_size")?,
+            mlp_ratio: j.f64("config.backbone.mlp_ratio")?,
+            qkv_bias: j.bool("config.backbone.qkv_bias")?,
+            drop_path_rate: j.f64("config.backbone.drop_path_rate")?,
+            masked_im_modeling,
+        })),
+        other => bail!("fixture architecture '{other}' is not supported (vit or swin)"),
     }
-    let p = j.i64("config.backbone.patch_size")?;
-    let grid = ((pos_rows - 1) as f64).sqrt().round() as i64;
-    if grid * grid != pos_rows - 1 {
-        bail!(
-            "reference pos_embed has {} patch rows, not a square grid",
-            pos_rows - 1
-        );
-    }
-    let backbone = VitConfig {
-        img_size: grid * p,
-        patch_size: p,
-        in_chans: 3,
-        embed_dim: j.i64("config.backbone.embed_dim")?,
-        depth: j.i64("config.backbone.depth")?,
-        num_heads: j.i64("config.backbone.num_heads")?,
-        mlp_ratio: j.f64("config.backbone.mlp_ratio")?,
-        qkv_bias: j.bool("config.backbone.qkv_bias")?,
-        drop_path_rate: j.f64("config.backbone.drop_path_rate")?,
-        masked_im_modeling: j.bool("config.use_masked_im_modeling")?,
-    };
+}
+
+/// The fixture's configuration as an [`IbotConfig`] (see [`backbone_from_json`]).
+fn config_from_json(j: &Json, pos_rows: Option<i64>) -> Result<IbotConfig> {
+    let backbone = backbone_from_json(j, pos_rows)?;
     let norm = match j.get("config.head.norm")? {
         Value::Null => HeadNorm::None,
         Value::String(s) => s.parse()?,
         other => bail!("config.head.norm: unexpected {other}"),
     };
     let head = HeadConfig {
-        in_dim: backbone.embed_dim,
+        in_dim: backbone.embed_dim(),
         out_dim: j.i64("config.head.out_dim")?,
         patch_out_dim: j.i64("config.head.patch_out_dim")?,
         hidden_dim: j.i64("config.head.hidden_dim")?,
@@ -352,7 +388,9 @@ pub fn verify_fixture(dir: &Path) -> Result<Report> {
             .ok_or_else(|| anyhow!("fixtures.safetensors has no tensor '{k}'"))
     };
 
-    let pos_rows = t("student.backbone.pos_embed")?.size()[1];
+    let pos_rows = tensors
+        .get("student.backbone.pos_embed")
+        .map(|p| p.size()[1]);
     let cfg = config_from_json(&j, pos_rows)?;
     let epoch = j.usize("config.epoch")?;
     let device = Device::Cpu;
@@ -530,7 +568,8 @@ pub fn verify_fixture(dir: &Path) -> Result<Report> {
         t("out.teacher_backbone_g0")?,
         TOL_FORWARD,
     );
-    let attn = tch::no_grad(|| ibot.teacher.backbone.get_last_selfattention(&images[0]))?;
+    // ViT: get_last_selfattention; Swin: get_selfattention (last block, per window).
+    let attn = tch::no_grad(|| ibot.teacher.backbone.last_selfattention(&images[0]))?;
     report.tensor(
         "forward",
         "teacher_last_attn_g0",
@@ -538,17 +577,17 @@ pub fn verify_fixture(dir: &Path) -> Result<Report> {
         t("out.teacher_last_attn_g0")?,
         TOL_FORWARD,
     );
-    let p = cfg.backbone.patch_size;
     for (key, idx) in [
         ("out.pos_embed_interp_global", 0usize),
         ("out.pos_embed_interp_local", g as usize),
     ] {
         if let (Some(r), Some(img)) = (tensors.get(key), images.get(idx)) {
             let s = img.size();
-            let pe = ibot
-                .teacher
-                .backbone
-                .interpolate_pos_encoding(s[2] / p, s[3] / p)?;
+            let Some(vit) = ibot.teacher.backbone.as_vit() else {
+                bail!("{key} is a ViT output but the backbone is not a ViT")
+            };
+            let p = vit.cfg.patch_size;
+            let pe = vit.interpolate_pos_encoding(s[2] / p, s[3] / p)?;
             report.tensor(
                 "pos_embed",
                 key.trim_start_matches("out."),

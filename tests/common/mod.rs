@@ -157,7 +157,7 @@ pub fn tiny_config(shared_head: bool, shared_head_teacher: bool) -> IbotConfig {
         mim_start_epoch: 0,
     };
     IbotConfig {
-        backbone,
+        backbone: backbone.into(),
         head,
         shared_head_teacher,
         loss,
