@@ -521,9 +521,6 @@ fn demo(d: DemoArgs) -> Result<()> {
     Ok(())
 }
 
-/// Largest evaluation crop side (`--crop_size`).
-const MAX_CROP: usize = 4096;
-
 /// The backbone (and the raw weights, for the head) named by `w`, with the crop side to use.
 fn open_backbone(
     w: &WeightsArgs,
@@ -552,12 +549,6 @@ fn open_backbone_on(
             w.checkpoint_key
         );
     }
-    if let Some(c) = w.crop_size {
-        anyhow::ensure!(
-            (1..=MAX_CROP).contains(&c),
-            "--crop_size must be between 1 and {MAX_CROP} pixels (got {c})"
-        );
-    }
     let Some(path) = &w.pretrained_weights else {
         bail!("--pretrained_weights is required")
     };
@@ -569,12 +560,11 @@ fn open_backbone_on(
     )?;
     eprintln!("weights: {}", p.description);
     let (_, vit) = p.backbone_model(device)?;
-    let size = w.crop_size.unwrap_or(p.vit.img_size as usize);
-    let patch = p.vit.patch_size as usize;
-    anyhow::ensure!(
-        size >= patch,
-        "--crop_size {size} is smaller than one {patch}-pixel patch of this model"
-    );
+    let size = ibot::eval::resolve_crop(
+        w.crop_size,
+        p.vit.img_size as usize,
+        p.vit.patch_size as usize,
+    )?;
     Ok((p, vit, size, device))
 }
 
@@ -612,6 +602,9 @@ fn eval_knn(k: KnnArgs) -> Result<()> {
         )?;
         let train_ds = ibot::data::dataset::open(&trp, trs)?;
         let test_ds = ibot::data::dataset::open(&tep, tes)?;
+        if comm.is_main() {
+            ibot::eval::warn_upsampling(train_ds.as_ref(), size, k.weights.crop_size.is_some());
+        }
         let lim = k.subset.unwrap_or(usize::MAX);
         let tr = first_n(train_ds.len(), lim);
         let te = first_n(test_ds.len(), lim);
@@ -709,6 +702,7 @@ fn eval_unsup(u: UnsupArgs) -> Result<()> {
         .context("these weights have no projection head (a backbone-only file?); eval-unsup needs a full checkpoint")?;
     let (tep, tes) = eval_split(u.data_path.as_deref(), u.val_path.as_deref(), Half::Val)?;
     let ds = ibot::data::dataset::open(&tep, tes)?;
+    ibot::eval::warn_upsampling(ds.as_ref(), size, u.weights.crop_size.is_some());
     let idx = first_n(ds.len(), u.subset.unwrap_or(usize::MAX));
     anyhow::ensure!(
         !idx.is_empty(),
@@ -789,6 +783,9 @@ fn extract_features(f: FeatureArgs) -> Result<()> {
     };
     spec.validate(vit.blocks.len())?;
     let ds = ibot::data::dataset::open(&f.data_path, &f.split)?;
+    if comm.is_main() {
+        ibot::eval::warn_upsampling(ds.as_ref(), size, f.weights.crop_size.is_some());
+    }
     let all = first_n(ds.len(), f.subset.unwrap_or(usize::MAX));
     anyhow::ensure!(!all.is_empty(), "no images to extract features from");
     let idx = ibot::dist::shard(&all, comm.rank(), comm.world_size());
@@ -855,7 +852,7 @@ fn visualize_attention(a: AttentionArgs) -> Result<()> {
     Ok(())
 }
 
-fn eval_linear(a: ibot::eval::linear::LinearArgs) -> Result<()> {
+fn eval_linear(mut a: ibot::eval::linear::LinearArgs) -> Result<()> {
     let device = run::select_device(&a.device)?;
     let p = ibot::interop::load_pretrained_with(
         &a.pretrained_weights,
@@ -865,6 +862,11 @@ fn eval_linear(a: ibot::eval::linear::LinearArgs) -> Result<()> {
     )?;
     eprintln!("weights: {}", p.description);
     let (_, vit) = p.backbone_model(device)?;
+    let size = ibot::eval::resolve_crop(
+        a.crop_size,
+        p.vit.img_size as usize,
+        p.vit.patch_size as usize,
+    )?;
     let (trp, trs, tep, tes) = eval_splits(
         a.data_path.as_deref(),
         a.train_path.as_deref(),
@@ -872,6 +874,8 @@ fn eval_linear(a: ibot::eval::linear::LinearArgs) -> Result<()> {
     )?;
     let train_ds = ibot::data::dataset::open(&trp, trs)?;
     let val_ds = ibot::data::dataset::open(&tep, tes)?;
+    ibot::eval::warn_upsampling(train_ds.as_ref(), size, a.crop_size.is_some());
+    a.crop_size = Some(size);
     eprintln!(
         "data: {} training ({}), {} validation images",
         train_ds.len(),
@@ -1082,7 +1086,6 @@ fn demo_defaults(argv: Vec<String>) -> Vec<String> {
 }
 
 fn main() -> ExitCode {
-    ibot::util::tune_allocator();
     let argv = demo_defaults(std::env::args().collect());
     let argv = match expand_config_args(argv) {
         Ok(a) => a,
@@ -1092,6 +1095,14 @@ fn main() -> ExitCode {
         }
     };
     let cli = Cli::parse_from(argv);
+    // Only training steps profit from keeping freed memory (see tune_allocator); evaluation
+    // would hold on to gigabytes of released feature batches.
+    if matches!(
+        cli.cmd,
+        Cmd::Train(_) | Cmd::Demo(_) | Cmd::Bench(BenchCmd::Train(_))
+    ) {
+        ibot::util::tune_allocator();
+    }
     match run(cli) {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::FAILURE,

@@ -194,7 +194,7 @@ fn linear_probe_learns_on_fashion_mnist_and_resumes() {
         output_dir: out.clone(),
         num_labels: None,
         load_from: None,
-        crop_size: 32,
+        crop_size: Some(32),
         subset: Some(1000),
         precompute_features: false,
         device: "cpu".into(),

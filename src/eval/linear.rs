@@ -225,9 +225,10 @@ pub struct LinearArgs {
     /// <output_dir>/checkpoint_<key>_linear.safetensors when it exists).
     #[arg(long)]
     pub load_from: Option<PathBuf>,
-    /// Crop side for training and validation views.
-    #[arg(long, default_value_t = 224)]
-    pub crop_size: usize,
+    /// Crop side for training and validation views (default: the resolution the checkpoint
+    /// was trained at, 224 for the official models).
+    #[arg(long)]
+    pub crop_size: Option<usize>,
     /// Use at most this many training and validation images.
     #[arg(long)]
     pub subset: Option<usize>,
@@ -334,7 +335,7 @@ pub fn run(
         seen - 1
     );
     let dim = spec.dim(backbone.cfg.embed_dim);
-    let size = a.crop_size;
+    let size = a.crop_size.unwrap_or(backbone.cfg.img_size as usize);
     let feats_of = |x: &Tensor| spec.features(backbone, &x.to_device(device));
 
     std::fs::create_dir_all(&a.output_dir)
