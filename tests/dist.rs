@@ -32,17 +32,7 @@ fn tiny_data() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
         let dir = scratch("data");
-        let (n, side) = (32usize, 16usize);
-        let mut img = vec![0, 0, 8, 3];
-        for v in [n, side, side] {
-            img.extend_from_slice(&(v as u32).to_be_bytes());
-        }
-        img.extend((0..n * side * side).map(|i| ((i * 37 + i / 7) % 256) as u8));
-        let mut lab = vec![0, 0, 8, 1];
-        lab.extend_from_slice(&(n as u32).to_be_bytes());
-        lab.extend((0..n).map(|i| (i % 3) as u8));
-        std::fs::write(dir.join("train-images-idx3-ubyte"), img).unwrap();
-        std::fs::write(dir.join("train-labels-idx1-ubyte"), lab).unwrap();
+        common::write_idx(&dir, "train", 32, 16);
         dir
     })
 }

@@ -1,6 +1,8 @@
 //! Bad inputs found by testing (issue 12): each is a clear error (exit code 2 from the binary,
 //! never a panic or an abort) or the documented behaviour.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
@@ -14,19 +16,6 @@ fn tempdir(name: &str) -> PathBuf {
     d
 }
 
-/// IDX images and labels for `split` (train / t10k): `n` images of `side` x `side`.
-fn write_idx(dir: &Path, split: &str, n: usize, side: usize) {
-    let mut img = vec![0, 0, 8, 3];
-    for v in [n, side, side] {
-        img.extend_from_slice(&(v as u32).to_be_bytes());
-    }
-    img.extend((0..n * side * side).map(|i| ((i * 37 + i / 7) % 256) as u8));
-    let mut lab = vec![0, 0, 8, 1];
-    lab.extend_from_slice(&(n as u32).to_be_bytes());
-    lab.extend((0..n).map(|i| (i % 3) as u8));
-    std::fs::write(dir.join(format!("{split}-images-idx3-ubyte")), img).unwrap();
-    std::fs::write(dir.join(format!("{split}-labels-idx1-ubyte")), lab).unwrap();
-}
 
 /// Options of a tiny model (16-pixel images, 4-pixel patches) for `ibot train`.
 const TINY: &[&str] = &[
@@ -104,8 +93,8 @@ fn trained() -> &'static (PathBuf, PathBuf) {
     static T: OnceLock<(PathBuf, PathBuf)> = OnceLock::new();
     T.get_or_init(|| {
         let data = tempdir("data");
-        write_idx(&data, "train", 12, 16);
-        write_idx(&data, "t10k", 12, 16);
+        common::write_idx(&data, "train", 12, 16);
+        common::write_idx(&data, "t10k", 12, 16);
         let out = tempdir("run");
         let (d, o) = (data.display().to_string(), out.display().to_string());
         let mut args = vec![
@@ -516,7 +505,7 @@ fn evaluation_needs_a_real_split_or_explicit_paths() {
     let w = s(ckpt);
     // IDX files of the training split only: memory and queries would be the same images.
     let only_train = tempdir("only-train");
-    write_idx(&only_train, "train", 12, 16);
+    common::write_idx(&only_train, "train", 12, 16);
     // An image folder whose only sub-folder is train/.
     let only_dir = tempdir("only-dir");
     std::fs::create_dir_all(only_dir.join("train/a")).unwrap();

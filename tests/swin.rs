@@ -1,7 +1,9 @@
 //! Swin backbones in training: exact resume of a tiny Swin run, crops that are not whole
 //! windows, and the masking semantics (masks on a coarse grid, repeated to the 4-px patches).
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use std::path::Path;
 
 use clap::Parser;
 use ibot::models::{SwinConfig, SwinTransformer};
@@ -17,25 +19,6 @@ struct Cli {
     args: TrainArgs,
 }
 
-fn tempdir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("ibot-swin-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-fn write_idx(dir: &Path, n: usize, side: usize) {
-    let mut img = vec![0, 0, 8, 3];
-    for v in [n, side, side] {
-        img.extend_from_slice(&(v as u32).to_be_bytes());
-    }
-    img.extend((0..n * side * side).map(|i| ((i * 37 + i / 7) % 256) as u8));
-    let mut lab = vec![0, 0, 8, 1];
-    lab.extend_from_slice(&(n as u32).to_be_bytes());
-    lab.extend((0..n).map(|i| (i % 3) as u8));
-    std::fs::write(dir.join("train-images-idx3-ubyte"), img).unwrap();
-    std::fs::write(dir.join("train-labels-idx1-ubyte"), lab).unwrap();
-}
 
 /// A tiny Swin: width 24, two stages of two blocks (the second of each shifted), window 3 on a
 /// model built for 32 px, so 32-px global crops (8x8 patches) and 16-px local crops (4x4) are
@@ -115,13 +98,13 @@ fn tensors(path: &Path) -> Vec<(String, Tensor)> {
 
 #[test]
 fn a_resumed_swin_run_equals_an_uninterrupted_one() {
-    let data = tempdir("data");
-    write_idx(&data, 20, 40);
-    let straight = tempdir("straight");
+    let data = common::scratch_dir("swin", "data");
+    common::write_idx(&data, "train", 20, 40);
+    let straight = common::scratch_dir("swin", "straight");
     let out = run::train(&tiny_swin_args(&data, &straight, &[])).unwrap();
     assert_eq!(out.epochs_done, 3);
 
-    let resumed = tempdir("resumed");
+    let resumed = common::scratch_dir("swin", "resumed");
     let first = run::train(&tiny_swin_args(&data, &resumed, &["--stop_after", "1"])).unwrap();
     assert_eq!(first.epochs_done, 1);
     let meta = checkpoint::read_meta(&resumed.join("checkpoint.safetensors")).unwrap();

@@ -1,5 +1,7 @@
 //! `ibot train` end to end on a tiny model: exact resume, checkpoint safety, logs, options.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 
 use clap::Parser;
@@ -14,25 +16,6 @@ struct Cli {
     args: TrainArgs,
 }
 
-fn tempdir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("ibot-train-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-fn write_idx(dir: &Path, n: usize, side: usize) {
-    let mut img = vec![0, 0, 8, 3];
-    for v in [n, side, side] {
-        img.extend_from_slice(&(v as u32).to_be_bytes());
-    }
-    img.extend((0..n * side * side).map(|i| ((i * 37 + i / 7) % 256) as u8));
-    let mut lab = vec![0, 0, 8, 1];
-    lab.extend_from_slice(&(n as u32).to_be_bytes());
-    lab.extend((0..n).map(|i| (i % 3) as u8));
-    std::fs::write(dir.join("train-images-idx3-ubyte"), img).unwrap();
-    std::fs::write(dir.join("train-labels-idx1-ubyte"), lab).unwrap();
-}
 
 fn tiny_args(data: &Path, out: &Path, extra: &[&str]) -> TrainArgs {
     let mut argv: Vec<String> = [
@@ -104,12 +87,12 @@ fn tensors(path: &Path) -> Vec<(String, tch::Tensor)> {
 /// Trains the tiny model for 3 epochs straight through, and again stopped after epoch 1 and
 /// resumed; returns the two output directories.
 fn straight_and_resumed(tag: &str, extra: &[&str]) -> (PathBuf, PathBuf) {
-    let data = tempdir(&format!("{tag}-data"));
-    write_idx(&data, 20, 12);
-    let straight = tempdir(&format!("{tag}-straight"));
+    let data = common::scratch_dir("train", &format!("{tag}-data"));
+    common::write_idx(&data, "train", 20, 12);
+    let straight = common::scratch_dir("train", &format!("{tag}-straight"));
     run::train(&tiny_args(&data, &straight, extra)).unwrap();
 
-    let resumed = tempdir(&format!("{tag}-resumed"));
+    let resumed = common::scratch_dir("train", &format!("{tag}-resumed"));
     let mut first_args = extra.to_vec();
     first_args.extend(["--stop_after", "1"]);
     let first = run::train(&tiny_args(&data, &resumed, &first_args)).unwrap();
@@ -185,9 +168,9 @@ fn an_interrupted_and_resumed_run_equals_an_uninterrupted_one() {
 
 #[test]
 fn a_damaged_checkpoint_is_refused_and_a_failed_save_keeps_the_old_one() {
-    let data = tempdir("ckpt-data");
-    write_idx(&data, 12, 12);
-    let out = tempdir("ckpt-out");
+    let data = common::scratch_dir("train", "ckpt-data");
+    common::write_idx(&data, "train", 12, 12);
+    let out = common::scratch_dir("train", "ckpt-out");
     let out_run = run::train(&tiny_args(&data, &out, &["--stop_after", "1"])).unwrap();
     let ckpt = out.join("checkpoint.safetensors");
     let good = std::fs::read(&ckpt).unwrap();
@@ -218,7 +201,7 @@ fn a_damaged_checkpoint_is_refused_and_a_failed_save_keeps_the_old_one() {
 
 #[test]
 fn presets_and_config_files_supply_options_and_the_command_line_wins() {
-    let dir = tempdir("config");
+    let dir = common::scratch_dir("train", "config");
     let cfg = dir.join("run.toml");
     std::fs::write(
         &cfg,

@@ -166,3 +166,18 @@ pub fn tiny_config(shared_head: bool, shared_head_teacher: bool) -> IbotConfig {
         optimizer: OptimizerKind::Adamw,
     }
 }
+
+/// IDX images and labels for `split` (train / t10k) in `dir`: `n` grey images of `side` x
+/// `side` with a fixed pattern, labels cycling through 0, 1, 2.
+pub fn write_idx(dir: &std::path::Path, split: &str, n: usize, side: usize) {
+    let mut img = vec![0, 0, 8, 3];
+    for v in [n, side, side] {
+        img.extend_from_slice(&(v as u32).to_be_bytes());
+    }
+    img.extend((0..n * side * side).map(|i| ((i * 37 + i / 7) % 256) as u8));
+    let mut lab = vec![0, 0, 8, 1];
+    lab.extend_from_slice(&(n as u32).to_be_bytes());
+    lab.extend((0..n).map(|i| (i % 3) as u8));
+    std::fs::write(dir.join(format!("{split}-images-idx3-ubyte")), img).unwrap();
+    std::fs::write(dir.join(format!("{split}-labels-idx1-ubyte")), lab).unwrap();
+}
