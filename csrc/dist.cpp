@@ -115,8 +115,9 @@ void* ibot_dist_init(const char* host, int port, int rank, int size, int agent_s
 #else
       (void)device;
       throw std::runtime_error(
-          "this build of ibot has no NCCL support (CUDA/NCCL headers were not found when it was "
-          "compiled); use the gloo backend");
+          "this build of ibot has no NCCL support for CUDA tensors: rebuild with "
+          "`IBOT_NCCL=1 bash scripts/bootstrap.sh && IBOT_NCCL=1 cargo build --release` "
+          "(README: Data-parallel training), or train on --device cpu");
 #endif
     } else {
 #ifdef USE_C10D_GLOO
