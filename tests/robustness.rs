@@ -1109,5 +1109,23 @@ fn loss_png_shows_a_single_epoch_and_flat_curves() {
     let z = |e| EpochLoss { epoch: e, loss: 0.0, cls: 0.0, patch: 0.0 };
     write_loss_png(&[z(0.0), z(1.0), z(2.0)], &zero).unwrap();
     assert!(count(&zero, [255, 0, 0]) > 20);
+    // With the per-iteration loss and the schedules: a grey curve and four panels below.
+    use ibot::train::plot::{write_training_png, Curves};
+    let full = dir.join("full.png");
+    let iters: Vec<(f64, f64)> = (0..40).map(|i| (i as f64 / 20.0 - 0.5, 9.0 - i as f64 * 0.1)).collect();
+    let ramp = |a: f64, b: f64| (0..40).map(|i| (i as f64 / 20.0 - 0.5, a + (b - a) * i as f64 / 40.0)).collect::<Vec<_>>();
+    let schedules = [
+        ("learning rate", ramp(0.0, 1e-3)),
+        ("weight decay", ramp(0.04, 0.4)),
+        ("teacher momentum", ramp(0.996, 1.0)),
+        ("teacher temperature ([CLS])", vec![(0.0, 0.04), (1.0, 0.07)]),
+    ];
+    let epochs = [p, EpochLoss { epoch: 1.0, ..p }];
+    write_training_png(&Curves { epochs: &epochs, iters: &iters, schedules: &schedules }, &full).unwrap();
+    let img = image::open(&full).unwrap().to_rgb8();
+    assert!(img.height() > 600, "no schedule panels: {}x{}", img.width(), img.height());
+    assert!(count(&full, [150, 150, 150]) > 30, "no per-iteration curve");
+    assert!(count(&full, [0, 255, 0]) > 30, "no momentum panel");
+    assert!(count(&full, [255, 0, 255]) > 30, "no temperature panel");
     eprintln!("pictures in {}", dir.display());
 }

@@ -1,5 +1,7 @@
-//! `loss.png` in the output directory: total, [CLS] and patch loss per epoch, redrawn after
-//! every epoch from `log.txt`.
+//! `loss.png` in the output directory, redrawn after every epoch: total, [CLS] and patch loss
+//! per epoch (from `log.txt`) over the total loss per iteration (smoothed, this run's
+//! iterations), and below it the schedules so far — learning rate, weight decay, teacher
+//! momentum and teacher temperatures — each in its own panel.
 //!
 //! Drawn with `plotters` into memory and written atomically as PNG with `image`. Text needs a
 //! TrueType font, which plotters does not bundle: the first of a few usual system fonts
@@ -77,13 +79,40 @@ pub fn read_log(path: &Path) -> Result<Vec<EpochLoss>> {
 
 const W: u32 = 800;
 const H: u32 = 480;
+/// Height of the schedule panels under the loss chart.
+const H_SCHED: u32 = 300;
 
-/// Draws the curves and writes `path` (PNG) atomically.
+/// Everything `loss.png` shows.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Curves<'a> {
+    /// Per-epoch losses (log.txt).
+    pub epochs: &'a [EpochLoss],
+    /// Total loss per iteration of this run, x in epochs (epoch e's iterations spread over
+    /// e - 0.5 .. e + 0.5, so that the epoch's average sits among them).
+    pub iters: &'a [(f64, f64)],
+    /// Named schedules up to now, x in epochs (at most four panels are drawn).
+    pub schedules: &'a [(&'a str, Vec<(f64, f64)>)],
+}
+
+/// Draws the per-epoch curves alone and writes `path` (PNG) atomically.
 pub fn write_loss_png(points: &[EpochLoss], path: &Path) -> Result<()> {
-    let mut buf = vec![0u8; (W * H * 3) as usize];
-    draw(points, &mut buf, font_available()).map_err(|e| anyhow!("drawing the loss curve: {e}"))?;
+    write_training_png(
+        &Curves {
+            epochs: points,
+            ..Default::default()
+        },
+        path,
+    )
+}
+
+/// Draws `curves` and writes `path` (PNG) atomically.
+pub fn write_training_png(curves: &Curves, path: &Path) -> Result<()> {
+    let h = if curves.schedules.is_empty() { H } else { H + H_SCHED };
+    let mut buf = vec![0u8; (W * h * 3) as usize];
+    draw(curves, &mut buf, h, font_available())
+        .map_err(|e| anyhow!("drawing the loss curve: {e}"))?;
     let img =
-        image::RgbImage::from_raw(W, H, buf).context("loss-curve buffer has the wrong size")?;
+        image::RgbImage::from_raw(W, h, buf).context("loss-curve buffer has the wrong size")?;
     let mut png = Vec::new();
     img.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
         .context("encoding the loss curve")?;
@@ -115,23 +144,51 @@ fn y_range(ys: &[f64]) -> (f64, f64) {
 /// Width of the legend column on the right of the chart.
 const LEGEND_W: u32 = 150;
 
+/// A trailing moving average over about a fiftieth of the points (at least one).
+fn smoothed(pts: &[(f64, f64)]) -> Vec<(f64, f64)> {
+    let w = (pts.len() / 50).max(1);
+    let mut sum = 0.0;
+    let mut out = Vec::with_capacity(pts.len());
+    for (i, &(x, y)) in pts.iter().enumerate() {
+        sum += y;
+        if i >= w {
+            sum -= pts[i - w].1;
+        }
+        out.push((x, sum / (i + 1).min(w) as f64));
+    }
+    out
+}
+
+const GREY: RGBColor = RGBColor(150, 150, 150);
+
 fn draw(
-    points: &[EpochLoss],
+    curves: &Curves,
     buf: &mut [u8],
+    h: u32,
     text: bool,
 ) -> std::result::Result<(), Box<dyn std::error::Error>> {
-    let root = BitMapBackend::with_buffer(buf, (W, H)).into_drawing_area();
+    let points = curves.epochs;
+    let root = BitMapBackend::with_buffer(buf, (W, h)).into_drawing_area();
     root.fill(&WHITE)?;
+    let (top, bottom) = root.split_vertically(H);
     // The legend gets its own column, so it never hides the ends of the curves.
     let (area, legend) = if text {
-        root.split_horizontally(W - LEGEND_W)
+        top.split_horizontally(W - LEGEND_W)
     } else {
-        root.split_horizontally(W)
+        top.split_horizontally(W)
     };
+    let finite_pt = |p: &(f64, f64)| p.0.is_finite() && p.1.is_finite();
+    let iters: Vec<(f64, f64)> = smoothed(
+        &curves
+            .iter_points()
+            .filter(finite_pt)
+            .collect::<Vec<_>>(),
+    );
     let finite = |v: f64| v.is_finite();
     let ys: Vec<f64> = points
         .iter()
         .flat_map(|p| [p.loss, p.cls, p.patch])
+        .chain(iters.iter().map(|p| p.1))
         .filter(|v| finite(*v))
         .collect();
     let (ymin, ymax) = y_range(&ys);
@@ -140,6 +197,7 @@ fn draw(
     let (xlo, xhi) = points
         .iter()
         .map(|p| p.epoch)
+        .chain(iters.iter().map(|p| p.0))
         .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), e| (a.min(e), b.max(e)));
     let (xlo, xhi) = if xlo.is_finite() {
         (xlo - 0.5, xhi + 0.5)
@@ -149,7 +207,7 @@ fn draw(
     let mut b = ChartBuilder::on(&area);
     b.margin(15);
     if text {
-        b.caption("iBOT training loss per epoch", ("sans-serif", 22))
+        b.caption("iBOT training loss", ("sans-serif", 22))
             .x_label_area_size(40)
             .y_label_area_size(60);
     }
@@ -173,6 +231,10 @@ fn draw(
         mesh.x_labels(0).y_labels(0);
     }
     mesh.draw()?;
+    // Per iteration first, underneath the per-epoch curves.
+    if !iters.is_empty() {
+        chart.draw_series(LineSeries::new(iters.iter().copied(), GREY.stroke_width(1)))?;
+    }
     let series: [(&str, RGBColor, fn(&EpochLoss) -> f64); 3] = [
         ("train_loss", BLACK, |p| p.loss),
         ("train_cls", BLUE, |p| p.cls),
@@ -205,9 +267,82 @@ fn draw(
                 ("sans-serif", 15).into_font().color(&BLACK),
             ))?;
         }
+        if !iters.is_empty() {
+            let y = 60 + 26 * 3;
+            legend.draw(&PathElement::new(vec![(8, y), (36, y)], GREY.stroke_width(1)))?;
+            legend.draw(&Text::new(
+                "per iteration",
+                (44, y - 8),
+                ("sans-serif", 15).into_font().color(&BLACK),
+            ))?;
+        }
+    }
+    if !curves.schedules.is_empty() {
+        draw_schedules(curves.schedules, &bottom, xlo..xhi, text)?;
     }
     root.present()?;
     Ok(())
+}
+
+/// The schedules, each in its own small panel (their scales differ by orders of magnitude).
+fn draw_schedules<DB: DrawingBackend>(
+    schedules: &[(&str, Vec<(f64, f64)>)],
+    area: &DrawingArea<DB, plotters::coord::Shift>,
+    xs: std::ops::Range<f64>,
+    text: bool,
+) -> std::result::Result<(), Box<dyn std::error::Error>>
+where
+    DB::ErrorType: 'static,
+{
+    let panels = area.split_evenly((2, 2));
+    let colors = [BLUE, RED, GREEN, MAGENTA];
+    for ((panel, (name, pts)), color) in panels.iter().zip(schedules).zip(colors) {
+        let pts: Vec<(f64, f64)> = pts
+            .iter()
+            .copied()
+            .filter(|p| p.0.is_finite() && p.1.is_finite())
+            .collect();
+        let (lo, hi) = pts
+            .iter()
+            .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), p| (a.min(p.1), b.max(p.1)));
+        let (lo, hi) = if !lo.is_finite() {
+            (0.0, 1.0)
+        } else if hi - lo <= 1e-12 * hi.abs().max(1e-12) {
+            let pad = hi.abs().max(1e-6) * 0.1;
+            (lo - pad, hi + pad)
+        } else {
+            (lo - 0.05 * (hi - lo), hi + 0.05 * (hi - lo))
+        };
+        let mut b = ChartBuilder::on(panel);
+        b.margin(8);
+        if text {
+            b.caption(*name, ("sans-serif", 15))
+                .x_label_area_size(22)
+                .y_label_area_size(62);
+        }
+        let mut chart = b.build_cartesian_2d(xs.clone(), lo..hi)?;
+        let mut mesh = chart.configure_mesh();
+        if text {
+            mesh.x_labels(6)
+                .y_labels(4)
+                .y_label_formatter(&|v| format!("{v:.3e}"))
+                .label_style(("sans-serif", 11));
+        } else {
+            mesh.x_labels(0).y_labels(0);
+        }
+        mesh.draw()?;
+        chart.draw_series(LineSeries::new(pts.iter().copied(), color.stroke_width(2)))?;
+        if pts.len() == 1 {
+            chart.draw_series(pts.iter().map(|&p| Circle::new(p, 3, color.filled())))?;
+        }
+    }
+    Ok(())
+}
+
+impl Curves<'_> {
+    fn iter_points(&self) -> impl Iterator<Item = (f64, f64)> + '_ {
+        self.iters.iter().copied()
+    }
 }
 
 #[cfg(test)]

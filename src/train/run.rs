@@ -508,6 +508,11 @@ pub fn train_loop(
         .unwrap_or(args.epochs)
         .min(args.epochs);
     let mut last_finite: Option<f64> = None;
+    // This run's per-iteration loss for loss.png, averaged in buckets so that a long run keeps
+    // a few thousand points.
+    let bucket = ((stop_at.saturating_sub(start_epoch) * niter) / 4000).max(1);
+    let mut iter_curve: Vec<(f64, f64)> = Vec::new();
+    let mut bucket_sum = (0.0, 0.0, 0usize);
     // Unreadable images skipped so far (--skip_corrupt): the first few are named on stderr.
     let mut listed_skips = 0usize;
     const LIST_SKIPS: usize = 5;
@@ -631,6 +636,17 @@ pub fn train_loop(
                     }
                 };
             observer.step(g, &s, &ibot)?;
+            if main {
+                // Epoch e's iterations span [e - 0.5, e + 0.5]: its average sits in the middle.
+                bucket_sum.0 += epoch as f64 + (it as f64 + 0.5) / niter as f64 - 0.5;
+                bucket_sum.1 += s.loss;
+                bucket_sum.2 += 1;
+                if bucket_sum.2 == bucket {
+                    let n = bucket_sum.2 as f64;
+                    iter_curve.push((bucket_sum.0 / n, bucket_sum.1 / n));
+                    bucket_sum = (0.0, 0.0, 0);
+                }
+            }
             tb_write(
                 &mut tb,
                 &[("iter/loss", s.loss, g as i64), ("iter/lr", s.lr, g as i64)],
@@ -720,7 +736,13 @@ pub fn train_loop(
         comm.barrier().context("before saving the checkpoint")?;
         if main {
             let _saving = super::interrupt::Saving::begin();
-            save_epoch(args, &ibot, epoch, &ckpt_path, &st)?;
+            let schedules = schedule_curves(&lr, &wd, &mom, &ibot.loss.teacher_temp_schedule, niter, epoch);
+            let curves = super::plot::Curves {
+                epochs: &[],
+                iters: &iter_curve,
+                schedules: &schedules,
+            };
+            save_epoch(args, &ibot, epoch, &ckpt_path, &st, curves)?;
         }
         comm.barrier().context("after saving the checkpoint")?;
         if tb.is_some() {
@@ -761,12 +783,45 @@ pub fn train_loop(
 
 /// Rank 0's end of an epoch: the checkpoint(s), then the log line that refers to them, then
 /// the curve.
+/// The schedules of epochs `0..=epoch` for loss.png: per iteration (at most ~2000 points
+/// each) for lr, weight decay and teacher momentum, per epoch for the teacher temperature.
+fn schedule_curves(
+    lr: &[f64],
+    wd: &[f64],
+    mom: &[f64],
+    teacher_temp: &[f64],
+    niter: usize,
+    epoch: usize,
+) -> Vec<(&'static str, Vec<(f64, f64)>)> {
+    let upto = ((epoch + 1) * niter).min(lr.len()).min(wd.len()).min(mom.len());
+    let step = (upto / 2000).max(1);
+    let per_iter = |v: &[f64]| -> Vec<(f64, f64)> {
+        (0..upto)
+            .step_by(step)
+            .map(|g| ((g as f64 + 0.5) / niter as f64 - 0.5, v[g]))
+            .collect()
+    };
+    let temps = teacher_temp
+        .iter()
+        .take(epoch + 1)
+        .enumerate()
+        .map(|(e, &t)| (e as f64, t))
+        .collect();
+    vec![
+        ("learning rate", per_iter(lr)),
+        ("weight decay", per_iter(wd)),
+        ("teacher momentum", per_iter(mom)),
+        ("teacher temperature ([CLS])", temps),
+    ]
+}
+
 fn save_epoch(
     args: &TrainArgs,
     ibot: &Ibot,
     epoch: usize,
     ckpt_path: &Path,
     st: &EpochStats,
+    curves: super::plot::Curves,
 ) -> Result<()> {
     checkpoint::save(ckpt_path, ibot, epoch + 1, args)?;
     if args.saveckp_freq > 0 && epoch % args.saveckp_freq == 0 && epoch > 0 {
@@ -796,8 +851,13 @@ fn save_epoch(
     writeln!(log, "{}", serde_json::Value::Object(line)).context("writing log.txt")?;
     drop(log);
     // The curve is a convenience: failing to draw it never stops training.
-    let curve = super::plot::read_log(&args.output_dir.join("log.txt"))
-        .and_then(|pts| super::plot::write_loss_png(&pts, &args.output_dir.join("loss.png")));
+    let curve = super::plot::read_log(&args.output_dir.join("log.txt")).and_then(|pts| {
+        let curves = super::plot::Curves {
+            epochs: &pts,
+            ..curves
+        };
+        super::plot::write_training_png(&curves, &args.output_dir.join("loss.png"))
+    });
     if let Err(e) = curve {
         eprintln!("note: could not draw loss.png: {e:#}");
     }
