@@ -88,6 +88,23 @@ pub struct StepStats {
     pub acc: f64,
 }
 
+/// Wall time per phase of the training step, summed over the steps timed (`ibot bench train`
+/// prints it). CUDA work is synchronised at each boundary so that it lands in its own phase.
+#[derive(Debug, Default, Clone)]
+pub struct PhaseTimes {
+    /// (phase, seconds) in the order first seen.
+    pub entries: Vec<(&'static str, f64)>,
+}
+
+impl PhaseTimes {
+    pub fn add(&mut self, name: &'static str, secs: f64) {
+        match self.entries.iter_mut().find(|(n, _)| *n == name) {
+            Some(e) => e.1 += secs,
+            None => self.entries.push((name, secs)),
+        }
+    }
+}
+
 /// Student, teacher, loss (with its centres) and optimizer.
 pub struct Ibot {
     pub cfg: IbotConfig,
@@ -102,6 +119,8 @@ pub struct Ibot {
     pub precision: Precision,
     /// Loss scaling for float16 (unused otherwise).
     pub scaler: GradScaler,
+    /// When set, wall time per phase of every training step is added up here (benchmarks).
+    pub phases: Option<PhaseTimes>,
     /// Run the student's head on every token in training steps, as the official code does,
     /// instead of only where the loss looks ([`Ibot::forward_train`]); same loss, slower. For
     /// benchmarks.
@@ -109,6 +128,17 @@ pub struct Ibot {
 }
 
 impl Ibot {
+    /// Ends phase `name` (when timing): adds the time since `t` and restarts `t`.
+    fn lap(&mut self, name: &'static str, t: &mut std::time::Instant) {
+        if let Some(p) = self.phases.as_mut() {
+            if let Device::Cuda(i) = self.device {
+                tch::Cuda::synchronize(i as i64);
+            }
+            p.add(name, t.elapsed().as_secs_f64());
+            *t = std::time::Instant::now();
+        }
+    }
+
     /// Builds both networks; the teacher starts from the student's state dict loaded the way the
     /// official `load_state_dict(strict=False)` does it.
     pub fn new(cfg: IbotConfig, device: Device) -> Result<Self> {
@@ -138,6 +168,7 @@ impl Ibot {
             precision: Precision::Fp32,
             scaler: GradScaler::default(),
             full_head: false,
+            phases: None,
         })
     }
 
@@ -225,14 +256,18 @@ impl Ibot {
         ensure!(images.len() >= g, "{} views given, {g} global views expected", images.len());
         ensure!(masks.len() >= g, "{} masks given for {g} global views", masks.len());
         let globals = &images[..g];
+        let mut t = std::time::Instant::now();
         let teacher = tch::no_grad(|| self.teacher.forward(globals, None, false))?;
         let Some(t_patch) = &teacher.patch else {
             bail!("all global views must have the same resolution")
         };
+        let t_patch = t_patch.shallow_clone();
+        self.lap("teacher forward (backbone + head)", &mut t);
         let x = Tensor::f_cat(globals, 0)?;
         let m = Tensor::f_cat(&masks[..g], 0)?.to_device(self.device);
         let mim = self.cfg.backbone.masked_im_modeling();
         let tokens = self.student.backbone.forward(&x, mim.then_some(&m), true)?;
+        self.lap("student backbone, global views", &mut t);
         let (n, d) = (tokens.size()[1] - 1, tokens.size()[2]);
         ensure!(
             m.dim() == 3 && m.size()[1] * m.size()[2] == n,
@@ -243,22 +278,25 @@ impl Ibot {
         let masked = m.flatten(0, -1).nonzero().squeeze_dim(1);
         let rows = tokens.narrow(1, 1, n).reshape([-1, d]).index_select(0, &masked);
         let student_patch = self.student.head.forward_patch_rows(&rows);
+        self.lap("student head, global views (masked tokens)", &mut t);
         let student_local = if images.len() > g {
             Some(self.student.forward_cls_only(&images[g..], true)?)
         } else {
             None
         };
+        self.lap("student local views (backbone + [CLS] head)", &mut t);
         let loss = self.loss.forward_masked(
             &student_cls,
             &student_patch,
             &masked,
             &teacher.cls,
-            t_patch,
+            &t_patch,
             student_local.as_ref().map(|o| &o.cls),
             &masks[..g],
             epoch,
             comm,
         )?;
+        self.lap("loss and centres", &mut t);
         Ok(StepForward {
             teacher,
             student: MultiCropOutput {
@@ -323,14 +361,18 @@ impl Ibot {
         comm: &dyn Comm,
     ) -> Result<(StepStats, Tensor)> {
         let (precision, device) = (self.precision, self.device);
+        let mut t = std::time::Instant::now();
         // As the official loop: forward passes and loss under autocast, the rest outside.
         let fwd = amp::autocast(precision, device, || {
             if self.full_head {
-                self.forward(images, masks, epoch, true, comm)
+                let f = self.forward(images, masks, epoch, true, comm);
+                self.lap("forward and loss (head on every token)", &mut t);
+                f
             } else {
                 self.forward_train(images, masks, epoch, comm)
             }
         })?;
+        t = std::time::Instant::now();
         let loss = fwd.loss.total.double_value(&[]);
         // Every rank stops together when any rank's loss is not finite (the official code
         // leaves the others waiting in the next collective).
@@ -367,11 +409,18 @@ impl Ibot {
             self.scaler.update(found_inf);
         } else {
             let mut grads = self.backward(&fwd.loss.total);
+            self.lap("backward", &mut t);
             crate::dist::average_gradients(comm, &mut grads)?;
+            if comm.world_size() > 1 {
+                self.lap("gradient all-reduce", &mut t);
+            }
             self.process_grads(&mut grads, epoch);
+            self.lap("clipping and last-layer freeze", &mut t);
             self.optimizer.step(&self.student_ps, &grads, lr, wd)?;
+            self.lap("optimizer", &mut t);
         }
         self.update_teacher(momentum);
+        self.lap("teacher EMA", &mut t);
         let b = fwd.teacher.cls.size()[0] / self.cfg.loss.ngcrops as i64;
         let teacher_pred = fwd.teacher.cls.narrow(0, 0, b).argmax(1, false);
         let stats = StepStats {
