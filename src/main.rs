@@ -113,8 +113,9 @@ struct WeightsArgs {
     /// Network to take from full checkpoints: teacher or student.
     #[arg(long, default_value = "teacher")]
     checkpoint_key: String,
-    /// Architecture (vit_tiny/small/base/large); only needed when the width is not a standard
-    /// one. Checked against the weights: an --arch whose width or depth differs is an error.
+    /// Architecture (vit_tiny/small/base/large, swin_tiny/small/base/large); only needed when a
+    /// ViT's width is not a standard one (a Swin's shape is read off its tensors). Checked
+    /// against the weights: an --arch whose width or depth differs is an error.
     #[arg(long)]
     arch: Option<String>,
     /// Number of attention heads, for weights of a width no standard ViT has (no tensor shape
@@ -212,6 +213,7 @@ struct ExtractArgs {
     #[arg(long)]
     num_heads: Option<i64>,
     /// Names for timm's VisionTransformer (drops `masked_embed`, which timm does not have).
+    /// ViT only: Swin backbones are written under the official iBOT names.
     #[arg(long)]
     timm: bool,
     /// Replace OUTPUT when it already exists (it may never be the input file).
@@ -233,10 +235,11 @@ struct FeatureArgs {
     /// The safetensors file to write.
     #[arg(long)]
     output: PathBuf,
-    /// Concatenate the [CLS] tokens of the last n blocks.
+    /// Concatenate the [CLS] tokens of the last n blocks (Swin: the average-pooled tokens of
+    /// the last n blocks, over all stages).
     #[arg(long, default_value_t = 1)]
     n_last_blocks: usize,
-    /// 0: [CLS] tokens; 1: mean of the patch tokens; 2: both.
+    /// 0: [CLS] tokens; 1: mean of the patch tokens; 2: both. ViT only (a Swin needs 0).
     #[arg(long, default_value_t = 0)]
     avgpool_patchtokens: u8,
     #[arg(long, default_value_t = 128)]
@@ -391,7 +394,7 @@ fn eval_splits(
 
 fn knn_report(
     name: &str,
-    backbone: Option<&ibot::models::VisionTransformer>,
+    backbone: Option<&ibot::models::Backbone>,
     kind: FeatureKind,
     data: (
         &dyn ibot::data::dataset::Dataset,
@@ -468,13 +471,7 @@ fn demo(d: DemoArgs) -> Result<()> {
     let ks = [20];
     let trained = knn_report(
         "iBOT teacher",
-        Some(
-            out.ibot
-                .teacher
-                .backbone
-                .as_vit()
-                .context("the demo trains a ViT")?,
-        ),
+        Some(&out.ibot.teacher.backbone),
         FeatureKind::Cls,
         data,
         size,
@@ -485,12 +482,7 @@ fn demo(d: DemoArgs) -> Result<()> {
     let init = ibot::train::Ibot::seeded(run::ibot_config(a)?, device, a.seed)?;
     let at_init = knn_report(
         "same network at initialisation",
-        Some(
-            init.teacher
-                .backbone
-                .as_vit()
-                .context("the demo trains a ViT")?,
-        ),
+        Some(&init.teacher.backbone),
         FeatureKind::Cls,
         data,
         size,
@@ -529,7 +521,7 @@ fn open_backbone(
     w: &WeightsArgs,
 ) -> Result<(
     ibot::interop::Pretrained,
-    ibot::models::VisionTransformer,
+    ibot::models::Backbone,
     usize,
     Device,
 )> {
@@ -542,7 +534,7 @@ fn open_backbone_on(
     device: Device,
 ) -> Result<(
     ibot::interop::Pretrained,
-    ibot::models::VisionTransformer,
+    ibot::models::Backbone,
     usize,
     Device,
 )> {
@@ -569,8 +561,12 @@ fn open_backbone_on(
     )?;
     eprintln!("weights: {}", p.description);
     let (_, vit) = p.backbone_model(device)?;
-    let size = w.crop_size.unwrap_or(p.vit.img_size as usize);
-    let patch = p.vit.patch_size as usize;
+    let (img_size, patch) = match &p.config {
+        ibot::models::BackboneConfig::Vit(c) => (c.img_size, c.patch_size),
+        ibot::models::BackboneConfig::Swin(c) => (c.img_size, c.patch_size),
+    };
+    let size = w.crop_size.unwrap_or(img_size as usize);
+    let patch = patch as usize;
     anyhow::ensure!(
         size >= patch,
         "--crop_size {size} is smaller than one {patch}-pixel patch of this model"
@@ -787,7 +783,7 @@ fn extract_features(f: FeatureArgs) -> Result<()> {
         n_last_blocks: f.n_last_blocks,
         avgpool: f.avgpool_patchtokens,
     };
-    spec.validate(vit.blocks.len())?;
+    spec.validate_for(&vit)?;
     let ds = ibot::data::dataset::open(&f.data_path, &f.split)?;
     let all = first_n(ds.len(), f.subset.unwrap_or(usize::MAX));
     anyhow::ensure!(!all.is_empty(), "no images to extract features from");
@@ -808,7 +804,7 @@ fn extract_features(f: FeatureArgs) -> Result<()> {
             &|img: &ibot::data::ops::Rgb8, _| features::eval_view(img, size),
         )?;
         feats.push(
-            spec.features(&vit, &x.to_device(device))?
+            spec.features_of(&vit, &x.to_device(device))?
                 .to_device(Device::Cpu),
         );
         labels.push(l);
@@ -836,12 +832,18 @@ fn extract_features(f: FeatureArgs) -> Result<()> {
 
 fn visualize_attention(a: AttentionArgs) -> Result<()> {
     use ibot::analysis::attention;
-    let (_, vit, _, device) = open_backbone(&a.weights)?;
+    let (_, backbone, _, device) = open_backbone(&a.weights)?;
+    let Some(vit) = backbone.as_vit() else {
+        bail!(
+            "visualize-attention needs a ViT: a Swin Transformer has no global [CLS] token, so \
+             there is no [CLS] attention to show (its attention stays within local windows)"
+        )
+    };
     let patch = vit.cfg.patch_size as usize;
     let img = ibot::data::dataset::load_rgb(&a.image_path)?;
     let img = attention::prepare_image(&img, &a.image_size, patch)?;
     let threshold = (a.threshold > 0.0).then_some(a.threshold);
-    let maps = attention::attention_of(&vit, &img, threshold, device)?;
+    let maps = attention::attention_of(vit, &img, threshold, device)?;
     let files = attention::save_pictures(&img, &maps, patch, threshold, &a.output_dir)?;
     println!(
         "{} heads over {}x{} patches of {}: {} files in {}",
@@ -1003,7 +1005,7 @@ fn run(cli: Cli) -> Result<bool> {
                 tch::get_num_threads(),
                 t.precision.name(),
                 b.arch,
-                b.patch_size,
+                b.patch(),
                 b.batch,
                 b.global_crops_size,
                 b.local_crops_number,

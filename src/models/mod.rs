@@ -183,6 +183,35 @@ impl Backbone {
     }
 }
 
+/// A borrowed ViT or Swin (what `&VisionTransformer`, `&SwinTransformer` and `&Backbone` all
+/// convert to), for functions that only read a backbone.
+#[derive(Debug, Clone, Copy)]
+pub enum BackboneRef<'a> {
+    Vit(&'a VisionTransformer),
+    Swin(&'a SwinTransformer),
+}
+
+impl<'a> From<&'a VisionTransformer> for BackboneRef<'a> {
+    fn from(m: &'a VisionTransformer) -> Self {
+        Self::Vit(m)
+    }
+}
+
+impl<'a> From<&'a SwinTransformer> for BackboneRef<'a> {
+    fn from(m: &'a SwinTransformer) -> Self {
+        Self::Swin(m)
+    }
+}
+
+impl<'a> From<&'a Backbone> for BackboneRef<'a> {
+    fn from(m: &'a Backbone) -> Self {
+        match m {
+            Backbone::Vit(v) => Self::Vit(v),
+            Backbone::Swin(s) => Self::Swin(s),
+        }
+    }
+}
+
 use crate::params::ParamStore;
 
 /// Outputs of the wrapper on a list of views (rows are view-major: view v is rows v·B..v·B+B-1).
