@@ -46,7 +46,9 @@ fn pth_dir() -> &'static Path {
             .filter_map(|(k, v)| k.strip_prefix("student.").map(|n| (n.to_string(), v)))
             .collect();
         assert!(
-            named.iter().any(|(k, _)| k.contains("relative_position_bias_table")),
+            named
+                .iter()
+                .any(|(k, _)| k.contains("relative_position_bias_table")),
             "fixture student parameters missing"
         );
         let npz = dir.join("params.npz");
@@ -117,8 +119,7 @@ fn every_official_swin_layout_loads_and_reproduces_the_official_outputs() {
         assert!(load_pretrained(&dir.join(file), "teacher", Some("swin_tiny")).is_err());
         assert!(load_pretrained(&dir.join(file), "teacher", Some("vit_small")).is_err());
         assert!(
-            ibot::interop::load_pretrained_with(&dir.join(file), "teacher", None, Some(3))
-                .is_err()
+            ibot::interop::load_pretrained_with(&dir.join(file), "teacher", None, Some(3)).is_err()
         );
     }
 }
@@ -140,9 +141,7 @@ fn the_full_swin_checkpoint_gives_teacher_head_and_masked_student() {
     assert_eq!(head.cfg.in_dim, 192);
     let x = fx("in.global_crops").get(0);
     let b = x.size()[0];
-    let cls = tch::no_grad(|| {
-        head.forward_cls(&m.forward(&x, None, false).unwrap().select(1, 0))
-    });
+    let cls = tch::no_grad(|| head.forward_cls(&m.forward(&x, None, false).unwrap().select(1, 0)));
     assert_close(
         "teacher [CLS] head",
         &cls,
@@ -223,7 +222,9 @@ fn write_idx(dir: &Path, n: usize, side: usize) {
     for v in [n, side, side] {
         img.extend_from_slice(&(v as u32).to_be_bytes());
     }
-    img.extend((0..n * side * side).map(|i| ((i * 37 + i / 7 + (i / (side * side)) * 11) % 256) as u8));
+    img.extend(
+        (0..n * side * side).map(|i| ((i * 37 + i / 7 + (i / (side * side)) * 11) % 256) as u8),
+    );
     let mut lab = vec![0, 0, 8, 1];
     lab.extend_from_slice(&(n as u32).to_be_bytes());
     lab.extend((0..n).map(|i| (i % 3) as u8));
@@ -317,7 +318,10 @@ fn refused(args: &[&str], why: &str) {
     let o = ibot(args);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success(), "ibot {args:?} should fail");
-    assert!(err.contains(why), "ibot {args:?}: expected '{why}' in: {err}");
+    assert!(
+        err.contains(why),
+        "ibot {args:?}: expected '{why}' in: {err}"
+    );
 }
 
 #[test]
@@ -334,7 +338,10 @@ fn a_trained_swin_goes_through_the_evaluation_commands() {
     // The checkpoint's own configuration is used (no guessing): built for 32 px.
     let p = load_pretrained(&ckpt, "teacher", None).unwrap();
     let c = swin_of(&p);
-    assert_eq!((c.img_size, c.window_size, c.depths.clone()), (32, 3, vec![2, 2]));
+    assert_eq!(
+        (c.img_size, c.window_size, c.depths.clone()),
+        (32, 3, vec![2, 2])
+    );
     assert!(!c.masked_im_modeling);
     assert!(swin_of(&load_pretrained(&ckpt, "student", None).unwrap()).masked_im_modeling);
     let (_, m) = p.backbone_model(Device::Cpu).unwrap();
@@ -361,10 +368,20 @@ fn a_trained_swin_goes_through_the_evaluation_commands() {
     let dumped = read_safetensors(&feats.join("knn_features.safetensors")).unwrap();
     let ds = ibot::data::dataset::open(&data, "t10k").unwrap();
     let idx: Vec<usize> = (0..ds.len()).collect();
-    let (want, _) = features::extract(Some(&m), FeatureKind::Cls, ds.as_ref(), &idx, 32, 5, Device::Cpu)
-        .unwrap();
+    let (want, _) = features::extract(
+        Some(&m),
+        FeatureKind::Cls,
+        ds.as_ref(),
+        &idx,
+        32,
+        5,
+        Device::Cpu,
+    )
+    .unwrap();
     let (x, _) = features::eval_batch(ds.as_ref(), &idx, 32).unwrap();
-    let pooled = tch::no_grad(|| m.forward(&x, None, false)).unwrap().select(1, 0);
+    let pooled = tch::no_grad(|| m.forward(&x, None, false))
+        .unwrap()
+        .select(1, 0);
     let manual = &pooled / pooled.norm_scalaropt_dim(2, [1], true);
     assert_close("token 0 features", &want, &manual, 1e-6);
     assert_close("eval-knn features", &dumped["test_features"], &want, 1e-5);
@@ -525,7 +542,9 @@ fn pooled_block_outputs_end_with_the_forward_token_0() {
         let m = ibot::models::SwinTransformer::new(&mut ps, "", &cfg, false, Device::Cpu).unwrap();
         (ps, m)
     });
-    let x = ibot::train::seeded_init(5, || Tensor::randn([2, 3, 32, 32], (Kind::Float, Device::Cpu)));
+    let x = ibot::train::seeded_init(5, || {
+        Tensor::randn([2, 3, 32, 32], (Kind::Float, Device::Cpu))
+    });
     let y = m.forward(&x, None, false).unwrap();
     let f = m.intermediate_avgpool(&x, 4).unwrap();
     assert_eq!(f.len(), 4);

@@ -104,7 +104,10 @@ impl FeatureSpec {
             BackboneRef::Swin(s) => {
                 let _g = tch::no_grad_guard();
                 self.validate_for(backbone)?;
-                Ok(Tensor::cat(&s.intermediate_avgpool(x, self.n_last_blocks)?, -1))
+                Ok(Tensor::cat(
+                    &s.intermediate_avgpool(x, self.n_last_blocks)?,
+                    -1,
+                ))
             }
         }
     }

@@ -306,7 +306,10 @@ pub fn infer_swin_config(
             );
             let k = format!("{b}attn.relative_position_bias_table");
             let t = shape_of(backbone, &k)?;
-            ensure!(t.len() == 2, "{k} has shape {t:?}, expected [(2w-1)², heads]");
+            ensure!(
+                t.len() == 2,
+                "{k} has shape {t:?}, expected [(2w-1)², heads]"
+            );
             let side = (t[0] as f64).sqrt().round() as i64;
             ensure!(
                 side * side == t[0] && side % 2 == 1,
@@ -395,10 +398,10 @@ fn normalise_swin_tensors(backbone: &mut HashMap<String, Tensor>, c: &SwinConfig
     for (i, &depth) in c.depths.iter().enumerate() {
         for j in 0..depth as usize {
             let k = format!("layers.{i}.blocks.{j}.attn.relative_position_index");
-            if !backbone.contains_key(&k) {
+            backbone.entry(k).or_insert_with(|| {
                 let (w, _) = c.window_and_shift(i, j);
-                backbone.insert(k, crate::models::swin::relative_position_index(w, Device::Cpu));
-            }
+                crate::models::swin::relative_position_index(w, Device::Cpu)
+            });
         }
     }
 }
