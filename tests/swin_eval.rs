@@ -3,7 +3,7 @@
 //! with the shape read off their tensors and reproduce the official outputs (1e-5); a tiny
 //! `ibot train` Swin run must go through eval-knn, eval-unsup, eval-linear, extract-features
 //! and extract-backbone (whose output loads back with identical outputs), while --timm and
-//! visualize-attention are refused with a reason.
+//! visualize-attention are refused with a reason; `ibot bench train` runs a Swin step.
 
 mod common;
 
@@ -553,4 +553,45 @@ fn pooled_block_outputs_end_with_the_forward_token_0() {
     assert!(f[3].equal(&y.select(1, 0)));
     assert_eq!(f[0].size(), [2, 24]);
     assert!(m.intermediate_avgpool(&x, 5).is_err());
+}
+
+#[test]
+fn the_training_benchmark_runs_a_swin() {
+    let o = ok(&[
+        "bench",
+        "train",
+        "--arch",
+        "swin_tiny",
+        "--window_size",
+        "7",
+        "--batch",
+        "1",
+        "--iters",
+        "1",
+        "--warmup",
+        "0",
+        "--global_crops_size",
+        "64",
+        "--local_crops_size",
+        "32",
+        "--local_crops_number",
+        "1",
+        "--out_dim",
+        "64",
+    ]);
+    assert!(o.contains("swin_tiny/4 batch 1 2x64 + 1x32"), "{o}");
+    // Swin masks are drawn on 8x8-patch cells: the crop must be whole cells.
+    refused(
+        &[
+            "bench",
+            "train",
+            "--arch",
+            "swin_tiny",
+            "--global_crops_size",
+            "48",
+            "--iters",
+            "1",
+        ],
+        "mask cell",
+    );
 }
