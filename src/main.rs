@@ -50,11 +50,12 @@ enum Cmd {
     /// Several nodes: the same command on each with --nnodes, --node_rank and --master_addr.
     #[command(args_override_self = true)]
     Launch(ibot::dist::launch::LaunchArgs),
-    /// Weighted k-NN accuracy of [CLS] features (eval_knn.py). Reads `ibot train` checkpoints,
-    /// exported backbones and official .pth files.
+    /// Weighted k-NN accuracy of [CLS] features (eval_knn.py; Swin: the average-pooled token).
+    /// Reads `ibot train` checkpoints, exported backbones and official .pth files, ViT or Swin.
     EvalKnn(KnnArgs),
     /// Linear probe on frozen features (eval_linear.py): SGD on a linear layer over the [CLS]
-    /// tokens of the last blocks, validation each epoch, checkpointed and resumable.
+    /// tokens of the last blocks (Swin: their average-pooled tokens), validation each epoch,
+    /// checkpointed and resumable.
     EvalLinear(ibot::eval::linear::LinearArgs),
     /// Unsupervised classification (unsup_cls.py): the teacher head's argmax on the validation
     /// images as cluster ids, scored against the labels with NMI, ARI, F and Hungarian accuracy.
@@ -64,7 +65,7 @@ enum Cmd {
     ExtractBackbone(ExtractArgs),
     /// Features of every image of a data set to a safetensors file (`features` [N, D], `labels` [N]).
     ExtractFeatures(FeatureArgs),
-    /// Self-attention maps of the [CLS] token in the last block, per head, for one image
+    /// Self-attention maps of the [CLS] token in the last block, per head, for one image (ViT only)
     /// (visualize_attention.py): heat maps, the patches holding --threshold of each head's
     /// attention mass drawn over the image, and the raw maps as safetensors.
     VisualizeAttention(AttentionArgs),
@@ -123,7 +124,8 @@ struct WeightsArgs {
     #[arg(long)]
     num_heads: Option<i64>,
     /// Evaluation crop side, 1 to 4096 pixels and at least one patch (default: the resolution
-    /// the position embedding was built for).
+    /// the position embedding was built for; Swin: the one the model was built for, 224 for
+    /// official weights).
     #[arg(long)]
     crop_size: Option<usize>,
     #[arg(long, default_value = "auto")]

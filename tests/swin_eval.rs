@@ -595,3 +595,39 @@ fn the_training_benchmark_runs_a_swin() {
         "mask cell",
     );
 }
+
+#[test]
+fn bare_swin_weights_of_another_resolution_are_refused_with_the_reason() {
+    // Built for 32 px with window 7: stage 1 (4x4) clamps its window to 4, which a Swin built
+    // for 224 px would not do; without stored metadata the shapes cannot say which model this is.
+    let cfg = SwinConfig {
+        img_size: 32,
+        embed_dim: 24,
+        depths: vec![2, 2],
+        num_heads: vec![1, 2],
+        window_size: 7,
+        drop_path_rate: 0.0,
+        ..SwinConfig::from_arch("swin_tiny", 7).unwrap()
+    };
+    let mut ps = ibot::params::ParamStore::new();
+    let _m = ibot::models::SwinTransformer::new(&mut ps, "", &cfg, false, Device::Cpu).unwrap();
+    let dir = common::scratch_dir("swin-eval", "resolution");
+    let path = dir.join("bare.safetensors");
+    ps.save_safetensors(&path, "").unwrap();
+    let e = load_pretrained(&path, "teacher", None).unwrap_err();
+    let msg = format!("{e:#}");
+    assert!(
+        msg.contains("stage 1 block 0 has a 4x4 window") && msg.contains("224"),
+        "{msg}"
+    );
+    // The same model built for 224 px loads, with window 7 everywhere.
+    let cfg224 = SwinConfig {
+        img_size: 224,
+        ..cfg
+    };
+    let mut ps = ibot::params::ParamStore::new();
+    let _m = ibot::models::SwinTransformer::new(&mut ps, "", &cfg224, false, Device::Cpu).unwrap();
+    ps.save_safetensors(&path, "").unwrap();
+    let p = load_pretrained(&path, "teacher", None).unwrap();
+    assert_eq!(p.config, BackboneConfig::Swin(cfg224));
+}
