@@ -8,7 +8,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::dist::Comm;
 use crate::loss::IbotLossConfig;
-use crate::models::{HeadConfig, VitConfig};
+use crate::models::{BackboneConfig, HeadConfig, SwinConfig, VitConfig};
 use crate::train::optim::OptimizerKind;
 use crate::train::{Ibot, IbotConfig};
 
@@ -16,10 +16,16 @@ use crate::train::{Ibot, IbotConfig};
 #[derive(Debug, Clone, clap::Args)]
 #[command(rename_all = "snake_case")]
 pub struct StepBench {
+    /// vit_tiny/small/base/large or swin_tiny/small/base/large.
     #[arg(long, default_value = "vit_small")]
     pub arch: String,
-    #[arg(long, default_value_t = 16)]
-    pub patch_size: i64,
+    /// Patch side (default 16; 4 for Swin, whose masks then have 8x8-patch cells as in
+    /// `ibot train`).
+    #[arg(long)]
+    pub patch_size: Option<i64>,
+    /// Swin window size (7 or 14 in the paper); ignored for a ViT.
+    #[arg(long, default_value_t = 7)]
+    pub window_size: i64,
     /// Images per step (each gives 2 global + local_crops_number local views).
     #[arg(long, default_value_t = 8)]
     pub batch: i64,
@@ -65,6 +71,44 @@ pub struct StepBench {
     pub dist: crate::train::args::DistArgs,
 }
 
+impl StepBench {
+    pub fn is_swin(&self) -> bool {
+        self.arch.starts_with("swin")
+    }
+
+    /// `--patch_size` or its default (16 for ViT, 4 for Swin).
+    pub fn patch(&self) -> i64 {
+        self.patch_size
+            .unwrap_or(if self.is_swin() { 4 } else { 16 })
+    }
+
+    /// Side of a mask cell in pixels (the patch for ViT, 8 patches for Swin, as `ibot train`).
+    pub fn mask_cell(&self) -> i64 {
+        if self.is_swin() {
+            self.patch() * 8
+        } else {
+            self.patch()
+        }
+    }
+
+    /// The student backbone benchmarked (masked image modeling on, `--drop_path`).
+    pub fn backbone(&self) -> Result<BackboneConfig> {
+        let c: BackboneConfig = if self.is_swin() {
+            let mut c = SwinConfig::from_arch(&self.arch, self.window_size)?;
+            c.drop_path_rate = self.drop_path;
+            c.masked_im_modeling = true;
+            c.into()
+        } else {
+            let mut c = VitConfig::from_arch(&self.arch, self.patch())?;
+            c.drop_path_rate = self.drop_path;
+            c.masked_im_modeling = true;
+            c.into()
+        };
+        c.validate()?;
+        Ok(c)
+    }
+}
+
 #[derive(Debug, Clone, Copy)]
 pub struct StepTiming {
     pub ms_per_iter: f64,
@@ -79,10 +123,8 @@ pub struct StepTiming {
 /// for each step); with it, each timed step includes getting its batch from the loader.
 pub fn step(b: &StepBench, device: Device, comm: &dyn Comm) -> Result<StepTiming> {
     tch::manual_seed(0);
-    let mut backbone = VitConfig::from_arch(&b.arch, b.patch_size)?;
-    backbone.drop_path_rate = b.drop_path;
-    backbone.masked_im_modeling = true;
-    let head = HeadConfig::new(backbone.embed_dim, b.out_dim, b.out_dim, true, false);
+    let backbone = b.backbone()?;
+    let head = HeadConfig::new(backbone.embed_dim(), b.out_dim, b.out_dim, true, false);
     let loss = IbotLossConfig {
         out_dim: b.out_dim,
         patch_out_dim: b.out_dim,
@@ -102,7 +144,7 @@ pub fn step(b: &StepBench, device: Device, comm: &dyn Comm) -> Result<StepTiming
         mim_start_epoch: 0,
     };
     let cfg = IbotConfig {
-        backbone: backbone.into(),
+        backbone,
         head,
         shared_head_teacher: true,
         loss,
@@ -110,7 +152,13 @@ pub fn step(b: &StepBench, device: Device, comm: &dyn Comm) -> Result<StepTiming
         freeze_last_layer: 0,
         optimizer: OptimizerKind::Adamw,
     };
-    let grid = b.global_crops_size / b.patch_size;
+    let cell = b.mask_cell();
+    anyhow::ensure!(
+        !b.is_swin() || b.global_crops_size % cell == 0,
+        "--global_crops_size {} is not a multiple of the {cell}-px mask cell of a Swin",
+        b.global_crops_size
+    );
+    let grid = b.global_crops_size / cell;
     let mut ibot = Ibot::new(cfg, device)?;
     ibot.full_head = b.full_head;
     ibot.precision = crate::train::amp::Precision::resolve(b.use_fp16, b.precision, device)?;
@@ -172,7 +220,7 @@ impl BatchStream {
             ..AugmentConfig::default()
         };
         let mask = MaskConfig {
-            patch_size: b.patch_size as usize,
+            patch_size: b.mask_cell() as usize,
             ..MaskConfig::default()
         };
         let loader = loader_for(path, augment, mask, b.batch as usize, num_workers)?;

@@ -50,11 +50,12 @@ enum Cmd {
     /// Several nodes: the same command on each with --nnodes, --node_rank and --master_addr.
     #[command(args_override_self = true)]
     Launch(ibot::dist::launch::LaunchArgs),
-    /// Weighted k-NN accuracy of [CLS] features (eval_knn.py). Reads `ibot train` checkpoints,
-    /// exported backbones and official .pth files.
+    /// Weighted k-NN accuracy of [CLS] features (eval_knn.py; Swin: the average-pooled token).
+    /// Reads `ibot train` checkpoints, exported backbones and official .pth files, ViT or Swin.
     EvalKnn(KnnArgs),
     /// Linear probe on frozen features (eval_linear.py): SGD on a linear layer over the [CLS]
-    /// tokens of the last blocks, validation each epoch, checkpointed and resumable.
+    /// tokens of the last blocks (Swin: their average-pooled tokens), validation each epoch,
+    /// checkpointed and resumable.
     EvalLinear(ibot::eval::linear::LinearArgs),
     /// Unsupervised classification (unsup_cls.py): the teacher head's argmax on the validation
     /// images as cluster ids, scored against the labels with NMI, ARI, F and Hungarian accuracy.
@@ -64,7 +65,7 @@ enum Cmd {
     ExtractBackbone(ExtractArgs),
     /// Features of every image of a data set to a safetensors file (`features` [N, D], `labels` [N]).
     ExtractFeatures(FeatureArgs),
-    /// Self-attention maps of the [CLS] token in the last block, per head, for one image
+    /// Self-attention maps of the [CLS] token in the last block, per head, for one image (ViT only)
     /// (visualize_attention.py): heat maps, the patches holding --threshold of each head's
     /// attention mass drawn over the image, and the raw maps as safetensors.
     VisualizeAttention(AttentionArgs),
@@ -113,8 +114,9 @@ struct WeightsArgs {
     /// Network to take from full checkpoints: teacher or student.
     #[arg(long, default_value = "teacher")]
     checkpoint_key: String,
-    /// Architecture (vit_tiny/small/base/large); only needed when the width is not a standard
-    /// one. Checked against the weights: an --arch whose width or depth differs is an error.
+    /// Architecture (vit_tiny/small/base/large, swin_tiny/small/base/large); only needed when a
+    /// ViT's width is not a standard one (a Swin's shape is read off its tensors). Checked
+    /// against the weights: an --arch whose width or depth differs is an error.
     #[arg(long)]
     arch: Option<String>,
     /// Number of attention heads, for weights of a width no standard ViT has (no tensor shape
@@ -122,7 +124,8 @@ struct WeightsArgs {
     #[arg(long)]
     num_heads: Option<i64>,
     /// Evaluation crop side, 1 to 4096 pixels and at least one patch (default: the resolution
-    /// the position embedding was built for).
+    /// the position embedding was built for; Swin: the one the model was built for, 224 for
+    /// official weights).
     #[arg(long)]
     crop_size: Option<usize>,
     #[arg(long, default_value = "auto")]
@@ -212,6 +215,7 @@ struct ExtractArgs {
     #[arg(long)]
     num_heads: Option<i64>,
     /// Names for timm's VisionTransformer (drops `masked_embed`, which timm does not have).
+    /// ViT only: Swin backbones are written under the official iBOT names.
     #[arg(long)]
     timm: bool,
     /// Replace OUTPUT when it already exists (it may never be the input file).
@@ -233,10 +237,11 @@ struct FeatureArgs {
     /// The safetensors file to write.
     #[arg(long)]
     output: PathBuf,
-    /// Concatenate the [CLS] tokens of the last n blocks.
+    /// Concatenate the [CLS] tokens of the last n blocks (Swin: the average-pooled tokens of
+    /// the last n blocks, over all stages).
     #[arg(long, default_value_t = 1)]
     n_last_blocks: usize,
-    /// 0: [CLS] tokens; 1: mean of the patch tokens; 2: both.
+    /// 0: [CLS] tokens; 1: mean of the patch tokens; 2: both. ViT only (a Swin needs 0).
     #[arg(long, default_value_t = 0)]
     avgpool_patchtokens: u8,
     #[arg(long, default_value_t = 128)]
@@ -391,7 +396,7 @@ fn eval_splits(
 
 fn knn_report(
     name: &str,
-    backbone: Option<&ibot::models::VisionTransformer>,
+    backbone: Option<&ibot::models::Backbone>,
     kind: FeatureKind,
     data: (
         &dyn ibot::data::dataset::Dataset,
@@ -468,13 +473,7 @@ fn demo(d: DemoArgs) -> Result<()> {
     let ks = [20];
     let trained = knn_report(
         "iBOT teacher",
-        Some(
-            out.ibot
-                .teacher
-                .backbone
-                .as_vit()
-                .context("the demo trains a ViT")?,
-        ),
+        Some(&out.ibot.teacher.backbone),
         FeatureKind::Cls,
         data,
         size,
@@ -485,12 +484,7 @@ fn demo(d: DemoArgs) -> Result<()> {
     let init = ibot::train::Ibot::seeded(run::ibot_config(a)?, device, a.seed)?;
     let at_init = knn_report(
         "same network at initialisation",
-        Some(
-            init.teacher
-                .backbone
-                .as_vit()
-                .context("the demo trains a ViT")?,
-        ),
+        Some(&init.teacher.backbone),
         FeatureKind::Cls,
         data,
         size,
@@ -526,7 +520,7 @@ fn open_backbone(
     w: &WeightsArgs,
 ) -> Result<(
     ibot::interop::Pretrained,
-    ibot::models::VisionTransformer,
+    ibot::models::Backbone,
     usize,
     Device,
 )> {
@@ -539,7 +533,7 @@ fn open_backbone_on(
     device: Device,
 ) -> Result<(
     ibot::interop::Pretrained,
-    ibot::models::VisionTransformer,
+    ibot::models::Backbone,
     usize,
     Device,
 )> {
@@ -562,8 +556,8 @@ fn open_backbone_on(
     let (_, vit) = p.backbone_model(device)?;
     let size = ibot::eval::resolve_crop(
         w.crop_size,
-        p.vit.img_size as usize,
-        p.vit.patch_size as usize,
+        p.config.img_size() as usize,
+        p.config.patch_size() as usize,
     )?;
     Ok((p, vit, size, device))
 }
@@ -781,7 +775,7 @@ fn extract_features(f: FeatureArgs) -> Result<()> {
         n_last_blocks: f.n_last_blocks,
         avgpool: f.avgpool_patchtokens,
     };
-    spec.validate(vit.blocks.len())?;
+    spec.validate_for(&vit)?;
     let ds = ibot::data::dataset::open(&f.data_path, &f.split)?;
     if comm.is_main() {
         ibot::eval::warn_upsampling(ds.as_ref(), size, f.weights.crop_size.is_some());
@@ -805,7 +799,7 @@ fn extract_features(f: FeatureArgs) -> Result<()> {
             &|img: &ibot::data::ops::Rgb8, _| features::eval_view(img, size),
         )?;
         feats.push(
-            spec.features(&vit, &x.to_device(device))?
+            spec.features_of(&vit, &x.to_device(device))?
                 .to_device(Device::Cpu),
         );
         labels.push(l);
@@ -833,12 +827,18 @@ fn extract_features(f: FeatureArgs) -> Result<()> {
 
 fn visualize_attention(a: AttentionArgs) -> Result<()> {
     use ibot::analysis::attention;
-    let (_, vit, _, device) = open_backbone(&a.weights)?;
+    let (_, backbone, _, device) = open_backbone(&a.weights)?;
+    let Some(vit) = backbone.as_vit() else {
+        bail!(
+            "visualize-attention needs a ViT: a Swin Transformer has no global [CLS] token, so \
+             there is no [CLS] attention to show (its attention stays within local windows)"
+        )
+    };
     let patch = vit.cfg.patch_size as usize;
     let img = ibot::data::dataset::load_rgb(&a.image_path)?;
     let img = attention::prepare_image(&img, &a.image_size, patch)?;
     let threshold = (a.threshold > 0.0).then_some(a.threshold);
-    let maps = attention::attention_of(&vit, &img, threshold, device)?;
+    let maps = attention::attention_of(vit, &img, threshold, device)?;
     let files = attention::save_pictures(&img, &maps, patch, threshold, &a.output_dir)?;
     println!(
         "{} heads over {}x{} patches of {}: {} files in {}",
@@ -864,8 +864,8 @@ fn eval_linear(mut a: ibot::eval::linear::LinearArgs) -> Result<()> {
     let (_, vit) = p.backbone_model(device)?;
     let size = ibot::eval::resolve_crop(
         a.crop_size,
-        p.vit.img_size as usize,
-        p.vit.patch_size as usize,
+        p.config.img_size() as usize,
+        p.config.patch_size() as usize,
     )?;
     let (trp, trs, tep, tes) = eval_splits(
         a.data_path.as_deref(),
@@ -1007,7 +1007,7 @@ fn run(cli: Cli) -> Result<bool> {
                 tch::get_num_threads(),
                 t.precision.name(),
                 b.arch,
-                b.patch_size,
+                b.patch(),
                 b.batch,
                 b.global_crops_size,
                 b.local_crops_number,

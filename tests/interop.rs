@@ -90,7 +90,7 @@ fn every_official_layout_loads_and_reproduces_the_official_outputs() {
     ] {
         let p = load_pretrained(&dir.join(file), "teacher", None)
             .unwrap_or_else(|e| panic!("{file}: {e:#}"));
-        let c = &p.vit;
+        let c = p.vit().expect("a ViT");
         assert_eq!(
             (c.embed_dim, c.depth, c.num_heads, c.patch_size, c.img_size),
             (192, 2, 3, 16, 224),
@@ -165,7 +165,7 @@ fn the_full_checkpoint_gives_teacher_head_and_masked_student() {
     );
     // Student: `module.` prefixes, masked_embed, masked forward of both global views.
     let s = load_pretrained(&path, "student", None).unwrap();
-    assert!(s.vit.masked_im_modeling);
+    assert!(s.vit().expect("a ViT").masked_im_modeling);
     let (_, svit) = s.backbone_model(Device::Cpu).unwrap();
     let views = Tensor::cat(&[global_crop(0), global_crop(1)], 0);
     let m = fx("in.masks_global");
@@ -189,7 +189,7 @@ fn pth_and_exported_safetensors_give_identical_outputs() {
     let out = dir.join("exported.safetensors");
     export_backbone(&p, &out, false).unwrap();
     let q = load_pretrained(&out, "teacher", None).unwrap();
-    assert_eq!(p.vit, q.vit);
+    assert_eq!(p.config, q.config);
     let (_, a) = p.backbone_model(Device::Cpu).unwrap();
     let (_, b) = q.backbone_model(Device::Cpu).unwrap();
     let x = global_crop(1);

@@ -7,7 +7,7 @@ use crate::data::dataset::Dataset;
 use crate::data::loader::FloatTensorBuf;
 use crate::data::ops::{self, Rgb8};
 use crate::models::head::l2_normalize;
-use crate::models::VisionTransformer;
+use crate::models::Backbone;
 
 /// The official evaluation view for crop side `size`: `Resize(size·256/224)` of the shorter side
 /// (bicubic) then `CenterCrop(size)` (224 → Resize 256 + CenterCrop 224).
@@ -98,7 +98,8 @@ pub fn view_batch(
 /// What to use as the feature of an image.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FeatureKind {
-    /// The backbone's [CLS] token after the final norm (the official k-NN feature).
+    /// The backbone's [CLS] token after the final norm (the official k-NN feature); for a Swin,
+    /// the average-pooled final-stage token (its `forward` output, as the official eval_knn).
     Cls,
     /// The normalised pixels themselves (a baseline).
     Pixels,
@@ -106,7 +107,7 @@ pub enum FeatureKind {
 
 /// L2-normalised features `[N, D]` and labels `[N]` of `indices`.
 pub fn extract(
-    backbone: Option<&VisionTransformer>,
+    backbone: Option<&Backbone>,
     kind: FeatureKind,
     ds: &dyn Dataset,
     indices: &[usize],
@@ -150,7 +151,7 @@ pub fn extract(
 #[allow(clippy::too_many_arguments)]
 pub fn extract_sharded(
     comm: &dyn crate::dist::Comm,
-    backbone: Option<&VisionTransformer>,
+    backbone: Option<&Backbone>,
     kind: FeatureKind,
     ds: &dyn Dataset,
     indices: &[usize],

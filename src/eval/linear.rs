@@ -7,6 +7,11 @@
 //! batch/256), the lr following `CosineAnnealingLR(epochs, eta_min=0)` stepped once per epoch.
 //! Training images get `RandomResizedCrop(size)` (bilinear, scale 0.08..1) and a horizontal flip;
 //! validation images `Resize(size·256/224)` + `CenterCrop(size)`.
+//!
+//! Swin backbones, as the official code runs them (`get_intermediate_layers` of its Swin): the
+//! average-pooled tokens of each of the last `n_last_blocks` blocks, counted over all stages
+//! (the final-stage ones after the final norm), concatenated; `--avgpool_patchtokens` must stay
+//! 0 (the official code sizes the classifier for that case only).
 
 use std::path::{Path, PathBuf};
 
@@ -20,7 +25,7 @@ use super::features::{eval_view, view_batch};
 use crate::data::augment::random_resized_crop_params;
 use crate::data::dataset::Dataset;
 use crate::data::ops::{self, Filter, Rgb8};
-use crate::models::VisionTransformer;
+use crate::models::{BackboneRef, VisionTransformer};
 use crate::params::{read_safetensors, write_safetensors};
 
 /// How features are taken from the backbone (`--n_last_blocks`, `--avgpool_patchtokens`).
@@ -53,6 +58,58 @@ impl FeatureSpec {
             0
         };
         embed_dim * (cls + i64::from(self.avgpool > 0))
+    }
+
+    /// [`FeatureSpec::validate`] for a ViT or a Swin backbone (see the module documentation).
+    pub fn validate_for<'a>(&self, backbone: impl Into<BackboneRef<'a>>) -> Result<()> {
+        match backbone.into() {
+            BackboneRef::Vit(v) => self.validate(v.blocks.len()),
+            BackboneRef::Swin(s) => {
+                ensure!(
+                    self.avgpool == 0,
+                    "--avgpool_patchtokens {} is a ViT option: a Swin has no [CLS] token, its \
+                     features are already the average-pooled tokens of the last --n_last_blocks \
+                     blocks (leave --avgpool_patchtokens at 0)",
+                    self.avgpool
+                );
+                let total: i64 = s.cfg.depths.iter().sum();
+                ensure!(
+                    (1..=total as usize).contains(&self.n_last_blocks),
+                    "--n_last_blocks must be in 1..={total} for this Swin (depths {:?}), not {}",
+                    s.cfg.depths,
+                    self.n_last_blocks
+                );
+                Ok(())
+            }
+        }
+    }
+
+    /// Width of the concatenated feature of `backbone`.
+    pub fn dim_for<'a>(&self, backbone: impl Into<BackboneRef<'a>>) -> i64 {
+        match backbone.into() {
+            BackboneRef::Vit(v) => self.dim(v.cfg.embed_dim),
+            BackboneRef::Swin(s) => s.intermediate_widths(self.n_last_blocks).iter().sum(),
+        }
+    }
+
+    /// Features `[B, dim]` of images `[B, 3, H, W]` from a ViT or a Swin (no gradient).
+    pub fn features_of<'a>(
+        &self,
+        backbone: impl Into<BackboneRef<'a>>,
+        x: &Tensor,
+    ) -> Result<Tensor> {
+        let backbone = backbone.into();
+        match backbone {
+            BackboneRef::Vit(v) => self.features(v, x),
+            BackboneRef::Swin(s) => {
+                let _g = tch::no_grad_guard();
+                self.validate_for(backbone)?;
+                Ok(Tensor::cat(
+                    &s.intermediate_avgpool(x, self.n_last_blocks)?,
+                    -1,
+                ))
+            }
+        }
     }
 
     /// Features `[B, dim]` of images `[B, 3, H, W]` (no gradient).
@@ -172,8 +229,8 @@ pub struct LinearArgs {
     /// Network to take from full checkpoints: teacher or student.
     #[arg(long, default_value = "teacher")]
     pub checkpoint_key: String,
-    /// Architecture (vit_tiny/small/base/large); only needed for non-standard widths (checked
-    /// against the weights).
+    /// Architecture (vit_tiny/small/base/large, swin_tiny/small/base/large); only needed for
+    /// non-standard ViT widths (checked against the weights).
     #[arg(long)]
     pub arch: Option<String>,
     /// Number of attention heads, for weights of a non-standard width.
@@ -196,9 +253,11 @@ pub struct LinearArgs {
     #[serde(default)]
     pub val_path: Option<PathBuf>,
     /// Concatenate the [CLS] tokens of the last n blocks (official: 4 for ViT-S, 1 for ViT-B/L).
+    /// Swin: the average-pooled tokens of the last n blocks, over all stages.
     #[arg(long, default_value_t = 4)]
     pub n_last_blocks: usize,
     /// 0: [CLS] tokens; 1: mean of the patch tokens; 2: both (official choice for ViT-B/L).
+    /// ViT only (a Swin needs 0).
     #[arg(long, default_value_t = 0)]
     pub avgpool_patchtokens: u8,
     #[arg(long, default_value_t = 100)]
@@ -299,9 +358,9 @@ fn evaluate(
 }
 
 /// Runs the linear evaluation of `backbone` on `train`/`val`.
-pub fn run(
+pub fn run<'a>(
     a: &LinearArgs,
-    backbone: &VisionTransformer,
+    backbone: impl Into<BackboneRef<'a>>,
     train: &dyn Dataset,
     val: &dyn Dataset,
     device: Device,
@@ -310,7 +369,8 @@ pub fn run(
         n_last_blocks: a.n_last_blocks,
         avgpool: a.avgpool_patchtokens,
     };
-    spec.validate(backbone.blocks.len())?;
+    let backbone = backbone.into();
+    spec.validate_for(backbone)?;
     ensure!(
         a.epochs > 0 && a.batch_size_per_gpu > 0 && a.val_freq > 0,
         "--epochs, --batch_size_per_gpu and --val_freq must be positive"
@@ -334,9 +394,14 @@ pub fn run(
         "labels go up to {} but --num_labels is {num_labels}",
         seen - 1
     );
-    let dim = spec.dim(backbone.cfg.embed_dim);
-    let size = a.crop_size.unwrap_or(backbone.cfg.img_size as usize);
-    let feats_of = |x: &Tensor| spec.features(backbone, &x.to_device(device));
+    let dim = spec.dim_for(backbone);
+    // Default: the resolution the backbone was built for (main.rs resolves and reports it).
+    let trained = match backbone {
+        BackboneRef::Vit(v) => v.cfg.img_size,
+        BackboneRef::Swin(s) => s.cfg.img_size,
+    };
+    let size = a.crop_size.unwrap_or(trained as usize);
+    let feats_of = |x: &Tensor| spec.features_of(backbone, &x.to_device(device));
 
     std::fs::create_dir_all(&a.output_dir)
         .with_context(|| format!("creating {}", a.output_dir.display()))?;

@@ -15,6 +15,12 @@
 //! carry the configuration, it is read off the tensor shapes (width, depth, patch size, grid,
 //! MLP ratio, qkv bias, `masked_embed`); the number of heads, which no shape shows, comes from
 //! `--arch` or else from the standard ViT of that width.
+//!
+//! Swin Transformer weights (names `layers.{i}.blocks.{j}.…`, as the official
+//! `models/swin_transformer.py`) are recognised too: width and patch size from the patch
+//! embedding, stage depths from the block names, heads and windows from each block's
+//! `relative_position_bias_table` (`[(2w-1)², heads]`); the model is taken to be built for
+//! 224-px images (as `main_ibot.py` builds it), which fixes which stages clamp their window.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -24,18 +30,26 @@ use tch::{Device, Tensor};
 
 use super::pth::read_pth_subset;
 use crate::models::{
-    BackboneConfig, HeadAct, HeadConfig, HeadNorm, IbotHead, VisionTransformer, VitConfig,
+    Backbone, BackboneConfig, HeadAct, HeadConfig, HeadNorm, IbotHead, SwinConfig, VitConfig,
 };
 use crate::params::{read_safetensors, ParamStore};
 
 /// Metadata key under which exported backbones store their [`VitConfig`] (JSON).
 pub const VIT_CONFIG_KEY: &str = "ibot_vit_config";
 
+/// Metadata key under which exported Swin backbones store their [`SwinConfig`] (JSON).
+pub const SWIN_CONFIG_KEY: &str = "ibot_swin_config";
+
+/// The resolution official Swin weights are taken to be built for (`main_ibot.py`'s default).
+pub const SWIN_IMG_SIZE: i64 = 224;
+
 /// Weights of one network (teacher or student) under official names without prefixes.
 #[derive(Debug)]
 pub struct Pretrained {
-    pub vit: VitConfig,
-    /// Backbone tensors (`cls_token`, `blocks.0.attn.qkv.weight`, ...).
+    /// The backbone's shape (ViT or Swin).
+    pub config: BackboneConfig,
+    /// Backbone tensors (`cls_token`, `blocks.0.attn.qkv.weight`, ... or for Swin
+    /// `layers.0.blocks.0.attn.relative_position_bias_table`, ...).
     pub backbone: HashMap<String, Tensor>,
     /// Projection head tensors (`mlp.0.weight`, `last_layer.weight_v`, ...), if the file has them.
     pub head: HashMap<String, Tensor>,
@@ -90,6 +104,9 @@ pub fn infer_vit_config(
 /// checked against the shapes: a contradiction is an error, never silently ignored.
 fn heads_for(d: i64, depth: i64, arch: Option<&str>, num_heads: Option<i64>) -> Result<i64> {
     let from_arch = match arch {
+        Some(a) if a.starts_with("swin") => {
+            bail!("--arch {a} is a Swin Transformer, but these are ViT weights")
+        }
         Some(a) => {
             let c = VitConfig::from_arch(a, 16)?;
             ensure!(
@@ -148,8 +165,8 @@ pub fn infer_vit_config_with(
     arch: Option<&str>,
     num_heads: Option<i64>,
 ) -> Result<VitConfig> {
-    if backbone.keys().any(|k| k.starts_with("layers.")) {
-        bail!("these are Swin Transformer weights; only ViT backbones are supported so far");
+    if is_swin_layout(backbone) {
+        bail!("these are Swin Transformer weights, not a ViT (see infer_swin_config)");
     }
     let cls = shape_of(backbone, "cls_token")?;
     ensure!(
@@ -207,6 +224,186 @@ pub fn infer_vit_config_with(
     );
     cfg.validate()?;
     Ok(cfg)
+}
+
+/// True when the backbone tensors have the Swin layout (`layers.{i}.blocks.{j}.…`).
+fn is_swin_layout(backbone: &HashMap<String, Tensor>) -> bool {
+    backbone.keys().any(|k| k.starts_with("layers."))
+}
+
+/// Refuses `--arch` / `--num_heads` that do not fit a Swin of shape `c`.
+fn check_swin_options(c: &SwinConfig, arch: Option<&str>, num_heads: Option<i64>) -> Result<()> {
+    ensure!(
+        num_heads.is_none(),
+        "--num_heads is for ViT weights; a Swin's heads per stage are read off its \
+         relative-position tables ({:?} here)",
+        c.num_heads
+    );
+    if let Some(a) = arch {
+        ensure!(
+            a.starts_with("swin"),
+            "--arch {a} is a ViT, but these are Swin Transformer weights"
+        );
+        let want = SwinConfig::from_arch(a, c.window_size)?;
+        ensure!(
+            (want.embed_dim, &want.depths, &want.num_heads)
+                == (c.embed_dim, &c.depths, &c.num_heads),
+            "--arch {a} has width {}, depths {:?} and heads {:?}; the weights have width {}, \
+             depths {:?} and heads {:?}",
+            want.embed_dim,
+            want.depths,
+            want.num_heads,
+            c.embed_dim,
+            c.depths,
+            c.num_heads
+        );
+    }
+    Ok(())
+}
+
+/// Reads the Swin shape off the backbone tensors (official names without prefixes): width,
+/// input channels and patch size from `patch_embed.proj.weight`, stage depths from the block
+/// names, heads and window sizes from the `relative_position_bias_table`s (`[(2w-1)², heads]`),
+/// MLP ratio, qkv bias and `masked_embed`. The model is taken to be built for
+/// [`SWIN_IMG_SIZE`] px; the window size is the largest a block has (stages whose grid is not
+/// larger than the window clamp it), and every block's table must fit that construction.
+/// `arch` (e.g. `swin_tiny`) is checked against the shapes; `num_heads` is refused.
+pub fn infer_swin_config(
+    backbone: &HashMap<String, Tensor>,
+    arch: Option<&str>,
+    num_heads: Option<i64>,
+) -> Result<SwinConfig> {
+    ensure!(
+        !backbone.contains_key("absolute_pos_embed"),
+        "the weights have an absolute position embedding (Swin with ape=True), which iBOT's \
+         Swin does not use and this implementation does not support"
+    );
+    let pw = shape_of(backbone, "patch_embed.proj.weight")?;
+    ensure!(
+        pw.len() == 4 && pw[2] == pw[3],
+        "patch_embed.proj.weight has shape {pw:?}, expected [D, C, p, p]"
+    );
+    let (d, in_chans, patch) = (pw[0], pw[1], pw[2]);
+    ensure!(
+        backbone.contains_key("patch_embed.norm.weight"),
+        "the weights have no 'patch_embed.norm.weight' (Swin with patch_norm=False is not supported)"
+    );
+    let mut depths = Vec::new();
+    let mut heads = Vec::new();
+    let mut windows = Vec::new(); // per stage, per block
+    while backbone.contains_key(&format!("layers.{}.blocks.0.norm1.weight", depths.len())) {
+        let i = depths.len();
+        let dim = d << i;
+        let mut stage_windows = Vec::new();
+        let mut stage_heads = None;
+        let mut j = 0;
+        while backbone.contains_key(&format!("layers.{i}.blocks.{j}.norm1.weight")) {
+            let b = format!("layers.{i}.blocks.{j}.");
+            let n1 = shape_of(backbone, &format!("{b}norm1.weight"))?;
+            ensure!(
+                n1 == [dim],
+                "{b}norm1.weight has shape {n1:?}; stage {i} of a Swin of width {d} has width {dim}"
+            );
+            let k = format!("{b}attn.relative_position_bias_table");
+            let t = shape_of(backbone, &k)?;
+            ensure!(
+                t.len() == 2,
+                "{k} has shape {t:?}, expected [(2w-1)², heads]"
+            );
+            let side = (t[0] as f64).sqrt().round() as i64;
+            ensure!(
+                side * side == t[0] && side % 2 == 1,
+                "{k} has {} rows, not (2w-1)² for a window w",
+                t[0]
+            );
+            let w = (side + 1) / 2;
+            match stage_heads {
+                None => stage_heads = Some(t[1]),
+                Some(h) => ensure!(
+                    h == t[1],
+                    "stage {i}: block 0 has {h} heads, block {j} has {}",
+                    t[1]
+                ),
+            }
+            stage_windows.push(w);
+            j += 1;
+        }
+        depths.push(j as i64);
+        heads.push(stage_heads.unwrap_or(0));
+        windows.push(stage_windows);
+    }
+    ensure!(
+        !depths.is_empty(),
+        "the weights have no Swin blocks ('layers.0.blocks.0.norm1.weight')"
+    );
+    let fc1 = shape_of(backbone, "layers.0.blocks.0.mlp.fc1.weight")?;
+    ensure!(
+        fc1.len() == 2 && fc1[1] == d,
+        "layers.0.blocks.0.mlp.fc1.weight has shape {fc1:?}"
+    );
+    let window_size = windows.iter().flatten().copied().max().unwrap_or(1);
+    let cfg = SwinConfig {
+        img_size: SWIN_IMG_SIZE,
+        patch_size: patch,
+        in_chans,
+        embed_dim: d,
+        depths,
+        num_heads: heads,
+        window_size,
+        mlp_ratio: fc1[0] as f64 / d as f64,
+        qkv_bias: backbone.contains_key("layers.0.blocks.0.attn.qkv.bias"),
+        drop_path_rate: 0.0,
+        masked_im_modeling: backbone.contains_key("masked_embed"),
+    };
+    ensure!(
+        (d as f64 * cfg.mlp_ratio) as i64 == fc1[0],
+        "MLP width {} is not representable as a ratio of {d}",
+        fc1[0]
+    );
+    cfg.validate()?;
+    for (i, ws) in windows.iter().enumerate() {
+        for (j, &w) in ws.iter().enumerate() {
+            let (built, _) = cfg.window_and_shift(i, j);
+            ensure!(
+                built == w,
+                "stage {i} block {j} has a {w}x{w} window, but a Swin with window {window_size} \
+                 built for {SWIN_IMG_SIZE}-px images (as main_ibot.py builds it) has {built}x{built} \
+                 there; weights of a Swin built for another resolution are not supported"
+            );
+        }
+    }
+    check_swin_options(&cfg, arch, num_heads)?;
+    Ok(cfg)
+}
+
+/// Reads the backbone shape off the tensors: [`infer_swin_config`] for the Swin layout, else
+/// [`infer_vit_config_with`].
+pub fn infer_backbone_config(
+    backbone: &HashMap<String, Tensor>,
+    arch: Option<&str>,
+    num_heads: Option<i64>,
+) -> Result<BackboneConfig> {
+    Ok(if is_swin_layout(backbone) {
+        infer_swin_config(backbone, arch, num_heads)?.into()
+    } else {
+        infer_vit_config_with(backbone, arch, num_heads)?.into()
+    })
+}
+
+/// Swin tensors as the model wants them: the shifted-window `attn_mask` buffers some Swin
+/// codebases save are dropped (they are rebuilt from the shape), and missing
+/// `relative_position_index` buffers (constants) are supplied.
+fn normalise_swin_tensors(backbone: &mut HashMap<String, Tensor>, c: &SwinConfig) {
+    backbone.retain(|k, _| !k.ends_with("attn_mask"));
+    for (i, &depth) in c.depths.iter().enumerate() {
+        for j in 0..depth as usize {
+            let k = format!("layers.{i}.blocks.{j}.attn.relative_position_index");
+            backbone.entry(k).or_insert_with(|| {
+                let (w, _) = c.window_and_shift(i, j);
+                crate::models::swin::relative_position_index(w, Device::Cpu)
+            });
+        }
+    }
 }
 
 /// Reads the projection-head shape off the head tensors (`None` when there is no head).
@@ -368,31 +565,48 @@ pub fn load_pretrained_with(
     if head.keys().all(|k| k == "weight" || k == "bias") {
         head.clear();
     }
-    let vit = match known_cfg {
+    let config = match known_cfg {
         Some(c) => {
             // The file states its configuration: --arch / --num_heads may only agree with it.
-            if arch.is_some() || num_heads.is_some() {
-                let h = heads_for(c.embed_dim, c.depth, arch, num_heads)
-                    .with_context(|| format!("checking the options against {shown}"))?;
-                ensure!(
-                    h == c.num_heads,
-                    "{shown} was written for {} attention heads, not {h}",
-                    c.num_heads
-                );
+            match &c {
+                BackboneConfig::Vit(v) if arch.is_some() || num_heads.is_some() => {
+                    let h = heads_for(v.embed_dim, v.depth, arch, num_heads)
+                        .with_context(|| format!("checking the options against {shown}"))?;
+                    ensure!(
+                        h == v.num_heads,
+                        "{shown} was written for {} attention heads, not {h}",
+                        v.num_heads
+                    );
+                }
+                BackboneConfig::Swin(s) => check_swin_options(s, arch, num_heads)
+                    .with_context(|| format!("checking the options against {shown}"))?,
+                BackboneConfig::Vit(_) => {}
             }
             c
         }
-        None => infer_vit_config_with(&backbone, arch, num_heads)
+        None => infer_backbone_config(&backbone, arch, num_heads)
             .with_context(|| format!("reading the model shape from {shown}"))?,
     };
+    if let BackboneConfig::Swin(c) = &config {
+        normalise_swin_tensors(&mut backbone, c);
+    }
+    let shape = match &config {
+        BackboneConfig::Vit(v) => format!(
+            "ViT width {} depth {} patch {} grid {}x{}",
+            v.embed_dim,
+            v.depth,
+            v.patch_size,
+            v.grid(),
+            v.grid()
+        ),
+        BackboneConfig::Swin(c) => format!(
+            "Swin width {} depths {:?} heads {:?} window {} patch {}",
+            c.embed_dim, c.depths, c.num_heads, c.window_size, c.patch_size
+        ),
+    };
     let description = format!(
-        "{shown} ({kind}{}; ViT width {} depth {} patch {} grid {}x{}{})",
+        "{shown} ({kind}{}; {shape}{})",
         entry.map(|e| format!(", entry '{e}'")).unwrap_or_default(),
-        vit.embed_dim,
-        vit.depth,
-        vit.patch_size,
-        vit.grid(),
-        vit.grid(),
         if head.is_empty() {
             ""
         } else {
@@ -400,7 +614,7 @@ pub fn load_pretrained_with(
         }
     );
     Ok(Pretrained {
-        vit,
+        config,
         backbone,
         head,
         description,
@@ -408,47 +622,54 @@ pub fn load_pretrained_with(
 }
 
 /// The exact backbone configuration stored by our own files, if any.
-fn known_config(path: &Path, checkpoint_key: &str) -> Result<Option<VitConfig>> {
+fn known_config(path: &Path, checkpoint_key: &str) -> Result<Option<BackboneConfig>> {
     let md = crate::params::read_safetensors_metadata(path)?;
     if let Some(raw) = md.get(VIT_CONFIG_KEY) {
         let c: VitConfig = serde_json::from_str(raw)
             .with_context(|| format!("{}: damaged {VIT_CONFIG_KEY}", path.display()))?;
-        return Ok(Some(c));
+        return Ok(Some(c.into()));
+    }
+    if let Some(raw) = md.get(SWIN_CONFIG_KEY) {
+        let c: SwinConfig = serde_json::from_str(raw)
+            .with_context(|| format!("{}: damaged {SWIN_CONFIG_KEY}", path.display()))?;
+        return Ok(Some(c.into()));
     }
     if md.contains_key("ibot") {
         let meta = crate::train::checkpoint::read_meta(path)?;
-        let cfg = match checkpoint_key {
+        return Ok(Some(match checkpoint_key {
             "student" => meta.config.backbone.without_drop_path(),
             _ => meta.config.teacher_backbone(),
-        };
-        return match cfg {
-            BackboneConfig::Vit(c) => Ok(Some(c)),
-            BackboneConfig::Swin(_) => bail!(
-                "{} is a Swin Transformer checkpoint; the commands that load pretrained weights (eval-knn, eval-linear, eval-unsup, extract-backbone, extract-features, visualize-attention) only take ViT backbones so far",
-                path.display()
-            ),
-        };
+        }));
     }
     Ok(None)
 }
 
 impl Pretrained {
+    /// The ViT shape, when the weights are a ViT.
+    pub fn vit(&self) -> Option<&VitConfig> {
+        self.config.as_vit()
+    }
+
+    /// The Swin shape, when the weights are a Swin.
+    pub fn swin(&self) -> Option<&SwinConfig> {
+        match &self.config {
+            BackboneConfig::Swin(c) => Some(c),
+            BackboneConfig::Vit(_) => None,
+        }
+    }
+
     /// The backbone as an inference model (no drop path), every tensor checked.
-    pub fn backbone_model(&self, device: Device) -> Result<(ParamStore, VisionTransformer)> {
+    pub fn backbone_model(&self, device: Device) -> Result<(ParamStore, Backbone)> {
         let mut ps = ParamStore::new();
-        let cfg = VitConfig {
-            drop_path_rate: 0.0,
-            ..self.vit.clone()
-        };
-        let vit = VisionTransformer::new(&mut ps, "", &cfg, false, device)?;
+        let model = Backbone::new(&mut ps, "", &self.config.without_drop_path(), false, device)?;
         ps.load_strict(&self.backbone, "")
             .context("loading the backbone weights")?;
-        Ok((ps, vit))
+        Ok((ps, model))
     }
 
     /// The projection head, when the file has one.
     pub fn head_model(&self, device: Device) -> Result<Option<(ParamStore, IbotHead)>> {
-        let Some(cfg) = infer_head_config(&self.head, self.vit.embed_dim)? else {
+        let Some(cfg) = infer_head_config(&self.head, self.config.embed_dim())? else {
             return Ok(None);
         };
         let mut ps = ParamStore::new();
@@ -492,6 +713,12 @@ impl Pretrained {
     /// The backbone tensors in the official order, optionally named for timm
     /// (`masked_embed`, which timm's ViT does not have, is left out).
     pub fn backbone_tensors(&self, timm: bool) -> Result<Vec<(String, Tensor)>> {
+        ensure!(
+            !(timm && self.swin().is_some()),
+            "--timm names are for ViT backbones; timm's Swin Transformer uses other names and \
+             layouts, so this Swin backbone is written under the official iBOT names only \
+             (leave out --timm)"
+        );
         let (ps, _) = self.backbone_model(Device::Cpu)?;
         Ok(ps
             .state_dict()
@@ -502,18 +729,23 @@ impl Pretrained {
 }
 
 /// Writes the backbone of `p` to `out` as safetensors under official names (no prefix), with its
-/// configuration in the metadata so it loads back without guessing. With `timm`, names are
-/// those timm's `VisionTransformer` uses (the same, minus `masked_embed`).
+/// configuration in the metadata so it loads back without guessing. With `timm` (ViT only),
+/// names are those timm's `VisionTransformer` uses (the same, minus `masked_embed`).
 pub fn export_backbone(p: &Pretrained, out: &Path, timm: bool) -> Result<usize> {
     let tensors = p.backbone_tensors(timm)?;
     let mut md = HashMap::new();
-    md.insert(
-        VIT_CONFIG_KEY.to_string(),
-        serde_json::to_string(&VitConfig {
-            masked_im_modeling: p.vit.masked_im_modeling && !timm,
-            ..p.vit.clone()
-        })?,
-    );
+    match &p.config {
+        BackboneConfig::Vit(v) => md.insert(
+            VIT_CONFIG_KEY.to_string(),
+            serde_json::to_string(&VitConfig {
+                masked_im_modeling: v.masked_im_modeling && !timm,
+                ..v.clone()
+            })?,
+        ),
+        BackboneConfig::Swin(c) => {
+            md.insert(SWIN_CONFIG_KEY.to_string(), serde_json::to_string(c)?)
+        }
+    };
     md.insert("format".to_string(), "pt".to_string());
     crate::params::write_safetensors(out, &tensors, Some(md))
         .with_context(|| format!("writing {}", out.display()))?;

@@ -36,6 +36,22 @@ impl From<SwinConfig> for BackboneConfig {
 
 impl BackboneConfig {
     /// Width of the output tokens (the head's input).
+    /// The input side the backbone was built for (the position grid or the windows' layout).
+    pub fn img_size(&self) -> i64 {
+        match self {
+            Self::Vit(c) => c.img_size,
+            Self::Swin(c) => c.img_size,
+        }
+    }
+
+    /// Side of the patches the backbone embeds.
+    pub fn patch_size(&self) -> i64 {
+        match self {
+            Self::Vit(c) => c.patch_size,
+            Self::Swin(c) => c.patch_size,
+        }
+    }
+
     pub fn embed_dim(&self) -> i64 {
         match self {
             Self::Vit(c) => c.embed_dim,
@@ -179,6 +195,35 @@ impl Backbone {
         match self {
             Self::Swin(m) => Some(m),
             Self::Vit(_) => None,
+        }
+    }
+}
+
+/// A borrowed ViT or Swin (what `&VisionTransformer`, `&SwinTransformer` and `&Backbone` all
+/// convert to), for functions that only read a backbone.
+#[derive(Debug, Clone, Copy)]
+pub enum BackboneRef<'a> {
+    Vit(&'a VisionTransformer),
+    Swin(&'a SwinTransformer),
+}
+
+impl<'a> From<&'a VisionTransformer> for BackboneRef<'a> {
+    fn from(m: &'a VisionTransformer) -> Self {
+        Self::Vit(m)
+    }
+}
+
+impl<'a> From<&'a SwinTransformer> for BackboneRef<'a> {
+    fn from(m: &'a SwinTransformer) -> Self {
+        Self::Swin(m)
+    }
+}
+
+impl<'a> From<&'a Backbone> for BackboneRef<'a> {
+    fn from(m: &'a Backbone) -> Self {
+        match m {
+            Backbone::Vit(v) => Self::Vit(v),
+            Backbone::Swin(s) => Self::Swin(s),
         }
     }
 }

@@ -640,6 +640,53 @@ impl SwinTransformer {
         Ok(Tensor::cat(&[pooled, region], 1))
     }
 
+    /// The official `get_intermediate_layers(x, n, return_patch_avgpool=True)`: the average of
+    /// the tokens output by each of the last `n` blocks (all stages counted, block order), the
+    /// final-stage ones through the final norm, the earlier ones as they are: `[B, width of that
+    /// block's stage]` each. With `n = 1` this is token 0 of [`SwinTransformer::forward`].
+    pub fn intermediate_avgpool(&self, x: &Tensor, n: usize) -> Result<Vec<Tensor>> {
+        let total: usize = self.cfg.depths.iter().map(|&d| d as usize).sum();
+        ensure!(
+            (1..=total).contains(&n),
+            "n must be in 1..={total} (blocks of this Swin), not {n}"
+        );
+        let (mut t, mut h, mut w) = self.embed(x, None)?;
+        let last = self.layers.len() - 1;
+        let mut k = 0;
+        let mut out = Vec::with_capacity(n);
+        for (i, stage) in self.layers.iter().enumerate() {
+            for blk in &stage.blocks {
+                let (y, _) = blk.forward(&t, h, w, false, &self.drop_rng);
+                t = y;
+                if total - k <= n {
+                    let f = if i == last {
+                        self.norm.forward(&t)
+                    } else {
+                        t.shallow_clone()
+                    };
+                    out.push(f.mean_dim(1, false, f.kind()));
+                }
+                k += 1;
+            }
+            if let Some(ds) = &stage.downsample {
+                t = ds.forward(&t, h, w);
+                h = (h + 1) / 2;
+                w = (w + 1) / 2;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Widths of the features [`SwinTransformer::intermediate_avgpool`] gives for `n`.
+    pub fn intermediate_widths(&self, n: usize) -> Vec<i64> {
+        let mut widths: Vec<i64> = Vec::new();
+        for (i, &d) in self.cfg.depths.iter().enumerate() {
+            widths.extend(std::iter::repeat(self.cfg.stage_dim(i)).take(d as usize));
+        }
+        let from = widths.len().saturating_sub(n);
+        widths[from..].to_vec()
+    }
+
     /// The official `get_selfattention(x)`: attention probabilities of the last block,
     /// `[nW·B, heads, ws², ws²]` (no mask, eval mode).
     pub fn get_selfattention(&self, x: &Tensor) -> Result<Tensor> {

@@ -1,7 +1,8 @@
 """Builds PyTorch checkpoints in the official iBOT layouts, for tests/interop.rs.
 
-Usage: python make_official_pth.py PARAMS.npz OUT_DIR
-PARAMS.npz holds a student state dict (official names, `backbone.*` / `head.*`). Writes:
+Usage: python make_official_pth.py PARAMS.npz OUT_DIR [ARCH]
+PARAMS.npz holds a student state dict (official names, `backbone.*` / `head.*`; ViT or Swin);
+ARCH (default vit_tiny) only goes into the recorded args. Writes:
   full.pth           like main_ibot.py's checkpoint.pth: student (DDP `module.` prefix), teacher,
                      optimizer, epoch, args (an argparse.Namespace), ibot_loss, fp16_scaler
   teacher_state.pth  {"state_dict": teacher backbone} like the released backbone files
@@ -23,7 +24,8 @@ student = collections.OrderedDict((k, torch.from_numpy(params[k].copy())) for k 
 teacher = collections.OrderedDict((k, v.clone()) for k, v in student.items() if k != "backbone.masked_embed")
 backbone = collections.OrderedDict((k[len("backbone."):], v) for k, v in teacher.items() if k.startswith("backbone."))
 
-ns = argparse.Namespace(arch="vit_tiny", patch_size=16, out_dim=1024, epochs=100, lr=5e-4, data_path="/data/imagenet")
+arch = sys.argv[3] if len(sys.argv) > 3 else "vit_tiny"
+ns = argparse.Namespace(arch=arch, patch_size=4 if arch.startswith("swin") else 16, out_dim=1024, epochs=100, lr=5e-4, data_path="/data/imagenet")
 trainable = [v for k, v in student.items() if not k.endswith("weight_g")]
 optimizer = {
     "state": {i: {"step": torch.tensor(3.0), "exp_avg": torch.zeros_like(v), "exp_avg_sq": torch.zeros_like(v)} for i, v in enumerate(trainable[:3])},
