@@ -109,12 +109,15 @@ impl StepBench {
     }
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct StepTiming {
     pub ms_per_iter: f64,
     pub images_per_s: f64,
     /// The arithmetic the step ran in.
     pub precision: crate::train::amp::Precision,
+    /// Milliseconds per timed step in each phase (waiting for the loader's batch first, when
+    /// there is a loader); what the phases do not cover is reported as "other".
+    pub phases: Vec<(&'static str, f64)>,
 }
 
 /// The same step as `bench/torch_step.py`: teacher on 2 global views, student on the masked
@@ -168,6 +171,7 @@ pub fn step(b: &StepBench, device: Device, comm: &dyn Comm) -> Result<StepTiming
         None => None,
     };
     let mut total = 0.0;
+    let mut data_wait = 0.0;
     for it in 0..b.warmup + b.iters {
         let (views, masks, t0) = match batches.as_mut() {
             None => {
@@ -187,19 +191,37 @@ pub fn step(b: &StepBench, device: Device, comm: &dyn Comm) -> Result<StepTiming
             Some(stream) => {
                 let t0 = Instant::now();
                 let (views, masks) = stream.next(device)?;
+                if it >= b.warmup {
+                    data_wait += t0.elapsed().as_secs_f64();
+                }
                 (views, masks, t0)
             }
         };
+        // Phases are timed over the timed steps only.
+        if it == b.warmup {
+            ibot.phases = Some(crate::train::PhaseTimes::default());
+        }
         let _ = ibot.train_step(&views, &masks, 0, 5e-4, 0.04, 0.996, comm)?;
         if it >= b.warmup {
             total += t0.elapsed().as_secs_f64();
         }
     }
-    let dt = total / b.iters.max(1) as f64;
+    let n = b.iters.max(1) as f64;
+    let dt = total / n;
+    let mut phases = Vec::new();
+    if batches.is_some() {
+        phases.push(("waiting for the loader", data_wait / n * 1e3));
+    }
+    for (name, secs) in ibot.phases.take().unwrap_or_default().entries {
+        phases.push((name, secs / n * 1e3));
+    }
+    let covered: f64 = phases.iter().map(|p| p.1).sum();
+    phases.push(("other", (dt * 1e3 - covered).max(0.0)));
     Ok(StepTiming {
         ms_per_iter: dt * 1e3,
         images_per_s: (b.batch as usize * comm.world_size()) as f64 / dt,
         precision: ibot.precision,
+        phases,
     })
 }
 

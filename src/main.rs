@@ -1015,6 +1015,13 @@ fn run(cli: Cli) -> Result<bool> {
                 t.ms_per_iter,
                 t.images_per_s
             );
+            println!("where the time goes (ms per step):");
+            for (name, ms) in &t.phases {
+                println!(
+                    "  {name:<46} {ms:9.1}  {:5.1}%",
+                    100.0 * ms / t.ms_per_iter.max(1e-9)
+                );
+            }
             Ok(true)
         }
         Cmd::VerifyFixture { dir } => {
