@@ -44,11 +44,11 @@ pub fn warn_upsampling(ds: &dyn Dataset, size: usize, explicit: bool) {
     let short = img.width.min(img.height).max(1);
     if size > 2 * short {
         eprintln!(
-            "warning: crop {size} upsamples the {}x{} images of {} {:.1}x{}",
+            "warning: crop {size} upsamples the {}x{} images {:.1}x ({}){}",
             img.width,
             img.height,
-            ds.describe(),
             size as f64 / short as f64,
+            ds.describe(),
             if explicit {
                 "; a smaller --crop_size is faster and needs less memory"
             } else {
