@@ -79,7 +79,10 @@ fuzz_target!(|data: &[u8]| {
         let (img, label) = ds.get(i).expect("an image of an IDX file that opened");
         assert_eq!(img.data.len(), img.width * img.height * 3);
         assert_eq!(label, ds.label(i));
-        assert!(label == -1 || (0..nclass).contains(&label), "label {label} of {nclass} classes");
+        assert!(
+            label == -1 || (0..nclass).contains(&label),
+            "label {label} of {nclass} classes"
+        );
     }
     let _ = ds.describe();
 });

@@ -147,7 +147,12 @@ fn decode_and_augment(data: &[u8]) {
     let sizes: Vec<Vec<i64>> = batch.views.iter().map(|v| v.size()).collect();
     assert_eq!(
         sizes,
-        [[1, 3, 32, 32], [1, 3, 32, 32], [1, 3, 16, 16], [1, 3, 16, 16]]
+        [
+            [1, 3, 32, 32],
+            [1, 3, 32, 32],
+            [1, 3, 16, 16],
+            [1, 3, 16, 16]
+        ]
     );
     assert_eq!(batch.masks[0].size(), [1, 4, 4]);
     assert_eq!(batch.masks[3].size(), [1, 2, 2]);
@@ -160,10 +165,15 @@ fn ops_directly(data: &[u8]) {
     let pixels: Vec<u8> = {
         let take = (w * h * 3).min(p.0.len());
         let src = &p.0[..take];
-        let v = (0..w * h * 3)
-            .map(|i| if take > 0 { src[i % take] } else { (i * 37) as u8 })
-            .collect();
-        v
+        (0..w * h * 3)
+            .map(|i| {
+                if take > 0 {
+                    src[i % take]
+                } else {
+                    (i * 37) as u8
+                }
+            })
+            .collect()
     };
     let img = Rgb8::new(w, h, pixels);
 
@@ -179,7 +189,10 @@ fn ops_directly(data: &[u8]) {
         Filter::Bilinear
     };
     let out = ops::resized_crop_with(&img, top, left, ch, cw, oh, ow, filter);
-    assert_eq!((out.width, out.height, out.data.len()), (ow, oh, ow * oh * 3));
+    assert_eq!(
+        (out.width, out.height, out.data.len()),
+        (ow, oh, ow * oh * 3)
+    );
 
     // RandomResizedCrop parameters for any scale and ratio stay inside the image.
     let scale = (p.f64(), p.f64());
