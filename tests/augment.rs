@@ -169,3 +169,86 @@ fn bilinear_resize_is_bit_exact_against_pillow() {
         assert_eq!(out.data, bytes(&c["out"]), "box {b:?}");
     }
 }
+
+/// Pillow's extended-box Gaussian blur written the plain way: every output sample sums its
+/// whole window (edge samples repeated) in 64 bits; 3 horizontal then 3 vertical passes.
+fn gaussian_blur_plain(img: &Rgb8, radius: f64) -> Rgb8 {
+    let r = ops::box_radius(radius as f32);
+    let ri = r as i64;
+    let ww = ((1u32 << 24) as f32 / (r * 2.0 + 1.0)) as u64;
+    let fw = ((1u64 << 24) - (ri as u64 * 2 + 1) * ww) / 2;
+    let (w, h) = (img.width, img.height);
+    let pass = |a: &[u8], horizontal: bool| -> Vec<u8> {
+        let n = if horizontal { w } else { h } as i64;
+        let mut out = a.to_vec();
+        for y in 0..h {
+            for x in 0..w {
+                for c in 0..3 {
+                    let at = |j: i64| {
+                        let j = j.clamp(0, n - 1) as usize;
+                        let (xx, yy) = if horizontal { (j, y) } else { (x, j) };
+                        a[(yy * w + xx) * 3 + c] as u64
+                    };
+                    let p = if horizontal { x } else { y } as i64;
+                    let acc: u64 = (p - ri..=p + ri).map(at).sum();
+                    let bulk = acc * ww + (at(p - ri - 1) + at(p + ri + 1)) * fw + (1 << 23);
+                    out[(y * w + x) * 3 + c] = (bulk >> 24) as u8;
+                }
+            }
+        }
+        out
+    };
+    let mut a = img.data.clone();
+    for horizontal in [true, true, true, false, false, false] {
+        a = pass(&a, horizontal);
+    }
+    Rgb8::new(w, h, a)
+}
+
+/// Regression (found by the `image` fuzz target): the blur summed the first box window over
+/// all its `2·radius + 1` positions, so a huge finite radius (called directly) took hours; it
+/// now counts the repeated edge samples as Pillow's line blur does, and huge radii give their
+/// limit (box weight 0: each line becomes the rounded mean of its two edge samples).
+#[test]
+fn huge_blur_radii_finish_and_match_pillows_arithmetic() {
+    let (w, h) = (7, 5);
+    let img = Rgb8::new(w, h, (0..w * h * 3).map(|i| (i * 53 % 256) as u8).collect());
+    // Usual radii and radii beyond the image with a non-zero box weight: as the plain sums.
+    for r in [0.1, 0.7, 2.0, 3.3, 6.0, 20.0, 333.3, 1e4, 1e5] {
+        assert_eq!(
+            ops::gaussian_blur(&img, r),
+            gaussian_blur_plain(&img, r),
+            "radius {r}"
+        );
+    }
+    let px = |x: usize, y: usize, c: usize| img.data[(y * w + x) * 3 + c] as u32;
+    let limit: Vec<u8> = (0..w * h)
+        .flat_map(|_| {
+            (0..3).map(move |c| {
+                let top = (px(0, 0, c) + px(w - 1, 0, c) + 1) >> 1;
+                let bottom = (px(0, h - 1, c) + px(w - 1, h - 1, c) + 1) >> 1;
+                ((top + bottom + 1) >> 1) as u8
+            })
+        })
+        .collect();
+    let t = std::time::Instant::now();
+    for r in [
+        1e7,
+        1e9,
+        3e9,
+        1e20,
+        1e300,
+        f64::MAX,
+        f64::INFINITY,
+        -1e9,
+        f64::NEG_INFINITY,
+    ] {
+        assert_eq!(ops::gaussian_blur(&img, r).data, limit, "radius {r}");
+    }
+    assert!(t.elapsed().as_secs_f64() < 5.0, "{:?}", t.elapsed());
+    // A bigger image, a radius of a billion: linear time.
+    let big = Rgb8::new(300, 200, vec![9; 300 * 200 * 3]);
+    assert_eq!(ops::gaussian_blur(&big, 1e9), big);
+    // NaN has no defined result in Pillow's C: the image is left as it is.
+    assert_eq!(ops::gaussian_blur(&img, f64::NAN), img);
+}

@@ -29,18 +29,23 @@ pub trait Dataset: Send + Sync {
 /// alpha dropped).
 pub fn load_rgb(path: &Path) -> Result<Rgb8> {
     let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    if bytes.starts_with(&[0xFF, 0xD8]) && !jpeg_is_complete(&bytes) {
+    decode_rgb(&bytes, &path.display().to_string())
+}
+
+/// [`load_rgb`] on the bytes of an image file; `name` (the file's path) is used in the errors.
+/// JPEG data cut before its end-of-image marker is refused (see [`jpeg_is_complete`]).
+pub fn decode_rgb(bytes: &[u8], name: &str) -> Result<Rgb8> {
+    if bytes.starts_with(&[0xFF, 0xD8]) && !jpeg_is_complete(bytes) {
         bail!(
-            "cannot decode image {}: the JPEG file is truncated (its data ends before the \
-             end-of-image marker; Pillow refuses it as 'image file is truncated')",
-            path.display()
+            "cannot decode image {name}: the JPEG file is truncated (its data ends before the \
+             end-of-image marker; Pillow refuses it as 'image file is truncated')"
         );
     }
-    let img = image::load_from_memory(&bytes)
-        .map_err(|e| anyhow!("cannot decode image {}: {e}", path.display()))?;
+    let img =
+        image::load_from_memory(bytes).map_err(|e| anyhow!("cannot decode image {name}: {e}"))?;
     let rgb = img.to_rgb8();
     let (w, h) = rgb.dimensions();
-    ensure!(w > 0 && h > 0, "image {} is empty", path.display());
+    ensure!(w > 0 && h > 0, "image {name} is empty");
     Ok(Rgb8::new(w as usize, h as usize, rgb.into_raw()))
 }
 

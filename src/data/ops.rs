@@ -505,6 +505,11 @@ pub fn box_radius(radius: f32) -> f32 {
 
 /// One extended-box pass along the row axis (Pillow's line blur, edge rows repeated), over
 /// every byte of the rows at once. `acc` is scratch of `row_len`.
+///
+/// The sums are in wrapping 32-bit arithmetic like Pillow's `UINT32`: the accumulator of a
+/// radius beyond ~8.4 M rows wraps, but the rounded output `acc·ww + (l + r)·fw + 2^23` is
+/// below 2^32 (the weights add up to 2^24), so it comes out right all the same.
+#[allow(clippy::too_many_arguments)]
 #[multiversion(targets("x86_64+avx2", "x86_64+sse4.1"))]
 fn box_rows(
     src: &[u8],
@@ -520,36 +525,67 @@ fn box_rows(
         let j = j.clamp(0, nrows as isize - 1) as usize;
         &src[j * row_len..(j + 1) * row_len]
     };
-    let ri = ri as isize;
-    acc.fill(0);
-    for j in -ri..=ri {
-        for (a, &v) in acc.iter_mut().zip(row(j)) {
-            *a += v as u32;
+    let add = |acc: &mut [u32], r: &[u8], times: u32| {
+        for (a, &v) in acc.iter_mut().zip(r) {
+            *a = a.wrapping_add((v as u32).wrapping_mul(times));
         }
+    };
+    // The window of row 0, rows -ri..=ri with the edge rows repeated, counted as Pillow
+    // does: the first row ri + 1 times, the rows after it, the last row for what is left.
+    // (A loop over the window would take ri steps: forever for a huge radius.)
+    acc.fill(0);
+    let last = nrows - 1;
+    add(acc, row(0), (ri as u32).wrapping_add(1));
+    for j in 1..=ri.min(last) {
+        add(acc, row(j as isize), 1);
     }
+    if ri > last {
+        add(acc, row(last as isize), (ri - last) as u32);
+    }
+    let ri = ri as isize;
     for y in 0..nrows as isize {
         if y > 0 {
             for ((a, &add), &sub) in acc.iter_mut().zip(row(y + ri)).zip(row(y - ri - 1)) {
-                *a = *a + add as u32 - sub as u32;
+                *a = a.wrapping_add(add as u32).wrapping_sub(sub as u32);
             }
         }
         let (e0, e1) = (row(y - ri - 1), row(y + ri + 1));
         let d = &mut dst[y as usize * row_len..(y as usize + 1) * row_len];
         for (((d, &a), &l), &r) in d.iter_mut().zip(acc.iter()).zip(e0).zip(e1) {
-            // At most 255·2^24 + 2^23 < 2^32: Pillow's UINT32 arithmetic does not wrap.
-            *d = ((a * ww + (l as u32 + r as u32) * fw + (1 << 23)) >> 24) as u8;
+            // At most 255·2^24 + 2^23 < 2^32 (see above).
+            *d = (a
+                .wrapping_mul(ww)
+                .wrapping_add((l as u32 + r as u32) * fw)
+                .wrapping_add(1 << 23)
+                >> 24) as u8;
         }
     }
 }
 
 /// `img.filter(ImageFilter.GaussianBlur(radius))`: three horizontal then three vertical
 /// extended-box passes, each rounding to uint8.
+///
+/// A NaN radius leaves the image as it is (Pillow's C arithmetic has no defined result). From
+/// an extended-box radius of 2^23 on (longer than the lines of any real image), the box weight
+/// `ww` is 0 and every sample becomes the rounded mean of the two edge samples of its line,
+/// whatever the radius: larger radii, infinite ones included (whose box radius is NaN in
+/// float32, undefined behaviour in Pillow's C), give that limit, in time linear in the image.
 pub fn gaussian_blur_in_place(img: &mut Rgb8, radius: f64) {
+    if radius.is_nan() {
+        return;
+    }
+    let (w, h) = (img.width, img.height);
+    if w == 0 || h == 0 {
+        return;
+    }
     let r = box_radius(radius as f32);
+    // At least 2^24 and the image's size: the limit above, with the window past both edges.
+    let cap = (w.max(h) as f32).max(16777216.0);
+    let r = if r <= cap { r } else { cap };
     let ri = r as usize;
     let ww = ((1u32 << 24) as f32 / (r * 2.0 + 1.0)) as u32;
-    let fw = ((1u32 << 24) - (ri as u32 * 2 + 1) * ww) / 2;
-    let (w, h) = (img.width, img.height);
+    // Pillow's `(1 << 24) - (radius * 2 + 1) * ww` in unsigned arithmetic.
+    let fw = (1u32 << 24).wrapping_sub((ri as u32 * 2 + 1).wrapping_mul(ww)) / 2;
     let mut acc = vec![0u32; w.max(h) * 3];
     // Horizontal passes on the transposed image ([w, h]).
     let mut a = vec![0u8; img.data.len()];
