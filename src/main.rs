@@ -537,6 +537,21 @@ fn open_backbone_on(
     usize,
     Device,
 )> {
+    let (p, backbone) = load_weights(w, device)?;
+    let size = ibot::eval::resolve_crop(
+        w.crop_size,
+        p.config.img_size() as usize,
+        p.config.patch_size() as usize,
+    )?;
+    Ok((p, backbone, size, device))
+}
+
+/// The weights named by `w` and their backbone on `device` (no crop: visualize-attention sizes
+/// its image itself).
+fn load_weights(
+    w: &WeightsArgs,
+    device: Device,
+) -> Result<(ibot::interop::Pretrained, ibot::models::Backbone)> {
     if !["teacher", "student"].contains(&w.checkpoint_key.as_str()) {
         bail!(
             "--checkpoint_key must be teacher or student, not '{}'",
@@ -553,13 +568,8 @@ fn open_backbone_on(
         w.num_heads,
     )?;
     eprintln!("weights: {}", p.description);
-    let (_, vit) = p.backbone_model(device)?;
-    let size = ibot::eval::resolve_crop(
-        w.crop_size,
-        p.config.img_size() as usize,
-        p.config.patch_size() as usize,
-    )?;
-    Ok((p, vit, size, device))
+    let (_, backbone) = p.backbone_model(device)?;
+    Ok((p, backbone))
 }
 
 fn write_json(path: &std::path::Path, v: &serde_json::Value) -> Result<()> {
@@ -827,7 +837,8 @@ fn extract_features(f: FeatureArgs) -> Result<()> {
 
 fn visualize_attention(a: AttentionArgs) -> Result<()> {
     use ibot::analysis::attention;
-    let (_, backbone, _, device) = open_backbone(&a.weights)?;
+    let device = run::select_device(&a.weights.device)?;
+    let (_, backbone) = load_weights(&a.weights, device)?;
     let Some(vit) = backbone.as_vit() else {
         bail!(
             "visualize-attention needs a ViT: a Swin Transformer has no global [CLS] token, so \
