@@ -12,16 +12,11 @@
 use std::path::{Path, PathBuf};
 
 fn gloo_include() -> Option<PathBuf> {
-    let candidates = std::env::var_os("GLOO_INCLUDE")
+    std::env::var_os("GLOO_INCLUDE")
         .map(PathBuf::from)
         .into_iter()
-        .chain([PathBuf::from("/usr/include"), PathBuf::from("/usr/local/include")]);
-    for dir in candidates {
-        if dir.join("gloo/config.h").is_file() {
-            return Some(dir);
-        }
-    }
-    None
+        .chain([PathBuf::from("/usr/include"), PathBuf::from("/usr/local/include")])
+        .find(|dir| dir.join("gloo/config.h").is_file())
 }
 
 fn main() {

@@ -235,7 +235,8 @@ fn draw(
     if !iters.is_empty() {
         chart.draw_series(LineSeries::new(iters.iter().copied(), GREY.stroke_width(1)))?;
     }
-    let series: [(&str, RGBColor, fn(&EpochLoss) -> f64); 3] = [
+    type Series = (&'static str, RGBColor, fn(&EpochLoss) -> f64);
+    let series: [Series; 3] = [
         ("train_loss", BLACK, |p| p.loss),
         ("train_cls", BLUE, |p| p.cls),
         ("train_patch", RED, |p| p.patch),

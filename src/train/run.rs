@@ -404,7 +404,7 @@ pub fn train_with(args: &TrainArgs, comm: &dyn Comm, device: Device) -> Result<T
     }
     let loader = Loader::new(ds.clone(), lcfg)?;
     ensure!(
-        loader.len() > 0,
+        !loader.is_empty(),
         "{} images give no full batch of {} per process over {} process(es) (drop_last): lower --batch_size_per_gpu",
         ds.len(),
         args.batch_size_per_gpu,

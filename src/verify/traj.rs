@@ -163,10 +163,13 @@ fn train_argv(c: &Value, img_size: i64, out: &Path) -> Result<Vec<String>> {
     Ok(v)
 }
 
+/// One fixed batch: views, masks of the global views, labels.
+type FixedBatch = (Vec<Tensor>, Vec<Tensor>, Tensor);
+
 /// The fixture's batches, in order.
 struct FixedBatches {
     /// `[epoch][iteration]`
-    batches: Vec<Vec<(Vec<Tensor>, Vec<Tensor>, Tensor)>>,
+    batches: Vec<Vec<FixedBatch>>,
 }
 
 impl BatchSource for FixedBatches {
