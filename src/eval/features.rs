@@ -1,6 +1,7 @@
 //! Feature extraction with the official evaluation preprocessing.
 
-use anyhow::Result;
+use anyhow::{ensure, Context, Result};
+use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
 use crate::data::dataset::Dataset;
@@ -95,11 +96,74 @@ pub fn view_batch(
     Ok((pix.into_tensor(), Tensor::from_slice(&labels)))
 }
 
+/// How features are taken from the backbone (`--n_last_blocks`, `--avgpool_patchtokens`), as
+/// the official `extract_features` of eval_knn.py / eval_linear.py: the normed [CLS] tokens of
+/// the last `n_last_blocks` blocks, concatenated (`avgpool 0`), the mean of the last block's
+/// patch tokens without the final norm (`1`, the official mean-pooling ViT), or both (`2`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FeatureSpec {
+    pub n_last_blocks: usize,
+    pub avgpool: u8,
+}
+
+impl FeatureSpec {
+    /// The last block's [CLS] token after the final norm: the k-NN default.
+    pub const CLS: Self = Self {
+        n_last_blocks: 1,
+        avgpool: 0,
+    };
+
+    pub fn validate(&self, depth: usize) -> Result<()> {
+        ensure!(
+            self.avgpool <= 2,
+            "--avgpool_patchtokens must be 0, 1 or 2, not {}",
+            self.avgpool
+        );
+        ensure!(
+            self.avgpool == 1 || (1..=depth).contains(&self.n_last_blocks),
+            "--n_last_blocks must be in 1..={depth} for this backbone, not {}",
+            self.n_last_blocks
+        );
+        Ok(())
+    }
+
+    /// Width of the concatenated feature for a backbone of width `embed_dim`.
+    pub fn dim(&self, embed_dim: i64) -> i64 {
+        let cls = if self.avgpool != 1 {
+            self.n_last_blocks as i64
+        } else {
+            0
+        };
+        embed_dim * (cls + i64::from(self.avgpool > 0))
+    }
+
+    /// Features `[B, dim]` of images `[B, 3, H, W]` (no gradient).
+    pub fn features(&self, vit: &VisionTransformer, x: &Tensor) -> Result<Tensor> {
+        let _g = tch::no_grad_guard();
+        let n = if self.avgpool == 1 {
+            1
+        } else {
+            self.n_last_blocks
+        };
+        let layers = vit.intermediate_tokens(x, n, self.avgpool != 1)?;
+        let mut parts: Vec<Tensor> = Vec::new();
+        if self.avgpool != 1 {
+            parts.extend(layers.iter().map(|t| t.select(1, 0)));
+        }
+        if self.avgpool > 0 {
+            let last = layers.last().context("no block outputs")?;
+            let n_tok = last.size()[1];
+            parts.push(last.narrow(1, 1, n_tok - 1).mean_dim(1, false, Kind::Float));
+        }
+        Ok(Tensor::cat(&parts, -1))
+    }
+}
+
 /// What to use as the feature of an image.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FeatureKind {
-    /// The backbone's [CLS] token after the final norm (the official k-NN feature).
-    Cls,
+    /// The backbone's tokens as the spec says ([`FeatureSpec::CLS`]: the official k-NN feature).
+    Backbone(FeatureSpec),
     /// The normalised pixels themselves (a baseline).
     Pixels,
 }
@@ -129,10 +193,8 @@ pub fn extract(
     for chunk in indices.chunks(batch.max(1)) {
         let (x, l) = eval_batch(ds, chunk, size)?;
         let f = match (kind, backbone) {
-            (FeatureKind::Cls, Some(b)) => {
-                b.forward(&x.to_device(device), None, false)?.select(1, 0)
-            }
-            (FeatureKind::Cls, None) => anyhow::bail!("[CLS] features need a backbone"),
+            (FeatureKind::Backbone(spec), Some(b)) => spec.features(b, &x.to_device(device))?,
+            (FeatureKind::Backbone(_), None) => anyhow::bail!("backbone features need a backbone"),
             (FeatureKind::Pixels, _) => x.flatten(1, -1),
         };
         feats.push(l2_normalize(&f.to_kind(Kind::Float)).to_device(Device::Cpu));

@@ -16,66 +16,13 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Reduction, Tensor};
 
+pub use super::features::FeatureSpec;
 use super::features::{eval_view, view_batch};
 use crate::data::augment::random_resized_crop_params;
 use crate::data::dataset::Dataset;
 use crate::data::ops::{self, Filter, Rgb8};
 use crate::models::VisionTransformer;
 use crate::params::{read_safetensors, write_safetensors};
-
-/// How features are taken from the backbone (`--n_last_blocks`, `--avgpool_patchtokens`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct FeatureSpec {
-    pub n_last_blocks: usize,
-    pub avgpool: u8,
-}
-
-impl FeatureSpec {
-    pub fn validate(&self, depth: usize) -> Result<()> {
-        ensure!(
-            self.avgpool <= 2,
-            "--avgpool_patchtokens must be 0, 1 or 2, not {}",
-            self.avgpool
-        );
-        ensure!(
-            self.avgpool == 1 || (1..=depth).contains(&self.n_last_blocks),
-            "--n_last_blocks must be in 1..={depth} for this backbone, not {}",
-            self.n_last_blocks
-        );
-        Ok(())
-    }
-
-    /// Width of the concatenated feature for a backbone of width `embed_dim`.
-    pub fn dim(&self, embed_dim: i64) -> i64 {
-        let cls = if self.avgpool != 1 {
-            self.n_last_blocks as i64
-        } else {
-            0
-        };
-        embed_dim * (cls + i64::from(self.avgpool > 0))
-    }
-
-    /// Features `[B, dim]` of images `[B, 3, H, W]` (no gradient).
-    pub fn features(&self, vit: &VisionTransformer, x: &Tensor) -> Result<Tensor> {
-        let _g = tch::no_grad_guard();
-        let n = if self.avgpool == 1 {
-            1
-        } else {
-            self.n_last_blocks
-        };
-        let layers = vit.intermediate_tokens(x, n, self.avgpool != 1)?;
-        let mut parts: Vec<Tensor> = Vec::new();
-        if self.avgpool != 1 {
-            parts.extend(layers.iter().map(|t| t.select(1, 0)));
-        }
-        if self.avgpool > 0 {
-            let last = layers.last().context("no block outputs")?;
-            let n_tok = last.size()[1];
-            parts.push(last.narrow(1, 1, n_tok - 1).mean_dim(1, false, Kind::Float));
-        }
-        Ok(Tensor::cat(&parts, -1))
-    }
-}
 
 /// `LinearClassifier`: one `nn.Linear(dim, num_labels)` trained by SGD with momentum 0.9.
 #[derive(Debug)]
