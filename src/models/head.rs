@@ -27,7 +27,7 @@ impl std::str::FromStr for HeadAct {
         match s {
             "gelu" => Ok(Self::Gelu),
             "relu" => Ok(Self::Relu),
-            other => bail!("unknown activation '{other}' (expected gelu or relu)"),
+            other => bail!("unknown activation '{other}': expected gelu or relu"),
         }
     }
 }
@@ -47,12 +47,13 @@ impl std::str::FromStr for HeadNorm {
         match s {
             "" | "none" | "None" => Ok(Self::None),
             "ln" => Ok(Self::Ln),
+            // The official head accepts these too (BatchNorm1d, SyncBatchNorm and its own
+            // centred / grouped variants); their running statistics and cross-rank
+            // synchronisation are not implemented here.
             "bn" | "syncbn" | "csyncbn" | "psyncbn" => {
-                bail!(
-                    "--norm_in_head {s} (batch norm in the head) is not supported; use none or ln"
-                )
+                bail!("'{s}' (batch norm in the head) is not supported: use none or ln")
             }
-            other => bail!("unknown head norm '{other}' (expected none or ln)"),
+            other => bail!("unknown head norm '{other}': expected none or ln"),
         }
     }
 }
