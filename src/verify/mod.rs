@@ -438,7 +438,8 @@ impl Steps<'static> {
 }
 
 /// Optimizer step and EMA, compared as updates (after − before) relative to the reference
-/// update's scale. On the reference gradients both are bit-identical to the official code.
+/// update's scale. Measured: the EMA is bit-identical, the AdamW step on the reference gradients
+/// within 1.5e-5 of its update (a float32 unit in the last place of the updated weights).
 pub const TOL_STEP_UPDATE: f64 = 1e-4;
 /// The end-to-end step (our own gradients), as an update relative to its scale.
 pub const TOL_E2E_UPDATE: f64 = 2e-3;
