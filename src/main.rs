@@ -8,7 +8,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use tch::Device;
 
-use ibot::eval::features::{self, FeatureKind};
+use ibot::eval::features::{self, FeatureKind, FeatureSpec};
 use ibot::eval::knn::knn_classifier;
 use ibot::train::args::{expand_config_args, DistArgs, TrainArgs, PRESETS};
 use ibot::train::run;
@@ -155,6 +155,13 @@ struct KnnArgs {
     nb_knn: Vec<i64>,
     #[arg(long, default_value_t = 0.07)]
     temperature: f64,
+    /// Concatenate the [CLS] tokens of the last n blocks (official default 1).
+    #[arg(long, default_value_t = 1)]
+    n_last_blocks: usize,
+    /// 0: [CLS] tokens; 1: mean of the last block's patch tokens (without the final norm, as
+    /// the official mean-pooling ViT); 2: both. The features are L2-normalised either way.
+    #[arg(long, default_value_t = 0)]
+    avgpool_patchtokens: u8,
     #[arg(long, default_value_t = 128)]
     batch_size_per_gpu: usize,
     /// Use at most this many training / test images.
@@ -474,7 +481,7 @@ fn demo(d: DemoArgs) -> Result<()> {
     let trained = knn_report(
         "iBOT teacher",
         Some(&out.ibot.teacher.backbone),
-        FeatureKind::Cls,
+        FeatureKind::Backbone(FeatureSpec::CLS),
         data,
         size,
         &ks,
@@ -485,7 +492,7 @@ fn demo(d: DemoArgs) -> Result<()> {
     let at_init = knn_report(
         "same network at initialisation",
         Some(&init.teacher.backbone),
-        FeatureKind::Cls,
+        FeatureKind::Backbone(FeatureSpec::CLS),
         data,
         size,
         &ks,
@@ -599,6 +606,11 @@ fn eval_knn(k: KnnArgs) -> Result<()> {
         )
     } else {
         let (_, vit, size, device) = open_backbone_on(&k.weights, device)?;
+        let spec = FeatureSpec {
+            n_last_blocks: k.n_last_blocks,
+            avgpool: k.avgpool_patchtokens,
+        };
+        spec.validate_for(&vit)?;
         let (trp, trs, tep, tes) = eval_splits(
             k.data_path.as_deref(),
             k.train_path.as_deref(),
@@ -616,7 +628,7 @@ fn eval_knn(k: KnnArgs) -> Result<()> {
         let (ftr, ltr) = features::extract_sharded(
             comm,
             Some(&vit),
-            FeatureKind::Cls,
+            FeatureKind::Backbone(spec),
             train_ds.as_ref(),
             &tr,
             size,
@@ -626,7 +638,7 @@ fn eval_knn(k: KnnArgs) -> Result<()> {
         let (fte, lte) = features::extract_sharded(
             comm,
             Some(&vit),
-            FeatureKind::Cls,
+            FeatureKind::Backbone(spec),
             test_ds.as_ref(),
             &te,
             size,
@@ -693,7 +705,7 @@ fn eval_knn(k: KnnArgs) -> Result<()> {
     if let Some(out) = &k.output {
         write_json(
             out,
-            &serde_json::json!({"pretrained_weights": k.weights.pretrained_weights, "checkpoint_key": k.weights.checkpoint_key, "temperature": k.temperature, "knn": results}),
+            &serde_json::json!({"pretrained_weights": k.weights.pretrained_weights, "checkpoint_key": k.weights.checkpoint_key, "temperature": k.temperature, "n_last_blocks": k.n_last_blocks, "avgpool_patchtokens": k.avgpool_patchtokens, "knn": results}),
         )?;
     }
     Ok(())
@@ -781,7 +793,7 @@ fn extract_features(f: FeatureArgs) -> Result<()> {
     let (comm, device, _) = run::join_world(&f.dist, &f.weights.device)?;
     let comm = comm.as_ref();
     let (_, vit, size, device) = open_backbone_on(&f.weights, device)?;
-    let spec = ibot::eval::linear::FeatureSpec {
+    let spec = FeatureSpec {
         n_last_blocks: f.n_last_blocks,
         avgpool: f.avgpool_patchtokens,
     };

@@ -88,9 +88,51 @@ fn block_masks_respect_the_official_invariants() {
     // (the last block must fit the remainder exactly); it never stops far below.
     let mean = total as f64 / n as f64;
     assert!((50.0..=58.8).contains(&mean), "mean masked count {mean}");
-    // Rectangles: with a ratio of 0.3 on 14x14 the minimum block area (14//3)^2 = 16 cells.
-    let m = cfg.mask(h, w, 0.09, &mut rng);
-    assert!(m.iter().filter(|&&v| v).count() <= 17);
+    // Blocks are rectangles: with a target of 17 cells (ratio 0.09) and blocks of at least 16
+    // cells, most masks are one block: their cells fill their bounding box exactly.
+    // Random masks of the same size almost never do, so this tells the two shapes apart.
+    let filled_boxes = |cfg: &MaskConfig, rng: &mut ChaCha8Rng| {
+        (0..200)
+            .filter(|_| {
+                let m = cfg.mask(h, w, 0.09, rng);
+                let cells: Vec<(usize, usize)> = (0..h * w)
+                    .filter(|&i| m[i])
+                    .map(|i| (i / w, i % w))
+                    .collect();
+                if cells.is_empty() {
+                    return false;
+                }
+                let (r0, r1) = (
+                    cells.iter().map(|c| c.0).min().unwrap(),
+                    cells.iter().map(|c| c.0).max().unwrap(),
+                );
+                let (c0, c1) = (
+                    cells.iter().map(|c| c.1).min().unwrap(),
+                    cells.iter().map(|c| c.1).max().unwrap(),
+                );
+                let (bh, bw) = (r1 - r0 + 1, c1 - c0 + 1);
+                bh >= 2 && bw >= 2 && bh * bw == cells.len()
+            })
+            .count()
+    };
+    let blocks = filled_boxes(&cfg, &mut rng);
+    let random = filled_boxes(
+        &MaskConfig {
+            pred_shape: PredShape::Rand,
+            ..MaskConfig::default()
+        },
+        &mut rng,
+    );
+    // About 68% are (a simulation of the official algorithm gives 0.68); the rest got a few
+    // extra cells from a second, small block.
+    assert!(
+        blocks >= 100,
+        "only {blocks} of 200 block masks are one filled rectangle"
+    );
+    assert!(
+        random <= 10,
+        "{random} of 200 random masks look like rectangles"
+    );
 }
 
 #[test]

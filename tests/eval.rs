@@ -1,7 +1,7 @@
 //! Evaluation protocols against the official code: the linear probe's optimisation is checked
 //! step by step against PyTorch (tests/py/linear_probe_ref.py run with the venv's torch at test
-//! time), the feature layouts against the backbone's own outputs, and a short end-to-end probe
-//! on Fashion-MNIST must learn.
+//! time), the feature layouts against eval_knn.py's `extract_features` run in PyTorch, and a
+//! short end-to-end probe on Fashion-MNIST must learn.
 
 mod common;
 
@@ -67,6 +67,10 @@ fn cosine_annealing_follows_the_closed_form() {
 }
 
 fn tiny_vit() -> VisionTransformer {
+    tiny_vit_and_params().0
+}
+
+fn tiny_vit_and_params() -> (VisionTransformer, ParamStore) {
     tch::manual_seed(3);
     let cfg = VitConfig {
         img_size: 32,
@@ -81,65 +85,72 @@ fn tiny_vit() -> VisionTransformer {
         masked_im_modeling: false,
     };
     let mut ps = ParamStore::new();
-    VisionTransformer::new(&mut ps, "", &cfg, false, Device::Cpu).unwrap()
+    let vit = VisionTransformer::new(&mut ps, "", &cfg, false, Device::Cpu).unwrap();
+    (vit, ps)
 }
 
-/// The three official feature layouts, rebuilt from the backbone's own outputs.
+/// The three official feature layouts (`--avgpool_patchtokens 0|1|2` with `--n_last_blocks 2`)
+/// against eval_knn.py's `extract_features` run in PyTorch on a ViT laid out as the official one
+/// (tests/py/features_ref.py, the mean-pooling model for layout 1); and the k-NN features that
+/// `eval-knn` extracts from a data set with those options, L2-normalised as eval_knn.py does.
 #[test]
-fn feature_layouts_are_the_official_ones() {
-    let vit = tiny_vit();
-    let x = Tensor::randn([5, 3, 32, 32], (Kind::Float, Device::Cpu));
-    let _g = tch::no_grad_guard();
-    let normed = vit.get_intermediate_layers(&x, 2).unwrap();
-    let raw = vit.intermediate_tokens(&x, 1, false).unwrap();
-    let full = vit.forward(&x, None, false).unwrap();
-    assert!(
-        normed[1].equal(&full),
-        "the last normed block output is the forward output"
-    );
-    let f0 = FeatureSpec {
-        n_last_blocks: 2,
-        avgpool: 0,
+fn feature_layouts_match_the_official_extract_features() {
+    use ibot::eval::features::{eval_batch, extract, FeatureKind};
+    let (vit, ps) = tiny_vit_and_params();
+    let data = tmp("features-data");
+    common::write_idx(&data, "train", 5, 28);
+    let ds = ibot::data::dataset::open(&data, "train").unwrap();
+    let idx: Vec<usize> = (0..5).collect();
+    let (x, _) = eval_batch(ds.as_ref(), &idx, 32).unwrap();
+    let n_last_blocks = 2usize;
+    let mut inputs: Vec<(String, Tensor)> = vec![
+        (
+            "cfg".into(),
+            Tensor::from_slice(&[3i64, 2, 8, n_last_blocks as i64]),
+        ),
+        ("x".into(), x.shallow_clone()),
+    ];
+    for (k, v) in ps.state_dict() {
+        inputs.push((format!("sd/{k}"), v.detach().copy()));
     }
-    .features(&vit, &x)
-    .unwrap();
-    assert!(f0.equal(&Tensor::cat(
-        &[normed[0].select(1, 0), normed[1].select(1, 0)],
-        -1
-    )));
-    let f1 = FeatureSpec {
-        n_last_blocks: 2,
-        avgpool: 1,
+    let inputs: Vec<(&str, Tensor)> = inputs
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.shallow_clone()))
+        .collect();
+    let r = common::python_reference("features_ref.py", &inputs, &tmp("features-ref"));
+    let vit = ibot::models::Backbone::Vit(vit);
+    for avgpool in 0..=2u8 {
+        let spec = FeatureSpec {
+            n_last_blocks,
+            avgpool,
+        };
+        let f = spec.features_of(&vit, &x).unwrap();
+        assert_eq!(f.size()[1], spec.dim(24));
+        let d = ibot::util::max_abs(&(&f - &r[&format!("f{avgpool}")]));
+        assert!(
+            d < 1e-5,
+            "avgpool_patchtokens {avgpool}: features differ by {d}"
+        );
+        // What eval-knn extracts with these options: the same features, L2-normalised.
+        let (k, _) = extract(
+            Some(&vit),
+            FeatureKind::Backbone(spec),
+            ds.as_ref(),
+            &idx,
+            32,
+            2,
+            Device::Cpu,
+        )
+        .unwrap();
+        let want = if avgpool == 0 {
+            r["knn"].shallow_clone()
+        } else {
+            let f = &r[&format!("f{avgpool}")];
+            f / f.norm_scalaropt_dim(2.0, [1i64], true).clamp_min(1e-12)
+        };
+        let d = ibot::util::max_abs(&(&k - &want));
+        assert!(d < 1e-5, "k-NN features of avgpool {avgpool} differ by {d}");
     }
-    .features(&vit, &x)
-    .unwrap();
-    assert!(f1.allclose(
-        &raw[0].narrow(1, 1, 16).mean_dim(1, false, Kind::Float),
-        1e-6,
-        1e-7,
-        false
-    ));
-    let f2 = FeatureSpec {
-        n_last_blocks: 2,
-        avgpool: 2,
-    }
-    .features(&vit, &x)
-    .unwrap();
-    assert_eq!(f2.size(), [5, 72]);
-    assert!(f2.narrow(1, 48, 24).allclose(
-        &normed[1].narrow(1, 1, 16).mean_dim(1, false, Kind::Float),
-        1e-6,
-        1e-7,
-        false
-    ));
-    assert_eq!(
-        FeatureSpec {
-            n_last_blocks: 4,
-            avgpool: 2
-        }
-        .dim(384),
-        384 * 5
-    );
     assert_eq!(
         FeatureSpec {
             n_last_blocks: 4,

@@ -244,8 +244,22 @@ fn damaged_files_give_errors_not_panics() {
             "truncated to {n} bytes but loaded"
         );
     }
-    // Random corruption: any outcome but a panic (Ok is possible when only tensor bytes change).
+    // Random corruption: never a panic, and never half a model: a load that succeeds (possible
+    // when only tensor bytes changed) gives every backbone tensor with its shape and the same
+    // architecture, and a load that fails says why.
+    let reference = load_pretrained(&dir.join("full.pth"), "teacher", None).unwrap();
+    let shapes = |p: &ibot::interop::Pretrained| {
+        let mut v: Vec<(String, Vec<i64>)> = p
+            .backbone
+            .iter()
+            .map(|(k, t)| (k.clone(), t.size()))
+            .collect();
+        v.sort();
+        v
+    };
+    let want = shapes(&reference);
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+    let (mut ok, mut err) = (0, 0);
     for _ in 0..200 {
         let mut b = good.clone();
         for _ in 0..rng.gen_range(1..8) {
@@ -253,8 +267,25 @@ fn damaged_files_give_errors_not_panics() {
             b[i] = rng.gen();
         }
         std::fs::write(&bad, &b).unwrap();
-        let _ = load_pretrained(&bad, "teacher", None);
+        match load_pretrained(&bad, "teacher", None) {
+            Ok(p) => {
+                ok += 1;
+                assert_eq!(shapes(&p), want, "a damaged file loaded as another model");
+                assert_eq!(
+                    p.config, reference.config,
+                    "a damaged file changed the architecture"
+                );
+            }
+            Err(e) => {
+                err += 1;
+                assert!(
+                    !format!("{e:#}").trim().is_empty(),
+                    "an error without a message"
+                );
+            }
+        }
     }
+    println!("random corruption: {ok} loaded whole, {err} refused");
     // Not a checkpoint at all.
     std::fs::write(&bad, b"hello").unwrap();
     assert!(load_pretrained(&bad, "teacher", None).is_err());

@@ -16,7 +16,6 @@ fn tempdir(name: &str) -> PathBuf {
     d
 }
 
-
 /// Options of a tiny model (16-pixel images, 4-pixel patches) for `ibot train`.
 const TINY: &[&str] = &[
     "--arch",
@@ -790,6 +789,27 @@ fn negative_and_out_of_range_training_options_name_the_flag() {
             "-5",
             "--patch_out_dim must be at least 1",
         ),
+        // main_ibot.py accepts batch norms in the head; here they are refused, not ignored.
+        (
+            "--norm_in_head",
+            "bn",
+            "--norm_in_head: 'bn' (batch norm in the head) is not supported: use none or ln",
+        ),
+        (
+            "--norm_in_head",
+            "syncbn",
+            "--norm_in_head: 'syncbn' (batch norm in the head) is not supported",
+        ),
+        (
+            "--norm_in_head",
+            "gn",
+            "--norm_in_head: unknown head norm 'gn': expected none or ln",
+        ),
+        (
+            "--act_in_head",
+            "tanh",
+            "--act_in_head: unknown activation 'tanh': expected gelu or relu",
+        ),
     ] {
         assert_error(&train_tiny(&out, &["--epochs", "1", flag, value]), msg);
     }
@@ -1100,13 +1120,23 @@ fn loss_png_shows_a_single_epoch_and_flat_curves() {
     };
     // One epoch: markers make it visible (it was an empty chart).
     let one = dir.join("one.png");
-    let p = EpochLoss { epoch: 0.0, loss: 9.4, cls: 3.8, patch: 5.6 };
+    let p = EpochLoss {
+        epoch: 0.0,
+        loss: 9.4,
+        cls: 3.8,
+        patch: 5.6,
+    };
     write_loss_png(&[p], &one).unwrap();
     assert!(count(&one, [0, 0, 255]) > 20, "no blue marker");
     assert!(count(&one, [255, 0, 0]) > 20, "no red marker");
     // All zero: still drawn, in a padded range.
     let zero = dir.join("zero.png");
-    let z = |e| EpochLoss { epoch: e, loss: 0.0, cls: 0.0, patch: 0.0 };
+    let z = |e| EpochLoss {
+        epoch: e,
+        loss: 0.0,
+        cls: 0.0,
+        patch: 0.0,
+    };
     write_loss_png(&[z(0.0), z(1.0), z(2.0)], &zero).unwrap();
     assert!(count(&zero, [255, 0, 0]) > 20);
     // With the per-iteration loss and the schedules: a grey curve and four panels below.

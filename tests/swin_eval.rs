@@ -370,7 +370,7 @@ fn a_trained_swin_goes_through_the_evaluation_commands() {
     let idx: Vec<usize> = (0..ds.len()).collect();
     let (want, _) = features::extract(
         Some(&m),
-        FeatureKind::Cls,
+        FeatureKind::Backbone(ibot::eval::features::FeatureSpec::CLS),
         ds.as_ref(),
         &idx,
         32,

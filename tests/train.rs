@@ -16,7 +16,6 @@ struct Cli {
     args: TrainArgs,
 }
 
-
 fn tiny_args(data: &Path, out: &Path, extra: &[&str]) -> TrainArgs {
     let mut argv: Vec<String> = [
         "x",
@@ -301,4 +300,117 @@ fn a_resumed_bfloat16_run_stays_with_the_uninterrupted_one() {
     );
     let meta = |d: &Path| checkpoint::read_meta(&d.join("checkpoint.safetensors")).unwrap();
     assert_eq!(meta(&straight).epoch, meta(&resumed).epoch);
+}
+
+/// Our AdamW over six steps against `torch.optim.AdamW` run at test time (tests/py/adamw_ref.py)
+/// with the official groups and per-step lr / weight decay: the parameters, both moments and the
+/// step counts, with a parameter whose gradient is None in the first two steps (so its bias
+/// correction runs two steps behind). The parameters are compared as updates relative to their
+/// scale (1e-5), a bound that another eps, beta1 or beta2 exceeds many times.
+#[test]
+fn adamw_over_several_steps_matches_torch() {
+    use ibot::params::ParamStore;
+    use ibot::train::optim::{Optimizer, OptimizerKind};
+    use tch::{Device, Kind, Tensor};
+    let cpu = (Kind::Float, Device::Cpu);
+    tch::manual_seed(5);
+    let steps = 6i64;
+    let w0 = Tensor::randn([4, 3], cpu);
+    let b0 = Tensor::randn([4], cpu);
+    let v0 = Tensor::randn([2, 3], cpu);
+    let starts = [
+        ("w", "w.weight", &w0),
+        ("b", "w.bias", &b0),
+        ("v", "v.weight", &v0),
+    ];
+    let mut ps = ParamStore::new();
+    for (_, name, t0) in starts {
+        let _ = ps.add(name, t0.copy(), true);
+    }
+    // Gradients of very different sizes, some near eps, so that eps and bias correction matter.
+    let scale = Tensor::from_slice(&[1.0f32, 1e-3, 1e-7]).reshape([1, 1, 3]);
+    let gw = Tensor::randn([steps, 4, 3], cpu) * scale;
+    let gb = Tensor::randn([steps, 4], cpu) * 0.1;
+    let gv = Tensor::randn([steps, 2, 3], cpu);
+    let v_has_grad = [0i64, 0, 1, 1, 1, 1];
+    let lr = [1e-3, 2e-3, 3e-3, 2.5e-3, 1e-3, 5e-4];
+    let wd = [0.04, 0.1, 0.2, 0.3, 0.4, 0.4];
+    // Our AdamW, with `tweak` applied, from the initial values.
+    let run = |tweak: &dyn Fn(&mut Optimizer)| {
+        for (_, name, t0) in starts {
+            ps.set(name, t0).unwrap();
+        }
+        let mut opt = Optimizer::new(OptimizerKind::Adamw, &ps);
+        tweak(&mut opt);
+        for s in 0..steps {
+            let grads = vec![
+                Some(gw.get(s)),
+                Some(gb.get(s)),
+                (v_has_grad[s as usize] == 1).then(|| gv.get(s)),
+            ];
+            opt.step(&ps, &grads, lr[s as usize], wd[s as usize])
+                .unwrap();
+        }
+        opt
+    };
+    let r = common::python_reference(
+        "adamw_ref.py",
+        &[
+            ("w", w0.shallow_clone()),
+            ("b", b0.shallow_clone()),
+            ("v", v0.shallow_clone()),
+            ("gw", gw.shallow_clone()),
+            ("gb", gb.shallow_clone()),
+            ("gv", gv.shallow_clone()),
+            ("v_has_grad", Tensor::from_slice(&v_has_grad)),
+            ("lr", Tensor::from_slice(&lr)),
+            ("wd", Tensor::from_slice(&wd)),
+        ],
+        &common::scratch_dir("train", "adamw"),
+    );
+    let rel = |a: &Tensor, b: &Tensor| {
+        let d = (a - b).abs().max().double_value(&[]);
+        d / b.abs().max().double_value(&[]).max(1e-30)
+    };
+    // The largest parameter-update error, relative to the update's scale.
+    let worst_update = || {
+        starts
+            .iter()
+            .map(|(n, name, start)| {
+                let p = ps.get(name).unwrap().detach();
+                rel(&(&p - *start), &(&r[*n] - *start))
+            })
+            .fold(0f64, f64::max)
+    };
+    let opt = run(&|_| {});
+    let e = worst_update();
+    assert!(
+        e < 1e-5,
+        "an update differs from torch by {e:e} of its scale"
+    );
+    let state: std::collections::HashMap<String, Tensor> =
+        opt.state_tensors(&ps).into_iter().collect();
+    for (n, name, _) in starts {
+        for m in ["exp_avg", "exp_avg_sq"] {
+            let e = rel(&state[&format!("{name}.{m}")], &r[&format!("{n}_{m}")]);
+            assert!(
+                e < 1e-5,
+                "{name}.{m} differs from torch by {e:e} of its scale"
+            );
+        }
+        let st = state[&format!("{name}.step")].int64_value(&[0]);
+        let want = r[&format!("{n}_step")].double_value(&[]);
+        assert_eq!(st as f64, want, "{name} steps");
+    }
+    assert_eq!(state["v.weight.step"].int64_value(&[0]), 4);
+    let tweaks: [(&str, &dyn Fn(&mut Optimizer)); 3] = [
+        ("eps 1e-7", &|o| o.eps = 1e-7),
+        ("beta1 0.8", &|o| o.beta1 = 0.8),
+        ("beta2 0.99", &|o| o.beta2 = 0.99),
+    ];
+    for (what, tweak) in tweaks {
+        run(tweak);
+        let e = worst_update();
+        assert!(e > 1e-4, "AdamW with {what} is only {e:e} away from torch");
+    }
 }

@@ -1,13 +1,14 @@
 //! Feature extraction with the official evaluation preprocessing.
 
-use anyhow::Result;
+use anyhow::{ensure, Context, Result};
+use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
 use crate::data::dataset::Dataset;
 use crate::data::loader::FloatTensorBuf;
 use crate::data::ops::{self, Rgb8};
 use crate::models::head::l2_normalize;
-use crate::models::Backbone;
+use crate::models::{Backbone, BackboneRef, VisionTransformer};
 
 /// The official evaluation view for crop side `size`: `Resize(size·256/224)` of the shorter side
 /// (bicubic) then `CenterCrop(size)` (224 → Resize 256 + CenterCrop 224).
@@ -95,12 +96,126 @@ pub fn view_batch(
     Ok((pix.into_tensor(), Tensor::from_slice(&labels)))
 }
 
+/// How features are taken from the backbone (`--n_last_blocks`, `--avgpool_patchtokens`), as
+/// the official `extract_features` of eval_knn.py / eval_linear.py: the normed [CLS] tokens of
+/// the last `n_last_blocks` blocks, concatenated (`avgpool 0`), the mean of the last block's
+/// patch tokens without the final norm (`1`, the official mean-pooling ViT), or both (`2`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FeatureSpec {
+    pub n_last_blocks: usize,
+    pub avgpool: u8,
+}
+
+impl FeatureSpec {
+    /// The last block's [CLS] token after the final norm: the k-NN default.
+    pub const CLS: Self = Self {
+        n_last_blocks: 1,
+        avgpool: 0,
+    };
+
+    pub fn validate(&self, depth: usize) -> Result<()> {
+        ensure!(
+            self.avgpool <= 2,
+            "--avgpool_patchtokens must be 0, 1 or 2, not {}",
+            self.avgpool
+        );
+        ensure!(
+            self.avgpool == 1 || (1..=depth).contains(&self.n_last_blocks),
+            "--n_last_blocks must be in 1..={depth} for this backbone, not {}",
+            self.n_last_blocks
+        );
+        Ok(())
+    }
+
+    /// Width of the concatenated feature for a backbone of width `embed_dim`.
+    pub fn dim(&self, embed_dim: i64) -> i64 {
+        let cls = if self.avgpool != 1 {
+            self.n_last_blocks as i64
+        } else {
+            0
+        };
+        embed_dim * (cls + i64::from(self.avgpool > 0))
+    }
+
+    /// [`FeatureSpec::validate`] for a ViT or a Swin backbone (see the module documentation).
+    pub fn validate_for<'a>(&self, backbone: impl Into<BackboneRef<'a>>) -> Result<()> {
+        match backbone.into() {
+            BackboneRef::Vit(v) => self.validate(v.blocks.len()),
+            BackboneRef::Swin(s) => {
+                ensure!(
+                    self.avgpool == 0,
+                    "--avgpool_patchtokens {} is a ViT option: a Swin has no [CLS] token, its \
+                     features are already the average-pooled tokens of the last --n_last_blocks \
+                     blocks (leave --avgpool_patchtokens at 0)",
+                    self.avgpool
+                );
+                let total: i64 = s.cfg.depths.iter().sum();
+                ensure!(
+                    (1..=total as usize).contains(&self.n_last_blocks),
+                    "--n_last_blocks must be in 1..={total} for this Swin (depths {:?}), not {}",
+                    s.cfg.depths,
+                    self.n_last_blocks
+                );
+                Ok(())
+            }
+        }
+    }
+
+    /// Width of the concatenated feature of `backbone`.
+    pub fn dim_for<'a>(&self, backbone: impl Into<BackboneRef<'a>>) -> i64 {
+        match backbone.into() {
+            BackboneRef::Vit(v) => self.dim(v.cfg.embed_dim),
+            BackboneRef::Swin(s) => s.intermediate_widths(self.n_last_blocks).iter().sum(),
+        }
+    }
+
+    /// Features `[B, dim]` of images `[B, 3, H, W]` from a ViT or a Swin (no gradient).
+    pub fn features_of<'a>(
+        &self,
+        backbone: impl Into<BackboneRef<'a>>,
+        x: &Tensor,
+    ) -> Result<Tensor> {
+        let backbone = backbone.into();
+        match backbone {
+            BackboneRef::Vit(v) => self.features(v, x),
+            BackboneRef::Swin(s) => {
+                let _g = tch::no_grad_guard();
+                self.validate_for(backbone)?;
+                Ok(Tensor::cat(
+                    &s.intermediate_avgpool(x, self.n_last_blocks)?,
+                    -1,
+                ))
+            }
+        }
+    }
+
+    /// Features `[B, dim]` of images `[B, 3, H, W]` (no gradient).
+    pub fn features(&self, vit: &VisionTransformer, x: &Tensor) -> Result<Tensor> {
+        let _g = tch::no_grad_guard();
+        let n = if self.avgpool == 1 {
+            1
+        } else {
+            self.n_last_blocks
+        };
+        let layers = vit.intermediate_tokens(x, n, self.avgpool != 1)?;
+        let mut parts: Vec<Tensor> = Vec::new();
+        if self.avgpool != 1 {
+            parts.extend(layers.iter().map(|t| t.select(1, 0)));
+        }
+        if self.avgpool > 0 {
+            let last = layers.last().context("no block outputs")?;
+            let n_tok = last.size()[1];
+            parts.push(last.narrow(1, 1, n_tok - 1).mean_dim(1, false, Kind::Float));
+        }
+        Ok(Tensor::cat(&parts, -1))
+    }
+}
+
 /// What to use as the feature of an image.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FeatureKind {
-    /// The backbone's [CLS] token after the final norm (the official k-NN feature); for a Swin,
-    /// the average-pooled final-stage token (its `forward` output, as the official eval_knn).
-    Cls,
+    /// The backbone's tokens as the spec says ([`FeatureSpec::CLS`]: the official k-NN feature).
+    Backbone(FeatureSpec),
     /// The normalised pixels themselves (a baseline).
     Pixels,
 }
@@ -130,10 +245,8 @@ pub fn extract(
     for chunk in indices.chunks(batch.max(1)) {
         let (x, l) = eval_batch(ds, chunk, size)?;
         let f = match (kind, backbone) {
-            (FeatureKind::Cls, Some(b)) => {
-                b.forward(&x.to_device(device), None, false)?.select(1, 0)
-            }
-            (FeatureKind::Cls, None) => anyhow::bail!("[CLS] features need a backbone"),
+            (FeatureKind::Backbone(spec), Some(b)) => spec.features_of(b, &x.to_device(device))?,
+            (FeatureKind::Backbone(_), None) => anyhow::bail!("backbone features need a backbone"),
             (FeatureKind::Pixels, _) => x.flatten(1, -1),
         };
         feats.push(l2_normalize(&f.to_kind(Kind::Float)).to_device(Device::Cpu));

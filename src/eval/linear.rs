@@ -21,118 +21,13 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Reduction, Tensor};
 
+pub use super::features::FeatureSpec;
 use super::features::{eval_view, view_batch};
 use crate::data::augment::random_resized_crop_params;
 use crate::data::dataset::Dataset;
 use crate::data::ops::{self, Filter, Rgb8};
-use crate::models::{BackboneRef, VisionTransformer};
+use crate::models::BackboneRef;
 use crate::params::{read_safetensors, write_safetensors};
-
-/// How features are taken from the backbone (`--n_last_blocks`, `--avgpool_patchtokens`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct FeatureSpec {
-    pub n_last_blocks: usize,
-    pub avgpool: u8,
-}
-
-impl FeatureSpec {
-    pub fn validate(&self, depth: usize) -> Result<()> {
-        ensure!(
-            self.avgpool <= 2,
-            "--avgpool_patchtokens must be 0, 1 or 2, not {}",
-            self.avgpool
-        );
-        ensure!(
-            self.avgpool == 1 || (1..=depth).contains(&self.n_last_blocks),
-            "--n_last_blocks must be in 1..={depth} for this backbone, not {}",
-            self.n_last_blocks
-        );
-        Ok(())
-    }
-
-    /// Width of the concatenated feature for a backbone of width `embed_dim`.
-    pub fn dim(&self, embed_dim: i64) -> i64 {
-        let cls = if self.avgpool != 1 {
-            self.n_last_blocks as i64
-        } else {
-            0
-        };
-        embed_dim * (cls + i64::from(self.avgpool > 0))
-    }
-
-    /// [`FeatureSpec::validate`] for a ViT or a Swin backbone (see the module documentation).
-    pub fn validate_for<'a>(&self, backbone: impl Into<BackboneRef<'a>>) -> Result<()> {
-        match backbone.into() {
-            BackboneRef::Vit(v) => self.validate(v.blocks.len()),
-            BackboneRef::Swin(s) => {
-                ensure!(
-                    self.avgpool == 0,
-                    "--avgpool_patchtokens {} is a ViT option: a Swin has no [CLS] token, its \
-                     features are already the average-pooled tokens of the last --n_last_blocks \
-                     blocks (leave --avgpool_patchtokens at 0)",
-                    self.avgpool
-                );
-                let total: i64 = s.cfg.depths.iter().sum();
-                ensure!(
-                    (1..=total as usize).contains(&self.n_last_blocks),
-                    "--n_last_blocks must be in 1..={total} for this Swin (depths {:?}), not {}",
-                    s.cfg.depths,
-                    self.n_last_blocks
-                );
-                Ok(())
-            }
-        }
-    }
-
-    /// Width of the concatenated feature of `backbone`.
-    pub fn dim_for<'a>(&self, backbone: impl Into<BackboneRef<'a>>) -> i64 {
-        match backbone.into() {
-            BackboneRef::Vit(v) => self.dim(v.cfg.embed_dim),
-            BackboneRef::Swin(s) => s.intermediate_widths(self.n_last_blocks).iter().sum(),
-        }
-    }
-
-    /// Features `[B, dim]` of images `[B, 3, H, W]` from a ViT or a Swin (no gradient).
-    pub fn features_of<'a>(
-        &self,
-        backbone: impl Into<BackboneRef<'a>>,
-        x: &Tensor,
-    ) -> Result<Tensor> {
-        let backbone = backbone.into();
-        match backbone {
-            BackboneRef::Vit(v) => self.features(v, x),
-            BackboneRef::Swin(s) => {
-                let _g = tch::no_grad_guard();
-                self.validate_for(backbone)?;
-                Ok(Tensor::cat(
-                    &s.intermediate_avgpool(x, self.n_last_blocks)?,
-                    -1,
-                ))
-            }
-        }
-    }
-
-    /// Features `[B, dim]` of images `[B, 3, H, W]` (no gradient).
-    pub fn features(&self, vit: &VisionTransformer, x: &Tensor) -> Result<Tensor> {
-        let _g = tch::no_grad_guard();
-        let n = if self.avgpool == 1 {
-            1
-        } else {
-            self.n_last_blocks
-        };
-        let layers = vit.intermediate_tokens(x, n, self.avgpool != 1)?;
-        let mut parts: Vec<Tensor> = Vec::new();
-        if self.avgpool != 1 {
-            parts.extend(layers.iter().map(|t| t.select(1, 0)));
-        }
-        if self.avgpool > 0 {
-            let last = layers.last().context("no block outputs")?;
-            let n_tok = last.size()[1];
-            parts.push(last.narrow(1, 1, n_tok - 1).mean_dim(1, false, Kind::Float));
-        }
-        Ok(Tensor::cat(&parts, -1))
-    }
-}
 
 /// `LinearClassifier`: one `nn.Linear(dim, num_labels)` trained by SGD with momentum 0.9.
 #[derive(Debug)]

@@ -1,6 +1,8 @@
 //! DINO / iBOT projection head, as the official `models/head.py`.
 //!
-//! `mlp` (Linear → [norm] → act, repeated, → Linear to the bottleneck), L2 normalisation, then a
+//! `mlp` (Linear → [norm] → act, repeated, → Linear to the bottleneck; with `--norm_in_head ln`
+//! one LayerNorm shared by every hidden layer, as the official head builds it), L2 normalisation,
+//! then a
 //! weight-normalised, bias-free `last_layer` (`weight_g` [out, 1], `weight_v` [out, bottleneck]).
 //! On all tokens `[B, 1 + N, D]`, token 0 goes through `last_layer` and the patch tokens through
 //! `last_layer2`, which with `shared_head` is the very same module (one tensor, two names).
@@ -25,7 +27,7 @@ impl std::str::FromStr for HeadAct {
         match s {
             "gelu" => Ok(Self::Gelu),
             "relu" => Ok(Self::Relu),
-            other => bail!("unknown activation '{other}' (expected gelu or relu)"),
+            other => bail!("unknown activation '{other}': expected gelu or relu"),
         }
     }
 }
@@ -45,12 +47,13 @@ impl std::str::FromStr for HeadNorm {
         match s {
             "" | "none" | "None" => Ok(Self::None),
             "ln" => Ok(Self::Ln),
+            // The official head accepts these too (BatchNorm1d, SyncBatchNorm and its own
+            // centred / grouped variants); their running statistics and cross-rank
+            // synchronisation are not implemented here.
             "bn" | "syncbn" | "csyncbn" | "psyncbn" => {
-                bail!(
-                    "--norm_in_head {s} (batch norm in the head) is not supported; use none or ln"
-                )
+                bail!("'{s}' (batch norm in the head) is not supported: use none or ln")
             }
-            other => bail!("unknown head norm '{other}' (expected none or ln)"),
+            other => bail!("unknown head norm '{other}': expected none or ln"),
         }
     }
 }
@@ -217,36 +220,48 @@ impl IbotHead {
                 dev,
             )));
         } else {
+            // The official `_build_mlp` builds ONE norm module and appends that same module
+            // after every hidden Linear: its parameters exist once (`named_parameters()` names
+            // the first index) and the state dict lists them under every index, like the shared
+            // head's `last_layer2`.
+            let mut shared_norm: Option<(String, LayerNorm)> = None;
             let mut idx = 0;
-            let push_hidden =
-                |ps: &mut ParamStore, mlp: &mut Vec<MlpLayer>, idx: &mut usize, in_dim: i64| {
-                    mlp.push(MlpLayer::Linear(Linear::new_trunc(
-                        ps,
-                        &format!("{prefix}mlp.{idx}"),
-                        in_dim,
-                        cfg.hidden_dim,
-                        true,
-                        trainable,
-                        dev,
-                    )));
-                    *idx += 1;
-                    if cfg.norm == HeadNorm::Ln {
-                        mlp.push(MlpLayer::Norm(LayerNorm::new(
-                            ps,
-                            &format!("{prefix}mlp.{idx}"),
-                            cfg.hidden_dim,
-                            1e-5,
-                            trainable,
-                            dev,
-                        )));
-                        *idx += 1;
-                    }
-                    mlp.push(MlpLayer::Act(cfg.act));
-                    *idx += 1;
+            for layer in 0..cfg.nlayers - 1 {
+                let in_dim = if layer == 0 {
+                    cfg.in_dim
+                } else {
+                    cfg.hidden_dim
                 };
-            push_hidden(ps, &mut mlp, &mut idx, cfg.in_dim);
-            for _ in 0..cfg.nlayers - 2 {
-                push_hidden(ps, &mut mlp, &mut idx, cfg.hidden_dim);
+                mlp.push(MlpLayer::Linear(Linear::new_trunc(
+                    ps,
+                    &format!("{prefix}mlp.{idx}"),
+                    in_dim,
+                    cfg.hidden_dim,
+                    true,
+                    trainable,
+                    dev,
+                )));
+                idx += 1;
+                if cfg.norm == HeadNorm::Ln {
+                    let name = format!("{prefix}mlp.{idx}");
+                    let norm = match &shared_norm {
+                        None => {
+                            let n = LayerNorm::new(ps, &name, cfg.hidden_dim, 1e-5, trainable, dev);
+                            shared_norm = Some((name, n.shallow_clone()));
+                            n
+                        }
+                        Some((first, n)) => {
+                            for s in ["weight", "bias"] {
+                                ps.alias(format!("{name}.{s}"), &format!("{first}.{s}"));
+                            }
+                            n.shallow_clone()
+                        }
+                    };
+                    mlp.push(MlpLayer::Norm(norm));
+                    idx += 1;
+                }
+                mlp.push(MlpLayer::Act(cfg.act));
+                idx += 1;
             }
             mlp.push(MlpLayer::Linear(Linear::new_trunc(
                 ps,

@@ -163,6 +163,15 @@ impl LayerNorm {
         Self { weight, bias, eps }
     }
 
+    /// A second handle on the same parameters (a module used in several places).
+    pub fn shallow_clone(&self) -> Self {
+        Self {
+            weight: self.weight.shallow_clone(),
+            bias: self.bias.shallow_clone(),
+            eps: self.eps,
+        }
+    }
+
     pub fn forward(&self, x: &Tensor) -> Tensor {
         let d = *x.size().last().expect("layer norm on a 0-d tensor");
         x.layer_norm([d], Some(&self.weight), Some(&self.bias), self.eps, true)

@@ -7,6 +7,7 @@ use anyhow::{bail, ensure, Context, Result};
 use clap::{ArgAction, Args};
 use serde::{Deserialize, Serialize};
 
+use crate::models::{HeadAct, HeadNorm};
 use crate::train::amp::PrecisionChoice;
 
 /// Parses `true/false/on/off/1/0` like the official `utils.bool_flag`.
@@ -338,6 +339,15 @@ impl TrainArgs {
                 v.iter().all(|&x| x > 0.0 && x <= 1.0),
                 "--{name} values must be in (0, 1] (got {v:?})"
             );
+        }
+        // The head options main_ibot.py passes on (its other iBOTHead arguments, such as
+        // last_norm, have no flag there); values it accepts that are not implemented here are
+        // refused, never ignored.
+        if let Err(e) = self.norm_in_head.parse::<HeadNorm>() {
+            bail!("--norm_in_head: {e}");
+        }
+        if let Err(e) = self.act_in_head.parse::<HeadAct>() {
+            bail!("--act_in_head: {e}");
         }
         for (name, v) in [
             ("out_dim", self.out_dim),

@@ -14,11 +14,11 @@ use anyhow::{bail, ensure, Result};
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
-pub use crate::loss::IbotLossConfig;
 use crate::dist::Comm;
+pub use crate::loss::IbotLossConfig;
 use crate::loss::{IbotLoss, LossOutput};
 use crate::models::{BackboneConfig, HeadConfig, MultiCropOutput, MultiCropWrapper};
-use crate::params::ParamStore;
+use crate::params::{Param, ParamStore};
 use amp::{GradScaler, Precision};
 use optim::{Optimizer, OptimizerKind};
 
@@ -179,11 +179,12 @@ impl Ibot {
         seeded_init(seed, || Self::new(cfg, device))
     }
 
-    /// Re-initialises the teacher from the current student (after loading student weights).
-    pub fn init_teacher_from_student(&self) -> Result<()> {
+    /// Re-initialises the teacher from the current student (after loading student weights), as
+    /// `load_state_dict(student.state_dict(), strict=False)`; returns its `(missing,
+    /// unexpected)` key lists.
+    pub fn init_teacher_from_student(&self) -> Result<(Vec<String>, Vec<String>)> {
         self.teacher_ps
-            .load_non_strict(self.student_ps.state_dict())?;
-        Ok(())
+            .load_non_strict(self.student_ps.state_dict())
     }
 
     /// Teacher on the global views, student on the masked global views and on the local views,
@@ -253,8 +254,16 @@ impl Ibot {
         comm: &dyn Comm,
     ) -> Result<StepForward> {
         let g = self.cfg.loss.ngcrops;
-        ensure!(images.len() >= g, "{} views given, {g} global views expected", images.len());
-        ensure!(masks.len() >= g, "{} masks given for {g} global views", masks.len());
+        ensure!(
+            images.len() >= g,
+            "{} views given, {g} global views expected",
+            images.len()
+        );
+        ensure!(
+            masks.len() >= g,
+            "{} masks given for {g} global views",
+            masks.len()
+        );
         let globals = &images[..g];
         let mut t = std::time::Instant::now();
         let teacher = tch::no_grad(|| self.teacher.forward(globals, None, false))?;
@@ -276,7 +285,10 @@ impl Ibot {
         );
         let student_cls = self.student.head.forward_cls(&tokens.select(1, 0));
         let masked = m.flatten(0, -1).nonzero().squeeze_dim(1);
-        let rows = tokens.narrow(1, 1, n).reshape([-1, d]).index_select(0, &masked);
+        let rows = tokens
+            .narrow(1, 1, n)
+            .reshape([-1, d])
+            .index_select(0, &masked);
         let student_patch = self.student.head.forward_patch_rows(&rows);
         self.lap("student head, global views (masked tokens)", &mut t);
         let student_local = if images.len() > g {
@@ -331,8 +343,12 @@ impl Ibot {
     }
 
     /// Clipping (if enabled) then last-layer cancelling; returns the pre-clip norms per
-    /// parameter (empty when clipping is off).
-    pub fn process_grads(&self, grads: &mut [Option<Tensor>], epoch: usize) -> Vec<Option<f64>> {
+    /// parameter and whether each was clipped (empty when clipping is off).
+    pub fn process_grads(
+        &self,
+        grads: &mut [Option<Tensor>],
+        epoch: usize,
+    ) -> Vec<Option<GradClip>> {
         let norms = if self.cfg.clip_grad > 0.0 {
             clip_gradients(grads, self.cfg.clip_grad)
         } else {
@@ -459,10 +475,17 @@ pub fn argmax_agreement(teacher_cls: &Tensor, student_cls: &Tensor, ngcrops: usi
         .double_value(&[])
 }
 
+/// One gradient's norm before clipping and whether clipping scaled it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct GradClip {
+    pub norm: f64,
+    pub clipped: bool,
+}
+
 /// The official per-tensor `clip_gradients`: for every gradient, `coef = clip / (‖g‖ + 1e-6)`
 /// in float32, and `g *= coef` when `coef < 1`. Returns each gradient's norm before clipping
-/// (None where there is no gradient).
-pub fn clip_gradients(grads: &mut [Option<Tensor>], clip: f64) -> Vec<Option<f64>> {
+/// and whether it was scaled (None where there is no gradient).
+pub fn clip_gradients(grads: &mut [Option<Tensor>], clip: f64) -> Vec<Option<GradClip>> {
     let _guard = tch::no_grad_guard();
     grads
         .iter_mut()
@@ -471,10 +494,14 @@ pub fn clip_gradients(grads: &mut [Option<Tensor>], clip: f64) -> Vec<Option<f64
             let norm = g.norm();
             // Python's `clip / t` is `t.reciprocal() * clip`.
             let coef = (&norm + 1e-6).reciprocal() * clip;
-            if coef.double_value(&[]) < 1.0 {
+            let clipped = coef.double_value(&[]) < 1.0;
+            if clipped {
                 let _ = g.g_mul_(&coef);
             }
-            Some(norm.double_value(&[]))
+            Some(GradClip {
+                norm: norm.double_value(&[]),
+                clipped,
+            })
         })
         .collect()
 }
@@ -497,14 +524,27 @@ pub fn cancel_gradients_last_layer(
     }
 }
 
-/// `t = m·t + (1-m)·s` for every parameter name the two stores share.
+/// The (teacher, student) parameter pairs of the EMA: the official `names_common`, i.e. every
+/// `named_parameters()` name the two networks share (so the student's `masked_embed` and, with
+/// an unshared student head, its `last_layer2` have no teacher counterpart), in the teacher's
+/// order.
+pub fn ema_pairs<'a>(
+    teacher: &'a ParamStore,
+    student: &'a ParamStore,
+) -> Vec<(&'a Param, &'a Param)> {
+    teacher
+        .params()
+        .iter()
+        .filter_map(|tp| student.named(&tp.name).map(|sp| (tp, sp)))
+        .collect()
+}
+
+/// `t = m·t + (1-m)·s` over [`ema_pairs`].
 pub fn ema_update(teacher: &ParamStore, student: &ParamStore, m: f64) {
     let _guard = tch::no_grad_guard();
-    for tp in teacher.params() {
-        if let Some(sp) = student.named(&tp.name) {
-            let mut t = tp.tensor.shallow_clone();
-            let _ = t.g_mul_scalar_(m);
-            let _ = t.g_add_(&(sp.tensor.detach() * (1.0 - m)));
-        }
+    for (tp, sp) in ema_pairs(teacher, student) {
+        let mut t = tp.tensor.shallow_clone();
+        let _ = t.g_mul_scalar_(m);
+        let _ = t.g_add_(&(sp.tensor.detach() * (1.0 - m)));
     }
 }

@@ -216,26 +216,16 @@ fn update(
     start: &Tensor,
     keep: Option<&Tensor>,
 ) {
-    let ours = ours.detach().to_device(Device::Cpu).to_kind(Kind::Double);
-    let reference = reference.to_kind(Kind::Double);
-    let start = start.to_kind(Kind::Double);
-    let (mut du, mut dr) = (&ours - &start, &reference - &start);
-    if let Some(k) = keep {
-        if du.size() == k.size() {
-            du = du.masked_select(k);
-            dr = dr.masked_select(k);
-        }
-    }
-    let scale = crate::util::max_abs(&dr).max(1e-30);
-    // Report::tensor scales its tolerance by max(1, scale): normalise first so that the bound
-    // is relative to the update, however small it is.
-    report.tensor(group, name, &(du / scale), &(dr / scale), TOL_UPDATE);
-    if let (Some(k), Some(c)) = (keep, report.checks.last_mut()) {
-        let left = k.numel() as i64 - k.to_kind(Kind::Int64).sum(Kind::Int64).int64_value(&[]);
-        if left > 0 {
-            c.note = format!("{left} key-bias element(s) left out (noise gradient)");
-        }
-    }
+    report.update(
+        group,
+        name,
+        ours,
+        reference,
+        start,
+        keep,
+        TOL_UPDATE,
+        "key-bias element(s) left out (noise gradient)",
+    );
 }
 
 struct Compare<'a> {
