@@ -148,9 +148,12 @@ fn an_interrupted_and_resumed_run_equals_an_uninterrupted_one() {
         straight.join("checkpoint0001.safetensors").is_file()
             && straight.join("checkpoint0002.safetensors").is_file()
     );
-    // The loss curve, redrawn each epoch: a real PNG with the three curves on it.
+    // The loss curve, redrawn each epoch: a real PNG with the three curves on it, and the
+    // four schedule panels below them.
     let png = image::open(straight.join("loss.png")).unwrap().to_rgb8();
-    assert_eq!(png.dimensions(), (800, 480));
+    assert_eq!(png.dimensions(), (800, 780));
+    let grey = png.pixels().filter(|p| p.0 == [150, 150, 150]).count();
+    assert!(grey > 20, "no per-iteration curve ({grey} grey pixels)");
     let red = png
         .pixels()
         .filter(|p| p[0] > 200 && p[1] < 60 && p[2] < 60)
