@@ -460,6 +460,11 @@ fn launcher_environments_are_read_as_torch_reads_them() {
     assert!(parse_dist_url("tcp://h:99999").is_err());
     assert_eq!(parse_dist_url("env://").unwrap(), None);
     // Bad values are errors, never a silent single-process run.
+    assert!(DistEnv::detect_with(
+        "env://",
+        &env(&[("RANK", "1"), ("WORLD_SIZE", "2"), ("LOCAL_RANK", "2"), ("LOCAL_WORLD_SIZE", "2"), ("MASTER_ADDR", "h"), ("MASTER_PORT", "1")])
+    )
+    .is_err());
     assert!(DistEnv::detect_with("env://", &env(&[("SLURM_PROCID", "0")])).is_err());
     assert!(DistEnv::detect_with(
         "env://",

@@ -197,7 +197,8 @@ impl DistEnv {
                             .parse::<usize>()
                             .ok()
                     })
-                    .unwrap_or(1);
+                    .unwrap_or(1)
+                    .max(local_rank + 1);
                 (rank, world, local_rank, local_world, "SLURM")
             } else {
                 return Ok(None);
@@ -208,8 +209,8 @@ impl DistEnv {
             "rank {rank} is not below the world size {world} (launched by {launcher})"
         );
         ensure!(
-            local_world >= 1 && local_rank < local_world.max(local_rank + 1),
-            "LOCAL_RANK {local_rank} with LOCAL_WORLD_SIZE {local_world}"
+            local_world >= 1 && local_rank < local_world,
+            "LOCAL_RANK {local_rank} is not below LOCAL_WORLD_SIZE {local_world} (launched by {launcher})"
         );
         if world == 1 {
             return Ok(None);
