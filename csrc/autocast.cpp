@@ -1,21 +1,8 @@
 // A C entry point to libtorch's autocast switches, which tch does not expose for the CPU.
-// Only the small c10 enum headers are included; the functions are declared with the exact
-// signatures of ATen/autocast_mode.h (whose own include pulls in all of ATen) and resolved
-// against libtorch_cpu at link time.
+// libtorch's own header declares them, so a changed signature is a compile error.
+#include <ATen/autocast_mode.h>
 #include <c10/core/DeviceType.h>
 #include <c10/core/ScalarType.h>
-
-namespace at {
-namespace autocast {
-bool is_autocast_enabled(c10::DeviceType device_type);
-void set_autocast_enabled(c10::DeviceType device_type, bool enabled);
-c10::ScalarType get_autocast_dtype(c10::DeviceType device_type);
-void set_autocast_dtype(c10::DeviceType device_type, c10::ScalarType dtype);
-void clear_cache();
-int increment_nesting();
-int decrement_nesting();
-}  // namespace autocast
-}  // namespace at
 
 namespace {
 c10::DeviceType device_of(int cuda) { return cuda ? c10::DeviceType::CUDA : c10::DeviceType::CPU; }
