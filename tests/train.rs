@@ -417,3 +417,34 @@ fn adamw_over_several_steps_matches_torch() {
         assert!(e > 1e-4, "AdamW with {what} is only {e:e} away from torch");
     }
 }
+
+/// A checkpoint written by the release of 2026-11-26 (`tests/data/checkpoint-2026-11-26.safetensors`,
+/// a 1-layer ViT after 1 of 2 epochs; before tensor checksums, Swin, the data-parallel and
+/// interrupt options) still resumes, evaluates and exports: checkpoints are read tolerantly.
+#[test]
+fn a_checkpoint_from_an_earlier_release_resumes_evaluates_and_exports() {
+    let src = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/data/checkpoint-2026-11-26.safetensors");
+    let dir = common::scratch_dir("train", "old-checkpoint");
+    let (data, out) = (dir.join("data"), dir.join("out"));
+    std::fs::create_dir_all(&data).unwrap();
+    std::fs::create_dir_all(&out).unwrap();
+    common::write_idx(&data, "train", 32, 16);
+    std::fs::copy(&src, out.join("checkpoint.safetensors")).unwrap();
+    let meta = checkpoint::read_meta(&out.join("checkpoint.safetensors")).unwrap();
+    assert_eq!((meta.epoch, meta.args.epochs), (1, 2));
+    let mut args = meta.args.clone();
+    args.output_dir = out.clone();
+    args.data_path = data;
+    args.num_workers = 1;
+    let o = run::train(&args).unwrap();
+    assert_eq!(o.epochs_done, 1, "the old checkpoint was not resumed");
+    assert_eq!(checkpoint::read_meta(&out.join("checkpoint.safetensors")).unwrap().epoch, 2);
+    let p = ibot::interop::load_pretrained(&src, "teacher", None).unwrap();
+    let (_, backbone) = p.backbone_model(tch::Device::Cpu).unwrap();
+    let x = tch::Tensor::zeros([1, 3, 16, 16], (tch::Kind::Float, tch::Device::Cpu));
+    let tokens = backbone.forward(&x, None, false).unwrap();
+    assert_eq!(tokens.size(), [1, 17, 24]);
+    ibot::interop::export_backbone(&p, &dir.join("backbone.safetensors"), false).unwrap();
+    assert!(ibot::interop::load_pretrained(&dir.join("backbone.safetensors"), "teacher", None).is_ok());
+}
