@@ -20,75 +20,6 @@ struct Cli {
 }
 
 
-/// A tiny Swin: width 24, two stages of two blocks (the second of each shifted), window 3 on a
-/// model built for 32 px, so 32-px global crops (8x8 patches) and 16-px local crops (4x4) are
-/// padded to whole windows at both stages. `--patch_size 1` makes 8-px mask cells (1 x 8).
-fn tiny_swin_args(data: &Path, out: &Path, extra: &[&str]) -> TrainArgs {
-    let mut argv: Vec<String> = [
-        "x",
-        "--arch",
-        "swin_tiny",
-        "--window_size",
-        "3",
-        "--patch_size",
-        "1",
-        "--img_size",
-        "32",
-        "--embed_dim",
-        "24",
-        "--depths",
-        "2",
-        "2",
-        "--stage_heads",
-        "1",
-        "2",
-        "--global_crops_size",
-        "32",
-        "--local_crops_size",
-        "16",
-        "--local_crops_number",
-        "2",
-        "--out_dim",
-        "32",
-        "--patch_out_dim",
-        "32",
-        "--head_hidden_dim",
-        "32",
-        "--head_bottleneck_dim",
-        "16",
-        "--batch_size_per_gpu",
-        "4",
-        "--epochs",
-        "3",
-        "--warmup_epochs",
-        "1",
-        "--warmup_teacher_temp_epochs",
-        "1",
-        "--num_workers",
-        "2",
-        "--device",
-        "cpu",
-        "--pred_ratio",
-        "0.3",
-        "--pred_ratio_var",
-        "0.1",
-        "--saveckp_freq",
-        "1",
-        "--use_fp16",
-        "false",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    argv.extend([
-        "--data_path".into(),
-        data.display().to_string(),
-        "--output_dir".into(),
-        out.display().to_string(),
-    ]);
-    argv.extend(extra.iter().map(|s| s.to_string()));
-    Cli::parse_from(argv).args
-}
 
 fn tensors(path: &Path) -> Vec<(String, Tensor)> {
     let mut v: Vec<_> = read_safetensors(path).unwrap().into_iter().collect();
@@ -101,11 +32,11 @@ fn a_resumed_swin_run_equals_an_uninterrupted_one() {
     let data = common::scratch_dir("swin", "data");
     common::write_idx(&data, "train", 20, 40);
     let straight = common::scratch_dir("swin", "straight");
-    let out = run::train(&tiny_swin_args(&data, &straight, &[])).unwrap();
+    let out = run::train(&common::tiny_swin_args(&data, &straight, &[])).unwrap();
     assert_eq!(out.epochs_done, 3);
 
     let resumed = common::scratch_dir("swin", "resumed");
-    let first = run::train(&tiny_swin_args(&data, &resumed, &["--stop_after", "1"])).unwrap();
+    let first = run::train(&common::tiny_swin_args(&data, &resumed, &["--stop_after", "1"])).unwrap();
     assert_eq!(first.epochs_done, 1);
     let meta = checkpoint::read_meta(&resumed.join("checkpoint.safetensors")).unwrap();
     assert_eq!(meta.epoch, 1);
@@ -113,7 +44,7 @@ fn a_resumed_swin_run_equals_an_uninterrupted_one() {
         meta.config.backbone.as_vit().is_none(),
         "the checkpoint's configuration must say Swin"
     );
-    let second = run::train(&tiny_swin_args(&data, &resumed, &[])).unwrap();
+    let second = run::train(&common::tiny_swin_args(&data, &resumed, &[])).unwrap();
     assert_eq!(second.epochs_done, 2);
 
     let a = tensors(&straight.join("checkpoint.safetensors"));

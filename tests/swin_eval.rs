@@ -234,67 +234,6 @@ fn write_idx(dir: &Path, n: usize, side: usize) {
     }
 }
 
-/// The tiny Swin of tests/swin.rs (width 24, depths 2 2, heads 1 2, window 3, built for 32 px),
-/// one epoch.
-fn tiny_swin_args(data: &Path, out: &Path) -> TrainArgs {
-    let argv: Vec<String> = [
-        "x",
-        "--arch",
-        "swin_tiny",
-        "--window_size",
-        "3",
-        "--patch_size",
-        "1",
-        "--img_size",
-        "32",
-        "--embed_dim",
-        "24",
-        "--depths",
-        "2",
-        "2",
-        "--stage_heads",
-        "1",
-        "2",
-        "--global_crops_size",
-        "32",
-        "--local_crops_size",
-        "16",
-        "--local_crops_number",
-        "2",
-        "--out_dim",
-        "32",
-        "--patch_out_dim",
-        "32",
-        "--head_hidden_dim",
-        "32",
-        "--head_bottleneck_dim",
-        "16",
-        "--batch_size_per_gpu",
-        "4",
-        "--epochs",
-        "1",
-        "--warmup_epochs",
-        "0",
-        "--warmup_teacher_temp_epochs",
-        "0",
-        "--num_workers",
-        "1",
-        "--device",
-        "cpu",
-        "--use_fp16",
-        "false",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .chain([
-        "--data_path".into(),
-        data.display().to_string(),
-        "--output_dir".into(),
-        out.display().to_string(),
-    ])
-    .collect();
-    Cli::parse_from(argv).args
-}
 
 fn ibot(args: &[&str]) -> std::process::Output {
     Command::new(BIN)
@@ -329,7 +268,11 @@ fn a_trained_swin_goes_through_the_evaluation_commands() {
     let data = common::scratch_dir("swin-eval", "data");
     write_idx(&data, 12, 40);
     let out = common::scratch_dir("swin-eval", "run");
-    let r = run::train(&tiny_swin_args(&data, &out)).unwrap();
+    let r = run::train(&common::tiny_swin_args(
+        &data,
+        &out,
+        &["--epochs", "1", "--warmup_epochs", "0", "--warmup_teacher_temp_epochs", "0", "--num_workers", "1"],
+    )).unwrap();
     assert_eq!(r.epochs_done, 1);
     let ckpt = out.join("checkpoint.safetensors");
     let ck = ckpt.to_str().unwrap();

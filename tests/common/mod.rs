@@ -181,3 +181,85 @@ pub fn write_idx(dir: &std::path::Path, split: &str, n: usize, side: usize) {
     std::fs::write(dir.join(format!("{split}-images-idx3-ubyte")), img).unwrap();
     std::fs::write(dir.join(format!("{split}-labels-idx1-ubyte")), lab).unwrap();
 }
+
+/// `ibot train`'s options alone, parsed as the command line does (later options win).
+#[derive(clap::Parser)]
+#[command(args_override_self = true)]
+pub struct TrainCli {
+    #[command(flatten)]
+    pub args: ibot::train::args::TrainArgs,
+}
+
+/// A tiny Swin: width 24, two stages of two blocks (the second of each shifted), window 3 on a
+/// model built for 32 px, so 32-px global crops (8x8 patches) and 16-px local crops (4x4) are
+/// padded to whole windows at both stages. `--patch_size 1` makes 8-px mask cells (1 x 8).
+pub fn tiny_swin_args(
+    data: &std::path::Path,
+    out: &std::path::Path,
+    extra: &[&str],
+) -> ibot::train::args::TrainArgs {
+    let mut argv: Vec<String> = [
+        "x",
+        "--arch",
+        "swin_tiny",
+        "--window_size",
+        "3",
+        "--patch_size",
+        "1",
+        "--img_size",
+        "32",
+        "--embed_dim",
+        "24",
+        "--depths",
+        "2",
+        "2",
+        "--stage_heads",
+        "1",
+        "2",
+        "--global_crops_size",
+        "32",
+        "--local_crops_size",
+        "16",
+        "--local_crops_number",
+        "2",
+        "--out_dim",
+        "32",
+        "--patch_out_dim",
+        "32",
+        "--head_hidden_dim",
+        "32",
+        "--head_bottleneck_dim",
+        "16",
+        "--batch_size_per_gpu",
+        "4",
+        "--epochs",
+        "3",
+        "--warmup_epochs",
+        "1",
+        "--warmup_teacher_temp_epochs",
+        "1",
+        "--num_workers",
+        "2",
+        "--device",
+        "cpu",
+        "--pred_ratio",
+        "0.3",
+        "--pred_ratio_var",
+        "0.1",
+        "--saveckp_freq",
+        "1",
+        "--use_fp16",
+        "false",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    argv.extend([
+        "--data_path".into(),
+        data.display().to_string(),
+        "--output_dir".into(),
+        out.display().to_string(),
+    ]);
+    argv.extend(extra.iter().map(|s| s.to_string()));
+    <TrainCli as clap::Parser>::parse_from(argv).args
+}
