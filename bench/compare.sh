@@ -7,6 +7,8 @@
 #   bash bench/compare.sh allreduce  # c10d Gloo all-reduce of a ViT-S-sized gradient, 2 ranks:
 #                                    # ibot launch vs torchrun + torch.distributed
 #   bash bench/compare.sh dp-step    # ViT-S/16 step: 2 ranks x 1 thread vs 1 process x 2 threads
+#   bash bench/compare.sh swin-step  # one Swin-T training step (WINDOW=7 or 14, default 7), batch 4,
+#                                    # 2x224 + 2x96 crops, out_dim 8192, float32
 # ROUNDS=n sets how many alternating runs of each side the step comparisons take the median of.
 # The data comparison needs torchvision + Pillow in the venv; they are installed here (not by
 # scripts/bootstrap.sh: only this benchmark uses them).
@@ -49,6 +51,21 @@ step | step-bf16)
     mo=$(median "${o[@]}"); mr=$(median "${r[@]}")
     printf 'ms/iter (%s, median of %s): ibot %s, PyTorch eager %s, time ratio ibot/PyTorch %.2f\n' "$what" "$rounds" "$mo" "$mr" "$(awk -v a="$mo" -v b="$mr" 'BEGIN { print a / b }')"
     ;;
+swin-step)
+    # Same step as `step`, on the official Swin-T (4-px patches, masks on the 32-px grid) at a
+    # batch small enough for a shared 2-core VM. ITERS/WARMUP set the timed/warm-up steps.
+    rounds=${ROUNDS:-3}; window=${WINDOW:-7}; iters=${ITERS:-4}; warmup=${WARMUP:-1}
+    flags=(--arch swin_tiny --window_size "$window" --batch 4 --local_crops_number 2 --out_dim 8192 --iters "$iters" --warmup "$warmup")
+    o=(); r=()
+    for i in $(seq "$rounds"); do
+        o+=("$(target/release/ibot bench train "${flags[@]}" | rate)")
+        r+=("$($py bench/torch_step.py "${flags[@]}" 2>/dev/null | rate)")
+        echo "round $i: ibot ${o[-1]} ms/iter, PyTorch ${r[-1]} ms/iter"
+    done
+    median() { printf '%s\n' "$@" | sort -g | awk '{ v[NR] = $1 } END { print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
+    mo=$(median "${o[@]}"); mr=$(median "${r[@]}")
+    printf 'ms/iter (Swin-T/%s, batch 4, 2x224 + 2x96, float32, median of %s): ibot %s, PyTorch eager %s, time ratio ibot/PyTorch %.2f\n' "$window" "$rounds" "$mo" "$mr" "$(awk -v a="$mo" -v b="$mr" 'BEGIN { print a / b }')"
+    ;;
 allreduce)
     rounds=${ROUNDS:-3}
     median() { printf '%s\n' "$@" | sort -g | awk '{ v[NR] = $1 } END { print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
@@ -72,7 +89,7 @@ dp-step)
     done
     ;;
 *)
-    echo "usage: bash bench/compare.sh data|step|step-bf16|allreduce|dp-step" >&2
+    echo "usage: bash bench/compare.sh data|step|step-bf16|swin-step|allreduce|dp-step" >&2
     exit 2
     ;;
 esac

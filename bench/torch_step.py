@@ -4,10 +4,15 @@ Same work as the Rust benchmark: teacher on the global views, student on the mas
 and on the local views, the iBOT loss with centring, backward, per-tensor clipping, AdamW with
 the two official parameter groups, EMA of the teacher. The model is the official architecture
 (ViT with qkv bias, LayerNorm eps 1e-6, exact GELU; iBOT head with weight-normed last layer),
-written here in plain PyTorch so that no third-party checkout is needed.
+written here in plain PyTorch so that no third-party checkout is needed. `--arch swin_*` uses
+the official Swin Transformer of iBOT's models/swin_transformer.py instead (4-px patch embedding
+with LayerNorm, window attention with relative position bias, shifted windows with the -100
+masks, feature maps padded to whole windows, PatchMerging, average-pooled [CLS]; the masks are
+on the 32-px grid, i.e. the last stage's, and repeated up to the 4-px grid for masked_embed).
 
 Usage (from the repo root, after scripts/bootstrap.sh):
   .venv/bin/python bench/torch_step.py --arch vit_small --batch 8 --local_crops_number 2
+  .venv/bin/python bench/torch_step.py --arch swin_tiny --window_size 7 --batch 4 --local_crops_number 2
 """
 import argparse
 import math
@@ -18,6 +23,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 ARCHS = {"vit_tiny": (192, 12, 3), "vit_small": (384, 12, 6), "vit_base": (768, 12, 12), "vit_large": (1024, 24, 16)}
+# Swin: embed_dim, depths, heads per stage (official swin_tiny/small/base/large).
+SWIN_ARCHS = {"swin_tiny": (96, (2, 2, 6, 2), (3, 6, 12, 24)), "swin_small": (96, (2, 2, 18, 2), (3, 6, 12, 24)),
+              "swin_base": (128, (2, 2, 18, 2), (4, 8, 16, 32)), "swin_large": (192, (2, 2, 18, 2), (6, 12, 24, 48))}
+
+
+def drop_path(x, p, training):
+    if not training or p == 0:
+        return x
+    keep = 1 - p
+    m = (keep + torch.rand((x.shape[0],) + (1,) * (x.ndim - 1), dtype=x.dtype)).floor_()
+    return x.div(keep) * m
 
 
 class Block(nn.Module):
@@ -83,6 +99,126 @@ class ViT(nn.Module):
         return self.norm(t)
 
 
+def to_windows(x, w):
+    """(B, H, W, C) -> (B * nW, w * w, C), windows in row-major order within each image."""
+    b, h, wd, c = x.shape
+    return x.view(b, h // w, w, wd // w, w, c).permute(0, 1, 3, 2, 4, 5).reshape(-1, w * w, c)
+
+
+def from_windows(x, w, h, wd):
+    b = x.shape[0] // ((h // w) * (wd // w))
+    return x.view(b, h // w, wd // w, w, w, -1).permute(0, 1, 3, 2, 4, 5).reshape(b, h, wd, -1)
+
+
+class SwinBlock(nn.Module):
+    def __init__(self, d, heads, res, window, shift, dpr):
+        super().__init__()
+        if res <= window:  # as the official block: one window over the whole (224-px) grid, no shift
+            window, shift = res, 0
+        self.heads, self.window, self.shift, self.dpr = heads, window, shift, dpr
+        self.norm1 = nn.LayerNorm(d, eps=1e-6)
+        self.qkv = nn.Linear(d, 3 * d)
+        self.proj = nn.Linear(d, d)
+        self.relative_position_bias_table = nn.Parameter(torch.randn((2 * window - 1) ** 2, heads) * 0.02)
+        c = torch.stack(torch.meshgrid(torch.arange(window), torch.arange(window), indexing="ij")).flatten(1)
+        rel = (c[:, :, None] - c[:, None, :]).permute(1, 2, 0) + (window - 1)
+        self.register_buffer("relative_position_index", rel[..., 0] * (2 * window - 1) + rel[..., 1], persistent=False)
+        self.norm2 = nn.LayerNorm(d, eps=1e-6)
+        self.fc1 = nn.Linear(d, 4 * d)
+        self.fc2 = nn.Linear(4 * d, d)
+        self.masks = {}
+
+    def attn_mask(self, hp):
+        """The official SW-MSA mask for a padded hp x hp map: 0 within a region, -100 across."""
+        if hp not in self.masks:
+            w, s = self.window, self.shift
+            img = torch.zeros(1, hp, hp, 1)
+            cuts = (slice(0, -w), slice(-w, -s), slice(-s, None))
+            for i, (a, b) in enumerate((a, b) for a in cuts for b in cuts):
+                img[:, a, b, :] = i
+            mw = to_windows(img, w).squeeze(-1)
+            m = mw[:, None, :] - mw[:, :, None]
+            self.masks[hp] = m.masked_fill(m != 0, -100.0).masked_fill(m == 0, 0.0)
+        return self.masks[hp]
+
+    def forward(self, x):
+        b, n, c = x.shape
+        h = math.isqrt(n)
+        w, s = self.window, self.shift
+        y = self.norm1(x).view(b, h, h, c)
+        pad = (w - h % w) % w
+        y = F.pad(y, (0, 0, 0, pad, 0, pad))
+        hp = h + pad
+        if s:
+            y = torch.roll(y, (-s, -s), (1, 2))
+        y = to_windows(y, w)
+        bw, nt, _ = y.shape
+        qkv = self.qkv(y).reshape(bw, nt, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0] * (c // self.heads) ** -0.5, qkv[1], qkv[2]
+        bias = self.relative_position_bias_table[self.relative_position_index.view(-1)].view(nt, nt, -1)
+        a = q @ k.transpose(-2, -1) + bias.permute(2, 0, 1).unsqueeze(0)
+        if s:
+            m = self.attn_mask(hp)
+            a = (a.view(bw // m.shape[0], m.shape[0], self.heads, nt, nt) + m[None, :, None]).view(bw, self.heads, nt, nt)
+        y = self.proj((a.softmax(-1) @ v).transpose(1, 2).reshape(bw, nt, c))
+        y = from_windows(y, w, hp, hp)
+        if s:
+            y = torch.roll(y, (s, s), (1, 2))
+        y = y[:, :h, :h].reshape(b, n, c)
+        x = x + drop_path(y, self.dpr, self.training)
+        return x + drop_path(self.fc2(F.gelu(self.fc1(self.norm2(x)))), self.dpr, self.training)
+
+
+class PatchMerging(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.norm = nn.LayerNorm(4 * d, eps=1e-6)
+        self.reduction = nn.Linear(4 * d, 2 * d, bias=False)
+
+    def forward(self, x):
+        b, n, c = x.shape
+        h = math.isqrt(n)
+        x = x.view(b, h, h, c)
+        if h % 2:
+            x = F.pad(x, (0, 0, 0, 1, 0, 1))
+        x = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], -1)
+        return self.reduction(self.norm(x.reshape(b, -1, 4 * c)))
+
+
+class Swin(nn.Module):
+    def __init__(self, arch, patch, window, drop_path, mim):
+        super().__init__()
+        d, depths, heads = SWIN_ARCHS[arch]
+        self.proj = nn.Conv2d(3, d, patch, patch)
+        self.patch_norm = nn.LayerNorm(d, eps=1e-6)
+        self.masked_embed = nn.Parameter(torch.zeros(1, d)) if mim else None
+        dpr = torch.linspace(0, drop_path, sum(depths)).tolist()
+        self.blocks = nn.ModuleList()
+        res, k = 224 // patch, 0
+        for i, (depth, nh) in enumerate(zip(depths, heads)):
+            for j in range(depth):
+                self.blocks.append(SwinBlock(d, nh, res, window, 0 if j % 2 == 0 else window // 2, dpr[k]))
+                k += 1
+            if i < len(depths) - 1:
+                self.blocks.append(PatchMerging(d))
+                d, res = 2 * d, res // 2
+        self.num_features = d
+        self.norm = nn.LayerNorm(d, eps=1e-6)
+
+    def forward(self, x, mask=None):
+        t = self.proj(x)
+        b, c, h, w = t.shape
+        t = self.patch_norm(t.flatten(2).transpose(1, 2)).transpose(1, 2).reshape(b, c, h, w)
+        if mask is not None and self.masked_embed is not None:
+            mask = mask.repeat_interleave(h // mask.shape[-2], -2).repeat_interleave(w // mask.shape[-1], -1)
+            t.permute(0, 2, 3, 1)[mask, :] = self.masked_embed.to(t.dtype)
+        t = t.flatten(2).transpose(1, 2)
+        for blk in self.blocks:
+            t = blk(t)
+        t = self.norm(t)
+        return torch.cat((t.mean(1, keepdim=True), t), 1)
+
+
 class Head(nn.Module):
     def __init__(self, d, out, hidden=2048, bottleneck=256):
         super().__init__()
@@ -98,8 +234,13 @@ class Head(nn.Module):
 class Net(nn.Module):
     def __init__(self, args, student):
         super().__init__()
-        self.backbone = ViT(args.arch, args.patch_size, args.drop_path if student else 0.0, student)
-        self.head = Head(ARCHS[args.arch][0], args.out_dim)
+        dp = args.drop_path if student else 0.0
+        if args.arch in SWIN_ARCHS:
+            self.backbone = Swin(args.arch, args.patch_size, args.window_size, dp, student)
+            self.head = Head(self.backbone.num_features, args.out_dim)
+        else:
+            self.backbone = ViT(args.arch, args.patch_size, dp, student)
+            self.head = Head(ARCHS[args.arch][0], args.out_dim)
 
     def forward(self, views, masks=None):
         toks = self.backbone(torch.cat(views), torch.cat(masks) if masks is not None else None)
@@ -108,8 +249,9 @@ class Net(nn.Module):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--arch", default="vit_small")
-    ap.add_argument("--patch_size", type=int, default=16)
+    ap.add_argument("--arch", default="vit_small", choices=list(ARCHS) + list(SWIN_ARCHS))
+    ap.add_argument("--patch_size", type=int, default=None, help="default 16 for ViT, 4 for Swin")
+    ap.add_argument("--window_size", type=int, default=7, help="Swin window size (7 or 14 in the paper)")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--global_crops_size", type=int, default=224)
     ap.add_argument("--local_crops_size", type=int, default=96)
@@ -122,6 +264,9 @@ def main():
     ap.add_argument("--autocast", choices=["none", "bf16"], default="none",
                     help="run forward and loss under torch.autocast (CPU, bfloat16), as the official --use_fp16 does on CUDA")
     args = ap.parse_args()
+    swin = args.arch in SWIN_ARCHS
+    if args.patch_size is None:
+        args.patch_size = 4 if swin else 16
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -137,7 +282,8 @@ def main():
     center = torch.zeros(1, args.out_dim)
     center2 = torch.zeros(1, 1, args.out_dim)
     b, g, l = args.batch, args.global_crops_size, args.local_crops_size
-    grid = g // args.patch_size
+    # Swin masks are on the last stage's grid (8 patches a cell), as the official pred_size.
+    grid = g // (args.patch_size * 8 if swin else args.patch_size)
 
     def forward(views, masks):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.autocast == "bf16"):
@@ -195,7 +341,7 @@ def main():
     for _ in range(args.iters):
         step()
     dt = (time.perf_counter() - t0) / args.iters
-    print(f"pytorch {torch.__version__} threads {torch.get_num_threads()} autocast {args.autocast}: {args.arch}/{args.patch_size} batch {b} "
+    print(f"pytorch {torch.__version__} threads {torch.get_num_threads()} autocast {args.autocast}: {args.arch}/{args.patch_size}{f' window {args.window_size}' if swin else ''} batch {b} "
           f"2x{g} + {args.local_crops_number}x{l}: {dt * 1000:.1f} ms/iter, {b / dt:.2f} img/s")
 
 

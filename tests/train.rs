@@ -239,6 +239,34 @@ fn presets_and_config_files_supply_options_and_the_command_line_wins() {
         (800, 10, false)
     );
     assert_eq!(a.pred_ratio_var, vec![0.0, 0.2]);
+    // The Swin-T recipes parse and describe an official Swin-T (4-px patches, masks on 32-px
+    // cells), with the command line still winning.
+    for (preset, window) in [("swin_tiny_7_300ep", 7), ("swin_tiny_14_300ep", 14)] {
+        let argv: Vec<String> = ["ibot", "train", "--preset", preset, "--epochs", "3"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let a = Cli::parse_from(expand_config_args(argv).unwrap().into_iter().skip(1)).args;
+        assert_eq!(
+            (a.arch.as_str(), a.window_size, a.epochs, a.batch_size_per_gpu),
+            ("swin_tiny", window, 3, 26)
+        );
+        assert_eq!(
+            (a.resolved_patch_size(), a.mask_patch_size(), a.pred_start_epoch),
+            (4, 32, 50)
+        );
+        assert_eq!(
+            (a.local_crops_number, a.out_dim, a.shared_head, a.norm_last_layer),
+            (10, 8192, true, false)
+        );
+        assert_eq!((a.teacher_temp, a.warmup_teacher_temp_epochs), (0.07, 30));
+        assert_eq!(a.global_crops_scale, vec![0.25, 1.0]);
+        assert_eq!(a.local_crops_scale, vec![0.05, 0.25]);
+        let c = run::ibot_config(&a).unwrap();
+        assert_eq!(c.backbone.embed_dim(), 768, "{preset}: Swin-T's last stage is 768 wide");
+        assert_eq!(c.loss.mim_start_epoch, 50);
+        run::loader_config(&a).unwrap();
+    }
     // Official defaults where nothing is given.
     let a = Cli::parse_from(["x"]).args;
     assert_eq!(
