@@ -122,31 +122,9 @@ impl IbotLoss {
         epoch: usize,
         reduce: &dyn Comm,
     ) -> Result<LossOutput> {
+        self.check_call(masks, epoch)?;
         let cfg = &self.cfg;
         let g = cfg.ngcrops;
-        let ncrops = g + if student_local_cls.is_some() {
-            cfg.nlcrops
-        } else {
-            0
-        };
-        ensure!(
-            masks.len() >= g,
-            "{} masks given for {g} global views",
-            masks.len()
-        );
-        ensure!(
-            epoch < self.teacher_temp_schedule.len(),
-            "epoch {epoch} is past the end of the temperature schedule ({} epochs)",
-            self.teacher_temp_schedule.len()
-        );
-        ensure!(
-            teacher_cls.size().last() == Some(&cfg.out_dim)
-                && student_cls.size().last() == Some(&cfg.out_dim),
-            "[CLS] outputs must have out_dim {} (teacher {:?}, student {:?})",
-            cfg.out_dim,
-            teacher_cls.size(),
-            student_cls.size()
-        );
         ensure!(
             teacher_patch.size().last() == Some(&cfg.patch_out_dim) && student_patch.size().last() == Some(&cfg.patch_out_dim),
             "patch outputs must have dim {} (teacher {:?}, student {:?}); with shared_head on either side it must equal out_dim",
@@ -154,75 +132,57 @@ impl IbotLoss {
             teacher_patch.size(),
             student_patch.size()
         );
-        let all_student_cls = match student_local_cls {
-            Some(l) => Tensor::cat(&[student_cls, l], 0),
-            None => student_cls.shallow_clone(),
-        };
-        ensure!(
-            all_student_cls.size()[0] % ncrops as i64 == 0 && teacher_cls.size()[0] % g as i64 == 0,
-            "batch rows do not split evenly into views"
-        );
-        let s_cls = (all_student_cls / cfg.student_temp).chunk(ncrops as i64, 0);
+        let cls = self.cls_term(student_cls, teacher_cls, student_local_cls, epoch)?;
+        // Masked image modeling: view q of the student against view q of the teacher.
         let s_patch = (student_patch / cfg.student_temp).chunk(g as i64, 0);
-
-        let temp = self.teacher_temp_schedule[epoch];
-        let temp2 = self.teacher_temp2_schedule[epoch];
-        let t_cls = ((teacher_cls - &self.center) / temp)
+        let t_patch = ((teacher_patch - &self.center2) / self.teacher_temp2_schedule[epoch])
             .softmax(-1, Kind::Float)
             .detach()
             .chunk(g as i64, 0);
-        let t_patch = ((teacher_patch - &self.center2) / temp2)
-            .softmax(-1, Kind::Float)
-            .detach()
-            .chunk(g as i64, 0);
-
-        let mut loss1: Option<Tensor> = None;
+        ensure!(
+            s_patch.len() == g && t_patch.len() == g,
+            "patch rows do not split evenly into {g} views"
+        );
         let mut loss2: Option<Tensor> = None;
-        let (mut n1, mut n2) = (0usize, 0usize);
-        let acc = |acc: &mut Option<Tensor>, v: Tensor| {
-            *acc = Some(match acc.take() {
-                Some(a) => a + v,
-                None => v,
-            })
-        };
-        for q in 0..g {
-            for v in 0..ncrops {
-                if v == q {
-                    let l = (-&t_patch[q] * s_patch[v].log_softmax(-1, Kind::Float))
-                        .sum_dim_intlist(-1, false, Kind::Float);
-                    let m = masks[v]
-                        .flatten(-2, -1)
-                        .to_kind(Kind::Float)
-                        .to_device(l.device());
-                    ensure!(
-                        m.size() == l.size(),
-                        "mask of view {v} has {:?} patches, the output {:?}",
-                        m.size(),
-                        l.size()
-                    );
-                    let l = (l * &m).sum_dim_intlist(-1, false, Kind::Float)
-                        / m.sum_dim_intlist(-1, false, Kind::Float).clamp_min(1.0);
-                    acc(&mut loss2, l.mean(Kind::Float));
-                    n2 += 1;
-                } else {
-                    let l = (-&t_cls[q] * s_cls[v].log_softmax(-1, Kind::Float)).sum_dim_intlist(
-                        -1,
-                        false,
-                        Kind::Float,
-                    );
-                    acc(&mut loss1, l.mean(Kind::Float));
-                    n1 += 1;
-                }
-            }
+        for (q, (tq, sq)) in t_patch.iter().zip(&s_patch).enumerate() {
+            let l = (-tq * sq.log_softmax(-1, Kind::Float)).sum_dim_intlist(-1, false, Kind::Float);
+            let m = masks[q]
+                .flatten(-2, -1)
+                .to_kind(Kind::Float)
+                .to_device(l.device());
+            ensure!(
+                m.size() == l.size(),
+                "mask of view {q} has {:?} patches, the output {:?}",
+                m.size(),
+                l.size()
+            );
+            let l = ((l * &m).sum_dim_intlist(-1, false, Kind::Float)
+                / m.sum_dim_intlist(-1, false, Kind::Float).clamp_min(1.0))
+            .mean(Kind::Float);
+            loss2 = Some(match loss2.take() {
+                Some(a) => a + l,
+                None => l,
+            });
         }
-        let (Some(loss1), Some(loss2)) = (loss1, loss2) else {
-            bail!("no loss terms (need two views)")
+        let Some(loss2) = loss2 else {
+            bail!("no patch loss terms (no global view)")
         };
-        let cls = loss1 / n1 as f64 * cfg.lambda1;
-        let patch = loss2 / n2 as f64 * cfg.lambda2;
+        let patch = loss2 / g as f64 * cfg.lambda2;
         let total = &cls + &patch;
         self.update_center(teacher_cls, teacher_patch, reduce)?;
         Ok(LossOutput { cls, patch, total })
+    }
+
+    /// What every loss call needs: a mask per global view and a temperature for the epoch.
+    fn check_call(&self, masks: &[Tensor], epoch: usize) -> Result<()> {
+        let g = self.cfg.ngcrops;
+        ensure!(masks.len() >= g, "{} masks given for {g} global views", masks.len());
+        ensure!(
+            epoch < self.teacher_temp_schedule.len(),
+            "epoch {epoch} is past the end of the temperature schedule ({} epochs)",
+            self.teacher_temp_schedule.len()
+        );
+        Ok(())
     }
 
     /// The same loss as [`IbotLoss::forward`] when the student's patch head ran only where the
@@ -246,14 +206,9 @@ impl IbotLoss {
         epoch: usize,
         reduce: &dyn Comm,
     ) -> Result<LossOutput> {
+        self.check_call(masks, epoch)?;
         let cfg = &self.cfg;
         let g = cfg.ngcrops;
-        ensure!(masks.len() >= g, "{} masks given for {g} global views", masks.len());
-        ensure!(
-            epoch < self.teacher_temp_schedule.len(),
-            "epoch {epoch} is past the end of the temperature schedule ({} epochs)",
-            self.teacher_temp_schedule.len()
-        );
         let tsz = teacher_patch.size();
         ensure!(
             tsz.len() == 3 && tsz[2] == cfg.patch_out_dim && student_patch_rows.size().last() == Some(&cfg.patch_out_dim),

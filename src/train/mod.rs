@@ -139,6 +139,22 @@ impl Ibot {
         }
     }
 
+    /// The number of global views, after checking that `images` and `masks` cover them.
+    fn global_views(&self, images: &[Tensor], masks: &[Tensor]) -> Result<usize> {
+        let g = self.cfg.loss.ngcrops;
+        ensure!(
+            images.len() >= g,
+            "{} views given, {g} global views expected",
+            images.len()
+        );
+        ensure!(
+            masks.len() >= g,
+            "{} masks given for {g} global views",
+            masks.len()
+        );
+        Ok(g)
+    }
+
     /// Builds both networks; the teacher starts from the student's state dict loaded the way the
     /// official `load_state_dict(strict=False)` does it.
     pub fn new(cfg: IbotConfig, device: Device) -> Result<Self> {
@@ -197,17 +213,7 @@ impl Ibot {
         train: bool,
         reduce: &dyn Comm,
     ) -> Result<StepForward> {
-        let g = self.cfg.loss.ngcrops;
-        ensure!(
-            images.len() >= g,
-            "{} views given, {g} global views expected",
-            images.len()
-        );
-        ensure!(
-            masks.len() >= g,
-            "{} masks given for {g} global views",
-            masks.len()
-        );
+        let g = self.global_views(images, masks)?;
         let globals = &images[..g];
         let teacher = tch::no_grad(|| self.teacher.forward(globals, None, false))?;
         let mim = self.cfg.backbone.masked_im_modeling();
@@ -253,17 +259,7 @@ impl Ibot {
         epoch: usize,
         comm: &dyn Comm,
     ) -> Result<StepForward> {
-        let g = self.cfg.loss.ngcrops;
-        ensure!(
-            images.len() >= g,
-            "{} views given, {g} global views expected",
-            images.len()
-        );
-        ensure!(
-            masks.len() >= g,
-            "{} masks given for {g} global views",
-            masks.len()
-        );
+        let g = self.global_views(images, masks)?;
         let globals = &images[..g];
         let mut t = std::time::Instant::now();
         let teacher = tch::no_grad(|| self.teacher.forward(globals, None, false))?;
