@@ -17,46 +17,22 @@ fn tempdir(name: &str) -> PathBuf {
 }
 
 /// Options of a tiny model (16-pixel images, 4-pixel patches) for `ibot train`.
-const TINY: &[&str] = &[
-    "--arch",
-    "vit_tiny",
-    "--patch_size",
-    "4",
-    "--img_size",
-    "16",
-    "--depth",
-    "1",
-    "--embed_dim",
-    "24",
-    "--num_heads",
-    "2",
-    "--global_crops_size",
-    "16",
-    "--local_crops_size",
-    "8",
-    "--local_crops_number",
-    "2",
-    "--out_dim",
-    "32",
-    "--patch_out_dim",
-    "32",
-    "--head_hidden_dim",
-    "32",
-    "--head_bottleneck_dim",
-    "16",
-    "--batch_size_per_gpu",
-    "4",
-    "--warmup_epochs",
-    "0",
-    "--warmup_teacher_temp_epochs",
-    "0",
-    "--num_workers",
-    "0",
-    "--device",
-    "cpu",
-    "--use_fp16",
-    "false",
-];
+/// The tiny ViT of tests/common, quick to train: no warm-ups, loading on the calling thread,
+/// float32.
+fn tiny() -> Vec<&'static str> {
+    let mut v = common::TINY_VIT.to_vec();
+    v.extend([
+        "--warmup_epochs",
+        "0",
+        "--warmup_teacher_temp_epochs",
+        "0",
+        "--num_workers",
+        "0",
+        "--use_fp16",
+        "false",
+    ]);
+    v
+}
 
 fn ibot(args: &[&str]) -> Output {
     Command::new(BIN)
@@ -105,7 +81,7 @@ fn trained() -> &'static (PathBuf, PathBuf) {
             "--epochs",
             "1",
         ];
-        args.extend_from_slice(TINY);
+        args.extend_from_slice(&tiny());
         let r = ibot(&args);
         assert!(r.status.success(), "{}", stderr(&r));
         (data, out.join("checkpoint.safetensors"))
@@ -336,7 +312,7 @@ fn flipped_bytes_in_tensor_data_are_refused_by_every_reader() {
         "--epochs",
         "2",
     ];
-    a.extend_from_slice(TINY);
+    a.extend_from_slice(&tiny());
     let r = ibot(&a);
     assert_error(&r, name);
     assert!(stderr(&r).contains("resuming"), "{}", stderr(&r));
@@ -411,7 +387,7 @@ fn skip_corrupt_with_every_image_unreadable_is_an_error() {
         "--epochs",
         "2",
     ];
-    a.extend_from_slice(TINY);
+    a.extend_from_slice(&tiny());
     a.extend(["--skip_corrupt", "true"]);
     let r = ibot(&a);
     assert_error(&r, "every image of epoch 0 was unreadable");
@@ -440,7 +416,7 @@ fn a_second_run_on_the_same_output_dir_is_refused_and_the_lock_dies_with_its_pro
         "--epochs",
         "100000",
     ];
-    a.extend_from_slice(TINY);
+    a.extend_from_slice(&tiny());
     /// Kills the run (SIGKILL) however the test ends.
     struct Killed(std::process::Child);
     impl Drop for Killed {
@@ -493,7 +469,7 @@ fn train_tiny(out: &Path, extra: &[&str]) -> Output {
     let (data, _) = trained();
     let (d, o) = (s(data), s(out));
     let mut a = vec!["train", "--data_path", &d, "--output_dir", &o];
-    a.extend_from_slice(TINY);
+    a.extend_from_slice(&tiny());
     a.extend_from_slice(extra);
     ibot(&a)
 }
@@ -663,7 +639,7 @@ fn demo_is_only_the_subcommand_never_an_option_value_or_file_name() {
         "--epochs",
         "1",
     ];
-    a.extend_from_slice(TINY);
+    a.extend_from_slice(&tiny());
     let r = Command::new(BIN)
         .args(&a)
         .current_dir(&cwd)
@@ -911,7 +887,7 @@ fn train_help_documents_presets_config_and_the_warmup_flag() {
     let (data, _) = trained();
     let (d, o) = (s(data), s(&out));
     let mut a = vec!["train", "--data_path", &d, "--output_dir", &o];
-    a.extend_from_slice(TINY);
+    a.extend_from_slice(&tiny());
     a.extend(["--warmup_teacher_temp_epochs", "30", "--epochs", "5"]);
     assert_error(&ibot(&a), "pass --warmup_teacher_temp_epochs 5");
     // --preset and --config are still accepted where clap sees them.
@@ -919,7 +895,7 @@ fn train_help_documents_presets_config_and_the_warmup_flag() {
     std::fs::write(&cfg, "epochs = 0\n").unwrap();
     let c = s(&cfg);
     let mut a = vec!["train", "--data_path", &d, "--output_dir", &o];
-    a.extend_from_slice(TINY);
+    a.extend_from_slice(&tiny());
     a.extend(["--config", &c]);
     let r = ibot(&a);
     assert!(r.status.success(), "{}", stderr(&r));
@@ -955,7 +931,7 @@ fn background_run(out: &Path, launch: bool) -> Background {
         "--epochs",
         "100000",
     ]);
-    a.extend_from_slice(TINY);
+    a.extend_from_slice(&tiny());
     Background(
         Command::new(BIN)
             .args(&a)

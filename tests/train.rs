@@ -17,56 +17,27 @@ struct Cli {
 }
 
 fn tiny_args(data: &Path, out: &Path, extra: &[&str]) -> TrainArgs {
-    let mut argv: Vec<String> = [
-        "x",
-        "--arch",
-        "vit_tiny",
-        "--patch_size",
-        "4",
-        "--img_size",
-        "16",
-        "--depth",
-        "1",
-        "--embed_dim",
-        "24",
-        "--num_heads",
-        "2",
-        "--global_crops_size",
-        "16",
-        "--local_crops_size",
-        "8",
-        "--local_crops_number",
-        "2",
-        "--out_dim",
-        "32",
-        "--patch_out_dim",
-        "32",
-        "--head_hidden_dim",
-        "32",
-        "--head_bottleneck_dim",
-        "16",
-        "--batch_size_per_gpu",
-        "4",
-        "--epochs",
-        "3",
-        "--warmup_epochs",
-        "1",
-        "--warmup_teacher_temp_epochs",
-        "1",
-        "--num_workers",
-        "2",
-        "--device",
-        "cpu",
-        "--drop_path",
-        "0.1",
-        "--pred_ratio_var",
-        "0.1",
-        "--saveckp_freq",
-        "1",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    let mut argv: Vec<String> = vec!["x".into()];
+    argv.extend(common::TINY_VIT.iter().map(|s| s.to_string()));
+    argv.extend(
+        [
+            "--epochs",
+            "3",
+            "--warmup_epochs",
+            "1",
+            "--warmup_teacher_temp_epochs",
+            "1",
+            "--num_workers",
+            "2",
+            "--drop_path",
+            "0.1",
+            "--pred_ratio_var",
+            "0.1",
+            "--saveckp_freq",
+            "1",
+        ]
+        .map(String::from),
+    );
     argv.extend([
         "--data_path".into(),
         data.display().to_string(),

@@ -263,3 +263,39 @@ pub fn tiny_swin_args(
     argv.extend(extra.iter().map(|s| s.to_string()));
     <TrainCli as clap::Parser>::parse_from(argv).args
 }
+
+/// The tiny ViT every end-to-end test trains: width 24, one block, 4-pixel patches on 16-pixel
+/// global and 8-pixel local crops, a small head; batches of 4 on the CPU. Tests add or
+/// override options after it (the later one wins).
+pub const TINY_VIT: &[&str] = &[
+    "--arch",
+    "vit_tiny",
+    "--patch_size",
+    "4",
+    "--img_size",
+    "16",
+    "--depth",
+    "1",
+    "--embed_dim",
+    "24",
+    "--num_heads",
+    "2",
+    "--global_crops_size",
+    "16",
+    "--local_crops_size",
+    "8",
+    "--local_crops_number",
+    "2",
+    "--out_dim",
+    "32",
+    "--patch_out_dim",
+    "32",
+    "--head_hidden_dim",
+    "32",
+    "--head_bottleneck_dim",
+    "16",
+    "--batch_size_per_gpu",
+    "4",
+    "--device",
+    "cpu",
+];
