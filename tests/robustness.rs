@@ -1135,3 +1135,20 @@ fn loss_png_shows_a_single_epoch_and_flat_curves() {
     assert!(count(&full, [255, 0, 255]) > 30, "no temperature panel");
     eprintln!("pictures in {}", dir.display());
 }
+
+/// `--device auto` loads libtorch's CUDA backend where a GPU may exist (here forced with
+/// IBOT_LOAD_CUDA=1 on a machine without one): the library loads, no GPU is found, and the
+/// evaluation runs on the CPU.
+#[test]
+fn the_cuda_backend_loads_and_a_machine_without_a_gpu_runs_on_the_cpu() {
+    let (data, ckpt) = trained();
+    let r = Command::new(BIN)
+        .args(["eval-knn", "--pretrained_weights", &s(ckpt), "--data_path", &s(data)])
+        .args(["--nb_knn", "2", "--device", "auto"])
+        .env("IBOT_LOAD_CUDA", "1")
+        .output()
+        .unwrap();
+    let e = stderr(&r);
+    assert!(r.status.success(), "{e}");
+    assert!(!e.contains("could not be loaded"), "{e}");
+}

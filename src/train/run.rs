@@ -25,8 +25,46 @@ use crate::eval::cluster;
 use crate::dist::{Comm, DistEnv, ProcessGroup, SingleProcess};
 use crate::models::{BackboneConfig, HeadConfig, SwinConfig, VitConfig};
 
+/// Makes libtorch's CUDA backend available when this machine may have an NVIDIA GPU (or when
+/// IBOT_LOAD_CUDA=1 asks for it). Its kernels live in libtorch_cuda.so, which the linker drops
+/// from a binary that never calls into it by name; loading it registers CUDA with libtorch, as
+/// `import torch` does. CPU-only machines never pay for loading it (about 0.1 s and 400 MB).
+fn load_cuda_runtime() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let gpu_here = Path::new("/dev/nvidiactl").exists() || Path::new("/proc/driver/nvidia").exists();
+        let asked = std::env::var("IBOT_LOAD_CUDA").is_ok_and(|v| v == "1");
+        if !gpu_here && !asked {
+            return;
+        }
+        // Found through the binary's RUNPATH (build.rs puts libtorch's directory there).
+        // SAFETY: dlopen with a NUL-terminated name; the handle is kept for the process's life.
+        let handle = unsafe {
+            libc::dlopen(
+                c"libtorch_cuda.so".as_ptr(),
+                libc::RTLD_NOW | libc::RTLD_GLOBAL,
+            )
+        };
+        if handle.is_null() {
+            // SAFETY: dlerror returns a NUL-terminated message or null.
+            let why = unsafe {
+                let e = libc::dlerror();
+                if e.is_null() {
+                    "unknown error".to_string()
+                } else {
+                    std::ffi::CStr::from_ptr(e).to_string_lossy().into_owned()
+                }
+            };
+            eprintln!("note: libtorch's CUDA backend could not be loaded ({why}); running on the CPU");
+        }
+    });
+}
+
 /// Picks the device: `auto` is the first GPU when libtorch sees one.
 pub fn select_device(name: &str) -> Result<Device> {
+    if name != "cpu" {
+        load_cuda_runtime();
+    }
     Ok(match name {
         "auto" => Device::cuda_if_available(),
         "cpu" => Device::Cpu,
