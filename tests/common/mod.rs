@@ -47,6 +47,20 @@ pub fn augment_fixture_dir() -> Option<PathBuf> {
     None
 }
 
+/// The project's benchmark photos (`../shared/bench/photos`: real JPEGs), under the same rule
+/// as [`fixture_dir`].
+pub fn bench_photos_dir() -> Option<PathBuf> {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/bench/photos");
+    if root.is_dir() {
+        return Some(root);
+    }
+    skip_or_fail(&format!(
+        "benchmark photos not found at {} (clone the project next to shared/)",
+        root.display()
+    ));
+    None
+}
+
 fn skip_or_fail(why: &str) {
     assert!(
         std::env::var_os("IBOT_REQUIRE_FIXTURES").is_none(),
