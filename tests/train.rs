@@ -315,11 +315,22 @@ fn adamw_over_several_steps_matches_torch() {
     use ibot::train::optim::{Optimizer, OptimizerKind};
     use tch::{Device, Kind, Tensor};
     let cpu = (Kind::Float, Device::Cpu);
-    tch::manual_seed(5);
     let steps = 6i64;
-    let w0 = Tensor::randn([4, 3], cpu);
-    let b0 = Tensor::randn([4], cpu);
-    let v0 = Tensor::randn([2, 3], cpu);
+    // Drawn under the model-construction lock: the other tests of this binary seed libtorch's
+    // process-wide generator to build their models and must not see these draws interleaved.
+    let (w0, b0, v0, gw, gb, gv) = ibot::train::seeded_init(5, || {
+        let scale = Tensor::from_slice(&[1.0f32, 1e-3, 1e-7]).reshape([1, 1, 3]);
+        (
+            Tensor::randn([4, 3], cpu),
+            Tensor::randn([4], cpu),
+            Tensor::randn([2, 3], cpu),
+            // Gradients of very different sizes, some near eps, so that eps and bias
+            // correction matter.
+            Tensor::randn([steps, 4, 3], cpu) * scale,
+            Tensor::randn([steps, 4], cpu) * 0.1,
+            Tensor::randn([steps, 2, 3], cpu),
+        )
+    });
     let starts = [
         ("w", "w.weight", &w0),
         ("b", "w.bias", &b0),
@@ -329,11 +340,6 @@ fn adamw_over_several_steps_matches_torch() {
     for (_, name, t0) in starts {
         let _ = ps.add(name, t0.copy(), true);
     }
-    // Gradients of very different sizes, some near eps, so that eps and bias correction matter.
-    let scale = Tensor::from_slice(&[1.0f32, 1e-3, 1e-7]).reshape([1, 1, 3]);
-    let gw = Tensor::randn([steps, 4, 3], cpu) * scale;
-    let gb = Tensor::randn([steps, 4], cpu) * 0.1;
-    let gv = Tensor::randn([steps, 2, 3], cpu);
     let v_has_grad = [0i64, 0, 1, 1, 1, 1];
     let lr = [1e-3, 2e-3, 3e-3, 2.5e-3, 1e-3, 5e-4];
     let wd = [0.04, 0.1, 0.2, 0.3, 0.4, 0.4];
