@@ -45,31 +45,11 @@ fn pth_dir() -> &'static Path {
             .filter_map(|(k, v)| k.strip_prefix("student.").map(|n| (n.to_string(), v)))
             .collect();
         assert!(named.len() > 30, "fixture student parameters missing");
-        let npz = dir.join("params.npz");
-        Tensor::write_npz(&named, &npz).unwrap();
-        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-        let python = root.join(".venv/bin/python");
-        assert!(
-            python.is_file(),
-            "{} missing: run `bash scripts/bootstrap.sh` first",
-            python.display()
-        );
-        let st = std::process::Command::new(&python)
-            .arg(root.join("tests/py/make_official_pth.py"))
-            .arg(&npz)
-            .arg(&dir)
-            .status()
-            .unwrap();
-        assert!(st.success(), "make_official_pth.py failed");
+        common::make_official_pth(&named, &dir, None);
         dir
     })
 }
 
-fn assert_close(name: &str, got: &Tensor, want: &Tensor, tol: f64) {
-    assert_eq!(got.size(), want.size(), "{name}: shape");
-    let d = ibot::util::max_abs(&(got - want));
-    assert!(d <= tol, "{name}: max abs difference {d} > {tol}");
-}
 
 fn global_crop(v: i64) -> Tensor {
     fx("in.global_crops").get(v)
@@ -102,7 +82,7 @@ fn every_official_layout_loads_and_reproduces_the_official_outputs() {
         );
         let (_, vit) = p.backbone_model(Device::Cpu).unwrap();
         let got = tch::no_grad(|| vit.forward(&global_crop(0), None, false)).unwrap();
-        assert_close(file, &got, &want, TOL);
+        common::assert_close(file, &got, &want, TOL);
     }
 }
 
@@ -157,7 +137,7 @@ fn the_full_checkpoint_gives_teacher_head_and_masked_student() {
                 .select(1, 0),
         )
     });
-    assert_close(
+    common::assert_close(
         "teacher [CLS] head",
         &cls,
         &fx("out.teacher_cls").narrow(0, 0, b),
@@ -171,7 +151,7 @@ fn the_full_checkpoint_gives_teacher_head_and_masked_student() {
     let m = fx("in.masks_global");
     let masks = Tensor::cat(&[m.get(0), m.get(1)], 0).to_kind(tch::Kind::Bool);
     let got = tch::no_grad(|| svit.forward(&views, Some(&masks), false)).unwrap();
-    assert_close(
+    common::assert_close(
         "student masked backbone",
         &got,
         &fx("out.student_backbone_masked"),

@@ -51,26 +51,11 @@ fn pth_dir() -> &'static Path {
                 .any(|(k, _)| k.contains("relative_position_bias_table")),
             "fixture student parameters missing"
         );
-        let npz = dir.join("params.npz");
-        Tensor::write_npz(&named, &npz).unwrap();
-        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-        let st = Command::new(common::venv_python())
-            .arg(root.join("tests/py/make_official_pth.py"))
-            .arg(&npz)
-            .arg(&dir)
-            .arg("swin_tiny")
-            .status()
-            .unwrap();
-        assert!(st.success(), "make_official_pth.py failed");
+        common::make_official_pth(&named, &dir, Some("swin_tiny"));
         dir
     })
 }
 
-fn assert_close(name: &str, got: &Tensor, want: &Tensor, tol: f64) {
-    assert_eq!(got.size(), want.size(), "{name}: shape");
-    let d = ibot::util::max_abs(&(got - want));
-    assert!(d <= tol, "{name}: max abs difference {d} > {tol}");
-}
 
 fn swin_of(p: &ibot::interop::Pretrained) -> SwinConfig {
     p.swin()
@@ -114,7 +99,7 @@ fn every_official_swin_layout_loads_and_reproduces_the_official_outputs() {
         let (_, m) = p.backbone_model(Device::Cpu).unwrap();
         assert!(matches!(m, Backbone::Swin(_)));
         let got = tch::no_grad(|| m.forward(&x, None, false)).unwrap();
-        assert_close(file, &got, &want, TOL);
+        common::assert_close(file, &got, &want, TOL);
         // --arch is checked against the shapes; --num_heads is a ViT option.
         assert!(load_pretrained(&dir.join(file), "teacher", Some("swin_tiny")).is_err());
         assert!(load_pretrained(&dir.join(file), "teacher", Some("vit_small")).is_err());
@@ -142,7 +127,7 @@ fn the_full_swin_checkpoint_gives_teacher_head_and_masked_student() {
     let x = fx("in.global_crops").get(0);
     let b = x.size()[0];
     let cls = tch::no_grad(|| head.forward_cls(&m.forward(&x, None, false).unwrap().select(1, 0)));
-    assert_close(
+    common::assert_close(
         "teacher [CLS] head",
         &cls,
         &fx("out.teacher_cls").narrow(0, 0, b),
@@ -157,7 +142,7 @@ fn the_full_swin_checkpoint_gives_teacher_head_and_masked_student() {
     let mk = fx("in.masks_global");
     let masks = Tensor::cat(&[mk.get(0), mk.get(1)], 0).to_kind(Kind::Bool);
     let got = tch::no_grad(|| sm.forward(&views, Some(&masks), false)).unwrap();
-    assert_close(
+    common::assert_close(
         "student masked backbone",
         &got,
         &fx("out.student_backbone_masked"),
@@ -326,8 +311,8 @@ fn a_trained_swin_goes_through_the_evaluation_commands() {
         .unwrap()
         .select(1, 0);
     let manual = &pooled / pooled.norm_scalaropt_dim(2, [1], true);
-    assert_close("token 0 features", &want, &manual, 1e-6);
-    assert_close("eval-knn features", &dumped["test_features"], &want, 1e-5);
+    common::assert_close("token 0 features", &want, &manual, 1e-6);
+    common::assert_close("eval-knn features", &dumped["test_features"], &want, 1e-5);
 
     // eval-unsup: the teacher head on token 0.
     let o = ok(&[
@@ -357,7 +342,7 @@ fn a_trained_swin_goes_through_the_evaluation_commands() {
         "--device",
         "cpu",
     ]);
-    assert_close(
+    common::assert_close(
         "extract-features",
         &read_safetensors(&f1).unwrap()["features"],
         &pooled,

@@ -313,3 +313,25 @@ pub const TINY_VIT: &[&str] = &[
     "--device",
     "cpu",
 ];
+
+/// Writes official-layout `.pth` files (bare, `state_dict`, full checkpoint with `module.`
+/// prefixes and an `args` Namespace, …) of the student parameters `named` into `dir`, with the
+/// venv's torch (`tests/py/make_official_pth.py`; `arch` names a non-ViT architecture).
+pub fn make_official_pth(named: &[(String, tch::Tensor)], dir: &std::path::Path, arch: Option<&str>) {
+    let npz = dir.join("params.npz");
+    tch::Tensor::write_npz(named, &npz).unwrap();
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/py/make_official_pth.py");
+    let mut cmd = std::process::Command::new(venv_python());
+    cmd.arg(script).arg(&npz).arg(dir);
+    if let Some(a) = arch {
+        cmd.arg(a);
+    }
+    assert!(cmd.status().unwrap().success(), "make_official_pth.py failed");
+}
+
+/// `got` equals `want` in shape and within `tol` (max absolute difference).
+pub fn assert_close(name: &str, got: &tch::Tensor, want: &tch::Tensor, tol: f64) {
+    assert_eq!(got.size(), want.size(), "{name}: shape");
+    let d = ibot::util::max_abs(&(got - want));
+    assert!(d <= tol, "{name}: max abs difference {d} > {tol}");
+}
