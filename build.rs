@@ -5,6 +5,8 @@
 //!
 //! It also compiles the C++ shims over libtorch:
 //! * `csrc/autocast.cpp`: libtorch's autocast switches for the CPU (tch only exposes CUDA's);
+//! * `csrc/fastops.cpp`: a float32 Linear on oneDNN with its autograd node, and the fused
+//!   optimizer / multi-tensor EMA updates (libtorch operators tch does not expose);
 //! * `csrc/dist.cpp`: c10d's TCPStore and process groups for data-parallel training. The wheel
 //!   ships c10d's headers and symbols but not the gloo headers that ProcessGroupGloo.hpp
 //!   includes; with Debian's libgloo-dev (installed by scripts/bootstrap.sh) Gloo is compiled
@@ -25,6 +27,7 @@ fn main() {
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rerun-if-changed=csrc/autocast.cpp");
     println!("cargo:rerun-if-changed=csrc/dist.cpp");
+    println!("cargo:rerun-if-changed=csrc/fastops.cpp");
     let Some(libtorch) = std::env::var_os("LIBTORCH") else {
         panic!("LIBTORCH is not set: run `bash scripts/bootstrap.sh` first (it installs libtorch into .venv and points .cargo/config.toml at it)");
     };
@@ -53,6 +56,12 @@ fn main() {
     let mut b = cc::Build::new();
     base(&mut b, &root);
     b.file("csrc/autocast.cpp").compile("ibot_autocast");
+
+    let mut f = cc::Build::new();
+    base(&mut f, &root);
+    f.file("csrc/fastops.cpp")
+        .include(root.join("include/torch/csrc/api/include"))
+        .compile("ibot_fastops");
 
     let mut d = cc::Build::new();
     base(&mut d, &root);

@@ -11,6 +11,7 @@ pub mod bench;
 pub mod data;
 pub mod dist;
 pub mod eval;
+pub mod fastops;
 pub mod interop;
 pub mod loss;
 pub mod models;

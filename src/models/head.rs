@@ -11,7 +11,7 @@ use anyhow::{bail, ensure, Result};
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
-use super::vit::{LayerNorm, Linear};
+use super::layers::{linear, LayerNorm, Linear};
 use crate::params::ParamStore;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -156,7 +156,7 @@ impl WeightNormLinear {
     }
 
     pub fn forward(&self, x: &Tensor) -> Tensor {
-        x.linear(&self.weight(), None::<Tensor>)
+        linear(x, &self.weight(), None)
     }
 }
 
@@ -413,27 +413,6 @@ impl IbotHead {
                 };
                 Ok((x1, x2))
             }
-        }
-    }
-}
-
-impl Linear {
-    /// PyTorch's default `nn.Linear` init (uniform ±1/√in for weight and bias), used where the
-    /// official code does not re-initialise (`mlp2` is created after `apply(_init_weights)`).
-    pub fn new_torch_default(
-        ps: &mut ParamStore,
-        name: &str,
-        in_dim: i64,
-        out_dim: i64,
-        trainable: bool,
-        dev: Device,
-    ) -> Self {
-        let bound = 1.0 / (in_dim as f64).sqrt();
-        let w = Tensor::empty([out_dim, in_dim], (Kind::Float, dev)).uniform_(-bound, bound);
-        let b = Tensor::empty([out_dim], (Kind::Float, dev)).uniform_(-bound, bound);
-        Self {
-            weight: ps.add(format!("{name}.weight"), w, trainable),
-            bias: Some(ps.add(format!("{name}.bias"), b, trainable)),
         }
     }
 }

@@ -2,6 +2,7 @@
 
 pub mod head;
 pub mod init;
+pub mod layers;
 pub mod swin;
 pub mod vit;
 

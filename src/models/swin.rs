@@ -30,7 +30,7 @@ use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
 use super::init::{trunc_normal, zeros};
-use super::vit::{drop_path, LayerNorm, Linear, Mlp, LN_EPS};
+use super::layers::{drop_path, LayerNorm, Linear, Mlp, PatchEmbed, LN_EPS};
 use crate::params::ParamStore;
 
 /// Shape of a Swin Transformer. The presets follow the official `swin_tiny/small/base/large`.
@@ -375,7 +375,7 @@ pub struct SwinStage {
 pub struct SwinTransformer {
     pub cfg: SwinConfig,
     pub masked_embed: Option<Tensor>,
-    pub patch_embed: Linear, // conv weight [D, C, p, p]
+    pub patch_embed: PatchEmbed,
     pub patch_norm: LayerNorm,
     pub layers: Vec<SwinStage>,
     pub norm: LayerNorm,
@@ -403,14 +403,15 @@ impl SwinTransformer {
                 trainable,
             )
         });
-        let p = cfg.patch_size;
-        let bound = 1.0 / ((cfg.in_chans * p * p) as f64).sqrt();
-        let pw = Tensor::empty([d, cfg.in_chans, p, p], (Kind::Float, dev)).uniform_(-bound, bound);
-        let pb = Tensor::empty([d], (Kind::Float, dev)).uniform_(-bound, bound);
-        let patch_embed = Linear {
-            weight: ps.add(format!("{prefix}patch_embed.proj.weight"), pw, trainable),
-            bias: Some(ps.add(format!("{prefix}patch_embed.proj.bias"), pb, trainable)),
-        };
+        let patch_embed = PatchEmbed::new(
+            ps,
+            &format!("{prefix}patch_embed"),
+            cfg.in_chans,
+            d,
+            cfg.patch_size,
+            trainable,
+            dev,
+        );
         let patch_norm = LayerNorm::new(
             ps,
             &format!("{prefix}patch_embed.norm"),
@@ -459,24 +460,7 @@ impl SwinTransformer {
                 let proj =
                     Linear::new_trunc(ps, &format!("{b}attn.proj"), dim, dim, true, trainable, dev);
                 let norm2 = LayerNorm::new(ps, &format!("{b}norm2"), dim, LN_EPS, trainable, dev);
-                let fc1 = Linear::new_trunc(
-                    ps,
-                    &format!("{b}mlp.fc1"),
-                    dim,
-                    hidden,
-                    true,
-                    trainable,
-                    dev,
-                );
-                let fc2 = Linear::new_trunc(
-                    ps,
-                    &format!("{b}mlp.fc2"),
-                    hidden,
-                    dim,
-                    true,
-                    trainable,
-                    dev,
-                );
+                let mlp = Mlp::new(ps, &format!("{b}mlp"), dim, hidden, trainable, dev);
                 blocks.push(SwinBlock {
                     norm1,
                     attn: WindowAttention {
@@ -489,7 +473,7 @@ impl SwinTransformer {
                         scale: ((dim / heads) as f64).powf(-0.5),
                     },
                     norm2,
-                    mlp: Mlp { fc1, fc2 },
+                    mlp,
                     window_size: ws,
                     shift_size: shift,
                     drop_path: dpr,
@@ -564,16 +548,8 @@ impl SwinTransformer {
     /// tokens `[B, h·w, D]` and the grid `(h, w)`.
     pub fn embed(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<(Tensor, i64, i64)> {
         let (b, gh, gw) = self.check_input(x)?;
-        let p = self.cfg.patch_size;
         let d = self.cfg.embed_dim;
-        let t = x.conv2d(
-            &self.patch_embed.weight,
-            self.patch_embed.bias.as_ref(),
-            [p, p],
-            [0, 0],
-            [1, 1],
-            1,
-        ); // [B, D, h, w]
+        let t = self.patch_embed.forward(x); // [B, D, h, w]
         let t = self.patch_norm.forward(&t.flatten(2, -1).transpose(1, 2)); // [B, N, D]
         let t = match mask {
             None => t,

@@ -7,16 +7,14 @@
 use std::sync::Mutex;
 
 use anyhow::{bail, ensure, Result};
-use rand::{Rng, SeedableRng};
+use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
 use super::init::{trunc_normal, zeros};
+use super::layers::{drop_path, Attention, LayerNorm, Mlp, PatchEmbed, LN_EPS};
 use crate::params::ParamStore;
-
-/// LayerNorm epsilon of the official ViT (`partial(nn.LayerNorm, eps=1e-6)`).
-pub const LN_EPS: f64 = 1e-6;
 
 /// Shape of a ViT. The presets follow the official `vit_tiny/small/base/large`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -105,128 +103,6 @@ impl VitConfig {
     }
 }
 
-/// `nn.Linear` weights.
-#[derive(Debug)]
-pub struct Linear {
-    pub weight: Tensor,
-    pub bias: Option<Tensor>,
-}
-
-impl Linear {
-    /// Official ViT/head init: trunc_normal(std=.02) weight, zero bias.
-    pub fn new_trunc(
-        ps: &mut ParamStore,
-        name: &str,
-        in_dim: i64,
-        out_dim: i64,
-        bias: bool,
-        trainable: bool,
-        dev: Device,
-    ) -> Self {
-        let weight = ps.add(
-            format!("{name}.weight"),
-            trunc_normal(&[out_dim, in_dim], 0.02, dev),
-            trainable,
-        );
-        let bias = bias.then(|| ps.add(format!("{name}.bias"), zeros(&[out_dim], dev), trainable));
-        Self { weight, bias }
-    }
-
-    pub fn forward(&self, x: &Tensor) -> Tensor {
-        x.linear(&self.weight, self.bias.as_ref())
-    }
-}
-
-/// `nn.LayerNorm` parameters.
-#[derive(Debug)]
-pub struct LayerNorm {
-    pub weight: Tensor,
-    pub bias: Tensor,
-    pub eps: f64,
-}
-
-impl LayerNorm {
-    pub fn new(
-        ps: &mut ParamStore,
-        name: &str,
-        dim: i64,
-        eps: f64,
-        trainable: bool,
-        dev: Device,
-    ) -> Self {
-        let weight = ps.add(
-            format!("{name}.weight"),
-            Tensor::ones([dim], (Kind::Float, dev)),
-            trainable,
-        );
-        let bias = ps.add(format!("{name}.bias"), zeros(&[dim], dev), trainable);
-        Self { weight, bias, eps }
-    }
-
-    /// A second handle on the same parameters (a module used in several places).
-    pub fn shallow_clone(&self) -> Self {
-        Self {
-            weight: self.weight.shallow_clone(),
-            bias: self.bias.shallow_clone(),
-            eps: self.eps,
-        }
-    }
-
-    pub fn forward(&self, x: &Tensor) -> Tensor {
-        let d = *x.size().last().expect("layer norm on a 0-d tensor");
-        x.layer_norm([d], Some(&self.weight), Some(&self.bias), self.eps, true)
-    }
-}
-
-/// Multi-head self-attention with a fused qkv projection.
-#[derive(Debug)]
-pub struct Attention {
-    pub qkv: Linear,
-    pub proj: Linear,
-    pub num_heads: i64,
-    pub scale: f64,
-}
-
-impl Attention {
-    /// q, k, v as `[B, heads, N, head_dim]`.
-    fn qkv(&self, x: &Tensor) -> (Tensor, Tensor, Tensor) {
-        let (b, n, c) = x.size3().expect("attention input must be [B, N, C]");
-        let qkv = self
-            .qkv
-            .forward(x)
-            .reshape([b, n, 3, self.num_heads, c / self.num_heads])
-            .permute([2, 0, 3, 1, 4]);
-        (qkv.get(0), qkv.get(1), qkv.get(2))
-    }
-
-    /// Attention probabilities `[B, heads, N, N]`, computed as the official code does.
-    pub fn attention_map(&self, x: &Tensor) -> Tensor {
-        let (q, k, _) = self.qkv(x);
-        (q.matmul(&k.transpose(-2, -1)) * self.scale).softmax(-1, Kind::Float)
-    }
-
-    pub fn forward(&self, x: &Tensor) -> Tensor {
-        let (b, n, c) = x.size3().expect("attention input must be [B, N, C]");
-        let (q, k, v) = self.qkv(x);
-        let attn = (q.matmul(&k.transpose(-2, -1)) * self.scale).softmax(-1, Kind::Float);
-        let out = attn.matmul(&v).transpose(1, 2).reshape([b, n, c]);
-        self.proj.forward(&out)
-    }
-}
-
-/// Two-layer MLP with exact GELU.
-#[derive(Debug)]
-pub struct Mlp {
-    pub fc1: Linear,
-    pub fc2: Linear,
-}
-
-impl Mlp {
-    pub fn forward(&self, x: &Tensor) -> Tensor {
-        self.fc2.forward(&self.fc1.forward(x).gelu("none"))
-    }
-}
-
 /// Pre-norm transformer block with stochastic depth.
 #[derive(Debug)]
 pub struct Block {
@@ -235,32 +111,6 @@ pub struct Block {
     pub norm2: LayerNorm,
     pub mlp: Mlp,
     pub drop_path: f64,
-}
-
-/// Stochastic depth: zeroes whole samples of the residual branch with probability `p` and
-/// rescales the rest by `1/(1-p)`, as the official `drop_path` (identity when not training).
-///
-/// The per-sample draws come from the model's own generator (not libtorch's global one), so a
-/// run is reproducible whatever else the process does, and resumable exactly by reseeding.
-pub fn drop_path(x: &Tensor, p: f64, train: bool, rng: &Mutex<ChaCha8Rng>) -> Tensor {
-    if p == 0.0 || !train {
-        return x.shallow_clone();
-    }
-    let keep = 1.0 - p;
-    let b = x.size()[0];
-    let draws: Vec<f32> = {
-        let mut r = rng.lock().unwrap_or_else(|e| e.into_inner());
-        (0..b)
-            .map(|_| (keep + r.gen::<f64>()).floor() as f32)
-            .collect()
-    };
-    let mut shape = vec![b];
-    shape.extend(std::iter::repeat(1).take(x.dim() - 1));
-    let mask = Tensor::from_slice(&draws)
-        .view(shape.as_slice())
-        .to_device(x.device())
-        .to_kind(x.kind());
-    x.g_div_scalar(keep) * mask
 }
 
 impl Block {
@@ -283,7 +133,7 @@ pub struct VisionTransformer {
     pub cls_token: Tensor,
     pub pos_embed: Tensor,
     pub masked_embed: Option<Tensor>,
-    pub patch_embed: Linear, // conv weight [D, C, p, p]
+    pub patch_embed: PatchEmbed,
     pub blocks: Vec<Block>,
     pub norm: LayerNorm,
     /// Generator of the drop-path draws.
@@ -322,15 +172,15 @@ impl VisionTransformer {
                 trainable,
             )
         });
-        let p = cfg.patch_size;
-        let fan_in = (cfg.in_chans * p * p) as f64;
-        let bound = 1.0 / fan_in.sqrt();
-        let pw = Tensor::empty([d, cfg.in_chans, p, p], (Kind::Float, dev)).uniform_(-bound, bound);
-        let pb = Tensor::empty([d], (Kind::Float, dev)).uniform_(-bound, bound);
-        let patch_embed = Linear {
-            weight: ps.add(format!("{prefix}patch_embed.proj.weight"), pw, trainable),
-            bias: Some(ps.add(format!("{prefix}patch_embed.proj.bias"), pb, trainable)),
-        };
+        let patch_embed = PatchEmbed::new(
+            ps,
+            &format!("{prefix}patch_embed"),
+            cfg.in_chans,
+            d,
+            cfg.patch_size,
+            trainable,
+            dev,
+        );
         let mut blocks = Vec::with_capacity(cfg.depth as usize);
         let hidden = cfg.mlp_hidden();
         for i in 0..cfg.depth {
@@ -342,31 +192,22 @@ impl VisionTransformer {
             };
             let b = format!("{prefix}blocks.{i}.");
             let norm1 = LayerNorm::new(ps, &format!("{b}norm1"), d, LN_EPS, trainable, dev);
-            let qkv = Linear::new_trunc(
+            let attn = Attention::new(
                 ps,
-                &format!("{b}attn.qkv"),
+                &format!("{b}attn"),
                 d,
-                3 * d,
+                cfg.num_heads,
                 cfg.qkv_bias,
                 trainable,
                 dev,
             );
-            let proj = Linear::new_trunc(ps, &format!("{b}attn.proj"), d, d, true, trainable, dev);
             let norm2 = LayerNorm::new(ps, &format!("{b}norm2"), d, LN_EPS, trainable, dev);
-            let fc1 =
-                Linear::new_trunc(ps, &format!("{b}mlp.fc1"), d, hidden, true, trainable, dev);
-            let fc2 =
-                Linear::new_trunc(ps, &format!("{b}mlp.fc2"), hidden, d, true, trainable, dev);
+            let mlp = Mlp::new(ps, &format!("{b}mlp"), d, hidden, trainable, dev);
             blocks.push(Block {
                 norm1,
-                attn: Attention {
-                    qkv,
-                    proj,
-                    num_heads: cfg.num_heads,
-                    scale: ((d / cfg.num_heads) as f64).powf(-0.5),
-                },
+                attn,
                 norm2,
-                mlp: Mlp { fc1, fc2 },
+                mlp,
                 drop_path: dpr,
             });
         }
@@ -456,16 +297,8 @@ impl VisionTransformer {
     /// Patch embedding, masking, CLS token and position embedding: `[B, 1 + N, D]`.
     pub fn prepare_tokens(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
         let (b, gh, gw) = self.check_input(x, mask)?;
-        let p = self.cfg.patch_size;
         let d = self.cfg.embed_dim;
-        let mut t = x.conv2d(
-            &self.patch_embed.weight,
-            self.patch_embed.bias.as_ref(),
-            [p, p],
-            [0, 0],
-            [1, 1],
-            1,
-        ); // [B, D, h, w]
+        let mut t = self.patch_embed.forward(x); // [B, D, h, w]
         if let Some(m) = mask {
             let Some(me) = &self.masked_embed else {
                 bail!("a mask was given but this backbone has no masked_embed (masked_im_modeling is off)")

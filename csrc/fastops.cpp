@@ -1,0 +1,134 @@
+// Fast paths over libtorch that tch does not expose: a float32 Linear on oneDNN with its own
+// autograd node, and the fused / multi-tensor optimizer updates (`_fused_adamw_`, `_fused_sgd_`,
+// `_foreach_*`). Everything calls libtorch's own operators through its headers, so a changed
+// signature is a compile error. Errors come back as a malloc'ed message in *err.
+#include <ATen/ATen.h>
+#include <torch/csrc/autograd/custom_function.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+void set_error(char** err, const char* msg) {
+  if (err) *err = strdup(msg);
+}
+
+std::vector<at::Tensor> list(at::Tensor** ts, int n) {
+  std::vector<at::Tensor> out;
+  out.reserve(n);
+  for (int i = 0; i < n; ++i) out.push_back(*ts[i]);
+  return out;
+}
+
+at::Tensor dense(const at::Tensor& t) { return t.is_mkldnn() ? t.to_dense() : t; }
+
+// y = x · wᵀ + b with oneDNN's float32 inner product. Autograd saves the dense input and the
+// weight, as F.linear does (no second copy of the activations in oneDNN's layout); the oneDNN
+// views made for each product are temporary.
+struct OnednnLinear : public torch::autograd::Function<OnednnLinear> {
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x,
+                            const at::Tensor& w, const std::optional<at::Tensor>& b) {
+    const int64_t k = x.size(-1);
+    auto rows = x.reshape({-1, k}).contiguous();
+    auto wc = w.contiguous();
+    std::optional<at::Tensor> bias;
+    if (b.has_value() && b->defined()) bias = b->contiguous();
+    auto y = dense(at::mkldnn_linear(rows.to_mkldnn(), wc, bias));
+    ctx->save_for_backward({rows, wc});
+    ctx->saved_data["bias"] = bias.has_value();
+    ctx->saved_data["shape"] = x.sizes().vec();
+    auto shape = x.sizes().vec();
+    shape.back() = w.size(0);
+    return y.view(shape);
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    auto saved = ctx->get_saved_variables();
+    const auto& rows = saved[0];
+    const auto& w = saved[1];
+    const bool has_bias = ctx->saved_data["bias"].toBool();
+    const auto shape = ctx->saved_data["shape"].toIntVector();
+    auto g = grads[0].reshape({-1, w.size(0)}).contiguous().to_mkldnn();
+    at::Tensor gx, gw, gb;
+    if (ctx->needs_input_grad(0)) {
+      gx = dense(at::mkldnn_linear_backward_input(rows.sizes(), g, w)).view(shape);
+    }
+    if (ctx->needs_input_grad(1) || (has_bias && ctx->needs_input_grad(2))) {
+      auto r = at::mkldnn_linear_backward_weights(g, rows.to_mkldnn(), w, has_bias);
+      if (ctx->needs_input_grad(1)) gw = dense(std::get<0>(r));
+      if (has_bias && ctx->needs_input_grad(2)) gb = dense(std::get<1>(r));
+    }
+    return {gx, gw, gb};
+  }
+};
+
+}  // namespace
+
+extern "C" {
+
+void ibot_fastops_free_error(char* s) { std::free(s); }
+
+// A new tensor (to be owned by the caller) or nullptr with *err set. `b` may be null.
+at::Tensor* ibot_onednn_linear(at::Tensor* x, at::Tensor* w, at::Tensor* b, char** err) {
+  try {
+    std::optional<at::Tensor> bias;
+    if (b) bias = *b;
+    return new at::Tensor(OnednnLinear::apply(*x, *w, bias));
+  } catch (const std::exception& e) {
+    set_error(err, e.what());
+    return nullptr;
+  }
+}
+
+// torch.optim.AdamW(fused=True)'s update of n parameters; `steps` are float scalars holding
+// each parameter's step count after this step's increment.
+int ibot_fused_adamw(at::Tensor** params, at::Tensor** grads, at::Tensor** exp_avgs,
+                     at::Tensor** exp_avg_sqs, at::Tensor** steps, int n, double lr, double beta1,
+                     double beta2, double weight_decay, double eps, char** err) {
+  try {
+    at::NoGradGuard no_grad;
+    at::_fused_adamw_(list(params, n), list(grads, n), list(exp_avgs, n), list(exp_avg_sqs, n), {},
+                      list(steps, n), lr, beta1, beta2, weight_decay, eps, /*amsgrad=*/false,
+                      /*maximize=*/false);
+    return 0;
+  } catch (const std::exception& e) {
+    set_error(err, e.what());
+    return 1;
+  }
+}
+
+// torch.optim.SGD(fused=True)'s update (dampening 0, no Nesterov). With first_step, the
+// buffers are filled with the (weight-decayed) gradients, as PyTorch's first momentum step.
+int ibot_fused_sgd(at::Tensor** params, at::Tensor** grads, at::Tensor** bufs, int n,
+                   double weight_decay, double momentum, double lr, int first_step, char** err) {
+  try {
+    at::NoGradGuard no_grad;
+    at::_fused_sgd_(list(params, n), list(grads, n), list(bufs, n), weight_decay, momentum, lr,
+                    /*dampening=*/0.0, /*nesterov=*/false, /*maximize=*/false, first_step != 0);
+    return 0;
+  } catch (const std::exception& e) {
+    set_error(err, e.what());
+    return 1;
+  }
+}
+
+// The official EMA `t.mul_(m).add_((1 - m) * s)` over n pairs, as multi-tensor operations
+// (the same roundings as the official per-tensor code).
+int ibot_foreach_ema(at::Tensor** teacher, at::Tensor** student, int n, double m, char** err) {
+  try {
+    at::NoGradGuard no_grad;
+    auto t = list(teacher, n);
+    auto s = list(student, n);
+    at::_foreach_mul_(t, m);
+    at::_foreach_add_(t, at::_foreach_mul(s, 1.0 - m));
+    return 0;
+  } catch (const std::exception& e) {
+    set_error(err, e.what());
+    return 1;
+  }
+}
+
+}  // extern "C"
