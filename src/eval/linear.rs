@@ -27,15 +27,27 @@ use crate::data::augment::random_resized_crop_params;
 use crate::data::dataset::Dataset;
 use crate::data::ops::{self, Filter, Rgb8};
 use crate::models::BackboneRef;
-use crate::params::{read_safetensors, write_safetensors};
+use crate::params::{read_safetensors, write_safetensors, ParamStore};
+use crate::train::optim::{Optimizer, OptimizerKind};
 
-/// `LinearClassifier`: one `nn.Linear(dim, num_labels)` trained by SGD with momentum 0.9.
-#[derive(Debug)]
+/// `LinearClassifier`: one `nn.Linear(dim, num_labels)` trained by SGD with momentum 0.9 (the
+/// project's one SGD, [`crate::train::optim::Optimizer`], with no weight decay).
 pub struct LinearProbe {
     pub weight: Tensor,
     pub bias: Tensor,
-    /// SGD momentum buffers (absent before the first step, as in PyTorch).
-    momentum: Option<(Tensor, Tensor)>,
+    /// `linear.weight` and `linear.bias`, for the optimizer.
+    ps: ParamStore,
+    /// SGD with its momentum buffers (absent before the first step, as in PyTorch).
+    opt: Optimizer,
+}
+
+impl std::fmt::Debug for LinearProbe {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LinearProbe")
+            .field("weight", &self.weight.size())
+            .field("bias", &self.bias.size())
+            .finish()
+    }
 }
 
 pub const MOMENTUM: f64 = 0.9;
@@ -43,22 +55,23 @@ pub const MOMENTUM: f64 = 0.9;
 impl LinearProbe {
     /// Weights N(0, 0.01), bias 0, drawn from libtorch's generator (seed it with `tch::manual_seed`).
     pub fn new(dim: i64, num_labels: i64, device: Device) -> Self {
-        let weight = (Tensor::randn([num_labels, dim], (Kind::Float, device)) * 0.01)
-            .set_requires_grad(true);
-        let bias = Tensor::zeros([num_labels], (Kind::Float, device)).set_requires_grad(true);
-        Self {
-            weight,
-            bias,
-            momentum: None,
-        }
+        let weight = Tensor::randn([num_labels, dim], (Kind::Float, device)) * 0.01;
+        let bias = Tensor::zeros([num_labels], (Kind::Float, device));
+        Self::from_weights(weight, bias)
     }
 
     /// Given weights (e.g. from a reference) and no momentum yet.
     pub fn from_weights(weight: Tensor, bias: Tensor) -> Self {
+        let mut ps = ParamStore::new();
+        let weight = ps.add("linear.weight", weight.detach().copy(), true);
+        let bias = ps.add("linear.bias", bias.detach().copy(), true);
+        let mut opt = Optimizer::new(OptimizerKind::Sgd, &ps);
+        opt.momentum = MOMENTUM;
         Self {
-            weight: weight.detach().copy().set_requires_grad(true),
-            bias: bias.detach().copy().set_requires_grad(true),
-            momentum: None,
+            weight,
+            bias,
+            ps,
+            opt,
         }
     }
 
@@ -78,33 +91,36 @@ impl LinearProbe {
         let value = loss.double_value(&[]);
         ensure!(value.is_finite(), "linear-probe loss is {value}");
         let grads = Tensor::run_backward(&[&loss], &[&self.weight, &self.bias], false, false);
-        tch::no_grad(|| {
-            // PyTorch SGD: buf = g on the first step, then buf = momentum * buf + g; p -= lr * buf.
-            let bufs = match self.momentum.take() {
-                None => (grads[0].copy(), grads[1].copy()),
-                Some((mut bw, mut bb)) => {
-                    let _ = bw.g_mul_scalar_(MOMENTUM).g_add_(&grads[0]);
-                    let _ = bb.g_mul_scalar_(MOMENTUM).g_add_(&grads[1]);
-                    (bw, bb)
-                }
-            };
-            let _ = self.weight.g_add_(&(&bufs.0 * -lr));
-            let _ = self.bias.g_add_(&(&bufs.1 * -lr));
-            self.momentum = Some(bufs);
-        });
+        let grads: Vec<Option<Tensor>> = grads.into_iter().map(Some).collect();
+        // PyTorch SGD: buf = g on the first step, then buf = momentum * buf + g; p -= lr * buf.
+        self.opt.step(&self.ps, &grads, lr, 0.0)?;
         Ok(value)
     }
 
+    /// Weights and momentum buffers under the names of the probe's checkpoints
+    /// (`linear.{weight,bias}`, `momentum.{weight,bias}`).
     fn state(&self) -> Vec<(String, Tensor)> {
         let mut v = vec![
             ("linear.weight".to_string(), self.weight.detach()),
             ("linear.bias".to_string(), self.bias.detach()),
         ];
-        if let Some((bw, bb)) = &self.momentum {
-            v.push(("momentum.weight".into(), bw.shallow_clone()));
-            v.push(("momentum.bias".into(), bb.shallow_clone()));
+        for (k, t) in self.opt.state_tensors(&self.ps) {
+            if let Some(p) = k.strip_suffix(".momentum_buffer") {
+                v.push((p.replacen("linear.", "momentum.", 1), t));
+            }
         }
         v
+    }
+
+    /// Restores momentum buffers saved by [`LinearProbe::state`].
+    fn load_momentum(&mut self, weight: Tensor, bias: Tensor) -> Result<()> {
+        let src: std::collections::HashMap<String, Tensor> = [
+            ("linear.weight.momentum_buffer".to_string(), weight),
+            ("linear.bias.momentum_buffer".to_string(), bias),
+        ]
+        .into_iter()
+        .collect();
+        self.opt.load_state(&self.ps, &src, "")
     }
 }
 
@@ -490,7 +506,7 @@ fn load_probe(
     let dev = probe.weight.device();
     *probe = LinearProbe::from_weights(w.to_device(dev), b.to_device(dev));
     if let (Ok(bw), Ok(bb)) = (get("momentum.weight"), get("momentum.bias")) {
-        probe.momentum = Some((bw.to_device(dev), bb.to_device(dev)));
+        probe.load_momentum(bw, bb)?;
     }
     Ok((meta.epoch, meta.best_acc))
 }

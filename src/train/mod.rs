@@ -535,12 +535,15 @@ pub fn ema_pairs<'a>(
         .collect()
 }
 
-/// `t = m·t + (1-m)·s` over [`ema_pairs`].
+/// `t = m·t + (1-m)·s` over [`ema_pairs`], computed as the official
+/// `param_k.data.mul_(m).add_((1 - m) * param_q.detach().data)` (the same roundings) with
+/// libtorch's multi-tensor operations: one call for all pairs.
 pub fn ema_update(teacher: &ParamStore, student: &ParamStore, m: f64) {
     let _guard = tch::no_grad_guard();
-    for (tp, sp) in ema_pairs(teacher, student) {
-        let mut t = tp.tensor.shallow_clone();
-        let _ = t.g_mul_scalar_(m);
-        let _ = t.g_add_(&(sp.tensor.detach() * (1.0 - m)));
-    }
+    let (t, s): (Vec<Tensor>, Vec<Tensor>) = ema_pairs(teacher, student)
+        .into_iter()
+        .map(|(tp, sp)| (tp.tensor.shallow_clone(), sp.tensor.detach()))
+        .unzip();
+    // Pairs share shape, dtype and device by construction; a failure is a bug, not bad input.
+    crate::fastops::foreach_ema(&t, &s, m).unwrap_or_else(|e| panic!("{e:#}"));
 }

@@ -4,6 +4,11 @@
 //! a learning rate for every group and a weight decay for the first group only, and it needs
 //! parameters whose gradient was cancelled to be skipped entirely (PyTorch skips `grad is None`,
 //! weight decay included), which tch's optimizer wrapper cannot express.
+//!
+//! AdamW and SGD run libtorch's fused multi-tensor kernels (`torch.optim.AdamW(fused=True)`,
+//! `SGD(fused=True)`: one call per group, one pass over each tensor), through
+//! [`crate::fastops`]; the state (and its checkpoint layout) is per parameter as before. LARS,
+//! whose trust ratio needs each tensor's norms, stays per tensor.
 
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
@@ -117,32 +122,72 @@ impl Optimizer {
             (&self.groups.regularized, wd),
             (&self.groups.not_regularized, 0.0),
         ] {
-            for &i in group.iter() {
-                let Some(grad) = &grads[i] else { continue };
-                let mut p = params[i].tensor.shallow_clone();
-                match self.kind {
-                    OptimizerKind::Adamw => adamw_update(
-                        &mut self.state[i],
-                        &mut p,
-                        grad,
-                        lr,
-                        decay,
-                        self.beta1,
-                        self.beta2,
-                        self.eps,
-                    ),
-                    OptimizerKind::Sgd => {
-                        sgd_update(&mut self.state[i], &mut p, grad, lr, decay, self.momentum)
+            // Parameters without a gradient are skipped entirely, as PyTorch skips grad None.
+            let live: Vec<usize> = group.iter().copied().filter(|&i| grads[i].is_some()).collect();
+            let grad = |i: usize| grads[i].as_ref().map(Tensor::contiguous).expect("filtered");
+            match self.kind {
+                OptimizerKind::Adamw => {
+                    let mut p = Vec::with_capacity(live.len());
+                    let (mut g, mut m, mut v, mut st) = (vec![], vec![], vec![], vec![]);
+                    for &i in &live {
+                        let param = &params[i].tensor;
+                        let s = self.state[i].adam(param);
+                        s.step += 1;
+                        p.push(param.shallow_clone());
+                        g.push(grad(i));
+                        m.push(s.exp_avg.shallow_clone());
+                        v.push(s.exp_avg_sq.shallow_clone());
+                        st.push(
+                            Tensor::from_slice(&[s.step as f32]).to_device(param.device()),
+                        );
                     }
-                    OptimizerKind::Lars => lars_update(
-                        &mut self.state[i],
-                        &mut p,
-                        grad,
-                        lr,
-                        decay,
-                        self.momentum,
-                        self.lars_eta,
-                    ),
+                    crate::fastops::fused_adamw(
+                        &p, &g, &m, &v, &st, lr, self.beta1, self.beta2, decay, self.eps,
+                    )?;
+                }
+                OptimizerKind::Sgd if self.momentum != 0.0 => {
+                    // Two calls: parameters on their first momentum step (buffer = gradient),
+                    // then the others; a frozen last layer joins the first set late.
+                    for first in [true, false] {
+                        let mut p = vec![];
+                        let (mut g, mut b) = (vec![], vec![]);
+                        for &i in &live {
+                            let has = matches!(self.state[i], State::Momentum(_));
+                            if has == first {
+                                continue;
+                            }
+                            if first {
+                                self.state[i] = State::Momentum(params[i].tensor.zeros_like());
+                            }
+                            let State::Momentum(buf) = &self.state[i] else {
+                                unreachable!()
+                            };
+                            p.push(params[i].tensor.shallow_clone());
+                            g.push(grad(i));
+                            b.push(buf.shallow_clone());
+                        }
+                        crate::fastops::fused_sgd(&p, &g, &b, decay, self.momentum, lr, first)?;
+                    }
+                }
+                OptimizerKind::Sgd => {
+                    for &i in &live {
+                        let mut p = params[i].tensor.shallow_clone();
+                        sgd_update(&mut self.state[i], &mut p, &grad(i), lr, decay, 0.0);
+                    }
+                }
+                OptimizerKind::Lars => {
+                    for &i in &live {
+                        let mut p = params[i].tensor.shallow_clone();
+                        lars_update(
+                            &mut self.state[i],
+                            &mut p,
+                            &grad(i),
+                            lr,
+                            decay,
+                            self.momentum,
+                            self.lars_eta,
+                        );
+                    }
                 }
             }
         }
@@ -213,43 +258,23 @@ impl Optimizer {
     }
 }
 
-/// PyTorch's single-tensor AdamW (decoupled weight decay, bias correction).
-#[allow(clippy::too_many_arguments)]
-fn adamw_update(
-    state: &mut State,
-    p: &mut Tensor,
-    grad: &Tensor,
-    lr: f64,
-    wd: f64,
-    b1: f64,
-    b2: f64,
-    eps: f64,
-) {
-    if !matches!(state, State::Adam(_)) {
-        *state = State::Adam(AdamState {
-            step: 0,
-            exp_avg: p.zeros_like(),
-            exp_avg_sq: p.zeros_like(),
-        });
+impl State {
+    /// The AdamW state, created (zero moments, step 0) on a parameter's first update.
+    fn adam(&mut self, p: &Tensor) -> &mut AdamState {
+        if !matches!(self, State::Adam(_)) {
+            *self = State::Adam(AdamState {
+                step: 0,
+                exp_avg: p.zeros_like(),
+                exp_avg_sq: p.zeros_like(),
+            });
+        }
+        let State::Adam(s) = self else { unreachable!() };
+        s
     }
-    let State::Adam(s) = state else {
-        unreachable!()
-    };
-    s.step += 1;
-    if wd != 0.0 {
-        let _ = p.g_mul_scalar_(1.0 - lr * wd);
-    }
-    let _ = s.exp_avg.lerp_(grad, 1.0 - b1);
-    let _ = s.exp_avg_sq.g_mul_scalar_(b2);
-    let _ = s.exp_avg_sq.addcmul_(&(grad * (1.0 - b2)), grad);
-    let bc1 = 1.0 - b1.powi(s.step as i32);
-    let bc2 = 1.0 - b2.powi(s.step as i32);
-    let step_size = lr / bc1;
-    let denom = (s.exp_avg_sq.sqrt() / bc2.sqrt()) + eps;
-    let _ = p.g_add_(&(&s.exp_avg * (-step_size) / denom));
 }
 
-/// PyTorch SGD with momentum (dampening 0, no Nesterov), coupled weight decay.
+/// PyTorch SGD with momentum (dampening 0, no Nesterov), coupled weight decay, one tensor (used
+/// for momentum 0; the fused update covers the rest).
 fn sgd_update(state: &mut State, p: &mut Tensor, grad: &Tensor, lr: f64, wd: f64, momentum: f64) {
     let d = if wd != 0.0 {
         grad + &*p * wd
