@@ -7,111 +7,60 @@ use anyhow::Result;
 use tch::{Device, Kind, Tensor};
 
 use crate::dist::Comm;
-use crate::loss::IbotLossConfig;
-use crate::models::{BackboneConfig, HeadConfig, SwinConfig, VitConfig};
-use crate::train::optim::OptimizerKind;
-use crate::train::{Ibot, IbotConfig};
+use crate::train::args::TrainArgs;
+use crate::train::Ibot;
 
-/// What `ibot bench train` measures (its command-line options).
+/// What `ibot bench train` measures: every model, head, crop and objective option of
+/// `ibot train` (so any recipe can be timed), with benchmark defaults where `train`'s would
+/// make a poor benchmark (batch 8, 2 local crops, float32, CPU, 1 loader worker, no frozen last
+/// layer), plus the timing options.
 #[derive(Debug, Clone, clap::Args)]
 #[command(rename_all = "snake_case")]
+#[command(
+    mut_arg("batch_size_per_gpu", |a| a.default_value("8").visible_alias("batch")),
+    mut_arg("local_crops_number", |a| a.default_value("2")),
+    mut_arg("use_fp16", |a| a.default_value("false")),
+    mut_arg("device", |a| a.default_value("cpu")),
+    mut_arg("num_workers", |a| a.default_value("1")),
+    mut_arg("freeze_last_layer", |a| a.default_value("0")),
+    mut_arg("data_path", |a| a.default_value(RANDOM_TENSORS).help(
+        "Take the batches from the data loader over this image folder (e.g. \
+         ../shared/bench/photos), with the train options' augmentation and masks; each timed \
+         step then includes waiting for its batch. Without it the views are random tensors \
+         and the masks random (30% of the patches), made before each step's clock starts"
+    )),
+)]
 pub struct StepBench {
-    /// vit_tiny/small/base/large or swin_tiny/small/base/large.
-    #[arg(long, default_value = "vit_small")]
-    pub arch: String,
-    /// Patch side (default 16; 4 for Swin, whose masks then have 8x8-patch cells as in
-    /// `ibot train`).
-    #[arg(long)]
-    pub patch_size: Option<i64>,
-    /// Swin window size (7 or 14 in the paper); ignored for a ViT.
-    #[arg(long, default_value_t = 7)]
-    pub window_size: i64,
-    /// Images per step (each gives 2 global + local_crops_number local views).
-    #[arg(long, default_value_t = 8)]
-    pub batch: i64,
-    #[arg(long, default_value_t = 224)]
-    pub global_crops_size: i64,
-    #[arg(long, default_value_t = 96)]
-    pub local_crops_size: i64,
-    #[arg(long, default_value_t = 2)]
-    pub local_crops_number: usize,
-    #[arg(long, default_value_t = 8192)]
-    pub out_dim: i64,
-    #[arg(long, default_value_t = 0.1)]
-    pub drop_path: f64,
+    #[command(flatten)]
+    pub train: TrainArgs,
     /// Timed steps (after the warm-up steps).
     #[arg(long, default_value_t = 10)]
     pub iters: usize,
+    /// Untimed steps first (allocator and kernel caches warm up).
     #[arg(long, default_value_t = 2)]
     pub warmup: usize,
-    /// Take the batches from the data loader over this image folder (e.g.
-    /// ../shared/bench/photos); each timed step then includes waiting for its batch.
-    #[arg(long)]
-    pub data_path: Option<std::path::PathBuf>,
-    /// Loader worker threads (with --data_path).
-    #[arg(long, default_value_t = 1)]
-    pub num_workers: usize,
-    /// cpu, cuda, cuda:N or auto.
-    #[arg(long, default_value = "cpu")]
-    pub device: String,
-    /// Mixed precision as in `ibot train --use_fp16` (bfloat16 autocast on CPUs with native
-    /// bfloat16, float16 with loss scaling on CUDA). Compare with `torch_step.py --autocast bf16`.
-    #[arg(long, default_value = "false", value_parser = crate::train::args::parse_bool, action = clap::ArgAction::Set)]
-    pub use_fp16: bool,
-    /// Force the arithmetic as `ibot train --precision` (auto follows --use_fp16).
-    #[arg(long, value_enum, default_value_t = crate::train::amp::PrecisionChoice::Auto)]
-    pub precision: crate::train::amp::PrecisionChoice,
     /// Run the student's head on every token as the official code does (false: only on the
     /// masked tokens and the local views' [CLS], which is what `ibot train` does).
     #[arg(long, default_value = "false", value_parser = crate::train::args::parse_bool, action = clap::ArgAction::Set)]
     pub full_head: bool,
-    /// Under torchrun / srun / `ibot launch`, every rank runs the step on its own batch and the
-    /// gradients are averaged as in training (img/s then counts every rank's images).
-    #[command(flatten)]
-    pub dist: crate::train::args::DistArgs,
 }
 
+/// `--data_path` of `bench train` when none is given: random tensors instead of a loader.
+const RANDOM_TENSORS: &str = "random";
+
 impl StepBench {
-    pub fn is_swin(&self) -> bool {
-        self.arch.starts_with("swin")
-    }
-
-    /// `--patch_size` or its default (16 for ViT, 4 for Swin).
-    pub fn patch(&self) -> i64 {
-        self.patch_size
-            .unwrap_or(if self.is_swin() { 4 } else { 16 })
-    }
-
-    /// Side of a mask cell in pixels (the patch for ViT, 8 patches for Swin, as `ibot train`).
-    pub fn mask_cell(&self) -> i64 {
-        if self.is_swin() {
-            self.patch() * 8
-        } else {
-            self.patch()
-        }
-    }
-
-    /// The student backbone benchmarked (masked image modeling on, `--drop_path`).
-    pub fn backbone(&self) -> Result<BackboneConfig> {
-        let c: BackboneConfig = if self.is_swin() {
-            let mut c = SwinConfig::from_arch(&self.arch, self.window_size)?;
-            c.drop_path_rate = self.drop_path;
-            c.masked_im_modeling = true;
-            c.into()
-        } else {
-            let mut c = VitConfig::from_arch(&self.arch, self.patch())?;
-            c.drop_path_rate = self.drop_path;
-            c.masked_im_modeling = true;
-            c.into()
-        };
-        c.validate()?;
-        Ok(c)
+    /// The image folder to load batches from, if one was given.
+    pub fn data_path(&self) -> Option<&std::path::Path> {
+        (self.train.data_path.as_os_str() != RANDOM_TENSORS).then_some(self.train.data_path.as_path())
     }
 }
 
 #[derive(Debug, Clone)]
 pub struct StepTiming {
     pub ms_per_iter: f64,
+    /// CPU time of the whole process per timed step (every thread; on a shared machine this
+    /// moves less than the wall time, which counts the waits for a core).
+    pub cpu_ms_per_iter: f64,
     pub images_per_s: f64,
     /// The arithmetic the step ran in.
     pub precision: crate::train::amp::Precision,
@@ -120,81 +69,101 @@ pub struct StepTiming {
     pub phases: Vec<(&'static str, f64)>,
 }
 
-/// The same step as `bench/torch_step.py`: teacher on 2 global views, student on the masked
-/// global views and the local views, loss, backward, clipping, AdamW, EMA. Without
-/// `b.data_path`, data loading is excluded (views are random tensors made before the clock starts
-/// for each step); with it, each timed step includes getting its batch from the loader.
+impl StepTiming {
+    /// The lines `ibot bench train` prints: the configuration and the time per step (wall and
+    /// CPU), then the phases.
+    pub fn report(&self, b: &StepBench, world_size: usize) -> String {
+        let a = &b.train;
+        let feed = match b.data_path() {
+            Some(p) => format!("loader on {} with {} worker(s)", p.display(), a.num_workers),
+            None => "random tensors".to_string(),
+        };
+        let mut out = format!(
+            "ibot (tch, {world_size} rank(s) x {} libtorch thread(s), {}, {feed}, matrix products: {}): {}/{} batch {} {}x{} + {}x{}: {:.1} ms/iter (CPU {:.1} ms/iter), {:.2} img/s\n",
+            tch::get_num_threads(),
+            self.precision.name(),
+            crate::models::layers::CpuGemm::current().name(),
+            a.arch,
+            a.resolved_patch_size(),
+            a.batch_size_per_gpu,
+            a.global_crops_number,
+            a.global_crops_size,
+            a.local_crops_number,
+            a.local_crops_size,
+            self.ms_per_iter,
+            self.cpu_ms_per_iter,
+            self.images_per_s
+        );
+        out.push_str("where the time goes (ms per step):\n");
+        for (name, ms) in &self.phases {
+            out.push_str(&format!(
+                "  {name:<46} {ms:9.1}  {:5.1}%\n",
+                100.0 * ms / self.ms_per_iter.max(1e-9)
+            ));
+        }
+        out
+    }
+}
+
+/// CPU seconds used by this process so far (all threads).
+pub fn process_cpu_seconds() -> f64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes the timespec it is given.
+    unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
+    ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
+}
+
+/// The same step as `bench/torch_step.py`: teacher on the global views, student on the masked
+/// global views and the local views, loss, backward, clipping, the optimizer, EMA, for the model
+/// and loss `ibot train` would build from `b.train`. Without `--data_path`, data loading is
+/// excluded (views are random tensors made before the clock starts for each step); with it,
+/// each timed step includes getting its batch from the loader.
 pub fn step(b: &StepBench, device: Device, comm: &dyn Comm) -> Result<StepTiming> {
-    tch::manual_seed(0);
-    let backbone = b.backbone()?;
-    let head = HeadConfig::new(backbone.embed_dim(), b.out_dim, b.out_dim, true, false);
-    let loss = IbotLossConfig {
-        out_dim: b.out_dim,
-        patch_out_dim: b.out_dim,
-        ngcrops: 2,
-        nlcrops: b.local_crops_number,
-        warmup_teacher_temp: 0.04,
-        teacher_temp: 0.04,
-        warmup_teacher_temp2: 0.04,
-        teacher_temp2: 0.07,
-        warmup_teacher_temp_epochs: 1,
-        nepochs: 1,
-        student_temp: 0.1,
-        center_momentum: 0.9,
-        center_momentum2: 0.9,
-        lambda1: 1.0,
-        lambda2: 1.0,
-        mim_start_epoch: 0,
-    };
-    let cfg = IbotConfig {
-        backbone,
-        head,
-        shared_head_teacher: true,
-        loss,
-        clip_grad: 3.0,
-        freeze_last_layer: 0,
-        optimizer: OptimizerKind::Adamw,
-    };
-    let cell = b.mask_cell();
+    let a = &b.train;
+    tch::manual_seed(a.seed as i64);
+    let cfg = crate::train::run::ibot_config(a)?;
+    let cell = a.mask_patch_size();
+    let (g, l) = (a.global_crops_size as i64, a.local_crops_size as i64);
     anyhow::ensure!(
-        !b.is_swin() || b.global_crops_size % cell == 0,
-        "--global_crops_size {} is not a multiple of the {cell}-px mask cell of a Swin",
-        b.global_crops_size
+        g % cell == 0,
+        "--global_crops_size {g} is not a multiple of the {cell}-px mask cell"
     );
-    let grid = b.global_crops_size / cell;
+    let grid = g / cell;
+    let batch = a.batch_size_per_gpu as i64;
     let mut ibot = Ibot::new(cfg, device)?;
     ibot.full_head = b.full_head;
-    ibot.precision = crate::train::amp::Precision::resolve(b.use_fp16, b.precision, device)?;
+    ibot.precision = crate::train::amp::Precision::resolve(a.use_fp16, a.precision, device)?;
     let opts = (Kind::Float, device);
-    let mut batches = match &b.data_path {
-        Some(path) => Some(BatchStream::new(path, b.num_workers, b)?),
+    let mut batches = match b.data_path() {
+        Some(path) => Some(BatchStream::new(path, b)?),
         None => None,
     };
-    let mut total = 0.0;
+    let (mut total, mut cpu) = (0.0, 0.0);
     let mut data_wait = 0.0;
     for it in 0..b.warmup + b.iters {
-        let (views, masks, t0) = match batches.as_mut() {
+        let (views, masks, t0, c0) = match batches.as_mut() {
             None => {
-                let mut views: Vec<Tensor> = (0..2)
-                    .map(|_| {
-                        Tensor::randn([b.batch, 3, b.global_crops_size, b.global_crops_size], opts)
-                    })
+                let mut views: Vec<Tensor> = (0..a.global_crops_number)
+                    .map(|_| Tensor::randn([batch, 3, g, g], opts))
                     .collect();
-                views.extend((0..b.local_crops_number).map(|_| {
-                    Tensor::randn([b.batch, 3, b.local_crops_size, b.local_crops_size], opts)
-                }));
-                let masks: Vec<Tensor> = (0..2)
-                    .map(|_| Tensor::rand([b.batch, grid, grid], opts).lt(0.3))
+                views.extend(
+                    (0..a.local_crops_number).map(|_| Tensor::randn([batch, 3, l, l], opts)),
+                );
+                let masks: Vec<Tensor> = (0..a.global_crops_number)
+                    .map(|_| Tensor::rand([batch, grid, grid], opts).lt(0.3))
                     .collect();
-                (views, masks, Instant::now())
+                (views, masks, Instant::now(), process_cpu_seconds())
             }
             Some(stream) => {
-                let t0 = Instant::now();
-                let (views, masks) = stream.next(device)?;
+                let (t0, c0) = (Instant::now(), process_cpu_seconds());
+                let (views, masks) = stream.next(device, a.global_crops_number)?;
                 if it >= b.warmup {
                     data_wait += t0.elapsed().as_secs_f64();
                 }
-                (views, masks, t0)
+                (views, masks, t0, c0)
             }
         };
         // Phases are timed over the timed steps only.
@@ -204,6 +173,7 @@ pub fn step(b: &StepBench, device: Device, comm: &dyn Comm) -> Result<StepTiming
         let _ = ibot.train_step(&views, &masks, 0, 5e-4, 0.04, 0.996, comm)?;
         if it >= b.warmup {
             total += t0.elapsed().as_secs_f64();
+            cpu += process_cpu_seconds() - c0;
         }
     }
     let n = b.iters.max(1) as f64;
@@ -219,7 +189,8 @@ pub fn step(b: &StepBench, device: Device, comm: &dyn Comm) -> Result<StepTiming
     phases.push(("other", (dt * 1e3 - covered).max(0.0)));
     Ok(StepTiming {
         ms_per_iter: dt * 1e3,
-        images_per_s: (b.batch as usize * comm.world_size()) as f64 / dt,
+        cpu_ms_per_iter: cpu / n * 1e3,
+        images_per_s: (batch as usize * comm.world_size()) as f64 / dt,
         precision: ibot.precision,
         phases,
     })
@@ -233,19 +204,15 @@ struct BatchStream {
 }
 
 impl BatchStream {
-    fn new(path: &std::path::Path, num_workers: usize, b: &StepBench) -> Result<Self> {
-        use crate::data::{augment::AugmentConfig, masking::MaskConfig};
-        let augment = AugmentConfig {
-            global_crops_size: b.global_crops_size as usize,
-            local_crops_size: b.local_crops_size as usize,
-            local_crops_number: b.local_crops_number,
-            ..AugmentConfig::default()
-        };
-        let mask = MaskConfig {
-            patch_size: b.mask_cell() as usize,
-            ..MaskConfig::default()
-        };
-        let loader = loader_for(path, augment, mask, b.batch as usize, num_workers)?;
+    fn new(path: &std::path::Path, b: &StepBench) -> Result<Self> {
+        let cfg = crate::train::run::loader_config(&b.train)?;
+        let loader = loader_for(
+            path,
+            cfg.augment,
+            cfg.mask,
+            cfg.batch_size,
+            cfg.num_workers,
+        )?;
         anyhow::ensure!(
             !loader.is_empty(),
             "{} has fewer images than one batch",
@@ -259,8 +226,8 @@ impl BatchStream {
         })
     }
 
-    /// Views on `device` and the masks of the global views.
-    fn next(&mut self, device: Device) -> Result<(Vec<Tensor>, Vec<Tensor>)> {
+    /// Views on `device` and the masks of the `globals` global views.
+    fn next(&mut self, device: Device, globals: usize) -> Result<(Vec<Tensor>, Vec<Tensor>)> {
         let batch = match self.iter.next() {
             Some(b) => b?,
             None => {
@@ -272,7 +239,7 @@ impl BatchStream {
             }
         };
         let views = batch.views.iter().map(|v| v.to_device(device)).collect();
-        let masks = batch.masks[..2]
+        let masks = batch.masks[..globals]
             .iter()
             .map(|m| m.to_device(device))
             .collect();

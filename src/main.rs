@@ -1015,35 +1015,10 @@ fn run(cli: Cli) -> Result<bool> {
             Ok(true)
         }
         Cmd::Bench(BenchCmd::Train(b)) => {
-            let (comm, device, _) = run::join_world(&b.dist, &b.device)?;
+            let (comm, device, _) = run::join_world(&b.train.dist, &b.train.device)?;
             let t = ibot::bench::step(&b, device, comm.as_ref())?;
-            if !comm.is_main() {
-                return Ok(true);
-            }
-            let feed = match &b.data_path {
-                Some(p) => format!("loader on {} with {} worker(s)", p.display(), b.num_workers),
-                None => "random tensors".to_string(),
-            };
-            println!(
-                "ibot (tch, {} rank(s) x {} libtorch thread(s), {}, {feed}): {}/{} batch {} 2x{} + {}x{}: {:.1} ms/iter, {:.2} img/s",
-                comm.world_size(),
-                tch::get_num_threads(),
-                t.precision.name(),
-                b.arch,
-                b.patch(),
-                b.batch,
-                b.global_crops_size,
-                b.local_crops_number,
-                b.local_crops_size,
-                t.ms_per_iter,
-                t.images_per_s
-            );
-            println!("where the time goes (ms per step):");
-            for (name, ms) in &t.phases {
-                println!(
-                    "  {name:<46} {ms:9.1}  {:5.1}%",
-                    100.0 * ms / t.ms_per_iter.max(1e-9)
-                );
+            if comm.is_main() {
+                print!("{}", t.report(&b, comm.world_size()));
             }
             Ok(true)
         }

@@ -480,16 +480,19 @@ pub fn subcommand_position(argv: &[String]) -> Option<usize> {
 }
 
 /// Expands `--preset NAME` and `--config FILE` (TOML with the option names as keys) of `ibot
-/// train` / `ibot demo` into arguments placed right after the subcommand, before the remaining
+/// train` / `ibot demo` / `ibot bench train` into arguments placed right after the subcommand, before the remaining
 /// command-line arguments, so that explicit options win. Only the arguments of those two
 /// subcommands are looked at (a value such as `--output_dir train` is never taken for the
 /// subcommand); `ibot launch ... train --preset X` is left alone: each worker expands its own
 /// command line.
 pub fn expand_config_args(args: Vec<String>) -> Result<Vec<String>> {
-    let Some(sub) = subcommand_position(&args) else {
+    let Some(mut sub) = subcommand_position(&args) else {
         return Ok(args);
     };
-    if args[sub] != "train" && args[sub] != "demo" {
+    // `bench train` (alias `bench step`) takes every train option, presets included.
+    if args[sub] == "bench" && matches!(args.get(sub + 1).map(String::as_str), Some("train" | "step")) {
+        sub += 1;
+    } else if args[sub] != "train" && args[sub] != "demo" {
         return Ok(args);
     }
     let mut out: Vec<String> = args[..=sub].to_vec();

@@ -148,14 +148,13 @@ impl Optimizer {
                 OptimizerKind::Sgd if self.momentum != 0.0 => {
                     // Two calls: parameters on their first momentum step (buffer = gradient),
                     // then the others; a frozen last layer joins the first set late.
-                    for first in [true, false] {
+                    let (fresh, running): (Vec<usize>, Vec<usize>) = live
+                        .iter()
+                        .partition(|&&i| !matches!(self.state[i], State::Momentum(_)));
+                    for (first, set) in [(true, fresh), (false, running)] {
                         let mut p = vec![];
                         let (mut g, mut b) = (vec![], vec![]);
-                        for &i in &live {
-                            let has = matches!(self.state[i], State::Momentum(_));
-                            if has == first {
-                                continue;
-                            }
+                        for i in set {
                             if first {
                                 self.state[i] = State::Momentum(params[i].tensor.zeros_like());
                             }
