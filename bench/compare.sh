@@ -9,7 +9,16 @@
 #   bash bench/compare.sh dp-step    # ViT-S/16 step: 2 ranks x 1 thread vs 1 process x 2 threads
 #   bash bench/compare.sh swin-step  # one Swin-T training step (WINDOW=7 or 14, default 7), batch 4,
 #                                    # 2x224 + 2x96 crops, out_dim 8192, float32
+#   bash bench/compare.sh recipe-step  # the official ViT-S/16 recipe's step: batch 4, 2x224 + 10x96,
+#                                      # out_dim 8192, float32; wall and CPU time, peak RSS
+#   bash bench/compare.sh scaling    # ms/iter of both vs batch (1 4 16 64) and local crops (0 2 6 10)
+#                                    # on the Fashion-MNIST recipe (ViT patch 4, width 192, depth 6,
+#                                    # 2x32 + Nx16 crops, out_dim 8192)
 # ROUNDS=n sets how many alternating runs of each side the step comparisons take the median of.
+# THREADS=n runs both sides with n libtorch threads (default: all cores). On a machine shared with
+# other jobs, THREADS=1 and the CPU times ("CPU ... ms/iter") are the steadier comparison: the
+# wall time then counts the waits for a core, and with 2 threads OpenMP spins while its partner
+# thread waits.
 # The data comparison needs torchvision + Pillow in the venv; they are installed here (not by
 # scripts/bootstrap.sh: only this benchmark uses them).
 set -euo pipefail
@@ -18,6 +27,12 @@ bash scripts/bootstrap.sh >/dev/null
 cargo build --release --quiet
 py=.venv/bin/python
 rate() { grep -oE '[0-9.]+ (img/s|ms/iter)' | head -1 | cut -d' ' -f1; }
+cpu_rate() { grep -oE 'CPU [0-9.]+ ms/iter' | head -1 | cut -d' ' -f2; }
+threads=${THREADS:-0}
+ours_threads=(); ref_threads=()
+if [ "$threads" != 0 ]; then ours_threads=(--threads "$threads"); ref_threads=(--threads "$threads"); fi
+median() { printf '%s\n' "$@" | sort -g | awk '{ v[NR] = $1 } END { print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
 case "${1:-data}" in
 data)
     if ! $py -c 'import torchvision, PIL' 2>/dev/null; then
@@ -88,8 +103,39 @@ dp-step)
         echo "round $i: 1 process x 2 threads ${one} ms/iter, 2 ranks x 1 thread ${two} ms/iter (16 images per step either way)"
     done
     ;;
+recipe-step)
+    # The official ViT-S/16 recipe's shapes: 2x224 + 10x96 crops, out_dim 8192, batch 4, float32.
+    rounds=${ROUNDS:-3}; iters=${ITERS:-3}; warmup=${WARMUP:-1}
+    flags=(--arch vit_small --batch 4 --local_crops_number 10 --out_dim 8192 --iters "$iters" --warmup "$warmup")
+    o=(); r=(); oc=(); rc=(); om=(); rm=()
+    for i in $(seq "$rounds"); do
+        out=$( { /usr/bin/time -f 'peak RSS %M KB' target/release/ibot "${ours_threads[@]}" bench train "${flags[@]}" --patch_out_dim 8192; } 2>&1 )
+        o+=("$(echo "$out" | rate)"); oc+=("$(echo "$out" | cpu_rate)"); om+=("$(echo "$out" | grep -oE 'peak RSS [0-9]+' | cut -d' ' -f3)")
+        out=$( { /usr/bin/time -f 'peak RSS %M KB' $py bench/torch_step.py "${ref_threads[@]}" "${flags[@]}"; } 2>&1 )
+        r+=("$(echo "$out" | rate)"); rc+=("$(echo "$out" | cpu_rate)"); rm+=("$(echo "$out" | grep -oE 'peak RSS [0-9]+' | cut -d' ' -f3)")
+        echo "round $i (load $(cut -d' ' -f1-3 /proc/loadavg)): ibot ${o[-1]} ms/iter (CPU ${oc[-1]}, RSS ${om[-1]} KB), PyTorch ${r[-1]} ms/iter (CPU ${rc[-1]}, RSS ${rm[-1]} KB)"
+    done
+    mo=$(median "${o[@]}"); mr=$(median "${r[@]}"); co=$(median "${oc[@]}"); cr=$(median "${rc[@]}"); so=$(median "${om[@]}"); sr=$(median "${rm[@]}")
+    echo "ViT-S/16 recipe step, medians of $rounds: wall ibot $mo vs PyTorch $mr ms/iter (ratio $(ratio "$mo" "$mr")); CPU ibot $co vs $cr ms/iter (ratio $(ratio "$co" "$cr")); peak RSS ibot $so vs $sr KB (ratio $(ratio "$so" "$sr"))"
+    ;;
+scaling)
+    # The Fashion-MNIST recipe of issue 14 (ViT patch 4, width 192, depth 6, 3 heads, 32-px table,
+    # 2x32 + Nx16 crops, out_dim 8192); one run of each side per point, alternating.
+    iters=${ITERS:-3}; warmup=${WARMUP:-1}
+    model=(--arch vit_tiny --patch_size 4 --embed_dim 192 --depth 6 --num_heads 3 --img_size 32 --global_crops_size 32 --local_crops_size 16 --out_dim 8192 --iters "$iters" --warmup "$warmup")
+    point() {
+        local o r
+        o=$(target/release/ibot "${ours_threads[@]}" bench train "${model[@]}" --patch_out_dim 8192 "$@" 2>&1)
+        r=$($py bench/torch_step.py "${ref_threads[@]}" "${model[@]}" "$@" 2>/dev/null)
+        printf '%-34s ibot %9s ms (CPU %9s)   PyTorch %9s ms (CPU %9s)   CPU ratio %s\n' "$*" "$(echo "$o" | rate)" "$(echo "$o" | cpu_rate)" "$(echo "$r" | rate)" "$(echo "$r" | cpu_rate)" "$(ratio "$(echo "$o" | cpu_rate)" "$(echo "$r" | cpu_rate)")"
+    }
+    echo "load $(cut -d' ' -f1-3 /proc/loadavg)"
+    for b in 1 4 16 64; do point --batch "$b" --local_crops_number 6; done
+    for l in 0 2 6 10; do point --batch 64 --local_crops_number "$l"; done
+    echo "load $(cut -d' ' -f1-3 /proc/loadavg)"
+    ;;
 *)
-    echo "usage: bash bench/compare.sh data|step|step-bf16|swin-step|allreduce|dp-step" >&2
+    echo "usage: bash bench/compare.sh data|step|step-bf16|swin-step|recipe-step|scaling|allreduce|dp-step" >&2
     exit 2
     ;;
 esac

@@ -64,13 +64,13 @@ class Block(nn.Module):
 
 
 class ViT(nn.Module):
-    def __init__(self, arch, patch, drop_path, mim):
+    def __init__(self, shape, patch, drop_path, mim, img_size=224):
         super().__init__()
-        d, depth, heads = ARCHS[arch]
+        d, depth, heads = shape
         self.patch = patch
         self.proj = nn.Conv2d(3, d, patch, patch)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, d))
-        self.pos_embed = nn.Parameter(torch.zeros(1, (224 // patch) ** 2 + 1, d))
+        self.pos_embed = nn.Parameter(torch.zeros(1, (img_size // patch) ** 2 + 1, d))
         self.masked_embed = nn.Parameter(torch.zeros(1, d)) if mim else None
         self.blocks = nn.ModuleList(Block(d, heads, r) for r in torch.linspace(0, drop_path, depth).tolist())
         self.norm = nn.LayerNorm(d, eps=1e-6)
@@ -239,8 +239,10 @@ class Net(nn.Module):
             self.backbone = Swin(args.arch, args.patch_size, args.window_size, dp, student)
             self.head = Head(self.backbone.num_features, args.out_dim)
         else:
-            self.backbone = ViT(args.arch, args.patch_size, dp, student)
-            self.head = Head(ARCHS[args.arch][0], args.out_dim)
+            d, depth, heads = ARCHS[args.arch]
+            shape = (args.embed_dim or d, args.depth or depth, args.num_heads or heads)
+            self.backbone = ViT(shape, args.patch_size, dp, student, args.img_size)
+            self.head = Head(shape[0], args.out_dim, args.head_hidden_dim, args.head_bottleneck_dim)
 
     def forward(self, views, masks=None):
         toks = self.backbone(torch.cat(views), torch.cat(masks) if masks is not None else None)
@@ -252,7 +254,13 @@ def main():
     ap.add_argument("--arch", default="vit_small", choices=list(ARCHS) + list(SWIN_ARCHS))
     ap.add_argument("--patch_size", type=int, default=None, help="default 16 for ViT, 4 for Swin")
     ap.add_argument("--window_size", type=int, default=7, help="Swin window size (7 or 14 in the paper)")
-    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--embed_dim", type=int, default=None, help="override the ViT preset's width")
+    ap.add_argument("--depth", type=int, default=None, help="override the ViT preset's number of blocks")
+    ap.add_argument("--num_heads", type=int, default=None, help="override the ViT preset's heads")
+    ap.add_argument("--img_size", type=int, default=224, help="resolution of the ViT position table")
+    ap.add_argument("--head_hidden_dim", type=int, default=2048)
+    ap.add_argument("--head_bottleneck_dim", type=int, default=256)
+    ap.add_argument("--batch", "--batch_size_per_gpu", type=int, default=8)
     ap.add_argument("--global_crops_size", type=int, default=224)
     ap.add_argument("--local_crops_size", type=int, default=96)
     ap.add_argument("--local_crops_number", type=int, default=2)
@@ -337,12 +345,13 @@ def main():
 
     for _ in range(args.warmup):
         step()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for _ in range(args.iters):
         step()
     dt = (time.perf_counter() - t0) / args.iters
+    cpu = (time.process_time() - c0) / args.iters
     print(f"pytorch {torch.__version__} threads {torch.get_num_threads()} autocast {args.autocast}: {args.arch}/{args.patch_size}{f' window {args.window_size}' if swin else ''} batch {b} "
-          f"2x{g} + {args.local_crops_number}x{l}: {dt * 1000:.1f} ms/iter, {b / dt:.2f} img/s")
+          f"2x{g} + {args.local_crops_number}x{l}: {dt * 1000:.1f} ms/iter (CPU {cpu * 1000:.1f} ms/iter), {b / dt:.2f} img/s")
 
 
 if __name__ == "__main__":
