@@ -4,19 +4,12 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use clap::Parser;
+use ibot::cli::presets::expand_config_args;
+use ibot::config::TrainConfig;
 use ibot::params::read_safetensors;
-use ibot::train::args::{expand_config_args, TrainArgs};
 use ibot::train::{checkpoint, run};
 
-#[derive(Parser)]
-#[command(args_override_self = true)]
-struct Cli {
-    #[command(flatten)]
-    args: TrainArgs,
-}
-
-fn tiny_args(data: &Path, out: &Path, extra: &[&str]) -> TrainArgs {
+fn tiny_args(data: &Path, out: &Path, extra: &[&str]) -> TrainConfig {
     let mut argv: Vec<String> = vec!["x".into()];
     argv.extend(common::TINY_VIT.iter().map(|s| s.to_string()));
     argv.extend(
@@ -45,7 +38,7 @@ fn tiny_args(data: &Path, out: &Path, extra: &[&str]) -> TrainArgs {
         out.display().to_string(),
     ]);
     argv.extend(extra.iter().map(|s| s.to_string()));
-    Cli::parse_from(argv).args
+    common::train_config(argv)
 }
 
 fn tensors(path: &Path) -> Vec<(String, tch::Tensor)> {
@@ -193,23 +186,23 @@ fn presets_and_config_files_supply_options_and_the_command_line_wins() {
     .map(|s| s.to_string())
     .collect();
     let argv = expand_config_args(argv).unwrap();
-    let a = Cli::parse_from(argv.into_iter().skip(1)).args;
+    let a = common::train_config(argv.into_iter().skip(1));
     assert_eq!(
-        (a.arch.as_str(), a.epochs, a.shared_head),
+        (a.model.arch.as_str(), a.schedule.epochs, a.head.shared_head),
         ("vit_base", 9, true)
     );
-    assert_eq!(a.pred_ratio, vec![0.0, 0.3]);
+    assert_eq!(a.loss.pred_ratio, vec![0.0, 0.3]);
 
     let argv: Vec<String> = ["ibot", "train", "--preset", "vit_small_800ep"]
         .iter()
         .map(|s| s.to_string())
         .collect();
-    let a = Cli::parse_from(expand_config_args(argv).unwrap().into_iter().skip(1)).args;
+    let a = common::train_config(expand_config_args(argv).unwrap().into_iter().skip(1));
     assert_eq!(
-        (a.epochs, a.local_crops_number, a.norm_last_layer),
+        (a.schedule.epochs, a.data.local_crops_number, a.head.norm_last_layer),
         (800, 10, false)
     );
-    assert_eq!(a.pred_ratio_var, vec![0.0, 0.2]);
+    assert_eq!(a.loss.pred_ratio_var, vec![0.0, 0.2]);
     // The Swin-T recipes parse and describe an official Swin-T (4-px patches, masks on 32-px
     // cells), with the command line still winning.
     for (preset, window) in [("swin_tiny_7_300ep", 7), ("swin_tiny_14_300ep", 14)] {
@@ -217,36 +210,36 @@ fn presets_and_config_files_supply_options_and_the_command_line_wins() {
             .iter()
             .map(|s| s.to_string())
             .collect();
-        let a = Cli::parse_from(expand_config_args(argv).unwrap().into_iter().skip(1)).args;
+        let a = common::train_config(expand_config_args(argv).unwrap().into_iter().skip(1));
         assert_eq!(
-            (a.arch.as_str(), a.window_size, a.epochs, a.batch_size_per_gpu),
+            (a.model.arch.as_str(), a.model.window_size, a.schedule.epochs, a.optim.batch_size_per_gpu),
             ("swin_tiny", window, 3, 26)
         );
         assert_eq!(
-            (a.resolved_patch_size(), a.mask_patch_size(), a.pred_start_epoch),
+            (a.resolved_patch_size(), a.mask_patch_size(), a.loss.pred_start_epoch),
             (4, 32, 50)
         );
         assert_eq!(
-            (a.local_crops_number, a.out_dim, a.shared_head, a.norm_last_layer),
+            (a.data.local_crops_number, a.head.out_dim, a.head.shared_head, a.head.norm_last_layer),
             (10, 8192, true, false)
         );
-        assert_eq!((a.teacher_temp, a.warmup_teacher_temp_epochs), (0.07, 30));
-        assert_eq!(a.global_crops_scale, vec![0.25, 1.0]);
-        assert_eq!(a.local_crops_scale, vec![0.05, 0.25]);
+        assert_eq!((a.loss.teacher_temp, a.loss.warmup_teacher_temp_epochs), (0.07, 30));
+        assert_eq!(a.data.global_crops_scale, vec![0.25, 1.0]);
+        assert_eq!(a.data.local_crops_scale, vec![0.05, 0.25]);
         let c = run::ibot_config(&a).unwrap();
         assert_eq!(c.backbone.embed_dim(), 768, "{preset}: Swin-T's last stage is 768 wide");
         assert_eq!(c.loss.mim_start_epoch, 50);
         run::loader_config(&a).unwrap();
     }
     // Official defaults where nothing is given.
-    let a = Cli::parse_from(["x"]).args;
+    let a = common::train_config(["x"]);
     assert_eq!(
         (
-            a.out_dim,
-            a.batch_size_per_gpu,
-            a.lr,
-            a.clip_grad,
-            a.momentum_teacher
+            a.head.out_dim,
+            a.optim.batch_size_per_gpu,
+            a.schedule.lr,
+            a.optim.clip_grad,
+            a.schedule.momentum_teacher
         ),
         (8192, 128, 0.0005, 3.0, 0.996)
     );
@@ -437,11 +430,11 @@ fn a_checkpoint_from_an_earlier_release_resumes_evaluates_and_exports() {
     common::write_idx(&data, "train", 32, 16);
     std::fs::copy(&src, out.join("checkpoint.safetensors")).unwrap();
     let meta = checkpoint::read_meta(&out.join("checkpoint.safetensors")).unwrap();
-    assert_eq!((meta.epoch, meta.args.epochs), (1, 2));
+    assert_eq!((meta.epoch, meta.args.schedule.epochs), (1, 2));
     let mut args = meta.args.clone();
-    args.output_dir = out.clone();
-    args.data_path = data;
-    args.num_workers = 1;
+    args.run.output_dir = out.clone();
+    args.data.data_path = data;
+    args.data.num_workers = 1;
     let o = run::train(&args).unwrap();
     assert_eq!(o.epochs_done, 1, "the old checkpoint was not resumed");
     assert_eq!(checkpoint::read_meta(&out.join("checkpoint.safetensors")).unwrap().epoch, 2);

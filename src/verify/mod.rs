@@ -37,7 +37,7 @@ use crate::loss::{teacher_temp_schedules, IbotLossConfig, SingleProcess};
 use crate::models::{BackboneConfig, HeadAct, HeadConfig, HeadNorm, SwinConfig, VitConfig};
 use crate::params::{read_safetensors, ParamStore};
 use crate::train::optim::{get_params_groups, Optimizer, OptimizerKind};
-use crate::train::schedule::cosine_scheduler;
+use crate::schedule::cosine_scheduler;
 use crate::train::{ema_pairs, ema_update, Ibot, IbotConfig};
 
 pub const TOL_FORWARD: f64 = 1e-5;
@@ -456,6 +456,23 @@ pub fn verify_fixture(dir: &Path) -> Result<Report> {
         return traj::verify_trajectory(dir, &|_| {});
     }
     verify_one_step_with(dir, &Steps::ours())
+}
+
+/// `ibot verify-fixture`: runs [`verify_fixture`] on `dir` and prints the report, one line per
+/// group and a verdict; `Ok(false)` on any mismatch.
+pub fn run(dir: &Path) -> Result<bool> {
+    let report = verify_fixture(dir).with_context(|| format!("verifying {}", dir.display()))?;
+    print!("{}", report.render());
+    let ok = report.passed();
+    println!(
+        "{}",
+        if ok {
+            "all checks passed"
+        } else {
+            "MISMATCH against the reference"
+        }
+    );
+    Ok(ok)
 }
 
 /// The one-step fixture comparison with the given optimizer step and EMA (see [`Steps`]).
