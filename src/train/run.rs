@@ -326,58 +326,130 @@ pub fn train_loop(
     observer: &mut dyn Observer,
 ) -> Result<TrainOutcome> {
     let main = comm.is_main();
-    let device = ibot.device;
-    // As the official `setup_for_distributed`: only rank 0 reports progress.
-    let say = |msg: String| {
-        if main {
-            eprintln!("{msg}");
-        }
-    };
     let niter = source.iters_per_epoch();
     ensure!(niter > 0, "no batches to train on");
     std::fs::create_dir_all(&args.run.output_dir)
         .with_context(|| format!("creating {}", args.run.output_dir.display()))?;
+    set_precision(args, &mut ibot, main)?;
+    let schedules = Schedules::new(args, niter, comm.world_size())?;
+    let ckpt_path = args.run.output_dir.join("checkpoint.safetensors");
+    let start_epoch = resume(args, comm, &mut ibot, &ckpt_path)?;
+    if main {
+        let args_json = serde_json::to_string_pretty(args)?;
+        crate::util::atomic_write(&args.run.output_dir.join("args.json"), args_json.as_bytes())?;
+    }
+    let stop_at = args
+        .run
+        .stop_after
+        .map(|n| start_epoch + n)
+        .unwrap_or(args.schedule.epochs)
+        .min(args.schedule.epochs);
+    super::interrupt::set_run(&args.run.output_dir, main);
+    let mut run = RunState::new(args, main, (stop_at.saturating_sub(start_epoch) * niter) / 4000);
+    let mut last = None;
+    let mut done = 0;
+    for epoch in start_epoch..stop_at {
+        let t0 = Instant::now();
+        let sums = train_epoch(args, comm, &mut ibot, source, observer, &schedules, &mut run, epoch, &ckpt_path)?;
+        let st = epoch_stats(comm, sums, epoch)?;
+        observer.epoch_end(epoch, &st.stats, &ibot)?;
+        end_epoch(args, comm, &ibot, &schedules, &mut run, epoch, &ckpt_path, &st.stats)?;
+        if main {
+            let s = &st.stats;
+            eprintln!(
+                "epoch {epoch}: loss {:.4} cls {:.4} patch {:.4} acc {:.3} nmi {:.3} ari {:.3} ({:.0}s{})",
+                s.loss,
+                s.cls,
+                s.patch,
+                s.acc,
+                s.nmi,
+                s.ari,
+                t0.elapsed().as_secs_f64(),
+                if st.skipped > 0 {
+                    format!(", {} unreadable images skipped", st.skipped)
+                } else {
+                    String::new()
+                }
+            );
+        }
+        last = Some(st.stats);
+        done += 1;
+    }
+    Ok(TrainOutcome {
+        ibot,
+        epochs_done: done,
+        last,
+        rank: comm.rank(),
+        start_epoch,
+    })
+}
+
+/// The arithmetic of the run (`--use_fp16`, `--precision`) on the model's device, said on
+/// stderr with the reason.
+fn set_precision(args: &TrainConfig, ibot: &mut Ibot, main: bool) -> Result<()> {
+    let device = ibot.device;
     ibot.precision = Precision::resolve(args.optim.use_fp16, args.optim.precision, device)?;
+    if !main {
+        return Ok(());
+    }
     if args.optim.precision == PrecisionChoice::Auto {
-        say(format!(
+        eprintln!(
             "precision: {} ({})",
             ibot.precision.name(),
             Precision::auto_reason(args.optim.use_fp16, device)
-        ));
+        );
     } else {
-        say(format!("precision: {} (--precision)", ibot.precision.name()));
+        eprintln!("precision: {} (--precision)", ibot.precision.name());
     }
+    Ok(())
+}
 
-    // lr scaled by the total batch, as the official `args.schedule.lr * batch_size_per_gpu * world / 256`.
-    let world = comm.world_size() as f64;
-    let lr = cosine_scheduler(
-        args.schedule.lr * args.optim.batch_size_per_gpu as f64 * world / 256.0,
-        args.schedule.min_lr,
-        args.schedule.epochs,
-        niter,
-        args.schedule.warmup_epochs,
-        0.0,
-    )?;
-    let wd = cosine_scheduler(
-        args.schedule.weight_decay,
-        args.schedule.weight_decay_end,
-        args.schedule.epochs,
-        niter,
-        0,
-        0.0,
-    )?;
-    let mom = cosine_scheduler(args.schedule.momentum_teacher, 1.0, args.schedule.epochs, niter, 0, 0.0)?;
+/// The per-iteration schedules of the whole run.
+struct Schedules {
+    lr: Vec<f64>,
+    wd: Vec<f64>,
+    momentum: Vec<f64>,
+    niter: usize,
+}
 
-    // Resume: --load_from (relative to output_dir), else output_dir/checkpoint.safetensors.
-    // Every rank reads the checkpoint itself.
-    let ckpt_path = args.run.output_dir.join("checkpoint.safetensors");
-    let resume = crate::util::resume_path(&args.run.output_dir, args.run.load_from.as_deref(), &ckpt_path)?;
+impl Schedules {
+    fn new(args: &TrainConfig, niter: usize, world_size: usize) -> Result<Self> {
+        let s = &args.schedule;
+        // lr scaled by the total batch, as the official `args.lr * batch_size_per_gpu * world / 256`.
+        let world = world_size as f64;
+        let lr = cosine_scheduler(
+            s.lr * args.optim.batch_size_per_gpu as f64 * world / 256.0,
+            s.min_lr,
+            s.epochs,
+            niter,
+            s.warmup_epochs,
+            0.0,
+        )?;
+        let wd = cosine_scheduler(s.weight_decay, s.weight_decay_end, s.epochs, niter, 0, 0.0)?;
+        let momentum = cosine_scheduler(s.momentum_teacher, 1.0, s.epochs, niter, 0, 0.0)?;
+        Ok(Self {
+            lr,
+            wd,
+            momentum,
+            niter,
+        })
+    }
+}
+
+/// Resume: --load_from (relative to output_dir), else output_dir/checkpoint.safetensors; every
+/// rank reads the checkpoint itself, and in a data-parallel run all must be at the same epoch
+/// and then hold rank 0's weights. Returns the epoch to start at.
+fn resume(args: &TrainConfig, comm: &dyn Comm, ibot: &mut Ibot, ckpt_path: &Path) -> Result<usize> {
+    let resume =
+        crate::util::resume_path(&args.run.output_dir, args.run.load_from.as_deref(), ckpt_path)?;
     let mut start_epoch = 0;
     if let Some(p) = &resume {
-        let meta = checkpoint::load(p, &mut ibot)
-            .with_context(|| format!("resuming from {}", p.display()))?;
+        let meta =
+            checkpoint::load(p, ibot).with_context(|| format!("resuming from {}", p.display()))?;
         start_epoch = meta.epoch;
-        say(format!("resumed from {} at epoch {start_epoch}", p.display()));
+        if comm.is_main() {
+            eprintln!("resumed from {} at epoch {start_epoch}", p.display());
+        }
     }
     if comm.world_size() > 1 {
         let epochs = crate::dist::all_gather_i64(comm, &[start_epoch as i64])?;
@@ -396,291 +468,364 @@ pub fn train_loop(
         comm.broadcast(&mut ibot.loss.center, 0)?;
         comm.broadcast(&mut ibot.loss.center2, 0)?;
     }
-    if main {
-        let args_json = serde_json::to_string_pretty(args)?;
-        crate::util::atomic_write(&args.run.output_dir.join("args.json"), args_json.as_bytes())?;
+    Ok(start_epoch)
+}
+
+/// What the loop keeps across epochs: the loss curve of this run, the last finite loss, the
+/// unreadable images named so far, TensorBoard's writer.
+struct RunState {
+    main: bool,
+    /// Per-iteration loss for loss.png, averaged in buckets of `bucket` steps so that a long
+    /// run keeps a few thousand points.
+    iter_curve: Vec<(f64, f64)>,
+    bucket: usize,
+    bucket_sum: (f64, f64, usize),
+    last_finite: Option<f64>,
+    /// Unreadable images skipped so far (--skip_corrupt): the first few are named on stderr.
+    listed_skips: usize,
+    /// TensorBoard scalars (rank 0): a convenience, so a failure only turns them off.
+    tb: Option<super::tensorboard::EventWriter>,
+}
+
+const LIST_SKIPS: usize = 5;
+
+impl RunState {
+    fn new(args: &TrainConfig, main: bool, bucket: usize) -> Self {
+        let tb = if main {
+            match super::tensorboard::EventWriter::create(&args.run.output_dir.join("tf_logs")) {
+                Ok(w) => Some(w),
+                Err(e) => {
+                    eprintln!("note: no TensorBoard logs: {e:#}");
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        Self {
+            main,
+            iter_curve: Vec::new(),
+            bucket: bucket.max(1),
+            bucket_sum: (0.0, 0.0, 0),
+            last_finite: None,
+            listed_skips: 0,
+            tb,
+        }
     }
 
-    let mut last = None;
-    let mut done = 0;
-    let stop_at = args
-        .run
-        .stop_after
-        .map(|n| start_epoch + n)
-        .unwrap_or(args.schedule.epochs)
-        .min(args.schedule.epochs);
-    let mut last_finite: Option<f64> = None;
-    // This run's per-iteration loss for loss.png, averaged in buckets so that a long run keeps
-    // a few thousand points.
-    let bucket = ((stop_at.saturating_sub(start_epoch) * niter) / 4000).max(1);
-    let mut iter_curve: Vec<(f64, f64)> = Vec::new();
-    let mut bucket_sum = (0.0, 0.0, 0usize);
-    // Unreadable images skipped so far (--skip_corrupt): the first few are named on stderr.
-    let mut listed_skips = 0usize;
-    const LIST_SKIPS: usize = 5;
-    super::interrupt::set_run(&args.run.output_dir, main);
-    // TensorBoard scalars (rank 0): a convenience, so a failure only turns them off.
-    let mut tb = if main {
-        match super::tensorboard::EventWriter::create(&args.run.output_dir.join("tf_logs")) {
-            Ok(w) => Some(w),
-            Err(e) => {
-                eprintln!("note: no TensorBoard logs: {e:#}");
-                None
-            }
-        }
-    } else {
-        None
-    };
-    let tb_write = |tb: &mut Option<super::tensorboard::EventWriter>,
-                        points: &[(&str, f64, i64)]| {
-        if let Some(w) = tb.as_mut() {
+    fn tb_write(&mut self, points: &[(&str, f64, i64)]) {
+        if let Some(w) = self.tb.as_mut() {
             let r = points
                 .iter()
                 .try_for_each(|(t, v, s)| w.scalar(t, *v, *s))
                 .and_then(|_| w.flush());
             if let Err(e) = r {
                 eprintln!("note: TensorBoard logs stopped: {e:#}");
-                *tb = None;
+                self.tb = None;
             }
         }
+    }
+
+    /// Names the first few unreadable images on stderr.
+    fn list_skips(&mut self, reasons: &[String]) {
+        for r in reasons {
+            if self.listed_skips < LIST_SKIPS {
+                eprintln!("skipped an unreadable image: {r}");
+            } else if self.listed_skips == LIST_SKIPS {
+                eprintln!("(further unreadable images are skipped without being listed)");
+            }
+            self.listed_skips += 1;
+        }
+    }
+
+    /// Adds step `it` of `epoch` to the loss curve (rank 0).
+    fn add_to_curve(&mut self, epoch: usize, it: usize, niter: usize, loss: f64) {
+        if !self.main {
+            return;
+        }
+        // Epoch e's iterations span [e - 0.5, e + 0.5]: its average sits in the middle.
+        self.bucket_sum.0 += epoch as f64 + (it as f64 + 0.5) / niter as f64 - 0.5;
+        self.bucket_sum.1 += loss;
+        self.bucket_sum.2 += 1;
+        if self.bucket_sum.2 == self.bucket {
+            let n = self.bucket_sum.2 as f64;
+            self.iter_curve
+                .push((self.bucket_sum.0 / n, self.bucket_sum.1 / n));
+            self.bucket_sum = (0.0, 0.0, 0);
+        }
+    }
+}
+
+/// One rank's sums over the steps of an epoch.
+#[derive(Default)]
+struct EpochSums {
+    stats: EpochStats,
+    steps: usize,
+    skipped: usize,
+    first_skip: Option<String>,
+    preds: Vec<i64>,
+    labels: Vec<i64>,
+}
+
+/// The steps of one epoch, with the progress bar (or a line every 10 steps).
+#[allow(clippy::too_many_arguments)]
+fn train_epoch(
+    args: &TrainConfig,
+    comm: &dyn Comm,
+    ibot: &mut Ibot,
+    source: &dyn BatchSource,
+    observer: &mut dyn Observer,
+    sch: &Schedules,
+    run: &mut RunState,
+    epoch: usize,
+    ckpt_path: &Path,
+) -> Result<EpochSums> {
+    let (main, niter, device) = (comm.is_main(), sch.niter, ibot.device);
+    super::interrupt::set_position(epoch, 0);
+    if let Some(sig) = super::interrupt::pending() {
+        return Err(super::interrupt::interrupted(sig));
+    }
+    // Per-epoch seeding makes an interrupted-and-resumed run identical to a straight one.
+    ibot.student
+        .backbone
+        .reseed_drop_path(args.run.seed.wrapping_add(epoch as u64));
+    let t0 = Instant::now();
+    let pb = if main {
+        progress(niter as u64, epoch, args.schedule.epochs)
+    } else {
+        None
     };
-    for epoch in start_epoch..stop_at {
-        super::interrupt::set_position(epoch, 0);
+    let mut sums = EpochSums::default();
+    for (it, batch) in source.batches(epoch).enumerate() {
+        super::interrupt::set_position(epoch, it);
         if let Some(sig) = super::interrupt::pending() {
+            if let Some(pb) = &pb {
+                pb.finish_and_clear();
+            }
             return Err(super::interrupt::interrupted(sig));
         }
-        // Per-epoch seeding makes an interrupted-and-resumed run identical to a straight one.
-        ibot.student
-            .backbone
-            .reseed_drop_path(args.run.seed.wrapping_add(epoch as u64));
-        let t0 = Instant::now();
-        let pb = if main {
-            progress(niter as u64, epoch, args.schedule.epochs)
-        } else {
-            None
+        let batch = batch.with_context(|| format!("loading batch {it} of epoch {epoch}"))?;
+        sums.skipped += batch.skipped;
+        if sums.first_skip.is_none() {
+            sums.first_skip = batch.skip_reason.clone();
+        }
+        run.list_skips(&batch.skip_reasons);
+        // With --skip_corrupt a batch may lose every image; in a data-parallel run all
+        // ranks then skip the step together (a collective must be entered by everyone).
+        let mut empty = batch.indices.is_empty();
+        if comm.world_size() > 1 && args.data.skip_corrupt {
+            let mut flag =
+                Tensor::from_slice(&[f32::from(u8::from(empty))]).to_device(comm.device());
+            comm.all_reduce_max(&mut flag)?;
+            empty = flag.double_value(&[0]) > 0.0;
+        }
+        if empty {
+            continue;
+        }
+        let g = niter * epoch + it;
+        let views: Vec<Tensor> = batch.views.iter().map(|v| v.to_device(device)).collect();
+        let masks: Vec<Tensor> = batch.masks.iter().map(|m| m.to_device(device)).collect();
+        let step = ibot.train_step(
+            &views,
+            &masks,
+            epoch,
+            sch.lr[g],
+            sch.wd[g],
+            sch.momentum[g],
+            comm,
+        );
+        let (s, pred) = match step {
+            Ok(x) => x,
+            Err(e) => return Err(step_failure(e, args, ckpt_path, epoch, it, run.last_finite)),
         };
-        let mut sums = EpochStats::default();
-        let (mut preds, mut labels) = (Vec::new(), Vec::new());
-        let mut skipped = 0;
-        let mut first_skip: Option<String> = None;
-        let mut count = 0usize;
-        for (it, batch) in source.batches(epoch).enumerate() {
-            super::interrupt::set_position(epoch, it);
-            if let Some(sig) = super::interrupt::pending() {
-                if let Some(pb) = &pb {
-                    pb.finish_and_clear();
-                }
-                return Err(super::interrupt::interrupted(sig));
+        observer.step(g, &s, ibot)?;
+        run.add_to_curve(epoch, it, niter, s.loss);
+        run.tb_write(&[("iter/loss", s.loss, g as i64), ("iter/lr", s.lr, g as i64)]);
+        run.last_finite = Some(s.loss);
+        let st = &mut sums.stats;
+        st.loss += s.loss;
+        st.cls += s.cls;
+        st.patch += s.patch;
+        st.lr += s.lr;
+        st.wd += s.wd;
+        st.acc += s.acc;
+        sums.steps += 1;
+        sums.preds.extend(Vec::<i64>::try_from(
+            pred.to_device(Device::Cpu).to_kind(Kind::Int64),
+        )?);
+        sums.labels
+            .extend(Vec::<i64>::try_from(batch.labels.to_kind(Kind::Int64))?);
+        let msg = format!(
+            "loss {:.4} (cls {:.4} patch {:.4}) lr {:.2e}",
+            s.loss, s.cls, s.patch, s.lr
+        );
+        match &pb {
+            Some(pb) => {
+                pb.set_message(msg);
+                pb.inc(1);
             }
-            let batch = batch.with_context(|| format!("loading batch {it} of epoch {epoch}"))?;
-            skipped += batch.skipped;
-            if first_skip.is_none() {
-                first_skip = batch.skip_reason.clone();
+            None if main && (it % 10 == 0 || it + 1 == niter) => {
+                eprintln!(
+                    "Epoch: [{epoch}/{}] [{it}/{niter}] {msg} ({:.1}s)",
+                    args.schedule.epochs,
+                    t0.elapsed().as_secs_f64()
+                );
             }
-            for r in &batch.skip_reasons {
-                if listed_skips < LIST_SKIPS {
-                    eprintln!("skipped an unreadable image: {r}");
-                } else if listed_skips == LIST_SKIPS {
-                    eprintln!("(further unreadable images are skipped without being listed)");
-                }
-                listed_skips += 1;
-            }
-            // With --skip_corrupt a batch may lose every image; in a data-parallel run all
-            // ranks then skip the step together (a collective must be entered by everyone).
-            let mut empty = batch.indices.is_empty();
-            if comm.world_size() > 1 && args.data.skip_corrupt {
-                let mut flag = Tensor::from_slice(&[f32::from(u8::from(empty))]).to_device(comm.device());
-                comm.all_reduce_max(&mut flag)?;
-                empty = flag.double_value(&[0]) > 0.0;
-            }
-            if empty {
-                continue;
-            }
-            let g = niter * epoch + it;
-            let views: Vec<Tensor> = batch.views.iter().map(|v| v.to_device(device)).collect();
-            let masks: Vec<Tensor> = batch.masks.iter().map(|m| m.to_device(device)).collect();
-            let (s, pred) =
-                match ibot.train_step(&views, &masks, epoch, lr[g], wd[g], mom[g], comm) {
-                    Ok(x) => x,
-                    Err(e) => {
-                        if let Some(sig) = super::interrupt::pending() {
-                            // A peer that stopped on the signal breaks the collective.
-                            return Err(super::interrupt::interrupted(sig));
-                        }
-                        if let Some(nf) = e.downcast_ref::<NonFiniteLoss>() {
-                            let whose = if nf.other_rank {
-                                "on another rank".to_string()
-                            } else {
-                                format!("{}", nf.value)
-                            };
-                            // What is on disk, not what should be there.
-                            let kept = match checkpoint::read_meta(&ckpt_path) {
-                                Ok(m) => format!(
-                                    "the last checkpoint, {} (epoch {} finished), is intact",
-                                    ckpt_path.display(),
-                                    m.epoch.saturating_sub(1)
-                                ),
-                                Err(_) if ckpt_path.exists() => format!(
-                                    "{} is left as it was",
-                                    ckpt_path.display()
-                                ),
-                                Err(_) => format!(
-                                    "no checkpoint was written in {}",
-                                    args.run.output_dir.display()
-                                ),
-                            };
-                            bail!(
-                                "loss is {whose} at epoch {epoch}, iteration {it}: stopping (last finite loss {:?}); {kept}",
-                                last_finite
-                            );
-                        }
-                        return Err(e);
-                    }
-                };
-            observer.step(g, &s, &ibot)?;
-            if main {
-                // Epoch e's iterations span [e - 0.5, e + 0.5]: its average sits in the middle.
-                bucket_sum.0 += epoch as f64 + (it as f64 + 0.5) / niter as f64 - 0.5;
-                bucket_sum.1 += s.loss;
-                bucket_sum.2 += 1;
-                if bucket_sum.2 == bucket {
-                    let n = bucket_sum.2 as f64;
-                    iter_curve.push((bucket_sum.0 / n, bucket_sum.1 / n));
-                    bucket_sum = (0.0, 0.0, 0);
-                }
-            }
-            tb_write(
-                &mut tb,
-                &[("iter/loss", s.loss, g as i64), ("iter/lr", s.lr, g as i64)],
-            );
-            last_finite = Some(s.loss);
-            sums.loss += s.loss;
-            sums.cls += s.cls;
-            sums.patch += s.patch;
-            sums.lr += s.lr;
-            sums.wd += s.wd;
-            sums.acc += s.acc;
-            count += 1;
-            preds.extend(Vec::<i64>::try_from(
-                pred.to_device(Device::Cpu).to_kind(Kind::Int64),
-            )?);
-            labels.extend(Vec::<i64>::try_from(batch.labels.to_kind(Kind::Int64))?);
-            let msg = format!(
-                "loss {:.4} (cls {:.4} patch {:.4}) lr {:.2e}",
-                s.loss, s.cls, s.patch, s.lr
-            );
-            match &pb {
-                Some(pb) => {
-                    pb.set_message(msg);
-                    pb.inc(1);
-                }
-                None if main && (it % 10 == 0 || it + 1 == niter) => {
-                    eprintln!(
-                        "Epoch: [{epoch}/{}] [{it}/{niter}] {msg} ({:.1}s)",
-                        args.schedule.epochs,
-                        t0.elapsed().as_secs_f64()
-                    );
-                }
-                None => {}
-            }
+            None => {}
         }
-        if let Some(pb) = pb {
-            pb.finish_and_clear();
-        }
-        // As MetricLogger.synchronize_between_processes: averages over every rank's steps.
-        let mut totals = Tensor::from_slice(&[
-            sums.loss,
-            sums.cls,
-            sums.patch,
-            sums.lr,
-            sums.wd,
-            sums.acc,
-            count as f64,
-            skipped as f64,
-        ])
-        .to_device(comm.device());
-        comm.all_reduce_sum(&mut totals)?;
-        let t = Vec::<f64>::try_from(totals.to_device(Device::Cpu))?;
-        let skipped = t[7] as usize;
-        if t[6] == 0.0 {
-            // Not one step: every image of the epoch was skipped (--skip_corrupt).
-            bail!(
-                "every image of epoch {epoch} was unreadable ({skipped} skipped, no batch left to train on){}; \
-                 the last checkpoint is left as it was",
-                match &first_skip {
-                    Some(r) => format!("; the first: {r}"),
-                    None => String::new(),
-                }
-            );
-        }
-        let n = t[6];
-        let mut st = EpochStats {
-            loss: t[0] / n,
-            cls: t[1] / n,
-            patch: t[2] / n,
-            lr: t[3] / n,
-            wd: t[4] / n,
-            acc: t[5] / n,
-            adjacc: -1.0,
-            ..Default::default()
-        };
-        // As the official concat_all_gather of predictions and labels.
-        let preds = crate::dist::all_gather_i64(comm, &preds)?;
-        let labels = crate::dist::all_gather_i64(comm, &labels)?;
-        if !labels.is_empty() && labels.iter().all(|&l| l >= 0) {
-            // The official log leaves `adjacc` at -1 (eval_pred without calc_acc); the
-            // Hungarian-matched accuracy is cheap enough to report.
-            (st.nmi, st.ari, st.fscore, st.adjacc) = cluster::eval_pred(&labels, &preds, true);
-        }
-        observer.epoch_end(epoch, &st, &ibot)?;
-        // Rank 0 saves between two barriers: nobody runs ahead of a checkpoint being written,
-        // and a failed save stops every rank.
-        comm.barrier().context("before saving the checkpoint")?;
-        if main {
-            let _saving = super::interrupt::Saving::begin();
-            let schedules = schedule_curves(&lr, &wd, &mom, &ibot.loss.teacher_temp_schedule, niter, epoch);
-            let curves = super::plot::Curves {
-                epochs: &[],
-                iters: &iter_curve,
-                schedules: &schedules,
-            };
-            save_epoch(args, &ibot, epoch, &ckpt_path, &st, curves)?;
-        }
-        comm.barrier().context("after saving the checkpoint")?;
-        if tb.is_some() {
-            let mut pts: Vec<(String, f64)> = Vec::new();
-            if let Some(m) = serde_json::to_value(&st)?.as_object() {
-                for (k, v) in m {
-                    if let Some(x) = v.as_f64() {
-                        pts.push((format!("train_{k}"), x));
-                    }
-                }
-            }
-            let pts: Vec<(&str, f64, i64)> =
-                pts.iter().map(|(k, v)| (k.as_str(), *v, epoch as i64)).collect();
-            tb_write(&mut tb, &pts);
-        }
-        say(format!(
-            "epoch {epoch}: loss {:.4} cls {:.4} patch {:.4} acc {:.3} nmi {:.3} ari {:.3} ({:.0}s{})",
-            st.loss,
-            st.cls,
-            st.patch,
-            st.acc,
-            st.nmi,
-            st.ari,
-            t0.elapsed().as_secs_f64(),
-            if skipped > 0 { format!(", {skipped} unreadable images skipped") } else { String::new() }
-        ));
-        last = Some(st);
-        done += 1;
     }
-    Ok(TrainOutcome {
-        ibot,
-        epochs_done: done,
-        last,
-        rank: comm.rank(),
-        start_epoch,
-    })
+    if let Some(pb) = pb {
+        pb.finish_and_clear();
+    }
+    Ok(sums)
+}
+
+/// The error a failed step ends the run with: the signal that broke a collective, or a
+/// non-finite loss with what is on disk, or the step's own error.
+fn step_failure(
+    e: anyhow::Error,
+    args: &TrainConfig,
+    ckpt_path: &Path,
+    epoch: usize,
+    it: usize,
+    last_finite: Option<f64>,
+) -> anyhow::Error {
+    if let Some(sig) = super::interrupt::pending() {
+        // A peer that stopped on the signal breaks the collective.
+        return super::interrupt::interrupted(sig);
+    }
+    let Some(nf) = e.downcast_ref::<NonFiniteLoss>() else {
+        return e;
+    };
+    let whose = if nf.other_rank {
+        "on another rank".to_string()
+    } else {
+        format!("{}", nf.value)
+    };
+    // What is on disk, not what should be there.
+    let kept = match checkpoint::read_meta(ckpt_path) {
+        Ok(m) => format!(
+            "the last checkpoint, {} (epoch {} finished), is intact",
+            ckpt_path.display(),
+            m.epoch.saturating_sub(1)
+        ),
+        Err(_) if ckpt_path.exists() => format!("{} is left as it was", ckpt_path.display()),
+        Err(_) => format!(
+            "no checkpoint was written in {}",
+            args.run.output_dir.display()
+        ),
+    };
+    anyhow::anyhow!(
+        "loss is {whose} at epoch {epoch}, iteration {it}: stopping (last finite loss {:?}); {kept}",
+        last_finite
+    )
+}
+
+/// An epoch's statistics over every rank, and the images skipped on all of them.
+struct SyncedStats {
+    stats: EpochStats,
+    skipped: usize,
+}
+
+/// As MetricLogger.synchronize_between_processes: averages over every rank's steps; NMI, ARI,
+/// F and the Hungarian accuracy of the predictions of all ranks.
+fn epoch_stats(comm: &dyn Comm, sums: EpochSums, epoch: usize) -> Result<SyncedStats> {
+    let s = &sums.stats;
+    let mut totals = Tensor::from_slice(&[
+        s.loss,
+        s.cls,
+        s.patch,
+        s.lr,
+        s.wd,
+        s.acc,
+        sums.steps as f64,
+        sums.skipped as f64,
+    ])
+    .to_device(comm.device());
+    comm.all_reduce_sum(&mut totals)?;
+    let t = Vec::<f64>::try_from(totals.to_device(Device::Cpu))?;
+    let skipped = t[7] as usize;
+    if t[6] == 0.0 {
+        // Not one step: every image of the epoch was skipped (--skip_corrupt).
+        bail!(
+            "every image of epoch {epoch} was unreadable ({skipped} skipped, no batch left to train on){}; \
+             the last checkpoint is left as it was",
+            match &sums.first_skip {
+                Some(r) => format!("; the first: {r}"),
+                None => String::new(),
+            }
+        );
+    }
+    let n = t[6];
+    let mut st = EpochStats {
+        loss: t[0] / n,
+        cls: t[1] / n,
+        patch: t[2] / n,
+        lr: t[3] / n,
+        wd: t[4] / n,
+        acc: t[5] / n,
+        adjacc: -1.0,
+        ..Default::default()
+    };
+    // As the official concat_all_gather of predictions and labels.
+    let preds = crate::dist::all_gather_i64(comm, &sums.preds)?;
+    let labels = crate::dist::all_gather_i64(comm, &sums.labels)?;
+    if !labels.is_empty() && labels.iter().all(|&l| l >= 0) {
+        // The official log leaves `adjacc` at -1 (eval_pred without calc_acc); the
+        // Hungarian-matched accuracy is cheap enough to report.
+        (st.nmi, st.ari, st.fscore, st.adjacc) = cluster::eval_pred(&labels, &preds, true);
+    }
+    Ok(SyncedStats { stats: st, skipped })
+}
+
+/// Rank 0 saves between two barriers (nobody runs ahead of a checkpoint being written, and a
+/// failed save stops every rank), then the epoch's scalars go to TensorBoard.
+#[allow(clippy::too_many_arguments)]
+fn end_epoch(
+    args: &TrainConfig,
+    comm: &dyn Comm,
+    ibot: &Ibot,
+    sch: &Schedules,
+    run: &mut RunState,
+    epoch: usize,
+    ckpt_path: &Path,
+    st: &EpochStats,
+) -> Result<()> {
+    comm.barrier().context("before saving the checkpoint")?;
+    if comm.is_main() {
+        let _saving = super::interrupt::Saving::begin();
+        let schedules = schedule_curves(
+            &sch.lr,
+            &sch.wd,
+            &sch.momentum,
+            &ibot.loss.teacher_temp_schedule,
+            sch.niter,
+            epoch,
+        );
+        let curves = super::plot::Curves {
+            epochs: &[],
+            iters: &run.iter_curve,
+            schedules: &schedules,
+        };
+        save_epoch(args, ibot, epoch, ckpt_path, st, curves)?;
+    }
+    comm.barrier().context("after saving the checkpoint")?;
+    if run.tb.is_some() {
+        let mut pts: Vec<(String, f64)> = Vec::new();
+        if let Some(m) = serde_json::to_value(st)?.as_object() {
+            for (k, v) in m {
+                if let Some(x) = v.as_f64() {
+                    pts.push((format!("train_{k}"), x));
+                }
+            }
+        }
+        let pts: Vec<(&str, f64, i64)> = pts
+            .iter()
+            .map(|(k, v)| (k.as_str(), *v, epoch as i64))
+            .collect();
+        run.tb_write(&pts);
+    }
+    Ok(())
 }
 
 /// The schedules of epochs `0..=epoch` for loss.png: per iteration (at most ~2000 points
