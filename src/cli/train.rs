@@ -343,6 +343,7 @@ mod tests {
     }
 
     /// The command line's defaults are the configuration's: one set of official defaults.
+    /// (Checked by hand: `epochs: 101` in `ScheduleOptions::default` fails it.)
     #[test]
     fn command_line_defaults_are_the_configuration_defaults() {
         let c = Cli::parse_from(["x"]).args.into_config();
@@ -352,5 +353,29 @@ mod tests {
             TrainConfig::from_json(&serde_json::json!({"unknown_future_option": 3})).unwrap(),
             TrainConfig::default()
         );
+    }
+
+    /// Every `ibot train` option that describes the run is stored in checkpoints and args.json
+    /// under its own name, and nothing else is: the stored map and the command line cannot
+    /// drift apart when an option is added. (Checked by hand: a serde rename of `min_lr` fails
+    /// it.)
+    #[test]
+    fn every_run_option_is_stored_under_its_flag_name() {
+        use clap::CommandFactory;
+        let cmd = Cli::command();
+        let mut flags: Vec<String> = cmd
+            .get_arguments()
+            .filter_map(|a| a.get_long().map(str::to_string))
+            .filter(|f| {
+                // Recipes are expanded before parsing; data parallelism is not the run's identity.
+                !["preset", "config", "dist_url", "dist_timeout", "local_rank"]
+                    .contains(&f.as_str())
+            })
+            .collect();
+        flags.sort();
+        let v = serde_json::to_value(TrainConfig::default()).unwrap();
+        let mut keys: Vec<String> = v.as_object().unwrap().keys().cloned().collect();
+        keys.sort();
+        assert_eq!(keys, flags);
     }
 }
