@@ -33,7 +33,7 @@ enum Cmd {
     /// Takes every `train` option (defaults: --preset fmnist_tiny on the Debian package's files,
     /// listed at the end of `ibot demo --help`).
     #[command(args_override_self = true, after_help = cli::demo::demo_help())]
-    Demo(cli::demo::DemoArgs),
+    Demo(Box<cli::demo::DemoArgs>),
     /// iBOT pre-training (the official main_ibot.py). Resumes from <output_dir>/checkpoint.safetensors.
     #[command(args_override_self = true)]
     Train(Box<cli::train::TrainArgs>),
@@ -86,7 +86,7 @@ fn run(cli: Cli) -> Result<bool> {
     }
     let done = |r: Result<()>| r.map(|_| true);
     match cli.cmd {
-        Cmd::Demo(a) => done(cli::demo::run(a)),
+        Cmd::Demo(a) => done(cli::demo::run(*a)),
         Cmd::Train(a) => done(cli::train::run(*a)),
         Cmd::Launch(a) => done(cli::launch::run(a, cli.threads)),
         Cmd::EvalKnn(a) => done(cli::eval_knn::run(a)),

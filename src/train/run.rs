@@ -20,7 +20,9 @@ use crate::eval::cluster;
 use crate::dist::{Comm, DistEnv};
 use crate::models::{BackboneConfig, HeadConfig, SwinConfig, VitConfig};
 
-/// Device selection lives in [`crate::device`]; re-exported for code written against this path.
+/// Device selection lives in [`crate::device`] and the subset wrapper in
+/// [`crate::data::dataset`]; re-exported for code written against these paths.
+pub use crate::data::dataset::open_subset as open_dataset;
 pub use crate::device::select_device;
 
 /// The model/loss configuration the arguments describe.
