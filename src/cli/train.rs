@@ -244,6 +244,11 @@ pub struct TrainArgs {
 
 
 impl TrainArgs {
+    /// [`TrainArgs::into_config`] without giving the options up.
+    pub fn to_config(&self) -> TrainConfig {
+        self.clone().into_config()
+    }
+
     /// The configuration these options describe.
     pub fn into_config(self) -> TrainConfig {
         TrainConfig {
