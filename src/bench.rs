@@ -7,7 +7,7 @@ use anyhow::Result;
 use tch::{Device, Kind, Tensor};
 
 use crate::dist::Comm;
-use crate::train::args::TrainArgs;
+use crate::cli::train::TrainArgs;
 use crate::train::Ibot;
 
 /// What `ibot bench train` measures: every model, head, crop and objective option of
@@ -73,9 +73,9 @@ impl StepTiming {
     /// The lines `ibot bench train` prints: the configuration and the time per step (wall and
     /// CPU), then the phases.
     pub fn report(&self, b: &StepBench, world_size: usize) -> String {
-        let a = &b.train;
+        let a = b.train.to_config();
         let feed = match b.data_path() {
-            Some(p) => format!("loader on {} with {} worker(s)", p.display(), a.num_workers),
+            Some(p) => format!("loader on {} with {} worker(s)", p.display(), a.data.num_workers),
             None => "random tensors".to_string(),
         };
         let mut out = format!(
@@ -83,13 +83,13 @@ impl StepTiming {
             tch::get_num_threads(),
             self.precision.name(),
             crate::models::layers::CpuGemm::current().name(),
-            a.arch,
+            a.model.arch.as_str(),
             a.resolved_patch_size(),
-            a.batch_size_per_gpu,
-            a.global_crops_number,
-            a.global_crops_size,
-            a.local_crops_number,
-            a.local_crops_size,
+            a.optim.batch_size_per_gpu,
+            a.data.global_crops_number,
+            a.data.global_crops_size,
+            a.data.local_crops_number,
+            a.data.local_crops_size,
             self.ms_per_iter,
             self.cpu_ms_per_iter,
             self.images_per_s
@@ -122,20 +122,22 @@ pub fn process_cpu_seconds() -> f64 {
 /// excluded (views are random tensors made before the clock starts for each step); with it,
 /// each timed step includes getting its batch from the loader.
 pub fn step(b: &StepBench, device: Device, comm: &dyn Comm) -> Result<StepTiming> {
-    let a = &b.train;
-    tch::manual_seed(a.seed as i64);
-    let cfg = crate::train::run::ibot_config(a)?;
+    let a = b.train.to_config();
+    tch::manual_seed(a.run.seed as i64);
+    let cfg = crate::train::run::ibot_config(&a)?;
     let cell = a.mask_patch_size();
-    let (g, l) = (a.global_crops_size as i64, a.local_crops_size as i64);
+    let (g, l) = (a.data.global_crops_size as i64, a.data.local_crops_size as i64);
     anyhow::ensure!(
         g % cell == 0,
         "--global_crops_size {g} is not a multiple of the {cell}-px mask cell"
     );
     let grid = g / cell;
-    let batch = a.batch_size_per_gpu as i64;
+    let batch = a.optim.batch_size_per_gpu as i64;
+    let (ngc, nlc) = (a.data.global_crops_number, a.data.local_crops_number);
     let mut ibot = Ibot::new(cfg, device)?;
     ibot.full_head = b.full_head;
-    ibot.precision = crate::train::amp::Precision::resolve(a.use_fp16, a.precision, device)?;
+    ibot.precision =
+        crate::train::amp::Precision::resolve(a.optim.use_fp16, a.optim.precision, device)?;
     let opts = (Kind::Float, device);
     let mut batches = match b.data_path() {
         Some(path) => Some(BatchStream::new(path, b)?),
@@ -146,20 +148,20 @@ pub fn step(b: &StepBench, device: Device, comm: &dyn Comm) -> Result<StepTiming
     for it in 0..b.warmup + b.iters {
         let (views, masks, t0, c0) = match batches.as_mut() {
             None => {
-                let mut views: Vec<Tensor> = (0..a.global_crops_number)
+                let mut views: Vec<Tensor> = (0..ngc)
                     .map(|_| Tensor::randn([batch, 3, g, g], opts))
                     .collect();
                 views.extend(
-                    (0..a.local_crops_number).map(|_| Tensor::randn([batch, 3, l, l], opts)),
+                    (0..nlc).map(|_| Tensor::randn([batch, 3, l, l], opts)),
                 );
-                let masks: Vec<Tensor> = (0..a.global_crops_number)
+                let masks: Vec<Tensor> = (0..ngc)
                     .map(|_| Tensor::rand([batch, grid, grid], opts).lt(0.3))
                     .collect();
                 (views, masks, Instant::now(), process_cpu_seconds())
             }
             Some(stream) => {
                 let (t0, c0) = (Instant::now(), process_cpu_seconds());
-                let (views, masks) = stream.next(device, a.global_crops_number)?;
+                let (views, masks) = stream.next(device, ngc)?;
                 if it >= b.warmup {
                     data_wait += t0.elapsed().as_secs_f64();
                 }
@@ -205,7 +207,7 @@ struct BatchStream {
 
 impl BatchStream {
     fn new(path: &std::path::Path, b: &StepBench) -> Result<Self> {
-        let cfg = crate::train::run::loader_config(&b.train)?;
+        let cfg = crate::train::run::loader_config(&b.train.to_config())?;
         let loader = loader_for(
             path,
             cfg.augment,
