@@ -49,6 +49,17 @@ pub struct StepBench {
 const RANDOM_TENSORS: &str = "random";
 
 impl StepBench {
+    /// The training configuration benchmarked. With a shared teacher head (the default) the
+    /// patch head's width must equal `--out_dim`, so here it follows `--out_dim` (`ibot train`
+    /// asks for both flags instead).
+    pub fn bench_config(&self) -> crate::config::TrainConfig {
+        let mut c = self.train.to_config();
+        if c.head.shared_head_teacher {
+            c.head.patch_out_dim = c.head.out_dim;
+        }
+        c
+    }
+
     /// The image folder to load batches from, if one was given.
     pub fn data_path(&self) -> Option<&std::path::Path> {
         (self.train.data_path.as_os_str() != RANDOM_TENSORS).then_some(self.train.data_path.as_path())
@@ -73,7 +84,7 @@ impl StepTiming {
     /// The lines `ibot bench train` prints: the configuration and the time per step (wall and
     /// CPU), then the phases.
     pub fn report(&self, b: &StepBench, world_size: usize) -> String {
-        let a = b.train.to_config();
+        let a = b.bench_config();
         let feed = match b.data_path() {
             Some(p) => format!("loader on {} with {} worker(s)", p.display(), a.data.num_workers),
             None => "random tensors".to_string(),
@@ -122,7 +133,7 @@ pub fn process_cpu_seconds() -> f64 {
 /// excluded (views are random tensors made before the clock starts for each step); with it,
 /// each timed step includes getting its batch from the loader.
 pub fn step(b: &StepBench, device: Device, comm: &dyn Comm) -> Result<StepTiming> {
-    let a = b.train.to_config();
+    let a = b.bench_config();
     tch::manual_seed(a.run.seed as i64);
     let cfg = crate::train::run::ibot_config(&a)?;
     let cell = a.mask_patch_size();
@@ -207,7 +218,7 @@ struct BatchStream {
 
 impl BatchStream {
     fn new(path: &std::path::Path, b: &StepBench) -> Result<Self> {
-        let cfg = crate::train::run::loader_config(&b.train.to_config())?;
+        let cfg = crate::train::run::loader_config(&b.bench_config())?;
         let loader = loader_for(
             path,
             cfg.augment,
