@@ -69,6 +69,20 @@ enum Cmd {
     /// (visualize_attention.py): heat maps, the patches holding --threshold of each head's
     /// attention mass drawn over the image, and the raw maps as safetensors.
     VisualizeAttention(AttentionArgs),
+    /// Dense patch correspondences between two images (visualize_correspondence.py): matches
+    /// of patch features drawn as lines between pairs from one class or two views of an image,
+    /// and in instance mode the matching accuracy.
+    Correspondence(ibot::cli::correspondence::CorrespondenceArgs),
+    /// The teacher head's prototypes as part-level patterns (extract_topk_cluster.py): every
+    /// patch or [CLS] token assigned to its prototype, grids of the best members of the most
+    /// populated ones; memory-bounded and resumable. Needs weights with the head.
+    Patterns(ibot::cli::patterns::PatternsArgs),
+    /// Attention over a folder of video frames (video_generation.py): attention frames and an
+    /// animated GIF.
+    VideoGeneration(ibot::cli::video_generation::VideoArgs),
+    /// A backbone and a trained linear classifier in one file (combine_ckpt.py), for
+    /// `eval-linear --evaluate` and every --pretrained_weights.
+    Combine(ibot::cli::combine::CombineArgs),
     /// Lists the named recipes for --preset.
     Presets,
     /// Benchmarks (timings, not tests). Compare with bench/torch_step.py run with the same
@@ -268,7 +282,8 @@ struct FeatureArgs {
 struct AttentionArgs {
     #[command(flatten)]
     weights: WeightsArgs,
-    /// The image to look at (any format the data loader reads).
+    /// The image to look at (any format the data loader reads), or a folder: every image in
+    /// it (class sub-folders or flat), each into its own sub-folder of --output_dir.
     #[arg(long)]
     image_path: PathBuf,
     /// Resize to HEIGHT WIDTH (two numbers), or the shorter side to N keeping the aspect ratio
@@ -857,21 +872,17 @@ fn visualize_attention(a: AttentionArgs) -> Result<()> {
              there is no [CLS] attention to show (its attention stays within local windows)"
         )
     };
-    let patch = vit.cfg.patch_size as usize;
-    let img = ibot::data::dataset::load_rgb(&a.image_path)?;
-    let img = attention::prepare_image(&img, &a.image_size, patch)?;
     let threshold = (a.threshold > 0.0).then_some(a.threshold);
-    let maps = attention::attention_of(vit, &img, threshold, device)?;
-    let files = attention::save_pictures(&img, &maps, patch, threshold, &a.output_dir)?;
-    println!(
-        "{} heads over {}x{} patches of {}: {} files in {}",
-        maps.attentions.size()[0],
-        img.height / patch,
-        img.width / patch,
-        a.image_path.display(),
-        files.len(),
-        a.output_dir.display()
-    );
+    let dirs = attention::visualize_path(
+        vit,
+        &a.image_path,
+        &a.image_size,
+        threshold,
+        &a.output_dir,
+        usize::MAX,
+        device,
+    )?;
+    println!("attention of {} image(s) in {}", dirs.len(), a.output_dir.display());
     Ok(())
 }
 
@@ -957,7 +968,12 @@ fn run(cli: Cli) -> Result<bool> {
             Ok(true)
         }
         Cmd::EvalKnn(k) => eval_knn(k).map(|_| true),
+        Cmd::EvalLinear(a) if a.evaluate => ibot::cli::combine::evaluate(a).map(|_| true),
         Cmd::EvalLinear(a) => eval_linear(a).map(|_| true),
+        Cmd::Correspondence(a) => ibot::cli::correspondence::run(a).map(|_| true),
+        Cmd::Patterns(a) => ibot::cli::patterns::run(a).map(|_| true),
+        Cmd::VideoGeneration(a) => ibot::cli::video_generation::run(a).map(|_| true),
+        Cmd::Combine(a) => ibot::cli::combine::run(a).map(|_| true),
         Cmd::EvalUnsup(u) => eval_unsup(u).map(|_| true),
         Cmd::ExtractBackbone(e) => extract_backbone(e).map(|_| true),
         Cmd::ExtractFeatures(f) => extract_features(f).map(|_| true),

@@ -192,6 +192,22 @@ pub struct LinearArgs {
     pub precompute_features: bool,
     #[arg(long, default_value = "auto")]
     pub device: String,
+    /// Do not train: evaluate a trained classifier (--pretrained_linear, or the one stored in
+    /// a file written by `ibot combine`) on the validation images (--val_path,
+    /// <data_path>/val, or --data_path itself when it is an image folder of classes) and
+    /// print top-1 / top-5.
+    #[arg(long)]
+    #[serde(default)]
+    pub evaluate: bool,
+    /// With --evaluate: a linear checkpoint (eval-linear's best_<key>_linear.safetensors, or
+    /// an official checkpoint_<key>_linear.pth).
+    #[arg(long)]
+    #[serde(default)]
+    pub pretrained_linear: Option<PathBuf>,
+    /// With --evaluate: which classifier of an eval_linear_multi sweep (best_acc_hidx).
+    #[arg(long)]
+    #[serde(default)]
+    pub head_index: Option<usize>,
 }
 
 /// Outcome of a linear-probe run (also written to `<output_dir>/results_linear_<key>.json`).
