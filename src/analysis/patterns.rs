@@ -373,6 +373,11 @@ pub fn collect(
         "--img_size {} must be a whole number of {patch}-pixel patches (at least one)",
         cfg.img_size
     );
+    ensure!(
+        cfg.img_size >= 7,
+        "--img_size {} is too small: images are resized to img_size // 7 * 8 first",
+        cfg.img_size
+    );
     std::fs::create_dir_all(&cfg.save_path)
         .with_context(|| format!("creating {}", cfg.save_path.display()))?;
     let mut meta = StateMeta {
