@@ -5,13 +5,14 @@
 //! patterns_ref.py, attn_color_ref.py, linear_ref.py); pictures for their size and for what is
 //! drawn where; bad input for clear errors.
 //!
-//! Mutations tried by hand, each failing this file: matching with `max_dim(-2)` instead of -1
-//! (index / points differ), the overlap tolerance without `eps` (ovlp differs), the true
-//! nearest patch by `max` distance (real_index and accuracy differ), line ends drawn one patch
-//! to the right (the red-pixel check), a prototype's best patch kept as the last instead of the
-//! first of equal... rather its worst (`o.value <= val`: membership differs), counts not
-//! incremented for cls tokens (counts differ), the composite's cumulative-sum rule dropped
-//! (pixels differ), the grey background without the truncation to integer (pixels differ).
+//! Mutations tried by hand, each making this file fail (the assertion named): the overlap
+//! tolerance without `eps` ("attention panel differs"), the nearest patch taken along the other
+//! axis ("nearest patches differ"), the true nearest patch by the largest distance
+//! ("true matches differ"), line ends one patch to the right (the red-pixel check of the
+//! command test), each image's worst instead of best patch per prototype ("members of
+//! prototype 0"), tokens counted for patches only ("counts", [CLS] case), the composite's
+//! cumulative-sum rule dropped (the tie case's pixels), its grey background without the
+//! truncation to an integer (pixels), top-5 counted as top-1 (the evaluate accuracy).
 
 mod common;
 
@@ -378,9 +379,15 @@ fn colour_composite_equals_the_official_pixels() {
     let dir = tmp("color-ref");
     tch::manual_seed(11);
     // 7 heads: the official composite takes the first six.
-    for (heads, gh, gw, t) in [(3i64, 3i64, 4i64, 0.6f64), (7, 4, 4, 0.9)] {
+    // The third case gives heads 0 and 1 the same map: where they tie for the largest
+    // attention, only the first may paint (the official cumulative-sum rule).
+    for (heads, gh, gw, t, tie) in [(3i64, 3i64, 4i64, 0.6f64, false), (7, 4, 4, 0.9, false), (3, 3, 3, 0.8, true)] {
         let n = 1 + gh * gw;
-        let attn = (Tensor::randn([1, heads, n, n], (Kind::Float, Device::Cpu)) * 2.0).softmax(-1, Kind::Float);
+        let mut attn = (Tensor::randn([1, heads, n, n], (Kind::Float, Device::Cpu)) * 2.0).softmax(-1, Kind::Float);
+        if tie {
+            let h0 = attn.narrow(1, 0, 1);
+            attn = Tensor::cat(&[h0.shallow_clone(), h0, attn.narrow(1, 2, heads - 2)], 1);
+        }
         let maps = cls_attention_maps(&attn, gh, gw, Some(t)).unwrap();
         let img = Rgb8::new(
             (gw * 4) as usize,
@@ -395,7 +402,7 @@ fn colour_composite_equals_the_official_pixels() {
         );
         let ours = attn_color(&x, &maps, 4).unwrap();
         let want = Vec::<u8>::try_from(r["pic"].flatten(0, -1)).unwrap();
-        assert_eq!(ours.data, want, "{heads} heads at threshold {t}");
+        assert_eq!(ours.data, want, "{heads} heads at threshold {t} (tie {tie})");
         // A check that can fail: coloured pixels and grey ones both occur.
         let grey = ours.data.chunks(3).filter(|p| p[0] == p[1] && p[1] == p[2]).count();
         assert!(grey > 0 && grey < ours.data.len() / 3);
