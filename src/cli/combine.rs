@@ -58,8 +58,8 @@ pub fn run(a: CombineArgs) -> Result<()> {
     };
     let info = combine::combine(&cfg)?;
     println!(
-        "save {}th head{} ({} classes, {} features: --n_last_blocks {} --avgpool_patchtokens {}) to {}",
-        info.head_index.unwrap_or(0),
+        "saved {}the classifier{} ({} classes, {} features: --n_last_blocks {} --avgpool_patchtokens {}) with the backbone to {}",
+        info.head_index.map(|i| format!("head {i} of the sweep, ")).unwrap_or_default(),
         info.best_acc.map(|a| format!(" with acc {a}")).unwrap_or_default(),
         info.num_labels,
         info.feature_dim,
