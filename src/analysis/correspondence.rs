@@ -136,7 +136,10 @@ pub fn match_batch(
         [b, n, _] => (b, n),
         ref s => bail!("patch tokens must be [B, N, D], not {s:?}"),
     };
-    ensure!(x2.size() == x1.size(), "the two images' tokens differ in shape");
+    ensure!(
+        x2.size() == x1.size(),
+        "the two images' tokens differ in shape"
+    );
     let unit = (n as f64).sqrt().round() as i64;
     ensure!(unit * unit == n, "{n} patch tokens are not a square grid");
     let asz = attn.size();
@@ -146,7 +149,10 @@ pub fn match_batch(
     );
     let na = asz[2] - 1;
     let ga = (na as f64).sqrt().round() as i64;
-    ensure!(ga * ga == na, "the attention model's {na} patches are not a square grid");
+    ensure!(
+        ga * ga == na,
+        "the attention model's {na} patches are not a square grid"
+    );
     ensure!(
         (1..=n as usize).contains(&topk),
         "--topk {topk} must be between 1 and the {n} patches of an image"
@@ -176,11 +182,19 @@ pub fn match_batch(
             let eps = (patch / 2) as f64 / img_size as f64;
             let lo = pos2.min_dim(1, true).0;
             let hi = pos2.max_dim(1, true).0;
-            let ovlp = (&pos1 + eps).gt_tensor(&lo).all_dim(-1, false)
+            let ovlp = (&pos1 + eps)
+                .gt_tensor(&lo)
+                .all_dim(-1, false)
                 .logical_and(&(&pos1 - eps).lt_tensor(&hi).all_dim(-1, false)); // [B, N]
             let sim = pos1.matmul(&pos2.permute([0, 2, 1]));
-            let dst = pos1.square().sum_dim_intlist(Some(&[2i64][..]), true, Kind::Double)
-                + pos2.permute([0, 2, 1]).square().sum_dim_intlist(Some(&[1i64][..]), true, Kind::Double)
+            let dst = pos1
+                .square()
+                .sum_dim_intlist(Some(&[2i64][..]), true, Kind::Double)
+                + pos2.permute([0, 2, 1]).square().sum_dim_intlist(
+                    Some(&[1i64][..]),
+                    true,
+                    Kind::Double,
+                )
                 - sim * 2.0;
             let real = dst.min_dim(2, false).1;
             let o = ovlp.view([-1, 1, unit, unit]).to_kind(Kind::Float);
@@ -194,11 +208,16 @@ pub fn match_batch(
         .mean_dim(Some(&[1i64][..]), false, Kind::Float)
         .reshape([b, n]);
 
-    let sim = x1.to_kind(Kind::Float).bmm(&x2.to_kind(Kind::Float).permute([0, 2, 1]));
+    let sim = x1
+        .to_kind(Kind::Float)
+        .bmm(&x2.to_kind(Kind::Float).permute([0, 2, 1]));
     let (value, index) = sim.max_dim(-1, false);
     let accuracy = match (&overlap, &real_index) {
         (Some(ovlp), Some(real)) => {
-            let (ih, iw) = (index.divide_scalar_mode(unit, "floor"), index.remainder(unit));
+            let (ih, iw) = (
+                index.divide_scalar_mode(unit, "floor"),
+                index.remainder(unit),
+            );
             let (rh, rw) = (real.divide_scalar_mode(unit, "floor"), real.remainder(unit));
             let hit = (ih - rh)
                 .abs()
@@ -282,7 +301,16 @@ pub fn patch_centre_pixel(k: i64, unit: i64, patch: usize, panel_x: usize) -> (u
 
 /// `Resize((size, size))` (Pillow bilinear, torchvision's default), the view of `class` mode.
 pub fn class_view(img: &Rgb8, size: usize) -> Rgb8 {
-    ops::resized_crop_with(img, 0, 0, img.height, img.width, size, size, Filter::Bilinear)
+    ops::resized_crop_with(
+        img,
+        0,
+        0,
+        img.height,
+        img.width,
+        size,
+        size,
+        Filter::Bilinear,
+    )
 }
 
 /// One augmented view of `instance` mode and its corner `[top, left, bottom, right]` as
@@ -456,10 +484,15 @@ pub fn run(
                 let k = img1.size()[0];
                 (
                     Tensor::cat(&[img1.narrow(0, 1, k - 1), img1.narrow(0, 0, 1)], 0),
-                    (0..batch.len()).map(|j| batch[(j + 1) % batch.len()]).collect(),
+                    (0..batch.len())
+                        .map(|j| batch[(j + 1) % batch.len()])
+                        .collect(),
                 )
             }
-            SampleType::Instance => (normalised(&views2.iter().collect::<Vec<_>>()), batch.clone()),
+            SampleType::Instance => (
+                normalised(&views2.iter().collect::<Vec<_>>()),
+                batch.clone(),
+            ),
         };
         let (x1, x2, attn) = tch::no_grad(|| -> Result<_> {
             let t1 = net.forward(&img1.to_device(device), None, false)?;

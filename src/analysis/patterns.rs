@@ -98,7 +98,14 @@ pub fn pattern_view(img: &Rgb8, img_size: usize) -> Result<Rgb8> {
     let top = ((nh - img_size) as f64 / 2.0).round_ties_even() as usize;
     let left = ((nw - img_size) as f64 / 2.0).round_ties_even() as usize;
     Ok(ops::resized_crop_with(
-        &resized, top, left, img_size, img_size, img_size, img_size, Filter::Bilinear,
+        &resized,
+        top,
+        left,
+        img_size,
+        img_size,
+        img_size,
+        img_size,
+        Filter::Bilinear,
     ))
 }
 
@@ -214,7 +221,9 @@ impl StreamingTopk {
 
     /// The `n` most populated prototypes (ties: lower index first), populated ones only.
     pub fn most_populated(&self, n: usize) -> Vec<usize> {
-        let mut ids: Vec<usize> = (0..self.out_dim()).filter(|&c| self.counts[c] > 0).collect();
+        let mut ids: Vec<usize> = (0..self.out_dim())
+            .filter(|&c| self.counts[c] > 0)
+            .collect();
         ids.sort_by(|&a, &b| self.counts[b].cmp(&self.counts[a]).then(a.cmp(&b)));
         ids.truncate(n);
         ids
@@ -237,7 +246,10 @@ impl StreamingTopk {
             ("counts".into(), Tensor::from_slice(&self.counts)),
             ("values".into(), Tensor::from_slice(&values).reshape(shape)),
             ("images".into(), Tensor::from_slice(&images).reshape(shape)),
-            ("spatial".into(), Tensor::from_slice(&spatial).reshape(shape)),
+            (
+                "spatial".into(),
+                Tensor::from_slice(&spatial).reshape(shape),
+            ),
         ]
     }
 
@@ -285,8 +297,10 @@ const STATE_KEY: &str = "ibot_patterns_state";
 
 /// `<save_path>/topk_state_<type>.safetensors`.
 pub fn state_path(cfg: &PatternsConfig) -> PathBuf {
-    cfg.save_path
-        .join(format!("topk_state_{}.safetensors", cfg.pattern_type.name()))
+    cfg.save_path.join(format!(
+        "topk_state_{}.safetensors",
+        cfg.pattern_type.name()
+    ))
 }
 
 fn save_state(cfg: &PatternsConfig, s: &StreamingTopk, meta: &StateMeta) -> Result<()> {
@@ -323,7 +337,10 @@ fn load_state(cfg: &PatternsConfig, expect: &StateMeta) -> Result<Option<(Stream
         meta.fingerprint
     );
     let t = crate::params::read_safetensors(&path)?;
-    Ok(Some((StreamingTopk::from_tensors(&t, meta.keep)?, meta.done)))
+    Ok(Some((
+        StreamingTopk::from_tensors(&t, meta.keep)?,
+        meta.done,
+    )))
 }
 
 /// Head outputs of a batch of prepared images `[B, 3, S, S]`: patch logits `[B, L, out_dim]`
@@ -406,7 +423,10 @@ pub fn collect(
     let todo: usize = (meta.done..cfg.chunks)
         .map(|c| (bounds[c + 1] - bounds[c]).div_ceil(cfg.batch_size))
         .sum();
-    let bar = crate::util::progress_bar(todo as u64, &format!("patterns ({})", cfg.pattern_type.name()));
+    let bar = crate::util::progress_bar(
+        todo as u64,
+        &format!("patterns ({})", cfg.pattern_type.name()),
+    );
     let size = cfg.img_size;
     let view = move |img: &Rgb8, _: usize| pattern_view(img, size).unwrap_or_else(|_| img.clone());
     for c in meta.done..cfg.chunks {
@@ -505,7 +525,12 @@ pub fn cluster_grid(
             PatternType::Cls => raw,
         };
         let i = drawn.len();
-        super::paste(&mut grid, &tile, ((i % size) * vis) as i64, ((i / size) * vis) as i64);
+        super::paste(
+            &mut grid,
+            &tile,
+            ((i % size) * vis) as i64,
+            ((i / size) * vis) as i64,
+        );
         drawn.push(*m);
         if drawn.len() >= cfg.topk {
             break;

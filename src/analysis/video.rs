@@ -77,7 +77,9 @@ pub fn inferno_picture(map: &Tensor, patch: usize) -> Result<Rgb8> {
     let v = Vec::<f32>::try_from(map.to_kind(Kind::Float).flatten(0, -1))?;
     let (lo, hi) = v
         .iter()
-        .fold((f32::INFINITY, f32::NEG_INFINITY), |(l, h), &x| (l.min(x), h.max(x)));
+        .fold((f32::INFINITY, f32::NEG_INFINITY), |(l, h), &x| {
+            (l.min(x), h.max(x))
+        });
     let span = if hi > lo { hi - lo } else { 1.0 };
     let colours: Vec<[u8; 3]> = v
         .iter()
@@ -117,7 +119,11 @@ fn images_in(dir: &Path, keep: impl Fn(&str) -> bool) -> Result<Vec<PathBuf>> {
 
 /// An animated GIF of `frames` (all of one size) at `fps`, looping forever, written atomically.
 pub fn write_gif(frames: &[PathBuf], out: &Path, fps: f64) -> Result<()> {
-    ensure!(!frames.is_empty(), "no frames to put into {}", out.display());
+    ensure!(
+        !frames.is_empty(),
+        "no frames to put into {}",
+        out.display()
+    );
     ensure!(fps > 0.0 && fps.is_finite(), "--fps must be positive");
     let mut bytes = Vec::new();
     {
@@ -163,7 +169,11 @@ pub struct VideoReport {
 /// The official run: frames → `attention/attn-*.png` → `video.gif` (with `video_only`,
 /// `input_path` already holds the attention frames). `vit` may be `None` only with
 /// `video_only`.
-pub fn run(cfg: &VideoConfig, vit: Option<&VisionTransformer>, device: Device) -> Result<VideoReport> {
+pub fn run(
+    cfg: &VideoConfig,
+    vit: Option<&VisionTransformer>,
+    device: Device,
+) -> Result<VideoReport> {
     ensure!(
         cfg.video_format == "gif",
         "--video_format {}: ibot writes animated GIFs (no video codec is linked); use \
@@ -212,7 +222,10 @@ pub fn run(cfg: &VideoConfig, vit: Option<&VisionTransformer>, device: Device) -
         let map = frame_attention(vit, &frame, cfg.resize.as_deref(), device)
             .with_context(|| format!("frame {}", p.display()))?;
         let pic = inferno_picture(&map, patch)?;
-        let stem = p.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+        let stem = p
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
         let out = att_dir.join(format!("attn-{stem}.png"));
         super::save_png(&pic, &out)?;
         frames.push(out);

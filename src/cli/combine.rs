@@ -93,10 +93,7 @@ pub fn evaluate(a: crate::eval::linear::LinearArgs) -> Result<()> {
     };
     let r = combine::evaluate(&cfg, device)?;
     match r.acc5 {
-        Some(a5) => println!(
-            "* Acc@1 {:.3} Acc@5 {a5:.3} loss {:.3}",
-            r.acc1, r.loss
-        ),
+        Some(a5) => println!("* Acc@1 {:.3} Acc@5 {a5:.3} loss {:.3}", r.acc1, r.loss),
         None => println!("* Acc@1 {:.3} loss {:.3}", r.acc1, r.loss),
     }
     println!(

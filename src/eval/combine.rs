@@ -60,7 +60,11 @@ fn is_safetensors(path: &Path) -> bool {
 /// The classifier of a linear checkpoint (see the module documentation for the formats).
 /// `head_index` picks one classifier of a sweep.
 pub fn read_linear_head(path: &Path, head_index: Option<usize>) -> Result<LinearHead> {
-    ensure!(path.is_file(), "linear checkpoint {} not found", path.display());
+    ensure!(
+        path.is_file(),
+        "linear checkpoint {} not found",
+        path.display()
+    );
     let shown = path.display().to_string();
     let (tensors, md) = if is_safetensors(path) {
         (
@@ -74,7 +78,10 @@ pub fn read_linear_head(path: &Path, head_index: Option<usize>) -> Result<Linear
     // Classifier tensors by index (None: a single classifier), DDP's `module.` removed.
     let mut heads: BTreeMap<Option<usize>, HashMap<String, Tensor>> = BTreeMap::new();
     for (k, v) in tensors {
-        let k = k.strip_prefix("state_dict.").unwrap_or(&k).replace("module.", "");
+        let k = k
+            .strip_prefix("state_dict.")
+            .unwrap_or(&k)
+            .replace("module.", "");
         let (idx, rest) = match k.split_once('.') {
             Some((i, r)) if i.parse::<usize>().is_ok() => (i.parse::<usize>().ok(), r.to_string()),
             _ => (None, k.clone()),
@@ -89,7 +96,9 @@ pub fn read_linear_head(path: &Path, head_index: Option<usize>) -> Result<Linear
         !heads.is_empty(),
         "{shown} holds no linear classifier (linear.weight / linear.bias, as eval-linear writes)"
     );
-    let meta_index = md.get("best_acc_hidx").and_then(|v| v.parse::<usize>().ok());
+    let meta_index = md
+        .get("best_acc_hidx")
+        .and_then(|v| v.parse::<usize>().ok());
     let key = if heads.len() == 1 {
         *heads.keys().next().unwrap_or(&None)
     } else {
@@ -127,11 +136,14 @@ pub fn read_linear_head(path: &Path, head_index: Option<usize>) -> Result<Linear
     if let Some(raw) = md.get(LINEAR_HEAD_KEY) {
         let stored: LinearHeadInfo = serde_json::from_str(raw)
             .with_context(|| format!("{shown}: damaged {LINEAR_HEAD_KEY}"))?;
-        info = LinearHeadInfo { source: stored.source.clone(), ..stored };
+        info = LinearHeadInfo {
+            source: stored.source.clone(),
+            ..stored
+        };
     } else if let Some(raw) = md.get("ibot_linear") {
         // An `ibot eval-linear` checkpoint: its arguments say how the features were made.
-        let v: serde_json::Value = serde_json::from_str(raw)
-            .with_context(|| format!("{shown}: damaged metadata"))?;
+        let v: serde_json::Value =
+            serde_json::from_str(raw).with_context(|| format!("{shown}: damaged metadata"))?;
         info.n_last_blocks = v["args"]["n_last_blocks"].as_u64().map(|n| n as usize);
         info.avgpool_patchtokens = v["args"]["avgpool_patchtokens"].as_u64().map(|n| n as u8);
         info.best_acc = v["best_acc"].as_f64();
@@ -160,7 +172,10 @@ pub fn feature_spec_for(
     };
     let mut tried = vec![first];
     if let (Some(n), Some(a)) = rec {
-        tried.push(FeatureSpec { n_last_blocks: n, avgpool: a });
+        tried.push(FeatureSpec {
+            n_last_blocks: n,
+            avgpool: a,
+        });
     }
     for spec in &tried {
         if spec.validate_for(backbone).is_ok() && spec.dim_for(backbone) == head.info.feature_dim {
@@ -239,7 +254,9 @@ pub fn combine(cfg: &CombineConfig) -> Result<LinearHeadInfo> {
     md.insert("format".to_string(), "pt".to_string());
     match &p.config {
         BackboneConfig::Vit(v) => md.insert(VIT_CONFIG_KEY.to_string(), serde_json::to_string(v)?),
-        BackboneConfig::Swin(s) => md.insert(SWIN_CONFIG_KEY.to_string(), serde_json::to_string(s)?),
+        BackboneConfig::Swin(s) => {
+            md.insert(SWIN_CONFIG_KEY.to_string(), serde_json::to_string(s)?)
+        }
     };
     crate::params::write_safetensors(&cfg.output_file, &tensors, Some(md))
         .with_context(|| format!("writing {}", cfg.output_file.display()))?;
@@ -301,7 +318,11 @@ fn eval_images(cfg: &EvaluateConfig) -> Result<PathBuf> {
         .as_ref()
         .context("--evaluate needs --data_path (an image folder of classes) or --val_path")?;
     ensure!(d.exists(), "--data_path {} does not exist", d.display());
-    Ok(if d.join("val").is_dir() { d.join("val") } else { d.clone() })
+    Ok(if d.join("val").is_dir() {
+        d.join("val")
+    } else {
+        d.clone()
+    })
 }
 
 /// Runs the combined model (or backbone + linear checkpoint) over the images and reports the
@@ -371,9 +392,13 @@ pub fn evaluate(cfg: &EvaluateConfig, device: Device) -> Result<EvaluateResult> 
     let bar = crate::util::progress_bar(n.div_ceil(bs) as u64, "evaluate");
     let (mut top1, mut top5, mut loss_sum, mut batches) = (0i64, 0i64, 0f64, 0usize);
     for chunk in idx.chunks(bs) {
-        let (x, y) = view_batch(ds.as_ref(), chunk, size, cfg.num_workers, &|img: &Rgb8, _| {
-            eval_view(img, size)
-        })?;
+        let (x, y) = view_batch(
+            ds.as_ref(),
+            chunk,
+            size,
+            cfg.num_workers,
+            &|img: &Rgb8, _| eval_view(img, size),
+        )?;
         let y = y.to_device(device);
         let logits = tch::no_grad(|| -> Result<Tensor> {
             let f = spec.features_of(&backbone, &x.to_device(device))?;
@@ -397,4 +422,3 @@ pub fn evaluate(cfg: &EvaluateConfig, device: Device) -> Result<EvaluateResult> 
         num_labels: head.info.num_labels,
     })
 }
-
