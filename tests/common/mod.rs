@@ -317,11 +317,7 @@ pub const TINY_VIT: &[&str] = &[
 /// Writes official-layout `.pth` files (bare, `state_dict`, full checkpoint with `module.`
 /// prefixes and an `args` Namespace, …) of the student parameters `named` into `dir`, with the
 /// venv's torch (`tests/py/make_official_pth.py`; `arch` names a non-ViT architecture).
-pub fn make_official_pth(
-    named: &[(String, tch::Tensor)],
-    dir: &std::path::Path,
-    arch: Option<&str>,
-) {
+pub fn make_official_pth(named: &[(String, tch::Tensor)], dir: &std::path::Path, arch: Option<&str>) {
     let npz = dir.join("params.npz");
     tch::Tensor::write_npz(named, &npz).unwrap();
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/py/make_official_pth.py");
@@ -330,10 +326,7 @@ pub fn make_official_pth(
     if let Some(a) = arch {
         cmd.arg(a);
     }
-    assert!(
-        cmd.status().unwrap().success(),
-        "make_official_pth.py failed"
-    );
+    assert!(cmd.status().unwrap().success(), "make_official_pth.py failed");
 }
 
 /// `got` equals `want` in shape and within `tol` (max absolute difference).
