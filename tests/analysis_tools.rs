@@ -1003,3 +1003,68 @@ fn combined_model_evaluates_as_the_official_validation() {
     ]);
     assert!(e.contains("--force"), "{e}");
 }
+
+/// A data set whose images from `fail_from` on cannot be read (an interrupted run).
+struct FailFrom {
+    inner: Box<dyn ibot::data::dataset::Dataset>,
+    fail_from: usize,
+}
+
+impl ibot::data::dataset::Dataset for FailFrom {
+    fn len(&self) -> usize {
+        self.inner.len()
+    }
+    fn get(&self, index: usize) -> anyhow::Result<(Rgb8, i64)> {
+        anyhow::ensure!(index < self.fail_from, "image {index} is unreadable");
+        self.inner.get(index)
+    }
+    fn label(&self, index: usize) -> i64 {
+        self.inner.label(index)
+    }
+    fn classes(&self) -> &[String] {
+        self.inner.classes()
+    }
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+}
+
+#[test]
+fn patterns_resume_after_an_interruption_as_if_uninterrupted() {
+    use ibot::analysis::patterns::{collect, state_path, PatternType, PatternsConfig};
+    let root = tmp("patterns-resume");
+    let (data, ck) = (root.join("data"), root.join("ck"));
+    std::fs::create_dir_all(&ck).unwrap();
+    image_folder(&data, 3, 3);
+    tiny_checkpoints(&ck);
+    let p = ibot::interop::load_pretrained_with(&ck.join("full.pth"), "teacher", None, Some(2)).unwrap();
+    let (_, bb) = p.backbone_model(Device::Cpu).unwrap();
+    let (_, head) = p.head_model(Device::Cpu).unwrap().unwrap();
+    let net = bb.as_vit().unwrap();
+    let cfg = |dir: &str| PatternsConfig {
+        pattern_type: PatternType::Patch,
+        topk: 3,
+        show_pics: 4,
+        patch_window: 3,
+        chunks: 3,
+        batch_size: 2,
+        img_size: 16,
+        save_path: root.join(dir),
+        num_workers: 1,
+        fingerprint: "tiny".into(),
+    };
+    let whole = collect(&cfg("whole"), net, &head, ibot::data::dataset::open(&data, "train").unwrap().as_ref(), Device::Cpu).unwrap();
+    // Interrupted in the second part (images 3..6): the first part's state is on disk.
+    let broken = FailFrom { inner: ibot::data::dataset::open(&data, "train").unwrap(), fail_from: 4 };
+    let c = cfg("resumed");
+    assert!(collect(&c, net, &head, &broken, Device::Cpu).is_err());
+    let md = ibot::params::read_safetensors_metadata(&state_path(&c)).unwrap();
+    assert!(md["ibot_patterns_state"].contains("\"done\":1"), "{md:?}");
+    // The rerun starts at the second part and ends where the uninterrupted run did.
+    let resumed = collect(&c, net, &head, ibot::data::dataset::open(&data, "train").unwrap().as_ref(), Device::Cpu).unwrap();
+    assert_eq!(resumed.counts, whole.counts);
+    for k in 0..whole.out_dim() {
+        assert_eq!(resumed.members(k), whole.members(k), "prototype {k}");
+    }
+    assert!(whole.counts.iter().sum::<i64>() == 9 * 16);
+}
