@@ -12,7 +12,8 @@
 //! command test), each image's worst instead of best patch per prototype ("members of
 //! prototype 0"), tokens counted for patches only ("counts", [CLS] case), the composite's
 //! cumulative-sum rule dropped (the tie case's pixels), its grey background without the
-//! truncation to an integer (pixels), top-5 counted as top-1 (the evaluate accuracy).
+//! truncation to an integer (pixels), top-5 counted as top-1 (the evaluate accuracy), a resumed
+//! patterns run that restarts at the first part (counts of the resume test).
 
 mod common;
 
