@@ -209,6 +209,9 @@ fn linear_probe_learns_on_fashion_mnist_and_resumes() {
         subset: Some(1000),
         precompute_features: false,
         device: "cpu".into(),
+        evaluate: false,
+        pretrained_linear: None,
+        head_index: None,
     };
     let r = ibot::eval::linear::run(&a, &vit, train.as_ref(), val.as_ref(), Device::Cpu).unwrap();
     assert_eq!((r.num_labels, r.feature_dim), (10, 48));
