@@ -7,6 +7,7 @@ pub mod attention;
 pub mod correspondence;
 pub mod patterns;
 pub mod video;
+pub mod visualize;
 
 use std::path::Path;
 

@@ -73,13 +73,13 @@ pub fn run(a: CombineArgs) -> Result<()> {
 /// `eval-linear --evaluate`: the classifier of --pretrained_linear (or the one stored in a
 /// combined --pretrained_weights) on the images, top-1 / top-5 printed as the official
 /// validate_network.
-pub fn evaluate(a: crate::eval::linear::LinearArgs) -> Result<()> {
-    let device = crate::train::run::select_device(&a.device)?;
+pub fn evaluate(a: super::eval_linear::LinearArgs) -> Result<()> {
+    let device = a.device.select()?;
     let cfg = EvaluateConfig {
         pretrained_weights: a.pretrained_weights.clone(),
         pretrained_linear: a.pretrained_linear.clone(),
-        checkpoint_key: a.checkpoint_key.clone(),
-        arch: a.arch.clone(),
+        checkpoint_key: a.checkpoint_key.as_str().to_string(),
+        arch: a.arch.map(|x| x.as_str().to_string()),
         num_heads: a.num_heads,
         data_path: a.data_path.clone(),
         val_path: a.val_path.clone(),

@@ -7,7 +7,7 @@ use clap::{ArgAction, Args, ValueEnum};
 
 use super::model_args::{vit, ModelArgs};
 use crate::analysis::correspondence::{self, CorrespondenceConfig, SampleType};
-use crate::train::args::parse_bool;
+use super::parse_bool;
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 pub enum SampleTypeArg {

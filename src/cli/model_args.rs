@@ -42,7 +42,7 @@ impl ModelArgs {
             "--checkpoint_key must be teacher or student, not '{}'",
             self.checkpoint_key
         );
-        let device = crate::train::run::select_device(&self.device)?;
+        let device = crate::device::select_device(&self.device)?;
         let p = crate::interop::load_pretrained_with(
             &self.pretrained_weights,
             &self.checkpoint_key,

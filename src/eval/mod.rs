@@ -2,9 +2,13 @@
 
 pub mod cluster;
 pub mod combine;
+pub mod extract;
 pub mod features;
 pub mod knn;
 pub mod linear;
+pub mod split;
+pub mod unsup;
+pub mod weights;
 
 use anyhow::{ensure, Result};
 
