@@ -245,15 +245,26 @@ def mode_mixup(req, inp, out):
 
 
 def mode_pickle(req, inp, out):
-    """CIFAR files in both versions, written from the arrays given."""
+    """CIFAR python-version files (several jobs), written from the arrays given, and what
+    torchvision reads from them."""
+    classes = {}
+    for j, job in enumerate(req["jobs"]):
+        res = {}
+        classes[str(j)] = pickle_job(job, inp, res)
+        for key, v in res.items():
+            out[f"{key}{j}"] = v
+    return {"classes": classes}
+
+
+def pickle_job(req, inp, out):
     import os
     import pickle
 
     d = req["dir"]
     data = inp["data"]
-    fine = [int(v) for v in inp["fine"]]
-    coarse = [int(v) for v in inp["coarse"]]
     k = req["kind"]
+    fine = [int(v) for v in inp["fine100" if k == "cifar100-py" else "fine10"]]
+    coarse = [int(v) for v in inp["coarse"]]
     if k == "cifar10-py":
         os.makedirs(d, exist_ok=True)
         n = len(fine)
@@ -301,7 +312,7 @@ def mode_pickle(req, inp, out):
         tr = torchvision.datasets.CIFAR100(root, train=True, download=False)
     out["tv_data"] = np.ascontiguousarray(tr.data)
     out["tv_targets"] = np.asarray(tr.targets, dtype=np.int64)
-    return {"classes": list(tr.classes)}
+    return list(tr.classes)
 
 
 def resize_horizontal_first():

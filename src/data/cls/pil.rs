@@ -136,19 +136,24 @@ pub fn smooth(img: &Rgb8) -> Rgb8 {
     let k1 = 1.0f32 / 13.0;
     let k5 = 5.0f32 / 13.0;
     let mut out = img.clone();
-    let px = |x: usize, y: usize, c: usize| img.data[(y * w + x) * 3 + c] as f32;
+    let stride = w * 3;
     for y in 1..h - 1 {
-        for x in 1..w - 1 {
-            for c in 0..3 {
-                let row = |yy: usize, mid: f32| {
-                    px(x - 1, yy, c) * k1 + px(x, yy, c) * mid + px(x + 1, yy, c) * k1
-                };
-                let mut ss = 0.5f32;
-                ss += row(y + 1, k1);
-                ss += row(y, k5);
-                ss += row(y - 1, k1);
-                out.data[(y * w + x) * 3 + c] = ss.clamp(0.0, 255.0) as u8;
-            }
+        let (up, mid, down) = (
+            &img.data[(y - 1) * stride..y * stride],
+            &img.data[y * stride..(y + 1) * stride],
+            &img.data[(y + 1) * stride..(y + 2) * stride],
+        );
+        let dst = &mut out.data[y * stride..(y + 1) * stride];
+        for i in 3..stride - 3 {
+            let line = |r: &[u8], k: f32| {
+                r[i - 3] as f32 * k1 + r[i] as f32 * k + r[i + 3] as f32 * k1
+            };
+            // Pillow's order: the row below first (the kernel is applied flipped).
+            let mut ss = 0.5f32;
+            ss += line(down, k1);
+            ss += line(mid, k5);
+            ss += line(up, k1);
+            dst[i] = ss.clamp(0.0, 255.0) as u8;
         }
     }
     out
@@ -181,10 +186,19 @@ pub fn affine(img: &Rgb8, a: [f64; 6], filter: Filter, fill: [u8; 3]) -> Rgb8 {
     let (w, h) = (img.width, img.height);
     let mut out = Rgb8::new(w, h, fill.repeat(w * h));
     let (wi, hi) = (w as i64, h as i64);
-    let at = |x: i64, y: i64, c: usize| -> f64 {
-        img.data[((y as usize) * w + x as usize) * 3 + c] as f64
+    let (data, stride) = (&img.data, w * 3);
+    // Byte offsets of a clamped column / row (Pillow's XCLIP / YCLIP).
+    let col = |x: i64| x.clamp(0, wi - 1) as usize * 3;
+    let row = |y: i64| y.clamp(0, hi - 1) as usize * stride;
+    let inside = |y: i64| y >= 0 && y < hi;
+    let cubic = |v1: f64, v2: f64, v3: f64, v4: f64, d: f64| {
+        let p1 = v2;
+        let p2 = -v1 + v3;
+        let p3 = 2.0 * (v1 - v2) + v3 - v4;
+        let p4 = -v1 + v2 - v3 + v4;
+        p1 + d * (p2 + d * (p3 + d * p4))
     };
-    let xclip = |x: i64| x.clamp(0, wi - 1);
+    let lerp = |a: f64, b: f64, d: f64| a + (b - a) * d;
     for y in 0..h {
         for x in 0..w {
             let (xin, yin) = (x as f64 + 0.5, y as f64 + 0.5);
@@ -196,49 +210,43 @@ pub fn affine(img: &Rgb8, a: [f64; 6], filter: Filter, fill: [u8; 3]) -> Rgb8 {
             let (xs, ys) = (xs - 0.5, ys - 0.5);
             let (fx, fy) = (pil_floor(xs), pil_floor(ys));
             let (dx, dy) = (xs - fx as f64, ys - fy as f64);
-            let o = (y * w + x) * 3;
+            let o = &mut out.data[(y * w + x) * 3..(y * w + x) * 3 + 3];
             match filter {
                 Filter::Bilinear => {
-                    let (x0, x1) = (xclip(fx), xclip(fx + 1));
-                    let y0 = fy.clamp(0, hi - 1);
-                    for c in 0..3 {
-                        let lerp = |a: f64, b: f64, d: f64| a + (b - a) * d;
-                        let v1 = lerp(at(x0, y0, c), at(x1, y0, c), dx);
-                        let v2 = if fy + 1 >= 0 && fy + 1 < hi {
-                            lerp(at(x0, fy + 1, c), at(x1, fy + 1, c), dx)
-                        } else {
-                            v1
+                    let (x0, x1) = (col(fx), col(fx + 1));
+                    let r0 = row(fy);
+                    // Rows past the edge repeat the previous row (Pillow's `v2 = v1`).
+                    let r1 = inside(fy + 1).then(|| row(fy + 1));
+                    for (c, oc) in o.iter_mut().enumerate() {
+                        let px = |r: usize, xo: usize| data[r + xo + c] as f64;
+                        let v1 = lerp(px(r0, x0), px(r0, x1), dx);
+                        let v2 = match r1 {
+                            Some(r1) => lerp(px(r1, x0), px(r1, x1), dx),
+                            None => v1,
                         };
-                        out.data[o + c] = lerp(v1, v2, dy) as u8;
+                        *oc = lerp(v1, v2, dy) as u8;
                     }
                 }
                 Filter::Bicubic => {
                     let (bx, by) = (fx - 1, fy - 1);
-                    let xs4 = [xclip(bx), xclip(bx + 1), xclip(bx + 2), xclip(bx + 3)];
-                    let cubic = |v1: f64, v2: f64, v3: f64, v4: f64, d: f64| {
-                        let p1 = v2;
-                        let p2 = -v1 + v3;
-                        let p3 = 2.0 * (v1 - v2) + v3 - v4;
-                        let p4 = -v1 + v2 - v3 + v4;
-                        p1 + d * (p2 + d * (p3 + d * p4))
-                    };
-                    for c in 0..3 {
-                        let row = |yy: i64| {
-                            cubic(
-                                at(xs4[0], yy, c),
-                                at(xs4[1], yy, c),
-                                at(xs4[2], yy, c),
-                                at(xs4[3], yy, c),
-                                dx,
-                            )
+                    let xo = [col(bx), col(bx + 1), col(bx + 2), col(bx + 3)];
+                    let r0 = row(by);
+                    let rs = [
+                        inside(by + 1).then(|| row(by + 1)),
+                        inside(by + 2).then(|| row(by + 2)),
+                        inside(by + 3).then(|| row(by + 3)),
+                    ];
+                    for (c, oc) in o.iter_mut().enumerate() {
+                        let line = |r: usize| {
+                            let p = |k: usize| data[r + xo[k] + c] as f64;
+                            cubic(p(0), p(1), p(2), p(3), dx)
                         };
-                        let v1 = row(by.clamp(0, hi - 1));
-                        let inside = |yy: i64| yy >= 0 && yy < hi;
-                        let v2 = if inside(by + 1) { row(by + 1) } else { v1 };
-                        let v3 = if inside(by + 2) { row(by + 2) } else { v2 };
-                        let v4 = if inside(by + 3) { row(by + 3) } else { v3 };
+                        let v1 = line(r0);
+                        let v2 = rs[0].map_or(v1, line);
+                        let v3 = rs[1].map_or(v2, line);
+                        let v4 = rs[2].map_or(v3, line);
                         let v = cubic(v1, v2, v3, v4, dy);
-                        out.data[o + c] = if v <= 0.0 {
+                        *oc = if v <= 0.0 {
                             0
                         } else if v >= 255.0 {
                             255
