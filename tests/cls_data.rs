@@ -16,6 +16,8 @@
 //! transforms differ. `mutations_are_detected` keeps three such checks in the suite (wrong fill,
 //! wrong sign, off-by-one box).
 
+#![allow(clippy::useless_vec, clippy::needless_range_loop)]
+
 mod common;
 
 use std::collections::HashMap;

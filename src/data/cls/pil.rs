@@ -310,8 +310,12 @@ pub fn rotate(img: &Rgb8, degrees: f64, filter: Filter, fill: [u8; 3]) -> Rgb8 {
         0.0,
     ];
     let (x, y) = (-cx - 0.0, -cy - 0.0);
-    m[2] = m[0] * x + m[1] * y + m[2];
-    m[5] = m[3] * x + m[4] * y + m[5];
+    // Pillow's `a * x + b * y + c`, in that order.
+    #[allow(clippy::assign_op_pattern)]
+    {
+        m[2] = m[0] * x + m[1] * y + m[2];
+        m[5] = m[3] * x + m[4] * y + m[5];
+    }
     m[2] += cx;
     m[5] += cy;
     affine(img, m, filter, fill)
@@ -348,8 +352,8 @@ pub fn center_crop(img: &Rgb8, size: usize) -> Rgb8 {
         let (w, h) = (img.width, img.height);
         let l = if cw > w { (cw - w) / 2 } else { 0 };
         let t = if ch > h { (ch - h) / 2 } else { 0 };
-        let r = if cw > w { (cw - w + 1) / 2 } else { 0 };
-        let b = if ch > h { (ch - h + 1) / 2 } else { 0 };
+        let r = if cw > w { (cw - w).div_ceil(2) } else { 0 };
+        let b = if ch > h { (ch - h).div_ceil(2) } else { 0 };
         img = std::borrow::Cow::Owned(pad(&img, l, t, r, b));
         if img.width == cw && img.height == ch {
             return img.into_owned();
