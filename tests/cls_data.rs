@@ -878,9 +878,11 @@ fn check_pixels(ds: &CifarDataset, px: &[u8], fine: &[u8]) {
 fn cifar_binary_files_round_trip() {
     let root = common::scratch_dir("cls", "cifar-bin");
     let (px, fine, _) = write_cifar_bin(&root.join("cifar-10-batches-bin"), false, 4);
-    let ds = CifarDataset::open(&root, CifarKind::Cifar10, true).unwrap();
+    let ds = CifarDataset::open(&root, CifarKind::from_data_set("CIFAR10").unwrap(), true).unwrap();
     check_pixels(&ds, &px, &fine);
     assert_eq!(ds.classes()[3], "c3");
+    assert_eq!(CifarKind::from_data_set("CIFAR").unwrap(), CifarKind::Cifar100);
+    assert!(CifarKind::from_data_set("IMNET").is_err());
     let (px, fine, coarse) = write_cifar_bin(&root.join("cifar-100-binary"), true, 9);
     let ds = CifarDataset::open(&root, CifarKind::Cifar100, true).unwrap();
     check_pixels(&ds, &px, &fine);

@@ -30,6 +30,16 @@ pub enum CifarKind {
 }
 
 impl CifarKind {
+    /// The official `--data_set` names: `CIFAR` (CIFAR-100, as eval_cls.py and
+    /// run_class_finetuning.py read it) and `CIFAR10`; also `CIFAR100`.
+    pub fn from_data_set(name: &str) -> Result<Self> {
+        match name {
+            "CIFAR" | "CIFAR100" => Ok(Self::Cifar100),
+            "CIFAR10" => Ok(Self::Cifar10),
+            other => bail!("'{other}' is not a CIFAR data set (CIFAR = CIFAR-100, CIFAR10)"),
+        }
+    }
+
     fn num_classes(self) -> usize {
         match self {
             Self::Cifar10 => 10,
