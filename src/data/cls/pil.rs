@@ -230,22 +230,30 @@ pub fn affine(img: &Rgb8, a: [f64; 6], filter: Filter, fill: [u8; 3]) -> Rgb8 {
                 Filter::Bicubic => {
                     let (bx, by) = (fx - 1, fy - 1);
                     let xo = [col(bx), col(bx + 1), col(bx + 2), col(bx + 3)];
-                    let r0 = row(by);
-                    let rs = [
-                        inside(by + 1).then(|| row(by + 1)),
-                        inside(by + 2).then(|| row(by + 2)),
-                        inside(by + 3).then(|| row(by + 3)),
-                    ];
-                    for (c, oc) in o.iter_mut().enumerate() {
-                        let line = |r: usize| {
-                            let p = |k: usize| data[r + xo[k] + c] as f64;
-                            cubic(p(0), p(1), p(2), p(3), dx)
+                    // Rows past an edge repeat the previous row's value (Pillow's `v2 = v1` …),
+                    // which is the previous row itself.
+                    let mut rs = [row(by); 4];
+                    for k in 1..4 {
+                        rs[k] = if inside(by + k as i64) {
+                            row(by + k as i64)
+                        } else {
+                            rs[k - 1]
                         };
-                        let v1 = line(r0);
-                        let v2 = rs[0].map_or(v1, line);
-                        let v3 = rs[1].map_or(v2, line);
-                        let v4 = rs[2].map_or(v3, line);
-                        let v = cubic(v1, v2, v3, v4, dy);
+                    }
+                    // The 4x4 patch of each channel, as f64.
+                    let mut p = [[[0f64; 4]; 4]; 3];
+                    for (k, &r) in rs.iter().enumerate() {
+                        let line = &data[r..r + stride];
+                        for (j, &xj) in xo.iter().enumerate() {
+                            let px = &line[xj..xj + 3];
+                            p[0][k][j] = px[0] as f64;
+                            p[1][k][j] = px[1] as f64;
+                            p[2][k][j] = px[2] as f64;
+                        }
+                    }
+                    for (oc, pc) in o.iter_mut().zip(&p) {
+                        let v = |k: usize| cubic(pc[k][0], pc[k][1], pc[k][2], pc[k][3], dx);
+                        let v = cubic(v(0), v(1), v(2), v(3), dy);
                         *oc = if v <= 0.0 {
                             0
                         } else if v >= 255.0 {
