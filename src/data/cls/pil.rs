@@ -41,9 +41,7 @@ pub fn autocontrast(img: &Rgb8) -> Rgb8 {
             (Some(lo), Some(hi)) if hi > lo => {
                 let scale = 255.0 / (hi - lo) as f64;
                 let offset = -(lo as f64) * scale;
-                std::array::from_fn(|ix| {
-                    ((ix as f64 * scale + offset) as i64).clamp(0, 255) as u8
-                })
+                std::array::from_fn(|ix| ((ix as f64 * scale + offset) as i64).clamp(0, 255) as u8)
             }
             _ => std::array::from_fn(|i| i as u8),
         }
@@ -145,9 +143,8 @@ pub fn smooth(img: &Rgb8) -> Rgb8 {
         );
         let dst = &mut out.data[y * stride..(y + 1) * stride];
         for i in 3..stride - 3 {
-            let line = |r: &[u8], k: f32| {
-                r[i - 3] as f32 * k1 + r[i] as f32 * k + r[i + 3] as f32 * k1
-            };
+            let line =
+                |r: &[u8], k: f32| r[i - 3] as f32 * k1 + r[i] as f32 * k + r[i + 3] as f32 * k1;
             // Pillow's order: the row below first (the kernel is applied flipped).
             let mut ss = 0.5f32;
             ss += line(down, k1);
@@ -300,7 +297,11 @@ pub fn rotate(img: &Rgb8, degrees: f64, filter: Filter, fill: [u8; 3]) -> Rgb8 {
         for y in 0..n {
             for x in 0..n {
                 // ROTATE_90 (counter-clockwise): out[n-1-x][y] = in[y][x].
-                let (ox, oy) = if angle == 90.0 { (y, n - 1 - x) } else { (n - 1 - y, x) };
+                let (ox, oy) = if angle == 90.0 {
+                    (y, n - 1 - x)
+                } else {
+                    (n - 1 - y, x)
+                };
                 let (s, d) = ((y * n + x) * 3, (oy * n + ox) * 3);
                 out.data[d..d + 3].copy_from_slice(&img.data[s..s + 3]);
             }
@@ -378,7 +379,11 @@ pub fn resize_shorter(img: &Rgb8, size: usize, filter: Filter) -> Rgb8 {
     let (w, h) = (img.width, img.height);
     let (short, long) = if w <= h { (w, h) } else { (h, w) };
     let new_long = ((size * long) as f64 / short as f64) as usize;
-    let (nw, nh) = if w <= h { (size, new_long) } else { (new_long, size) };
+    let (nw, nh) = if w <= h {
+        (size, new_long)
+    } else {
+        (new_long, size)
+    };
     if (nw, nh) == (w, h) {
         return img.clone();
     }

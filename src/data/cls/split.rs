@@ -53,7 +53,10 @@ impl<D: Dataset> Subset<D> {
     pub fn new(inner: D, indices: Vec<usize>, source: String) -> Result<Self> {
         let n = inner.len();
         if let Some(&bad) = indices.iter().find(|&&i| i >= n) {
-            bail!("subset index {bad} is out of range for {}", inner.describe());
+            bail!(
+                "subset index {bad} is out of range for {}",
+                inner.describe()
+            );
         }
         Ok(Self {
             inner,
