@@ -1138,7 +1138,7 @@ fn split_files_select_images() {
     assert_eq!(sub.classes().len(), 2);
     let (img, l) = sub.get(2).unwrap();
     assert_eq!((img.width, img.height, l), (4, 3, 1));
-    assert!(sub.describe().contains("1percent.txt"));
+    assert!(sub.describe().starts_with("3 images"), "{}", sub.describe());
     // class/file names work too.
     std::fs::write(&split, "n01440764/n01440764_2.png\n").unwrap();
     let sub = subset_from_split_file(ImageFolder::open(&train).unwrap(), &split).unwrap();
