@@ -8,9 +8,11 @@
 
 pub mod analysis;
 pub mod bench;
+pub mod cli;
 pub mod data;
 pub mod dist;
 pub mod eval;
+pub mod finetune;
 pub mod interop;
 pub mod loss;
 pub mod models;

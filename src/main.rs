@@ -60,6 +60,11 @@ enum Cmd {
     /// Unsupervised classification (unsup_cls.py): the teacher head's argmax on the validation
     /// images as cluster ids, scored against the labels with NMI, ARI, F and Hungarian accuracy.
     EvalUnsup(UnsupArgs),
+    /// End-to-end fine-tuning for classification with the official recipes (layer-wise decay
+    /// on ImageNet, DeiT transfer, semi-supervised from the projection head); `--demo`
+    /// fine-tunes the `ibot demo` model on Fashion-MNIST next to a random initialisation.
+    #[command(after_help = ibot::cli::finetune::RECIPES_HELP)]
+    Finetune(Box<ibot::cli::finetune::FinetuneArgs>),
     /// Backbone weights of a checkpoint (ours or official .pth) to a safetensors file under the
     /// official names, like extract_backbone_weights.py.
     ExtractBackbone(ExtractArgs),
@@ -959,6 +964,7 @@ fn run(cli: Cli) -> Result<bool> {
         Cmd::EvalKnn(k) => eval_knn(k).map(|_| true),
         Cmd::EvalLinear(a) => eval_linear(a).map(|_| true),
         Cmd::EvalUnsup(u) => eval_unsup(u).map(|_| true),
+        Cmd::Finetune(f) => ibot::cli::finetune::main(&f).map(|_| true),
         Cmd::ExtractBackbone(e) => extract_backbone(e).map(|_| true),
         Cmd::ExtractFeatures(f) => extract_features(f).map(|_| true),
         Cmd::VisualizeAttention(a) => visualize_attention(a).map(|_| true),
@@ -1129,7 +1135,7 @@ fn main() -> ExitCode {
     // would hold on to gigabytes of released feature batches.
     if matches!(
         cli.cmd,
-        Cmd::Train(_) | Cmd::Demo(_) | Cmd::Bench(BenchCmd::Train(_))
+        Cmd::Train(_) | Cmd::Demo(_) | Cmd::Finetune(_) | Cmd::Bench(BenchCmd::Train(_))
     ) {
         ibot::util::tune_allocator();
     }

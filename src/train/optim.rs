@@ -303,3 +303,71 @@ fn lars_update(
     let _ = mu.g_add_(&dp);
     let _ = p.g_add_(&(&*mu * (-lr)));
 }
+
+/// One parameter group of a custom grouping (fine-tuning's layer-wise decay): the indices of
+/// its parameters in the [`ParamStore`], the factor its learning rate is multiplied by
+/// (`lr_scale`) and whether the step's weight decay applies to it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ScaledGroup {
+    /// Group name as the official `get_parameter_groups` prints it (`layer_3_decay`, ...).
+    pub name: String,
+    pub indices: Vec<usize>,
+    pub lr_scale: f64,
+    pub weight_decay: bool,
+}
+
+impl Optimizer {
+    /// One step over custom groups: group g uses learning rate `lr * g.lr_scale` and weight
+    /// decay `wd` when `g.weight_decay` (else 0), as the official fine-tuning loop sets
+    /// `param_group["lr"] = lr * param_group["lr_scale"]`. Parameters in no group are left
+    /// alone; the per-parameter state is the same as [`Optimizer::step`]'s, so
+    /// [`Optimizer::state_tensors`] / [`Optimizer::load_state`] checkpoint it.
+    pub fn step_groups(
+        &mut self,
+        ps: &ParamStore,
+        grads: &[Option<Tensor>],
+        groups: &[ScaledGroup],
+        lr: f64,
+        wd: f64,
+    ) -> Result<()> {
+        let params = ps.params();
+        if grads.len() != params.len() {
+            bail!("{} gradients for {} parameters", grads.len(), params.len());
+        }
+        let _guard = tch::no_grad_guard();
+        for g in groups {
+            let (glr, gwd) = (lr * g.lr_scale, if g.weight_decay { wd } else { 0.0 });
+            for &i in &g.indices {
+                let Some(grad) = grads.get(i).and_then(|g| g.as_ref()) else {
+                    continue;
+                };
+                let mut p = params[i].tensor.shallow_clone();
+                match self.kind {
+                    OptimizerKind::Adamw => adamw_update(
+                        &mut self.state[i],
+                        &mut p,
+                        grad,
+                        glr,
+                        gwd,
+                        self.beta1,
+                        self.beta2,
+                        self.eps,
+                    ),
+                    OptimizerKind::Sgd => {
+                        sgd_update(&mut self.state[i], &mut p, grad, glr, gwd, self.momentum)
+                    }
+                    OptimizerKind::Lars => lars_update(
+                        &mut self.state[i],
+                        &mut p,
+                        grad,
+                        glr,
+                        gwd,
+                        self.momentum,
+                        self.lars_eta,
+                    ),
+                }
+            }
+        }
+        Ok(())
+    }
+}
