@@ -24,10 +24,18 @@ pub fn layer_id_for_vit(name: &str, num_max_layer: usize) -> usize {
     }
 }
 
-/// The assigner's values: `layer_decay^(depth + 1 - i)` for i in 0..=depth+1.
+extern "C" {
+    /// The C library's `pow`, which CPython's `float ** int` calls: Rust's `powf`/`powi` may
+    /// round differently in the last bit (0.65² gave 0.42250000000000004, Python 0.4225).
+    fn pow(x: f64, y: f64) -> f64;
+}
+
+/// The assigner's values: `layer_decay ** (depth + 1 - i)` for i in 0..=depth+1, bit for bit as
+/// Python computes them.
 pub fn layer_scales(layer_decay: f64, depth: usize) -> Vec<f64> {
     (0..depth + 2)
-        .map(|i| layer_decay.powi((depth + 1 - i) as i32))
+        // SAFETY: a pure libm function on plain numbers.
+        .map(|i| unsafe { pow(layer_decay, (depth + 1 - i) as f64) })
         .collect()
 }
 
