@@ -70,6 +70,9 @@ pub struct Trainer {
     pub ema_decay: f64,
     pub precision: Precision,
     pub device: Device,
+    /// Keep the (clipped) gradients of the last update in `last_grads` (for tests).
+    pub keep_grads: bool,
+    pub last_grads: Vec<Option<Tensor>>,
     accum: Vec<Option<Tensor>>,
     micro: usize,
 }
@@ -126,6 +129,8 @@ impl Trainer {
             ema_decay: cfg.model_ema_decay,
             precision,
             device,
+            keep_grads: false,
+            last_grads: Vec::new(),
             accum: (0..n).map(|_| None).collect(),
             micro: 0,
         })
@@ -207,6 +212,9 @@ impl Trainer {
         self.opt
             .step_groups(&self.model.ps, &grads, &self.groups, lr, wd)?;
         self.accum = (0..grads.len()).map(|_| None).collect();
+        if self.keep_grads {
+            self.last_grads = grads;
+        }
         if let Some(e) = &self.ema {
             // timm ModelEma.update: ema = ema * decay + (1 - decay) * model, every entry.
             let d = self.ema_decay;

@@ -13,7 +13,8 @@ Usage:
       IN.npz: the model's tensors under their names (prefix "p."), x [B,3,S,S], y [B] (int64),
       cfg [embed_dim, depth, num_heads, patch, nb_classes, lam, smoothing, layer_decay, lr, wd,
       clip, mean_pooling]
-      OUT.npz: "p.<name>" after one step, "loss", "grad_norm"
+      OUT.npz: "p.<name>" after one step, "g.<name>" the gradients after clipping, "loss",
+      "grad_norm"
 """
 import json
 import math
@@ -216,6 +217,8 @@ def main():
     norm = torch.nn.utils.clip_grad_norm_(m.parameters(), clip) if clip > 0 else torch.tensor(0.0)
     opt.step()
     out = {"p." + k: v.detach().numpy() for k, v in m.state_dict().items()}
+    for k, v in m.named_parameters():
+        out["g." + k] = v.grad.numpy()
     out["loss"] = np.array(loss.item())
     out["grad_norm"] = np.array(float(norm))
     out["x_mixed"] = x.numpy()
