@@ -204,6 +204,12 @@ pub struct FinetuneArgs {
     /// initialisation (a baseline for the same recipe).
     #[arg(long)]
     pub from_scratch: bool,
+    /// Benchmark instead of training: time this many fine-tuning steps on random images
+    /// (after one untimed step; --arch, default vit_small, or the weights' shape; --nb_classes
+    /// default 1000) and print ms/iter and img/s. Compare with bench/torch_finetune_step.py
+    /// (`bash bench/compare.sh finetune-step`).
+    #[arg(long)]
+    pub bench_steps: Option<usize>,
     /// Fine-tune the `ibot demo` model (runs/fmnist-demo) on Fashion-MNIST for a short budget and
     /// compare with the same recipe from random initialisation (see `ibot finetune --help`).
     #[arg(long)]
@@ -333,6 +339,24 @@ impl FinetuneArgs {
 pub fn main(a: &FinetuneArgs) -> Result<()> {
     if a.demo {
         return crate::finetune::demo::demo(a);
+    }
+    if let Some(n) = a.bench_steps {
+        let mut b = a.clone();
+        b.data_path.get_or_insert_with(|| PathBuf::from("."));
+        let cfg = b.to_config()?;
+        let classes = cfg.nb_classes.unwrap_or(1000);
+        let (ms, ips) = crate::finetune::bench::step(&cfg, classes, n, 1)?;
+        println!(
+            "ibot finetune step ({:?}, {} libtorch thread(s), batch {} at {} px, {} classes, mixup {}/{}): {ms:.1} ms/iter, {ips:.2} img/s",
+            cfg.recipe,
+            tch::get_num_threads(),
+            cfg.batch_size,
+            cfg.aug.input_size,
+            classes,
+            cfg.mixup.mixup_alpha,
+            cfg.mixup.cutmix_alpha
+        );
+        return Ok(());
     }
     let cfg = a.to_config()?;
     let out = crate::finetune::run(&cfg)?;

@@ -14,6 +14,7 @@
 //! The work is in [`run::run`] over a [`FinetuneConfig`] (the `ibot finetune` options resolved
 //! against the recipe's defaults, see `ibot::cli::finetune`).
 
+pub mod bench;
 pub mod data;
 pub mod demo;
 pub mod groups;
