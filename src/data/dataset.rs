@@ -178,6 +178,18 @@ impl ImageFolder {
     }
 }
 
+impl ImageFolder {
+    /// The images (path, label) in data-set order.
+    pub fn samples(&self) -> &[(PathBuf, i64)] {
+        &self.samples
+    }
+
+    /// The folder the images were found in.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+}
+
 fn collect_images(
     dir: &Path,
     out: &mut Vec<PathBuf>,

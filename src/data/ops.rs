@@ -363,6 +363,23 @@ pub fn adjust_saturation_in_place(img: &mut Rgb8, factor: f64) {
     blend_bytes(&mut img.data, &gray3, alpha);
 }
 
+/// `Image.blend(degenerate, img, factor)` with a degenerate image of the same size (e.g.
+/// `ImageEnhance.Sharpness`' smoothed image), in place on `img`.
+pub fn blend_with_image(img: &mut Rgb8, degenerate: &Rgb8, factor: f64) {
+    assert_eq!(
+        (img.width, img.height),
+        (degenerate.width, degenerate.height),
+        "blend of images of different sizes"
+    );
+    let Some(alpha) = blend_alpha(factor) else {
+        return;
+    };
+    if alpha == 1.0 {
+        return;
+    }
+    blend_bytes(&mut img.data, &degenerate.data, alpha);
+}
+
 #[multiversion(targets("x86_64+avx2", "x86_64+sse4.1"))]
 fn blend_bytes(data: &mut [u8], degenerate: &[u8], alpha: f32) {
     for (x, &d) in data.iter_mut().zip(degenerate) {
