@@ -67,6 +67,10 @@ pub struct FinetuneArgs {
     /// the training images.
     #[arg(long)]
     pub eval_data_path: Option<PathBuf>,
+    /// CIFAR (CIFAR-100), CIFAR10 (their binary or python versions, in --data_path), IMNET or
+    /// image_folder; default: CIFAR when --data_path holds its folders, else image folders / IDX.
+    #[arg(long, alias = "data-set")]
+    pub data_set: Option<String>,
     /// SimCLRv2-style split file (one image file name per line) selecting the training images
     /// of a semi-supervised run.
     #[arg(long)]
@@ -294,6 +298,7 @@ impl FinetuneArgs {
             num_heads: self.num_heads,
             data_path,
             eval_data_path: self.eval_data_path.clone(),
+            data_set: self.data_set.clone(),
             split_file: self.split_file.clone(),
             nb_classes: self.nb_classes,
             batch_size,

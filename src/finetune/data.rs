@@ -17,15 +17,44 @@ fn has_idx(dir: &Path, split: &str) -> bool {
         .any(|z| dir.join(format!("{split}-images-idx3-ubyte{z}")).is_file())
 }
 
-/// The training and validation sets: `--eval_data_path` given → `--data_path` is the training
+/// The training and validation sets: CIFAR-10/100 (binary or python version, `--data_set
+/// CIFAR10 / CIFAR` or found in `data_path`); `--eval_data_path` given → `--data_path` is the training
 /// images and `--eval_data_path` the validation images (the official `image_folder` data set);
 /// else `<data_path>/train` and `<data_path>/val` (ImageNet layout) or IDX files with `train-*`
 /// and `t10k-*` in `data_path`.
 pub fn open_sets(
     data_path: &Path,
     eval_data_path: Option<&Path>,
+    data_set: Option<&str>,
 ) -> Result<(Box<dyn Dataset>, Box<dyn Dataset>)> {
+    use crate::data::cls::{CifarDataset, CifarKind};
     ensure!(data_path.exists(), "--data_path {} does not exist", data_path.display());
+    let detected = || -> Option<CifarKind> {
+        let has = |n: &str| {
+            data_path.join(n).is_dir() || data_path.file_name().is_some_and(|f| f == n)
+        };
+        if has("cifar-10-batches-bin") || has("cifar-10-batches-py") {
+            Some(CifarKind::Cifar10)
+        } else if has("cifar-100-binary") || has("cifar-100-python") {
+            Some(CifarKind::Cifar100)
+        } else {
+            None
+        }
+    };
+    let cifar = match data_set {
+        // The official names: CIFAR is CIFAR-100 (datasets.CIFAR100), CIFAR10 CIFAR-10.
+        Some("CIFAR") | Some("CIFAR100") => Some(CifarKind::Cifar100),
+        Some("CIFAR10") => Some(CifarKind::Cifar10),
+        Some("IMNET") | Some("image_folder") => None,
+        Some(other) => bail!("--data_set {other}: expected CIFAR, CIFAR10, IMNET or image_folder"),
+        None => detected(),
+    };
+    if let Some(kind) = cifar {
+        return Ok((
+            Box::new(CifarDataset::open(data_path, kind, true)?),
+            Box::new(CifarDataset::open(data_path, kind, false)?),
+        ));
+    }
     if let Some(v) = eval_data_path {
         ensure!(v.exists(), "--eval_data_path {} does not exist", v.display());
         return Ok((dataset::open(data_path, "train")?, dataset::open(v, "t10k")?));
@@ -49,13 +78,15 @@ pub fn open_sets(
 
 /// The training images named by a SimCLRv2-style split file.
 pub fn apply_split_file(train_root: &Path, split: &Path) -> Result<Box<dyn Dataset>> {
-    // stand-in until ft-aug lands: `crate::data::cls::subset_from_split_file` selects them.
-    let _ = (train_root, split);
-    bail!(
-        "--split_file needs the split-file reader of the data side (crate::data::cls), which \
-         this build does not have yet; meanwhile give --data_path a folder holding only the \
-         subset's images"
-    )
+    ensure!(
+        train_root.is_dir(),
+        "--split_file selects images of an image folder; {} is not one",
+        train_root.display()
+    );
+    let folder = crate::data::dataset::ImageFolder::open(train_root)?;
+    let sub = crate::data::cls::subset_from_split_file(folder, split)?;
+    eprintln!("{}", sub.describe());
+    Ok(Box::new(sub))
 }
 
 /// Where the training images of `data_path` live (for `--split_file`).

@@ -22,7 +22,6 @@ pub mod loss;
 pub mod model;
 pub mod run;
 pub mod schedule;
-pub mod standin;
 
 use std::path::PathBuf;
 
@@ -31,8 +30,8 @@ use serde::{Deserialize, Serialize};
 
 pub use demo::DEMO_DATA;
 pub use run::{run, FinetuneOutcome};
-// stand-in until ft-aug lands: swap for `crate::data::cls`.
-pub use standin as cls;
+/// The data side: timm's transforms, Mixup/CutMix, CIFAR and split files.
+pub use crate::data::cls;
 
 /// The official recipe whose defaults a run starts from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -66,6 +65,9 @@ pub struct FinetuneConfig {
     pub num_heads: Option<i64>,
     pub data_path: PathBuf,
     pub eval_data_path: Option<PathBuf>,
+    /// `--data_set`: CIFAR (CIFAR-100), CIFAR10, IMNET / image_folder, or None (found out).
+    #[serde(default)]
+    pub data_set: Option<String>,
     pub split_file: Option<PathBuf>,
     pub nb_classes: Option<i64>,
     pub batch_size: usize,
@@ -148,6 +150,12 @@ impl FinetuneConfig {
         if !["teacher", "student"].contains(&self.checkpoint_key.as_str()) {
             bail!("--checkpoint_key must be teacher or student, not '{}'", self.checkpoint_key);
         }
+        ensure!(
+            !self.mixup.active() || self.batch_size % 2 == 0 || self.eval,
+            "--batch_size {} is odd: Mixup/CutMix pairs each image with the batch flipped and \
+             needs an even batch (as timm's Mixup asserts); or turn them off with --mixup 0 --cutmix 0",
+            self.batch_size
+        );
         if self.subset == Some(0) {
             bail!("--subset 0 leaves no images");
         }
