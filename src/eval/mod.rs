@@ -1,9 +1,13 @@
 //! Evaluation protocols.
 
 pub mod cluster;
+pub mod extract;
 pub mod features;
 pub mod knn;
 pub mod linear;
+pub mod split;
+pub mod unsup;
+pub mod weights;
 
 use anyhow::{ensure, Result};
 

@@ -549,7 +549,7 @@ impl Meters {
 /// Runs fine-tuning (or, with `eval`, only the evaluation) as configured.
 pub fn run(cfg: &FinetuneConfig) -> Result<FinetuneOutcome> {
     cfg.validate()?;
-    let device = crate::train::run::select_device(&cfg.device)?;
+    let device = crate::device::select_device(&cfg.device)?;
     let (train_ds, val_ds) = data::open_sets(&cfg.data_path, cfg.eval_data_path.as_deref(), cfg.data_set.as_deref())?;
     let train_ds: Box<dyn Dataset> = match &cfg.split_file {
         Some(s) => data::apply_split_file(&data::train_root(&cfg.data_path, cfg.eval_data_path.as_deref()), s)?,

@@ -13,7 +13,7 @@ pub fn per_iteration_cosine(
     warmup_epochs: usize,
     start_warmup_value: f64,
 ) -> Result<Vec<f64>> {
-    crate::train::schedule::cosine_scheduler(
+    crate::schedule::cosine_scheduler(
         base,
         final_,
         epochs,

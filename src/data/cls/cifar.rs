@@ -30,6 +30,16 @@ pub enum CifarKind {
 }
 
 impl CifarKind {
+    /// The official `--data_set` names: `CIFAR` (CIFAR-100, as eval_cls.py and
+    /// run_class_finetuning.py read it) and `CIFAR10`; also `CIFAR100`.
+    pub fn from_data_set(name: &str) -> Result<Self> {
+        match name {
+            "CIFAR" | "CIFAR100" => Ok(Self::Cifar100),
+            "CIFAR10" => Ok(Self::Cifar10),
+            other => bail!("'{other}' is not a CIFAR data set (CIFAR = CIFAR-100, CIFAR10)"),
+        }
+    }
+
     fn num_classes(self) -> usize {
         match self {
             Self::Cifar10 => 10,
@@ -138,7 +148,13 @@ impl CifarDataset {
     pub fn read_py(kind: CifarKind, files: &[PathBuf], meta_dir: &Path) -> Result<Self> {
         let (mut pixels, mut labels, mut coarse) = (Vec::new(), Vec::new(), Vec::new());
         for f in files {
-            let what = || format!("{} is not a readable {} python batch", f.display(), kind.name());
+            let what = || {
+                format!(
+                    "{} is not a readable {} python batch",
+                    f.display(),
+                    kind.name()
+                )
+            };
             let b = std::fs::read(f).with_context(|| format!("reading {}", f.display()))?;
             let v = pickle::parse(&b).with_context(what)?;
             let (data, n) = match v.get("data") {
@@ -192,8 +208,12 @@ impl CifarDataset {
         };
         let mut classes = Vec::new();
         if let Ok(b) = std::fs::read(meta_dir.join(meta)) {
-            let v = pickle::parse(&b)
-                .with_context(|| format!("{} is not a readable meta file", meta_dir.join(meta).display()))?;
+            let v = pickle::parse(&b).with_context(|| {
+                format!(
+                    "{} is not a readable meta file",
+                    meta_dir.join(meta).display()
+                )
+            })?;
             if let Some(l) = v.get(key).and_then(Value::as_list) {
                 classes = l.iter().filter_map(Value::as_text).collect();
             }
@@ -214,7 +234,10 @@ impl CifarDataset {
         if let Some(&bad) = labels.iter().find(|&&l| l as usize >= nc) {
             bail!(
                 "label {bad} in {} is not a {} class (0..{nc}): wrong --data_set or a damaged file",
-                files.first().map(|f| f.display().to_string()).unwrap_or_default(),
+                files
+                    .first()
+                    .map(|f| f.display().to_string())
+                    .unwrap_or_default(),
                 kind.name()
             );
         }
@@ -267,10 +290,16 @@ impl Dataset for CifarDataset {
         self.labels.len()
     }
     fn get(&self, index: usize) -> Result<(Rgb8, i64)> {
-        ensure!(index < self.len(), "image {index} of {} does not exist", self.len());
+        ensure!(
+            index < self.len(),
+            "image {index} of {} does not exist",
+            self.len()
+        );
         let p = self.planes(index);
         let n = SIDE * SIDE;
-        let data = (0..n).flat_map(|i| [p[i], p[n + i], p[2 * n + i]]).collect();
+        let data = (0..n)
+            .flat_map(|i| [p[i], p[n + i], p[2 * n + i]])
+            .collect();
         Ok((Rgb8::new(SIDE, SIDE, data), self.labels[index] as i64))
     }
     fn label(&self, index: usize) -> i64 {

@@ -143,8 +143,11 @@ impl ClsAugConfig {
 
     /// The evaluation crop_pct as the official build_transform sets it.
     pub fn eval_crop_pct(&self) -> f64 {
-        self.crop_pct
-            .unwrap_or(if self.input_size < 384 { 224.0 / 256.0 } else { 1.0 })
+        self.crop_pct.unwrap_or(if self.input_size < 384 {
+            224.0 / 256.0
+        } else {
+            1.0
+        })
     }
 
     /// The shorter side of the evaluation resize: `int(input_size / crop_pct)`.
@@ -182,7 +185,10 @@ impl ClsAugConfig {
             "color_jitter must be non-negative"
         );
         if let Some(c) = self.crop_pct {
-            ensure!(c > 0.0 && c.is_finite(), "crop_pct must be positive, got {c}");
+            ensure!(
+                c > 0.0 && c.is_finite(),
+                "crop_pct must be positive, got {c}"
+            );
         }
         ensure!(
             self.eval_interpolation != Interpolation::Random,

@@ -102,7 +102,9 @@ impl Replay {
 
     /// Parses `[[kind, [args...], value | [values...]], ...]`.
     pub fn from_json(v: &serde_json::Value) -> Result<Self> {
-        let list = v.as_array().context("a draw recording must be a JSON list")?;
+        let list = v
+            .as_array()
+            .context("a draw recording must be a JSON list")?;
         let mut items = Vec::with_capacity(list.len());
         for (i, e) in list.iter().enumerate() {
             let e = e
@@ -149,13 +151,15 @@ impl Replay {
 
     fn take(&mut self, kind: &str, args: &[f64]) -> &Recorded {
         let Some(r) = self.items.get(self.next) else {
-            panic!("replay exhausted at draw {}: asked for {kind}{args:?}", self.next)
+            panic!(
+                "replay exhausted at draw {}: asked for {kind}{args:?}",
+                self.next
+            )
         };
         // Arguments agree to 1e-12 (relative): they are computed the same way on both sides
         // (e.g. `math.log` of the same ratio), the tolerance only spares a libm's last bit.
         let same_args = r.args.len() == args.len()
-            && r
-                .args
+            && r.args
                 .iter()
                 .zip(args)
                 .all(|(a, b)| a == b || (a - b).abs() <= 1e-12 * a.abs().max(1.0));
@@ -171,7 +175,12 @@ impl Replay {
 
     fn one(&mut self, kind: &str, args: &[f64]) -> f64 {
         let r = self.take(kind, args);
-        assert_eq!(r.values.len(), 1, "draw {kind} holds {} values", r.values.len());
+        assert_eq!(
+            r.values.len(),
+            1,
+            "draw {kind} holds {} values",
+            r.values.len()
+        );
         r.values[0]
     }
 }
@@ -198,7 +207,12 @@ impl Draws for Replay {
     }
     fn normal_f32(&mut self, n: usize) -> Vec<f32> {
         let r = self.take("normal", &[n as f64]);
-        assert_eq!(r.values.len(), n, "normal draw of {n} values holds {}", r.values.len());
+        assert_eq!(
+            r.values.len(),
+            n,
+            "normal draw of {n} values holds {}",
+            r.values.len()
+        );
         r.values.iter().map(|&v| v as f32).collect()
     }
     fn beta(&mut self, a: f64, b: f64) -> f64 {

@@ -148,17 +148,16 @@ pub fn mix_with(images: &Tensor, lam: f64, use_cutmix: bool, bbox: BBox) -> Tens
 
 /// timm's `mixup_target`: smoothed one-hot targets (`off = smoothing / classes`, `on = 1 -
 /// smoothing + off`) mixed with the flipped batch's by `lam` (a number, or a `[B, 1]` tensor).
-pub fn mixup_target(
-    targets: &Tensor,
-    num_classes: usize,
-    lam: &Lam,
-    smoothing: f64,
-) -> Tensor {
+pub fn mixup_target(targets: &Tensor, num_classes: usize, lam: &Lam, smoothing: f64) -> Tensor {
     let off = smoothing / num_classes as f64;
     let on = 1.0 - smoothing + off;
     let n = targets.size()[0];
-    let y1 = Tensor::full([n, num_classes as i64], off, (Kind::Float, targets.device()))
-        .scatter_value(1, &targets.to_kind(Kind::Int64).view([-1, 1]), on);
+    let y1 = Tensor::full(
+        [n, num_classes as i64],
+        off,
+        (Kind::Float, targets.device()),
+    )
+    .scatter_value(1, &targets.to_kind(Kind::Int64).view([-1, 1]), on);
     let y2 = y1.flip([0]);
     match lam {
         Lam::Scalar(l) => &y1 * *l + &y2 * (1.0 - *l),
@@ -182,7 +181,10 @@ pub struct Mixup {
 impl Mixup {
     pub fn new(cfg: &MixupConfig) -> Result<Self> {
         ensure!(cfg.num_classes > 0, "mixup needs the number of classes");
-        ensure!(cfg.active(), "mixup needs mixup > 0, cutmix > 0 or cutmix_minmax");
+        ensure!(
+            cfg.active(),
+            "mixup needs mixup > 0, cutmix > 0 or cutmix_minmax"
+        );
         ensure!(
             cfg.mixup_alpha >= 0.0 && cfg.cutmix_alpha >= 0.0,
             "mixup and cutmix alphas must be non-negative"
@@ -233,7 +235,9 @@ impl Mixup {
     fn params_per_elem(&self, n: usize, draws: &mut impl Draws) -> (Vec<f32>, Vec<bool>) {
         let (ma, ca) = (self.cfg.mixup_alpha, self.cutmix_alpha);
         let (use_cutmix, lam_mix): (Vec<bool>, Vec<f64>) = if ma > 0.0 && ca > 0.0 {
-            let u: Vec<bool> = (0..n).map(|_| draws.random() < self.cfg.switch_prob).collect();
+            let u: Vec<bool> = (0..n)
+                .map(|_| draws.random() < self.cfg.switch_prob)
+                .collect();
             let bc: Vec<f64> = (0..n).map(|_| draws.beta(ca, ca)).collect();
             let bm: Vec<f64> = (0..n).map(|_| draws.beta(ma, ma)).collect();
             let l = (0..n).map(|i| if u[i] { bc[i] } else { bm[i] }).collect();
@@ -317,9 +321,8 @@ impl Mixup {
                         let ((yl, yh, xl, xh), l) =
                             cutmix_bbox_and_lam(shape, lam as f64, minmax, correct, draws);
                         if yh > yl && xh > xl {
-                            let region = |t: &Tensor| {
-                                t.narrow(1, yl, yh - yl).narrow(2, xl, xh - xl)
-                            };
+                            let region =
+                                |t: &Tensor| t.narrow(1, yl, yh - yl).narrow(2, xl, xh - xl);
                             region(&x.get(i as i64)).copy_(&region(&xj));
                             if pair {
                                 region(&x.get(j)).copy_(&region(&xi));
@@ -347,7 +350,12 @@ impl Mixup {
                 (x, Lam::PerRow(t))
             }
         };
-        let y = mixup_target(targets, self.cfg.num_classes, &lam, self.cfg.label_smoothing);
+        let y = mixup_target(
+            targets,
+            self.cfg.num_classes,
+            &lam,
+            self.cfg.label_smoothing,
+        );
         Ok((x, y))
     }
 

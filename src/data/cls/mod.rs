@@ -24,5 +24,5 @@ pub use draws::{Draws, Replay, RngDraws};
 pub use mixup::{mix_with, mixup_target, rand_bbox_with, Lam, Mixup, MixupConfig, MixupMode};
 pub use rand_augment::{rand_augment_op, RandAugment, RandAugmentConfig, RandOp};
 pub use random_erasing::{random_erasing_with, RandomErasing};
-pub use split::{read_split_file, subset_from_split_file, Subset};
+pub use split::{read_split_file, subset_from_split_file};
 pub use transforms::{rrc_params, EvalTransform, TrainTransform};

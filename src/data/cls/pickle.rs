@@ -131,7 +131,9 @@ enum Slot {
 }
 
 fn shape_of(v: &Value) -> Result<Vec<usize>> {
-    let items = v.as_list().ok_or_else(|| anyhow!("numpy shape is not a tuple"))?;
+    let items = v
+        .as_list()
+        .ok_or_else(|| anyhow!("numpy shape is not a tuple"))?;
     items
         .iter()
         .map(|x| {
@@ -194,7 +196,11 @@ fn build(obj: Value, state: Value) -> Result<Value> {
             let s = state
                 .as_list()
                 .ok_or_else(|| anyhow!("numpy array state is not a tuple"))?;
-            ensure!(s.len() == 5, "numpy array state has {} fields, not 5", s.len());
+            ensure!(
+                s.len() == 5,
+                "numpy array state has {} fields, not 5",
+                s.len()
+            );
             let shape = shape_of(&s[1])?;
             let (dtype, order) = match &s[2] {
                 Value::Dtype(t, o) => (t.clone(), *o),
@@ -206,9 +212,12 @@ fn build(obj: Value, state: Value) -> Result<Value> {
                 Value::Str(t) => t.chars().map(|c| c as u32 as u8).collect(),
                 _ => bail!("numpy array of objects (not raw data) is not supported"),
             };
-            let size = dtype_size(&dtype)
-                .ok_or_else(|| anyhow!("unsupported numpy dtype '{dtype}'"))?;
-            ensure!(order != '>' || size == 1, "big-endian numpy arrays are not supported");
+            let size =
+                dtype_size(&dtype).ok_or_else(|| anyhow!("unsupported numpy dtype '{dtype}'"))?;
+            ensure!(
+                order != '>' || size == 1,
+                "big-endian numpy arrays are not supported"
+            );
             let n = shape
                 .iter()
                 .try_fold(size, |a, &d| a.checked_mul(d))
@@ -306,7 +315,11 @@ pub fn parse(bytes: &[u8]) -> Result<Value> {
                 stack.push(Slot::V(Value::Int(v)))
             }
             0x8a | 0x8b => {
-                let n = if op == 0x8a { r.u8()? as usize } else { r.u32()? as usize };
+                let n = if op == 0x8a {
+                    r.u8()? as usize
+                } else {
+                    r.u32()? as usize
+                };
                 let s = r.take(n)?;
                 ensure!(n <= 8, "integer of {n} bytes is too large");
                 let mut buf = [0u8; 8];
@@ -352,7 +365,11 @@ pub fn parse(bytes: &[u8]) -> Result<Value> {
                 memo.insert(k, top(&stack)?);
             }
             b'h' | b'j' => {
-                let k = if op == b'h' { r.u8()? as u64 } else { r.u32()? as u64 };
+                let k = if op == b'h' {
+                    r.u8()? as u64
+                } else {
+                    r.u32()? as u64
+                };
                 let v = memo
                     .get(&k)
                     .cloned()

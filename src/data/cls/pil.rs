@@ -41,9 +41,7 @@ pub fn autocontrast(img: &Rgb8) -> Rgb8 {
             (Some(lo), Some(hi)) if hi > lo => {
                 let scale = 255.0 / (hi - lo) as f64;
                 let offset = -(lo as f64) * scale;
-                std::array::from_fn(|ix| {
-                    ((ix as f64 * scale + offset) as i64).clamp(0, 255) as u8
-                })
+                std::array::from_fn(|ix| ((ix as f64 * scale + offset) as i64).clamp(0, 255) as u8)
             }
             _ => std::array::from_fn(|i| i as u8),
         }
@@ -145,9 +143,8 @@ pub fn smooth(img: &Rgb8) -> Rgb8 {
         );
         let dst = &mut out.data[y * stride..(y + 1) * stride];
         for i in 3..stride - 3 {
-            let line = |r: &[u8], k: f32| {
-                r[i - 3] as f32 * k1 + r[i] as f32 * k + r[i + 3] as f32 * k1
-            };
+            let line =
+                |r: &[u8], k: f32| r[i - 3] as f32 * k1 + r[i] as f32 * k + r[i + 3] as f32 * k1;
             // Pillow's order: the row below first (the kernel is applied flipped).
             let mut ss = 0.5f32;
             ss += line(down, k1);
@@ -230,22 +227,30 @@ pub fn affine(img: &Rgb8, a: [f64; 6], filter: Filter, fill: [u8; 3]) -> Rgb8 {
                 Filter::Bicubic => {
                     let (bx, by) = (fx - 1, fy - 1);
                     let xo = [col(bx), col(bx + 1), col(bx + 2), col(bx + 3)];
-                    let r0 = row(by);
-                    let rs = [
-                        inside(by + 1).then(|| row(by + 1)),
-                        inside(by + 2).then(|| row(by + 2)),
-                        inside(by + 3).then(|| row(by + 3)),
-                    ];
-                    for (c, oc) in o.iter_mut().enumerate() {
-                        let line = |r: usize| {
-                            let p = |k: usize| data[r + xo[k] + c] as f64;
-                            cubic(p(0), p(1), p(2), p(3), dx)
+                    // Rows past an edge repeat the previous row's value (Pillow's `v2 = v1` …),
+                    // which is the previous row itself.
+                    let mut rs = [row(by); 4];
+                    for k in 1..4 {
+                        rs[k] = if inside(by + k as i64) {
+                            row(by + k as i64)
+                        } else {
+                            rs[k - 1]
                         };
-                        let v1 = line(r0);
-                        let v2 = rs[0].map_or(v1, line);
-                        let v3 = rs[1].map_or(v2, line);
-                        let v4 = rs[2].map_or(v3, line);
-                        let v = cubic(v1, v2, v3, v4, dy);
+                    }
+                    // The 4x4 patch of each channel, as f64.
+                    let mut p = [[[0f64; 4]; 4]; 3];
+                    for (k, &r) in rs.iter().enumerate() {
+                        let line = &data[r..r + stride];
+                        for (j, &xj) in xo.iter().enumerate() {
+                            let px = &line[xj..xj + 3];
+                            p[0][k][j] = px[0] as f64;
+                            p[1][k][j] = px[1] as f64;
+                            p[2][k][j] = px[2] as f64;
+                        }
+                    }
+                    for (oc, pc) in o.iter_mut().zip(&p) {
+                        let v = |k: usize| cubic(pc[k][0], pc[k][1], pc[k][2], pc[k][3], dx);
+                        let v = cubic(v(0), v(1), v(2), v(3), dy);
                         *oc = if v <= 0.0 {
                             0
                         } else if v >= 255.0 {
@@ -292,7 +297,11 @@ pub fn rotate(img: &Rgb8, degrees: f64, filter: Filter, fill: [u8; 3]) -> Rgb8 {
         for y in 0..n {
             for x in 0..n {
                 // ROTATE_90 (counter-clockwise): out[n-1-x][y] = in[y][x].
-                let (ox, oy) = if angle == 90.0 { (y, n - 1 - x) } else { (n - 1 - y, x) };
+                let (ox, oy) = if angle == 90.0 {
+                    (y, n - 1 - x)
+                } else {
+                    (n - 1 - y, x)
+                };
                 let (s, d) = ((y * n + x) * 3, (oy * n + ox) * 3);
                 out.data[d..d + 3].copy_from_slice(&img.data[s..s + 3]);
             }
@@ -370,7 +379,11 @@ pub fn resize_shorter(img: &Rgb8, size: usize, filter: Filter) -> Rgb8 {
     let (w, h) = (img.width, img.height);
     let (short, long) = if w <= h { (w, h) } else { (h, w) };
     let new_long = ((size * long) as f64 / short as f64) as usize;
-    let (nw, nh) = if w <= h { (size, new_long) } else { (new_long, size) };
+    let (nw, nh) = if w <= h {
+        (size, new_long)
+    } else {
+        (new_long, size)
+    };
     if (nw, nh) == (w, h) {
         return img.clone();
     }

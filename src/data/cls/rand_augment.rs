@@ -132,7 +132,10 @@ impl RandOp {
 
     /// Whether the op resamples (and so draws its filter when the interpolation is random).
     pub fn is_geometric(self) -> bool {
-        matches!(self, Rotate | ShearX | ShearY | TranslateXRel | TranslateYRel)
+        matches!(
+            self,
+            Rotate | ShearX | ShearY | TranslateXRel | TranslateYRel
+        )
     }
 }
 
@@ -202,7 +205,13 @@ pub fn rand_augment_op(
     filter: Filter,
     fill: [u8; 3],
 ) -> Rgb8 {
-    apply_op(img, op, level_arg(op, magnitude, negate, 0.45), filter, fill)
+    apply_op(
+        img,
+        op,
+        level_arg(op, magnitude, negate, 0.45),
+        filter,
+        fill,
+    )
 }
 
 /// A parsed `rand-…` string (timm's `rand_augment_transform`).

@@ -39,8 +39,19 @@ impl RandomErasing {
     /// (`randint(min, max)` unless they are equal); per box up to 10 tries of `uniform` area ×
     /// `exp(uniform)` aspect, `round` (half to even) of the sides, accepted when strictly
     /// smaller than the image; then `randint` top and left and the values of the mode.
-    pub fn apply_with(&self, img: &mut [f32], c: usize, h: usize, w: usize, draws: &mut impl Draws) {
-        assert_eq!(img.len(), c * h * w, "image buffer does not match {c}x{h}x{w}");
+    pub fn apply_with(
+        &self,
+        img: &mut [f32],
+        c: usize,
+        h: usize,
+        w: usize,
+        draws: &mut impl Draws,
+    ) {
+        assert_eq!(
+            img.len(),
+            c * h * w,
+            "image buffer does not match {c}x{h}x{w}"
+        );
         if draws.random() > self.probability {
             return;
         }
@@ -90,7 +101,10 @@ pub fn random_erasing_with(
     mode: EraseMode,
     values: &[f32],
 ) {
-    assert!(top + eh <= h && left + ew <= w, "erased box outside the image");
+    assert!(
+        top + eh <= h && left + ew <= w,
+        "erased box outside the image"
+    );
     for ch in 0..c {
         for y in 0..eh {
             for x in 0..ew {

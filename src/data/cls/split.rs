@@ -7,8 +7,7 @@ use std::path::Path;
 
 use anyhow::{bail, ensure, Context, Result};
 
-use crate::data::dataset::{Dataset, ImageFolder};
-use crate::data::ops::Rgb8;
+use crate::data::dataset::{ImageFolder, Subset};
 
 /// The names of a split file: one per non-blank line, surrounding white space removed.
 /// An empty file or a repeated name is an error.
@@ -41,64 +40,12 @@ pub fn read_split_file(path: &Path) -> Result<Vec<String>> {
     Ok(names)
 }
 
-/// The images of a data set at some indices (in the data set's order), labels and classes
-/// unchanged.
-pub struct Subset<D: Dataset> {
-    inner: D,
-    indices: Vec<usize>,
-    source: String,
-}
-
-impl<D: Dataset> Subset<D> {
-    pub fn new(inner: D, indices: Vec<usize>, source: String) -> Result<Self> {
-        let n = inner.len();
-        if let Some(&bad) = indices.iter().find(|&&i| i >= n) {
-            bail!("subset index {bad} is out of range for {}", inner.describe());
-        }
-        Ok(Self {
-            inner,
-            indices,
-            source,
-        })
-    }
-
-    /// Indices into the underlying data set.
-    pub fn indices(&self) -> &[usize] {
-        &self.indices
-    }
-
-    pub fn inner(&self) -> &D {
-        &self.inner
-    }
-}
-
-impl<D: Dataset> Dataset for Subset<D> {
-    fn len(&self) -> usize {
-        self.indices.len()
-    }
-    fn get(&self, index: usize) -> Result<(Rgb8, i64)> {
-        self.inner.get(self.indices[index])
-    }
-    fn label(&self, index: usize) -> i64 {
-        self.inner.label(self.indices[index])
-    }
-    fn classes(&self) -> &[String] {
-        self.inner.classes()
-    }
-    fn describe(&self) -> String {
-        format!(
-            "{} images selected by {} from {}",
-            self.indices.len(),
-            self.source,
-            self.inner.describe()
-        )
-    }
-}
-
 /// The images of `folder` that the split file at `path` names: a name without `/` matches an
 /// image's file name, a name with `/` its path relative to the folder. A name matching no image
-/// (or two images with the same file name) is an error listing the first few.
-pub fn subset_from_split_file(folder: ImageFolder, path: &Path) -> Result<Subset<ImageFolder>> {
+/// (or two images with the same file name) is an error listing the first few. The subset keeps
+/// the folder's order (as an ImageFolder of the subset's files would list them), its labels and
+/// its classes.
+pub fn subset_from_split_file(folder: ImageFolder, path: &Path) -> Result<Subset> {
     let names = read_split_file(path)?;
     let root = folder.root().to_path_buf();
     let mut by_name: HashMap<String, Vec<usize>> = HashMap::new();
@@ -152,6 +99,5 @@ pub fn subset_from_split_file(folder: ImageFolder, path: &Path) -> Result<Subset
         show(&ambiguous)
     );
     indices.sort_unstable();
-    let source = format!("split file {}", path.display());
-    Subset::new(folder, indices, source)
+    Subset::new(Box::new(folder), indices)
 }

@@ -215,7 +215,10 @@ impl EvalTransform {
 
     /// The uint8 image after resize and crop.
     pub fn resize_crop(&self, img: &Rgb8) -> Result<Rgb8> {
-        ensure!(img.width > 0 && img.height > 0, "cannot transform an empty image");
+        ensure!(
+            img.width > 0 && img.height > 0,
+            "cannot transform an empty image"
+        );
         let s = self.cfg.input_size;
         let out = if self.cfg.resize_im() {
             let r = pil::resize_shorter(img, self.cfg.eval_resize_size(), self.filter);
