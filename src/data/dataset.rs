@@ -216,6 +216,13 @@ fn collect_images(
     Ok(())
 }
 
+impl ImageFolder {
+    /// The file of image `index`.
+    pub fn path(&self, index: usize) -> &Path {
+        &self.samples[index].0
+    }
+}
+
 impl Dataset for ImageFolder {
     fn len(&self) -> usize {
         self.samples.len()
