@@ -88,7 +88,11 @@ fn layer_decay_groups_match_the_official_get_parameter_groups() {
             .arg(cfg.to_string())
             .output()
             .unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let want: Vec<(String, f64, String, Vec<String>)> =
             serde_json::from_slice(&out.stdout).unwrap();
         // lr scales as shortest round-trip text (Python's repr, Rust's {:?}): equal text is
@@ -100,7 +104,10 @@ fn layer_decay_groups_match_the_official_get_parameter_groups() {
                     g.name.clone(),
                     if g.weight_decay { wd } else { 0.0 },
                     format!("{:?}", g.lr_scale),
-                    g.indices.iter().map(|&i| m.ps.params()[i].name.clone()).collect(),
+                    g.indices
+                        .iter()
+                        .map(|&i| m.ps.params()[i].name.clone())
+                        .collect(),
                 )
             })
             .collect();
@@ -154,8 +161,18 @@ fn one_step_equals_pytorch() {
         inputs.push(("x".into(), x.copy()));
         inputs.push(("y".into(), y.copy()));
         let cfgv = [
-            d as f64, depth as f64, heads as f64, patch as f64, ncls as f64, lam, smoothing, ld,
-            lr, wd, clip, mean_pooling as i32 as f64,
+            d as f64,
+            depth as f64,
+            heads as f64,
+            patch as f64,
+            ncls as f64,
+            lam,
+            smoothing,
+            ld,
+            lr,
+            wd,
+            clip,
+            mean_pooling as i32 as f64,
         ];
         inputs.push(("cfg".into(), Tensor::from_slice(&cfgv)));
         let dir = common::scratch_dir("finetune", &format!("step{mean_pooling}"));
@@ -171,31 +188,56 @@ fn one_step_equals_pytorch() {
 
         // Batch-mode Mixup with lambda `lam` and timm's targets (one_hot on/off values).
         let xm = &x * lam + x.flip([0]) * (1.0 - lam);
-        let (off, on) = (smoothing / ncls as f64, 1.0 - smoothing + smoothing / ncls as f64);
+        let (off, on) = (
+            smoothing / ncls as f64,
+            1.0 - smoothing + smoothing / ncls as f64,
+        );
         let oh = |t: &Tensor| t.one_hot(ncls).to_kind(Kind::Float) * (on - off) + off;
         let target = oh(&y) * lam + oh(&y.flip([0])) * (1.0 - lam);
         common::assert_close("mixed images", &xm, &r["x_mixed"], 1e-6);
         common::assert_close("soft targets", &target, &r["target"], 1e-7);
 
         let cfg = config(&[
-            "--data_path", "/nonexistent", "--layer_decay", "0.75", "--weight_decay", "0.3",
-            "--clip_grad", "0.5", "--smoothing", "0.1", "--drop_path", "0",
+            "--data_path",
+            "/nonexistent",
+            "--layer_decay",
+            "0.75",
+            "--weight_decay",
+            "0.3",
+            "--clip_grad",
+            "0.5",
+            "--smoothing",
+            "0.1",
+            "--drop_path",
+            "0",
         ]);
         let mut t = Trainer::new(model, &cfg, Device::Cpu).unwrap();
         t.keep_grads = true;
         let s = t.micro_step(&xm, &target, lr, wd).unwrap();
         let rel = |a: f64, b: f64| (a - b).abs() / b.abs().max(1e-12);
         let want_loss = r["loss"].double_value(&[]);
-        assert!(rel(s.loss, want_loss) < 1e-5, "loss {} vs {want_loss}", s.loss);
+        assert!(
+            rel(s.loss, want_loss) < 1e-5,
+            "loss {} vs {want_loss}",
+            s.loss
+        );
         let want_norm = r["grad_norm"].double_value(&[]);
         assert!(want_norm > clip, "the test must clip (norm {want_norm})");
         let got_norm = s.grad_norm.unwrap();
-        assert!(rel(got_norm, want_norm) < 1e-5, "grad norm {got_norm} vs {want_norm}");
+        assert!(
+            rel(got_norm, want_norm) < 1e-5,
+            "grad norm {got_norm} vs {want_norm}"
+        );
         for (p, g) in t.model.ps.params().iter().zip(&t.last_grads) {
             let g = g.as_ref().unwrap();
             let gw = &r[&format!("g.{}", p.name)];
             let scale = ibot::util::max_abs(gw).max(1e-12);
-            common::assert_close(&format!("clipped gradient of {}", p.name), &(g / scale), &(gw / scale), 1e-5);
+            common::assert_close(
+                &format!("clipped gradient of {}", p.name),
+                &(g / scale),
+                &(gw / scale),
+                1e-5,
+            );
             let want = &r[&format!("p.{}", p.name)];
             let (mut got, mut want) = (p.tensor.detach(), want.shallow_clone());
             if p.name.ends_with("attn.qkv.bias") {
@@ -218,11 +260,19 @@ fn tiny_backbone(path: &Path, head_classes: Option<i64>) {
     };
     let mut ps = ParamStore::new();
     let _m = VisionTransformer::new(&mut ps, "", &cfg, false, Device::Cpu).unwrap();
-    let mut named: Vec<(String, Tensor)> =
-        ps.state_dict().map(|(k, t)| (k.to_string(), t.shallow_clone())).collect();
+    let mut named: Vec<(String, Tensor)> = ps
+        .state_dict()
+        .map(|(k, t)| (k.to_string(), t.shallow_clone()))
+        .collect();
     if let Some(k) = head_classes {
-        named.push(("head.weight".into(), Tensor::zeros([k, 24], (Kind::Float, Device::Cpu))));
-        named.push(("head.bias".into(), Tensor::zeros([k], (Kind::Float, Device::Cpu))));
+        named.push((
+            "head.weight".into(),
+            Tensor::zeros([k, 24], (Kind::Float, Device::Cpu)),
+        ));
+        named.push((
+            "head.bias".into(),
+            Tensor::zeros([k], (Kind::Float, Device::Cpu)),
+        ));
     }
     let mut md = HashMap::new();
     md.insert(
@@ -275,10 +325,31 @@ fn resume_equals_uninterrupted_and_log_keys() {
     tiny_backbone(&w, None);
     let run = |out: &Path, epochs: &str| {
         let c = config(&[
-            "--pretrained_weights", w.to_str().unwrap(), "--data_path", data.to_str().unwrap(),
-            "--output_dir", out.to_str().unwrap(), "--input_size", "16", "--batch_size", "4",
-            "--update_freq", "2", "--epochs", epochs, "--warmup_epochs", "1", "--model_ema",
-            "--model_ema_decay", "0.9", "--lr", "1e-3", "--device", "cpu", "--num_workers", "2",
+            "--pretrained_weights",
+            w.to_str().unwrap(),
+            "--data_path",
+            data.to_str().unwrap(),
+            "--output_dir",
+            out.to_str().unwrap(),
+            "--input_size",
+            "16",
+            "--batch_size",
+            "4",
+            "--update_freq",
+            "2",
+            "--epochs",
+            epochs,
+            "--warmup_epochs",
+            "1",
+            "--model_ema",
+            "--model_ema_decay",
+            "0.9",
+            "--lr",
+            "1e-3",
+            "--device",
+            "cpu",
+            "--num_workers",
+            "2",
         ]);
         ibot::finetune::run(&c).unwrap()
     };
@@ -290,7 +361,10 @@ fn resume_equals_uninterrupted_and_log_keys() {
     assert_eq!(resumed.epochs_done, 2, "the second run resumes at epoch 1");
     let (ta, tb) = (checkpoint_tensors(&a), checkpoint_tensors(&b));
     assert_eq!(ta.len(), tb.len());
-    assert!(ta.keys().any(|k| k.starts_with("model_ema.")) && ta.keys().any(|k| k.starts_with("optimizer.")));
+    assert!(
+        ta.keys().any(|k| k.starts_with("model_ema."))
+            && ta.keys().any(|k| k.starts_with("optimizer."))
+    );
     for (k, t) in &ta {
         assert!(t.equal(&tb[k]), "{k} differs after resuming");
     }
@@ -300,9 +374,19 @@ fn resume_equals_uninterrupted_and_log_keys() {
     );
     assert_eq!(la, lb, "log.txt of the resumed run");
     let want = [
-        "train_lr", "train_min_lr", "train_loss", "train_weight_decay", "train_grad_norm",
-        "test_loss", "test_acc1", "test_acc5", "test_ema_loss", "test_ema_acc1", "test_ema_acc5",
-        "epoch", "n_parameters",
+        "train_lr",
+        "train_min_lr",
+        "train_loss",
+        "train_weight_decay",
+        "train_grad_norm",
+        "test_loss",
+        "test_acc1",
+        "test_acc5",
+        "test_ema_loss",
+        "test_ema_acc1",
+        "test_ema_acc5",
+        "epoch",
+        "n_parameters",
     ];
     for keys in log_keys(&a.join("log.txt")) {
         assert_eq!(keys, want);
@@ -320,24 +404,54 @@ fn deit_recipe_log_keys() {
     tiny_backbone(&w, None);
     let out = root.join("out");
     let c = config(&[
-        "--recipe", "deit_transfer", "--pretrained_weights", w.to_str().unwrap(), "--data_path",
-        data.to_str().unwrap(), "--output_dir", out.to_str().unwrap(), "--input_size", "16",
-        "--batch_size", "32", "--epochs", "1", "--warmup_epochs", "0", "--model_ema", "false",
-        "--device", "cpu",
+        "--recipe",
+        "deit_transfer",
+        "--pretrained_weights",
+        w.to_str().unwrap(),
+        "--data_path",
+        data.to_str().unwrap(),
+        "--output_dir",
+        out.to_str().unwrap(),
+        "--input_size",
+        "16",
+        "--batch_size",
+        "32",
+        "--epochs",
+        "1",
+        "--warmup_epochs",
+        "0",
+        "--model_ema",
+        "false",
+        "--device",
+        "cpu",
     ]);
-    assert!(c.repeated_aug && c.model_ema == false);
+    assert!(c.repeated_aug && !c.model_ema);
     let e = ibot::finetune::run(&c).unwrap_err();
     assert!(format!("{e:#}").contains("len // 256 * 256"), "{e:#}");
     tiny_data(&data, 260);
     ibot::finetune::run(&c).unwrap();
     for keys in log_keys(&out.join("log.txt")) {
-        assert_eq!(keys, ["train_lr", "train_loss", "test_loss", "test_acc1", "test_acc5", "epoch", "n_parameters"]);
+        assert_eq!(
+            keys,
+            [
+                "train_lr",
+                "train_loss",
+                "test_loss",
+                "test_acc1",
+                "test_acc5",
+                "epoch",
+                "n_parameters"
+            ]
+        );
     }
 }
 
 fn ibot(args: &[&str]) -> (bool, String) {
     let o = std::process::Command::new(BIN).args(args).output().unwrap();
-    (o.status.success(), String::from_utf8_lossy(&o.stderr).into_owned())
+    (
+        o.status.success(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
 }
 
 /// Clear errors: a checkpoint whose classifier has another number of classes than the run, a
@@ -347,14 +461,30 @@ fn bad_input_is_refused_with_a_message() {
     let root = common::scratch_dir("finetune", "bad");
     let data = root.join("data");
     tiny_data(&data, 24);
-    let (w5, w3) = (root.join("head5.safetensors"), root.join("head3.safetensors"));
+    let (w5, w3) = (
+        root.join("head5.safetensors"),
+        root.join("head3.safetensors"),
+    );
     tiny_backbone(&w5, Some(5));
     tiny_backbone(&w3, Some(3));
     let common_args = |w: &Path, out: &str| -> Vec<String> {
         [
-            "finetune", "--pretrained_weights", w.to_str().unwrap(), "--data_path",
-            data.to_str().unwrap(), "--input_size", "16", "--batch_size", "4", "--epochs", "1",
-            "--warmup_epochs", "0", "--device", "cpu", "--output_dir",
+            "finetune",
+            "--pretrained_weights",
+            w.to_str().unwrap(),
+            "--data_path",
+            data.to_str().unwrap(),
+            "--input_size",
+            "16",
+            "--batch_size",
+            "4",
+            "--epochs",
+            "1",
+            "--warmup_epochs",
+            "0",
+            "--device",
+            "cpu",
+            "--output_dir",
             root.join(out).to_str().unwrap(),
         ]
         .map(String::from)
@@ -362,7 +492,10 @@ fn bad_input_is_refused_with_a_message() {
     };
     let run = |v: Vec<String>| ibot(&v.iter().map(|s| s.as_str()).collect::<Vec<_>>());
     let (ok, err) = run(common_args(&w5, "o1"));
-    assert!(!ok && err.contains("classifier for 5 classes but this run has 3"), "{err}");
+    assert!(
+        !ok && err.contains("classifier for 5 classes but this run has 3"),
+        "{err}"
+    );
     assert!(err.contains("--reset_head"), "{err}");
     // The same weights with --reset_head, and a classifier of the right size, train.
     let mut v = common_args(&w5, "o2");
@@ -370,12 +503,18 @@ fn bad_input_is_refused_with_a_message() {
     let (ok, err) = run(v);
     assert!(ok, "{err}");
     let (ok, err) = run(common_args(&w3, "o3"));
-    assert!(ok && err.contains("not initialized from pretrained model: []"), "{err}");
+    assert!(
+        ok && err.contains("not initialized from pretrained model: []"),
+        "{err}"
+    );
 
     let mut v = common_args(&w3, "o4");
     v.extend(["--nb_classes".into(), "2".into()]);
     let (ok, err) = run(v);
-    assert!(!ok && err.contains("--nb_classes 2 is fewer than the 3 classes"), "{err}");
+    assert!(
+        !ok && err.contains("--nb_classes 2 is fewer than the 3 classes"),
+        "{err}"
+    );
 
     let (ok, err) = run(common_args(&root.join("missing.pth"), "o5"));
     assert!(!ok && err.contains("missing.pth does not exist"), "{err}");

@@ -283,12 +283,20 @@ impl FinetuneArgs {
             label_smoothing: smoothing,
             ..Default::default()
         };
-        ensure!(mixup.mixup_alpha >= 0.0 && mixup.cutmix_alpha >= 0.0, "--mixup and --cutmix must be >= 0");
-        ensure!((0.0..=1.0).contains(&mixup.prob) && (0.0..=1.0).contains(&mixup.switch_prob), "--mixup_prob and --mixup_switch_prob must be in [0, 1]");
+        ensure!(
+            mixup.mixup_alpha >= 0.0 && mixup.cutmix_alpha >= 0.0,
+            "--mixup and --cutmix must be >= 0"
+        );
+        ensure!(
+            (0.0..=1.0).contains(&mixup.prob) && (0.0..=1.0).contains(&mixup.switch_prob),
+            "--mixup_prob and --mixup_switch_prob must be in [0, 1]"
+        );
         let data_path = match (&self.data_path, self.demo) {
             (Some(p), _) => p.clone(),
             (None, true) => PathBuf::from(crate::finetune::DEMO_DATA),
-            (None, false) => bail!("--data_path is required (a folder with train/ and val/, or IDX files)"),
+            (None, false) => {
+                bail!("--data_path is required (a folder with train/ and val/, or IDX files)")
+            }
         };
         let cfg = FinetuneConfig {
             recipe: r,

@@ -12,7 +12,12 @@ use super::{cls, run, FinetuneConfig};
 /// Milliseconds per step and images per second over `steps` timed steps after `warmup`
 /// untimed ones: forward with drop path, the criterion on Mixup targets, backward, clipping
 /// when set, AdamW over the recipe's groups, EMA when on.
-pub fn step(cfg: &FinetuneConfig, nb_classes: i64, steps: usize, warmup: usize) -> Result<(f64, f64)> {
+pub fn step(
+    cfg: &FinetuneConfig,
+    nb_classes: i64,
+    steps: usize,
+    warmup: usize,
+) -> Result<(f64, f64)> {
     let device = crate::device::select_device(&cfg.device)?;
     let (model, _) = run::build_model(cfg, nb_classes, device)?;
     let mut t = run::Trainer::new(model, cfg, device)?;

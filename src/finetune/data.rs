@@ -28,11 +28,14 @@ pub fn open_sets(
     data_set: Option<&str>,
 ) -> Result<(Box<dyn Dataset>, Box<dyn Dataset>)> {
     use crate::data::cls::{CifarDataset, CifarKind};
-    ensure!(data_path.exists(), "--data_path {} does not exist", data_path.display());
+    ensure!(
+        data_path.exists(),
+        "--data_path {} does not exist",
+        data_path.display()
+    );
     let detected = || -> Option<CifarKind> {
-        let has = |n: &str| {
-            data_path.join(n).is_dir() || data_path.file_name().is_some_and(|f| f == n)
-        };
+        let has =
+            |n: &str| data_path.join(n).is_dir() || data_path.file_name().is_some_and(|f| f == n);
         if has("cifar-10-batches-bin") || has("cifar-10-batches-py") {
             Some(CifarKind::Cifar10)
         } else if has("cifar-100-binary") || has("cifar-100-python") {
@@ -56,8 +59,15 @@ pub fn open_sets(
         ));
     }
     if let Some(v) = eval_data_path {
-        ensure!(v.exists(), "--eval_data_path {} does not exist", v.display());
-        return Ok((dataset::open(data_path, "train")?, dataset::open(v, "t10k")?));
+        ensure!(
+            v.exists(),
+            "--eval_data_path {} does not exist",
+            v.display()
+        );
+        return Ok((
+            dataset::open(data_path, "train")?,
+            dataset::open(v, "t10k")?,
+        ));
     }
     let (tr, va) = (data_path.join("train"), data_path.join("val"));
     if tr.is_dir() && va.is_dir() {
@@ -105,7 +115,8 @@ pub fn train_root(data_path: &Path, eval_data_path: Option<&Path>) -> PathBuf {
 /// of an image apart.
 pub fn epoch_order(n: usize, seed: u64, epoch: usize, repeated_aug: bool) -> Vec<(usize, usize)> {
     let mut perm: Vec<usize> = (0..n).collect();
-    let mut rng = ChaCha8Rng::seed_from_u64(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ epoch as u64);
+    let mut rng =
+        ChaCha8Rng::seed_from_u64(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ epoch as u64);
     perm.shuffle(&mut rng);
     if !repeated_aug {
         return perm.into_iter().map(|i| (i, 0)).collect();
@@ -151,7 +162,8 @@ pub fn load_batch<T: Sync>(
                     for (k, it) in its.iter().enumerate() {
                         let i = index_of(it);
                         let (img, l) = ds.get(i)?;
-                        let v = f(&img, it).with_context(|| format!("image {i} of {}", ds.describe()))?;
+                        let v = f(&img, it)
+                            .with_context(|| format!("image {i} of {}", ds.describe()))?;
                         ensure!(v.len() == n, "a view has {} values, expected {n}", v.len());
                         out[k * n..(k + 1) * n].copy_from_slice(&v);
                         lab[k] = l;
@@ -162,7 +174,10 @@ pub fn load_batch<T: Sync>(
             .collect();
         handles
             .into_iter()
-            .map(|h| h.join().unwrap_or_else(|_| Err(anyhow::anyhow!("a data worker panicked"))))
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("a data worker panicked")))
+            })
             .collect()
     });
     for r in results {

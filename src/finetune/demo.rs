@@ -38,7 +38,7 @@ pub fn demo_args(a: &FinetuneArgs) -> FinetuneArgs {
     }
     d.pretrained_weights
         .get_or_insert_with(|| PathBuf::from(DEMO_CHECKPOINT));
-    if d.output_dir == PathBuf::from("runs/finetune") {
+    if d.output_dir == std::path::Path::new("runs/finetune") {
         d.output_dir = PathBuf::from("runs/fmnist-finetune");
     }
     d.data_path.get_or_insert_with(|| PathBuf::from(DEMO_DATA));
@@ -62,12 +62,19 @@ pub fn demo(a: &FinetuneArgs) -> Result<()> {
     pre.output_dir = base.join("pretrained");
     let mut cfg = pre.to_config()?;
     cfg.progress = true;
-    eprintln!("== fine-tuning the iBOT-pretrained ViT ({}) into {}", w.display(), cfg.output_dir.display());
+    eprintln!(
+        "== fine-tuning the iBOT-pretrained ViT ({}) into {}",
+        w.display(),
+        cfg.output_dir.display()
+    );
     let p = super::run(&cfg)?;
     let mut scratch = cfg.clone();
     scratch.output_dir = base.join("scratch");
     scratch.from_scratch = true;
-    eprintln!("== the same recipe from random initialisation into {}", scratch.output_dir.display());
+    eprintln!(
+        "== the same recipe from random initialisation into {}",
+        scratch.output_dir.display()
+    );
     let s = super::run(&scratch)?;
     let n = cfg.subset.unwrap_or(0);
     println!();

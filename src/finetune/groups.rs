@@ -9,8 +9,7 @@ use crate::train::optim::ScaledGroup;
 /// layer 0, `blocks.i.*` layer i + 1, `rel_pos_bias.*` and everything else (final norm,
 /// `fc_norm`, the head) layer `num_max_layer - 1` = depth + 1.
 pub fn layer_id_for_vit(name: &str, num_max_layer: usize) -> usize {
-    if matches!(name, "cls_token" | "mask_token" | "pos_embed") || name.starts_with("patch_embed")
-    {
+    if matches!(name, "cls_token" | "mask_token" | "pos_embed") || name.starts_with("patch_embed") {
         0
     } else if name.starts_with("rel_pos_bias") {
         num_max_layer - 1
@@ -58,8 +57,9 @@ pub fn get_parameter_groups(
         if !p.trainable {
             continue;
         }
-        let no_decay =
-            p.tensor.dim() == 1 || p.name.ends_with(".bias") || skip_list.contains(&p.name.as_str());
+        let no_decay = p.tensor.dim() == 1
+            || p.name.ends_with(".bias")
+            || skip_list.contains(&p.name.as_str());
         let base = if no_decay { "no_decay" } else { "decay" };
         let (name, scale) = match &assigner {
             Some(values) => {
@@ -83,10 +83,18 @@ pub fn get_parameter_groups(
 
 /// The official groups as JSON (`{"layer_0_no_decay": {"weight_decay": 0.0, "params": [...],
 /// "lr_scale": ...}, ...}`, what `get_parameter_groups` prints), with `weight_decay` filled in.
-pub fn groups_json(ps: &ParamStore, groups: &[ScaledGroup], weight_decay: f64) -> serde_json::Value {
+pub fn groups_json(
+    ps: &ParamStore,
+    groups: &[ScaledGroup],
+    weight_decay: f64,
+) -> serde_json::Value {
     let mut m = serde_json::Map::new();
     for g in groups {
-        let names: Vec<&str> = g.indices.iter().map(|&i| ps.params()[i].name.as_str()).collect();
+        let names: Vec<&str> = g
+            .indices
+            .iter()
+            .map(|&i| ps.params()[i].name.as_str())
+            .collect();
         m.insert(
             g.name.clone(),
             serde_json::json!({

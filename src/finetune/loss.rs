@@ -65,7 +65,9 @@ pub fn soft_target_cross_entropy(x: &Tensor, target: &Tensor) -> Tensor {
 pub fn label_smoothing_cross_entropy(x: &Tensor, target: &Tensor, smoothing: f64) -> Tensor {
     let confidence = 1.0 - smoothing;
     let logprobs = x.log_softmax(-1, Kind::Float);
-    let nll = -logprobs.gather(-1, &target.to_kind(Kind::Int64).unsqueeze(1), false).squeeze_dim(1);
+    let nll = -logprobs
+        .gather(-1, &target.to_kind(Kind::Int64).unsqueeze(1), false)
+        .squeeze_dim(1);
     let smooth = -logprobs.mean_dim([-1i64].as_slice(), false, Kind::Float);
     (nll * confidence + smooth * smoothing).mean(Kind::Float)
 }

@@ -28,10 +28,10 @@ use std::path::PathBuf;
 use anyhow::{bail, ensure, Result};
 use serde::{Deserialize, Serialize};
 
-pub use demo::DEMO_DATA;
-pub use run::{run, FinetuneOutcome};
 /// The data side: timm's transforms, Mixup/CutMix, CIFAR and split files.
 pub use crate::data::cls;
+pub use demo::DEMO_DATA;
+pub use run::{run, FinetuneOutcome};
 
 /// The official recipe whose defaults a run starts from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -116,8 +116,14 @@ impl FinetuneConfig {
     pub fn validate(&self) -> Result<()> {
         ensure!(self.batch_size > 0, "--batch_size must be positive");
         ensure!(self.update_freq > 0, "--update_freq must be at least 1");
-        ensure!(self.lr >= 0.0 && self.lr.is_finite(), "--lr must be a finite number >= 0");
-        ensure!(self.min_lr >= 0.0 && self.warmup_lr >= 0.0, "--min_lr and --warmup_lr must be >= 0");
+        ensure!(
+            self.lr >= 0.0 && self.lr.is_finite(),
+            "--lr must be a finite number >= 0"
+        );
+        ensure!(
+            self.min_lr >= 0.0 && self.warmup_lr >= 0.0,
+            "--min_lr and --warmup_lr must be >= 0"
+        );
         ensure!(self.weight_decay >= 0.0, "--weight_decay must be >= 0");
         ensure!(
             self.layer_decay > 0.0 && self.layer_decay <= 1.0,
@@ -139,7 +145,10 @@ impl FinetuneConfig {
             "--model_ema_decay must be in [0, 1]"
         );
         if let Some(c) = self.clip_grad {
-            ensure!(c > 0.0, "--clip_grad must be positive (leave it out for no clipping)");
+            ensure!(
+                c > 0.0,
+                "--clip_grad must be positive (leave it out for no clipping)"
+            );
         }
         ensure!(
             self.warmup_epochs <= self.epochs || self.eval,
@@ -148,7 +157,10 @@ impl FinetuneConfig {
             self.epochs
         );
         if !["teacher", "student"].contains(&self.checkpoint_key.as_str()) {
-            bail!("--checkpoint_key must be teacher or student, not '{}'", self.checkpoint_key);
+            bail!(
+                "--checkpoint_key must be teacher or student, not '{}'",
+                self.checkpoint_key
+            );
         }
         ensure!(
             !self.mixup.active() || self.batch_size % 2 == 0 || self.eval,

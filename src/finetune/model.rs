@@ -78,7 +78,10 @@ impl Classifier {
         let mut proj = Vec::new();
         let mut in_dim = d;
         for l in 0..cfg.finetune_head_layer {
-            ensure!(cfg.head_hidden_dim > 0, "the projection head's hidden width is unknown");
+            ensure!(
+                cfg.head_hidden_dim > 0,
+                "the projection head's hidden width is unknown"
+            );
             proj.push(Linear::new_trunc(
                 &mut ps,
                 &format!("head.mlp.{}", 2 * l),
@@ -135,7 +138,11 @@ impl Classifier {
 
     /// Trainable parameters (the official `n_parameters`).
     pub fn n_parameters(&self) -> i64 {
-        self.ps.params().iter().map(|p| p.tensor.numel() as i64).sum()
+        self.ps
+            .params()
+            .iter()
+            .map(|p| p.tensor.numel() as i64)
+            .sum()
     }
 
     /// Copies pre-trained tensors into the model as the official non-strict load does: every
@@ -144,7 +151,10 @@ impl Classifier {
     /// layers) are reported as unexpected, model keys missing from `src` (the new classifier,
     /// `fc_norm`) as missing. A position table of another grid is resized bicubically first,
     /// as the official fine-tuning scripts do.
-    pub fn load_pretrained(&self, src: &HashMap<String, Tensor>) -> Result<(Vec<String>, Vec<String>)> {
+    pub fn load_pretrained(
+        &self,
+        src: &HashMap<String, Tensor>,
+    ) -> Result<(Vec<String>, Vec<String>)> {
         let mut missing = Vec::new();
         for p in self.ps.params() {
             let Some(t) = src.get(&p.name) else {
@@ -175,13 +185,21 @@ impl Classifier {
 /// patch rows reshaped to their square grid and resized to the model's grid with
 /// `F.interpolate(size=..., mode='bicubic', align_corners=False)`.
 pub fn resize_pos_embed(t: &Tensor, want: &[i64]) -> Result<Tensor> {
-    ensure!(t.dim() == 3 && want.len() == 3 && t.size()[2] == want[2], "position embedding {:?} cannot become {want:?}", t.size());
+    ensure!(
+        t.dim() == 3 && want.len() == 3 && t.size()[2] == want[2],
+        "position embedding {:?} cannot become {want:?}",
+        t.size()
+    );
     let (n_src, n_dst, d) = (t.size()[1] - 1, want[1] - 1, want[2]);
     let (s, g) = ((n_src as f64).sqrt() as i64, (n_dst as f64).sqrt() as i64);
     if s * s != n_src || g * g != n_dst {
         bail!("position embeddings of {n_src} and {n_dst} patches are not square grids");
     }
-    let grid = t.narrow(1, 1, n_src).reshape([1, s, s, d]).permute([0, 3, 1, 2]).to_kind(Kind::Float);
+    let grid = t
+        .narrow(1, 1, n_src)
+        .reshape([1, s, s, d])
+        .permute([0, 3, 1, 2])
+        .to_kind(Kind::Float);
     let r = grid.upsample_bicubic2d([g, g], false, None, None);
     let r = r.permute([0, 2, 3, 1]).reshape([1, g * g, d]);
     eprintln!("Position interpolate from {s}x{s} to {g}x{g}");

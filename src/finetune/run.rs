@@ -140,21 +140,34 @@ impl Trainer {
     /// backward (gradients summed over the micro-steps), and on every `update_freq`-th call the
     /// update: total-norm clipping (`clip_grad_norm_`) when `clip_grad` is set, AdamW with
     /// group g at `lr · lr_scale_g` and weight decay `wd` on the decayed groups, then the EMA.
-    pub fn micro_step(&mut self, samples: &Tensor, targets: &Tensor, lr: f64, wd: f64) -> Result<StepOut> {
-        let (x, y) = (samples.to_device(self.device), targets.to_device(self.device));
-        let (loss, class_acc) = amp::autocast(self.precision, self.device, || -> Result<(Tensor, Option<f64>)> {
-            let logits = self.model.forward(&x, true)?;
-            let loss = self.criterion.loss(&logits.to_kind(Kind::Float), &y)?;
-            let acc = (y.dim() == 1).then(|| {
-                logits
-                    .argmax(-1, false)
-                    .eq_tensor(&y)
-                    .to_kind(Kind::Float)
-                    .mean(Kind::Float)
-                    .double_value(&[])
-            });
-            Ok((loss, acc))
-        })?;
+    pub fn micro_step(
+        &mut self,
+        samples: &Tensor,
+        targets: &Tensor,
+        lr: f64,
+        wd: f64,
+    ) -> Result<StepOut> {
+        let (x, y) = (
+            samples.to_device(self.device),
+            targets.to_device(self.device),
+        );
+        let (loss, class_acc) = amp::autocast(
+            self.precision,
+            self.device,
+            || -> Result<(Tensor, Option<f64>)> {
+                let logits = self.model.forward(&x, true)?;
+                let loss = self.criterion.loss(&logits.to_kind(Kind::Float), &y)?;
+                let acc = (y.dim() == 1).then(|| {
+                    logits
+                        .argmax(-1, false)
+                        .eq_tensor(&y)
+                        .to_kind(Kind::Float)
+                        .mean(Kind::Float)
+                        .double_value(&[])
+                });
+                Ok((loss, acc))
+            },
+        )?;
         let value = loss.double_value(&[]);
         ensure!(value.is_finite(), "Loss is {value}, stopping training");
         let params: Vec<&Tensor> = self.model.ps.params().iter().map(|p| &p.tensor).collect();
@@ -191,11 +204,7 @@ impl Trainer {
         let norm = tch::no_grad(|| -> f64 {
             // torch.nn.utils.clip_grad_norm_: the norm of the per-tensor norms, coefficient
             // max_norm / (total + 1e-6) clamped to 1, every gradient multiplied by it.
-            let norms: Vec<Tensor> = grads
-                .iter()
-                .flatten()
-                .map(|g| g.norm())
-                .collect();
+            let norms: Vec<Tensor> = grads.iter().flatten().map(|g| g.norm()).collect();
             if norms.is_empty() {
                 return 0.0;
             }
@@ -230,6 +239,7 @@ impl Trainer {
 }
 
 /// Loss, top-1 and top-5 of `model` on `idx` of `ds` (eval mode, batches of `bs`).
+#[allow(clippy::too_many_arguments)]
 pub fn evaluate(
     model: &Classifier,
     ds: &dyn Dataset,
@@ -249,7 +259,9 @@ pub fn evaluate(
     let k = 5.min(model.cfg.nb_classes);
     let (mut losses, mut c1, mut c5, mut n) = (Vec::new(), 0.0, 0.0, 0usize);
     for chunk in idx.chunks(bs) {
-        let (x, y) = load_batch(ds, chunk, |&i| i, size, workers, &|img, _| transform.apply(img))?;
+        let (x, y) = load_batch(ds, chunk, |&i| i, size, workers, &|img, _| {
+            transform.apply(img)
+        })?;
         let (x, y) = (x.to_device(device), y.to_device(device));
         let _g = tch::no_grad_guard();
         let logits = model.forward(&x, false)?;
@@ -274,12 +286,18 @@ pub fn evaluate(
 /// The classifier rows of a weights file, when it has a classifier (`head.weight` of a timm or
 /// fine-tuned model, with `model.` / `module.` prefixes allowed).
 fn pretrained_classifier(path: &Path) -> Result<Option<(Tensor, Tensor)>> {
-    let norm = |k: &str| k.replace("module.", "").trim_start_matches("model.").to_string();
+    let norm = |k: &str| {
+        k.replace("module.", "")
+            .trim_start_matches("model.")
+            .to_string()
+    };
     let all: HashMap<String, Tensor> = if crate::params::read_safetensors_metadata(path).is_ok() {
         read_safetensors(path)?
     } else {
-        crate::interop::read_pth_subset(path, |name, _| name.ends_with("head.weight") || name.ends_with("head.bias"))?
-            .tensors
+        crate::interop::read_pth_subset(path, |name, _| {
+            name.ends_with("head.weight") || name.ends_with("head.bias")
+        })?
+        .tensors
     };
     let mut w = None;
     let mut b = None;
@@ -299,12 +317,25 @@ fn pretrained_classifier(path: &Path) -> Result<Option<(Tensor, Tensor)>> {
 /// Builds the classifier of `cfg` for `nb_classes` classes and loads the pre-trained weights
 /// into it (None: random initialisation, the official one). Seeds libtorch's generator with
 /// `cfg.seed` first.
-pub fn build_model(cfg: &FinetuneConfig, nb_classes: i64, device: Device) -> Result<(Classifier, Option<Pretrained>)> {
+pub fn build_model(
+    cfg: &FinetuneConfig,
+    nb_classes: i64,
+    device: Device,
+) -> Result<(Classifier, Option<Pretrained>)> {
     tch::manual_seed(cfg.seed as i64);
     let pre = match &cfg.pretrained_weights {
         Some(p) => {
-            ensure!(p.exists(), "--pretrained_weights {} does not exist", p.display());
-            let w = crate::interop::load_pretrained_with(p, &cfg.checkpoint_key, cfg.arch.as_deref(), cfg.num_heads)?;
+            ensure!(
+                p.exists(),
+                "--pretrained_weights {} does not exist",
+                p.display()
+            );
+            let w = crate::interop::load_pretrained_with(
+                p,
+                &cfg.checkpoint_key,
+                cfg.arch.as_deref(),
+                cfg.num_heads,
+            )?;
             eprintln!("weights: {}", w.description);
             Some(w)
         }
@@ -341,7 +372,10 @@ pub fn build_model(cfg: &FinetuneConfig, nb_classes: i64, device: Device) -> Res
     let mut head_hidden_dim = 0;
     if cfg.finetune_head_layer > 0 {
         let Some(p) = &pre else {
-            bail!("--finetune_head_layer {} needs pre-trained weights with a projection head", cfg.finetune_head_layer)
+            bail!(
+                "--finetune_head_layer {} needs pre-trained weights with a projection head",
+                cfg.finetune_head_layer
+            )
         };
         ensure!(
             !p.head.is_empty(),
@@ -390,12 +424,18 @@ pub fn build_model(cfg: &FinetuneConfig, nb_classes: i64, device: Device) -> Res
         eprintln!("--from_scratch: the architecture of the weights, randomly initialised");
     }
     if let (Some(p), Some(path), false) = (&pre, &cfg.pretrained_weights, cfg.from_scratch) {
-        let mut src: HashMap<String, Tensor> =
-            p.backbone.iter().map(|(k, v)| (k.clone(), v.shallow_clone())).collect();
+        let mut src: HashMap<String, Tensor> = p
+            .backbone
+            .iter()
+            .map(|(k, v)| (k.clone(), v.shallow_clone()))
+            .collect();
         for l in 0..cfg.finetune_head_layer {
             for s in ["weight", "bias"] {
                 let k = format!("mlp.{}.{s}", 2 * l);
-                let t = p.head.get(&k).with_context(|| format!("the projection head has no '{k}'"))?;
+                let t = p
+                    .head
+                    .get(&k)
+                    .with_context(|| format!("the projection head has no '{k}'"))?;
                 src.insert(format!("head.{k}"), t.shallow_clone());
             }
         }
@@ -434,7 +474,13 @@ pub fn build_model(cfg: &FinetuneConfig, nb_classes: i64, device: Device) -> Res
     Ok((model, pre))
 }
 
-fn save_checkpoint(path: &Path, t: &Trainer, next_epoch: usize, max_accuracy: f64, cfg: &FinetuneConfig) -> Result<()> {
+fn save_checkpoint(
+    path: &Path,
+    t: &Trainer,
+    next_epoch: usize,
+    max_accuracy: f64,
+    cfg: &FinetuneConfig,
+) -> Result<()> {
     let mut named: Vec<(String, Tensor)> = t
         .model
         .ps
@@ -442,7 +488,10 @@ fn save_checkpoint(path: &Path, t: &Trainer, next_epoch: usize, max_accuracy: f6
         .map(|(k, v)| (format!("model.{k}"), v.detach()))
         .collect();
     if let Some(e) = &t.ema {
-        named.extend(e.ps.state_dict().map(|(k, v)| (format!("model_ema.{k}"), v.detach())));
+        named.extend(
+            e.ps.state_dict()
+                .map(|(k, v)| (format!("model_ema.{k}"), v.detach())),
+        );
     }
     named.extend(
         t.opt
@@ -467,8 +516,14 @@ fn load_checkpoint(path: &Path, t: &mut Trainer) -> Result<(usize, f64)> {
     let raw = md
         .get(META_KEY)
         .with_context(|| format!("{} is not an `ibot finetune` checkpoint", path.display()))?;
-    let meta: CheckpointMeta = serde_json::from_str(raw).with_context(|| format!("{}: damaged metadata", path.display()))?;
-    ensure!(meta.format == FORMAT, "{}: unsupported format {}", path.display(), meta.format);
+    let meta: CheckpointMeta = serde_json::from_str(raw)
+        .with_context(|| format!("{}: damaged metadata", path.display()))?;
+    ensure!(
+        meta.format == FORMAT,
+        "{}: unsupported format {}",
+        path.display(),
+        meta.format
+    );
     ensure!(
         meta.classifier.nb_classes == t.model.cfg.nb_classes,
         "{} was trained for {} classes, this run has {}",
@@ -477,7 +532,15 @@ fn load_checkpoint(path: &Path, t: &mut Trainer) -> Result<(usize, f64)> {
         t.model.cfg.nb_classes
     );
     let all = read_safetensors(path)?;
-    t.model.ps.load_strict(&all.iter().filter(|(k, _)| k.starts_with("model.")).map(|(k, v)| (k.clone(), v.shallow_clone())).collect(), "model.")
+    t.model
+        .ps
+        .load_strict(
+            &all.iter()
+                .filter(|(k, _)| k.starts_with("model."))
+                .map(|(k, v)| (k.clone(), v.shallow_clone()))
+                .collect(),
+            "model.",
+        )
         .with_context(|| format!("resuming from {}", path.display()))?;
     if let Some(e) = &t.ema {
         let src: HashMap<String, Tensor> = all
@@ -486,7 +549,10 @@ fn load_checkpoint(path: &Path, t: &mut Trainer) -> Result<(usize, f64)> {
             .map(|(k, v)| (k.clone(), v.shallow_clone()))
             .collect();
         if src.is_empty() {
-            eprintln!("note: {} has no EMA model; the EMA restarts from the model", path.display());
+            eprintln!(
+                "note: {} has no EMA model; the EMA restarts from the model",
+                path.display()
+            );
             tch::no_grad(|| {
                 for (a, b) in e.ps.params().iter().zip(t.model.ps.params()) {
                     a.tensor.detach().copy_(&b.tensor);
@@ -504,7 +570,11 @@ fn load_checkpoint(path: &Path, t: &mut Trainer) -> Result<(usize, f64)> {
 pub fn checkpoint_classes(path: &Path) -> Result<Option<i64>> {
     let md = read_safetensors_metadata(path)?;
     Ok(match md.get(META_KEY) {
-        Some(raw) => Some(serde_json::from_str::<CheckpointMeta>(raw)?.classifier.nb_classes),
+        Some(raw) => Some(
+            serde_json::from_str::<CheckpointMeta>(raw)?
+                .classifier
+                .nb_classes,
+        ),
         None => None,
     })
 }
@@ -542,7 +612,10 @@ impl Meters {
         }
     }
     fn averages(&self) -> Vec<(String, f64)> {
-        self.sums.iter().map(|(k, s, n)| (k.clone(), s / *n as f64)).collect()
+        self.sums
+            .iter()
+            .map(|(k, s, n)| (k.clone(), s / *n as f64))
+            .collect()
     }
 }
 
@@ -550,15 +623,26 @@ impl Meters {
 pub fn run(cfg: &FinetuneConfig) -> Result<FinetuneOutcome> {
     cfg.validate()?;
     let device = crate::device::select_device(&cfg.device)?;
-    let (train_ds, val_ds) = data::open_sets(&cfg.data_path, cfg.eval_data_path.as_deref(), cfg.data_set.as_deref())?;
+    let (train_ds, val_ds) = data::open_sets(
+        &cfg.data_path,
+        cfg.eval_data_path.as_deref(),
+        cfg.data_set.as_deref(),
+    )?;
     let train_ds: Box<dyn Dataset> = match &cfg.split_file {
-        Some(s) => data::apply_split_file(&data::train_root(&cfg.data_path, cfg.eval_data_path.as_deref()), s)?,
+        Some(s) => data::apply_split_file(
+            &data::train_root(&cfg.data_path, cfg.eval_data_path.as_deref()),
+            s,
+        )?,
         None => train_ds,
     };
     let lim = cfg.subset.unwrap_or(usize::MAX);
     let n_train = train_ds.len().min(lim);
     let val_idx: Vec<usize> = (0..val_ds.len().min(lim)).collect();
-    ensure!(!val_idx.is_empty(), "the validation set ({}) is empty", val_ds.describe());
+    ensure!(
+        !val_idx.is_empty(),
+        "the validation set ({}) is empty",
+        val_ds.describe()
+    );
     // Classes: the data set's (class folders, or the largest label + 1).
     let labels_max = (0..n_train)
         .map(|i| train_ds.label(i))
@@ -614,14 +698,27 @@ pub fn run(cfg: &FinetuneConfig) -> Result<FinetuneOutcome> {
     let (mut start, mut max_accuracy) = (0usize, 0.0f64);
     if let Some(p) = &resume {
         (start, max_accuracy) = load_checkpoint(p, &mut trainer)?;
-        eprintln!("Resume checkpoint {} (next epoch {start}, max accuracy {max_accuracy:.2}%)", p.display());
+        eprintln!(
+            "Resume checkpoint {} (next epoch {start}, max accuracy {max_accuracy:.2}%)",
+            p.display()
+        );
     }
     let size = cfg.aug.input_size;
     let eval_t = cls::EvalTransform::new(&cfg.aug)?;
     let eval_bs = ((1.5 * cfg.batch_size as f64) as usize).max(1);
     let workers = cfg.num_workers.max(1);
     if cfg.eval {
-        let s = evaluate(&trainer.model, val_ds.as_ref(), &val_idx, &eval_t, size, eval_bs, workers, cfg.progress, device)?;
+        let s = evaluate(
+            &trainer.model,
+            val_ds.as_ref(),
+            &val_idx,
+            &eval_t,
+            size,
+            eval_bs,
+            workers,
+            cfg.progress,
+            device,
+        )?;
         println!(
             "* Acc@1 {:.3} Acc@5 {:.3} loss {:.3}\nAccuracy of the network on the {} test images: {:.1}%",
             s.acc1, s.acc5, s.loss, val_idx.len(), s.acc1
@@ -638,7 +735,11 @@ pub fn run(cfg: &FinetuneConfig) -> Result<FinetuneOutcome> {
 
     let train_t = cls::TrainTransform::new(&cfg.aug)?;
     let total_batch = cfg.batch_size * cfg.update_freq;
-    let per_epoch_items = if cfg.repeated_aug { n_train / 256 * 256 } else { n_train };
+    let per_epoch_items = if cfg.repeated_aug {
+        n_train / 256 * 256
+    } else {
+        n_train
+    };
     let steps_per_epoch = per_epoch_items / total_batch;
     ensure!(
         steps_per_epoch > 0,
@@ -654,10 +755,27 @@ pub fn run(cfg: &FinetuneConfig) -> Result<FinetuneOutcome> {
     let lr_sched = if cfg.recipe.is_deit() {
         None
     } else {
-        Some(per_iteration_cosine(cfg.lr, cfg.min_lr, cfg.epochs, steps_per_epoch, cfg.warmup_epochs, 0.0)?)
+        Some(per_iteration_cosine(
+            cfg.lr,
+            cfg.min_lr,
+            cfg.epochs,
+            steps_per_epoch,
+            cfg.warmup_epochs,
+            0.0,
+        )?)
     };
-    let wd_sched = per_iteration_cosine(cfg.weight_decay, cfg.weight_decay_end, cfg.epochs, steps_per_epoch, 0, 0.0)?;
-    crate::util::atomic_write(&cfg.output_dir.join("args.json"), serde_json::to_string_pretty(cfg)?.as_bytes())?;
+    let wd_sched = per_iteration_cosine(
+        cfg.weight_decay,
+        cfg.weight_decay_end,
+        cfg.epochs,
+        steps_per_epoch,
+        0,
+        0.0,
+    )?;
+    crate::util::atomic_write(
+        &cfg.output_dir.join("args.json"),
+        serde_json::to_string_pretty(cfg)?.as_bytes(),
+    )?;
     let log_path = cfg.output_dir.join("log.txt");
     let (mut last, mut ema_last, mut done) = (None, None, 0);
     let mut iter_loss: Vec<(f64, f64)> = Vec::new();
@@ -669,7 +787,10 @@ pub fn run(cfg: &FinetuneConfig) -> Result<FinetuneOutcome> {
         if let Some(sig) = crate::train::interrupt::pending() {
             return Err(crate::train::interrupt::interrupted(sig));
         }
-        trainer.model.vit.reseed_drop_path(cfg.seed.wrapping_mul(31).wrapping_add(epoch as u64));
+        trainer
+            .model
+            .vit
+            .reseed_drop_path(cfg.seed.wrapping_mul(31).wrapping_add(epoch as u64));
         let order = epoch_order(n_train, cfg.seed, epoch, cfg.repeated_aug);
         let n_micro = steps_per_epoch * cfg.update_freq;
         let bar = if cfg.progress {
@@ -678,7 +799,14 @@ pub fn run(cfg: &FinetuneConfig) -> Result<FinetuneOutcome> {
             crate::util::Progress::hidden()
         };
         let mut meters = Meters::default();
-        let deit_lr = deit_epoch_lr(cfg.lr, cfg.min_lr, cfg.warmup_lr, cfg.warmup_epochs, cfg.epochs, epoch);
+        let deit_lr = deit_epoch_lr(
+            cfg.lr,
+            cfg.min_lr,
+            cfg.warmup_lr,
+            cfg.warmup_epochs,
+            cfg.epochs,
+            epoch,
+        );
         for (b, chunk) in order.chunks(cfg.batch_size).take(n_micro).enumerate() {
             if chunk.len() < cfg.batch_size {
                 break; // drop_last
@@ -691,12 +819,21 @@ pub fn run(cfg: &FinetuneConfig) -> Result<FinetuneOutcome> {
             };
             let wd = wd_sched[it];
             let (seed, ep) = (cfg.seed, epoch);
-            let (x, y) = load_batch(train_ds.as_ref(), chunk, |&(i, _)| i, size, workers, &|img, &(i, r)| {
-                train_t.apply(img, &mut view_rng(seed, ep, i, r))
-            })?;
+            let (x, y) = load_batch(
+                train_ds.as_ref(),
+                chunk,
+                |&(i, _)| i,
+                size,
+                workers,
+                &|img, &(i, r)| train_t.apply(img, &mut view_rng(seed, ep, i, r)),
+            )?;
             let (x, y) = match &mixup {
                 Some(m) => {
-                    let mut r = ChaCha8Rng::seed_from_u64(cfg.seed ^ ((epoch as u64) << 32) ^ (b as u64).wrapping_mul(0x2545_F491_4F6C_DD1D));
+                    let mut r = ChaCha8Rng::seed_from_u64(
+                        cfg.seed
+                            ^ ((epoch as u64) << 32)
+                            ^ (b as u64).wrapping_mul(0x2545_F491_4F6C_DD1D),
+                    );
                     m.apply(&x, &y, &mut r)?
                 }
                 None => (x, y),
@@ -704,17 +841,19 @@ pub fn run(cfg: &FinetuneConfig) -> Result<FinetuneOutcome> {
             let out = trainer
                 .micro_step(&x, &y, lr, wd)
                 .with_context(|| format!("epoch {epoch}, iteration {b}"))?;
-            let (max_lr, min_lr) = trainer
-                .groups
-                .iter()
-                .fold((0.0f64, 10.0f64), |(a, c), g| (a.max(lr * g.lr_scale), c.min(lr * g.lr_scale)));
+            let (max_lr, min_lr) = trainer.groups.iter().fold((0.0f64, 10.0f64), |(a, c), g| {
+                (a.max(lr * g.lr_scale), c.min(lr * g.lr_scale))
+            });
             meters.update("lr", Some(max_lr));
             if !cfg.recipe.is_deit() {
                 meters.update("min_lr", Some(min_lr));
             }
             meters.update("loss", Some(out.loss));
             if !cfg.recipe.is_deit() {
-                meters.update("class_acc", if mixup.is_none() { out.class_acc } else { None });
+                meters.update(
+                    "class_acc",
+                    if mixup.is_none() { out.class_acc } else { None },
+                );
                 meters.update("weight_decay", (cfg.weight_decay > 0.0).then_some(wd));
                 meters.update("grad_norm", out.grad_norm);
             }
@@ -725,20 +864,48 @@ pub fn run(cfg: &FinetuneConfig) -> Result<FinetuneOutcome> {
             bar.inc(1);
         }
         bar.finish_and_clear();
-        let test = evaluate(&trainer.model, val_ds.as_ref(), &val_idx, &eval_t, size, eval_bs, workers, cfg.progress, device)?;
+        let test = evaluate(
+            &trainer.model,
+            val_ds.as_ref(),
+            &val_idx,
+            &eval_t,
+            size,
+            eval_bs,
+            workers,
+            cfg.progress,
+            device,
+        )?;
         let ema_test = match &trainer.ema {
-            Some(e) => Some(evaluate(e, val_ds.as_ref(), &val_idx, &eval_t, size, eval_bs, workers, cfg.progress, device)?),
+            Some(e) => Some(evaluate(
+                e,
+                val_ds.as_ref(),
+                &val_idx,
+                &eval_t,
+                size,
+                eval_bs,
+                workers,
+                cfg.progress,
+                device,
+            )?),
             None => None,
         };
         println!(
             "Accuracy of the network on the {} test images: {:.1}%{}",
             val_idx.len(),
             test.acc1,
-            ema_test.map(|e| format!(" (EMA model: {:.1}%)", e.acc1)).unwrap_or_default()
+            ema_test
+                .map(|e| format!(" (EMA model: {:.1}%)", e.acc1))
+                .unwrap_or_default()
         );
         if test.acc1 > max_accuracy {
             max_accuracy = test.acc1;
-            save_checkpoint(&cfg.output_dir.join("checkpoint-best.safetensors"), &trainer, epoch + 1, max_accuracy, cfg)?;
+            save_checkpoint(
+                &cfg.output_dir.join("checkpoint-best.safetensors"),
+                &trainer,
+                epoch + 1,
+                max_accuracy,
+                cfg,
+            )?;
         }
         println!("Max accuracy: {max_accuracy:.2}%");
         let mut entries: Vec<(String, serde_json::Value)> = meters
@@ -769,7 +936,9 @@ pub fn run(cfg: &FinetuneConfig) -> Result<FinetuneOutcome> {
                 ("learning rate (max over groups)", iter_lr.clone()),
             ],
         };
-        if let Err(e) = crate::train::plot::write_training_png(&curves, &cfg.output_dir.join("finetune.png")) {
+        if let Err(e) =
+            crate::train::plot::write_training_png(&curves, &cfg.output_dir.join("finetune.png"))
+        {
             eprintln!("warning: finetune.png not written: {e:#}");
         }
         (last, ema_last, done) = (Some(test), ema_test, done + 1);

@@ -27,11 +27,21 @@ pub fn per_iteration_cosine(
 /// `t_initial = epochs`, stepped per epoch) at epoch value `t`: `warmup_lr + t·(base -
 /// warmup_lr)/warmup_t` during the warm-up, then `min + (base - min)(1 + cos(π t / epochs))/2`
 /// (t not shifted by the warm-up, timm's default `warmup_prefix=False`).
-pub fn timm_cosine(base: f64, min_lr: f64, warmup_lr: f64, warmup_epochs: usize, epochs: usize, t: usize) -> f64 {
+pub fn timm_cosine(
+    base: f64,
+    min_lr: f64,
+    warmup_lr: f64,
+    warmup_epochs: usize,
+    epochs: usize,
+    t: usize,
+) -> f64 {
     if t < warmup_epochs {
         warmup_lr + t as f64 * (base - warmup_lr) / warmup_epochs as f64
     } else if t < epochs {
-        min_lr + 0.5 * (base - min_lr) * (1.0 + (std::f64::consts::PI * t as f64 / epochs as f64).cos())
+        min_lr
+            + 0.5
+                * (base - min_lr)
+                * (1.0 + (std::f64::consts::PI * t as f64 / epochs as f64).cos())
     } else {
         min_lr
     }
@@ -40,6 +50,20 @@ pub fn timm_cosine(base: f64, min_lr: f64, warmup_lr: f64, warmup_epochs: usize,
 /// The learning rate epoch `epoch` of eval_cls.py trains with: the scheduler is built at
 /// `t = 0` and stepped with `lr_scheduler.step(epoch)` AFTER each epoch, so epoch 0 and epoch 1
 /// both use the value at t = 0 and epoch e ≥ 1 the value at t = e - 1.
-pub fn deit_epoch_lr(base: f64, min_lr: f64, warmup_lr: f64, warmup_epochs: usize, epochs: usize, epoch: usize) -> f64 {
-    timm_cosine(base, min_lr, warmup_lr, warmup_epochs, epochs, epoch.saturating_sub(1))
+pub fn deit_epoch_lr(
+    base: f64,
+    min_lr: f64,
+    warmup_lr: f64,
+    warmup_epochs: usize,
+    epochs: usize,
+    epoch: usize,
+) -> f64 {
+    timm_cosine(
+        base,
+        min_lr,
+        warmup_lr,
+        warmup_epochs,
+        epochs,
+        epoch.saturating_sub(1),
+    )
 }
