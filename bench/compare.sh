@@ -7,6 +7,8 @@
 #   bash bench/compare.sh allreduce  # c10d Gloo all-reduce of a ViT-S-sized gradient, 2 ranks:
 #                                    # ibot launch vs torchrun + torch.distributed
 #   bash bench/compare.sh dp-step    # ViT-S/16 step: 2 ranks x 1 thread vs 1 process x 2 threads
+#   bash bench/compare.sh finetune-step  # one fine-tuning step (ViT-S/16, batch 32, Mixup/CutMix,
+#                                    # layer decay; imagenet_layer_decay recipe), img/s
 #   bash bench/compare.sh swin-step  # one Swin-T training step (WINDOW=7 or 14, default 7), batch 4,
 #                                    # 2x224 + 2x96 crops, out_dim 8192, float32
 #   bash bench/compare.sh recipe-step  # the official ViT-S/16 recipe's step: batch 4, 2x224 + 10x96,
@@ -65,6 +67,19 @@ step | step-bf16)
     median() { printf '%s\n' "$@" | sort -g | awk '{ v[NR] = $1 } END { print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
     mo=$(median "${o[@]}"); mr=$(median "${r[@]}")
     printf 'ms/iter (%s, median of %s): ibot %s, PyTorch eager %s, time ratio ibot/PyTorch %.2f\n' "$what" "$rounds" "$mo" "$mr" "$(awk -v a="$mo" -v b="$mr" 'BEGIN { print a / b }')"
+    ;;
+finetune-step)
+    rounds=${ROUNDS:-3}; iters=${ITERS:-3}
+    ips() { grep -oE '[0-9.]+ img/s' | head -1 | cut -d' ' -f1; }
+    o=(); r=()
+    for i in $(seq "$rounds"); do
+        o+=("$(target/release/ibot finetune --arch vit_small --batch_size 32 --bench_steps "$iters" --device cpu | ips)")
+        r+=("$($py bench/torch_finetune_step.py --arch vit_small --batch 32 --iters "$iters" 2>/dev/null | ips)")
+        echo "round $i: ibot ${o[-1]} img/s, PyTorch ${r[-1]} img/s"
+    done
+    median() { printf '%s\n' "$@" | sort -g | awk '{ v[NR] = $1 } END { print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
+    mo=$(median "${o[@]}"); mr=$(median "${r[@]}")
+    printf 'img/s (ViT-S/16 fine-tuning step, batch 32, median of %s): ibot %s, PyTorch eager %s, throughput ratio ibot/PyTorch %.2f\n' "$rounds" "$mo" "$mr" "$(awk -v a="$mo" -v b="$mr" 'BEGIN { print a / b }')"
     ;;
 swin-step)
     # Same step as `step`, on the official Swin-T (4-px patches, masks on the 32-px grid) at a

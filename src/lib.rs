@@ -16,6 +16,7 @@ pub mod device;
 pub mod dist;
 pub mod eval;
 pub mod fastops;
+pub mod finetune;
 pub mod interop;
 pub mod loss;
 pub mod models;

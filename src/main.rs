@@ -52,6 +52,11 @@ enum Cmd {
     /// Unsupervised classification (unsup_cls.py): the teacher head's argmax on the validation
     /// images as cluster ids, scored against the labels with NMI, ARI, F and Hungarian accuracy.
     EvalUnsup(cli::eval_unsup::UnsupArgs),
+    /// End-to-end fine-tuning for classification with the official recipes (layer-wise decay
+    /// on ImageNet, DeiT transfer, semi-supervised from the projection head); `--demo`
+    /// fine-tunes the `ibot demo` model on Fashion-MNIST next to a random initialisation.
+    #[command(after_help = cli::finetune::RECIPES_HELP)]
+    Finetune(Box<cli::finetune::FinetuneArgs>),
     /// Backbone weights of a checkpoint (ours or official .pth) to a safetensors file under the
     /// official names, like extract_backbone_weights.py.
     ExtractBackbone(cli::extract_backbone::ExtractArgs),
@@ -106,6 +111,7 @@ fn run(cli: Cli) -> Result<bool> {
         Cmd::EvalKnn(a) => done(cli::eval_knn::run(a)),
         Cmd::EvalLinear(a) => done(cli::eval_linear::run(a)),
         Cmd::EvalUnsup(a) => done(cli::eval_unsup::run(a)),
+        Cmd::Finetune(a) => done(cli::finetune::main(&a)),
         Cmd::ExtractBackbone(a) => done(cli::extract_backbone::run(a)),
         Cmd::ExtractFeatures(a) => done(cli::extract_features::run(a)),
         Cmd::VisualizeAttention(a) => done(cli::visualize_attention::run(a)),
@@ -133,7 +139,7 @@ fn main() -> ExitCode {
     // would hold on to gigabytes of released feature batches.
     if matches!(
         cli.cmd,
-        Cmd::Train(_) | Cmd::Demo(_) | Cmd::Bench(cli::bench::BenchCmd::Train(_))
+        Cmd::Train(_) | Cmd::Demo(_) | Cmd::Finetune(_) | Cmd::Bench(cli::bench::BenchCmd::Train(_))
     ) {
         ibot::util::tune_allocator();
     }

@@ -12,6 +12,7 @@ pub mod eval_linear;
 pub mod eval_unsup;
 pub mod extract_backbone;
 pub mod extract_features;
+pub mod finetune;
 pub mod launch;
 pub mod model_args;
 pub mod patterns;

@@ -325,6 +325,16 @@ impl VisionTransformer {
         Ok(self.norm.forward(&t))
     }
 
+    /// All output tokens of the last block BEFORE the final norm, `[B, 1 + N, D]`; `train`
+    /// enables drop path (fine-tuning's mean-pooling model replaces the final norm by `fc_norm`).
+    pub fn forward_unnormed(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let mut t = self.prepare_tokens(x, None)?;
+        for blk in &self.blocks {
+            t = blk.forward(&t, train, &self.drop_rng);
+        }
+        Ok(t)
+    }
+
     /// Self-attention of the last block, `[B, heads, 1 + N, 1 + N]` (no mask, eval mode).
     pub fn get_last_selfattention(&self, x: &Tensor) -> Result<Tensor> {
         let mut t = self.prepare_tokens(x, None)?;

@@ -118,12 +118,34 @@ impl Optimizer {
             bail!("{} gradients for {} parameters", grads.len(), params.len());
         }
         let _guard = tch::no_grad_guard();
-        for (group, decay) in [
-            (&self.groups.regularized, wd),
-            (&self.groups.not_regularized, 0.0),
-        ] {
-            // Parameters without a gradient are skipped entirely, as PyTorch skips grad None.
-            let live: Vec<usize> = group.iter().copied().filter(|&i| grads[i].is_some()).collect();
+        let groups = [
+            (self.groups.regularized.clone(), wd),
+            (self.groups.not_regularized.clone(), 0.0),
+        ];
+        for (group, decay) in groups {
+            self.update_group(ps, grads, &group, lr, decay)?;
+        }
+        Ok(())
+    }
+
+    /// The update of the parameters `group` (indices into `ps`) with learning rate `lr` and
+    /// weight decay `decay`; parameters without a gradient are skipped entirely, as PyTorch
+    /// skips grad None.
+    fn update_group(
+        &mut self,
+        ps: &ParamStore,
+        grads: &[Option<Tensor>],
+        group: &[usize],
+        lr: f64,
+        decay: f64,
+    ) -> Result<()> {
+        let params = ps.params();
+        {
+            let live: Vec<usize> = group
+                .iter()
+                .copied()
+                .filter(|&i| grads.get(i).is_some_and(Option::is_some))
+                .collect();
             let grad = |i: usize| grads[i].as_ref().map(Tensor::contiguous).expect("filtered");
             match self.kind {
                 OptimizerKind::Adamw => {
@@ -326,4 +348,43 @@ fn lars_update(
     let _ = mu.g_mul_scalar_(momentum);
     let _ = mu.g_add_(&dp);
     let _ = p.g_add_(&(&*mu * (-lr)));
+}
+
+/// One parameter group of a custom grouping (fine-tuning's layer-wise decay): the indices of
+/// its parameters in the [`ParamStore`], the factor its learning rate is multiplied by
+/// (`lr_scale`) and whether the step's weight decay applies to it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ScaledGroup {
+    /// Group name as the official `get_parameter_groups` prints it (`layer_3_decay`, ...).
+    pub name: String,
+    pub indices: Vec<usize>,
+    pub lr_scale: f64,
+    pub weight_decay: bool,
+}
+
+impl Optimizer {
+    /// One step over custom groups: group g uses learning rate `lr * g.lr_scale` and weight
+    /// decay `wd` when `g.weight_decay` (else 0), as the official fine-tuning loop sets
+    /// `param_group["lr"] = lr * param_group["lr_scale"]`. Parameters in no group are left
+    /// alone; the per-parameter state is the same as [`Optimizer::step`]'s, so
+    /// [`Optimizer::state_tensors`] / [`Optimizer::load_state`] checkpoint it.
+    pub fn step_groups(
+        &mut self,
+        ps: &ParamStore,
+        grads: &[Option<Tensor>],
+        groups: &[ScaledGroup],
+        lr: f64,
+        wd: f64,
+    ) -> Result<()> {
+        let params = ps.params();
+        if grads.len() != params.len() {
+            bail!("{} gradients for {} parameters", grads.len(), params.len());
+        }
+        let _guard = tch::no_grad_guard();
+        for g in groups {
+            let (glr, gwd) = (lr * g.lr_scale, if g.weight_decay { wd } else { 0.0 });
+            self.update_group(ps, grads, &g.indices, glr, gwd)?;
+        }
+        Ok(())
+    }
 }

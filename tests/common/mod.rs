@@ -209,7 +209,9 @@ pub struct TrainCli {
 pub fn train_config<I: IntoIterator<Item = T>, T: Into<std::ffi::OsString> + Clone>(
     argv: I,
 ) -> ibot::config::TrainConfig {
-    <TrainCli as clap::Parser>::parse_from(argv).args.into_config()
+    <TrainCli as clap::Parser>::parse_from(argv)
+        .args
+        .into_config()
 }
 
 /// A tiny Swin: width 24, two stages of two blocks (the second of each shifted), window 3 on a
@@ -325,7 +327,11 @@ pub const TINY_VIT: &[&str] = &[
 /// Writes official-layout `.pth` files (bare, `state_dict`, full checkpoint with `module.`
 /// prefixes and an `args` Namespace, …) of the student parameters `named` into `dir`, with the
 /// venv's torch (`tests/py/make_official_pth.py`; `arch` names a non-ViT architecture).
-pub fn make_official_pth(named: &[(String, tch::Tensor)], dir: &std::path::Path, arch: Option<&str>) {
+pub fn make_official_pth(
+    named: &[(String, tch::Tensor)],
+    dir: &std::path::Path,
+    arch: Option<&str>,
+) {
     let npz = dir.join("params.npz");
     tch::Tensor::write_npz(named, &npz).unwrap();
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/py/make_official_pth.py");
@@ -334,7 +340,10 @@ pub fn make_official_pth(named: &[(String, tch::Tensor)], dir: &std::path::Path,
     if let Some(a) = arch {
         cmd.arg(a);
     }
-    assert!(cmd.status().unwrap().success(), "make_official_pth.py failed");
+    assert!(
+        cmd.status().unwrap().success(),
+        "make_official_pth.py failed"
+    );
 }
 
 /// `got` equals `want` in shape and within `tol` (max absolute difference).

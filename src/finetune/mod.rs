@@ -1,0 +1,176 @@
+//! End-to-end fine-tuning of a pre-trained backbone for classification (`ibot finetune`), with
+//! the three official recipes:
+//!
+//! - `imagenet_layer_decay`: `evaluation/classification_layer_decay/run_class_finetuning.py` as
+//!   `run.sh imagenet_cls` runs it (BEiT's script): AdamW with layer-wise lr decay, per-iteration
+//!   cosine schedule, the lr used as written (no batch scaling), Mixup 0.8 / CutMix 1.0,
+//!   smoothing 0.1, drop path 0.1, [CLS] pooling, classifier scaled by `init_scale` 0.001.
+//! - `deit_transfer`: `evaluation/eval_cls.py` (DeiT's recipe for CIFAR, Cars, Flowers, iNat):
+//!   AdamW without layer decay, lr × batch / 512, timm's per-epoch cosine (stepped after each
+//!   epoch), repeated augmentation, model EMA 0.99996.
+//! - `semi`: `evaluation/semi_supervised/eval_cls.py`: the DeiT recipe from the first
+//!   `--finetune_head_layer` layers of the pre-trained projection head, on a 1% / 10% subset.
+//!
+//! The work is in [`run::run`] over a [`FinetuneConfig`] (the `ibot finetune` options resolved
+//! against the recipe's defaults, see `ibot::cli::finetune`).
+
+pub mod bench;
+pub mod data;
+pub mod demo;
+pub mod groups;
+pub mod loss;
+pub mod model;
+pub mod run;
+pub mod schedule;
+
+use std::path::PathBuf;
+
+use anyhow::{bail, ensure, Result};
+use serde::{Deserialize, Serialize};
+
+/// The data side: timm's transforms, Mixup/CutMix, CIFAR and split files.
+pub use crate::data::cls;
+pub use demo::DEMO_DATA;
+pub use run::{run, FinetuneOutcome};
+
+/// The official recipe whose defaults a run starts from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+#[clap(rename_all = "snake_case")]
+pub enum Recipe {
+    /// classification_layer_decay/run_class_finetuning.py (`run.sh imagenet_cls`).
+    ImagenetLayerDecay,
+    /// eval_cls.py (DeiT transfer recipe).
+    DeitTransfer,
+    /// semi_supervised/eval_cls.py.
+    Semi,
+}
+
+impl Recipe {
+    /// Whether the recipe follows eval_cls.py (DeiT): per-epoch timm schedule, lr scaled by
+    /// batch/512, timm's weight-decay groups, repeated augmentation.
+    pub fn is_deit(self) -> bool {
+        !matches!(self, Recipe::ImagenetLayerDecay)
+    }
+}
+
+/// Everything a fine-tuning run needs (serde; no clap).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FinetuneConfig {
+    pub recipe: Recipe,
+    /// Pre-trained weights (None: random initialisation).
+    pub pretrained_weights: Option<PathBuf>,
+    pub checkpoint_key: String,
+    pub arch: Option<String>,
+    pub num_heads: Option<i64>,
+    pub data_path: PathBuf,
+    pub eval_data_path: Option<PathBuf>,
+    /// `--data_set`: CIFAR (CIFAR-100), CIFAR10, IMNET / image_folder, or None (found out).
+    #[serde(default)]
+    pub data_set: Option<String>,
+    pub split_file: Option<PathBuf>,
+    pub nb_classes: Option<i64>,
+    pub batch_size: usize,
+    pub epochs: usize,
+    pub output_dir: PathBuf,
+    pub layer_decay: f64,
+    pub drop_path: f64,
+    /// The base learning rate after the recipe's scaling (what the schedule peaks at).
+    pub lr: f64,
+    pub warmup_epochs: usize,
+    pub warmup_lr: f64,
+    pub min_lr: f64,
+    pub weight_decay: f64,
+    pub weight_decay_end: f64,
+    pub clip_grad: Option<f64>,
+    pub model_ema: bool,
+    pub model_ema_decay: f64,
+    pub use_mean_pooling: bool,
+    pub finetune_head_layer: usize,
+    pub init_scale: f64,
+    pub update_freq: usize,
+    pub smoothing: f64,
+    pub repeated_aug: bool,
+    pub aug: cls::ClsAugConfig,
+    pub mixup: cls::MixupConfig,
+    pub seed: u64,
+    pub num_workers: usize,
+    pub device: String,
+    pub use_fp16: bool,
+    pub precision: crate::train::amp::PrecisionChoice,
+    pub resume: Option<PathBuf>,
+    pub eval: bool,
+    /// Start a new classifier when the weights carry one for another number of classes.
+    pub reset_head: bool,
+    /// Use at most this many training / validation images (not official; demos and tests).
+    pub subset: Option<usize>,
+    /// Draw the progress bars.
+    pub progress: bool,
+    /// Take only the architecture from `pretrained_weights` and start from the official random
+    /// initialisation (the demo's baseline).
+    #[serde(default)]
+    pub from_scratch: bool,
+}
+
+impl FinetuneConfig {
+    pub fn validate(&self) -> Result<()> {
+        ensure!(self.batch_size > 0, "--batch_size must be positive");
+        ensure!(self.update_freq > 0, "--update_freq must be at least 1");
+        ensure!(
+            self.lr >= 0.0 && self.lr.is_finite(),
+            "--lr must be a finite number >= 0"
+        );
+        ensure!(
+            self.min_lr >= 0.0 && self.warmup_lr >= 0.0,
+            "--min_lr and --warmup_lr must be >= 0"
+        );
+        ensure!(self.weight_decay >= 0.0, "--weight_decay must be >= 0");
+        ensure!(
+            self.layer_decay > 0.0 && self.layer_decay <= 1.0,
+            "--layer_decay must be in (0, 1] (got {})",
+            self.layer_decay
+        );
+        ensure!(
+            (0.0..1.0).contains(&self.drop_path),
+            "--drop_path must be in [0, 1) (got {})",
+            self.drop_path
+        );
+        ensure!(
+            (0.0..1.0).contains(&self.smoothing),
+            "--smoothing must be in [0, 1) (got {})",
+            self.smoothing
+        );
+        ensure!(
+            (0.0..=1.0).contains(&self.model_ema_decay),
+            "--model_ema_decay must be in [0, 1]"
+        );
+        if let Some(c) = self.clip_grad {
+            ensure!(
+                c > 0.0,
+                "--clip_grad must be positive (leave it out for no clipping)"
+            );
+        }
+        ensure!(
+            self.warmup_epochs <= self.epochs || self.eval,
+            "--warmup_epochs {} is longer than --epochs {}",
+            self.warmup_epochs,
+            self.epochs
+        );
+        if !["teacher", "student"].contains(&self.checkpoint_key.as_str()) {
+            bail!(
+                "--checkpoint_key must be teacher or student, not '{}'",
+                self.checkpoint_key
+            );
+        }
+        ensure!(
+            !self.mixup.active() || self.batch_size % 2 == 0 || self.eval,
+            "--batch_size {} is odd: Mixup/CutMix pairs each image with the batch flipped and \
+             needs an even batch (as timm's Mixup asserts); or turn them off with --mixup 0 --cutmix 0",
+            self.batch_size
+        );
+        if self.subset == Some(0) {
+            bail!("--subset 0 leaves no images");
+        }
+        self.aug.validate()
+    }
+}

@@ -1,0 +1,69 @@
+//! Learning-rate schedules of the fine-tuning recipes.
+
+use anyhow::Result;
+
+/// BEiT's `utils.cosine_scheduler` as `run_class_finetuning.py` calls it: per iteration, a
+/// linear warm-up from `start_warmup_value` (the script passes none: 0, so `--warmup_lr` plays
+/// no part there) to `base` over `warmup_epochs`, then a half cosine to `final_`.
+pub fn per_iteration_cosine(
+    base: f64,
+    final_: f64,
+    epochs: usize,
+    niter_per_ep: usize,
+    warmup_epochs: usize,
+    start_warmup_value: f64,
+) -> Result<Vec<f64>> {
+    crate::schedule::cosine_scheduler(
+        base,
+        final_,
+        epochs,
+        niter_per_ep,
+        warmup_epochs,
+        start_warmup_value,
+    )
+}
+
+/// timm's `CosineLRScheduler` (`create_scheduler` with `--sched cosine`, one cycle of
+/// `t_initial = epochs`, stepped per epoch) at epoch value `t`: `warmup_lr + t·(base -
+/// warmup_lr)/warmup_t` during the warm-up, then `min + (base - min)(1 + cos(π t / epochs))/2`
+/// (t not shifted by the warm-up, timm's default `warmup_prefix=False`).
+pub fn timm_cosine(
+    base: f64,
+    min_lr: f64,
+    warmup_lr: f64,
+    warmup_epochs: usize,
+    epochs: usize,
+    t: usize,
+) -> f64 {
+    if t < warmup_epochs {
+        warmup_lr + t as f64 * (base - warmup_lr) / warmup_epochs as f64
+    } else if t < epochs {
+        min_lr
+            + 0.5
+                * (base - min_lr)
+                * (1.0 + (std::f64::consts::PI * t as f64 / epochs as f64).cos())
+    } else {
+        min_lr
+    }
+}
+
+/// The learning rate epoch `epoch` of eval_cls.py trains with: the scheduler is built at
+/// `t = 0` and stepped with `lr_scheduler.step(epoch)` AFTER each epoch, so epoch 0 and epoch 1
+/// both use the value at t = 0 and epoch e ≥ 1 the value at t = e - 1.
+pub fn deit_epoch_lr(
+    base: f64,
+    min_lr: f64,
+    warmup_lr: f64,
+    warmup_epochs: usize,
+    epochs: usize,
+    epoch: usize,
+) -> f64 {
+    timm_cosine(
+        base,
+        min_lr,
+        warmup_lr,
+        warmup_epochs,
+        epochs,
+        epoch.saturating_sub(1),
+    )
+}
