@@ -8,6 +8,7 @@
 
 pub mod analysis;
 pub mod bench;
+pub mod cli;
 pub mod data;
 pub mod dist;
 pub mod eval;
