@@ -65,11 +65,21 @@ install_cuda_headers() {
   .venv/bin/python -m pip install --quiet --disable-pip-version-check --no-deps "nvidia-cuda-crt==13.0.*" "nvidia-cuda-cccl==13.0.*"
 }
 
+# scikit-learn (with scipy): the test oracle of eval-logreg (tests/protocols.rs compares the
+# optimum with its LogisticRegression). Tests only; the ibot binary never uses it.
+SKLEARN_VERSION=1.9.1
+install_sklearn() {
+  .venv/bin/python -c "import sklearn, sys; sys.exit(sklearn.__version__ != '$SKLEARN_VERSION')" >/dev/null 2>&1 && return 0
+  say "installing scikit-learn==$SKLEARN_VERSION into .venv (a test reference)"
+  .venv/bin/python -m pip install --quiet --disable-pip-version-check "scikit-learn==$SKLEARN_VERSION"
+}
+
 if [ -L .libtorch ] && [ -f .libtorch/lib/libtorch_cpu.so ] && [ -f .venv/.torch-$TORCH_VERSION ]; then
   install_cuda_headers
   install_gloo_headers
   install_fmnist
   install_font
+  install_sklearn
   exit 0
 fi
 
@@ -99,3 +109,4 @@ install_cuda_headers
 install_gloo_headers
 install_fmnist
 install_font
+install_sklearn
