@@ -154,3 +154,164 @@ fn eval_logreg_bad_input() {
     let (ok, _, err) = run(&["eval-logreg", "--pretrained_weights", &s(&dir.join("none.pth"))]);
     assert!(!ok && err.contains("none.pth"), "{err}");
 }
+
+// ------------------------------------------------------------------ learning-rate sweep
+
+#[derive(clap::Parser)]
+struct LinearCli {
+    #[command(flatten)]
+    args: ibot::eval::linear::LinearArgs,
+}
+
+fn tiny_vit() -> ibot::models::VisionTransformer {
+    tch::manual_seed(3);
+    let cfg = ibot::models::VitConfig {
+        img_size: 16,
+        patch_size: 8,
+        in_chans: 3,
+        embed_dim: 16,
+        depth: 2,
+        num_heads: 2,
+        mlp_ratio: 2.0,
+        qkv_bias: true,
+        drop_path_rate: 0.0,
+        masked_im_modeling: false,
+    };
+    let mut ps = ibot::params::ParamStore::new();
+    ibot::models::VisionTransformer::new(&mut ps, "", &cfg, false, tch::Device::Cpu).unwrap()
+}
+
+/// The sweep's SGD with weight decay and the official LARS step like PyTorch's SGD and
+/// utils.LARS (reimplemented in tests/py/linear_opt_ref.py) over four steps, to 1e-6.
+/// Mutations tried by hand and seen to fail: LARS applying decay/trust ratio to the bias
+/// (bias 4e-3 away), eta 0.01 (weights 2e-2 away), SGD without decay on the bias (2e-6 x ...
+/// caught at wd 0.05: 1e-4 away).
+#[test]
+fn sweep_optimisers_match_pytorch() {
+    use ibot::eval::linear::{LinearProbe, Optim};
+    let dir = common::scratch_dir("protocols", "linopt");
+    tch::manual_seed(11);
+    let feats = Tensor::randn([4, 6, 5], (Kind::Float, tch::Device::Cpu));
+    let targets = Tensor::randint(3, [4, 6], (Kind::Int64, tch::Device::Cpu));
+    let w0 = Tensor::randn([3, 5], (Kind::Float, tch::Device::Cpu)) * 0.3;
+    let b0 = Tensor::randn([3], (Kind::Float, tch::Device::Cpu)) * 0.1;
+    let cases = [(Optim::Sgd, 0.05, 0.3), (Optim::Lars, 0.05, 2.0), (Optim::Lars, 0.0, 5.0)];
+    let col = |f: &dyn Fn(&(Optim, f64, f64)) -> f64| {
+        Tensor::from_slice(&cases.iter().map(f).collect::<Vec<f64>>())
+    };
+    let r = common::python_reference(
+        "linear_opt_ref.py",
+        &[
+            ("feats", feats.shallow_clone()),
+            ("targets", targets.shallow_clone()),
+            ("weight", w0.shallow_clone()),
+            ("bias", b0.shallow_clone()),
+            ("lr", col(&|c| c.2)),
+            ("wd", col(&|c| c.1)),
+            ("lars", col(&|c| f64::from(u8::from(c.0 == Optim::Lars)))),
+        ],
+        &dir,
+    );
+    for (i, &(optim, wd, lr)) in cases.iter().enumerate() {
+        let mut p = LinearProbe::from_weights(w0.shallow_clone(), b0.shallow_clone());
+        for s in 0..4 {
+            p.train_step_with(&feats.get(s), &targets.get(s), lr, wd, optim).unwrap();
+        }
+        let what = format!("{optim:?} wd {wd}");
+        common::assert_close(&format!("{what} weight"), &p.weight.detach(), &r[&format!("weight{i}")], 1e-6);
+        common::assert_close(&format!("{what} bias"), &p.bias.detach(), &r[&format!("bias{i}")], 1e-6);
+    }
+}
+
+/// K classifiers trained together (one pass, the official augmented training views) end
+/// exactly where K separate `eval-linear --lr` runs with the same seed end (weights and
+/// validation accuracy), and the reported best is the argmax over classifiers and validations
+/// (the later classifier on ties). Mutation tried by hand: drawing each classifier's weights
+/// one after another (the official script's init) makes classifiers 1 and 2 differ (0.02).
+#[test]
+fn sweep_equals_separate_runs_and_reports_the_argmax() {
+    use clap::Parser;
+    use ibot::eval::linear_multi::{permutes, MultiConfig};
+    let data = common::scratch_dir("protocols", "multi-data");
+    common::write_idx(&data, "train", 20, 20);
+    common::write_idx(&data, "t10k", 9, 20);
+    let train = ibot::data::dataset::open(&data, "train").unwrap();
+    let val = ibot::data::dataset::open(&data, "t10k").unwrap();
+    let vit = tiny_vit();
+    let lrs = [3.0, 30.0, 300.0];
+    let out = common::scratch_dir("protocols", "multi-out");
+    let cfg = MultiConfig {
+        spec: ibot::eval::features::FeatureSpec { n_last_blocks: 2, avgpool: 2 },
+        groups: permutes(&lrs, &[0.0], &[ibot::eval::linear::Optim::Sgd]),
+        epochs: 2,
+        batch_size_per_gpu: 8,
+        seed: 5,
+        num_workers: 2,
+        val_freq: 1,
+        output_dir: out.clone(),
+        checkpoint_key: "teacher".into(),
+        num_labels: None,
+        crop_size: None,
+        subset: None,
+        precompute_features: false,
+    };
+    let r = ibot::eval::linear_multi::run(&cfg, &vit, train.as_ref(), val.as_ref(), tch::Device::Cpu).unwrap();
+    let all = ibot::params::read_safetensors(&out.join("checkpoint_teacher_linear_multi.safetensors")).unwrap();
+    for (k, lr) in lrs.iter().enumerate() {
+        let single = common::scratch_dir("protocols", &format!("multi-single{k}"));
+        let a = LinearCli::parse_from([
+            "x", "--pretrained_weights", "unused", "--n_last_blocks", "2", "--avgpool_patchtokens", "2",
+            "--epochs", "2", "--batch_size_per_gpu", "8", "--seed", "5", "--lr", &lr.to_string(),
+            "--output_dir", &s(&single),
+        ])
+        .args;
+        let one = ibot::eval::linear::run(&a, &vit, train.as_ref(), val.as_ref(), tch::Device::Cpu).unwrap();
+        let w = ibot::params::read_safetensors(&single.join("checkpoint_teacher_linear.safetensors")).unwrap();
+        common::assert_close(&format!("classifier {k} weight"), &all[&format!("{k}.linear.weight")], &w["linear.weight"], 1e-6);
+        common::assert_close(&format!("classifier {k} bias"), &all[&format!("{k}.linear.bias")], &w["linear.bias"], 1e-6);
+        assert_eq!(r.groups[k].acc1, one.last_acc1, "classifier {k} accuracy");
+        assert_eq!(r.groups[k].best_acc1, one.best_acc1, "classifier {k} best accuracy");
+    }
+    // The classifiers really differ, so the comparison above could fail.
+    assert!(ibot::util::max_abs(&(&all["0.linear.weight"] - &all["2.linear.weight"])) > 1e-3);
+    // The best: the maximum over every validation of every classifier, at the later index on ties.
+    let log = std::fs::read_to_string(out.join("log.txt")).unwrap();
+    let mut want = (f64::MIN, 0, 0);
+    for line in log.lines() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        let epoch = v["epoch"].as_u64().unwrap() as usize;
+        for k in 0..lrs.len() {
+            let a = v[format!("test_acc{k}@1")].as_f64().unwrap();
+            if a >= want.0 {
+                want = (a, k, epoch);
+            }
+        }
+    }
+    assert_eq!((r.best_acc, r.best_group, r.best_epoch), want);
+    assert_eq!(r.best_acc_sweep_lr_only, r.best_acc);
+    let saved: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(out.join("results_linear_multi_teacher.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(saved["best_acc"].as_f64().unwrap(), r.best_acc);
+    assert!(out.join("best_teacher_linear_multi.safetensors").is_file());
+}
+
+#[test]
+fn official_sweep_settings() {
+    let lrs = ibot::eval::linear_multi::official_lrs();
+    // The list as the official script computes it, in the venv's Python.
+    let py = Command::new(common::venv_python())
+        .args(["-c", "print(repr([base*n for base in [10**k for k in range(-4, 1)] for n in range(1, 10)]))"])
+        .output()
+        .unwrap();
+    let want: Vec<f64> = serde_json::from_str(String::from_utf8_lossy(&py.stdout).trim()).unwrap();
+    assert_eq!(lrs, want);
+    use ibot::eval::linear::Optim;
+    let g = ibot::eval::linear_multi::permutes(&[0.1, 0.2], &[0.0, 1e-6], &[Optim::Sgd, Optim::Lars]);
+    assert_eq!(g.len(), 8);
+    assert_eq!((g[1].wd, g[1].optim), (0.0, Optim::Lars));
+    assert_eq!((g[2].wd, g[2].optim), (1e-6, Optim::Sgd));
+    assert_eq!(g[4].lr, 0.2);
+    assert_eq!(ibot::eval::linear_multi::argmax_later(&[1.0, 3.0, 3.0, 2.0]), Some(2));
+}

@@ -3,4 +3,5 @@
 //! `src/main.rs` only names the subcommand and dispatches.
 
 pub mod common;
+pub mod eval_linear_multi;
 pub mod eval_logreg;

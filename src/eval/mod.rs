@@ -4,6 +4,7 @@ pub mod cluster;
 pub mod features;
 pub mod knn;
 pub mod linear;
+pub mod linear_multi;
 pub mod logreg;
 
 use anyhow::{ensure, Result};
