@@ -60,6 +60,14 @@ enum Cmd {
     /// Unsupervised classification (unsup_cls.py): the teacher head's argmax on the validation
     /// images as cluster ids, scored against the labels with NMI, ARI, F and Hungarian accuracy.
     EvalUnsup(UnsupArgs),
+    /// Image retrieval on revisited Oxford / Paris (eval_image_retrieval.py): features of every
+    /// database image and query, cosine ranking, mAP and mP@1/5/10 (Easy, Medium, Hard).
+    EvalRetrieval {
+        #[command(flatten)]
+        weights: WeightsArgs,
+        #[command(flatten)]
+        args: ibot::cli::eval_retrieval::EvalRetrievalArgs,
+    },
     /// Many linear probes at once on the same frozen features, one per learning rate of the
     /// official sweep (eval_linear_multi.py); the best top-1 and its settings are reported.
     EvalLinearMulti {
@@ -975,6 +983,7 @@ fn run(cli: Cli) -> Result<bool> {
         Cmd::EvalKnn(k) => eval_knn(k).map(|_| true),
         Cmd::EvalLinear(a) => eval_linear(a).map(|_| true),
         Cmd::EvalUnsup(u) => eval_unsup(u).map(|_| true),
+        Cmd::EvalRetrieval { weights, args } => args.run(Box::new(move || open_backbone(&weights).map(|(_, b, s, d)| (b, s, d)))).map(|_| true),
         Cmd::EvalLinearMulti { weights, args } => args.run(&weights.checkpoint_key.clone(), Box::new(move || open_backbone(&weights).map(|(_, b, s, d)| (b, s, d)))).map(|_| true),
         Cmd::EvalLogreg { weights, args } => args.run(Box::new(move || open_backbone(&weights).map(|(_, b, s, d)| (b, s, d)))).map(|_| true),
         Cmd::ExtractBackbone(e) => extract_backbone(e).map(|_| true),

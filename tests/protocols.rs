@@ -75,7 +75,10 @@ fn logreg_optimum_matches_scikit_learn() {
         let w_ref = &reference[&format!("w{i}")];
         let scale = ibot::util::max_abs(w_ref);
         let dw = ibot::util::max_abs(&(&fit.weight - w_ref));
-        assert!(dw <= 1e-6 * scale, "lambda {l}: weights differ by {dw} (scale {scale})");
+        assert!(
+            dw <= 1e-6 * scale,
+            "lambda {l}: weights differ by {dw} (scale {scale})"
+        );
         let obj_ref = reference[&format!("obj{i}")].double_value(&[]);
         assert!(
             (fit.objective - obj_ref).abs() <= 1e-9,
@@ -118,8 +121,13 @@ fn eval_logreg_command_on_dumped_features() {
         &s(&out),
     ]);
     assert!(ok, "{stderr}");
-    assert_eq!(stdout.matches("Logistic regression result").count(), 3, "{stdout}");
-    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    assert_eq!(
+        stdout.matches("Logistic regression result").count(),
+        3,
+        "{stdout}"
+    );
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
     let res = v["results"].as_array().unwrap();
     let mut best = (f64::MIN, 0.0);
     for r in res {
@@ -132,7 +140,10 @@ fn eval_logreg_command_on_dumped_features() {
         )
         .unwrap();
         let acc = fit
-            .accuracy(&ibot::models::head::l2_normalize(&xte.to_kind(Kind::Float)), &yte)
+            .accuracy(
+                &ibot::models::head::l2_normalize(&xte.to_kind(Kind::Float)),
+                &yte,
+            )
             .unwrap();
         assert_eq!(r["acc"].as_f64().unwrap(), acc, "lambda {l}");
         if acc > best.0 {
@@ -140,7 +151,10 @@ fn eval_logreg_command_on_dumped_features() {
         }
     }
     assert_eq!(v["best"]["lambd"].as_f64().unwrap(), best.1);
-    assert!(stdout.contains(&format!("Best: lambda {}", best.1)), "{stdout}");
+    assert!(
+        stdout.contains(&format!("Best: lambda {}", best.1)),
+        "{stdout}"
+    );
 }
 
 /// Bad input for eval-logreg: no data, a non-positive λ, a missing feature file.
@@ -149,9 +163,19 @@ fn eval_logreg_bad_input() {
     let dir = common::scratch_dir("protocols", "logreg-bad");
     let (ok, _, err) = run(&["eval-logreg", "--load_features", &s(&dir)]);
     assert!(!ok && err.contains("knn_features.safetensors"), "{err}");
-    let (ok, _, err) = run(&["eval-logreg", "--lr_lambd", "0", "--load_features", &s(&dir)]);
+    let (ok, _, err) = run(&[
+        "eval-logreg",
+        "--lr_lambd",
+        "0",
+        "--load_features",
+        &s(&dir),
+    ]);
     assert!(!ok && err.contains("--lr_lambd"), "{err}");
-    let (ok, _, err) = run(&["eval-logreg", "--pretrained_weights", &s(&dir.join("none.pth"))]);
+    let (ok, _, err) = run(&[
+        "eval-logreg",
+        "--pretrained_weights",
+        &s(&dir.join("none.pth")),
+    ]);
     assert!(!ok && err.contains("none.pth"), "{err}");
 }
 
@@ -194,7 +218,11 @@ fn sweep_optimisers_match_pytorch() {
     let targets = Tensor::randint(3, [4, 6], (Kind::Int64, tch::Device::Cpu));
     let w0 = Tensor::randn([3, 5], (Kind::Float, tch::Device::Cpu)) * 0.3;
     let b0 = Tensor::randn([3], (Kind::Float, tch::Device::Cpu)) * 0.1;
-    let cases = [(Optim::Sgd, 0.05, 0.3), (Optim::Lars, 0.05, 2.0), (Optim::Lars, 0.0, 5.0)];
+    let cases = [
+        (Optim::Sgd, 0.05, 0.3),
+        (Optim::Lars, 0.05, 2.0),
+        (Optim::Lars, 0.0, 5.0),
+    ];
     let col = |f: &dyn Fn(&(Optim, f64, f64)) -> f64| {
         Tensor::from_slice(&cases.iter().map(f).collect::<Vec<f64>>())
     };
@@ -214,11 +242,22 @@ fn sweep_optimisers_match_pytorch() {
     for (i, &(optim, wd, lr)) in cases.iter().enumerate() {
         let mut p = LinearProbe::from_weights(w0.shallow_clone(), b0.shallow_clone());
         for s in 0..4 {
-            p.train_step_with(&feats.get(s), &targets.get(s), lr, wd, optim).unwrap();
+            p.train_step_with(&feats.get(s), &targets.get(s), lr, wd, optim)
+                .unwrap();
         }
         let what = format!("{optim:?} wd {wd}");
-        common::assert_close(&format!("{what} weight"), &p.weight.detach(), &r[&format!("weight{i}")], 1e-6);
-        common::assert_close(&format!("{what} bias"), &p.bias.detach(), &r[&format!("bias{i}")], 1e-6);
+        common::assert_close(
+            &format!("{what} weight"),
+            &p.weight.detach(),
+            &r[&format!("weight{i}")],
+            1e-6,
+        );
+        common::assert_close(
+            &format!("{what} bias"),
+            &p.bias.detach(),
+            &r[&format!("bias{i}")],
+            1e-6,
+        );
     }
 }
 
@@ -240,7 +279,10 @@ fn sweep_equals_separate_runs_and_reports_the_argmax() {
     let lrs = [3.0, 30.0, 300.0];
     let out = common::scratch_dir("protocols", "multi-out");
     let cfg = MultiConfig {
-        spec: ibot::eval::features::FeatureSpec { n_last_blocks: 2, avgpool: 2 },
+        spec: ibot::eval::features::FeatureSpec {
+            n_last_blocks: 2,
+            avgpool: 2,
+        },
         groups: permutes(&lrs, &[0.0], &[ibot::eval::linear::Optim::Sgd]),
         epochs: 2,
         batch_size_per_gpu: 8,
@@ -254,22 +296,56 @@ fn sweep_equals_separate_runs_and_reports_the_argmax() {
         subset: None,
         precompute_features: false,
     };
-    let r = ibot::eval::linear_multi::run(&cfg, &vit, train.as_ref(), val.as_ref(), tch::Device::Cpu).unwrap();
-    let all = ibot::params::read_safetensors(&out.join("checkpoint_teacher_linear_multi.safetensors")).unwrap();
+    let r =
+        ibot::eval::linear_multi::run(&cfg, &vit, train.as_ref(), val.as_ref(), tch::Device::Cpu)
+            .unwrap();
+    let all =
+        ibot::params::read_safetensors(&out.join("checkpoint_teacher_linear_multi.safetensors"))
+            .unwrap();
     for (k, lr) in lrs.iter().enumerate() {
         let single = common::scratch_dir("protocols", &format!("multi-single{k}"));
         let a = LinearCli::parse_from([
-            "x", "--pretrained_weights", "unused", "--n_last_blocks", "2", "--avgpool_patchtokens", "2",
-            "--epochs", "2", "--batch_size_per_gpu", "8", "--seed", "5", "--lr", &lr.to_string(),
-            "--output_dir", &s(&single),
+            "x",
+            "--pretrained_weights",
+            "unused",
+            "--n_last_blocks",
+            "2",
+            "--avgpool_patchtokens",
+            "2",
+            "--epochs",
+            "2",
+            "--batch_size_per_gpu",
+            "8",
+            "--seed",
+            "5",
+            "--lr",
+            &lr.to_string(),
+            "--output_dir",
+            &s(&single),
         ])
         .args;
-        let one = ibot::eval::linear::run(&a, &vit, train.as_ref(), val.as_ref(), tch::Device::Cpu).unwrap();
-        let w = ibot::params::read_safetensors(&single.join("checkpoint_teacher_linear.safetensors")).unwrap();
-        common::assert_close(&format!("classifier {k} weight"), &all[&format!("{k}.linear.weight")], &w["linear.weight"], 1e-6);
-        common::assert_close(&format!("classifier {k} bias"), &all[&format!("{k}.linear.bias")], &w["linear.bias"], 1e-6);
+        let one = ibot::eval::linear::run(&a, &vit, train.as_ref(), val.as_ref(), tch::Device::Cpu)
+            .unwrap();
+        let w =
+            ibot::params::read_safetensors(&single.join("checkpoint_teacher_linear.safetensors"))
+                .unwrap();
+        common::assert_close(
+            &format!("classifier {k} weight"),
+            &all[&format!("{k}.linear.weight")],
+            &w["linear.weight"],
+            1e-6,
+        );
+        common::assert_close(
+            &format!("classifier {k} bias"),
+            &all[&format!("{k}.linear.bias")],
+            &w["linear.bias"],
+            1e-6,
+        );
         assert_eq!(r.groups[k].acc1, one.last_acc1, "classifier {k} accuracy");
-        assert_eq!(r.groups[k].best_acc1, one.best_acc1, "classifier {k} best accuracy");
+        assert_eq!(
+            r.groups[k].best_acc1, one.best_acc1,
+            "classifier {k} best accuracy"
+        );
     }
     // The classifiers really differ, so the comparison above could fail.
     assert!(ibot::util::max_abs(&(&all["0.linear.weight"] - &all["2.linear.weight"])) > 1e-3);
@@ -301,16 +377,413 @@ fn official_sweep_settings() {
     let lrs = ibot::eval::linear_multi::official_lrs();
     // The list as the official script computes it, in the venv's Python.
     let py = Command::new(common::venv_python())
-        .args(["-c", "print(repr([base*n for base in [10**k for k in range(-4, 1)] for n in range(1, 10)]))"])
+        .args([
+            "-c",
+            "print(repr([base*n for base in [10**k for k in range(-4, 1)] for n in range(1, 10)]))",
+        ])
         .output()
         .unwrap();
     let want: Vec<f64> = serde_json::from_str(String::from_utf8_lossy(&py.stdout).trim()).unwrap();
     assert_eq!(lrs, want);
     use ibot::eval::linear::Optim;
-    let g = ibot::eval::linear_multi::permutes(&[0.1, 0.2], &[0.0, 1e-6], &[Optim::Sgd, Optim::Lars]);
+    let g =
+        ibot::eval::linear_multi::permutes(&[0.1, 0.2], &[0.0, 1e-6], &[Optim::Sgd, Optim::Lars]);
     assert_eq!(g.len(), 8);
     assert_eq!((g[1].wd, g[1].optim), (0.0, Optim::Lars));
     assert_eq!((g[2].wd, g[2].optim), (1e-6, Optim::Sgd));
     assert_eq!(g[4].lr, 0.2);
-    assert_eq!(ibot::eval::linear_multi::argmax_later(&[1.0, 3.0, 3.0, 2.0]), Some(2));
+    assert_eq!(
+        ibot::eval::linear_multi::argmax_later(&[1.0, 3.0, 3.0, 2.0]),
+        Some(2)
+    );
+}
+
+// ------------------------------------------------------------------ image retrieval
+
+/// Pads lists of indices to a `[n, L]` tensor with -1.
+fn padded(lists: &[Vec<i64>]) -> Tensor {
+    let l = lists.iter().map(Vec::len).max().unwrap_or(0).max(1);
+    let mut v = vec![-1i64; lists.len() * l];
+    for (i, row) in lists.iter().enumerate() {
+        v[i * l..i * l + row.len()].copy_from_slice(row);
+    }
+    Tensor::from_slice(&v).reshape([lists.len() as i64, l as i64])
+}
+
+/// revisitop's compute_map (reimplemented from its published code in tests/py/revisitop_map.py)
+/// and ours agree on random rankings and ground truths: positives anywhere, junk lists that
+/// move them up, a query without positives (NaN, skipped by the means), positives that are also
+/// junk; mAP, per-query AP and mP@1/5/10 to 1e-12. Mutations tried by hand and seen to fail:
+/// counting junk ranked at the same position (`>=`), mP@k without clipping k to the last
+/// positive, dividing by every query instead of those with positives.
+#[test]
+fn retrieval_map_matches_revisitop() {
+    use rand::{Rng, SeedableRng};
+    let dir = common::scratch_dir("protocols", "map");
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+    let (n_db, nq) = (40usize, 12usize);
+    let mut ranking = Vec::new();
+    let (mut ok, mut junk) = (Vec::new(), Vec::new());
+    for q in 0..nq {
+        let mut r: Vec<usize> = (0..n_db).collect();
+        rand::seq::SliceRandom::shuffle(&mut r[..], &mut rng);
+        ranking.push(r);
+        let mut pick =
+            |p: f64| -> Vec<i64> { (0..n_db as i64).filter(|_| rng.gen::<f64>() < p).collect() };
+        ok.push(if q == 3 { Vec::new() } else { pick(0.15) });
+        let mut j = pick(0.2);
+        if q == 5 {
+            j.extend(ok[q].iter().take(1)); // a positive that is also junk
+        }
+        junk.push(j);
+    }
+    let ks = [1usize, 5, 10];
+    let ranks = Tensor::from_slice(
+        &(0..n_db)
+            .flat_map(|r| ranking.iter().map(move |col| col[r] as i64))
+            .collect::<Vec<_>>(),
+    )
+    .reshape([n_db as i64, nq as i64]);
+    let reference = common::python_reference(
+        "revisitop_map.py",
+        &[
+            ("ranks", ranks),
+            ("ok", padded(&ok)),
+            ("junk", padded(&junk)),
+            ("ks", Tensor::from_slice(&[1i64, 5, 10])),
+        ],
+        &dir,
+    );
+    let r = ibot::eval::retrieval::compute_map(&ranking, &ok, &junk, &ks).unwrap();
+    let close = |a: f64, b: f64| (a.is_nan() && b.is_nan()) || (a - b).abs() <= 1e-12;
+    assert!(
+        close(r.map, reference["map"].double_value(&[])),
+        "mAP {} vs {}",
+        r.map,
+        reference["map"]
+    );
+    for q in 0..nq {
+        assert!(
+            close(r.aps[q], reference["aps"].double_value(&[q as i64])),
+            "AP of query {q}"
+        );
+        for j in 0..3 {
+            assert!(
+                close(
+                    r.prs[q][j],
+                    reference["prs"].double_value(&[q as i64, j as i64])
+                ),
+                "P@{} of query {q}",
+                ks[j]
+            );
+        }
+    }
+    for j in 0..3 {
+        assert!(
+            close(r.mpr[j], reference["pr"].double_value(&[j as i64])),
+            "mP@{}",
+            ks[j]
+        );
+    }
+    assert!(r.aps[3].is_nan());
+}
+
+/// Random RGB images of the given sizes.
+fn random_images(sizes: &[(usize, usize)], seed: u64) -> Vec<ibot::data::ops::Rgb8> {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    sizes
+        .iter()
+        .map(|&(w, h)| {
+            // Smooth-ish content (a gradient plus noise) so resampling is exercised.
+            let data = (0..w * h * 3)
+                .map(|i| {
+                    let (p, c) = (i / 3, i % 3);
+                    let (x, y) = (p % w, p / w);
+                    ((x * 255 / w + y * 97 / h + c * 50) as f64 * 0.7 + rng.gen::<f64>() * 60.0)
+                        as u8
+                })
+                .collect();
+            ibot::data::ops::Rgb8::new(w, h, data)
+        })
+        .collect()
+}
+
+/// The official preparation: Pillow's thumbnail with LANCZOS (sizes exactly; pixels within two
+/// levels, identical where Pillow resizes horizontally first; images under 4x the target, so
+/// Pillow neither draft-decodes nor box-reduces), ToTensor + Normalize, and the bilinear
+/// multi-scale inputs (to 1e-6), against Pillow and torch run at test time. Mutations tried by hand and seen to fail: the bicubic filter instead
+/// of Lanczos, rounding the thumbnail side always down, interpolating with align_corners.
+#[test]
+fn retrieval_preparation_matches_pillow_and_torch() {
+    use ibot::eval::retrieval::{rescale, scales, thumbnail, to_input};
+    let dir = common::scratch_dir("protocols", "prep");
+    // Portrait, landscape, square, one that already fits, one with a tie-prone aspect.
+    let sizes = [(50, 37), (31, 70), (45, 45), (20, 17), (61, 40)];
+    let imgs = random_images(&sizes, 9);
+    let mut inputs: Vec<(String, Tensor)> = vec![("imsize".into(), Tensor::from(24i64))];
+    for (i, img) in imgs.iter().enumerate() {
+        let t = Tensor::from_slice(&img.data).reshape([img.height as i64, img.width as i64, 3]);
+        inputs.push((format!("img{i}"), t));
+    }
+    let inputs: Vec<(&str, Tensor)> = inputs
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.shallow_clone()))
+        .collect();
+    let r = common::python_reference("retrieval_prep_ref.py", &inputs, &dir);
+    for (i, img) in imgs.iter().enumerate() {
+        let th = thumbnail(img, 24);
+        let want = &r[&format!("thumb{i}")];
+        assert_eq!(
+            want.size(),
+            [th.height as i64, th.width as i64, 3],
+            "thumbnail size of {:?}",
+            sizes[i]
+        );
+        let got = Tensor::from_slice(&th.data).reshape([th.height as i64, th.width as i64, 3]);
+        // Pillow 13 runs the vertical pass first for some shapes (its own cost rule), which
+        // moves a few pixels by one or two levels; the horizontal-first images are identical.
+        let diff = (got.to_kind(Kind::Int) - want.to_kind(Kind::Int))
+            .abs()
+            .to_kind(Kind::Double);
+        let (d, mean) = (
+            diff.max().double_value(&[]),
+            diff.mean(Kind::Double).double_value(&[]),
+        );
+        assert!(
+            d <= 2.0 && mean < 0.3,
+            "thumbnail pixels of {:?} differ by {d} (mean {mean})",
+            sizes[i]
+        );
+        let x = to_input(&th);
+        if d == 0.0 {
+            common::assert_close(&format!("input {i}"), &x, &r[&format!("x{i}")], 1e-6);
+        }
+        let x = r[&format!("x{i}")].shallow_clone();
+        for (j, s) in scales().iter().enumerate().skip(1) {
+            common::assert_close(
+                &format!("scale {s} of {i}"),
+                &rescale(&x, *s),
+                &r[&format!("s{j}_{i}")],
+                1e-6,
+            );
+        }
+    }
+}
+
+/// Writes a revisited-Oxford layout: `n_db` database and `nq` query images (PNG data under
+/// .jpg names, so both decoders read the same pixels) and gnd_roxford5k.pkl pickled by Python
+/// (protocol 2, lists) with easy/hard/junk lists and bounding boxes.
+fn write_oxford(root: &Path, n_db: usize, nq: usize) -> Vec<ibot::eval::retrieval::QueryGnd> {
+    let ds = root.join("roxford5k");
+    std::fs::create_dir_all(ds.join("jpg")).unwrap();
+    let sizes: Vec<(usize, usize)> = (0..n_db + nq)
+        .map(|i| (40 + (i * 7) % 30, 36 + (i * 11) % 28))
+        .collect();
+    let imgs = random_images(&sizes, 21);
+    let mut names = Vec::new();
+    for (i, img) in imgs.iter().enumerate() {
+        let name = if i < n_db {
+            format!("db_{i:03}")
+        } else {
+            format!("q_{:02}", i - n_db)
+        };
+        image::RgbImage::from_raw(img.width as u32, img.height as u32, img.data.clone())
+            .unwrap()
+            .save_with_format(
+                ds.join("jpg").join(format!("{name}.jpg")),
+                image::ImageFormat::Png,
+            )
+            .unwrap();
+        names.push(name);
+    }
+    let mut gnd = Vec::new();
+    for q in 0..nq {
+        let pick = |k: usize| -> Vec<i64> {
+            (0..n_db as i64)
+                .filter(|i| (*i as usize * 3 + q * 5 + k) % 7 == 0)
+                .collect()
+        };
+        let (w, h) = sizes[n_db + q];
+        gnd.push(ibot::eval::retrieval::QueryGnd {
+            bbx: Some([2.5, 3.0, w as f64 - 4.2, h as f64 - 1.5]),
+            easy: pick(0),
+            hard: pick(2),
+            junk: pick(4),
+        });
+    }
+    let py = format!(
+        "import pickle\nd = {{'imlist': {:?}, 'qimlist': {:?}, 'gnd': [{}]}}\npickle.dump(d, open({:?}, 'wb'), protocol=2)\n",
+        &names[..n_db],
+        &names[n_db..],
+        gnd.iter()
+            .map(|g| format!(
+                "{{'bbx': {:?}, 'easy': {:?}, 'hard': {:?}, 'junk': {:?}}}",
+                g.bbx.unwrap().to_vec(), g.easy, g.hard, g.junk
+            ))
+            .collect::<Vec<_>>()
+            .join(", "),
+        s(&ds.join("gnd_roxford5k.pkl")),
+    );
+    let st = Command::new(common::venv_python())
+        .args(["-c", &py])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    gnd
+}
+
+/// Weights of the tiny ViT as a backbone file the evaluation commands read.
+fn tiny_weights(dir: &Path) -> std::path::PathBuf {
+    tch::manual_seed(3);
+    let cfg = ibot::models::VitConfig {
+        img_size: 16,
+        patch_size: 8,
+        in_chans: 3,
+        embed_dim: 16,
+        depth: 2,
+        num_heads: 2,
+        mlp_ratio: 2.0,
+        qkv_bias: true,
+        drop_path_rate: 0.0,
+        masked_im_modeling: false,
+    };
+    let mut ps = ibot::params::ParamStore::new();
+    let _ =
+        ibot::models::VisionTransformer::new(&mut ps, "", &cfg, false, tch::Device::Cpu).unwrap();
+    let path = dir.join("backbone.safetensors");
+    let named: Vec<(String, Tensor)> = ps
+        .state_dict()
+        .map(|(k, v)| (k.to_string(), v.detach().copy()))
+        .collect();
+    ibot::params::write_safetensors(&path, &named, None).unwrap();
+    path
+}
+
+/// `ibot eval-retrieval` end to end on a synthetic revisited-Oxford folder (pickle written by
+/// Python): the ground truth read back equals what was pickled; the features it dumps are the
+/// library's (multi-scale, query boxes) L2-normalised; and mAP / mP@k of the Medium, Hard and
+/// Easy protocols equal the official ranking + revisitop metric run in Python on those
+/// features.
+#[test]
+fn eval_retrieval_end_to_end() {
+    let dir = common::scratch_dir("protocols", "retrieval");
+    let gnd = write_oxford(&dir, 14, 4);
+    let back = ibot::eval::retrieval::read_gnd(&dir.join("roxford5k/gnd_roxford5k.pkl")).unwrap();
+    assert_eq!(back.imlist.len(), 14);
+    for (a, b) in back.gnd.iter().zip(&gnd) {
+        assert_eq!(
+            (&a.easy, &a.hard, &a.junk, a.bbx),
+            (&b.easy, &b.hard, &b.junk, b.bbx)
+        );
+    }
+    let w = tiny_weights(&dir);
+    let (out, feats) = (dir.join("r.json"), dir.join("f.safetensors"));
+    let (ok, stdout, stderr) = run(&[
+        "eval-retrieval",
+        "--pretrained_weights",
+        &s(&w),
+        "--data_path",
+        &s(&dir),
+        "--num_heads",
+        "2",
+        "--imsize",
+        "32",
+        "--multiscale",
+        "true",
+        "--query_bbox",
+        "true",
+        "--avgpool_patchtokens",
+        "2",
+        "--n_last_blocks",
+        "2",
+        "--output",
+        &s(&out),
+        "--dump_features",
+        &s(&feats),
+        "--device",
+        "cpu",
+    ]);
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains(">> roxford5k: mAP M:"), "{stdout}");
+    let f = ibot::params::read_safetensors(&feats).unwrap();
+    let (db, q) = (&f["train_features"], &f["query_features"]);
+    assert_eq!(db.size(), [14, 48]);
+    // The first database image's feature, recomputed through the library.
+    let p = ibot::interop::load_pretrained_with(&w, "teacher", None, Some(2)).unwrap();
+    let (_, bb) = p.backbone_model(tch::Device::Cpu).unwrap();
+    let img = ibot::data::dataset::load_rgb(&dir.join("roxford5k/jpg/db_000.jpg")).unwrap();
+    let x = ibot::eval::retrieval::to_input(&ibot::eval::retrieval::thumbnail(&img, 32));
+    let spec = ibot::eval::features::FeatureSpec {
+        n_last_blocks: 2,
+        avgpool: 2,
+    };
+    let f0 = ibot::eval::retrieval::image_feature(&bb, &x, spec, true).unwrap();
+    let f0 = ibot::models::head::l2_normalize(&f0);
+    common::assert_close("database feature 0", &db.get(0).unsqueeze(0), &f0, 1e-6);
+    let cat = |f: &dyn Fn(&ibot::eval::retrieval::QueryGnd) -> Vec<i64>| {
+        padded(&gnd.iter().map(f).collect::<Vec<_>>())
+    };
+    let reference = common::python_reference(
+        "revisitop_map.py",
+        &[
+            ("db", db.to_kind(Kind::Double)),
+            ("q", q.to_kind(Kind::Double)),
+            ("easy", cat(&|g| g.easy.clone())),
+            ("hard", cat(&|g| g.hard.clone())),
+            ("junk", cat(&|g| g.junk.clone())),
+            ("ks", Tensor::from_slice(&[1i64, 5, 10])),
+        ],
+        &dir,
+    );
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    for (key, proto) in [("M", "medium"), ("H", "hard"), ("E", "easy")] {
+        let m = v[proto]["map"].as_f64().unwrap();
+        let want = reference[&format!("map{key}")].double_value(&[]);
+        assert!((m - want).abs() < 1e-9, "mAP {key}: {m} vs {want}");
+        for j in 0..3 {
+            let got = v[proto]["mp_at_k"][j].as_f64().unwrap();
+            let want = reference[&format!("mpr{key}")].double_value(&[j as i64]);
+            assert!(
+                (got - want).abs() < 1e-9,
+                "mP@k {key} [{j}]: {got} vs {want}"
+            );
+        }
+    }
+}
+
+/// Bad input for eval-retrieval: no ground-truth file, an unknown data set, a database with
+/// fewer images than mP@10 ranks, a missing image.
+#[test]
+fn eval_retrieval_bad_input() {
+    let dir = common::scratch_dir("protocols", "retrieval-bad");
+    let w = tiny_weights(&dir);
+    let base = [
+        "eval-retrieval",
+        "--device",
+        "cpu",
+        "--num_heads",
+        "2",
+        "--pretrained_weights",
+    ];
+    let (ok, _, err) = run(&[&base[..], &[&s(&w), "--data_path", &s(&dir)]].concat());
+    assert!(
+        !ok && err.contains("gnd_roxford5k.pkl") && err.contains("not found"),
+        "{err}"
+    );
+    let (ok, _, err) = run(&[
+        &base[..],
+        &[&s(&w), "--data_path", &s(&dir), "--dataset", "holidays"],
+    ]
+    .concat());
+    assert!(!ok && err.contains("holidays"), "{err}");
+    write_oxford(&dir, 6, 2);
+    let (ok, _, err) = run(&[&base[..], &[&s(&w), "--data_path", &s(&dir)]].concat());
+    assert!(!ok && err.contains("fewer than the 10"), "{err}");
+    let dir2 = common::scratch_dir("protocols", "retrieval-bad2");
+    write_oxford(&dir2, 12, 2);
+    std::fs::remove_file(dir2.join("roxford5k/jpg/db_004.jpg")).unwrap();
+    let (ok, _, err) = run(&[&base[..], &[&s(&w), "--data_path", &s(&dir2)]].concat());
+    assert!(!ok && err.contains("db_004.jpg"), "{err}");
 }

@@ -23,7 +23,11 @@ pub fn open_splits(
     train_path: Option<&Path>,
     val_path: Option<&Path>,
 ) -> Result<(Box<dyn Dataset>, Box<dyn Dataset>)> {
-    let half = |explicit: Option<&Path>, dir: &str, idx: &str, flag: &str| -> Result<Box<dyn Dataset>> {
+    let half = |explicit: Option<&Path>,
+                dir: &str,
+                idx: &str,
+                flag: &str|
+     -> Result<Box<dyn Dataset>> {
         if let Some(p) = explicit {
             ensure!(p.exists(), "{flag} {} does not exist", p.display());
             return dataset::open(p, idx);
@@ -31,7 +35,11 @@ pub fn open_splits(
         let Some(root) = data_path else {
             bail!("give --data_path (a folder with train/ and val/ image folders, or IDX files) or {flag}")
         };
-        ensure!(root.exists(), "--data_path {} does not exist", root.display());
+        ensure!(
+            root.exists(),
+            "--data_path {} does not exist",
+            root.display()
+        );
         let sub = root.join(dir);
         if sub.is_dir() {
             return dataset::open(&sub, "train");
@@ -99,9 +107,14 @@ pub fn train_test_features(
     );
     let kind = FeatureKind::Backbone(spec);
     let b = batch.max(1);
-    let (ftr, ltr) = features::extract(Some(&backbone), kind, train.as_ref(), &tr, size, b, device)?;
+    let (ftr, ltr) =
+        features::extract(Some(&backbone), kind, train.as_ref(), &tr, size, b, device)?;
     let (fte, lte) = features::extract(Some(&backbone), kind, test.as_ref(), &te, size, b, device)?;
-    if Vec::<i64>::try_from(&ltr)?.iter().chain(&Vec::<i64>::try_from(&lte)?).any(|&l| l < 0) {
+    if Vec::<i64>::try_from(&ltr)?
+        .iter()
+        .chain(&Vec::<i64>::try_from(&lte)?)
+        .any(|&l| l < 0)
+    {
         bail!("this evaluation needs labelled images (class folders or IDX labels)");
     }
     if let Some(dir) = dump {

@@ -5,3 +5,4 @@
 pub mod common;
 pub mod eval_linear_multi;
 pub mod eval_logreg;
+pub mod eval_retrieval;

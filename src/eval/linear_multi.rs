@@ -133,7 +133,10 @@ pub fn run<'a>(
     let spec = cfg.spec;
     let backbone = backbone.into();
     spec.validate_for(backbone)?;
-    ensure!(!cfg.groups.is_empty(), "no classifiers to train (empty --lrs?)");
+    ensure!(
+        !cfg.groups.is_empty(),
+        "no classifiers to train (empty --lrs?)"
+    );
     for g in &cfg.groups {
         ensure!(
             g.lr > 0.0 && g.lr.is_finite() && g.wd >= 0.0 && g.wd.is_finite(),
@@ -349,9 +352,10 @@ fn save_classifiers(
             .filter(|(n, _)| n.starts_with("linear."))
             .map(|(n, t)| (n, t.to_kind(Kind::Float)))
             .collect();
-        let path = cfg
-            .output_dir
-            .join(format!("best_{}_linear_multi.safetensors", cfg.checkpoint_key));
+        let path = cfg.output_dir.join(format!(
+            "best_{}_linear_multi.safetensors",
+            cfg.checkpoint_key
+        ));
         return crate::params::write_safetensors(&path, &named, Some(md));
     }
     md.insert(
@@ -366,8 +370,9 @@ fn save_classifiers(
             }
         }
     }
-    let path = cfg
-        .output_dir
-        .join(format!("checkpoint_{}_linear_multi.safetensors", cfg.checkpoint_key));
+    let path = cfg.output_dir.join(format!(
+        "checkpoint_{}_linear_multi.safetensors",
+        cfg.checkpoint_key
+    ));
     crate::params::write_safetensors(&path, &named, Some(md))
 }

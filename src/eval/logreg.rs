@@ -400,7 +400,10 @@ impl Fit {
     pub fn accuracy(&self, x: &Tensor, y: &Tensor) -> Result<f64> {
         let pred = self.predict(x)?;
         let labels = Vec::<i64>::try_from(y.to_device(Device::Cpu).to_kind(Kind::Int64))?;
-        ensure!(pred.len() == labels.len(), "features and labels differ in number");
+        ensure!(
+            pred.len() == labels.len(),
+            "features and labels differ in number"
+        );
         ensure!(!labels.is_empty(), "no test features");
         let hits = pred.iter().zip(&labels).filter(|(p, l)| p == l).count();
         Ok(100.0 * hits as f64 / labels.len() as f64)

@@ -6,6 +6,7 @@ pub mod knn;
 pub mod linear;
 pub mod linear_multi;
 pub mod logreg;
+pub mod retrieval;
 
 use anyhow::{ensure, Result};
 
