@@ -68,6 +68,14 @@ enum Cmd {
         #[command(flatten)]
         args: ibot::cli::eval_retrieval::EvalRetrievalArgs,
     },
+    /// Copy detection on Copydays (eval_copy_detection.py): [CLS] + GeM-pooled patch features,
+    /// optional whitening and distractors, mAP per block of copies.
+    EvalCopydetection {
+        #[command(flatten)]
+        weights: WeightsArgs,
+        #[command(flatten)]
+        args: ibot::cli::eval_copydetection::EvalCopydetectionArgs,
+    },
     /// Many linear probes at once on the same frozen features, one per learning rate of the
     /// official sweep (eval_linear_multi.py); the best top-1 and its settings are reported.
     EvalLinearMulti {
@@ -984,6 +992,7 @@ fn run(cli: Cli) -> Result<bool> {
         Cmd::EvalLinear(a) => eval_linear(a).map(|_| true),
         Cmd::EvalUnsup(u) => eval_unsup(u).map(|_| true),
         Cmd::EvalRetrieval { weights, args } => args.run(Box::new(move || open_backbone(&weights).map(|(_, b, s, d)| (b, s, d)))).map(|_| true),
+        Cmd::EvalCopydetection { weights, args } => args.run(Box::new(move || open_backbone(&weights).map(|(_, b, s, d)| (b, s, d)))).map(|_| true),
         Cmd::EvalLinearMulti { weights, args } => args.run(&weights.checkpoint_key.clone(), Box::new(move || open_backbone(&weights).map(|(_, b, s, d)| (b, s, d)))).map(|_| true),
         Cmd::EvalLogreg { weights, args } => args.run(Box::new(move || open_backbone(&weights).map(|(_, b, s, d)| (b, s, d)))).map(|_| true),
         Cmd::ExtractBackbone(e) => extract_backbone(e).map(|_| true),

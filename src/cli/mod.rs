@@ -3,6 +3,7 @@
 //! `src/main.rs` only names the subcommand and dispatches.
 
 pub mod common;
+pub mod eval_copydetection;
 pub mod eval_linear_multi;
 pub mod eval_logreg;
 pub mod eval_retrieval;

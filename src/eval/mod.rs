@@ -1,6 +1,7 @@
 //! Evaluation protocols.
 
 pub mod cluster;
+pub mod copydetection;
 pub mod features;
 pub mod knn;
 pub mod linear;
