@@ -808,13 +808,25 @@ fn copydetection_matches_the_official_operations() {
     // Database of 24, queries: 3 blocks (plain 4, "strong" 3, plain 4) of noisy copies.
     let db = Tensor::randn([24, 10], (Kind::Double, tch::Device::Cpu));
     let noisy = |idx: &[i64], s: f64| {
-        db.index_select(0, &Tensor::from_slice(idx)) + Tensor::randn([idx.len() as i64, 10], (Kind::Double, tch::Device::Cpu)) * s
+        db.index_select(0, &Tensor::from_slice(idx))
+            + Tensor::randn([idx.len() as i64, 10], (Kind::Double, tch::Device::Cpu)) * s
     };
-    let queries = Tensor::cat(&[noisy(&[0, 1, 2, 3], 0.8), noisy(&[5, 9, 5], 1.0), noisy(&[0, 1, 2, 3], 1.5)], 0);
+    let queries = Tensor::cat(
+        &[
+            noisy(&[0, 1, 2, 3], 0.8),
+            noisy(&[5, 9, 5], 1.0),
+            noisy(&[0, 1, 2, 3], 1.5),
+        ],
+        0,
+    );
     let strong_pos = vec![vec![5i64, 6], vec![9], vec![5, 6]];
-    let whit = Tensor::randn([40, 10], (Kind::Double, tch::Device::Cpu)) * Tensor::linspace(0.2, 3.0, 10, (Kind::Double, tch::Device::Cpu)) + 0.3;
+    let whit = Tensor::randn([40, 10], (Kind::Double, tch::Device::Cpu))
+        * Tensor::linspace(0.2, 3.0, 10, (Kind::Double, tch::Device::Cpu))
+        + 0.3;
     let sizes = [4usize, 3, 4];
-    let names: Vec<String> = ["original", "strong", "crops/10"].map(String::from).to_vec();
+    let names: Vec<String> = ["original", "strong", "crops/10"]
+        .map(String::from)
+        .to_vec();
     for use_whit in [false, true] {
         let r = common::python_reference(
             "copydetection_ref.py",
@@ -832,14 +844,25 @@ fn copydetection_matches_the_official_operations() {
             &dir,
         );
         common::assert_close("[CLS] + GeM", &feat, &r["feat"], 1e-6);
-        let (d, q) = if use_whit { whiten(&whit, &db, &queries).unwrap() } else { (db.shallow_clone(), queries.shallow_clone()) };
+        let (d, q) = if use_whit {
+            whiten(&whit, &db, &queries).unwrap()
+        } else {
+            (db.shallow_clone(), queries.shallow_clone())
+        };
         let ids = retrieve(&q, &d).unwrap();
         let want_ids = Tensor::from_slice(&ids.concat()).reshape([11, 20]);
-        assert_eq!(ibot::util::max_abs(&(want_ids - &r["ids"])), 0.0, "retrieved ids (whitening {use_whit})");
+        assert_eq!(
+            ibot::util::max_abs(&(want_ids - &r["ids"])),
+            0.0,
+            "retrieved ids (whitening {use_whit})"
+        );
         let maps = eval_result(&ids, &names, &sizes, &strong_pos).unwrap();
         for (b, m) in maps.iter().enumerate() {
             let want = r["maps"].double_value(&[b as i64]);
-            assert!((m - want).abs() < 1e-9, "block {b} (whitening {use_whit}): {m} vs {want}");
+            assert!(
+                (m - want).abs() < 1e-9,
+                "block {b} (whitening {use_whit}): {m} vs {want}"
+            );
         }
     }
 }
@@ -861,13 +884,28 @@ fn eval_copydetection_command() {
             .unwrap();
     };
     for i in 0..8 {
-        save(&imgs[i], data.join(format!("original/{:04}00.jpg", 2000 + i)));
-        save(&imgs[i], data.join(format!("jpegqual/50/{:04}00.jpg", 2000 + i)));
+        save(
+            &imgs[i],
+            data.join(format!("original/{:04}00.jpg", 2000 + i)),
+        );
+        save(
+            &imgs[i],
+            data.join(format!("jpegqual/50/{:04}00.jpg", 2000 + i)),
+        );
     }
     for i in 0..3 {
         save(&imgs[i], data.join(format!("strong/{:04}01.jpg", 2000 + i)));
     }
-    let base = ["eval-copydetection", "--device", "cpu", "--num_heads", "2", "--imsize", "16", "--pretrained_weights"];
+    let base = [
+        "eval-copydetection",
+        "--device",
+        "cpu",
+        "--num_heads",
+        "2",
+        "--imsize",
+        "16",
+        "--pretrained_weights",
+    ];
     let (ok, _, err) = run(&[&base[..], &[&s(&w), "--data_path", &s(&data)]].concat());
     assert!(!ok && err.contains("fewer than the 20"), "{err}");
     for i in 8..24 {
@@ -879,15 +917,25 @@ fn eval_copydetection_command() {
     let out = dir.join("copy.json");
     let (ok, stdout, err) = run(&[
         &base[..],
-        &[&s(&w), "--data_path", &s(&data), "--distractors_path", &s(&dir.join("distractors")),
-          "--whitening_path", &s(&dir.join("whit")), "--output", &s(&out)],
+        &[
+            &s(&w),
+            "--data_path",
+            &s(&data),
+            "--distractors_path",
+            &s(&dir.join("distractors")),
+            "--whitening_path",
+            &s(&dir.join("whit")),
+            "--output",
+            &s(&out),
+        ],
     ]
     .concat());
     assert!(ok, "{err}");
     for b in ["original", "strong", "jpegqual/50"] {
         assert!(stdout.contains(&format!("eval on {b} mAP=")), "{stdout}");
     }
-    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
     // Exact copies of the originals find themselves first.
     assert_eq!(v[0]["map"].as_f64().unwrap(), 1.0, "{v}");
     let (ok, _, err) = run(&[&base[..], &[&s(&w), "--data_path", &s(&dir)]].concat());

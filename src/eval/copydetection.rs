@@ -63,7 +63,13 @@ pub fn image_files(dir: &Path) -> Result<Vec<PathBuf>> {
         .map(|e| e.path())
         .filter(|p| {
             p.file_name()
-                .map(|n| n.to_string_lossy().rsplit('.').next().unwrap_or("").to_string())
+                .map(|n| {
+                    n.to_string_lossy()
+                        .rsplit('.')
+                        .next()
+                        .unwrap_or("")
+                        .to_string()
+                })
                 .is_some_and(|e| EXT.contains(&e.as_str()))
         })
         .collect();
@@ -97,10 +103,7 @@ pub fn cls_gem<'a>(backbone: impl Into<BackboneRef<'a>>, x: &Tensor) -> Result<T
 /// eigen-decomposition of `whitᵀ whit / n` (eigenvalues below 1e-5 of the largest raised to it,
 /// components by decreasing eigenvalue). Returns the transformed `(database, queries)`.
 pub fn whiten(whit: &Tensor, database: &Tensor, queries: &Tensor) -> Result<(Tensor, Tensor)> {
-    ensure!(
-        whit.size()[0] >= 1,
-        "the whitening folder gave no features"
-    );
+    ensure!(whit.size()[0] >= 1, "the whitening folder gave no features");
     let w = whit.to_kind(Kind::Double);
     let mean = w.mean_dim(0, false, Kind::Double);
     let cov = w.tr().matmul(&w) / w.size()[0] as f64;
@@ -153,7 +156,11 @@ pub fn eval_result(
                 sum_ap += compute_ap(&ranks, positives.len());
             }
         }
-        out.push(if size > 0 { sum_ap / size as f64 } else { f64::NAN });
+        out.push(if size > 0 {
+            sum_ap / size as f64
+        } else {
+            f64::NAN
+        });
         j0 += size;
     }
     Ok(out)
@@ -214,9 +221,10 @@ pub fn features_of_files<'a>(
     let bar = crate::util::progress_bar(idx.len().div_ceil(cfg.batch_size_per_gpu) as u64, what);
     let mut out = Vec::new();
     for chunk in idx.chunks(cfg.batch_size_per_gpu.max(1)) {
-        let (x, _) = super::features::view_batch(&ds, chunk, s, cfg.num_workers, &|img: &Rgb8, _| {
-            ops::resized_crop(img, 0, 0, img.height, img.width, s, s)
-        })?;
+        let (x, _) =
+            super::features::view_batch(&ds, chunk, s, cfg.num_workers, &|img: &Rgb8, _| {
+                ops::resized_crop(img, 0, 0, img.height, img.width, s, s)
+            })?;
         out.push(cls_gem(backbone, &x.to_device(device))?.to_device(Device::Cpu));
         bar.inc(1);
     }
@@ -285,7 +293,11 @@ pub fn run<'a>(
     let (database, queries) = match cfg.whitening_path.as_ref().filter(|d| d.is_dir()) {
         Some(d) => {
             let files = image_files(d)?;
-            eprintln!("whitening learnt on {} images of {}", files.len(), d.display());
+            eprintln!(
+                "whitening learnt on {} images of {}",
+                files.len(),
+                d.display()
+            );
             let w = features_of_files(backbone, &files, cfg, device, "whitening")?;
             whiten(&w, &database, &queries)?
         }
