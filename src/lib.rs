@@ -9,13 +9,17 @@
 pub mod analysis;
 pub mod bench;
 pub mod cli;
+pub mod config;
 pub mod data;
+pub mod demo;
+pub mod device;
 pub mod dist;
 pub mod eval;
 pub mod interop;
 pub mod loss;
 pub mod models;
 pub mod params;
+pub mod schedule;
 pub mod train;
 pub mod util;
 pub mod verify;

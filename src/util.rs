@@ -22,6 +22,11 @@ pub fn resume_path(
     }
 }
 
+/// Writes `v` as pretty JSON to `path`, atomically (see [`atomic_write`]).
+pub fn write_json(path: &Path, v: &serde_json::Value) -> Result<()> {
+    atomic_write(path, serde_json::to_string_pretty(v)?.as_bytes())
+}
+
 /// Writes `bytes` to `path` so that readers only ever see the old or the new complete file:
 /// write to a temporary sibling, fsync it, rename over `path`, fsync the directory.
 pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {

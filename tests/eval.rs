@@ -7,7 +7,8 @@ mod common;
 
 use std::path::PathBuf;
 
-use ibot::eval::linear::{cosine_annealing_lr, FeatureSpec, LinearProbe};
+use ibot::eval::linear::{FeatureSpec, LinearProbe};
+use ibot::schedule::cosine_annealing_lr;
 use ibot::models::{VisionTransformer, VitConfig};
 use ibot::params::ParamStore;
 use tch::{Device, Kind, Tensor};
@@ -186,9 +187,9 @@ fn linear_probe_learns_on_fashion_mnist_and_resumes() {
     let val = ibot::data::dataset::open(&dir, "t10k").unwrap();
     let vit = tiny_vit();
     let out = tmp("linear-e2e");
-    let mut a = ibot::eval::linear::LinearArgs {
+    let mut a = ibot::eval::linear::LinearConfig {
         pretrained_weights: "unused".into(),
-        checkpoint_key: "teacher".into(),
+        checkpoint_key: ibot::config::CheckpointKey::Teacher,
         arch: None,
         num_heads: None,
         data_path: Some(dir),
@@ -208,7 +209,7 @@ fn linear_probe_learns_on_fashion_mnist_and_resumes() {
         crop_size: Some(32),
         subset: Some(1000),
         precompute_features: false,
-        device: "cpu".into(),
+        device: ibot::device::DeviceChoice::Cpu,
     };
     let r = ibot::eval::linear::run(&a, &vit, train.as_ref(), val.as_ref(), Device::Cpu).unwrap();
     assert_eq!((r.num_labels, r.feature_dim), (10, 48));

@@ -181,12 +181,6 @@ fn eval_logreg_bad_input() {
 
 // ------------------------------------------------------------------ learning-rate sweep
 
-#[derive(clap::Parser)]
-struct LinearCli {
-    #[command(flatten)]
-    args: ibot::eval::linear::LinearArgs,
-}
-
 fn tiny_vit() -> ibot::models::VisionTransformer {
     tch::manual_seed(3);
     let cfg = ibot::models::VitConfig {
@@ -268,7 +262,6 @@ fn sweep_optimisers_match_pytorch() {
 /// one after another (the official script's init) makes classifier 1 differ by 0.14.
 #[test]
 fn sweep_equals_separate_runs_and_reports_the_argmax() {
-    use clap::Parser;
     use ibot::eval::linear_multi::{permutes, MultiConfig};
     let data = common::scratch_dir("protocols", "multi-data");
     common::write_idx(&data, "train", 20, 20);
@@ -304,26 +297,16 @@ fn sweep_equals_separate_runs_and_reports_the_argmax() {
             .unwrap();
     for (k, lr) in lrs.iter().enumerate() {
         let single = common::scratch_dir("protocols", &format!("multi-single{k}"));
-        let a = LinearCli::parse_from([
-            "x",
-            "--pretrained_weights",
-            "unused",
-            "--n_last_blocks",
-            "2",
-            "--avgpool_patchtokens",
-            "2",
-            "--epochs",
-            "2",
-            "--batch_size_per_gpu",
-            "8",
-            "--seed",
-            "5",
-            "--lr",
-            &lr.to_string(),
-            "--output_dir",
-            &s(&single),
-        ])
-        .args;
+        let a = ibot::eval::linear::LinearConfig {
+            n_last_blocks: 2,
+            avgpool_patchtokens: 2,
+            epochs: 2,
+            batch_size_per_gpu: 8,
+            seed: 5,
+            lr: *lr,
+            output_dir: single.clone(),
+            ..Default::default()
+        };
         let one = ibot::eval::linear::run(&a, &vit, train.as_ref(), val.as_ref(), tch::Device::Cpu)
             .unwrap();
         let w =

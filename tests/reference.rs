@@ -372,41 +372,41 @@ fn visible_traj_matches_the_official_training_loop() {
 /// must notice every one, in the group that holds the evidence.
 #[test]
 fn the_trajectory_check_fails_on_a_wrong_setting() {
-    use ibot::train::args::TrainArgs;
+    use ibot::config::TrainConfig;
     use ibot::verify::traj::verify_trajectory;
     let Some(dir) = common::fixture_dir("visible_traj") else {
         return;
     };
-    type Tweak = fn(&mut TrainArgs);
+    type Tweak = fn(&mut TrainConfig);
     let cases: [(&str, Tweak, &str); 7] = [
         (
             "EMA skipped (momentum 1)",
-            |a| a.momentum_teacher = 1.0,
+            |a| a.schedule.momentum_teacher = 1.0,
             "parameters",
         ),
         (
             "teacher momentum 0.99 instead of 0.9",
-            |a| a.momentum_teacher = 0.99,
+            |a| a.schedule.momentum_teacher = 0.99,
             "parameters",
         ),
         (
             "weight decay dropped",
             |a| {
-                a.weight_decay = 0.0;
-                a.weight_decay_end = 0.0;
+                a.schedule.weight_decay = 0.0;
+                a.schedule.weight_decay_end = 0.0;
             },
             "parameters",
         ),
-        ("lr 1% high", |a| a.lr *= 1.01, "schedules"),
+        ("lr 1% high", |a| a.schedule.lr *= 1.01, "schedules"),
         (
             "last layer not frozen in epoch 0",
-            |a| a.freeze_last_layer = 0,
+            |a| a.optim.freeze_last_layer = 0,
             "optimizer",
         ),
-        ("no gradient clipping", |a| a.clip_grad = 0.0, "parameters"),
+        ("no gradient clipping", |a| a.optim.clip_grad = 0.0, "parameters"),
         (
             "teacher temperature warm-up from 0.05",
-            |a| a.warmup_teacher_temp = 0.05,
+            |a| a.loss.warmup_teacher_temp = 0.05,
             "schedules",
         ),
     ];

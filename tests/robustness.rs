@@ -769,25 +769,28 @@ fn negative_and_out_of_range_training_options_name_the_flag() {
         (
             "--norm_in_head",
             "bn",
-            "--norm_in_head: 'bn' (batch norm in the head) is not supported: use none or ln",
+            "'bn' (batch norm in the head) is not supported: use none or ln",
         ),
         (
             "--norm_in_head",
             "syncbn",
-            "--norm_in_head: 'syncbn' (batch norm in the head) is not supported",
+            "'syncbn' (batch norm in the head) is not supported",
         ),
         (
             "--norm_in_head",
             "gn",
-            "--norm_in_head: unknown head norm 'gn': expected none or ln",
+            "unknown head norm 'gn': expected none or ln",
         ),
         (
             "--act_in_head",
             "tanh",
-            "--act_in_head: unknown activation 'tanh': expected gelu or relu",
+            "invalid value 'tanh' for '--act_in_head",
         ),
     ] {
-        assert_error(&train_tiny(&out, &["--epochs", "1", flag, value]), msg);
+        let r = train_tiny(&out, &["--epochs", "1", flag, value]);
+        assert_error(&r, msg);
+        // Refused where the command line is parsed, the message names the flag.
+        assert!(stderr(&r).contains(flag), "{flag} not named in: {}", stderr(&r));
     }
     // A negative integer is a parse error naming the flag, not "unexpected argument".
     let r = train_tiny(&out, &["--epochs", "-1"]);

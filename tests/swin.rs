@@ -5,19 +5,11 @@ mod common;
 
 use std::path::Path;
 
-use clap::Parser;
 use ibot::models::{SwinConfig, SwinTransformer};
 use ibot::params::{read_safetensors, ParamStore};
-use ibot::train::args::TrainArgs;
 use ibot::train::{checkpoint, run};
 use tch::{Device, Kind, Tensor};
 
-#[derive(Parser)]
-#[command(args_override_self = true)]
-struct Cli {
-    #[command(flatten)]
-    args: TrainArgs,
-}
 
 
 

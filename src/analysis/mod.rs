@@ -2,3 +2,4 @@
 //! (the official `analysis/attention_map`).
 
 pub mod attention;
+pub mod visualize;

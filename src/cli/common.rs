@@ -2,7 +2,9 @@
 
 use std::path::Path;
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{bail, Context, Result};
+
+use super::WeightsArgs;
 use tch::{Device, Tensor};
 
 use crate::data::dataset::{self, Dataset};
@@ -15,53 +17,22 @@ use crate::models::Backbone;
 /// the evaluation crop side and the device.
 pub type OpenBackbone<'a> = Box<dyn FnOnce() -> Result<(Backbone, usize, Device)> + 'a>;
 
-/// The training and test halves of an evaluation data set, as the official scripts read them:
-/// `<data_path>/train` and `<data_path>/val` image folders, or a folder of IDX files with
-/// `train-*` and `t10k-*`; `--train_path` / `--val_path` name either half explicitly.
+/// The training and test halves of an evaluation data set, opened: `--data_path` split as
+/// every evaluation command splits it ([`crate::eval::split::eval_splits`]: `train/` and `val/`
+/// image folders, or IDX `train-*` and `t10k-*`), or `--train_path` / `--val_path`.
 pub fn open_splits(
     data_path: Option<&Path>,
     train_path: Option<&Path>,
     val_path: Option<&Path>,
 ) -> Result<(Box<dyn Dataset>, Box<dyn Dataset>)> {
-    let half = |explicit: Option<&Path>,
-                dir: &str,
-                idx: &str,
-                flag: &str|
-     -> Result<Box<dyn Dataset>> {
-        if let Some(p) = explicit {
-            ensure!(p.exists(), "{flag} {} does not exist", p.display());
-            return dataset::open(p, idx);
-        }
-        let Some(root) = data_path else {
-            bail!("give --data_path (a folder with train/ and val/ image folders, or IDX files) or {flag}")
-        };
-        ensure!(
-            root.exists(),
-            "--data_path {} does not exist",
-            root.display()
-        );
-        let sub = root.join(dir);
-        if sub.is_dir() {
-            return dataset::open(&sub, "train");
-        }
-        let has_idx = |split: &str| {
-            ["", ".gz"]
-                .iter()
-                .any(|z| root.join(format!("{split}-images-idx3-ubyte{z}")).is_file())
-        };
-        if has_idx(idx) {
-            return dataset::open(root, idx);
-        }
-        bail!(
-            "--data_path {} has no {dir}/ folder and no IDX files {idx}-*: evaluation needs train/ \
-             and val/ image folders (or IDX train-*/t10k-*), or --train_path and --val_path",
-            root.display()
-        )
-    };
-    Ok((
-        half(train_path, "train", "train", "--train_path")?,
-        half(val_path, "val", "t10k", "--val_path")?,
-    ))
+    let (trp, trs, vap, vas) = crate::eval::split::eval_splits(data_path, train_path, val_path)?;
+    Ok((dataset::open(&trp, trs)?, dataset::open(&vap, vas)?))
+}
+
+/// [`OpenBackbone`] for the shared weight options.
+pub fn opener(weights: &WeightsArgs) -> OpenBackbone<'static> {
+    let cfg = weights.config();
+    Box::new(move || cfg.open_backbone().map(|(_, b, s, d)| (b, s, d)))
 }
 
 /// Features of both halves with the official evaluation view, L2-normalised, in the layout of

@@ -12,6 +12,8 @@ use crate::eval::copydetection::{self, BlockResult, CopyConfig};
 #[derive(Debug, Clone, clap::Args)]
 #[command(rename_all = "snake_case")]
 pub struct EvalCopydetectionArgs {
+    #[command(flatten)]
+    pub weights: super::WeightsArgs,
     /// Copydays: a folder with original/, strong/, jpegqual/<q>/ and crops/<c>/ of .jpg files.
     #[arg(long)]
     pub data_path: PathBuf,
@@ -65,4 +67,9 @@ impl EvalCopydetectionArgs {
         }
         Ok(r)
     }
+}
+
+/// `ibot eval-copydetection`.
+pub fn run(a: EvalCopydetectionArgs) -> Result<()> {
+    a.run(super::common::opener(&a.weights)).map(|_| ())
 }

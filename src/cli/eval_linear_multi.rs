@@ -14,6 +14,8 @@ use crate::eval::linear_multi::{self, official_lrs, permutes, MultiConfig, Multi
 #[derive(Debug, Clone, clap::Args)]
 #[command(rename_all = "snake_case")]
 pub struct EvalLinearMultiArgs {
+    #[command(flatten)]
+    pub weights: super::WeightsArgs,
     /// Folder with train/ and val/ image folders, or IDX files train-* and t10k-*. Other
     /// layouts: --train_path and --val_path.
     #[arg(long)]
@@ -130,4 +132,13 @@ impl EvalLinearMultiArgs {
         );
         Ok(r)
     }
+}
+
+/// `ibot eval-linear-multi`.
+pub fn run(a: EvalLinearMultiArgs) -> Result<()> {
+    a.run(
+        a.weights.checkpoint_key.as_str(),
+        super::common::opener(&a.weights),
+    )
+    .map(|_| ())
 }

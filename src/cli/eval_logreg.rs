@@ -13,6 +13,8 @@ use crate::eval::logreg::{self, LbfgsOptions, LogregConfig};
 #[derive(Debug, Clone, clap::Args)]
 #[command(rename_all = "snake_case")]
 pub struct EvalLogregArgs {
+    #[command(flatten)]
+    pub weights: super::WeightsArgs,
     /// Folder with train/ and val/ image folders (as the official script reads it), or IDX
     /// files train-* and t10k-*. Other layouts: --train_path and --val_path.
     #[arg(long)]
@@ -120,4 +122,9 @@ impl EvalLogregArgs {
         }
         Ok(results)
     }
+}
+
+/// `ibot eval-logreg`.
+pub fn run(a: EvalLogregArgs) -> Result<()> {
+    a.run(super::common::opener(&a.weights)).map(|_| ())
 }

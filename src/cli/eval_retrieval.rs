@@ -14,6 +14,8 @@ use crate::eval::retrieval::{self, RetrievalConfig, RetrievalResult, KS};
 #[derive(Debug, Clone, clap::Args)]
 #[command(rename_all = "snake_case")]
 pub struct EvalRetrievalArgs {
+    #[command(flatten)]
+    pub weights: super::WeightsArgs,
     /// The folder holding <dataset>/gnd_<dataset>.pkl and <dataset>/jpg/*.jpg (the revisitop
     /// layout).
     #[arg(long)]
@@ -120,4 +122,9 @@ impl EvalRetrievalArgs {
         }
         Ok(r)
     }
+}
+
+/// `ibot eval-retrieval`.
+pub fn run(a: EvalRetrievalArgs) -> Result<()> {
+    a.run(super::common::opener(&a.weights)).map(|_| ())
 }

@@ -403,3 +403,64 @@ pub fn open(path: &Path, split: &str) -> Result<Box<dyn Dataset>> {
     }
     Ok(Box::new(ImageFolder::open(path)?))
 }
+
+/// A fixed selection of a data set's images (in the order of `indices`).
+pub struct Subset {
+    inner: Box<dyn Dataset>,
+    indices: Vec<usize>,
+}
+
+impl Subset {
+    /// The images `indices` of `inner`; each index must be below `inner.len()`.
+    pub fn new(inner: Box<dyn Dataset>, indices: Vec<usize>) -> Result<Self> {
+        if let Some(&bad) = indices.iter().find(|&&i| i >= inner.len()) {
+            bail!("subset index {bad} is past the {} images of {}", inner.len(), inner.describe());
+        }
+        Ok(Self { inner, indices })
+    }
+}
+
+impl Dataset for Subset {
+    fn len(&self) -> usize {
+        self.indices.len()
+    }
+    fn get(&self, i: usize) -> Result<(Rgb8, i64)> {
+        self.inner.get(self.indices[i])
+    }
+    fn label(&self, i: usize) -> i64 {
+        self.inner.label(self.indices[i])
+    }
+    fn classes(&self) -> &[String] {
+        self.inner.classes()
+    }
+    fn describe(&self) -> String {
+        format!(
+            "{} images drawn from {}",
+            self.indices.len(),
+            self.inner.describe()
+        )
+    }
+}
+
+/// Opens `path` (split `split`), keeping a seeded random subset of `n` images if asked (the
+/// subset `ibot train --subset` trains on).
+pub fn open_subset(
+    path: &Path,
+    split: &str,
+    subset: Option<usize>,
+    seed: u64,
+) -> Result<std::sync::Arc<dyn Dataset>> {
+    use rand::seq::SliceRandom;
+    use rand::SeedableRng;
+    let ds = open(path, split)?;
+    Ok(match subset {
+        Some(n) if n < ds.len() => {
+            let mut idx: Vec<usize> = (0..ds.len()).collect();
+            idx.shuffle(&mut rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ 0x5EED));
+            idx.truncate(n);
+            idx.sort_unstable();
+            std::sync::Arc::new(Subset::new(ds, idx)?)
+        }
+        _ => std::sync::Arc::from(ds),
+    })
+}

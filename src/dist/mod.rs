@@ -12,6 +12,9 @@
 //!   run without a distributed environment creates no store and pays nothing.
 
 pub mod launch;
+mod world;
+
+pub use world::{join_world, DistConfig};
 
 use std::ffi::{c_char, c_int, c_void, CStr, CString};
 use std::time::Duration;

@@ -26,8 +26,11 @@ use super::features::{eval_view, view_batch};
 use crate::data::augment::random_resized_crop_params;
 use crate::data::dataset::Dataset;
 use crate::data::ops::{self, Filter, Rgb8};
+use crate::config::{Arch, CheckpointKey};
+use crate::device::DeviceChoice;
 use crate::models::BackboneRef;
 use crate::params::{read_safetensors, write_safetensors};
+use crate::schedule::cosine_annealing_lr;
 
 /// `LinearClassifier`: one `nn.Linear(dim, num_labels)` trained by SGD with momentum 0.9.
 #[derive(Debug)]
@@ -155,90 +158,67 @@ impl LinearProbe {
     }
 }
 
-/// `CosineAnnealingLR(T_max=epochs, eta_min=0)` after `epoch` scheduler steps.
-pub fn cosine_annealing_lr(base: f64, epoch: usize, epochs: usize) -> f64 {
-    base * (1.0 + (std::f64::consts::PI * epoch as f64 / epochs.max(1) as f64).cos()) / 2.0
+/// Options of `ibot eval-linear` (names and defaults of the official `eval_linear.py`). Stored
+/// in the probe's checkpoints and read back tolerantly (missing keys take these defaults).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct LinearConfig {
+    /// An `ibot train` checkpoint, an exported backbone, or an official .pth.
+    pub pretrained_weights: PathBuf,
+    pub checkpoint_key: CheckpointKey,
+    /// Checked against the weights; only needed for non-standard ViT widths.
+    pub arch: Option<Arch>,
+    pub num_heads: Option<i64>,
+    pub data_path: Option<PathBuf>,
+    pub train_path: Option<PathBuf>,
+    pub val_path: Option<PathBuf>,
+    pub n_last_blocks: usize,
+    pub avgpool_patchtokens: u8,
+    pub epochs: usize,
+    /// Learning rate for a batch of 256.
+    pub lr: f64,
+    pub batch_size_per_gpu: usize,
+    pub seed: u64,
+    pub num_workers: usize,
+    pub val_freq: usize,
+    pub output_dir: PathBuf,
+    /// Number of classes (`None`: read from the data set).
+    pub num_labels: Option<i64>,
+    pub load_from: Option<PathBuf>,
+    pub crop_size: Option<usize>,
+    pub subset: Option<usize>,
+    /// Not the official protocol: train on the features of centre crops computed once.
+    pub precompute_features: bool,
+    pub device: DeviceChoice,
 }
 
-/// Options of `ibot eval-linear` (names and defaults of the official `eval_linear.py`).
-#[derive(Debug, Clone, clap::Args, Serialize, Deserialize)]
-#[command(rename_all = "snake_case")]
-pub struct LinearArgs {
-    /// Weights to evaluate: an `ibot train` checkpoint, an exported backbone, or an official
-    /// .pth (full checkpoint or backbone only).
-    #[arg(long, alias = "checkpoint")]
-    pub pretrained_weights: PathBuf,
-    /// Network to take from full checkpoints: teacher or student.
-    #[arg(long, default_value = "teacher")]
-    pub checkpoint_key: String,
-    /// Architecture (vit_tiny/small/base/large, swin_tiny/small/base/large); only needed for
-    /// non-standard ViT widths (checked against the weights).
-    #[arg(long)]
-    pub arch: Option<String>,
-    /// Number of attention heads, for weights of a non-standard width.
-    #[arg(long)]
-    #[serde(default)]
-    pub num_heads: Option<i64>,
-    /// Folder with train/ and val/ image folders, or IDX files (train-* and t10k-*). Other
-    /// layouts: give --train_path and --val_path.
-    #[arg(long)]
-    #[serde(default)]
-    pub data_path: Option<PathBuf>,
-    /// Training images, instead of <data_path>/train: an image folder, a folder of IDX files
-    /// (train-* is read) or an IDX images file.
-    #[arg(long)]
-    #[serde(default)]
-    pub train_path: Option<PathBuf>,
-    /// Validation images, instead of <data_path>/val: an image folder, a folder of IDX files
-    /// (t10k-* is read) or an IDX images file.
-    #[arg(long)]
-    #[serde(default)]
-    pub val_path: Option<PathBuf>,
-    /// Concatenate the [CLS] tokens of the last n blocks (official: 4 for ViT-S, 1 for ViT-B/L).
-    /// Swin: the average-pooled tokens of the last n blocks, over all stages.
-    #[arg(long, default_value_t = 4)]
-    pub n_last_blocks: usize,
-    /// 0: [CLS] tokens; 1: mean of the patch tokens; 2: both (official choice for ViT-B/L).
-    /// ViT only (a Swin needs 0).
-    #[arg(long, default_value_t = 0)]
-    pub avgpool_patchtokens: u8,
-    #[arg(long, default_value_t = 100)]
-    pub epochs: usize,
-    /// Learning rate for a batch of 256 (scaled linearly with the batch size).
-    #[arg(long, default_value_t = 0.001)]
-    pub lr: f64,
-    #[arg(long, default_value_t = 128)]
-    pub batch_size_per_gpu: usize,
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
-    /// Threads decoding and augmenting images.
-    #[arg(long, default_value_t = 2)]
-    pub num_workers: usize,
-    /// Validate every this many epochs (and after the last).
-    #[arg(long, default_value_t = 1)]
-    pub val_freq: usize,
-    #[arg(long, default_value = ".")]
-    pub output_dir: PathBuf,
-    /// Number of classes (default: read from the data set).
-    #[arg(long)]
-    pub num_labels: Option<i64>,
-    /// Resume from this checkpoint, relative to --output_dir (default:
-    /// <output_dir>/checkpoint_<key>_linear.safetensors when it exists).
-    #[arg(long)]
-    pub load_from: Option<PathBuf>,
-    /// Crop side for training and validation views (default: the resolution the checkpoint
-    /// was trained at, 224 for the official models).
-    #[arg(long)]
-    pub crop_size: Option<usize>,
-    /// Use at most this many training and validation images.
-    #[arg(long)]
-    pub subset: Option<usize>,
-    /// Not the official protocol: compute the features of the centre-cropped training images once
-    /// and train on those (no augmentation; about `epochs` times faster on a CPU).
-    #[arg(long)]
-    pub precompute_features: bool,
-    #[arg(long, default_value = "auto")]
-    pub device: String,
+impl Default for LinearConfig {
+    fn default() -> Self {
+        Self {
+            pretrained_weights: PathBuf::new(),
+            checkpoint_key: CheckpointKey::Teacher,
+            arch: None,
+            num_heads: None,
+            data_path: None,
+            train_path: None,
+            val_path: None,
+            n_last_blocks: 4,
+            avgpool_patchtokens: 0,
+            epochs: 100,
+            lr: 0.001,
+            batch_size_per_gpu: 128,
+            seed: 0,
+            num_workers: 2,
+            val_freq: 1,
+            output_dir: PathBuf::from("."),
+            num_labels: None,
+            load_from: None,
+            crop_size: None,
+            subset: None,
+            precompute_features: false,
+            device: DeviceChoice::Auto,
+        }
+    }
 }
 
 /// Outcome of a linear-probe run (also written to `<output_dir>/results_linear_<key>.json`).
@@ -258,7 +238,7 @@ struct LinearCkptMeta {
     /// Next epoch to run.
     epoch: usize,
     best_acc: f64,
-    args: LinearArgs,
+    args: LinearConfig,
 }
 
 const CKPT_FORMAT: &str = "ibot-rs-linear/1";
@@ -318,7 +298,7 @@ pub fn evaluate(
 
 /// Runs the linear evaluation of `backbone` on `train`/`val`.
 pub fn run<'a>(
-    a: &LinearArgs,
+    a: &LinearConfig,
     backbone: impl Into<BackboneRef<'a>>,
     train: &dyn Dataset,
     val: &dyn Dataset,
@@ -501,7 +481,7 @@ fn save_probe(
     probe: &LinearProbe,
     next_epoch: usize,
     best: f64,
-    a: &LinearArgs,
+    a: &LinearConfig,
 ) -> Result<()> {
     let meta = LinearCkptMeta {
         format: CKPT_FORMAT.into(),
@@ -551,4 +531,42 @@ fn load_probe(
         probe.momentum = Some((bw.to_device(dev), bb.to_device(dev)));
     }
     Ok((meta.epoch, meta.best_acc))
+}
+
+/// `ibot eval-linear`: opens the weights and the two splits, then [`run`]s the probe and prints
+/// the official closing line.
+pub fn run_command(cfg: &LinearConfig) -> Result<LinearResult> {
+    let mut a = cfg.clone();
+    let device = a.device.select()?;
+    let p = crate::interop::load_pretrained_with(
+        &a.pretrained_weights,
+        a.checkpoint_key.as_str(),
+        a.arch.map(Arch::as_str),
+        a.num_heads,
+    )?;
+    eprintln!("weights: {}", p.description);
+    let (_, vit) = p.backbone_model(device)?;
+    let size = super::resolve_crop(
+        a.crop_size,
+        p.config.img_size() as usize,
+        p.config.patch_size() as usize,
+    )?;
+    let (trp, trs, tep, tes) = super::split::eval_splits(
+        a.data_path.as_deref(),
+        a.train_path.as_deref(),
+        a.val_path.as_deref(),
+    )?;
+    let train_ds = crate::data::dataset::open(&trp, trs)?;
+    let val_ds = crate::data::dataset::open(&tep, tes)?;
+    super::warn_upsampling(train_ds.as_ref(), size, a.crop_size.is_some());
+    a.crop_size = Some(size);
+    eprintln!(
+        "data: {} training ({}), {} validation images",
+        train_ds.len(),
+        train_ds.describe(),
+        val_ds.len()
+    );
+    let r = run(&a, &vit, train_ds.as_ref(), val_ds.as_ref(), device)?;
+    println!("Training of the linear classifier on frozen features completed. Top-1 test accuracy: {:.1}", r.best_acc1);
+    Ok(r)
 }

@@ -23,12 +23,11 @@ use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
 use super::features::{eval_view, view_batch, FeatureSpec};
-use super::linear::{
-    append_line, cosine_annealing_lr, epoch_order, evaluate, training_view_of, LinearProbe, Optim,
-};
+use super::linear::{append_line, epoch_order, evaluate, training_view_of, LinearProbe, Optim};
 use crate::data::dataset::Dataset;
 use crate::data::ops::Rgb8;
 use crate::models::BackboneRef;
+use crate::schedule::cosine_annealing_lr;
 
 /// The official learning rates: `[base * n for base in 10**k, k in -4..=0, for n in 1..=9]`.
 pub fn official_lrs() -> Vec<f64> {

@@ -2,6 +2,7 @@
 //! anything), backbone export, layout detection.
 
 pub mod pth;
+pub mod extract;
 pub mod weights;
 
 pub use pth::{read_pth, read_pth_subset, PthFile};

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
 use crate::dist::Comm;
-use crate::train::schedule::linspace;
+use crate::schedule::linspace;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct IbotLossConfig {

@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use tch::Tensor;
 
 use super::amp::{GradScaler, Precision};
-use super::args::TrainArgs;
+use crate::config::TrainConfig;
 use super::{Ibot, IbotConfig};
 use crate::params::{read_safetensors, write_safetensors};
 
@@ -24,7 +24,9 @@ pub struct CheckpointMeta {
     pub format: String,
     /// The epoch to run next (the official checkpoint's `epoch`).
     pub epoch: usize,
-    pub args: TrainArgs,
+    /// The run's resolved configuration, read tolerantly (see [`crate::config`]).
+    #[serde(default)]
+    pub args: TrainConfig,
     pub config: IbotConfig,
     /// Loss-scaler state of float16 runs (the official `fp16_scaler`).
     #[serde(default)]
@@ -32,7 +34,7 @@ pub struct CheckpointMeta {
 }
 
 /// Writes `ibot`'s complete training state to `path`.
-pub fn save(path: &Path, ibot: &Ibot, next_epoch: usize, args: &TrainArgs) -> Result<()> {
+pub fn save(path: &Path, ibot: &Ibot, next_epoch: usize, args: &TrainConfig) -> Result<()> {
     let mut tensors: Vec<(String, Tensor)> = Vec::new();
     for (k, t) in ibot.student_ps.state_dict() {
         tensors.push((format!("student.{k}"), t.shallow_clone()));

@@ -7,8 +7,10 @@ pub mod interrupt;
 pub mod optim;
 pub mod plot;
 pub mod run;
-pub mod schedule;
 pub mod tensorboard;
+
+/// The schedules live in [`crate::schedule`] (shared with the loss and the evaluations).
+pub use crate::schedule;
 
 use anyhow::{bail, ensure, Result};
 use serde::{Deserialize, Serialize};

@@ -3,265 +3,149 @@
 
 use std::io::{IsTerminal, Write};
 use std::path::Path;
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{bail, ensure, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
-use rand::seq::SliceRandom;
-use rand::SeedableRng;
 use tch::{Device, Kind, Tensor};
 
 use super::amp::{Precision, PrecisionChoice};
-use super::args::{DistArgs, TrainArgs};
-use super::optim::OptimizerKind;
-use super::schedule::cosine_scheduler;
+use crate::config::TrainConfig;
+use crate::schedule::cosine_scheduler;
 use super::{checkpoint, Ibot, IbotConfig, IbotLossConfig, NonFiniteLoss, StepStats};
 use crate::data::augment::AugmentConfig;
-use crate::data::dataset::{self, Dataset};
 use crate::data::loader::{Batch, Loader, LoaderConfig};
 use crate::data::masking::MaskConfig;
 use crate::eval::cluster;
-use crate::dist::{Comm, DistEnv, ProcessGroup, SingleProcess};
+use crate::dist::{Comm, DistEnv};
 use crate::models::{BackboneConfig, HeadConfig, SwinConfig, VitConfig};
 
-/// Makes libtorch's CUDA backend available when this machine may have an NVIDIA GPU (or when
-/// IBOT_LOAD_CUDA=1 asks for it). Its kernels live in libtorch_cuda.so, which the linker drops
-/// from a binary that never calls into it by name; loading it registers CUDA with libtorch, as
-/// `import torch` does. CPU-only machines never pay for loading it (about 0.1 s and 400 MB).
-fn load_cuda_runtime() {
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| {
-        let gpu_here = Path::new("/dev/nvidiactl").exists() || Path::new("/proc/driver/nvidia").exists();
-        let asked = std::env::var("IBOT_LOAD_CUDA").is_ok_and(|v| v == "1");
-        if !gpu_here && !asked {
-            return;
-        }
-        // Found through the binary's RUNPATH (build.rs puts libtorch's directory there).
-        // SAFETY: dlopen with a NUL-terminated name; the handle is kept for the process's life.
-        let handle = unsafe {
-            libc::dlopen(
-                c"libtorch_cuda.so".as_ptr(),
-                libc::RTLD_NOW | libc::RTLD_GLOBAL,
-            )
-        };
-        if handle.is_null() {
-            // SAFETY: dlerror returns a NUL-terminated message or null.
-            let why = unsafe {
-                let e = libc::dlerror();
-                if e.is_null() {
-                    "unknown error".to_string()
-                } else {
-                    std::ffi::CStr::from_ptr(e).to_string_lossy().into_owned()
-                }
-            };
-            eprintln!("note: libtorch's CUDA backend could not be loaded ({why}); running on the CPU");
-        }
-    });
-}
-
-/// Picks the device: `auto` is the first GPU when libtorch sees one.
-pub fn select_device(name: &str) -> Result<Device> {
-    if name != "cpu" {
-        load_cuda_runtime();
-    }
-    Ok(match name {
-        "auto" => Device::cuda_if_available(),
-        "cpu" => Device::Cpu,
-        "cuda" => {
-            ensure!(
-                tch::Cuda::is_available(),
-                "--device cuda: no CUDA device is available"
-            );
-            Device::Cuda(0)
-        }
-        s if s.starts_with("cuda:") => {
-            let i: usize = s[5..]
-                .parse()
-                .with_context(|| format!("bad device '{s}'"))?;
-            ensure!(
-                i < tch::Cuda::device_count() as usize,
-                "--device {s}: only {} CUDA device(s)",
-                tch::Cuda::device_count()
-            );
-            Device::Cuda(i)
-        }
-        other => bail!("unknown device '{other}' (cpu, cuda, cuda:N or auto)"),
-    })
-}
+/// Device selection lives in [`crate::device`] and the subset wrapper in
+/// [`crate::data::dataset`]; re-exported for code written against these paths.
+pub use crate::data::dataset::open_subset as open_dataset;
+pub use crate::device::select_device;
 
 /// The model/loss configuration the arguments describe.
-pub fn ibot_config(a: &TrainArgs) -> Result<IbotConfig> {
+pub fn ibot_config(a: &TrainConfig) -> Result<IbotConfig> {
     let backbone: BackboneConfig = if a.is_swin() {
         ensure!(
-            a.depth.is_none() && a.num_heads.is_none(),
+            a.model.depth.is_none() && a.model.num_heads.is_none(),
             "--depth and --num_heads describe a ViT; for Swin use --depths and --stage_heads (one value per stage)"
         );
-        let mut c = SwinConfig::from_arch(&a.arch, a.window_size)?;
-        c.img_size = a.img_size;
-        if let Some(d) = a.embed_dim {
+        let mut c = SwinConfig::from_arch(a.model.arch.as_str(), a.model.window_size)?;
+        c.img_size = a.model.img_size;
+        if let Some(d) = a.model.embed_dim {
             c.embed_dim = d;
         }
-        if let Some(d) = &a.depths {
+        if let Some(d) = &a.model.depths {
             c.depths = d.clone();
         }
-        if let Some(h) = &a.stage_heads {
+        if let Some(h) = &a.model.stage_heads {
             c.num_heads = h.clone();
         }
-        c.masked_im_modeling = a.use_masked_im_modeling;
+        c.masked_im_modeling = a.loss.use_masked_im_modeling;
         c.into()
     } else {
         ensure!(
-            a.depths.is_none() && a.stage_heads.is_none(),
+            a.model.depths.is_none() && a.model.stage_heads.is_none(),
             "--depths and --stage_heads describe a Swin; for a ViT use --depth and --num_heads"
         );
-        let mut c = VitConfig::from_arch(&a.arch, a.resolved_patch_size())?;
-        c.img_size = a.img_size;
-        if let Some(d) = a.embed_dim {
+        let mut c = VitConfig::from_arch(a.model.arch.as_str(), a.resolved_patch_size())?;
+        c.img_size = a.model.img_size;
+        if let Some(d) = a.model.embed_dim {
             c.embed_dim = d;
         }
-        if let Some(d) = a.depth {
+        if let Some(d) = a.model.depth {
             c.depth = d;
         }
-        if let Some(h) = a.num_heads {
+        if let Some(h) = a.model.num_heads {
             c.num_heads = h;
         }
-        c.drop_path_rate = a.drop_path;
-        c.masked_im_modeling = a.use_masked_im_modeling;
+        c.drop_path_rate = a.model.drop_path;
+        c.masked_im_modeling = a.loss.use_masked_im_modeling;
         c.into()
     };
     backbone.validate()?;
     let head = HeadConfig {
-        hidden_dim: a.head_hidden_dim,
-        bottleneck_dim: a.head_bottleneck_dim,
-        norm: a.norm_in_head.parse()?,
-        act: a.act_in_head.parse()?,
+        hidden_dim: a.head.head_hidden_dim,
+        bottleneck_dim: a.head.head_bottleneck_dim,
+        norm: a.head.norm_in_head,
+        act: a.head.act_in_head,
         ..HeadConfig::new(
             backbone.embed_dim(),
-            a.out_dim,
-            a.patch_out_dim,
-            a.norm_last_layer,
-            a.shared_head,
+            a.head.out_dim,
+            a.head.patch_out_dim,
+            a.head.norm_last_layer,
+            a.head.shared_head,
         )
     };
-    let same_dim = a.shared_head || a.shared_head_teacher;
-    if !a.shared_head && a.shared_head_teacher && a.patch_out_dim != a.out_dim {
+    let same_dim = a.head.shared_head || a.head.shared_head_teacher;
+    if !a.head.shared_head && a.head.shared_head_teacher && a.head.patch_out_dim != a.head.out_dim {
         bail!("--shared_head false with --shared_head_teacher true needs --patch_out_dim equal to --out_dim (the teacher's patch outputs have out_dim)");
     }
     let loss = IbotLossConfig {
-        out_dim: a.out_dim,
-        patch_out_dim: if same_dim { a.out_dim } else { a.patch_out_dim },
-        ngcrops: a.global_crops_number,
-        nlcrops: a.local_crops_number,
-        warmup_teacher_temp: a.warmup_teacher_temp,
-        teacher_temp: a.teacher_temp,
-        warmup_teacher_temp2: a.warmup_teacher_patch_temp,
-        teacher_temp2: a.teacher_patch_temp,
-        warmup_teacher_temp_epochs: a.warmup_teacher_temp_epochs,
-        nepochs: a.epochs,
+        out_dim: a.head.out_dim,
+        patch_out_dim: if same_dim { a.head.out_dim } else { a.head.patch_out_dim },
+        ngcrops: a.data.global_crops_number,
+        nlcrops: a.data.local_crops_number,
+        warmup_teacher_temp: a.loss.warmup_teacher_temp,
+        teacher_temp: a.loss.teacher_temp,
+        warmup_teacher_temp2: a.loss.warmup_teacher_patch_temp,
+        teacher_temp2: a.loss.teacher_patch_temp,
+        warmup_teacher_temp_epochs: a.loss.warmup_teacher_temp_epochs,
+        nepochs: a.schedule.epochs,
         student_temp: 0.1,
         center_momentum: 0.9,
         center_momentum2: 0.9,
-        lambda1: a.lambda1,
-        lambda2: a.lambda2,
-        mim_start_epoch: a.pred_start_epoch,
+        lambda1: a.loss.lambda1,
+        lambda2: a.loss.lambda2,
+        mim_start_epoch: a.loss.pred_start_epoch,
     };
     Ok(IbotConfig {
         backbone,
         head,
-        shared_head_teacher: a.shared_head_teacher,
+        shared_head_teacher: a.head.shared_head_teacher,
         loss,
-        clip_grad: a.clip_grad,
-        freeze_last_layer: a.freeze_last_layer,
-        optimizer: a.optimizer.parse::<OptimizerKind>()?,
+        clip_grad: a.optim.clip_grad,
+        freeze_last_layer: a.optim.freeze_last_layer,
+        optimizer: a.optim.optimizer,
     })
 }
 
 /// The data-loading configuration the arguments describe.
-pub fn loader_config(a: &TrainArgs) -> Result<LoaderConfig> {
+pub fn loader_config(a: &TrainConfig) -> Result<LoaderConfig> {
     let pair = |v: &[f64], name: &str| -> Result<(f64, f64)> {
         ensure!(v.len() == 2, "--{name} takes two numbers");
         Ok((v[0], v[1]))
     };
     let augment = AugmentConfig {
-        global_crops_number: a.global_crops_number,
-        local_crops_number: a.local_crops_number,
-        global_crops_size: a.global_crops_size,
-        local_crops_size: a.local_crops_size,
-        global_crops_scale: pair(&a.global_crops_scale, "global_crops_scale")?,
-        local_crops_scale: pair(&a.local_crops_scale, "local_crops_scale")?,
+        global_crops_number: a.data.global_crops_number,
+        local_crops_number: a.data.local_crops_number,
+        global_crops_size: a.data.global_crops_size,
+        local_crops_size: a.data.local_crops_size,
+        global_crops_scale: pair(&a.data.global_crops_scale, "global_crops_scale")?,
+        local_crops_scale: pair(&a.data.local_crops_scale, "local_crops_scale")?,
         ..AugmentConfig::default()
     };
     let mask = MaskConfig {
         patch_size: a.mask_patch_size() as usize,
-        pred_ratio: a.pred_ratio.clone(),
-        pred_ratio_var: a.pred_ratio_var.clone(),
-        pred_shape: a.pred_shape.parse()?,
+        pred_ratio: a.loss.pred_ratio.clone(),
+        pred_ratio_var: a.loss.pred_ratio_var.clone(),
+        pred_shape: a.loss.pred_shape,
         pred_aspect_ratio: (0.3, 1.0 / 0.3),
-        pred_start_epoch: a.pred_start_epoch,
+        pred_start_epoch: a.loss.pred_start_epoch,
     };
     Ok(LoaderConfig {
         augment,
         mask,
-        batch_size: a.batch_size_per_gpu,
-        num_workers: a.num_workers,
+        batch_size: a.optim.batch_size_per_gpu,
+        num_workers: a.data.num_workers,
         prefetch: 2,
-        seed: a.seed,
+        seed: a.run.seed,
         rank: 0,
         world_size: 1,
         drop_last: true,
-        skip_corrupt: a.skip_corrupt,
-    })
-}
-
-/// A fixed random subset of a data set.
-struct Subset {
-    inner: Box<dyn Dataset>,
-    indices: Vec<usize>,
-}
-
-impl Dataset for Subset {
-    fn len(&self) -> usize {
-        self.indices.len()
-    }
-    fn get(&self, i: usize) -> Result<(crate::data::ops::Rgb8, i64)> {
-        self.inner.get(self.indices[i])
-    }
-    fn label(&self, i: usize) -> i64 {
-        self.inner.label(self.indices[i])
-    }
-    fn classes(&self) -> &[String] {
-        self.inner.classes()
-    }
-    fn describe(&self) -> String {
-        format!(
-            "{} images drawn from {}",
-            self.indices.len(),
-            self.inner.describe()
-        )
-    }
-}
-
-/// Opens `path` (split train), keeping a seeded random subset of `n` images if asked.
-pub fn open_dataset(
-    path: &Path,
-    split: &str,
-    subset: Option<usize>,
-    seed: u64,
-) -> Result<Arc<dyn Dataset>> {
-    let ds = dataset::open(path, split)?;
-    Ok(match subset {
-        Some(n) if n < ds.len() => {
-            let mut idx: Vec<usize> = (0..ds.len()).collect();
-            idx.shuffle(&mut rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ 0x5EED));
-            idx.truncate(n);
-            idx.sort_unstable();
-            Arc::new(Subset {
-                inner: ds,
-                indices: idx,
-            })
-        }
-        _ => Arc::from(ds),
+        skip_corrupt: a.data.skip_corrupt,
     })
 }
 
@@ -305,27 +189,9 @@ fn progress(n: u64, epoch: usize, epochs: usize) -> Option<ProgressBar> {
     Some(pb)
 }
 
-/// The device of this rank: with `auto` or `cuda` in a data-parallel run, the GPU named by
-/// LOCAL_RANK (as the official `torch.cuda.set_device(args.gpu)`).
-fn rank_device(name: &str, env: Option<&DistEnv>) -> Result<Device> {
-    let device = select_device(name)?;
-    Ok(match (device, env) {
-        (Device::Cuda(_), Some(e)) if name == "auto" || name == "cuda" => {
-            let n = tch::Cuda::device_count() as usize;
-            ensure!(
-                e.local_rank < n,
-                "LOCAL_RANK {} but only {n} CUDA device(s) on this node",
-                e.local_rank
-            );
-            Device::Cuda(e.local_rank)
-        }
-        _ => device,
-    })
-}
-
 /// FNV-1a of the options every rank must share (the model, data and optimisation ones; paths,
 /// workers and the device may differ between nodes).
-fn options_fingerprint(args: &TrainArgs) -> Result<u64> {
+fn options_fingerprint(args: &TrainConfig) -> Result<u64> {
     let mut v = serde_json::to_value(args)?;
     if let Some(m) = v.as_object_mut() {
         for k in ["output_dir", "data_path", "num_workers", "device", "load_from", "stop_after"] {
@@ -341,51 +207,50 @@ fn options_fingerprint(args: &TrainArgs) -> Result<u64> {
     Ok(h)
 }
 
-/// This process's view of the data-parallel world: a c10d group when launched for one.
+/// [`crate::dist::join_world`] from the command line's `--dist_*` options and `--device` text
+/// (kept for callers written against this path).
 pub fn join_world(
-    dist: &DistArgs,
+    dist: &crate::cli::DistArgs,
     device_name: &str,
 ) -> Result<(Box<dyn Comm>, Device, Option<DistEnv>)> {
-    let env = DistEnv::detect(&dist.dist_url)?;
-    let device = rank_device(device_name, env.as_ref())?;
-    let comm: Box<dyn Comm> = match &env {
-        None => Box::new(SingleProcess),
-        Some(e) => {
-            ensure!(
-                dist.dist_timeout > 0,
-                "--dist_timeout must be at least 1 second"
-            );
-            if e.local_world_size > 1
-                && std::env::var_os("OMP_NUM_THREADS").is_none()
-                && !crate::util::threads_set_explicitly()
-            {
-                // Share the node's cores among its ranks instead of oversubscribing them.
-                let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-                tch::set_num_threads((cores / e.local_world_size).max(1) as i32);
-            }
-            let pg = ProcessGroup::new(e, Duration::from_secs(dist.dist_timeout), device)?;
-            if e.rank == 0 {
-                eprintln!(
-                    "data parallel: {} (launched by {}), master {}:{}, {} thread(s) per rank",
-                    pg.describe(),
-                    e.launcher,
-                    e.master_addr,
-                    e.master_port,
-                    tch::get_num_threads()
-                );
-            }
-            Box::new(pg)
-        }
-    };
-    Ok((comm, device, env))
+    crate::dist::join_world(&dist.config(), device_name.parse()?)
 }
 
 /// Runs (or resumes) training as the arguments say: one process, or one rank of a data-parallel
 /// run when launched by torchrun, SLURM or `ibot launch`.
-pub fn train(args: &TrainArgs) -> Result<TrainOutcome> {
+pub fn train(args: &TrainConfig) -> Result<TrainOutcome> {
     args.validate()?;
-    let (comm, device, _env) = join_world(&args.dist, &args.device)?;
+    let (comm, device, _env) = crate::dist::join_world(&args.dist, args.run.device)?;
     train_with(args, comm.as_ref(), device)
+}
+
+/// `ibot train`: [`train`] with Ctrl-C / SIGTERM handling, then one line on what was done
+/// (rank 0).
+pub fn train_and_report(cfg: &TrainConfig) -> Result<()> {
+    super::interrupt::install()?;
+    let out = train(cfg)?;
+    if out.rank == 0 {
+        let ckpt = cfg.run.output_dir.join("checkpoint.safetensors");
+        if out.epochs_done == 0 {
+            eprintln!(
+                "no epoch was trained (the run was already at epoch {} of --epochs {}); {}",
+                out.start_epoch,
+                cfg.schedule.epochs,
+                if ckpt.is_file() {
+                    format!("{} is unchanged", ckpt.display())
+                } else {
+                    "no checkpoint was written".to_string()
+                }
+            );
+        } else {
+            eprintln!(
+                "{} epoch(s) trained; checkpoint in {}",
+                out.epochs_done,
+                ckpt.display()
+            );
+        }
+    }
+    Ok(())
 }
 
 /// Where the batches of each epoch come from: the data loader, or the fixed batches of a
@@ -422,21 +287,21 @@ pub struct NoObserver;
 impl Observer for NoObserver {}
 
 /// [`train`] inside an existing world.
-pub fn train_with(args: &TrainArgs, comm: &dyn Comm, device: Device) -> Result<TrainOutcome> {
+pub fn train_with(args: &TrainConfig, comm: &dyn Comm, device: Device) -> Result<TrainOutcome> {
     let main = comm.is_main();
     let mut lcfg = loader_config(args)?;
     lcfg.rank = comm.rank();
     lcfg.world_size = comm.world_size();
     crate::dist::check_same(comm, options_fingerprint(args)?, "training options")?;
-    std::fs::create_dir_all(&args.output_dir)
-        .with_context(|| format!("creating {}", args.output_dir.display()))?;
+    std::fs::create_dir_all(&args.run.output_dir)
+        .with_context(|| format!("creating {}", args.run.output_dir.display()))?;
     // One run per output directory: rank 0 holds an exclusive lock until it returns.
     let _lock = if main {
-        Some(crate::util::lock_dir(&args.output_dir)?)
+        Some(crate::util::lock_dir(&args.run.output_dir)?)
     } else {
         None
     };
-    let ds = open_dataset(&args.data_path, "train", args.subset, args.seed)?;
+    let ds = crate::data::dataset::open_subset(&args.data.data_path, "train", args.data.subset, args.run.seed)?;
     if main {
         eprintln!("data: {}", ds.describe());
     }
@@ -445,10 +310,10 @@ pub fn train_with(args: &TrainArgs, comm: &dyn Comm, device: Device) -> Result<T
         !loader.is_empty(),
         "{} images give no full batch of {} per process over {} process(es) (drop_last): lower --batch_size_per_gpu",
         ds.len(),
-        args.batch_size_per_gpu,
+        args.optim.batch_size_per_gpu,
         comm.world_size()
     );
-    let ibot = Ibot::seeded(ibot_config(args)?, device, args.seed)?;
+    let ibot = Ibot::seeded(ibot_config(args)?, device, args.run.seed)?;
     train_loop(args, comm, ibot, &loader, &mut NoObserver)
 }
 
@@ -456,65 +321,137 @@ pub fn train_with(args: &TrainArgs, comm: &dyn Comm, device: Device) -> Result<T
 /// total batch), resume, then per epoch the steps, the synchronised statistics and rank 0's
 /// checkpoint and log line.
 pub fn train_loop(
-    args: &TrainArgs,
+    args: &TrainConfig,
     comm: &dyn Comm,
     mut ibot: Ibot,
     source: &dyn BatchSource,
     observer: &mut dyn Observer,
 ) -> Result<TrainOutcome> {
     let main = comm.is_main();
-    let device = ibot.device;
-    // As the official `setup_for_distributed`: only rank 0 reports progress.
-    let say = |msg: String| {
-        if main {
-            eprintln!("{msg}");
-        }
-    };
     let niter = source.iters_per_epoch();
     ensure!(niter > 0, "no batches to train on");
-    std::fs::create_dir_all(&args.output_dir)
-        .with_context(|| format!("creating {}", args.output_dir.display()))?;
-    ibot.precision = Precision::resolve(args.use_fp16, args.precision, device)?;
-    if args.precision == PrecisionChoice::Auto {
-        say(format!(
+    std::fs::create_dir_all(&args.run.output_dir)
+        .with_context(|| format!("creating {}", args.run.output_dir.display()))?;
+    set_precision(args, &mut ibot, main)?;
+    let schedules = Schedules::new(args, niter, comm.world_size())?;
+    let ckpt_path = args.run.output_dir.join("checkpoint.safetensors");
+    let start_epoch = resume(args, comm, &mut ibot, &ckpt_path)?;
+    if main {
+        let args_json = serde_json::to_string_pretty(args)?;
+        crate::util::atomic_write(&args.run.output_dir.join("args.json"), args_json.as_bytes())?;
+    }
+    let stop_at = args
+        .run
+        .stop_after
+        .map(|n| start_epoch + n)
+        .unwrap_or(args.schedule.epochs)
+        .min(args.schedule.epochs);
+    super::interrupt::set_run(&args.run.output_dir, main);
+    let mut run = RunState::new(args, main, (stop_at.saturating_sub(start_epoch) * niter) / 4000);
+    let mut last = None;
+    let mut done = 0;
+    for epoch in start_epoch..stop_at {
+        let t0 = Instant::now();
+        let sums = train_epoch(args, comm, &mut ibot, source, observer, &schedules, &mut run, epoch, &ckpt_path)?;
+        let st = epoch_stats(comm, sums, epoch)?;
+        observer.epoch_end(epoch, &st.stats, &ibot)?;
+        end_epoch(args, comm, &ibot, &schedules, &mut run, epoch, &ckpt_path, &st.stats)?;
+        if main {
+            let s = &st.stats;
+            eprintln!(
+                "epoch {epoch}: loss {:.4} cls {:.4} patch {:.4} acc {:.3} nmi {:.3} ari {:.3} ({:.0}s{})",
+                s.loss,
+                s.cls,
+                s.patch,
+                s.acc,
+                s.nmi,
+                s.ari,
+                t0.elapsed().as_secs_f64(),
+                if st.skipped > 0 {
+                    format!(", {} unreadable images skipped", st.skipped)
+                } else {
+                    String::new()
+                }
+            );
+        }
+        last = Some(st.stats);
+        done += 1;
+    }
+    Ok(TrainOutcome {
+        ibot,
+        epochs_done: done,
+        last,
+        rank: comm.rank(),
+        start_epoch,
+    })
+}
+
+/// The arithmetic of the run (`--use_fp16`, `--precision`) on the model's device, said on
+/// stderr with the reason.
+fn set_precision(args: &TrainConfig, ibot: &mut Ibot, main: bool) -> Result<()> {
+    let device = ibot.device;
+    ibot.precision = Precision::resolve(args.optim.use_fp16, args.optim.precision, device)?;
+    if !main {
+        return Ok(());
+    }
+    if args.optim.precision == PrecisionChoice::Auto {
+        eprintln!(
             "precision: {} ({})",
             ibot.precision.name(),
-            Precision::auto_reason(args.use_fp16, device)
-        ));
+            Precision::auto_reason(args.optim.use_fp16, device)
+        );
     } else {
-        say(format!("precision: {} (--precision)", ibot.precision.name()));
+        eprintln!("precision: {} (--precision)", ibot.precision.name());
     }
+    Ok(())
+}
 
-    // lr scaled by the total batch, as the official `args.lr * batch_size_per_gpu * world / 256`.
-    let world = comm.world_size() as f64;
-    let lr = cosine_scheduler(
-        args.lr * args.batch_size_per_gpu as f64 * world / 256.0,
-        args.min_lr,
-        args.epochs,
-        niter,
-        args.warmup_epochs,
-        0.0,
-    )?;
-    let wd = cosine_scheduler(
-        args.weight_decay,
-        args.weight_decay_end,
-        args.epochs,
-        niter,
-        0,
-        0.0,
-    )?;
-    let mom = cosine_scheduler(args.momentum_teacher, 1.0, args.epochs, niter, 0, 0.0)?;
+/// The per-iteration schedules of the whole run.
+struct Schedules {
+    lr: Vec<f64>,
+    wd: Vec<f64>,
+    momentum: Vec<f64>,
+    niter: usize,
+}
 
-    // Resume: --load_from (relative to output_dir), else output_dir/checkpoint.safetensors.
-    // Every rank reads the checkpoint itself.
-    let ckpt_path = args.output_dir.join("checkpoint.safetensors");
-    let resume = crate::util::resume_path(&args.output_dir, args.load_from.as_deref(), &ckpt_path)?;
+impl Schedules {
+    fn new(args: &TrainConfig, niter: usize, world_size: usize) -> Result<Self> {
+        let s = &args.schedule;
+        // lr scaled by the total batch, as the official `args.lr * batch_size_per_gpu * world / 256`.
+        let world = world_size as f64;
+        let lr = cosine_scheduler(
+            s.lr * args.optim.batch_size_per_gpu as f64 * world / 256.0,
+            s.min_lr,
+            s.epochs,
+            niter,
+            s.warmup_epochs,
+            0.0,
+        )?;
+        let wd = cosine_scheduler(s.weight_decay, s.weight_decay_end, s.epochs, niter, 0, 0.0)?;
+        let momentum = cosine_scheduler(s.momentum_teacher, 1.0, s.epochs, niter, 0, 0.0)?;
+        Ok(Self {
+            lr,
+            wd,
+            momentum,
+            niter,
+        })
+    }
+}
+
+/// Resume: --load_from (relative to output_dir), else output_dir/checkpoint.safetensors; every
+/// rank reads the checkpoint itself, and in a data-parallel run all must be at the same epoch
+/// and then hold rank 0's weights. Returns the epoch to start at.
+fn resume(args: &TrainConfig, comm: &dyn Comm, ibot: &mut Ibot, ckpt_path: &Path) -> Result<usize> {
+    let resume =
+        crate::util::resume_path(&args.run.output_dir, args.run.load_from.as_deref(), ckpt_path)?;
     let mut start_epoch = 0;
     if let Some(p) = &resume {
-        let meta = checkpoint::load(p, &mut ibot)
-            .with_context(|| format!("resuming from {}", p.display()))?;
+        let meta =
+            checkpoint::load(p, ibot).with_context(|| format!("resuming from {}", p.display()))?;
         start_epoch = meta.epoch;
-        say(format!("resumed from {} at epoch {start_epoch}", p.display()));
+        if comm.is_main() {
+            eprintln!("resumed from {} at epoch {start_epoch}", p.display());
+        }
     }
     if comm.world_size() > 1 {
         let epochs = crate::dist::all_gather_i64(comm, &[start_epoch as i64])?;
@@ -533,294 +470,366 @@ pub fn train_loop(
         comm.broadcast(&mut ibot.loss.center, 0)?;
         comm.broadcast(&mut ibot.loss.center2, 0)?;
     }
-    if main {
-        let args_json = serde_json::to_string_pretty(args)?;
-        crate::util::atomic_write(&args.output_dir.join("args.json"), args_json.as_bytes())?;
+    Ok(start_epoch)
+}
+
+/// What the loop keeps across epochs: the loss curve of this run, the last finite loss, the
+/// unreadable images named so far, TensorBoard's writer.
+struct RunState {
+    main: bool,
+    /// Per-iteration loss for loss.png, averaged in buckets of `bucket` steps so that a long
+    /// run keeps a few thousand points.
+    iter_curve: Vec<(f64, f64)>,
+    bucket: usize,
+    bucket_sum: (f64, f64, usize),
+    last_finite: Option<f64>,
+    /// Unreadable images skipped so far (--skip_corrupt): the first few are named on stderr.
+    listed_skips: usize,
+    /// TensorBoard scalars (rank 0): a convenience, so a failure only turns them off.
+    tb: Option<super::tensorboard::EventWriter>,
+}
+
+const LIST_SKIPS: usize = 5;
+
+impl RunState {
+    fn new(args: &TrainConfig, main: bool, bucket: usize) -> Self {
+        let tb = if main {
+            match super::tensorboard::EventWriter::create(&args.run.output_dir.join("tf_logs")) {
+                Ok(w) => Some(w),
+                Err(e) => {
+                    eprintln!("note: no TensorBoard logs: {e:#}");
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        Self {
+            main,
+            iter_curve: Vec::new(),
+            bucket: bucket.max(1),
+            bucket_sum: (0.0, 0.0, 0),
+            last_finite: None,
+            listed_skips: 0,
+            tb,
+        }
     }
 
-    let mut last = None;
-    let mut done = 0;
-    let stop_at = args
-        .stop_after
-        .map(|n| start_epoch + n)
-        .unwrap_or(args.epochs)
-        .min(args.epochs);
-    let mut last_finite: Option<f64> = None;
-    // This run's per-iteration loss for loss.png, averaged in buckets so that a long run keeps
-    // a few thousand points.
-    let bucket = ((stop_at.saturating_sub(start_epoch) * niter) / 4000).max(1);
-    let mut iter_curve: Vec<(f64, f64)> = Vec::new();
-    let mut bucket_sum = (0.0, 0.0, 0usize);
-    // Unreadable images skipped so far (--skip_corrupt): the first few are named on stderr.
-    let mut listed_skips = 0usize;
-    const LIST_SKIPS: usize = 5;
-    super::interrupt::set_run(&args.output_dir, main);
-    // TensorBoard scalars (rank 0): a convenience, so a failure only turns them off.
-    let mut tb = if main {
-        match super::tensorboard::EventWriter::create(&args.output_dir.join("tf_logs")) {
-            Ok(w) => Some(w),
-            Err(e) => {
-                eprintln!("note: no TensorBoard logs: {e:#}");
-                None
-            }
-        }
-    } else {
-        None
-    };
-    let tb_write = |tb: &mut Option<super::tensorboard::EventWriter>,
-                        points: &[(&str, f64, i64)]| {
-        if let Some(w) = tb.as_mut() {
+    fn tb_write(&mut self, points: &[(&str, f64, i64)]) {
+        if let Some(w) = self.tb.as_mut() {
             let r = points
                 .iter()
                 .try_for_each(|(t, v, s)| w.scalar(t, *v, *s))
                 .and_then(|_| w.flush());
             if let Err(e) = r {
                 eprintln!("note: TensorBoard logs stopped: {e:#}");
-                *tb = None;
+                self.tb = None;
             }
         }
-    };
-    for epoch in start_epoch..stop_at {
-        super::interrupt::set_position(epoch, 0);
-        if let Some(sig) = super::interrupt::pending() {
-            return Err(super::interrupt::interrupted(sig));
-        }
-        // Per-epoch seeding makes an interrupted-and-resumed run identical to a straight one.
-        ibot.student
-            .backbone
-            .reseed_drop_path(args.seed.wrapping_add(epoch as u64));
-        let t0 = Instant::now();
-        let pb = if main {
-            progress(niter as u64, epoch, args.epochs)
-        } else {
-            None
-        };
-        let mut sums = EpochStats::default();
-        let (mut preds, mut labels) = (Vec::new(), Vec::new());
-        let mut skipped = 0;
-        let mut first_skip: Option<String> = None;
-        let mut count = 0usize;
-        for (it, batch) in source.batches(epoch).enumerate() {
-            super::interrupt::set_position(epoch, it);
-            if let Some(sig) = super::interrupt::pending() {
-                if let Some(pb) = &pb {
-                    pb.finish_and_clear();
-                }
-                return Err(super::interrupt::interrupted(sig));
-            }
-            let batch = batch.with_context(|| format!("loading batch {it} of epoch {epoch}"))?;
-            skipped += batch.skipped;
-            if first_skip.is_none() {
-                first_skip = batch.skip_reason.clone();
-            }
-            for r in &batch.skip_reasons {
-                if listed_skips < LIST_SKIPS {
-                    eprintln!("skipped an unreadable image: {r}");
-                } else if listed_skips == LIST_SKIPS {
-                    eprintln!("(further unreadable images are skipped without being listed)");
-                }
-                listed_skips += 1;
-            }
-            // With --skip_corrupt a batch may lose every image; in a data-parallel run all
-            // ranks then skip the step together (a collective must be entered by everyone).
-            let mut empty = batch.indices.is_empty();
-            if comm.world_size() > 1 && args.skip_corrupt {
-                let mut flag = Tensor::from_slice(&[f32::from(u8::from(empty))]).to_device(comm.device());
-                comm.all_reduce_max(&mut flag)?;
-                empty = flag.double_value(&[0]) > 0.0;
-            }
-            if empty {
-                continue;
-            }
-            let g = niter * epoch + it;
-            let views: Vec<Tensor> = batch.views.iter().map(|v| v.to_device(device)).collect();
-            let masks: Vec<Tensor> = batch.masks.iter().map(|m| m.to_device(device)).collect();
-            let (s, pred) =
-                match ibot.train_step(&views, &masks, epoch, lr[g], wd[g], mom[g], comm) {
-                    Ok(x) => x,
-                    Err(e) => {
-                        if let Some(sig) = super::interrupt::pending() {
-                            // A peer that stopped on the signal breaks the collective.
-                            return Err(super::interrupt::interrupted(sig));
-                        }
-                        if let Some(nf) = e.downcast_ref::<NonFiniteLoss>() {
-                            let whose = if nf.other_rank {
-                                "on another rank".to_string()
-                            } else {
-                                format!("{}", nf.value)
-                            };
-                            // What is on disk, not what should be there.
-                            let kept = match checkpoint::read_meta(&ckpt_path) {
-                                Ok(m) => format!(
-                                    "the last checkpoint, {} (epoch {} finished), is intact",
-                                    ckpt_path.display(),
-                                    m.epoch.saturating_sub(1)
-                                ),
-                                Err(_) if ckpt_path.exists() => format!(
-                                    "{} is left as it was",
-                                    ckpt_path.display()
-                                ),
-                                Err(_) => format!(
-                                    "no checkpoint was written in {}",
-                                    args.output_dir.display()
-                                ),
-                            };
-                            bail!(
-                                "loss is {whose} at epoch {epoch}, iteration {it}: stopping (last finite loss {:?}); {kept}",
-                                last_finite
-                            );
-                        }
-                        return Err(e);
-                    }
-                };
-            observer.step(g, &s, &ibot)?;
-            if main {
-                // Epoch e's iterations span [e - 0.5, e + 0.5]: its average sits in the middle.
-                bucket_sum.0 += epoch as f64 + (it as f64 + 0.5) / niter as f64 - 0.5;
-                bucket_sum.1 += s.loss;
-                bucket_sum.2 += 1;
-                if bucket_sum.2 == bucket {
-                    let n = bucket_sum.2 as f64;
-                    iter_curve.push((bucket_sum.0 / n, bucket_sum.1 / n));
-                    bucket_sum = (0.0, 0.0, 0);
-                }
-            }
-            tb_write(
-                &mut tb,
-                &[("iter/loss", s.loss, g as i64), ("iter/lr", s.lr, g as i64)],
-            );
-            last_finite = Some(s.loss);
-            sums.loss += s.loss;
-            sums.cls += s.cls;
-            sums.patch += s.patch;
-            sums.lr += s.lr;
-            sums.wd += s.wd;
-            sums.acc += s.acc;
-            count += 1;
-            preds.extend(Vec::<i64>::try_from(
-                pred.to_device(Device::Cpu).to_kind(Kind::Int64),
-            )?);
-            labels.extend(Vec::<i64>::try_from(batch.labels.to_kind(Kind::Int64))?);
-            let msg = format!(
-                "loss {:.4} (cls {:.4} patch {:.4}) lr {:.2e}",
-                s.loss, s.cls, s.patch, s.lr
-            );
-            match &pb {
-                Some(pb) => {
-                    pb.set_message(msg);
-                    pb.inc(1);
-                }
-                None if main && (it % 10 == 0 || it + 1 == niter) => {
-                    eprintln!(
-                        "Epoch: [{epoch}/{}] [{it}/{niter}] {msg} ({:.1}s)",
-                        args.epochs,
-                        t0.elapsed().as_secs_f64()
-                    );
-                }
-                None => {}
-            }
-        }
-        if let Some(pb) = pb {
-            pb.finish_and_clear();
-        }
-        // As MetricLogger.synchronize_between_processes: averages over every rank's steps.
-        let mut totals = Tensor::from_slice(&[
-            sums.loss,
-            sums.cls,
-            sums.patch,
-            sums.lr,
-            sums.wd,
-            sums.acc,
-            count as f64,
-            skipped as f64,
-        ])
-        .to_device(comm.device());
-        comm.all_reduce_sum(&mut totals)?;
-        let t = Vec::<f64>::try_from(totals.to_device(Device::Cpu))?;
-        let skipped = t[7] as usize;
-        if t[6] == 0.0 {
-            // Not one step: every image of the epoch was skipped (--skip_corrupt).
-            bail!(
-                "every image of epoch {epoch} was unreadable ({skipped} skipped, no batch left to train on){}; \
-                 the last checkpoint is left as it was",
-                match &first_skip {
-                    Some(r) => format!("; the first: {r}"),
-                    None => String::new(),
-                }
-            );
-        }
-        let n = t[6];
-        let mut st = EpochStats {
-            loss: t[0] / n,
-            cls: t[1] / n,
-            patch: t[2] / n,
-            lr: t[3] / n,
-            wd: t[4] / n,
-            acc: t[5] / n,
-            adjacc: -1.0,
-            ..Default::default()
-        };
-        // As the official concat_all_gather of predictions and labels.
-        let preds = crate::dist::all_gather_i64(comm, &preds)?;
-        let labels = crate::dist::all_gather_i64(comm, &labels)?;
-        if !labels.is_empty() && labels.iter().all(|&l| l >= 0) {
-            // The official log leaves `adjacc` at -1 (eval_pred without calc_acc); the
-            // Hungarian-matched accuracy is cheap enough to report.
-            (st.nmi, st.ari, st.fscore, st.adjacc) = cluster::eval_pred(&labels, &preds, true);
-        }
-        observer.epoch_end(epoch, &st, &ibot)?;
-        // Rank 0 saves between two barriers: nobody runs ahead of a checkpoint being written,
-        // and a failed save stops every rank.
-        comm.barrier().context("before saving the checkpoint")?;
-        if main {
-            let _saving = super::interrupt::Saving::begin();
-            let schedules = schedule_curves(&lr, &wd, &mom, &ibot.loss.teacher_temp_schedule, niter, epoch);
-            let curves = super::plot::Curves {
-                epochs: &[],
-                iters: &iter_curve,
-                schedules: &schedules,
-            };
-            save_epoch(args, &ibot, epoch, &ckpt_path, &st, curves)?;
-        }
-        comm.barrier().context("after saving the checkpoint")?;
-        if tb.is_some() {
-            let mut pts: Vec<(String, f64)> = Vec::new();
-            if let Some(m) = serde_json::to_value(&st)?.as_object() {
-                for (k, v) in m {
-                    if let Some(x) = v.as_f64() {
-                        pts.push((format!("train_{k}"), x));
-                    }
-                }
-            }
-            let pts: Vec<(&str, f64, i64)> =
-                pts.iter().map(|(k, v)| (k.as_str(), *v, epoch as i64)).collect();
-            tb_write(&mut tb, &pts);
-        }
-        say(format!(
-            "epoch {epoch}: loss {:.4} cls {:.4} patch {:.4} acc {:.3} nmi {:.3} ari {:.3} ({:.0}s{})",
-            st.loss,
-            st.cls,
-            st.patch,
-            st.acc,
-            st.nmi,
-            st.ari,
-            t0.elapsed().as_secs_f64(),
-            if skipped > 0 { format!(", {skipped} unreadable images skipped") } else { String::new() }
-        ));
-        last = Some(st);
-        done += 1;
     }
-    Ok(TrainOutcome {
-        ibot,
-        epochs_done: done,
-        last,
-        rank: comm.rank(),
-        start_epoch,
-    })
+
+    /// Names the first few unreadable images on stderr.
+    fn list_skips(&mut self, reasons: &[String]) {
+        for r in reasons {
+            if self.listed_skips < LIST_SKIPS {
+                eprintln!("skipped an unreadable image: {r}");
+            } else if self.listed_skips == LIST_SKIPS {
+                eprintln!("(further unreadable images are skipped without being listed)");
+            }
+            self.listed_skips += 1;
+        }
+    }
+
+    /// Adds step `it` of `epoch` to the loss curve (rank 0).
+    fn add_to_curve(&mut self, epoch: usize, it: usize, niter: usize, loss: f64) {
+        if !self.main {
+            return;
+        }
+        // Epoch e's iterations span [e - 0.5, e + 0.5]: its average sits in the middle.
+        self.bucket_sum.0 += epoch as f64 + (it as f64 + 0.5) / niter as f64 - 0.5;
+        self.bucket_sum.1 += loss;
+        self.bucket_sum.2 += 1;
+        if self.bucket_sum.2 == self.bucket {
+            let n = self.bucket_sum.2 as f64;
+            self.iter_curve
+                .push((self.bucket_sum.0 / n, self.bucket_sum.1 / n));
+            self.bucket_sum = (0.0, 0.0, 0);
+        }
+    }
 }
 
-/// Rank 0's end of an epoch: the checkpoint(s), then the log line that refers to them, then
-/// the curve.
+/// One rank's sums over the steps of an epoch.
+#[derive(Default)]
+struct EpochSums {
+    stats: EpochStats,
+    steps: usize,
+    skipped: usize,
+    first_skip: Option<String>,
+    preds: Vec<i64>,
+    labels: Vec<i64>,
+}
+
+/// The steps of one epoch, with the progress bar (or a line every 10 steps).
+#[allow(clippy::too_many_arguments)]
+fn train_epoch(
+    args: &TrainConfig,
+    comm: &dyn Comm,
+    ibot: &mut Ibot,
+    source: &dyn BatchSource,
+    observer: &mut dyn Observer,
+    sch: &Schedules,
+    run: &mut RunState,
+    epoch: usize,
+    ckpt_path: &Path,
+) -> Result<EpochSums> {
+    let (main, niter, device) = (comm.is_main(), sch.niter, ibot.device);
+    super::interrupt::set_position(epoch, 0);
+    if let Some(sig) = super::interrupt::pending() {
+        return Err(super::interrupt::interrupted(sig));
+    }
+    // Per-epoch seeding makes an interrupted-and-resumed run identical to a straight one.
+    ibot.student
+        .backbone
+        .reseed_drop_path(args.run.seed.wrapping_add(epoch as u64));
+    let t0 = Instant::now();
+    let pb = if main {
+        progress(niter as u64, epoch, args.schedule.epochs)
+    } else {
+        None
+    };
+    let mut sums = EpochSums::default();
+    for (it, batch) in source.batches(epoch).enumerate() {
+        super::interrupt::set_position(epoch, it);
+        if let Some(sig) = super::interrupt::pending() {
+            if let Some(pb) = &pb {
+                pb.finish_and_clear();
+            }
+            return Err(super::interrupt::interrupted(sig));
+        }
+        let batch = batch.with_context(|| format!("loading batch {it} of epoch {epoch}"))?;
+        sums.skipped += batch.skipped;
+        if sums.first_skip.is_none() {
+            sums.first_skip = batch.skip_reason.clone();
+        }
+        run.list_skips(&batch.skip_reasons);
+        // With --skip_corrupt a batch may lose every image; in a data-parallel run all
+        // ranks then skip the step together (a collective must be entered by everyone).
+        let mut empty = batch.indices.is_empty();
+        if comm.world_size() > 1 && args.data.skip_corrupt {
+            let mut flag =
+                Tensor::from_slice(&[f32::from(u8::from(empty))]).to_device(comm.device());
+            comm.all_reduce_max(&mut flag)?;
+            empty = flag.double_value(&[0]) > 0.0;
+        }
+        if empty {
+            continue;
+        }
+        let g = niter * epoch + it;
+        let views: Vec<Tensor> = batch.views.iter().map(|v| v.to_device(device)).collect();
+        let masks: Vec<Tensor> = batch.masks.iter().map(|m| m.to_device(device)).collect();
+        let step = ibot.train_step(
+            &views,
+            &masks,
+            epoch,
+            sch.lr[g],
+            sch.wd[g],
+            sch.momentum[g],
+            comm,
+        );
+        let (s, pred) = match step {
+            Ok(x) => x,
+            Err(e) => return Err(step_failure(e, args, ckpt_path, epoch, it, run.last_finite)),
+        };
+        observer.step(g, &s, ibot)?;
+        run.add_to_curve(epoch, it, niter, s.loss);
+        run.tb_write(&[("iter/loss", s.loss, g as i64), ("iter/lr", s.lr, g as i64)]);
+        run.last_finite = Some(s.loss);
+        let st = &mut sums.stats;
+        st.loss += s.loss;
+        st.cls += s.cls;
+        st.patch += s.patch;
+        st.lr += s.lr;
+        st.wd += s.wd;
+        st.acc += s.acc;
+        sums.steps += 1;
+        sums.preds.extend(Vec::<i64>::try_from(
+            pred.to_device(Device::Cpu).to_kind(Kind::Int64),
+        )?);
+        sums.labels
+            .extend(Vec::<i64>::try_from(batch.labels.to_kind(Kind::Int64))?);
+        let msg = format!(
+            "loss {:.4} (cls {:.4} patch {:.4}) lr {:.2e}",
+            s.loss, s.cls, s.patch, s.lr
+        );
+        match &pb {
+            Some(pb) => {
+                pb.set_message(msg);
+                pb.inc(1);
+            }
+            None if main && (it % 10 == 0 || it + 1 == niter) => {
+                eprintln!(
+                    "Epoch: [{epoch}/{}] [{it}/{niter}] {msg} ({:.1}s)",
+                    args.schedule.epochs,
+                    t0.elapsed().as_secs_f64()
+                );
+            }
+            None => {}
+        }
+    }
+    if let Some(pb) = pb {
+        pb.finish_and_clear();
+    }
+    Ok(sums)
+}
+
+/// The error a failed step ends the run with: the signal that broke a collective, or a
+/// non-finite loss with what is on disk, or the step's own error.
+fn step_failure(
+    e: anyhow::Error,
+    args: &TrainConfig,
+    ckpt_path: &Path,
+    epoch: usize,
+    it: usize,
+    last_finite: Option<f64>,
+) -> anyhow::Error {
+    if let Some(sig) = super::interrupt::pending() {
+        // A peer that stopped on the signal breaks the collective.
+        return super::interrupt::interrupted(sig);
+    }
+    let Some(nf) = e.downcast_ref::<NonFiniteLoss>() else {
+        return e;
+    };
+    let whose = if nf.other_rank {
+        "on another rank".to_string()
+    } else {
+        format!("{}", nf.value)
+    };
+    // What is on disk, not what should be there.
+    let kept = match checkpoint::read_meta(ckpt_path) {
+        Ok(m) => format!(
+            "the last checkpoint, {} (epoch {} finished), is intact",
+            ckpt_path.display(),
+            m.epoch.saturating_sub(1)
+        ),
+        Err(_) if ckpt_path.exists() => format!("{} is left as it was", ckpt_path.display()),
+        Err(_) => format!(
+            "no checkpoint was written in {}",
+            args.run.output_dir.display()
+        ),
+    };
+    anyhow::anyhow!(
+        "loss is {whose} at epoch {epoch}, iteration {it}: stopping (last finite loss {:?}); {kept}",
+        last_finite
+    )
+}
+
+/// An epoch's statistics over every rank, and the images skipped on all of them.
+struct SyncedStats {
+    stats: EpochStats,
+    skipped: usize,
+}
+
+/// As MetricLogger.synchronize_between_processes: averages over every rank's steps; NMI, ARI,
+/// F and the Hungarian accuracy of the predictions of all ranks.
+fn epoch_stats(comm: &dyn Comm, sums: EpochSums, epoch: usize) -> Result<SyncedStats> {
+    let s = &sums.stats;
+    let mut totals = Tensor::from_slice(&[
+        s.loss,
+        s.cls,
+        s.patch,
+        s.lr,
+        s.wd,
+        s.acc,
+        sums.steps as f64,
+        sums.skipped as f64,
+    ])
+    .to_device(comm.device());
+    comm.all_reduce_sum(&mut totals)?;
+    let t = Vec::<f64>::try_from(totals.to_device(Device::Cpu))?;
+    let skipped = t[7] as usize;
+    if t[6] == 0.0 {
+        // Not one step: every image of the epoch was skipped (--skip_corrupt).
+        bail!(
+            "every image of epoch {epoch} was unreadable ({skipped} skipped, no batch left to train on){}; \
+             the last checkpoint is left as it was",
+            match &sums.first_skip {
+                Some(r) => format!("; the first: {r}"),
+                None => String::new(),
+            }
+        );
+    }
+    let n = t[6];
+    let mut st = EpochStats {
+        loss: t[0] / n,
+        cls: t[1] / n,
+        patch: t[2] / n,
+        lr: t[3] / n,
+        wd: t[4] / n,
+        acc: t[5] / n,
+        adjacc: -1.0,
+        ..Default::default()
+    };
+    // As the official concat_all_gather of predictions and labels.
+    let preds = crate::dist::all_gather_i64(comm, &sums.preds)?;
+    let labels = crate::dist::all_gather_i64(comm, &sums.labels)?;
+    if !labels.is_empty() && labels.iter().all(|&l| l >= 0) {
+        // The official log leaves `adjacc` at -1 (eval_pred without calc_acc); the
+        // Hungarian-matched accuracy is cheap enough to report.
+        (st.nmi, st.ari, st.fscore, st.adjacc) = cluster::eval_pred(&labels, &preds, true);
+    }
+    Ok(SyncedStats { stats: st, skipped })
+}
+
+/// Rank 0 saves between two barriers (nobody runs ahead of a checkpoint being written, and a
+/// failed save stops every rank), then the epoch's scalars go to TensorBoard.
+#[allow(clippy::too_many_arguments)]
+fn end_epoch(
+    args: &TrainConfig,
+    comm: &dyn Comm,
+    ibot: &Ibot,
+    sch: &Schedules,
+    run: &mut RunState,
+    epoch: usize,
+    ckpt_path: &Path,
+    st: &EpochStats,
+) -> Result<()> {
+    comm.barrier().context("before saving the checkpoint")?;
+    if comm.is_main() {
+        let _saving = super::interrupt::Saving::begin();
+        let schedules = schedule_curves(
+            &sch.lr,
+            &sch.wd,
+            &sch.momentum,
+            &ibot.loss.teacher_temp_schedule,
+            sch.niter,
+            epoch,
+        );
+        let curves = super::plot::Curves {
+            epochs: &[],
+            iters: &run.iter_curve,
+            schedules: &schedules,
+        };
+        save_epoch(args, ibot, epoch, ckpt_path, st, curves)?;
+    }
+    comm.barrier().context("after saving the checkpoint")?;
+    if run.tb.is_some() {
+        let mut pts: Vec<(String, f64)> = Vec::new();
+        if let Some(m) = serde_json::to_value(st)?.as_object() {
+            for (k, v) in m {
+                if let Some(x) = v.as_f64() {
+                    pts.push((format!("train_{k}"), x));
+                }
+            }
+        }
+        let pts: Vec<(&str, f64, i64)> = pts
+            .iter()
+            .map(|(k, v)| (k.as_str(), *v, epoch as i64))
+            .collect();
+        run.tb_write(&pts);
+    }
+    Ok(())
+}
+
 /// The schedules of epochs `0..=epoch` for loss.png: per iteration (at most ~2000 points
 /// each) for lr, weight decay and teacher momentum, per epoch for the teacher temperature.
 fn schedule_curves(
@@ -853,8 +862,10 @@ fn schedule_curves(
     ]
 }
 
+/// Rank 0's end of an epoch: the checkpoint(s), then the log line that refers to them, then
+/// the curve.
 fn save_epoch(
-    args: &TrainArgs,
+    args: &TrainConfig,
     ibot: &Ibot,
     epoch: usize,
     ckpt_path: &Path,
@@ -862,9 +873,10 @@ fn save_epoch(
     curves: super::plot::Curves,
 ) -> Result<()> {
     checkpoint::save(ckpt_path, ibot, epoch + 1, args)?;
-    if args.saveckp_freq > 0 && epoch % args.saveckp_freq == 0 && epoch > 0 {
+    if args.run.saveckp_freq > 0 && epoch % args.run.saveckp_freq == 0 && epoch > 0 {
         checkpoint::save(
             &args
+                .run
                 .output_dir
                 .join(format!("checkpoint{epoch:04}.safetensors")),
             ibot,
@@ -884,17 +896,17 @@ fn save_epoch(
     let mut log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
-        .open(args.output_dir.join("log.txt"))
+        .open(args.run.output_dir.join("log.txt"))
         .context("opening log.txt")?;
     writeln!(log, "{}", serde_json::Value::Object(line)).context("writing log.txt")?;
     drop(log);
     // The curve is a convenience: failing to draw it never stops training.
-    let curve = super::plot::read_log(&args.output_dir.join("log.txt")).and_then(|pts| {
+    let curve = super::plot::read_log(&args.run.output_dir.join("log.txt")).and_then(|pts| {
         let curves = super::plot::Curves {
             epochs: &pts,
             ..curves
         };
-        super::plot::write_training_png(&curves, &args.output_dir.join("loss.png"))
+        super::plot::write_training_png(&curves, &args.run.output_dir.join("loss.png"))
     });
     if let Err(e) = curve {
         eprintln!("note: could not draw loss.png: {e:#}");

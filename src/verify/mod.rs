@@ -37,8 +37,8 @@ use crate::loss::{teacher_temp_schedules, IbotLossConfig, SingleProcess};
 use crate::models::{BackboneConfig, HeadAct, HeadConfig, HeadNorm, SwinConfig, VitConfig};
 use crate::params::{read_safetensors, ParamStore};
 use crate::train::optim::{get_params_groups, Optimizer, OptimizerKind};
-use crate::train::schedule::cosine_scheduler;
-use crate::train::{ema_pairs, ema_update, Ibot, IbotConfig};
+use crate::schedule::cosine_scheduler;
+use crate::train::{ema_pairs, ema_update, Ibot, IbotConfig, StepForward};
 
 pub const TOL_FORWARD: f64 = 1e-5;
 pub const TOL_GRAD: f64 = 1e-4;
@@ -458,37 +458,101 @@ pub fn verify_fixture(dir: &Path) -> Result<Report> {
     verify_one_step_with(dir, &Steps::ours())
 }
 
+/// `ibot verify-fixture`: runs [`verify_fixture`] on `dir` and prints the report, one line per
+/// group and a verdict; `Ok(false)` on any mismatch.
+pub fn run(dir: &Path) -> Result<bool> {
+    let report = verify_fixture(dir).with_context(|| format!("verifying {}", dir.display()))?;
+    print!("{}", report.render());
+    let ok = report.passed();
+    println!(
+        "{}",
+        if ok {
+            "all checks passed"
+        } else {
+            "MISMATCH against the reference"
+        }
+    );
+    Ok(ok)
+}
+
 /// The one-step fixture comparison with the given optimizer step and EMA (see [`Steps`]).
 /// A tensor or key the configuration needs that the fixture lacks is a failed check, and so is
 /// a fixture tensor that nothing compared.
 pub fn verify_one_step_with(dir: &Path, steps: &Steps) -> Result<Report> {
-    let json_path = dir.join("fixtures.json");
-    let raw = std::fs::read_to_string(&json_path)
-        .with_context(|| format!("reading {}", json_path.display()))?;
-    let value: Value =
-        serde_json::from_str(&raw).with_context(|| format!("parsing {}", json_path.display()))?;
-    let j = Json(&value);
-    let tensors = read_safetensors(&dir.join("fixtures.safetensors"))?;
-    // Every key looked up, to find at the end the fixture tensors nothing compared.
-    let used: RefCell<HashSet<String>> = RefCell::default();
-    let opt = |k: &str| -> Option<&Tensor> {
-        used.borrow_mut().insert(k.to_string());
-        tensors.get(k)
-    };
-    let t = |k: &str| -> Result<&Tensor> {
-        opt(k).ok_or_else(|| anyhow!("fixtures.safetensors has no tensor '{k}'"))
-    };
-
-    let pos_rows = opt("student.backbone.pos_embed").map(|p| p.size()[1]);
+    let fx = Fixture::open(dir)?;
+    let j = fx.json();
+    let pos_rows = fx.opt("student.backbone.pos_embed").map(|p| p.size()[1]);
     let cfg = config_from_json(&j, pos_rows)?;
     let epoch = j.usize("config.epoch")?;
-    let device = Device::Cpu;
     let mut report = Report::default();
-    let nlocal = cfg.loss.nlcrops;
+    let mut ibot = Ibot::new(cfg.clone(), Device::Cpu)?;
+    let ours_tsd = check_structure(&fx, &ibot, &mut report)?;
+    let student_init = load_initial_weights(&fx, &mut ibot, &ours_tsd, &mut report)?;
+    let (images, masks) = inputs(&fx, &mut ibot, &mut report)?;
+    let fwd = check_forward_and_loss(&fx, &mut ibot, &images, &masks, epoch, &mut report)?;
+    let lean_grads = check_training_path(&fx, &mut ibot, &images, &masks, epoch, &mut report)?;
+    let grads = check_gradients(&fx, &ibot, &fwd, lean_grads, epoch, &mut report)?;
+    let (ref_grads, student_after_ref) =
+        check_optimizer_step(&fx, &ibot, steps, &student_init, &mut report)?;
+    check_ema(&fx, &ibot, steps, &student_after_ref, &mut report)?;
+    check_end_to_end_step(
+        &fx,
+        &ibot,
+        steps,
+        (&grads, &ref_grads),
+        (&student_init, &student_after_ref),
+        &mut report,
+    )?;
+    check_schedules(&fx, &cfg, &mut report)?;
+    check_knn(&fx, &mut report)?;
+    check_coverage(&fx, &mut report);
+    Ok(report)
+}
 
-    let mut ibot = Ibot::new(cfg.clone(), device)?;
+/// A one-step fixture: `fixtures.json`, `fixtures.safetensors`, and the tensors looked up so
+/// far (to find at the end the fixture tensors nothing compared).
+struct Fixture {
+    value: Value,
+    tensors: HashMap<String, Tensor>,
+    used: RefCell<HashSet<String>>,
+}
 
-    // ---- structure: names, trainability, groups, teacher initialisation
+impl Fixture {
+    fn open(dir: &Path) -> Result<Self> {
+        let json_path = dir.join("fixtures.json");
+        let raw = std::fs::read_to_string(&json_path)
+            .with_context(|| format!("reading {}", json_path.display()))?;
+        let value: Value = serde_json::from_str(&raw)
+            .with_context(|| format!("parsing {}", json_path.display()))?;
+        let tensors = read_safetensors(&dir.join("fixtures.safetensors"))?;
+        Ok(Self {
+            value,
+            tensors,
+            used: RefCell::default(),
+        })
+    }
+
+    fn json(&self) -> Json<'_> {
+        Json(&self.value)
+    }
+
+    /// The tensor `k`, if the fixture has it (marked as looked at either way).
+    fn opt(&self, k: &str) -> Option<&Tensor> {
+        self.used.borrow_mut().insert(k.to_string());
+        self.tensors.get(k)
+    }
+
+    /// The tensor `k`, which the fixture must have.
+    fn t(&self, k: &str) -> Result<&Tensor> {
+        self.opt(k)
+            .ok_or_else(|| anyhow!("fixtures.safetensors has no tensor '{k}'"))
+    }
+}
+
+/// Names, trainability, parameter groups and EMA pairs against the official model's; returns
+/// the teacher's state-dict keys.
+fn check_structure(fx: &Fixture, ibot: &Ibot, report: &mut Report) -> Result<Vec<String>> {
+    let j = fx.json();
     let ours_sd: Vec<String> = ibot
         .student_ps
         .state_dict()
@@ -593,12 +657,24 @@ pub fn verify_one_step_with(dir: &Path, steps: &Steps) -> Result<Report> {
         format!("ours {ours_pairs:?}"),
     );
 
-    // ---- official initial weights, teacher as load_state_dict(strict=False) leaves it
-    let student_init: HashMap<String, Tensor> = tensors
+    Ok(ours_tsd)
+}
+
+/// Loads the official initial student, initialises the teacher from it as
+/// `load_state_dict(strict=False)` does and checks what that left; returns the initial student.
+fn load_initial_weights(
+    fx: &Fixture,
+    ibot: &mut Ibot,
+    ours_tsd: &[String],
+    report: &mut Report,
+) -> Result<HashMap<String, Tensor>> {
+    let j = fx.json();
+    let student_init: HashMap<String, Tensor> = fx
+        .tensors
         .iter()
         .filter_map(|(k, v)| {
             k.strip_prefix("student.").map(|n| {
-                used.borrow_mut().insert(k.clone());
+                fx.used.borrow_mut().insert(k.clone());
                 (n.to_string(), v.shallow_clone())
             })
         })
@@ -646,11 +722,16 @@ pub fn verify_one_step_with(dir: &Path, steps: &Steps) -> Result<Report> {
         String::new(),
     );
 
-    // ---- inputs
-    let mut images = views(t("in.global_crops")?);
+    Ok(student_init)
+}
+
+/// The fixture's views and masks, and the centres it starts from.
+fn inputs(fx: &Fixture, ibot: &mut Ibot, report: &mut Report) -> Result<(Vec<Tensor>, Vec<Tensor>)> {
+    let nlocal = ibot.cfg.loss.nlcrops;
+    let mut images = views(fx.t("in.global_crops")?);
     if nlocal > 0 {
-        images.extend(views(t("in.local_crops")?));
-    } else if opt("in.local_crops").is_some() {
+        images.extend(views(fx.t("in.local_crops")?));
+    } else if fx.opt("in.local_crops").is_some() {
         report.fact(
             "structure",
             "local crops",
@@ -658,46 +739,59 @@ pub fn verify_one_step_with(dir: &Path, steps: &Steps) -> Result<Report> {
             "the fixture has local crops, its configuration none".into(),
         );
     }
-    let _ = opt("in.masks_local_unused"); // documented as produced and never used
-    let masks: Vec<Tensor> = views(t("in.masks_global")?)
+    let _ = fx.opt("in.masks_local_unused"); // documented as produced and never used
+    let masks: Vec<Tensor> = views(fx.t("in.masks_global")?)
         .into_iter()
         .map(|m| m.to_kind(Kind::Bool))
         .collect();
-    ibot.loss.center = t("loss.center_init")?.shallow_clone();
-    ibot.loss.center2 = t("loss.center2_init")?.shallow_clone();
+    ibot.loss.center = fx.t("loss.center_init")?.shallow_clone();
+    ibot.loss.center2 = fx.t("loss.center2_init")?.shallow_clone();
 
-    // ---- forward and loss
-    let g = cfg.loss.ngcrops;
-    let fwd = ibot.forward(&images, &masks, epoch, true, &SingleProcess)?;
+    Ok((images, masks))
+}
+
+/// The full forward pass (teacher, student, local views, attention, position embeddings) and
+/// the loss with its centres.
+fn check_forward_and_loss(
+    fx: &Fixture,
+    ibot: &mut Ibot,
+    images: &[Tensor],
+    masks: &[Tensor],
+    epoch: usize,
+    report: &mut Report,
+) -> Result<StepForward> {
+    let j = fx.json();
+    let (g, nlocal) = (ibot.cfg.loss.ngcrops, ibot.cfg.loss.nlcrops);
+    let fwd = ibot.forward(images, masks, epoch, true, &SingleProcess)?;
     report.tensor(
         "forward",
         "teacher_cls",
         &fwd.teacher.cls,
-        t("out.teacher_cls")?,
+        fx.t("out.teacher_cls")?,
         TOL_FORWARD,
     );
     report.tensor(
         "forward",
         "teacher_patch",
         fwd.teacher.patch.as_ref().unwrap_or(&Tensor::new()),
-        t("out.teacher_patch")?,
+        fx.t("out.teacher_patch")?,
         TOL_FORWARD,
     );
     report.tensor(
         "forward",
         "student_cls",
         &fwd.student.cls,
-        t("out.student_cls")?,
+        fx.t("out.student_cls")?,
         TOL_FORWARD,
     );
     report.tensor(
         "forward",
         "student_patch",
         fwd.student.patch.as_ref().unwrap_or(&Tensor::new()),
-        t("out.student_patch")?,
+        fx.t("out.student_patch")?,
         TOL_FORWARD,
     );
-    match (&fwd.student_local, opt("out.student_local_cls"), nlocal > 0) {
+    match (&fwd.student_local, fx.opt("out.student_local_cls"), nlocal > 0) {
         (Some(local), Some(r), true) => {
             report.tensor("forward", "student_local_cls", &local.cls, r, TOL_FORWARD)
         }
@@ -717,7 +811,7 @@ pub fn verify_one_step_with(dir: &Path, steps: &Steps) -> Result<Report> {
         "forward",
         "student_backbone_masked",
         &fwd.student.backbone[0],
-        t("out.student_backbone_masked")?,
+        fx.t("out.student_backbone_masked")?,
         TOL_FORWARD,
     );
     let b = images[0].size()[0];
@@ -725,7 +819,7 @@ pub fn verify_one_step_with(dir: &Path, steps: &Steps) -> Result<Report> {
         "forward",
         "teacher_backbone_g0",
         &fwd.teacher.backbone[0].narrow(0, 0, b),
-        t("out.teacher_backbone_g0")?,
+        fx.t("out.teacher_backbone_g0")?,
         TOL_FORWARD,
     );
     // ViT: get_last_selfattention; Swin: get_selfattention (last block, per window).
@@ -734,7 +828,7 @@ pub fn verify_one_step_with(dir: &Path, steps: &Steps) -> Result<Report> {
         "forward",
         "teacher_last_attn_g0",
         &attn,
-        t("out.teacher_last_attn_g0")?,
+        fx.t("out.teacher_last_attn_g0")?,
         TOL_FORWARD,
     );
     // ViT: the interpolated position embeddings of a global and (with local crops) a local
@@ -744,7 +838,7 @@ pub fn verify_one_step_with(dir: &Path, steps: &Steps) -> Result<Report> {
         ("out.pos_embed_interp_local", (nlocal > 0).then_some(g)),
     ] {
         let name = key.trim_start_matches("out.");
-        match (opt(key), ibot.teacher.backbone.as_vit(), idx) {
+        match (fx.opt(key), ibot.teacher.backbone.as_vit(), idx) {
             (Some(r), Some(vit), Some(idx)) => {
                 let s = images[idx].size();
                 let p = vit.cfg.patch_size;
@@ -779,45 +873,57 @@ pub fn verify_one_step_with(dir: &Path, steps: &Steps) -> Result<Report> {
         j.f64("loss_temps_at_epoch.teacher_temp2")?,
         TOL_SCHED,
     );
-    report.tensor("loss", "cls", &fwd.loss.cls, t("loss.cls")?, TOL_FORWARD);
+    report.tensor("loss", "cls", &fwd.loss.cls, fx.t("loss.cls")?, TOL_FORWARD);
     report.tensor(
         "loss",
         "patch",
         &fwd.loss.patch,
-        t("loss.patch")?,
+        fx.t("loss.patch")?,
         TOL_FORWARD,
     );
     report.tensor(
         "loss",
         "total",
         &fwd.loss.total,
-        t("loss.total")?,
+        fx.t("loss.total")?,
         TOL_FORWARD,
     );
     report.tensor(
         "loss",
         "center_after",
         &ibot.loss.center,
-        t("loss.center_after")?,
+        fx.t("loss.center_after")?,
         TOL_FORWARD,
     );
     report.tensor(
         "loss",
         "center2_after",
         &ibot.loss.center2,
-        t("loss.center2_after")?,
+        fx.t("loss.center2_after")?,
         TOL_FORWARD,
     );
 
-    // ---- the training path (`forward_train`: the student's patch head on masked tokens only,
-    // local views' [CLS] only) must give the same loss, centres and gradients.
+    Ok(fwd)
+}
+
+/// The training path (`forward_train`: the student's patch head on masked tokens only, local
+/// views' [CLS] only) must give the same loss, centres and gradients as the full forward;
+/// returns its gradients (the centres are left as the full forward left them).
+fn check_training_path(
+    fx: &Fixture,
+    ibot: &mut Ibot,
+    images: &[Tensor],
+    masks: &[Tensor],
+    epoch: usize,
+    report: &mut Report,
+) -> Result<Vec<Option<Tensor>>> {
     let centres = (
         ibot.loss.center.shallow_clone(),
         ibot.loss.center2.shallow_clone(),
     );
-    ibot.loss.center = t("loss.center_init")?.shallow_clone();
-    ibot.loss.center2 = t("loss.center2_init")?.shallow_clone();
-    let lean = ibot.forward_train(&images, &masks, epoch, &SingleProcess)?;
+    ibot.loss.center = fx.t("loss.center_init")?.shallow_clone();
+    ibot.loss.center2 = fx.t("loss.center2_init")?.shallow_clone();
+    let lean = ibot.forward_train(images, masks, epoch, &SingleProcess)?;
     for (name, ours, key) in [
         ("cls", &lean.loss.cls, "loss.cls"),
         ("patch", &lean.loss.patch, "loss.patch"),
@@ -825,13 +931,27 @@ pub fn verify_one_step_with(dir: &Path, steps: &Steps) -> Result<Report> {
         ("center_after", &ibot.loss.center, "loss.center_after"),
         ("center2_after", &ibot.loss.center2, "loss.center2_after"),
     ] {
-        report.tensor("train_path", name, ours, t(key)?, TOL_FORWARD);
+        report.tensor("train_path", name, ours, fx.t(key)?, TOL_FORWARD);
     }
-    let mut lean_grads = ibot.backward(&lean.loss.total);
+    let lean_grads = ibot.backward(&lean.loss.total);
     ibot.loss.center = centres.0;
     ibot.loss.center2 = centres.1;
 
-    // ---- backward, clipping, cancelling
+    Ok(lean_grads)
+}
+
+/// Backward, clipping and cancelling: the gradients, the norms `clip_gradients` saw and
+/// returned, which were clipped and which parameters have none; the training path's gradients
+/// against the full forward's. Returns the full forward's processed gradients.
+fn check_gradients(
+    fx: &Fixture,
+    ibot: &Ibot,
+    fwd: &StepForward,
+    mut lean_grads: Vec<Option<Tensor>>,
+    epoch: usize,
+    report: &mut Report,
+) -> Result<Vec<Option<Tensor>>> {
+    let j = fx.json();
     let mut grads = ibot.backward(&fwd.loss.total);
     let clips = ibot.process_grads(&mut grads, epoch);
     ibot.process_grads(&mut lean_grads, epoch);
@@ -939,7 +1059,7 @@ pub fn verify_one_step_with(dir: &Path, steps: &Steps) -> Result<Report> {
     );
     for (p, gr) in ibot.student_ps.params().iter().zip(grads.iter()) {
         let key = format!("grad.{}", p.name);
-        match (gr, opt(&key)) {
+        match (gr, fx.opt(&key)) {
             (Some(gr), Some(r)) => report.tensor("grad", &p.name, gr, r, TOL_GRAD),
             (None, None) => {}
             (gr, r) => report.fact(
@@ -955,20 +1075,33 @@ pub fn verify_one_step_with(dir: &Path, steps: &Steps) -> Result<Report> {
         }
     }
 
-    // ---- one optimizer step on the REFERENCE gradients (isolates the optimizer), compared as
-    // the update of every tensor.
-    let lr = j.f64("config.lr")?;
-    let wd = j.f64("config.weight_decay")?;
+    Ok(grads)
+}
+
+/// Reference gradients and the student after the reference step, by name.
+type RefStep = (Vec<Option<Tensor>>, HashMap<String, Tensor>);
+
+/// One optimizer step on the REFERENCE gradients (isolates the optimizer), compared as the
+/// update of every tensor; returns the reference gradients and the reference student after it.
+fn check_optimizer_step(
+    fx: &Fixture,
+    ibot: &Ibot,
+    steps: &Steps,
+    student_init: &HashMap<String, Tensor>,
+    report: &mut Report,
+) -> Result<RefStep> {
+    let j = fx.json();
+    let (lr, wd) = (j.f64("config.lr")?, j.f64("config.weight_decay")?);
     let ref_grads: Vec<Option<Tensor>> = ibot
         .student_ps
         .params()
         .iter()
-        .map(|p| opt(&format!("grad.{}", p.name)).map(|g| g.shallow_clone()))
+        .map(|p| fx.opt(&format!("grad.{}", p.name)).map(|g| g.shallow_clone()))
         .collect();
     (steps.optimizer)(&ibot.student_ps, &ref_grads, lr, wd)?;
     let mut student_after_ref = HashMap::new();
     for (k, v) in ibot.student_ps.state_dict() {
-        match (opt(&format!("student_after.{k}")), student_init.get(k)) {
+        match (fx.opt(&format!("student_after.{k}")), student_init.get(k)) {
             (Some(r), Some(start)) => {
                 report.update("optim_step", k, v, r, start, None, TOL_STEP_UPDATE, "");
                 student_after_ref.insert(k.to_string(), r.shallow_clone());
@@ -977,20 +1110,31 @@ pub fn verify_one_step_with(dir: &Path, steps: &Steps) -> Result<Report> {
         }
     }
 
-    // ---- the EMA, from the teacher's initial state towards the student as the reference's
-    // step left it (isolates the EMA), compared as the teacher's update.
+    Ok((ref_grads, student_after_ref))
+}
+
+/// The EMA, from the teacher's initial state towards the student as the reference's step left
+/// it (isolates the EMA), compared as the teacher's update.
+fn check_ema(
+    fx: &Fixture,
+    ibot: &Ibot,
+    steps: &Steps,
+    student_after_ref: &HashMap<String, Tensor>,
+    report: &mut Report,
+) -> Result<()> {
+    let j = fx.json();
     let teacher_before: HashMap<String, Tensor> = ibot
         .teacher_ps
         .state_dict()
         .map(|(k, v)| (k.to_string(), v.detach().copy()))
         .collect();
     let momentum = j.f64("config.momentum_teacher")?;
-    if student_after_ref.len() == ours_sd.len() {
-        ibot.student_ps.load_strict(&student_after_ref, "")?;
+    if student_after_ref.len() == ibot.student_ps.state_dict().count() {
+        ibot.student_ps.load_strict(student_after_ref, "")?;
         (steps.ema)(&ibot.teacher_ps, &ibot.student_ps, momentum);
     }
     for (k, v) in ibot.teacher_ps.state_dict() {
-        match opt(&format!("teacher_after.{k}")) {
+        match fx.opt(&format!("teacher_after.{k}")) {
             Some(r) => report.update(
                 "ema",
                 k,
@@ -1005,14 +1149,27 @@ pub fn verify_one_step_with(dir: &Path, steps: &Steps) -> Result<Report> {
         }
     }
 
-    // ---- the whole chain: from the same initial weights, one step on our own gradients.
+    Ok(())
+}
+
+/// The whole chain: from the same initial weights, one step on our own gradients.
+fn check_end_to_end_step(
+    fx: &Fixture,
+    ibot: &Ibot,
+    steps: &Steps,
+    (grads, ref_grads): (&[Option<Tensor>], &[Option<Tensor>]),
+    (student_init, student_after_ref): (&HashMap<String, Tensor>, &HashMap<String, Tensor>),
+    report: &mut Report,
+) -> Result<()> {
+    let j = fx.json();
+    let (lr, wd) = (j.f64("config.lr")?, j.f64("config.weight_decay")?);
     // Adam's first update is lr·g/(|g|+eps): where the true gradient is zero (e.g. the key bias
     // of attention, to which softmax is invariant) float noise of ~1e-9 in g becomes an update
     // of up to lr. Those elements (|g_ref| < 1e-6·max(1, max|g_ref|)) are ill-conditioned and
     // left out, up to MAX_LEFT_OUT of all gradient elements; the optimizer itself is checked
     // above on every element.
-    ibot.student_ps.load_strict(&student_init, "")?;
-    (steps.optimizer)(&ibot.student_ps, &grads, lr, wd)?;
+    ibot.student_ps.load_strict(student_init, "")?;
+    (steps.optimizer)(&ibot.student_ps, grads, lr, wd)?;
     // (left out, of which attention key biases, all gradient elements)
     let (mut left_out, mut key_bias, mut total) = (0i64, 0i64, 0i64);
     for (p, rg) in ibot.student_ps.params().iter().zip(ref_grads.iter()) {
@@ -1059,7 +1216,13 @@ pub fn verify_one_step_with(dir: &Path, steps: &Steps) -> Result<Report> {
         ),
     );
 
-    // ---- schedules
+    Ok(())
+}
+
+/// The lr, weight-decay and momentum schedules and the teacher temperatures (also with
+/// masking from a later epoch).
+fn check_schedules(fx: &Fixture, cfg: &IbotConfig, report: &mut Report) -> Result<()> {
+    let j = fx.json();
     for key in ["lr", "wd", "momentum"] {
         let base = format!("config.sched.{key}");
         let s = cosine_scheduler(
@@ -1074,7 +1237,7 @@ pub fn verify_one_step_with(dir: &Path, steps: &Steps) -> Result<Report> {
             "schedules",
             key,
             &Tensor::from_slice(&s),
-            t(&format!("sched.{key}"))?,
+            fx.t(&format!("sched.{key}"))?,
             TOL_SCHED,
         );
     }
@@ -1083,14 +1246,14 @@ pub fn verify_one_step_with(dir: &Path, steps: &Steps) -> Result<Report> {
         "schedules",
         "teacher_temp",
         &Tensor::from_slice(&t1),
-        t("sched.teacher_temp")?,
+        fx.t("sched.teacher_temp")?,
         TOL_SCHED,
     );
     report.tensor(
         "schedules",
         "teacher_temp2",
         &Tensor::from_slice(&t2),
-        t("sched.teacher_temp2")?,
+        fx.t("sched.teacher_temp2")?,
         TOL_SCHED,
     );
     let variant = IbotLossConfig {
@@ -1102,23 +1265,28 @@ pub fn verify_one_step_with(dir: &Path, steps: &Steps) -> Result<Report> {
         "schedules",
         "teacher_temp_mim_start",
         &Tensor::from_slice(&v1),
-        t("sched.teacher_temp_mim_start")?,
+        fx.t("sched.teacher_temp_mim_start")?,
         TOL_SCHED,
     );
     report.tensor(
         "schedules",
         "teacher_temp2_mim_start",
         &Tensor::from_slice(&v2),
-        t("sched.teacher_temp2_mim_start")?,
+        fx.t("sched.teacher_temp2_mim_start")?,
         TOL_SCHED,
     );
 
-    // ---- k-NN
+    Ok(())
+}
+
+/// The weighted k-NN classifier on the fixture's features.
+fn check_knn(fx: &Fixture, report: &mut Report) -> Result<()> {
+    let j = fx.json();
     let knn = knn_classifier(
-        t("knn.train_features")?,
-        t("knn.train_labels")?,
-        t("knn.test_features")?,
-        t("knn.test_labels")?,
+        fx.t("knn.train_features")?,
+        fx.t("knn.train_labels")?,
+        fx.t("knn.test_features")?,
+        fx.t("knn.test_labels")?,
         j.i64("knn.k")?,
         j.f64("knn.T")?,
         j.i64("knn.num_classes")?,
@@ -1126,10 +1294,14 @@ pub fn verify_one_step_with(dir: &Path, steps: &Steps) -> Result<Report> {
     report.scalar("knn", "top1", knn.top1, j.f64("knn.top1")?, 0.0);
     report.scalar("knn", "top5", knn.top5, j.f64("knn.top5")?, 0.0);
 
-    // ---- every fixture tensor was compared (or is documented as unused)
+    Ok(())
+}
+
+/// Every fixture tensor was compared (or is documented as unused).
+fn check_coverage(fx: &Fixture, report: &mut Report) {
     let unused: Vec<&String> = {
-        let used = used.borrow();
-        let mut u: Vec<&String> = tensors.keys().filter(|k| !used.contains(*k)).collect();
+        let used = fx.used.borrow();
+        let mut u: Vec<&String> = fx.tensors.keys().filter(|k| !used.contains(*k)).collect();
         u.sort();
         u
     };
@@ -1139,5 +1311,4 @@ pub fn verify_one_step_with(dir: &Path, steps: &Steps) -> Result<Report> {
         unused.is_empty(),
         format!("not compared: {unused:?}"),
     );
-    Ok(report)
 }

@@ -38,7 +38,8 @@ use super::Report;
 use crate::data::loader::Batch;
 use crate::dist::SingleProcess;
 use crate::params::read_safetensors;
-use crate::train::args::TrainArgs;
+use crate::cli::train::TrainArgs;
+use crate::config::TrainConfig;
 use crate::train::run::{self, BatchSource, EpochStats, Observer};
 use crate::train::{Ibot, StepStats};
 
@@ -339,7 +340,7 @@ impl Compare<'_> {
 
 /// Verifies a trajectory fixture; `tweak` changes the options before the run (mutation tests
 /// use it to show that a wrong setting fails).
-pub fn verify_trajectory(dir: &Path, tweak: &dyn Fn(&mut TrainArgs)) -> Result<Report> {
+pub fn verify_trajectory(dir: &Path, tweak: &dyn Fn(&mut TrainConfig)) -> Result<Report> {
     let jp = dir.join("trajectory.json");
     let raw = std::fs::read_to_string(&jp).with_context(|| format!("reading {}", jp.display()))?;
     let j: Value = serde_json::from_str(&raw).with_context(|| format!("parsing {}", jp.display()))?;
@@ -363,7 +364,8 @@ pub fn verify_trajectory(dir: &Path, tweak: &dyn Fn(&mut TrainArgs)) -> Result<R
     let argv = train_argv(c, img_size, &out)?;
     let mut args = Cli::try_parse_from(std::iter::once("ibot".to_string()).chain(argv.into_iter().skip(1)))
         .map_err(|e| anyhow!("fixture options rejected by `ibot train`: {e}"))?
-        .args;
+        .args
+        .into_config();
     tweak(&mut args);
 
     // The batches exactly as the official loop received them.

@@ -201,7 +201,15 @@ pub fn write_idx(dir: &std::path::Path, split: &str, n: usize, side: usize) {
 #[command(args_override_self = true)]
 pub struct TrainCli {
     #[command(flatten)]
-    pub args: ibot::train::args::TrainArgs,
+    pub args: ibot::cli::train::TrainArgs,
+}
+
+/// The training configuration `argv` (program name first, then `ibot train` options) describes.
+#[allow(dead_code)]
+pub fn train_config<I: IntoIterator<Item = T>, T: Into<std::ffi::OsString> + Clone>(
+    argv: I,
+) -> ibot::config::TrainConfig {
+    <TrainCli as clap::Parser>::parse_from(argv).args.into_config()
 }
 
 /// A tiny Swin: width 24, two stages of two blocks (the second of each shifted), window 3 on a
@@ -211,7 +219,7 @@ pub fn tiny_swin_args(
     data: &std::path::Path,
     out: &std::path::Path,
     extra: &[&str],
-) -> ibot::train::args::TrainArgs {
+) -> ibot::config::TrainConfig {
     let mut argv: Vec<String> = [
         "x",
         "--arch",
@@ -275,7 +283,7 @@ pub fn tiny_swin_args(
         out.display().to_string(),
     ]);
     argv.extend(extra.iter().map(|s| s.to_string()));
-    <TrainCli as clap::Parser>::parse_from(argv).args
+    train_config(argv)
 }
 
 /// The tiny ViT every end-to-end test trains: width 24, one block, 4-pixel patches on 16-pixel

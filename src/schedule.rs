@@ -1,4 +1,7 @@
-//! Schedules of the official code, computed in f64 exactly as numpy does.
+//! Schedules of the official code, computed in f64 exactly as numpy / PyTorch do: the
+//! per-iteration cosine schedules of training (learning rate, weight decay, teacher momentum),
+//! the linear teacher-temperature warm-up of the loss, and the per-epoch `CosineAnnealingLR` of
+//! the linear probe.
 
 use anyhow::{ensure, Result};
 
@@ -43,4 +46,10 @@ pub fn cosine_scheduler(
         final_ + 0.5 * (base - final_) * (1.0 + c)
     }));
     Ok(s)
+}
+
+/// PyTorch's `CosineAnnealingLR(T_max=epochs, eta_min=0)` after `epoch` scheduler steps (the
+/// linear probe's per-epoch schedule, as the official eval_linear.py).
+pub fn cosine_annealing_lr(base: f64, epoch: usize, epochs: usize) -> f64 {
+    base * (1.0 + (std::f64::consts::PI * epoch as f64 / epochs.max(1) as f64).cos()) / 2.0
 }
