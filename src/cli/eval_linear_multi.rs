@@ -120,11 +120,11 @@ impl EvalLinearMultiArgs {
         println!(
             "Training of the supervised linear classifier on frozen features completed.\n \
              Top-1 test accuracy: {:.1}\n Top-1 test accuracy with sweeping lr only: {:.1}\n \
-             Optim configs with top-1 test accuracy: lr {:.5}, wd {:.0e}, optim {}",
+             Optim configs with top-1 test accuracy: lr {:.5}, wd {}, optim {}",
             r.best_acc,
             r.best_acc_sweep_lr_only,
             g.lr,
-            g.wd,
+            python_exp(g.wd),
             match g.optim {
                 Optim::Sgd => "sgd",
                 Optim::Lars => "lars",
@@ -141,4 +141,28 @@ pub fn run(a: EvalLinearMultiArgs) -> Result<()> {
         super::common::opener(&a.weights),
     )
     .map(|_| ())
+}
+
+/// Python's `f"{x:.0e}"` (`0e+00`, `1e-06`), as the official summary prints the weight decay.
+fn python_exp(x: f64) -> String {
+    if x == 0.0 || !x.is_finite() {
+        return format!("{x:.0}e+00");
+    }
+    let mut e = x.abs().log10().floor() as i32;
+    let mut m = (x / 10f64.powi(e)).round();
+    if m.abs() >= 10.0 {
+        m /= 10.0;
+        e += 1;
+    }
+    format!("{m}e{}{:02}", if e < 0 { '-' } else { '+' }, e.abs())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn python_exp_formats_like_python() {
+        assert_eq!(super::python_exp(0.0), "0e+00");
+        assert_eq!(super::python_exp(1e-6), "1e-06");
+        assert_eq!(super::python_exp(0.96), "1e+00");
+    }
 }
