@@ -11,6 +11,7 @@ pub mod logreg;
 pub mod retrieval;
 pub mod split;
 pub mod unsup;
+pub mod video_seg;
 pub mod weights;
 
 use anyhow::{ensure, Result};
