@@ -64,6 +64,9 @@ enum Cmd {
     /// Copy detection on Copydays (eval_copy_detection.py): [CLS] + GeM-pooled patch features,
     /// optional whitening and distractors, mAP per block of copies.
     EvalCopydetection(cli::eval_copydetection::EvalCopydetectionArgs),
+    /// Video object segmentation on DAVIS-2017 by label propagation (eval_video_segmentation.py):
+    /// palette PNGs per frame for the DAVIS evaluator.
+    EvalVideoSeg(cli::eval_video_seg::EvalVideoSegArgs),
     /// Backbone weights of a checkpoint (ours or official .pth) to a safetensors file under the
     /// official names, like extract_backbone_weights.py.
     ExtractBackbone(cli::extract_backbone::ExtractArgs),
@@ -108,6 +111,7 @@ fn run(cli: Cli) -> Result<bool> {
         Cmd::EvalLinearMulti(a) => done(cli::eval_linear_multi::run(a)),
         Cmd::EvalRetrieval(a) => done(cli::eval_retrieval::run(a)),
         Cmd::EvalCopydetection(a) => done(cli::eval_copydetection::run(a)),
+        Cmd::EvalVideoSeg(a) => done(cli::eval_video_seg::run(a)),
         Cmd::ExtractBackbone(a) => done(cli::extract_backbone::run(a)),
         Cmd::ExtractFeatures(a) => done(cli::extract_features::run(a)),
         Cmd::VisualizeAttention(a) => done(cli::visualize_attention::run(a)),

@@ -942,7 +942,10 @@ fn video_label_propagation_matches_the_official_functions() {
     tch::manual_seed(8);
     let base = Tensor::randn([1, 3, 48, 64], (Kind::Float, tch::Device::Cpu));
     let frames: Vec<Tensor> = (0..6)
-        .map(|t| base.roll([2 * t, 3 * t], [2, 3]) + Tensor::randn([1, 3, 48, 64], (Kind::Float, tch::Device::Cpu)) * 0.1)
+        .map(|t| {
+            base.roll([2 * t, 3 * t], [2, 3])
+                + Tensor::randn([1, 3, 48, 64], (Kind::Float, tch::Device::Cpu)) * 0.1
+        })
         .collect();
     let (h, w, patch) = (6i64, 8i64, 8i64);
     let feats: Vec<Tensor> = frames
@@ -955,7 +958,11 @@ fn video_label_propagation_matches_the_official_functions() {
     let labels = Tensor::zeros([h, w], (Kind::Int64, tch::Device::Cpu));
     let _ = labels.narrow(0, 1, 3).narrow(1, 1, 3).fill_(1);
     let _ = labels.narrow(0, 3, 3).narrow(1, 5, 2).fill_(2);
-    let cfg = PropagationConfig { n_last_frames: 2, size_mask_neighborhood: 2, topk: 5 };
+    let cfg = PropagationConfig {
+        n_last_frames: 2,
+        size_mask_neighborhood: 2,
+        topk: 5,
+    };
     let got = propagate_video(&cfg, &feats, &to_one_hot(&labels), h, w, patch).unwrap();
     let r = common::python_reference(
         "video_seg_ref.py",
@@ -975,4 +982,66 @@ fn video_label_propagation_matches_the_official_functions() {
     }
     // Not a trivial output: several objects survive propagation.
     assert!(got[4].max().int64_value(&[]) >= 1);
+}
+
+/// `ibot eval-video-seg` on a synthetic DAVIS-2017 folder (one 3-frame video, the first
+/// frame's palette annotation written by Pillow): palette PNGs for every frame at the original
+/// size, which Pillow reads back as mode "P" with the DAVIS palette; the first is the annotation
+/// itself, the others hold only its labels. A missing val.txt is an error.
+#[test]
+fn eval_video_seg_command() {
+    let dir = common::scratch_dir("protocols", "davis");
+    let w = tiny_weights(&dir);
+    let data = dir.join("davis");
+    std::fs::create_dir_all(data.join("ImageSets/2017")).unwrap();
+    std::fs::write(data.join("ImageSets/2017/val.txt"), "vid\n").unwrap();
+    let vdir = data.join("JPEGImages/480p/vid");
+    std::fs::create_dir_all(&vdir).unwrap();
+    for (i, img) in random_images(&[(80, 60); 3], 6).iter().enumerate() {
+        image::RgbImage::from_raw(80, 60, img.data.clone())
+            .unwrap()
+            .save_with_format(vdir.join(format!("{i:05}.jpg")), image::ImageFormat::Png)
+            .unwrap();
+    }
+    let ann = data.join("Annotations/480p/vid");
+    std::fs::create_dir_all(&ann).unwrap();
+    let py = format!(
+        "import numpy as np\nfrom PIL import Image\na = np.zeros((60, 80), np.uint8)\na[10:30, 10:40] = 1\na[35:55, 50:75] = 2\nim = Image.fromarray(a, mode='P')\nim.putpalette([0, 0, 0, 128, 0, 0, 0, 128, 0] + [0] * 759)\nim.save({:?})\n",
+        s(&ann.join("00000.png"))
+    );
+    assert!(Command::new(common::venv_python())
+        .args(["-c", &py])
+        .status()
+        .unwrap()
+        .success());
+    let out = dir.join("out");
+    let (ok, stdout, err) = run(&[
+        "eval-video-seg",
+        "--device",
+        "cpu",
+        "--num_heads",
+        "2",
+        "--pretrained_weights",
+        &s(&w),
+        "--data_path",
+        &s(&data),
+        "--output_dir",
+        &s(&out),
+        "--size_mask_neighborhood",
+        "4",
+    ]);
+    assert!(ok, "{err}");
+    assert!(stdout.contains("1 videos segmented"), "{stdout}");
+    let check = format!(
+        "import numpy as np\nfrom PIL import Image\nann = np.asarray(Image.open({:?}))\nfor i in range(3):\n    im = Image.open({:?} + '/%05d.png' % i)\n    assert im.mode == 'P' and im.size == (80, 60), (im.mode, im.size)\n    assert im.getpalette()[:9] == [0, 0, 0, 128, 0, 0, 0, 128, 0], im.getpalette()[:9]\n    a = np.asarray(im)\n    assert set(np.unique(a)) <= {{0, 1, 2}}, np.unique(a)\n    if i == 0:\n        assert (a == ann).all()\n    else:\n        assert len(np.unique(a)) >= 2\nprint('ok')\n",
+        s(&ann.join("00000.png")),
+        s(&out.join("vid"))
+    );
+    let o = Command::new(common::venv_python())
+        .args(["-c", &check])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let (ok, _, err) = run(&["eval-video-seg", "--device", "cpu", "--data_path", &s(&dir)]);
+    assert!(!ok && err.contains("val.txt"), "{err}");
 }

@@ -13,6 +13,7 @@ pub mod eval_linear_multi;
 pub mod eval_logreg;
 pub mod eval_retrieval;
 pub mod eval_unsup;
+pub mod eval_video_seg;
 pub mod extract_backbone;
 pub mod extract_features;
 pub mod launch;

@@ -11,9 +11,14 @@
 //! context frames' soft labels. The label map is upsampled by the patch size (bilinear),
 //! every channel min-max normalised (`norm_mask`) and the argmax taken.
 //!
-//! Not here yet: reading DAVIS folders, the frame resizing of `read_frame` (OpenCV) and writing
-//! the palette PNGs; this module is the propagation itself, checked against the official
-//! functions in PyTorch (`tests/protocols.rs`).
+//! [`run`] reads DAVIS-2017 as the official script (`ImageSets/2017/val.txt`,
+//! `JPEGImages/480p/<video>/*.jpg`, the first frame's `Annotations/480p/<video>/<frame>.png`),
+//! resizes frames as its `read_frame` (shorter side 480, the other cut to a multiple of 64) and
+//! writes `<output_dir>/<video>/<frame>.png` palette PNGs (the DAVIS palette) at the original
+//! frame size, which the DAVIS evaluation toolkit reads. The propagation is checked against
+//! the official functions in PyTorch (`tests/protocols.rs`); the frame resize is bilinear like
+//! OpenCV's `INTER_LINEAR` but not its fixed-point arithmetic, so features differ slightly from
+//! the official ones (OpenCV is not used).
 
 use anyhow::{ensure, Result};
 use serde::{Deserialize, Serialize};
@@ -97,7 +102,10 @@ pub fn label_propagation(
         ncontext * hw
     );
     let _g = tch::no_grad_guard();
-    let tar = feat_tar / feat_tar.norm_scalaropt_dim(2.0, [1i64], true).clamp_min(1e-12);
+    let tar = feat_tar
+        / feat_tar
+            .norm_scalaropt_dim(2.0, [1i64], true)
+            .clamp_min(1e-12);
     let src = Tensor::stack(sources, 0);
     let src = &src / src.norm_scalaropt_dim(2.0, [1i64], true).clamp_min(1e-12);
     // [ctx, hw (target), hw (source)]
@@ -169,5 +177,259 @@ pub fn propagate_video(
 /// `to_one_hot`: labels `[h, w]` (int64) to `[1, n, h, w]` (float), `n` = max label + 1.
 pub fn to_one_hot(labels: &Tensor) -> Tensor {
     let n = labels.max().int64_value(&[]) + 1;
-    labels.one_hot(n).permute([2, 0, 1]).unsqueeze(0).to_kind(Kind::Float)
+    labels
+        .one_hot(n)
+        .permute([2, 0, 1])
+        .unsqueeze(0)
+        .to_kind(Kind::Float)
+}
+
+/// The DAVIS palette (the PASCAL VOC colour map the official script downloads as UVC's
+/// `palette.txt`): colour i spreads the bits of i over the high bits of R, G and B.
+pub fn davis_palette() -> Vec<u8> {
+    let mut p = Vec::with_capacity(256 * 3);
+    for i in 0..256u32 {
+        let (mut r, mut g, mut b, mut c) = (0u8, 0u8, 0u8, i);
+        for j in 0..8 {
+            r |= (((c >> 0) & 1) as u8) << (7 - j);
+            g |= (((c >> 1) & 1) as u8) << (7 - j);
+            b |= (((c >> 2) & 1) as u8) << (7 - j);
+            c >>= 3;
+        }
+        p.extend([r, g, b]);
+    }
+    p
+}
+
+/// Writes `labels` (`[H, W]` class indices < 256) as an indexed PNG with `palette`
+/// (`imwrite_indexed`), atomically.
+pub fn write_indexed_png(
+    path: &std::path::Path,
+    labels: &[u8],
+    w: usize,
+    h: usize,
+    palette: &[u8],
+) -> Result<()> {
+    ensure!(
+        labels.len() == w * h,
+        "label map of {} values for {w}x{h}",
+        labels.len()
+    );
+    let mut buf = Vec::new();
+    {
+        let mut enc = png::Encoder::new(&mut buf, w as u32, h as u32);
+        enc.set_color(png::ColorType::Indexed);
+        enc.set_depth(png::BitDepth::Eight);
+        enc.set_palette(palette.to_vec());
+        let mut wr = enc.write_header()?;
+        wr.write_image_data(labels)?;
+    }
+    crate::util::atomic_write(path, &buf)
+}
+
+/// Reads an indexed (palette) PNG's indices `[H, W]`, as PIL's `np.asarray(Image.open(...))`
+/// of a DAVIS annotation. Gray 8-bit PNGs are taken as indices too.
+pub fn read_indexed_png(path: &std::path::Path) -> Result<(Vec<u8>, usize, usize)> {
+    use anyhow::Context;
+    let f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let mut dec = png::Decoder::new(std::io::BufReader::new(f));
+    dec.set_transformations(png::Transformations::IDENTITY);
+    let mut r = dec
+        .read_info()
+        .with_context(|| format!("{} is not a PNG", path.display()))?;
+    let info = r.info();
+    ensure!(
+        matches!(
+            info.color_type,
+            png::ColorType::Indexed | png::ColorType::Grayscale
+        ) && info.bit_depth == png::BitDepth::Eight,
+        "{}: annotations must be 8-bit palette (or gray) PNGs, not {:?} {:?}",
+        path.display(),
+        info.color_type,
+        info.bit_depth
+    );
+    let (w, h) = (info.width as usize, info.height as usize);
+    let mut buf = vec![0; r.output_buffer_size().context("PNG too large")?];
+    let frame = r.next_frame(&mut buf)?;
+    buf.truncate(frame.buffer_size());
+    ensure!(
+        buf.len() == w * h,
+        "{}: unexpected PNG layout",
+        path.display()
+    );
+    Ok((buf, w, h))
+}
+
+/// Pillow's `resize(..., NEAREST)` of a `w x h` index map to `ow x oh`: the source of output
+/// pixel x is `floor((x + 0.5) w / ow)`.
+pub fn resize_nearest(src: &[u8], w: usize, h: usize, ow: usize, oh: usize) -> Vec<u8> {
+    let (sx, sy) = (w as f64 / ow as f64, h as f64 / oh as f64);
+    let mut out = Vec::with_capacity(ow * oh);
+    for y in 0..oh {
+        let yy = (((y as f64 + 0.5) * sy) as usize).min(h - 1);
+        for x in 0..ow {
+            let xx = (((x as f64 + 0.5) * sx) as usize).min(w - 1);
+            out.push(src[yy * w + xx]);
+        }
+    }
+    out
+}
+
+/// `read_frame`'s size for an `ori_w x ori_h` frame and scale 480: the shorter side 480, the
+/// other scaled and cut down to a multiple of 64. Returns `(tw, th)`.
+pub fn frame_size(ori_w: usize, ori_h: usize, scale: usize) -> (usize, usize) {
+    if ori_h > ori_w {
+        let th = scale as f64 * ori_h as f64 / ori_w as f64;
+        (scale, ((th / 64.0).floor() * 64.0) as usize)
+    } else {
+        let tw = scale as f64 * ori_w as f64 / ori_h as f64;
+        (((tw / 64.0).floor() * 64.0) as usize, scale)
+    }
+}
+
+/// `read_frame`: the frame resized to `tw x th` (bilinear, as OpenCV's `INTER_LINEAR` but
+/// without its 11-bit fixed-point rounding), scaled to [0, 1] and normalised with the official
+/// `color_normalize` (mean 0.485/0.456/0.406, std 0.228/0.224/0.225): `[1, 3, th, tw]`.
+pub fn read_frame(img: &crate::data::ops::Rgb8, tw: usize, th: usize) -> Tensor {
+    let x = Tensor::from_slice(&img.data)
+        .reshape([img.height as i64, img.width as i64, 3])
+        .permute([2, 0, 1])
+        .unsqueeze(0)
+        .to_kind(Kind::Float)
+        / 255.0;
+    let x = if (tw, th) == (img.width, img.height) {
+        x
+    } else {
+        x.upsample_bilinear2d([th as i64, tw as i64], false, None, None)
+    };
+    let mean = Tensor::from_slice(&[0.485f32, 0.456, 0.406]).reshape([1, 3, 1, 1]);
+    let std = Tensor::from_slice(&[0.228f32, 0.224, 0.225]).reshape([1, 3, 1, 1]);
+    (x - mean) / std
+}
+
+/// Settings of `ibot eval-video-seg`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VideoSegConfig {
+    pub data_path: std::path::PathBuf,
+    pub output_dir: std::path::PathBuf,
+    pub propagation: PropagationConfig,
+}
+
+/// Patch features `[h w, dim]` of the last block (normed, [CLS] dropped) of a frame.
+fn frame_features(vit: &crate::models::VisionTransformer, x: &Tensor) -> Result<Tensor> {
+    let _g = tch::no_grad_guard();
+    let t = vit
+        .intermediate_tokens(x, 1, true)?
+        .pop()
+        .ok_or_else(|| anyhow::anyhow!("no block output"))?;
+    let n = t.size()[1] - 1;
+    Ok(t.get(0).narrow(0, 1, n).to_device(tch::Device::Cpu))
+}
+
+/// Segments every video of `ImageSets/2017/val.txt` into `<output_dir>/<video>/<frame>.png`.
+pub fn run(
+    cfg: &VideoSegConfig,
+    backbone: &crate::models::Backbone,
+    device: tch::Device,
+) -> Result<usize> {
+    use anyhow::{bail, Context};
+    let Some(vit) = backbone.as_vit() else {
+        bail!("eval-video-seg takes ViT backbones (as the official script)")
+    };
+    let patch = vit.cfg.patch_size;
+    let list = cfg.data_path.join("ImageSets/2017/val.txt");
+    let videos: Vec<String> = std::fs::read_to_string(&list)
+        .with_context(|| format!("reading {} (the DAVIS-2017 layout: ImageSets/2017/val.txt, JPEGImages/480p/<video>/, Annotations/480p/<video>/)", list.display()))?
+        .lines()
+        .map(|l| l.trim().to_string())
+        .filter(|l| !l.is_empty())
+        .collect();
+    ensure!(!videos.is_empty(), "{} lists no video", list.display());
+    let palette = davis_palette();
+    for (i, v) in videos.iter().enumerate() {
+        println!("[{i}/{}] Begin to segmentate video {v}.", videos.len());
+        let vdir = cfg.data_path.join("JPEGImages/480p").join(v);
+        let mut frames: Vec<std::path::PathBuf> = std::fs::read_dir(&vdir)
+            .with_context(|| format!("listing {}", vdir.display()))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|e| e == "jpg"))
+            .collect();
+        frames.sort();
+        ensure!(
+            frames.len() >= 2,
+            "{} holds {} frames; a video needs at least two",
+            vdir.display(),
+            frames.len()
+        );
+        let stem = |p: &std::path::Path| {
+            p.file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_default()
+        };
+        let ann = cfg
+            .data_path
+            .join("Annotations/480p")
+            .join(v)
+            .join(format!("{}.png", stem(&frames[0])));
+        let (seg_ori, sw, sh) = read_indexed_png(&ann)?;
+        let out_dir = cfg.output_dir.join(v);
+        std::fs::create_dir_all(&out_dir)
+            .with_context(|| format!("creating {}", out_dir.display()))?;
+        write_indexed_png(&out_dir.join("00000.png"), &seg_ori, sw, sh, &palette)?;
+        // read_seg: the annotation at patch resolution (nearest), one-hot.
+        let (stw, sth) = frame_size(sw, sh, 480);
+        let (gw, gh) = (stw / patch as usize, sth / patch as usize);
+        ensure!(
+            gw > 0 && gh > 0,
+            "{}: frames too small for {patch}-pixel patches",
+            vdir.display()
+        );
+        let small = resize_nearest(&seg_ori, sw, sh, gw, gh);
+        let small = Tensor::from_slice(&small.iter().map(|&x| i64::from(x)).collect::<Vec<_>>())
+            .reshape([gh as i64, gw as i64]);
+        let first_seg = to_one_hot(&small);
+        let bar = crate::util::progress_bar(frames.len() as u64, v);
+        let mut feats = Vec::new();
+        let mut sizes = Vec::new();
+        for f in &frames {
+            let img = crate::data::dataset::load_rgb(f)?;
+            let (tw, th) = frame_size(img.width, img.height, 480);
+            let x = read_frame(&img, tw, th).to_device(device);
+            let (h, w) = (th as i64 / patch, tw as i64 / patch);
+            ensure!(
+                (h, w) == (gh as i64, gw as i64),
+                "{}: frame size differs from the annotation's",
+                f.display()
+            );
+            let x = x.narrow(2, 0, h * patch).narrow(3, 0, w * patch);
+            feats.push(frame_features(vit, &x)?);
+            sizes.push((img.width, img.height));
+            bar.inc(1);
+        }
+        bar.finish_and_clear();
+        let labels = propagate_video(
+            &cfg.propagation,
+            &feats,
+            &first_seg,
+            gh as i64,
+            gw as i64,
+            patch,
+        )?;
+        for ((lab, f), (ow, oh)) in labels.iter().zip(&frames[1..]).zip(&sizes[1..]) {
+            let (lh, lw) = (lab.size()[0] as usize, lab.size()[1] as usize);
+            let l: Vec<u8> = Vec::<i64>::try_from(lab.reshape([-1]))?
+                .into_iter()
+                .map(|x| x as u8)
+                .collect();
+            let full = resize_nearest(&l, lw, lh, *ow, *oh);
+            write_indexed_png(
+                &out_dir.join(format!("{}.png", stem(f))),
+                &full,
+                *ow,
+                *oh,
+                &palette,
+            )?;
+        }
+    }
+    Ok(videos.len())
 }
