@@ -74,8 +74,22 @@ install_sklearn() {
   .venv/bin/python -m pip install --quiet --disable-pip-version-check "scikit-learn==$SKLEARN_VERSION"
 }
 
+# timm and torchvision (test oracles only: tests/cls_data.rs compares the fine-tuning transforms
+# and Mixup with them). --no-deps so that torch is never replaced; torchvision 0.28.0 is the
+# build for torch 2.13.0, and timm imports without its optional hub dependencies.
+TIMM_VERSION=1.0.31
+TORCHVISION_VERSION=0.28.0
+install_test_oracles() {
+  [ -f ".venv/.timm-$TIMM_VERSION-tv-$TORCHVISION_VERSION" ] && return 0
+  say "installing timm==$TIMM_VERSION and torchvision==$TORCHVISION_VERSION into .venv (test references)"
+  .venv/bin/python -m pip install --quiet --disable-pip-version-check --no-deps \
+    "timm==$TIMM_VERSION" "torchvision==$TORCHVISION_VERSION" &&
+    touch ".venv/.timm-$TIMM_VERSION-tv-$TORCHVISION_VERSION"
+}
+
 if [ -L .libtorch ] && [ -f .libtorch/lib/libtorch_cpu.so ] && [ -f .venv/.torch-$TORCH_VERSION ]; then
   install_cuda_headers
+  install_test_oracles
   install_gloo_headers
   install_fmnist
   install_font
@@ -106,6 +120,7 @@ ln -sfn "$TORCH_DIR" .libtorch
 touch ".venv/.torch-$TORCH_VERSION"
 say "libtorch ready at .libtorch -> $TORCH_DIR"
 install_cuda_headers
+install_test_oracles
 install_gloo_headers
 install_fmnist
 install_font

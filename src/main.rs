@@ -76,6 +76,20 @@ enum Cmd {
     /// (visualize_attention.py): heat maps, the patches holding --threshold of each head's
     /// attention mass drawn over the image, and the raw maps as safetensors.
     VisualizeAttention(cli::visualize_attention::AttentionArgs),
+    /// Dense patch correspondences between two images (visualize_correspondence.py): matches
+    /// of patch features drawn as lines between pairs from one class or two views of an image,
+    /// and in instance mode the matching accuracy.
+    Correspondence(cli::correspondence::CorrespondenceArgs),
+    /// The teacher head's prototypes as part-level patterns (extract_topk_cluster.py): every
+    /// patch or [CLS] token assigned to its prototype, grids of the best members of the most
+    /// populated ones; memory-bounded and resumable. Needs weights with the head.
+    Patterns(cli::patterns::PatternsArgs),
+    /// Attention over a folder of video frames (video_generation.py): attention frames and an
+    /// animated GIF.
+    VideoGeneration(cli::video_generation::VideoArgs),
+    /// A backbone and a trained linear classifier in one file (combine_ckpt.py), for
+    /// `eval-linear --evaluate` and every --pretrained_weights.
+    Combine(cli::combine::CombineArgs),
     /// Lists the named recipes for --preset.
     Presets,
     /// Benchmarks (timings, not tests). Compare with bench/torch_step.py run with the same
@@ -115,6 +129,10 @@ fn run(cli: Cli) -> Result<bool> {
         Cmd::ExtractBackbone(a) => done(cli::extract_backbone::run(a)),
         Cmd::ExtractFeatures(a) => done(cli::extract_features::run(a)),
         Cmd::VisualizeAttention(a) => done(cli::visualize_attention::run(a)),
+        Cmd::Correspondence(a) => done(cli::correspondence::run(a)),
+        Cmd::Patterns(a) => done(cli::patterns::run(a)),
+        Cmd::VideoGeneration(a) => done(cli::video_generation::run(a)),
+        Cmd::Combine(a) => done(cli::combine::run(a)),
         Cmd::Presets => done(cli::presets::print()),
         Cmd::Bench(b) => done(cli::bench::run(b)),
         Cmd::VerifyFixture(a) => cli::verify_fixture::run(a),

@@ -110,12 +110,14 @@ fn pictures_and_raw_maps_are_written() {
         "mask_th0.6_head0.png",
         "mask_th0.6_head1.png",
         "attn.png",
+        "attn_color.png",
         "attention.safetensors",
     ] {
         assert!(names.contains(&n.to_string()), "{n} not written");
     }
     let strip = image::open(dir.join("attn.png")).unwrap().to_rgb8();
-    assert_eq!(strip.dimensions(), (3 * 48, 40));
+    // The image, the coloured composite and the two heads (the official final picture).
+    assert_eq!(strip.dimensions(), (4 * 48, 40));
     let raw = read_safetensors(&dir.join("attention.safetensors")).unwrap();
     assert!(raw["attentions"].equal(&maps.attentions));
     assert!(raw["th_attn"].equal(maps.th_attn.as_ref().unwrap()));

@@ -183,7 +183,10 @@ pub fn heat_map(map: &Tensor, patch: usize) -> Result<Rgb8> {
 }
 
 /// `img` with a patch mask (`[gh, gw]`, 0/1) painted over it in red at half opacity, as the
-/// official `apply_mask` (without the contour lines it adds with matplotlib).
+/// official `apply_mask`, and the mask's outline in red: the official `display_instances`
+/// draws the contour at level 0.5 of the (padded) mask with matplotlib, a line along the edge
+/// between masked and unmasked pixels; here the masked pixels on that edge (a 4-neighbour
+/// outside the mask or outside the picture) are painted.
 pub fn masked_image(img: &Rgb8, mask: &Tensor, patch: usize) -> Result<Rgb8> {
     let gw = img.width / patch;
     let m = Vec::<f32>::try_from(mask.to_kind(Kind::Float).flatten(0, -1))?;
@@ -206,19 +209,205 @@ pub fn masked_image(img: &Rgb8, mask: &Tensor, patch: usize) -> Result<Rgb8> {
             }
         }
     }
+    for (x, y) in contour_pixels(&m, gw, patch) {
+        let i = (y * img.width + x) * 3;
+        out.data[i..i + 3].copy_from_slice(&[255, 0, 0]);
+    }
     Ok(out)
 }
 
-fn save_png(img: &Rgb8, path: &Path) -> Result<()> {
-    image::RgbImage::from_raw(img.width as u32, img.height as u32, img.data.clone())
-        .context("image buffer")?
-        .save(path)
-        .with_context(|| format!("writing {}", path.display()))
+/// The pixels of a patch mask (`m`, row-major, `gw` patches wide, drawn `patch` times larger)
+/// that are inside it and touch the outside (4-neighbours; beyond the picture counts as
+/// outside, as the official padding does): the mask's outline.
+pub fn contour_pixels(m: &[f32], gw: usize, patch: usize) -> Vec<(usize, usize)> {
+    if gw == 0 {
+        return Vec::new();
+    }
+    let gh = m.len() / gw;
+    let (w, h) = (gw * patch, gh * patch);
+    let inside = |x: i64, y: i64| {
+        x >= 0
+            && y >= 0
+            && (x as usize) < w
+            && (y as usize) < h
+            && m[(y as usize / patch) * gw + x as usize / patch] > 0.5
+    };
+    let mut out = Vec::new();
+    for y in 0..h as i64 {
+        for x in 0..w as i64 {
+            if inside(x, y)
+                && !(inside(x - 1, y) && inside(x + 1, y) && inside(x, y - 1) && inside(x, y + 1))
+            {
+                out.push((x as usize, y as usize));
+            }
+        }
+    }
+    out
 }
 
+/// The colours of the official `show_attn_color` (its `company_colors`), one per head.
+pub const COMPANY_COLORS: [[u8; 3]; 6] = [
+    [0, 160, 215],
+    [220, 55, 60],
+    [245, 180, 0],
+    [10, 120, 190],
+    [40, 150, 100],
+    [135, 75, 145],
+];
+
+/// The official coloured composite (`show_attn_color`, saved as `attn_color.png`): the image
+/// stretched to its own range, made grey, lightened (64 levels above 192) and darkened to a
+/// tenth; over it, each of the first six heads paints, in its own colour, the pixels of its
+/// mass mask where it attends more than every other head (the first head wins ties, and a
+/// pixel another head already took stays that head's), with opacity `sqrt(a)` where `a` is the
+/// head's masked attention stretched to 0..1 and above 0.2. `x` is the normalised image
+/// `[3, H, W]` (ToTensor + Normalize), `maps` its maps with a mass mask.
+///
+/// The arithmetic is numpy's, in the same precisions (float32 masks, float64 image, truncation
+/// to uint8). One guard the official code lacks: a head whose masked map is constant (it wins
+/// no pixel) paints nothing, where the official division by zero turns the picture to NaN.
+pub fn attn_color(x: &Tensor, maps: &AttentionMaps, patch: usize) -> Result<Rgb8> {
+    let th = maps
+        .th_attn
+        .as_ref()
+        .context("the coloured composite needs the mass masks (a --threshold above 0)")?;
+    let size = x.size();
+    ensure!(size.len() == 3 && size[0] == 3, "the image must be [3, H, W]");
+    let (h, w) = (size[1] as usize, size[2] as usize);
+    let heads = (maps.attentions.size()[0] as usize).min(COMPANY_COLORS.len());
+    let grid = maps.attentions.size();
+    ensure!(
+        grid[1] as usize * patch == h && grid[2] as usize * patch == w,
+        "maps of {}x{} patches of {patch} pixels do not cover a {h}x{w} image",
+        grid[1],
+        grid[2]
+    );
+    let up = |t: &Tensor| -> Result<Vec<f32>> {
+        let t = t
+            .narrow(0, 0, heads as i64)
+            .unsqueeze(0)
+            .to_kind(Kind::Float)
+            .upsample_nearest2d([h as i64, w as i64], None, None);
+        Ok(Vec::<f32>::try_from(t.flatten(0, -1))?)
+    };
+    let (att, thm) = (up(&maps.attentions)?, up(th)?);
+    let n = h * w;
+    let mut mask: Vec<f32> = att.iter().zip(&thm).map(|(a, t)| a * t).collect();
+    // mask[i] *= (mask[i] == max over heads); then mask[i] *= (mask[i] == cumsum[i]).
+    for p in 0..n {
+        let mx = (0..heads).map(|i| mask[i * n + p]).fold(f32::NEG_INFINITY, f32::max);
+        for i in 0..heads {
+            let v = mask[i * n + p];
+            mask[i * n + p] = if v == mx { v } else { 0.0 };
+        }
+        let mut acc = 0f32;
+        for i in 0..heads {
+            let v = mask[i * n + p];
+            acc += v;
+            mask[i * n + p] = if v == acc { v } else { 0.0 };
+        }
+    }
+    // The grey background from the normalised image (float32 as numpy computes it).
+    let xv = Vec::<f32>::try_from(x.to_kind(Kind::Float).permute([1, 2, 0]).contiguous().flatten(0, -1))?;
+    let (m, mx) = xv
+        .iter()
+        .fold((f32::INFINITY, f32::NEG_INFINITY), |(l, h), &v| (l.min(v), h.max(v)));
+    let span = mx - m;
+    let mut img: Vec<f64> = (0..n)
+        .map(|p| {
+            let c = |k: usize| {
+                let v = xv[p * 3 + k];
+                if span > 0.0 {
+                    ((v - m) / span) * 64.0 + 192.0
+                } else {
+                    192.0
+                }
+            };
+            let grey = ((c(0) + c(1)) + c(2)) / 3.0;
+            0.1 * (grey as u32) as f64
+        })
+        .collect();
+    let mut rgb: Vec<f64> = img.iter().flat_map(|&g| [g, g, g]).collect();
+    img.clear();
+    for (i, colour) in COMPANY_COLORS.iter().enumerate().take(heads) {
+        let hm = &mask[i * n..(i + 1) * n];
+        let (lo, hi) = hm
+            .iter()
+            .fold((f32::INFINITY, f32::NEG_INFINITY), |(l, h), &v| (l.min(v), h.max(v)));
+        if hi - lo <= 0.0 {
+            continue;
+        }
+        for p in 0..n {
+            let a = (hm[p] - lo) / (hi - lo);
+            let s = if a > 0.2 { a.sqrt() } else { 0.0 };
+            for ch in 0..3 {
+                let col = (colour[ch] as f64 / 255.0) as f32;
+                let o = &mut rgb[p * 3 + ch];
+                *o = *o * (1.0 - s) as f64 + (s * col * 255.0) as f64;
+            }
+        }
+    }
+    Ok(Rgb8::new(w, h, rgb.iter().map(|&v| v as u8).collect()))
+}
+
+/// The normalised tensor `[3, H, W]` of a prepared image (ToTensor + Normalize).
+pub fn normalised_image(img: &Rgb8) -> Tensor {
+    let mut pix = vec![0f32; 3 * img.width * img.height];
+    ops::to_tensor_normalize_into(img, ops::IMAGENET_MEAN, ops::IMAGENET_STD, &mut pix);
+    Tensor::from_slice(&pix).reshape([3, img.height as i64, img.width as i64])
+}
+
+/// `visualize-attention` on `image_path`: one image into `output_dir`, or every image of a
+/// folder (class sub-folders or flat; at most `show_pics`) each into its own sub-folder
+/// `id{index}_{name}` of `output_dir`. Returns the folders written.
+pub fn visualize_path(
+    vit: &VisionTransformer,
+    image_path: &Path,
+    image_size: &[usize],
+    threshold: Option<f64>,
+    output_dir: &Path,
+    show_pics: usize,
+    device: Device,
+) -> Result<Vec<PathBuf>> {
+    let patch = vit.cfg.patch_size as usize;
+    let one = |img: &Rgb8, dir: &Path| -> Result<()> {
+        let img = prepare_image(img, image_size, patch)?;
+        let maps = attention_of(vit, &img, threshold, device)?;
+        save_pictures(&img, &maps, patch, threshold, dir)?;
+        Ok(())
+    };
+    if !image_path.is_dir() {
+        let img = crate::data::dataset::load_rgb(image_path)?;
+        one(&img, output_dir)?;
+        return Ok(vec![output_dir.to_path_buf()]);
+    }
+    use crate::data::dataset::Dataset as _;
+    let ds = crate::data::dataset::ImageFolder::open(image_path)?;
+    let n = ds.len().min(show_pics);
+    let bar = crate::util::progress_bar(n as u64, "attention maps");
+    let mut dirs = Vec::new();
+    for i in 0..n {
+        let (img, _) = ds.get(i)?;
+        let name = ds
+            .path(i)
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let dir = output_dir.join(format!("id{i}_{name}"));
+        one(&img, &dir).with_context(|| format!("image {}", ds.path(i).display()))?;
+        dirs.push(dir);
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    Ok(dirs)
+}
+
+use super::{save_png, side_by_side};
+
 /// Writes the official set of pictures into `dir`: `img.png` (the prepared image),
-/// `attn-head{j}.png` per head, `mask_th{t}_head{j}.png` per head with a threshold, `attn.png`
-/// (the image and every head side by side), and the raw maps as `attention.safetensors`
+/// `attn-head{j}.png` per head, `mask_th{t}_head{j}.png` per head with a threshold (mask and
+/// outline), `attn_color.png` (the coloured composite, with a threshold), `attn.png` (the
+/// image, the composite and every head side by side, as the official final picture), and the raw maps as `attention.safetensors`
 /// (`attentions`, `th_attn`). Returns the files written.
 pub fn save_pictures(
     img: &Rgb8,
@@ -249,6 +438,12 @@ pub fn save_pictures(
             )?;
         }
     }
+    // The official final picture: the image, the coloured composite, every head.
+    if threshold.is_some() && maps.th_attn.is_some() {
+        let colour = attn_color(&normalised_image(img), maps, patch)?;
+        save(&colour, "attn_color.png".into())?;
+        strip.insert(1, colour);
+    }
     save(&side_by_side(&strip), "attn.png".into())?;
     let mut named = vec![("attentions".to_string(), maps.attentions.shallow_clone())];
     if let Some(th) = &maps.th_attn {
@@ -260,19 +455,3 @@ pub fn save_pictures(
     Ok(written)
 }
 
-/// Pictures of equal height placed left to right.
-fn side_by_side(pics: &[Rgb8]) -> Rgb8 {
-    let h = pics.iter().map(|p| p.height).max().unwrap_or(0);
-    let w: usize = pics.iter().map(|p| p.width).sum();
-    let mut data = vec![0u8; w * h * 3];
-    let mut x0 = 0;
-    for p in pics {
-        for y in 0..p.height {
-            let dst = (y * w + x0) * 3;
-            data[dst..dst + p.width * 3]
-                .copy_from_slice(&p.data[y * p.width * 3..(y + 1) * p.width * 3]);
-        }
-        x0 += p.width;
-    }
-    Rgb8::new(w, h, data)
-}

@@ -14,7 +14,7 @@ use crate::eval::weights::WeightsConfig;
 #[serde(default)]
 pub struct AttentionConfig {
     pub weights: WeightsConfig,
-    /// The image to look at.
+    /// The image to look at, or a folder of images (each into its own sub-folder).
     pub image_path: PathBuf,
     /// HEIGHT WIDTH, or the shorter side N (aspect ratio kept).
     pub image_size: Vec<usize>,
@@ -46,19 +46,19 @@ pub fn run(a: &AttentionConfig) -> Result<()> {
              there is no [CLS] attention to show (its attention stays within local windows)"
         )
     };
-    let patch = vit.cfg.patch_size as usize;
-    let img = crate::data::dataset::load_rgb(&a.image_path)?;
-    let img = attention::prepare_image(&img, &a.image_size, patch)?;
     let threshold = (a.threshold > 0.0).then_some(a.threshold);
-    let maps = attention::attention_of(vit, &img, threshold, device)?;
-    let files = attention::save_pictures(&img, &maps, patch, threshold, &a.output_dir)?;
+    let dirs = attention::visualize_path(
+        vit,
+        &a.image_path,
+        &a.image_size,
+        threshold,
+        &a.output_dir,
+        usize::MAX,
+        device,
+    )?;
     println!(
-        "{} heads over {}x{} patches of {}: {} files in {}",
-        maps.attentions.size()[0],
-        img.height / patch,
-        img.width / patch,
-        a.image_path.display(),
-        files.len(),
+        "attention of {} image(s) in {}",
+        dirs.len(),
         a.output_dir.display()
     );
     Ok(())

@@ -83,6 +83,19 @@ pub struct LinearArgs {
     pub precompute_features: bool,
     #[arg(long, default_value = "auto")]
     pub device: DeviceChoice,
+    /// Do not train: evaluate a trained classifier (--pretrained_linear, or the one stored in
+    /// a file written by `ibot combine`) on the validation images (--val_path,
+    /// <data_path>/val, or --data_path itself when it is an image folder of classes) and
+    /// print top-1 / top-5, as the official validate_network.
+    #[arg(long)]
+    pub evaluate: bool,
+    /// With --evaluate: a linear checkpoint (eval-linear's best_<key>_linear.safetensors, or
+    /// an official checkpoint_<key>_linear.pth).
+    #[arg(long)]
+    pub pretrained_linear: Option<PathBuf>,
+    /// With --evaluate: which classifier of an eval_linear_multi sweep (best_acc_hidx).
+    #[arg(long)]
+    pub head_index: Option<usize>,
 }
 
 impl LinearArgs {
@@ -115,5 +128,8 @@ impl LinearArgs {
 }
 
 pub fn run(a: LinearArgs) -> anyhow::Result<()> {
+    if a.evaluate {
+        return super::combine::evaluate(a);
+    }
     crate::eval::linear::run_command(&a.into_config()).map(|_| ())
 }

@@ -4,7 +4,9 @@
 //! spellings and defaults of the official scripts. `src/main.rs` only dispatches.
 
 pub mod bench;
+pub mod combine;
 pub mod common;
+pub mod correspondence;
 pub mod demo;
 pub mod eval_copydetection;
 pub mod eval_knn;
@@ -17,15 +19,19 @@ pub mod eval_video_seg;
 pub mod extract_backbone;
 pub mod extract_features;
 pub mod launch;
+pub mod model_args;
+pub mod patterns;
 pub mod presets;
 pub mod train;
 pub mod verify_fixture;
+pub mod video_generation;
 pub mod visualize_attention;
 pub mod weights;
 
 use clap::builder::PossibleValue;
 use clap::{Args, ValueEnum};
 
+pub use model_args::ModelArgs;
 pub use weights::WeightsArgs;
 
 use crate::config::{Arch, CheckpointKey, HeadAct, OptimizerKind, PredShape};

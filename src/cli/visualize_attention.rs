@@ -12,7 +12,9 @@ use crate::analysis::visualize::AttentionConfig;
 pub struct AttentionArgs {
     #[command(flatten)]
     pub weights: WeightsArgs,
-    /// The image to look at (any format the data loader reads).
+    /// The image to look at (any format the data loader reads), or a folder: every image in
+    /// it (class sub-folders or flat), each into its own sub-folder id<i>_<name> of
+    /// --output_dir.
     #[arg(long)]
     pub image_path: PathBuf,
     /// Resize to HEIGHT WIDTH (two numbers), or the shorter side to N keeping the aspect ratio

@@ -178,6 +178,18 @@ impl ImageFolder {
     }
 }
 
+impl ImageFolder {
+    /// The images (path, label) in data-set order.
+    pub fn samples(&self) -> &[(PathBuf, i64)] {
+        &self.samples
+    }
+
+    /// The folder the images were found in.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+}
+
 fn collect_images(
     dir: &Path,
     out: &mut Vec<PathBuf>,
@@ -202,6 +214,13 @@ fn collect_images(
         }
     }
     Ok(())
+}
+
+impl ImageFolder {
+    /// The file of image `index`.
+    pub fn path(&self, index: usize) -> &Path {
+        &self.samples[index].0
+    }
 }
 
 impl Dataset for ImageFolder {
@@ -417,6 +436,11 @@ impl Subset {
             bail!("subset index {bad} is past the {} images of {}", inner.len(), inner.describe());
         }
         Ok(Self { inner, indices })
+    }
+
+    /// Indices into the underlying data set.
+    pub fn indices(&self) -> &[usize] {
+        &self.indices
     }
 }
 

@@ -2,6 +2,7 @@
 //! parallel deterministic loader.
 
 pub mod augment;
+pub mod cls;
 pub mod dataset;
 pub mod loader;
 pub mod masking;

@@ -110,9 +110,6 @@ fn triangle(x: f64) -> f64 {
 pub enum Filter {
     Bicubic,
     Bilinear,
-    /// Pillow's `LANCZOS` (`ANTIALIAS`): sinc windowed by sinc, support 3 (the official
-    /// retrieval script's `thumbnail`).
-    Lanczos,
 }
 
 impl Filter {
@@ -120,7 +117,6 @@ impl Filter {
         match self {
             Filter::Bicubic => 2.0,
             Filter::Bilinear => 1.0,
-            Filter::Lanczos => 3.0,
         }
     }
 
@@ -128,7 +124,30 @@ impl Filter {
         match self {
             Filter::Bicubic => bicubic(x),
             Filter::Bilinear => triangle(x),
-            Filter::Lanczos => lanczos(x),
+        }
+    }
+}
+
+/// A resampling kernel: one of the [`Filter`]s, or Pillow's `LANCZOS` (`ANTIALIAS`: sinc
+/// windowed by sinc, support 3), which only the retrieval protocol's `thumbnail` uses.
+#[derive(Debug, Clone, Copy)]
+enum Kernel {
+    Pil(Filter),
+    Lanczos,
+}
+
+impl Kernel {
+    fn support(self) -> f64 {
+        match self {
+            Kernel::Pil(f) => f.support(),
+            Kernel::Lanczos => 3.0,
+        }
+    }
+
+    fn weight(self, x: f64) -> f64 {
+        match self {
+            Kernel::Pil(f) => f.weight(x),
+            Kernel::Lanczos => lanczos(x),
         }
     }
 }
@@ -160,7 +179,13 @@ struct Coeffs {
 
 /// Pillow's `precompute_coeffs` + `normalize_coeffs_8bpc` for an axis of `in_size` samples
 /// resampled to `out_size`.
+#[cfg(test)]
 fn coeffs(in_size: usize, out_size: usize, filter: Filter) -> Coeffs {
+    coeffs_kernel(in_size, out_size, Kernel::Pil(filter))
+}
+
+/// [`coeffs`] for any [`Kernel`].
+fn coeffs_kernel(in_size: usize, out_size: usize, filter: Kernel) -> Coeffs {
     let scale = in_size as f64 / out_size as f64;
     let filterscale = scale.max(1.0);
     let support = filter.support() * filterscale;
@@ -243,6 +268,25 @@ pub fn resized_crop_with(
     out_w: usize,
     filter: Filter,
 ) -> Rgb8 {
+    resized_crop_kernel(img, top, left, height, width, out_h, out_w, Kernel::Pil(filter))
+}
+
+/// `img.resize((out_w, out_h), LANCZOS)` as Pillow computes it (horizontal pass first).
+pub fn resize_lanczos(img: &Rgb8, out_w: usize, out_h: usize) -> Rgb8 {
+    resized_crop_kernel(img, 0, 0, img.height, img.width, out_h, out_w, Kernel::Lanczos)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn resized_crop_kernel(
+    img: &Rgb8,
+    top: usize,
+    left: usize,
+    height: usize,
+    width: usize,
+    out_h: usize,
+    out_w: usize,
+    filter: Kernel,
+) -> Rgb8 {
     assert!(
         top + height <= img.height && left + width <= img.width && height > 0 && width > 0,
         "crop box outside the image"
@@ -261,14 +305,14 @@ pub fn resized_crop_with(
         let mut t = vec![0u8; width * height * 3];
         transpose_rgb(region, img.width, height, width, &mut t);
         let mut u = vec![0u8; out_w * height * 3];
-        resample_rows(&t, height * 3, &coeffs(width, out_w, filter), &mut u);
+        resample_rows(&t, height * 3, &coeffs_kernel(width, out_w, filter), &mut u);
         transpose_rgb(&u, height, out_w, height, &mut rows);
     }
     if out_h == height {
         return Rgb8::new(out_w, out_h, rows);
     }
     let mut out = vec![0u8; out_h * out_w * 3];
-    resample_rows(&rows, out_w * 3, &coeffs(height, out_h, filter), &mut out);
+    resample_rows(&rows, out_w * 3, &coeffs_kernel(height, out_h, filter), &mut out);
     Rgb8::new(out_w, out_h, out)
 }
 
@@ -384,6 +428,23 @@ pub fn adjust_saturation_in_place(img: &mut Rgb8, factor: f64) {
         .flat_map(|p| [luma(p[0], p[1], p[2]); 3])
         .collect();
     blend_bytes(&mut img.data, &gray3, alpha);
+}
+
+/// `Image.blend(degenerate, img, factor)` with a degenerate image of the same size (e.g.
+/// `ImageEnhance.Sharpness`' smoothed image), in place on `img`.
+pub fn blend_with_image(img: &mut Rgb8, degenerate: &Rgb8, factor: f64) {
+    assert_eq!(
+        (img.width, img.height),
+        (degenerate.width, degenerate.height),
+        "blend of images of different sizes"
+    );
+    let Some(alpha) = blend_alpha(factor) else {
+        return;
+    };
+    if alpha == 1.0 {
+        return;
+    }
+    blend_bytes(&mut img.data, &degenerate.data, alpha);
 }
 
 #[multiversion(targets("x86_64+avx2", "x86_64+sse4.1"))]

@@ -1,6 +1,7 @@
 //! Evaluation protocols.
 
 pub mod cluster;
+pub mod combine;
 pub mod copydetection;
 pub mod extract;
 pub mod features;

@@ -219,7 +219,7 @@ pub fn thumbnail(img: &Rgb8, max: usize) -> Rgb8 {
         None => img.clone(),
         Some((w, h)) if (w, h) == (img.width, img.height) => img.clone(),
         Some((w, h)) => {
-            ops::resized_crop_with(img, 0, 0, img.height, img.width, h, w, Filter::Lanczos)
+            ops::resize_lanczos(img, w, h)
         }
     }
 }

@@ -53,6 +53,9 @@ pub struct Pretrained {
     pub backbone: HashMap<String, Tensor>,
     /// Projection head tensors (`mlp.0.weight`, `last_layer.weight_v`, ...), if the file has them.
     pub head: HashMap<String, Tensor>,
+    /// A linear classifier stored with the backbone (`linear.weight`, `linear.bias`: files
+    /// written by `ibot combine` or the official `combine_ckpt.py`), names without `linear.`.
+    pub linear: HashMap<String, Tensor>,
     /// What was read, for messages: file kind, entry and the layout found.
     pub description: String,
 }
@@ -546,6 +549,7 @@ pub fn load_pretrained_with(
     let entry = pick_entry(checkpoint_key, &names);
     let mut backbone = HashMap::new();
     let mut head = HashMap::new();
+    let mut linear = HashMap::new();
     for (k, v) in all {
         let rest = match entry {
             Some(e) => match k.strip_prefix(&format!("{e}.")) {
@@ -557,6 +561,8 @@ pub fn load_pretrained_with(
         let rest = strip_all(&rest, "module.");
         if let Some(h) = rest.strip_prefix("head.") {
             head.insert(h.to_string(), v);
+        } else if let Some(l) = rest.strip_prefix("linear.") {
+            linear.insert(l.to_string(), v);
         } else {
             backbone.insert(strip_all(&rest, "backbone."), v);
         }
@@ -617,6 +623,7 @@ pub fn load_pretrained_with(
         config,
         backbone,
         head,
+        linear,
         description,
     })
 }
