@@ -43,6 +43,17 @@ pub struct LinearProbe {
 
 pub const MOMENTUM: f64 = 0.9;
 
+/// `eta` of the official `utils.LARS`.
+pub const LARS_ETA: f64 = 0.001;
+
+/// The optimisers of eval_linear_multi.py's sweep.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Optim {
+    Sgd,
+    Lars,
+}
+
 impl LinearProbe {
     /// Weights N(0, 0.01), bias 0, drawn from libtorch's generator (seed it with `tch::manual_seed`).
     pub fn new(dim: i64, num_labels: i64, device: Device) -> Self {
@@ -71,6 +82,21 @@ impl LinearProbe {
 
     /// One SGD step on a batch; returns the (pre-step) cross-entropy loss.
     pub fn train_step(&mut self, feats: &Tensor, targets: &Tensor, lr: f64) -> Result<f64> {
+        self.train_step_with(feats, targets, lr, 0.0, Optim::Sgd)
+    }
+
+    /// One step of `optim` with weight decay `wd` (eval_linear_multi.py's sweep): PyTorch's SGD
+    /// (momentum 0.9, the decay added to every gradient, bias included) or the official
+    /// `utils.LARS` (momentum 0.9, eta 0.001; decay and the trust ratio on the weight matrix
+    /// only, the bias stepping with its plain gradient). Returns the (pre-step) loss.
+    pub fn train_step_with(
+        &mut self,
+        feats: &Tensor,
+        targets: &Tensor,
+        lr: f64,
+        wd: f64,
+        optim: Optim,
+    ) -> Result<f64> {
         let loss = self.logits(feats).cross_entropy_loss::<Tensor>(
             targets,
             None,
@@ -82,12 +108,33 @@ impl LinearProbe {
         ensure!(value.is_finite(), "linear-probe loss is {value}");
         let grads = Tensor::run_backward(&[&loss], &[&self.weight, &self.bias], false, false);
         tch::no_grad(|| {
-            // PyTorch SGD: buf = g on the first step, then buf = momentum * buf + g; p -= lr * buf.
+            let (gw, gb) = match optim {
+                Optim::Sgd if wd == 0.0 => (grads[0].shallow_clone(), grads[1].shallow_clone()),
+                Optim::Sgd => (
+                    &grads[0] + &self.weight * wd,
+                    &grads[1] + &self.bias * wd,
+                ),
+                Optim::Lars => {
+                    let dp = &grads[0] + &self.weight * wd;
+                    let (pn, un) = (
+                        self.weight.norm().double_value(&[]),
+                        dp.norm().double_value(&[]),
+                    );
+                    let q = if pn > 0.0 && un > 0.0 {
+                        LARS_ETA * pn / un
+                    } else {
+                        1.0
+                    };
+                    (dp * q, grads[1].shallow_clone())
+                }
+            };
+            // buf = g on the first step (PyTorch SGD; LARS starts from zeros: the same), then
+            // buf = momentum * buf + g; p -= lr * buf.
             let bufs = match self.momentum.take() {
-                None => (grads[0].copy(), grads[1].copy()),
+                None => (gw.copy(), gb.copy()),
                 Some((mut bw, mut bb)) => {
-                    let _ = bw.g_mul_scalar_(MOMENTUM).g_add_(&grads[0]);
-                    let _ = bb.g_mul_scalar_(MOMENTUM).g_add_(&grads[1]);
+                    let _ = bw.g_mul_scalar_(MOMENTUM).g_add_(&gw);
+                    let _ = bb.g_mul_scalar_(MOMENTUM).g_add_(&gb);
                     (bw, bb)
                 }
             };
@@ -98,7 +145,7 @@ impl LinearProbe {
         Ok(value)
     }
 
-    fn state(&self) -> Vec<(String, Tensor)> {
+    pub fn state(&self) -> Vec<(String, Tensor)> {
         let mut v = vec![
             ("linear.weight".to_string(), self.weight.detach()),
             ("linear.bias".to_string(), self.bias.detach()),
@@ -196,6 +243,23 @@ struct LinearCkptMeta {
 
 const CKPT_FORMAT: &str = "ibot-rs-linear/1";
 
+/// The augmented training view of dataset image `index` in `epoch` (its own random stream, so
+/// batches do not depend on the number of workers).
+pub fn training_view_of(img: &Rgb8, index: usize, size: usize, seed: u64, epoch: usize) -> Rgb8 {
+    let mut r = ChaCha8Rng::seed_from_u64(
+        seed ^ ((epoch as u64) << 40) ^ (index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+    );
+    training_view(img, size, &mut r)
+}
+
+/// The order in which `epoch` visits the training images.
+pub fn epoch_order(train_idx: &[usize], seed: u64, epoch: usize) -> Vec<usize> {
+    let mut order = train_idx.to_vec();
+    let mut rng = ChaCha8Rng::seed_from_u64(seed.wrapping_mul(1_000_003).wrapping_add(epoch as u64));
+    rand::seq::SliceRandom::shuffle(&mut order[..], &mut rng);
+    order
+}
+
 fn training_view(img: &Rgb8, size: usize, rng: &mut impl Rng) -> Rgb8 {
     let (top, left, h, w) = random_resized_crop_params(
         img.height,
@@ -212,7 +276,7 @@ fn training_view(img: &Rgb8, size: usize, rng: &mut impl Rng) -> Rgb8 {
 }
 
 /// Top-1 / top-5 accuracy (percent) and mean loss of `probe` on features `[N, F]`.
-fn evaluate(
+pub fn evaluate(
     probe: &LinearProbe,
     feats: &Tensor,
     labels: &Tensor,
@@ -329,10 +393,7 @@ pub fn run<'a>(
     let (mut last1, mut last5) = (0.0, None);
     for epoch in start..a.epochs {
         let lr = cosine_annealing_lr(base_lr, epoch, a.epochs);
-        let mut order = train_idx.clone();
-        let mut rng =
-            ChaCha8Rng::seed_from_u64(a.seed.wrapping_mul(1_000_003).wrapping_add(epoch as u64));
-        rand::seq::SliceRandom::shuffle(&mut order[..], &mut rng);
+        let order = epoch_order(&train_idx, a.seed, epoch);
         let bar =
             crate::util::progress_bar(order.len().div_ceil(bs) as u64, &format!("epoch {epoch}"));
         let (mut loss_sum, mut steps) = (0.0, 0usize);
@@ -344,13 +405,9 @@ pub fn run<'a>(
                     (f.index_select(0, &pos), l.index_select(0, &pos))
                 }
                 None => {
-                    let (seed, ep) = (a.seed, epoch as u64);
-                    let view = move |img: &Rgb8, i: usize| {
-                        let mut r = ChaCha8Rng::seed_from_u64(
-                            seed ^ (ep << 40) ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
-                        );
-                        training_view(img, size, &mut r)
-                    };
+                    let seed = a.seed;
+                    let view =
+                        move |img: &Rgb8, i: usize| training_view_of(img, i, size, seed, epoch);
                     let (x, y) = view_batch(train, chunk, size, a.num_workers, &view)?;
                     (feats_of(&x)?, y.to_device(device))
                 }
@@ -408,7 +465,8 @@ pub fn run<'a>(
     Ok(res)
 }
 
-fn append_line(path: &Path, line: &str) -> Result<()> {
+/// Appends one line to a log file.
+pub fn append_line(path: &Path, line: &str) -> Result<()> {
     use std::io::Write;
     let mut f = std::fs::OpenOptions::new()
         .create(true)
