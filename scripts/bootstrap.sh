@@ -65,6 +65,15 @@ install_cuda_headers() {
   .venv/bin/python -m pip install --quiet --disable-pip-version-check --no-deps "nvidia-cuda-crt==13.0.*" "nvidia-cuda-cccl==13.0.*"
 }
 
+# scikit-learn (with scipy): the test oracle of eval-logreg (tests/protocols.rs compares the
+# optimum with its LogisticRegression). Tests only; the ibot binary never uses it.
+SKLEARN_VERSION=1.9.1
+install_sklearn() {
+  .venv/bin/python -c "import sklearn, sys; sys.exit(sklearn.__version__ != '$SKLEARN_VERSION')" >/dev/null 2>&1 && return 0
+  say "installing scikit-learn==$SKLEARN_VERSION into .venv (a test reference)"
+  .venv/bin/python -m pip install --quiet --disable-pip-version-check "scikit-learn==$SKLEARN_VERSION"
+}
+
 # timm and torchvision (test oracles only: tests/cls_data.rs compares the fine-tuning transforms
 # and Mixup with them). --no-deps so that torch is never replaced; torchvision 0.28.0 is the
 # build for torch 2.13.0, and timm imports without its optional hub dependencies.
@@ -84,6 +93,7 @@ if [ -L .libtorch ] && [ -f .libtorch/lib/libtorch_cpu.so ] && [ -f .venv/.torch
   install_gloo_headers
   install_fmnist
   install_font
+  install_sklearn
   exit 0
 fi
 
@@ -114,3 +124,4 @@ install_test_oracles
 install_gloo_headers
 install_fmnist
 install_font
+install_sklearn

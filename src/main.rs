@@ -57,6 +57,21 @@ enum Cmd {
     /// fine-tunes the `ibot demo` model on Fashion-MNIST next to a random initialisation.
     #[command(after_help = cli::finetune::RECIPES_HELP)]
     Finetune(Box<cli::finetune::FinetuneArgs>),
+    /// L2-regularised multinomial logistic regression on frozen, L2-normalised features
+    /// (eval_logistic_regression.py), one fit per --lr_lambd, solved to the optimum.
+    EvalLogreg(cli::eval_logreg::EvalLogregArgs),
+    /// Many linear probes at once on the same frozen features, one per learning rate of the
+    /// official sweep (eval_linear_multi.py); the best top-1 and its settings are reported.
+    EvalLinearMulti(cli::eval_linear_multi::EvalLinearMultiArgs),
+    /// Image retrieval on revisited Oxford / Paris (eval_image_retrieval.py): features of every
+    /// database image and query, cosine ranking, mAP and mP@1/5/10 (Easy, Medium, Hard).
+    EvalRetrieval(cli::eval_retrieval::EvalRetrievalArgs),
+    /// Copy detection on Copydays (eval_copy_detection.py): [CLS] + GeM-pooled patch features,
+    /// optional whitening and distractors, mAP per block of copies.
+    EvalCopydetection(cli::eval_copydetection::EvalCopydetectionArgs),
+    /// Video object segmentation on DAVIS-2017 by label propagation (eval_video_segmentation.py):
+    /// palette PNGs per frame for the DAVIS evaluator.
+    EvalVideoSeg(cli::eval_video_seg::EvalVideoSegArgs),
     /// Backbone weights of a checkpoint (ours or official .pth) to a safetensors file under the
     /// official names, like extract_backbone_weights.py.
     ExtractBackbone(cli::extract_backbone::ExtractArgs),
@@ -112,6 +127,11 @@ fn run(cli: Cli) -> Result<bool> {
         Cmd::EvalLinear(a) => done(cli::eval_linear::run(a)),
         Cmd::EvalUnsup(a) => done(cli::eval_unsup::run(a)),
         Cmd::Finetune(a) => done(cli::finetune::main(&a)),
+        Cmd::EvalLogreg(a) => done(cli::eval_logreg::run(a)),
+        Cmd::EvalLinearMulti(a) => done(cli::eval_linear_multi::run(a)),
+        Cmd::EvalRetrieval(a) => done(cli::eval_retrieval::run(a)),
+        Cmd::EvalCopydetection(a) => done(cli::eval_copydetection::run(a)),
+        Cmd::EvalVideoSeg(a) => done(cli::eval_video_seg::run(a)),
         Cmd::ExtractBackbone(a) => done(cli::extract_backbone::run(a)),
         Cmd::ExtractFeatures(a) => done(cli::extract_features::run(a)),
         Cmd::VisualizeAttention(a) => done(cli::visualize_attention::run(a)),

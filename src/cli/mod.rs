@@ -5,11 +5,17 @@
 
 pub mod bench;
 pub mod combine;
+pub mod common;
 pub mod correspondence;
 pub mod demo;
+pub mod eval_copydetection;
 pub mod eval_knn;
 pub mod eval_linear;
+pub mod eval_linear_multi;
+pub mod eval_logreg;
+pub mod eval_retrieval;
 pub mod eval_unsup;
+pub mod eval_video_seg;
 pub mod extract_backbone;
 pub mod extract_features;
 pub mod finetune;

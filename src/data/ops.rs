@@ -128,6 +128,48 @@ impl Filter {
     }
 }
 
+/// A resampling kernel: one of the [`Filter`]s, or Pillow's `LANCZOS` (`ANTIALIAS`: sinc
+/// windowed by sinc, support 3), which only the retrieval protocol's `thumbnail` uses.
+#[derive(Debug, Clone, Copy)]
+enum Kernel {
+    Pil(Filter),
+    Lanczos,
+}
+
+impl Kernel {
+    fn support(self) -> f64 {
+        match self {
+            Kernel::Pil(f) => f.support(),
+            Kernel::Lanczos => 3.0,
+        }
+    }
+
+    fn weight(self, x: f64) -> f64 {
+        match self {
+            Kernel::Pil(f) => f.weight(x),
+            Kernel::Lanczos => lanczos(x),
+        }
+    }
+}
+
+/// Pillow's `sinc_filter`.
+fn sinc(x: f64) -> f64 {
+    if x == 0.0 {
+        return 1.0;
+    }
+    let x = x * std::f64::consts::PI;
+    x.sin() / x
+}
+
+/// Pillow's `lanczos_filter`: the truncated sinc of support 3.
+fn lanczos(x: f64) -> f64 {
+    if (-3.0..3.0).contains(&x) {
+        sinc(x) * sinc(x / 3.0)
+    } else {
+        0.0
+    }
+}
+
 /// Per output sample: first input index and the 22-bit fixed-point weights.
 struct Coeffs {
     bounds: Vec<(usize, usize)>,
@@ -137,7 +179,13 @@ struct Coeffs {
 
 /// Pillow's `precompute_coeffs` + `normalize_coeffs_8bpc` for an axis of `in_size` samples
 /// resampled to `out_size`.
+#[cfg(test)]
 fn coeffs(in_size: usize, out_size: usize, filter: Filter) -> Coeffs {
+    coeffs_kernel(in_size, out_size, Kernel::Pil(filter))
+}
+
+/// [`coeffs`] for any [`Kernel`].
+fn coeffs_kernel(in_size: usize, out_size: usize, filter: Kernel) -> Coeffs {
     let scale = in_size as f64 / out_size as f64;
     let filterscale = scale.max(1.0);
     let support = filter.support() * filterscale;
@@ -220,6 +268,25 @@ pub fn resized_crop_with(
     out_w: usize,
     filter: Filter,
 ) -> Rgb8 {
+    resized_crop_kernel(img, top, left, height, width, out_h, out_w, Kernel::Pil(filter))
+}
+
+/// `img.resize((out_w, out_h), LANCZOS)` as Pillow computes it (horizontal pass first).
+pub fn resize_lanczos(img: &Rgb8, out_w: usize, out_h: usize) -> Rgb8 {
+    resized_crop_kernel(img, 0, 0, img.height, img.width, out_h, out_w, Kernel::Lanczos)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn resized_crop_kernel(
+    img: &Rgb8,
+    top: usize,
+    left: usize,
+    height: usize,
+    width: usize,
+    out_h: usize,
+    out_w: usize,
+    filter: Kernel,
+) -> Rgb8 {
     assert!(
         top + height <= img.height && left + width <= img.width && height > 0 && width > 0,
         "crop box outside the image"
@@ -238,14 +305,14 @@ pub fn resized_crop_with(
         let mut t = vec![0u8; width * height * 3];
         transpose_rgb(region, img.width, height, width, &mut t);
         let mut u = vec![0u8; out_w * height * 3];
-        resample_rows(&t, height * 3, &coeffs(width, out_w, filter), &mut u);
+        resample_rows(&t, height * 3, &coeffs_kernel(width, out_w, filter), &mut u);
         transpose_rgb(&u, height, out_w, height, &mut rows);
     }
     if out_h == height {
         return Rgb8::new(out_w, out_h, rows);
     }
     let mut out = vec![0u8; out_h * out_w * 3];
-    resample_rows(&rows, out_w * 3, &coeffs(height, out_h, filter), &mut out);
+    resample_rows(&rows, out_w * 3, &coeffs_kernel(height, out_h, filter), &mut out);
     Rgb8::new(out_w, out_h, out)
 }
 

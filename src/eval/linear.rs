@@ -31,10 +31,10 @@ use crate::device::DeviceChoice;
 use crate::models::BackboneRef;
 use crate::params::{read_safetensors, write_safetensors, ParamStore};
 use crate::schedule::cosine_annealing_lr;
-use crate::train::optim::{Optimizer, OptimizerKind};
+use crate::train::optim::{Optimizer, OptimizerKind, ScaledGroup};
 
 /// `LinearClassifier`: one `nn.Linear(dim, num_labels)` trained by SGD with momentum 0.9 (the
-/// project's one SGD, [`crate::train::optim::Optimizer`], with no weight decay).
+/// project's one SGD, [`crate::train::optim::Optimizer`]; LARS for eval_linear_multi's sweep).
 pub struct LinearProbe {
     pub weight: Tensor,
     pub bias: Tensor,
@@ -54,6 +54,17 @@ impl std::fmt::Debug for LinearProbe {
 }
 
 pub const MOMENTUM: f64 = 0.9;
+
+/// `eta` of the official `utils.LARS`.
+pub const LARS_ETA: f64 = 0.001;
+
+/// The optimisers of eval_linear_multi.py's sweep.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Optim {
+    Sgd,
+    Lars,
+}
 
 impl LinearProbe {
     /// Weights N(0, 0.01), bias 0, drawn from libtorch's generator (seed it with `tch::manual_seed`).
@@ -84,6 +95,21 @@ impl LinearProbe {
 
     /// One SGD step on a batch; returns the (pre-step) cross-entropy loss.
     pub fn train_step(&mut self, feats: &Tensor, targets: &Tensor, lr: f64) -> Result<f64> {
+        self.train_step_with(feats, targets, lr, 0.0, Optim::Sgd)
+    }
+
+    /// One step of `optim` with weight decay `wd` (eval_linear_multi.py's sweep): PyTorch's SGD
+    /// (momentum 0.9, the decay added to every gradient, bias included) or the official
+    /// `utils.LARS` (momentum 0.9, eta 0.001; decay and the trust ratio on the weight matrix
+    /// only, the bias stepping with its plain gradient). Returns the (pre-step) loss.
+    pub fn train_step_with(
+        &mut self,
+        feats: &Tensor,
+        targets: &Tensor,
+        lr: f64,
+        wd: f64,
+        optim: Optim,
+    ) -> Result<f64> {
         let loss = self.logits(feats).cross_entropy_loss::<Tensor>(
             targets,
             None,
@@ -95,14 +121,27 @@ impl LinearProbe {
         ensure!(value.is_finite(), "linear-probe loss is {value}");
         let grads = Tensor::run_backward(&[&loss], &[&self.weight, &self.bias], false, false);
         let grads: Vec<Option<Tensor>> = grads.into_iter().map(Some).collect();
-        // PyTorch SGD: buf = g on the first step, then buf = momentum * buf + g; p -= lr * buf.
-        self.opt.step(&self.ps, &grads, lr, 0.0)?;
+        // PyTorch SGD: buf = g on the first step, then buf = momentum * buf + g; p -= lr * buf;
+        // the decay on every gradient, bias included. LARS: the decay and trust ratio on the
+        // weight matrix only (1-D tensors step with their plain gradient), buffer from zeros.
+        self.opt.kind = match optim {
+            Optim::Sgd => OptimizerKind::Sgd,
+            Optim::Lars => OptimizerKind::Lars,
+        };
+        self.opt.lars_eta = LARS_ETA;
+        let group = ScaledGroup {
+            name: "linear".into(),
+            indices: vec![0, 1],
+            lr_scale: 1.0,
+            weight_decay: true,
+        };
+        self.opt.step_groups(&self.ps, &grads, &[group], lr, wd)?;
         Ok(value)
     }
 
     /// Weights and momentum buffers under the names of the probe's checkpoints
     /// (`linear.{weight,bias}`, `momentum.{weight,bias}`).
-    fn state(&self) -> Vec<(String, Tensor)> {
+    pub fn state(&self) -> Vec<(String, Tensor)> {
         let mut v = vec![
             ("linear.weight".to_string(), self.weight.detach()),
             ("linear.bias".to_string(), self.bias.detach()),
@@ -212,6 +251,23 @@ struct LinearCkptMeta {
 
 const CKPT_FORMAT: &str = "ibot-rs-linear/1";
 
+/// The augmented training view of dataset image `index` in `epoch` (its own random stream, so
+/// batches do not depend on the number of workers).
+pub fn training_view_of(img: &Rgb8, index: usize, size: usize, seed: u64, epoch: usize) -> Rgb8 {
+    let mut r = ChaCha8Rng::seed_from_u64(
+        seed ^ ((epoch as u64) << 40) ^ (index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+    );
+    training_view(img, size, &mut r)
+}
+
+/// The order in which `epoch` visits the training images.
+pub fn epoch_order(train_idx: &[usize], seed: u64, epoch: usize) -> Vec<usize> {
+    let mut order = train_idx.to_vec();
+    let mut rng = ChaCha8Rng::seed_from_u64(seed.wrapping_mul(1_000_003).wrapping_add(epoch as u64));
+    rand::seq::SliceRandom::shuffle(&mut order[..], &mut rng);
+    order
+}
+
 fn training_view(img: &Rgb8, size: usize, rng: &mut impl Rng) -> Rgb8 {
     let (top, left, h, w) = random_resized_crop_params(
         img.height,
@@ -228,7 +284,7 @@ fn training_view(img: &Rgb8, size: usize, rng: &mut impl Rng) -> Rgb8 {
 }
 
 /// Top-1 / top-5 accuracy (percent) and mean loss of `probe` on features `[N, F]`.
-fn evaluate(
+pub fn evaluate(
     probe: &LinearProbe,
     feats: &Tensor,
     labels: &Tensor,
@@ -345,10 +401,7 @@ pub fn run<'a>(
     let (mut last1, mut last5) = (0.0, None);
     for epoch in start..a.epochs {
         let lr = cosine_annealing_lr(base_lr, epoch, a.epochs);
-        let mut order = train_idx.clone();
-        let mut rng =
-            ChaCha8Rng::seed_from_u64(a.seed.wrapping_mul(1_000_003).wrapping_add(epoch as u64));
-        rand::seq::SliceRandom::shuffle(&mut order[..], &mut rng);
+        let order = epoch_order(&train_idx, a.seed, epoch);
         let bar =
             crate::util::progress_bar(order.len().div_ceil(bs) as u64, &format!("epoch {epoch}"));
         let (mut loss_sum, mut steps) = (0.0, 0usize);
@@ -360,13 +413,9 @@ pub fn run<'a>(
                     (f.index_select(0, &pos), l.index_select(0, &pos))
                 }
                 None => {
-                    let (seed, ep) = (a.seed, epoch as u64);
-                    let view = move |img: &Rgb8, i: usize| {
-                        let mut r = ChaCha8Rng::seed_from_u64(
-                            seed ^ (ep << 40) ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
-                        );
-                        training_view(img, size, &mut r)
-                    };
+                    let seed = a.seed;
+                    let view =
+                        move |img: &Rgb8, i: usize| training_view_of(img, i, size, seed, epoch);
                     let (x, y) = view_batch(train, chunk, size, a.num_workers, &view)?;
                     (feats_of(&x)?, y.to_device(device))
                 }
@@ -424,7 +473,8 @@ pub fn run<'a>(
     Ok(res)
 }
 
-fn append_line(path: &Path, line: &str) -> Result<()> {
+/// Appends one line to a log file.
+pub fn append_line(path: &Path, line: &str) -> Result<()> {
     use std::io::Write;
     let mut f = std::fs::OpenOptions::new()
         .create(true)

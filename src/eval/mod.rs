@@ -2,12 +2,17 @@
 
 pub mod cluster;
 pub mod combine;
+pub mod copydetection;
 pub mod extract;
 pub mod features;
 pub mod knn;
 pub mod linear;
+pub mod linear_multi;
+pub mod logreg;
+pub mod retrieval;
 pub mod split;
 pub mod unsup;
+pub mod video_seg;
 pub mod weights;
 
 use anyhow::{ensure, Result};
