@@ -74,17 +74,21 @@ install_sklearn() {
   .venv/bin/python -m pip install --quiet --disable-pip-version-check "scikit-learn==$SKLEARN_VERSION"
 }
 
-# timm and torchvision (test oracles only: tests/cls_data.rs compares the fine-tuning transforms
-# and Mixup with them). --no-deps so that torch is never replaced; torchvision 0.28.0 is the
-# build for torch 2.13.0, and timm imports without its optional hub dependencies.
+# Pillow, timm and torchvision (test oracles only: tests/cls_data.rs compares the fine-tuning
+# transforms and Mixup with them, tests/analysis_tools.rs and tests/protocols.rs use Pillow).
+# --no-deps so that torch is never replaced; torchvision 0.28.0 is the build for torch 2.13.0,
+# and timm imports without its optional hub dependencies.
+PILLOW_VERSION=13.0.0
 TIMM_VERSION=1.0.31
 TORCHVISION_VERSION=0.28.0
 install_test_oracles() {
-  [ -f ".venv/.timm-$TIMM_VERSION-tv-$TORCHVISION_VERSION" ] && return 0
-  say "installing timm==$TIMM_VERSION and torchvision==$TORCHVISION_VERSION into .venv (test references)"
+  local marker=".venv/.oracles-pil-$PILLOW_VERSION-timm-$TIMM_VERSION-tv-$TORCHVISION_VERSION"
+  [ -f "$marker" ] && return 0
+  say "installing pillow==$PILLOW_VERSION, timm==$TIMM_VERSION and torchvision==$TORCHVISION_VERSION into .venv (test references)"
   .venv/bin/python -m pip install --quiet --disable-pip-version-check --no-deps \
-    "timm==$TIMM_VERSION" "torchvision==$TORCHVISION_VERSION" &&
-    touch ".venv/.timm-$TIMM_VERSION-tv-$TORCHVISION_VERSION"
+    "pillow==$PILLOW_VERSION" "timm==$TIMM_VERSION" "torchvision==$TORCHVISION_VERSION" &&
+    .venv/bin/python -c "import PIL, timm, torchvision" &&
+    touch "$marker"
 }
 
 if [ -L .libtorch ] && [ -f .libtorch/lib/libtorch_cpu.so ] && [ -f .venv/.torch-$TORCH_VERSION ]; then
