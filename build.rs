@@ -17,7 +17,10 @@ fn gloo_include() -> Option<PathBuf> {
     std::env::var_os("GLOO_INCLUDE")
         .map(PathBuf::from)
         .into_iter()
-        .chain([PathBuf::from("/usr/include"), PathBuf::from("/usr/local/include")])
+        .chain([
+            PathBuf::from("/usr/include"),
+            PathBuf::from("/usr/local/include"),
+        ])
         .find(|dir| dir.join("gloo/config.h").is_file())
 }
 

@@ -6,8 +6,8 @@ use std::time::Instant;
 use anyhow::Result;
 use tch::{Device, Kind, Tensor};
 
-use crate::dist::Comm;
 use crate::cli::train::TrainArgs;
+use crate::dist::Comm;
 use crate::train::Ibot;
 
 /// What `ibot bench train` measures: every model, head, crop and objective option of
@@ -41,7 +41,7 @@ pub struct StepBench {
     pub warmup: usize,
     /// Run the student's head on every token as the official code does (false: only on the
     /// masked tokens and the local views' [CLS], which is what `ibot train` does).
-    #[arg(long, default_value = "false", value_parser = crate::train::args::parse_bool, action = clap::ArgAction::Set)]
+    #[arg(long, default_value = "false", value_parser = crate::cli::parse_bool, action = clap::ArgAction::Set)]
     pub full_head: bool,
 }
 
@@ -62,7 +62,8 @@ impl StepBench {
 
     /// The image folder to load batches from, if one was given.
     pub fn data_path(&self) -> Option<&std::path::Path> {
-        (self.train.data_path.as_os_str() != RANDOM_TENSORS).then_some(self.train.data_path.as_path())
+        (self.train.data_path.as_os_str() != RANDOM_TENSORS)
+            .then_some(self.train.data_path.as_path())
     }
 }
 
@@ -86,7 +87,11 @@ impl StepTiming {
     pub fn report(&self, b: &StepBench, world_size: usize) -> String {
         let a = b.bench_config();
         let feed = match b.data_path() {
-            Some(p) => format!("loader on {} with {} worker(s)", p.display(), a.data.num_workers),
+            Some(p) => format!(
+                "loader on {} with {} worker(s)",
+                p.display(),
+                a.data.num_workers
+            ),
             None => "random tensors".to_string(),
         };
         let mut out = format!(
@@ -137,7 +142,10 @@ pub fn step(b: &StepBench, device: Device, comm: &dyn Comm) -> Result<StepTiming
     tch::manual_seed(a.run.seed as i64);
     let cfg = crate::train::run::ibot_config(&a)?;
     let cell = a.mask_patch_size();
-    let (g, l) = (a.data.global_crops_size as i64, a.data.local_crops_size as i64);
+    let (g, l) = (
+        a.data.global_crops_size as i64,
+        a.data.local_crops_size as i64,
+    );
     anyhow::ensure!(
         g % cell == 0,
         "--global_crops_size {g} is not a multiple of the {cell}-px mask cell"
@@ -162,9 +170,7 @@ pub fn step(b: &StepBench, device: Device, comm: &dyn Comm) -> Result<StepTiming
                 let mut views: Vec<Tensor> = (0..ngc)
                     .map(|_| Tensor::randn([batch, 3, g, g], opts))
                     .collect();
-                views.extend(
-                    (0..nlc).map(|_| Tensor::randn([batch, 3, l, l], opts)),
-                );
+                views.extend((0..nlc).map(|_| Tensor::randn([batch, 3, l, l], opts)));
                 let masks: Vec<Tensor> = (0..ngc)
                     .map(|_| Tensor::rand([batch, grid, grid], opts).lt(0.3))
                     .collect();
@@ -219,13 +225,7 @@ struct BatchStream {
 impl BatchStream {
     fn new(path: &std::path::Path, b: &StepBench) -> Result<Self> {
         let cfg = crate::train::run::loader_config(&b.bench_config())?;
-        let loader = loader_for(
-            path,
-            cfg.augment,
-            cfg.mask,
-            cfg.batch_size,
-            cfg.num_workers,
-        )?;
+        let loader = loader_for(path, cfg.augment, cfg.mask, cfg.batch_size, cfg.num_workers)?;
         anyhow::ensure!(
             !loader.is_empty(),
             "{} has fewer images than one batch",

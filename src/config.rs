@@ -415,7 +415,10 @@ impl TrainConfig {
             ("lambda2", l.lambda2),
         ];
         for (name, v) in nonneg {
-            ensure!(v >= 0.0 && v.is_finite(), "--{name} must be a number >= 0 (got {v})");
+            ensure!(
+                v >= 0.0 && v.is_finite(),
+                "--{name} must be a number >= 0 (got {v})"
+            );
         }
         for (name, v) in [
             ("warmup_teacher_temp", l.warmup_teacher_temp),

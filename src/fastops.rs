@@ -65,7 +65,9 @@ fn take_error(err: *mut c_char, what: &str) -> anyhow::Error {
         return anyhow!("{what} failed");
     }
     // SAFETY: the shim returns a NUL-terminated string from strdup, freed once here.
-    let msg = unsafe { CStr::from_ptr(err) }.to_string_lossy().into_owned();
+    let msg = unsafe { CStr::from_ptr(err) }
+        .to_string_lossy()
+        .into_owned();
     unsafe { ffi::ibot_fastops_free_error(err) };
     anyhow!("{what}: {msg}")
 }
@@ -210,8 +212,7 @@ pub fn foreach_ema(teacher: &[Tensor], student: &[Tensor], m: f64) -> Result<()>
     let (t, s) = (ptrs(teacher), ptrs(student));
     let mut err = std::ptr::null_mut();
     // SAFETY: equal numbers of live tensors.
-    let rc = unsafe {
-        ffi::ibot_foreach_ema(t.as_ptr(), s.as_ptr(), t.len() as c_int, m, &mut err)
-    };
+    let rc =
+        unsafe { ffi::ibot_foreach_ema(t.as_ptr(), s.as_ptr(), t.len() as c_int, m, &mut err) };
     check_rc(rc, err, "teacher EMA")
 }

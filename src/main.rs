@@ -159,14 +159,20 @@ fn main() -> ExitCode {
     // would hold on to gigabytes of released feature batches.
     if matches!(
         cli.cmd,
-        Cmd::Train(_) | Cmd::Demo(_) | Cmd::Finetune(_) | Cmd::Bench(cli::bench::BenchCmd::Train(_))
+        Cmd::Train(_)
+            | Cmd::Demo(_)
+            | Cmd::Finetune(_)
+            | Cmd::Bench(cli::bench::BenchCmd::Train(_))
     ) {
         ibot::util::tune_allocator();
     }
     match run(cli) {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::FAILURE,
-        Err(e) if e.downcast_ref::<ibot::train::interrupt::Interrupted>().is_some() => {
+        Err(e)
+            if e.downcast_ref::<ibot::train::interrupt::Interrupted>()
+                .is_some() =>
+        {
             let i = e
                 .downcast_ref::<ibot::train::interrupt::Interrupted>()
                 .map(|i| (i.exit_code(), i.message.clone()))

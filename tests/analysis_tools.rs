@@ -1038,7 +1038,8 @@ fn patterns_resume_after_an_interruption_as_if_uninterrupted() {
     std::fs::create_dir_all(&ck).unwrap();
     image_folder(&data, 3, 3);
     tiny_checkpoints(&ck);
-    let p = ibot::interop::load_pretrained_with(&ck.join("full.pth"), "teacher", None, Some(2)).unwrap();
+    let p = ibot::interop::load_pretrained_with(&ck.join("full.pth"), "teacher", None, Some(2))
+        .unwrap();
     let (_, bb) = p.backbone_model(Device::Cpu).unwrap();
     let (_, head) = p.head_model(Device::Cpu).unwrap().unwrap();
     let net = bb.as_vit().unwrap();
@@ -1054,15 +1055,32 @@ fn patterns_resume_after_an_interruption_as_if_uninterrupted() {
         num_workers: 1,
         fingerprint: "tiny".into(),
     };
-    let whole = collect(&cfg("whole"), net, &head, ibot::data::dataset::open(&data, "train").unwrap().as_ref(), Device::Cpu).unwrap();
+    let whole = collect(
+        &cfg("whole"),
+        net,
+        &head,
+        ibot::data::dataset::open(&data, "train").unwrap().as_ref(),
+        Device::Cpu,
+    )
+    .unwrap();
     // Interrupted in the second part (images 3..6): the first part's state is on disk.
-    let broken = FailFrom { inner: ibot::data::dataset::open(&data, "train").unwrap(), fail_from: 4 };
+    let broken = FailFrom {
+        inner: ibot::data::dataset::open(&data, "train").unwrap(),
+        fail_from: 4,
+    };
     let c = cfg("resumed");
     assert!(collect(&c, net, &head, &broken, Device::Cpu).is_err());
     let md = ibot::params::read_safetensors_metadata(&state_path(&c)).unwrap();
     assert!(md["ibot_patterns_state"].contains("\"done\":1"), "{md:?}");
     // The rerun starts at the second part and ends where the uninterrupted run did.
-    let resumed = collect(&c, net, &head, ibot::data::dataset::open(&data, "train").unwrap().as_ref(), Device::Cpu).unwrap();
+    let resumed = collect(
+        &c,
+        net,
+        &head,
+        ibot::data::dataset::open(&data, "train").unwrap().as_ref(),
+        Device::Cpu,
+    )
+    .unwrap();
     assert_eq!(resumed.counts, whole.counts);
     for k in 0..whole.out_dim() {
         assert_eq!(resumed.members(k), whole.members(k), "prototype {k}");

@@ -141,16 +141,10 @@ fn reference() -> HashMap<String, Tensor> {
 fn two_ranks_under_ibot_launch_compute_the_step_of_one_process_with_the_whole_batch() {
     let out = scratch("launch2");
     let port = free_port().to_string();
-    let mut args = vec![
-        "launch",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        &port,
-    ]
-    .into_iter()
-    .map(String::from)
-    .collect::<Vec<_>>();
+    let mut args = vec!["launch", "--nproc_per_node", "2", "--master_port", &port]
+        .into_iter()
+        .map(String::from)
+        .collect::<Vec<_>>();
     args.extend(train_args(&out, 4, 2));
     run(clean(Command::new(BIN).args(&args)));
     let (k, r) = worst(&state(&out), &reference());
@@ -235,7 +229,10 @@ fn the_tolerance_rejects_a_run_that_sees_half_the_batch() {
     run(clean(Command::new(BIN).args(train_args(&out, 4, 2))));
     let (k, r) = worst(&state(&out), &reference());
     eprintln!("1x4 vs 1x8: {k} {r:e}");
-    assert!(r > 100.0 * TOL, "{k}: a 1x4 run is only {r:e} from the 1x8 run");
+    assert!(
+        r > 100.0 * TOL,
+        "{k}: a 1x4 run is only {r:e} from the 1x8 run"
+    );
 }
 
 /// Pids of the direct children of `pid` (from /proc).
@@ -272,9 +269,16 @@ fn a_killed_rank_stops_the_run_and_a_rerun_resumes_from_the_last_checkpoint() {
         .unwrap();
     let ckpt = out.join("checkpoint.safetensors");
     let t0 = Instant::now();
-    while !ckpt.is_file() || ibot::train::checkpoint::read_meta(&ckpt).map_or(true, |m| m.epoch < 2) {
-        assert!(t0.elapsed() < Duration::from_secs(120), "no checkpoint after 120 s");
-        assert!(launcher.try_wait().unwrap().is_none(), "the run ended early");
+    while !ckpt.is_file() || ibot::train::checkpoint::read_meta(&ckpt).map_or(true, |m| m.epoch < 2)
+    {
+        assert!(
+            t0.elapsed() < Duration::from_secs(120),
+            "no checkpoint after 120 s"
+        );
+        assert!(
+            launcher.try_wait().unwrap().is_none(),
+            "the run ended early"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     let workers = children(launcher.id());
@@ -294,9 +298,20 @@ fn a_killed_rank_stops_the_run_and_a_rerun_resumes_from_the_last_checkpoint() {
     };
     let mut err = String::new();
     use std::io::Read;
-    launcher.stderr.take().unwrap().read_to_string(&mut err).unwrap();
-    assert!(!status.success(), "launcher exited 0 after a rank was killed");
-    assert!(err.contains("rank 1"), "the launcher does not name the dead rank:\n{err}");
+    launcher
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert!(
+        !status.success(),
+        "launcher exited 0 after a rank was killed"
+    );
+    assert!(
+        err.contains("rank 1"),
+        "the launcher does not name the dead rank:\n{err}"
+    );
     for w in &workers {
         assert!(!alive(*w), "worker {w} is still running");
     }
@@ -340,7 +355,12 @@ fn rank_error(vars: &[(&str, &str)], extra: &[&str]) -> String {
 #[test]
 fn bad_launch_environments_are_clear_errors() {
     let e = rank_error(
-        &[("RANK", "2"), ("WORLD_SIZE", "2"), ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "1")],
+        &[
+            ("RANK", "2"),
+            ("WORLD_SIZE", "2"),
+            ("MASTER_ADDR", "127.0.0.1"),
+            ("MASTER_PORT", "1"),
+        ],
         &[],
     );
     assert!(e.contains("rank 2 is not below the world size 2"), "{e}");
@@ -348,16 +368,18 @@ fn bad_launch_environments_are_clear_errors() {
     assert!(e.contains("MASTER_ADDR is not set"), "{e}");
     let e = rank_error(&[("RANK", "0")], &[]);
     assert!(e.contains("WORLD_SIZE is not"), "{e}");
-    let e = rank_error(
-        &[("RANK", "x"), ("WORLD_SIZE", "2")],
-        &[],
-    );
+    let e = rank_error(&[("RANK", "x"), ("WORLD_SIZE", "2")], &[]);
     assert!(e.contains("RANK=\"x\" is not a valid number"), "{e}");
     // The master's port is taken: rank 0 cannot host the store.
     let busy = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = busy.local_addr().unwrap().port().to_string();
     let e = rank_error(
-        &[("RANK", "0"), ("WORLD_SIZE", "2"), ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", &port)],
+        &[
+            ("RANK", "0"),
+            ("WORLD_SIZE", "2"),
+            ("MASTER_ADDR", "127.0.0.1"),
+            ("MASTER_PORT", &port),
+        ],
         &["--dist_timeout", "5"],
     );
     assert!(e.contains("address already in use"), "{e}");
@@ -365,11 +387,23 @@ fn bad_launch_environments_are_clear_errors() {
     let port = free_port().to_string();
     let t0 = Instant::now();
     let e = rank_error(
-        &[("RANK", "1"), ("WORLD_SIZE", "2"), ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", &port)],
+        &[
+            ("RANK", "1"),
+            ("WORLD_SIZE", "2"),
+            ("MASTER_ADDR", "127.0.0.1"),
+            ("MASTER_PORT", &port),
+        ],
         &["--dist_timeout", "2"],
     );
-    assert!(e.contains("could not join the process group as rank 1 of 2"), "{e}");
-    assert!(t0.elapsed() < Duration::from_secs(60), "took {:?}", t0.elapsed());
+    assert!(
+        e.contains("could not join the process group as rank 1 of 2"),
+        "{e}"
+    );
+    assert!(
+        t0.elapsed() < Duration::from_secs(60),
+        "took {:?}",
+        t0.elapsed()
+    );
     let e = rank_error(&[], &["--dist_url", "tcp://nohost"]);
     assert!(e.contains("has no port"), "{e}");
 }
@@ -398,7 +432,10 @@ fn ranks_started_with_different_options_are_refused() {
     let (a, b) = (a.wait_with_output().unwrap(), b.wait_with_output().unwrap());
     assert!(!a.status.success() && !b.status.success());
     let e = String::from_utf8_lossy(&a.stderr);
-    assert!(e.contains("rank 1 was started with different training options"), "{e}");
+    assert!(
+        e.contains("rank 1 was started with different training options"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -434,7 +471,16 @@ fn launcher_environments_are_read_as_torch_reads_them() {
     .unwrap()
     .unwrap();
     assert_eq!(
-        (e.rank, e.world_size, e.local_rank, e.local_world_size, e.master_port, e.agent_store, e.restart, e.launcher),
+        (
+            e.rank,
+            e.world_size,
+            e.local_rank,
+            e.local_world_size,
+            e.master_port,
+            e.agent_store,
+            e.restart,
+            e.launcher
+        ),
         (3, 4, 1, 2, 29400, true, 2, "torchrun")
     );
     assert_eq!(e.master_addr, "10.1.2.3");
@@ -446,15 +492,30 @@ fn launcher_environments_are_read_as_torch_reads_them() {
         ("SLURM_NTASKS_PER_NODE", "4(x2)"),
         ("SLURM_JOB_NODELIST", "gpu[07-08,11],login1"),
     ];
-    let e = DistEnv::detect_with("env://", &env(slurm)).unwrap().unwrap();
+    let e = DistEnv::detect_with("env://", &env(slurm))
+        .unwrap()
+        .unwrap();
     assert_eq!(
-        (e.rank, e.world_size, e.local_rank, e.local_world_size, e.master_addr.as_str(), e.master_port, e.launcher),
+        (
+            e.rank,
+            e.world_size,
+            e.local_rank,
+            e.local_world_size,
+            e.master_addr.as_str(),
+            e.master_port,
+            e.launcher
+        ),
         (5, 8, 1, 4, "gpu07", 29500, "SLURM")
     );
-    let e = DistEnv::detect_with("tcp://head:1234", &env(slurm)).unwrap().unwrap();
+    let e = DistEnv::detect_with("tcp://head:1234", &env(slurm))
+        .unwrap()
+        .unwrap();
     assert_eq!((e.master_addr.as_str(), e.master_port), ("head", 1234));
     assert_eq!(first_slurm_host("n1,n2").as_deref(), Some("n1"));
-    assert_eq!(first_slurm_host("a[001-004]-ib").as_deref(), Some("a001-ib"));
+    assert_eq!(
+        first_slurm_host("a[001-004]-ib").as_deref(),
+        Some("a001-ib")
+    );
     assert_eq!(first_slurm_host("solo").as_deref(), Some("solo"));
     assert!(parse_dist_url("file:///tmp/x").is_err());
     assert!(parse_dist_url("tcp://h:99999").is_err());
@@ -462,13 +523,25 @@ fn launcher_environments_are_read_as_torch_reads_them() {
     // Bad values are errors, never a silent single-process run.
     assert!(DistEnv::detect_with(
         "env://",
-        &env(&[("RANK", "1"), ("WORLD_SIZE", "2"), ("LOCAL_RANK", "2"), ("LOCAL_WORLD_SIZE", "2"), ("MASTER_ADDR", "h"), ("MASTER_PORT", "1")])
+        &env(&[
+            ("RANK", "1"),
+            ("WORLD_SIZE", "2"),
+            ("LOCAL_RANK", "2"),
+            ("LOCAL_WORLD_SIZE", "2"),
+            ("MASTER_ADDR", "h"),
+            ("MASTER_PORT", "1")
+        ])
     )
     .is_err());
     assert!(DistEnv::detect_with("env://", &env(&[("SLURM_PROCID", "0")])).is_err());
     assert!(DistEnv::detect_with(
         "env://",
-        &env(&[("RANK", "0"), ("WORLD_SIZE", "2"), ("MASTER_ADDR", "h"), ("MASTER_PORT", "70000")])
+        &env(&[
+            ("RANK", "0"),
+            ("WORLD_SIZE", "2"),
+            ("MASTER_ADDR", "h"),
+            ("MASTER_PORT", "70000")
+        ])
     )
     .is_err());
 }

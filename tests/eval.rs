@@ -8,9 +8,9 @@ mod common;
 use std::path::PathBuf;
 
 use ibot::eval::linear::{FeatureSpec, LinearProbe};
-use ibot::schedule::cosine_annealing_lr;
 use ibot::models::{VisionTransformer, VitConfig};
 use ibot::params::ParamStore;
+use ibot::schedule::cosine_annealing_lr;
 use tch::{Device, Kind, Tensor};
 
 fn tmp(name: &str) -> PathBuf {

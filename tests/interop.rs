@@ -50,7 +50,6 @@ fn pth_dir() -> &'static Path {
     })
 }
 
-
 fn global_crop(v: i64) -> Tensor {
     fx("in.global_crops").get(v)
 }

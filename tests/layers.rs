@@ -59,7 +59,11 @@ fn the_onednn_linear_equals_f_linear_forward_and_backward() {
             assert_eq!(a.size(), e.size());
             let r = rel(a, e);
             // float32 summation order only (measured ~1e-7).
-            assert!(r < 1e-5, "output/gradient {i} (bias {}) differs by {r:e}", bias.is_some());
+            assert!(
+                r < 1e-5,
+                "output/gradient {i} (bias {}) differs by {r:e}",
+                bias.is_some()
+            );
         }
         // The tolerance tells a slightly different weight apart.
         let off = with_grads(&ours, &x, &(&w * 1.001), bias, &g);
@@ -82,7 +86,11 @@ fn the_fused_attention_equals_the_explicit_one_forward_and_backward() {
     let (attn, x, g) = ibot::train::seeded_init(4, || {
         let mut ps = ParamStore::new();
         let attn = Attention::new(&mut ps, "attn", 48, 6, true, true, Device::Cpu);
-        (attn, Tensor::randn([3, 17, 48], CPU), Tensor::randn([3, 17, 48], CPU))
+        (
+            attn,
+            Tensor::randn([3, 17, 48], CPU),
+            Tensor::randn([3, 17, 48], CPU),
+        )
     });
     // Output and the gradients of x, qkv.weight and proj.weight.
     let run = |fused: bool, scale: f64| {
@@ -99,7 +107,11 @@ fn the_fused_attention_equals_the_explicit_one_forward_and_backward() {
             scale: attn.scale * scale,
         };
         let x = x.detach().set_requires_grad(true);
-        let y = if fused { a.forward(&x) } else { a.forward_explicit(&x) };
+        let y = if fused {
+            a.forward(&x)
+        } else {
+            a.forward_explicit(&x)
+        };
         let params = [&x, &attn.qkv.weight, &attn.proj.weight];
         let grads = Tensor::run_backward(&[(&y * &g).sum(Kind::Float)], &params, false, false);
         std::iter::once(y.detach()).chain(grads).collect::<Vec<_>>()
@@ -116,7 +128,12 @@ fn the_fused_attention_equals_the_explicit_one_forward_and_backward() {
     // The attention map still comes from the explicit product: rows sum to one.
     let map = attn.attention_map(&x);
     assert_eq!(map.size(), [3, 6, 17, 17]);
-    assert!(rel(&map.sum_dim_intlist(-1, false, Kind::Float), &Tensor::ones([3, 6, 17], CPU)) < 1e-6);
+    assert!(
+        rel(
+            &map.sum_dim_intlist(-1, false, Kind::Float),
+            &Tensor::ones([3, 6, 17], CPU)
+        ) < 1e-6
+    );
 }
 
 /// PyTorch's SGD (momentum, dampening 0, coupled weight decay) per tensor, in float64.
@@ -153,23 +170,52 @@ fn the_fused_sgd_follows_pytorch_with_a_parameter_that_joins_late() {
             let grads = vec![Some(gw.get(s)), has_b[s as usize].then(|| gb.get(s))];
             opt.step(&ps, &grads, lr, wd).unwrap();
         }
-        (ps.get("w.weight").unwrap().detach(), ps.get("w.bias").unwrap().detach(), opt.state_tensors(&ps))
+        (
+            ps.get("w.weight").unwrap().detach(),
+            ps.get("w.bias").unwrap().detach(),
+            opt.state_tensors(&ps),
+        )
     };
     let (w, b, state) = run(m);
     let (mut rw, mut rb) = (w0.to_kind(Kind::Double), b0.to_kind(Kind::Double));
     let (mut bw, mut bb) = (None, None);
     for s in 0..5 {
-        sgd_reference(&mut rw, &mut bw, &gw.get(s).to_kind(Kind::Double), lr, wd, m);
+        sgd_reference(
+            &mut rw,
+            &mut bw,
+            &gw.get(s).to_kind(Kind::Double),
+            lr,
+            wd,
+            m,
+        );
         if has_b[s as usize] {
             // The bias is 1-D: no weight decay (the official parameter groups).
-            sgd_reference(&mut rb, &mut bb, &gb.get(s).to_kind(Kind::Double), lr, 0.0, m);
+            sgd_reference(
+                &mut rb,
+                &mut bb,
+                &gb.get(s).to_kind(Kind::Double),
+                lr,
+                0.0,
+                m,
+            );
         }
     }
     let tol = 1e-6;
-    assert!(rel(&w.to_kind(Kind::Double), &rw) < tol, "weight {:e}", rel(&w.to_kind(Kind::Double), &rw));
-    assert!(rel(&b.to_kind(Kind::Double), &rb) < tol, "bias {:e}", rel(&b.to_kind(Kind::Double), &rb));
+    assert!(
+        rel(&w.to_kind(Kind::Double), &rw) < tol,
+        "weight {:e}",
+        rel(&w.to_kind(Kind::Double), &rw)
+    );
+    assert!(
+        rel(&b.to_kind(Kind::Double), &rb) < tol,
+        "bias {:e}",
+        rel(&b.to_kind(Kind::Double), &rb)
+    );
     let names: Vec<_> = state.iter().map(|(k, _)| k.as_str()).collect();
-    assert_eq!(names, ["w.weight.momentum_buffer", "w.bias.momentum_buffer"]);
+    assert_eq!(
+        names,
+        ["w.weight.momentum_buffer", "w.bias.momentum_buffer"]
+    );
     assert!(rel(&state[1].1.to_kind(Kind::Double), bb.as_ref().unwrap()) < tol);
     // Another momentum is far outside the tolerance.
     let (w2, _, _) = run(0.8);
@@ -198,7 +244,10 @@ fn the_multi_tensor_ema_is_the_official_update_bit_for_bit() {
         // param_k.data.mul_(m).add_((1 - m) * param_q.detach().data)
         let want = t * m + s * (1.0 - m);
         let got = teacher.get(&format!("p{i}.weight")).unwrap();
-        assert!(got.equal(&want), "pair {i} differs from the official update");
+        assert!(
+            got.equal(&want),
+            "pair {i} differs from the official update"
+        );
         // A momentum 1e-4 off does not pass `equal` (a check that can fail).
         assert!(!got.equal(&(t * 0.9961 + s * (1.0 - 0.9961))));
     }

@@ -403,7 +403,11 @@ fn the_trajectory_check_fails_on_a_wrong_setting() {
             |a| a.optim.freeze_last_layer = 0,
             "optimizer",
         ),
-        ("no gradient clipping", |a| a.optim.clip_grad = 0.0, "parameters"),
+        (
+            "no gradient clipping",
+            |a| a.optim.clip_grad = 0.0,
+            "parameters",
+        ),
         (
             "teacher temperature warm-up from 0.05",
             |a| a.loss.warmup_teacher_temp = 0.05,

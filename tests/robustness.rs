@@ -668,7 +668,7 @@ fn demo_is_only_the_subcommand_never_an_option_value_or_file_name() {
         assert!(help.contains(s), "'{s}' missing from demo --help: {help}");
     }
     // Presets: only in train/demo's own arguments; launch leaves them to its workers.
-    use ibot::train::args::expand_config_args;
+    use ibot::cli::presets::expand_config_args;
     let v = |x: &[&str]| x.iter().map(|s| s.to_string()).collect::<Vec<_>>();
     let e = expand_config_args(v(&[
         "ibot",
@@ -790,7 +790,11 @@ fn negative_and_out_of_range_training_options_name_the_flag() {
         let r = train_tiny(&out, &["--epochs", "1", flag, value]);
         assert_error(&r, msg);
         // Refused where the command line is parsed, the message names the flag.
-        assert!(stderr(&r).contains(flag), "{flag} not named in: {}", stderr(&r));
+        assert!(
+            stderr(&r).contains(flag),
+            "{flag} not named in: {}",
+            stderr(&r)
+        );
     }
     // A negative integer is a parse error naming the flag, not "unexpected argument".
     let r = train_tiny(&out, &["--epochs", "-1"]);
@@ -1121,18 +1125,40 @@ fn loss_png_shows_a_single_epoch_and_flat_curves() {
     // With the per-iteration loss and the schedules: a grey curve and four panels below.
     use ibot::train::plot::{write_training_png, Curves};
     let full = dir.join("full.png");
-    let iters: Vec<(f64, f64)> = (0..40).map(|i| (i as f64 / 20.0 - 0.5, 9.0 - i as f64 * 0.1)).collect();
-    let ramp = |a: f64, b: f64| (0..40).map(|i| (i as f64 / 20.0 - 0.5, a + (b - a) * i as f64 / 40.0)).collect::<Vec<_>>();
+    let iters: Vec<(f64, f64)> = (0..40)
+        .map(|i| (i as f64 / 20.0 - 0.5, 9.0 - i as f64 * 0.1))
+        .collect();
+    let ramp = |a: f64, b: f64| {
+        (0..40)
+            .map(|i| (i as f64 / 20.0 - 0.5, a + (b - a) * i as f64 / 40.0))
+            .collect::<Vec<_>>()
+    };
     let schedules = [
         ("learning rate", ramp(0.0, 1e-3)),
         ("weight decay", ramp(0.04, 0.4)),
         ("teacher momentum", ramp(0.996, 1.0)),
-        ("teacher temperature ([CLS])", vec![(0.0, 0.04), (1.0, 0.07)]),
+        (
+            "teacher temperature ([CLS])",
+            vec![(0.0, 0.04), (1.0, 0.07)],
+        ),
     ];
     let epochs = [p, EpochLoss { epoch: 1.0, ..p }];
-    write_training_png(&Curves { epochs: &epochs, iters: &iters, schedules: &schedules }, &full).unwrap();
+    write_training_png(
+        &Curves {
+            epochs: &epochs,
+            iters: &iters,
+            schedules: &schedules,
+        },
+        &full,
+    )
+    .unwrap();
     let img = image::open(&full).unwrap().to_rgb8();
-    assert!(img.height() > 600, "no schedule panels: {}x{}", img.width(), img.height());
+    assert!(
+        img.height() > 600,
+        "no schedule panels: {}x{}",
+        img.width(),
+        img.height()
+    );
     assert!(count(&full, [150, 150, 150]) > 30, "no per-iteration curve");
     assert!(count(&full, [0, 255, 0]) > 30, "no momentum panel");
     assert!(count(&full, [255, 0, 255]) > 30, "no temperature panel");
@@ -1146,7 +1172,13 @@ fn loss_png_shows_a_single_epoch_and_flat_curves() {
 fn the_cuda_backend_loads_and_a_machine_without_a_gpu_runs_on_the_cpu() {
     let (data, ckpt) = trained();
     let r = Command::new(BIN)
-        .args(["eval-knn", "--pretrained_weights", &s(ckpt), "--data_path", &s(data)])
+        .args([
+            "eval-knn",
+            "--pretrained_weights",
+            &s(ckpt),
+            "--data_path",
+            &s(data),
+        ])
         .args(["--nb_knn", "2", "--device", "auto"])
         .env("IBOT_LOAD_CUDA", "1")
         .output()

@@ -10,9 +10,6 @@ use ibot::params::{read_safetensors, ParamStore};
 use ibot::train::{checkpoint, run};
 use tch::{Device, Kind, Tensor};
 
-
-
-
 fn tensors(path: &Path) -> Vec<(String, Tensor)> {
     let mut v: Vec<_> = read_safetensors(path).unwrap().into_iter().collect();
     v.sort_by(|a, b| a.0.cmp(&b.0));
@@ -28,7 +25,12 @@ fn a_resumed_swin_run_equals_an_uninterrupted_one() {
     assert_eq!(out.epochs_done, 3);
 
     let resumed = common::scratch_dir("swin", "resumed");
-    let first = run::train(&common::tiny_swin_args(&data, &resumed, &["--stop_after", "1"])).unwrap();
+    let first = run::train(&common::tiny_swin_args(
+        &data,
+        &resumed,
+        &["--stop_after", "1"],
+    ))
+    .unwrap();
     assert_eq!(first.epochs_done, 1);
     let meta = checkpoint::read_meta(&resumed.join("checkpoint.safetensors")).unwrap();
     assert_eq!(meta.epoch, 1);

@@ -12,11 +12,11 @@ use std::process::Command;
 use std::sync::OnceLock;
 
 use clap::Parser;
+use ibot::cli::train::TrainArgs;
 use ibot::eval::features::{self, FeatureKind};
 use ibot::interop::{export_backbone, load_pretrained, read_pth};
 use ibot::models::{Backbone, BackboneConfig, SwinConfig};
 use ibot::params::read_safetensors;
-use ibot::train::args::TrainArgs;
 use ibot::train::run;
 use tch::{Device, Kind, Tensor};
 
@@ -55,7 +55,6 @@ fn pth_dir() -> &'static Path {
         dir
     })
 }
-
 
 fn swin_of(p: &ibot::interop::Pretrained) -> SwinConfig {
     p.swin()
@@ -219,7 +218,6 @@ fn write_idx(dir: &Path, n: usize, side: usize) {
     }
 }
 
-
 fn ibot(args: &[&str]) -> std::process::Output {
     Command::new(BIN)
         .args(["--threads", "1"])
@@ -256,8 +254,18 @@ fn a_trained_swin_goes_through_the_evaluation_commands() {
     let r = run::train(&common::tiny_swin_args(
         &data,
         &out,
-        &["--epochs", "1", "--warmup_epochs", "0", "--warmup_teacher_temp_epochs", "0", "--num_workers", "1"],
-    )).unwrap();
+        &[
+            "--epochs",
+            "1",
+            "--warmup_epochs",
+            "0",
+            "--warmup_teacher_temp_epochs",
+            "0",
+            "--num_workers",
+            "1",
+        ],
+    ))
+    .unwrap();
     assert_eq!(r.epochs_done, 1);
     let ckpt = out.join("checkpoint.safetensors");
     let ck = ckpt.to_str().unwrap();

@@ -199,7 +199,11 @@ fn presets_and_config_files_supply_options_and_the_command_line_wins() {
         .collect();
     let a = common::train_config(expand_config_args(argv).unwrap().into_iter().skip(1));
     assert_eq!(
-        (a.schedule.epochs, a.data.local_crops_number, a.head.norm_last_layer),
+        (
+            a.schedule.epochs,
+            a.data.local_crops_number,
+            a.head.norm_last_layer
+        ),
         (800, 10, false)
     );
     assert_eq!(a.loss.pred_ratio_var, vec![0.0, 0.2]);
@@ -212,22 +216,43 @@ fn presets_and_config_files_supply_options_and_the_command_line_wins() {
             .collect();
         let a = common::train_config(expand_config_args(argv).unwrap().into_iter().skip(1));
         assert_eq!(
-            (a.model.arch.as_str(), a.model.window_size, a.schedule.epochs, a.optim.batch_size_per_gpu),
+            (
+                a.model.arch.as_str(),
+                a.model.window_size,
+                a.schedule.epochs,
+                a.optim.batch_size_per_gpu
+            ),
             ("swin_tiny", window, 3, 26)
         );
         assert_eq!(
-            (a.resolved_patch_size(), a.mask_patch_size(), a.loss.pred_start_epoch),
+            (
+                a.resolved_patch_size(),
+                a.mask_patch_size(),
+                a.loss.pred_start_epoch
+            ),
             (4, 32, 50)
         );
         assert_eq!(
-            (a.data.local_crops_number, a.head.out_dim, a.head.shared_head, a.head.norm_last_layer),
+            (
+                a.data.local_crops_number,
+                a.head.out_dim,
+                a.head.shared_head,
+                a.head.norm_last_layer
+            ),
             (10, 8192, true, false)
         );
-        assert_eq!((a.loss.teacher_temp, a.loss.warmup_teacher_temp_epochs), (0.07, 30));
+        assert_eq!(
+            (a.loss.teacher_temp, a.loss.warmup_teacher_temp_epochs),
+            (0.07, 30)
+        );
         assert_eq!(a.data.global_crops_scale, vec![0.25, 1.0]);
         assert_eq!(a.data.local_crops_scale, vec![0.05, 0.25]);
         let c = run::ibot_config(&a).unwrap();
-        assert_eq!(c.backbone.embed_dim(), 768, "{preset}: Swin-T's last stage is 768 wide");
+        assert_eq!(
+            c.backbone.embed_dim(),
+            768,
+            "{preset}: Swin-T's last stage is 768 wide"
+        );
         assert_eq!(c.loss.mim_start_epoch, 50);
         run::loader_config(&a).unwrap();
     }
@@ -322,9 +347,14 @@ fn a_resumed_bfloat16_run_stays_with_the_uninterrupted_one() {
     }
     // The movement of every tensor from the seeded initialisation (as `ibot train` builds it).
     let cfg = tiny_args(Path::new("unused"), &straight, BF16_RUN);
-    let init = ibot::train::Ibot::seeded(run::ibot_config(&cfg).unwrap(), tch::Device::Cpu, cfg.run.seed)
-        .unwrap();
-    let mut start: std::collections::HashMap<String, tch::Tensor> = std::collections::HashMap::new();
+    let init = ibot::train::Ibot::seeded(
+        run::ibot_config(&cfg).unwrap(),
+        tch::Device::Cpu,
+        cfg.run.seed,
+    )
+    .unwrap();
+    let mut start: std::collections::HashMap<String, tch::Tensor> =
+        std::collections::HashMap::new();
     for (k, t) in init.student_ps.state_dict() {
         start.insert(format!("student.{k}"), t.detach().copy());
     }
@@ -354,7 +384,10 @@ fn a_resumed_bfloat16_run_stays_with_the_uninterrupted_one() {
             tol(t)
         );
     }
-    assert!(weights > 20, "only {weights} trained tensors compared with their movement");
+    assert!(
+        weights > 20,
+        "only {weights} trained tensors compared with their movement"
+    );
     let earlier = tensors(&straight.join("checkpoint0001.safetensors"));
     let apart = |pred: &dyn Fn(&str) -> bool| {
         let n = a.iter().filter(|(k, _)| pred(k)).count();
@@ -521,12 +554,19 @@ fn a_checkpoint_from_an_earlier_release_resumes_evaluates_and_exports() {
     args.data.num_workers = 1;
     let o = run::train(&args).unwrap();
     assert_eq!(o.epochs_done, 1, "the old checkpoint was not resumed");
-    assert_eq!(checkpoint::read_meta(&out.join("checkpoint.safetensors")).unwrap().epoch, 2);
+    assert_eq!(
+        checkpoint::read_meta(&out.join("checkpoint.safetensors"))
+            .unwrap()
+            .epoch,
+        2
+    );
     let p = ibot::interop::load_pretrained(&src, "teacher", None).unwrap();
     let (_, backbone) = p.backbone_model(tch::Device::Cpu).unwrap();
     let x = tch::Tensor::zeros([1, 3, 16, 16], (tch::Kind::Float, tch::Device::Cpu));
     let tokens = backbone.forward(&x, None, false).unwrap();
     assert_eq!(tokens.size(), [1, 17, 24]);
     ibot::interop::export_backbone(&p, &dir.join("backbone.safetensors"), false).unwrap();
-    assert!(ibot::interop::load_pretrained(&dir.join("backbone.safetensors"), "teacher", None).is_ok());
+    assert!(
+        ibot::interop::load_pretrained(&dir.join("backbone.safetensors"), "teacher", None).is_ok()
+    );
 }

@@ -272,7 +272,10 @@ pub fn attn_color(x: &Tensor, maps: &AttentionMaps, patch: usize) -> Result<Rgb8
         .as_ref()
         .context("the coloured composite needs the mass masks (a --threshold above 0)")?;
     let size = x.size();
-    ensure!(size.len() == 3 && size[0] == 3, "the image must be [3, H, W]");
+    ensure!(
+        size.len() == 3 && size[0] == 3,
+        "the image must be [3, H, W]"
+    );
     let (h, w) = (size[1] as usize, size[2] as usize);
     let heads = (maps.attentions.size()[0] as usize).min(COMPANY_COLORS.len());
     let grid = maps.attentions.size();
@@ -295,7 +298,9 @@ pub fn attn_color(x: &Tensor, maps: &AttentionMaps, patch: usize) -> Result<Rgb8
     let mut mask: Vec<f32> = att.iter().zip(&thm).map(|(a, t)| a * t).collect();
     // mask[i] *= (mask[i] == max over heads); then mask[i] *= (mask[i] == cumsum[i]).
     for p in 0..n {
-        let mx = (0..heads).map(|i| mask[i * n + p]).fold(f32::NEG_INFINITY, f32::max);
+        let mx = (0..heads)
+            .map(|i| mask[i * n + p])
+            .fold(f32::NEG_INFINITY, f32::max);
         for i in 0..heads {
             let v = mask[i * n + p];
             mask[i * n + p] = if v == mx { v } else { 0.0 };
@@ -308,10 +313,17 @@ pub fn attn_color(x: &Tensor, maps: &AttentionMaps, patch: usize) -> Result<Rgb8
         }
     }
     // The grey background from the normalised image (float32 as numpy computes it).
-    let xv = Vec::<f32>::try_from(x.to_kind(Kind::Float).permute([1, 2, 0]).contiguous().flatten(0, -1))?;
+    let xv = Vec::<f32>::try_from(
+        x.to_kind(Kind::Float)
+            .permute([1, 2, 0])
+            .contiguous()
+            .flatten(0, -1),
+    )?;
     let (m, mx) = xv
         .iter()
-        .fold((f32::INFINITY, f32::NEG_INFINITY), |(l, h), &v| (l.min(v), h.max(v)));
+        .fold((f32::INFINITY, f32::NEG_INFINITY), |(l, h), &v| {
+            (l.min(v), h.max(v))
+        });
     let span = mx - m;
     let mut img: Vec<f64> = (0..n)
         .map(|p| {
@@ -333,7 +345,9 @@ pub fn attn_color(x: &Tensor, maps: &AttentionMaps, patch: usize) -> Result<Rgb8
         let hm = &mask[i * n..(i + 1) * n];
         let (lo, hi) = hm
             .iter()
-            .fold((f32::INFINITY, f32::NEG_INFINITY), |(l, h), &v| (l.min(v), h.max(v)));
+            .fold((f32::INFINITY, f32::NEG_INFINITY), |(l, h), &v| {
+                (l.min(v), h.max(v))
+            });
         if hi - lo <= 0.0 {
             continue;
         }
@@ -454,4 +468,3 @@ pub fn save_pictures(
     written.push(raw);
     Ok(written)
 }
-

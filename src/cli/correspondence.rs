@@ -6,8 +6,8 @@ use anyhow::Result;
 use clap::{ArgAction, Args, ValueEnum};
 
 use super::model_args::{vit, ModelArgs};
-use crate::analysis::correspondence::{self, CorrespondenceConfig, SampleType};
 use super::parse_bool;
+use crate::analysis::correspondence::{self, CorrespondenceConfig, SampleType};
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 pub enum SampleTypeArg {

@@ -6,7 +6,8 @@ pub use crate::dist::launch::LaunchArgs;
 /// `threads` (`ibot --threads N launch ...`) is passed on to the workers.
 pub fn run(mut l: LaunchArgs, threads: Option<i32>) -> anyhow::Result<()> {
     if let Some(n) = threads {
-        l.command.splice(1..1, ["--threads".to_string(), n.to_string()]);
+        l.command
+            .splice(1..1, ["--threads".to_string(), n.to_string()]);
     }
     let code = crate::dist::launch::launch(&l)?;
     if code != 0 {

@@ -83,7 +83,12 @@ pub fn expand_config_args(args: Vec<String>) -> Result<Vec<String>> {
         return Ok(args);
     };
     // `bench train` (alias `bench step`) takes every train option, presets included.
-    if args[sub] == "bench" && matches!(args.get(sub + 1).map(String::as_str), Some("train" | "step")) {
+    if args[sub] == "bench"
+        && matches!(
+            args.get(sub + 1).map(String::as_str),
+            Some("train" | "step")
+        )
+    {
         sub += 1;
     } else if args[sub] != "train" && args[sub] != "demo" {
         return Ok(args);

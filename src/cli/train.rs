@@ -39,13 +39,23 @@ pub struct TrainArgs {
     pub patch_size: Option<i64>,
     /// Swin window size (7 or 14 in the paper). Stages whose grid is not larger than the window
     /// (at --img_size) use one window over the whole grid and no shift, as the official code.
-    #[arg(long, allow_hyphen_values = true, default_value_t = 7, help_heading = "Model")]
+    #[arg(
+        long,
+        allow_hyphen_values = true,
+        default_value_t = 7,
+        help_heading = "Model"
+    )]
     pub window_size: i64,
     /// Resolution the position-embedding table is built for. The official code always uses
     /// 224, so keep it to produce checkpoints of the official shapes; other crop sizes are
     /// served by bicubic interpolation of the table. Swin: the resolution that fixes each
     /// stage's window and shift (other crop sizes are padded to whole windows).
-    #[arg(long, allow_hyphen_values = true, default_value_t = 224, help_heading = "Model")]
+    #[arg(
+        long,
+        allow_hyphen_values = true,
+        default_value_t = 224,
+        help_heading = "Model"
+    )]
     pub img_size: i64,
     /// Override the preset's width (e.g. a small ViT for small images).
     #[arg(long, allow_hyphen_values = true, help_heading = "Model")]
@@ -64,13 +74,28 @@ pub struct TrainArgs {
     pub stage_heads: Option<Vec<i64>>,
     /// Stochastic-depth rate of the student's last block (the teacher uses none). Swin: as in
     /// main_ibot.py the architecture's own rate is used (swin_tiny 0.1, the others 0.2).
-    #[arg(long, allow_hyphen_values = true, default_value_t = 0.1, help_heading = "Model")]
+    #[arg(
+        long,
+        allow_hyphen_values = true,
+        default_value_t = 0.1,
+        help_heading = "Model"
+    )]
     pub drop_path: f64,
     /// Output width of the [CLS] head (number of "prototypes").
-    #[arg(long, allow_hyphen_values = true, default_value_t = 8192, help_heading = "Head")]
+    #[arg(
+        long,
+        allow_hyphen_values = true,
+        default_value_t = 8192,
+        help_heading = "Head"
+    )]
     pub out_dim: i64,
     /// Output width of the patch head (used when the heads are not shared).
-    #[arg(long, allow_hyphen_values = true, default_value_t = 8192, help_heading = "Head")]
+    #[arg(
+        long,
+        allow_hyphen_values = true,
+        default_value_t = 8192,
+        help_heading = "Head"
+    )]
     pub patch_out_dim: i64,
     /// Student: one head for [CLS] and patch tokens.
     #[arg(long, default_value = "false", value_parser = parse_bool, action = ArgAction::Set, num_args = 0..=1, default_missing_value = "true", help_heading = "Head")]
@@ -89,16 +114,31 @@ pub struct TrainArgs {
     #[arg(long, value_enum, default_value = "gelu", help_heading = "Head")]
     pub act_in_head: HeadAct,
     /// Hidden width of the head's MLP (official: 2048, no flag there).
-    #[arg(long, allow_hyphen_values = true, default_value_t = 2048, help_heading = "Head")]
+    #[arg(
+        long,
+        allow_hyphen_values = true,
+        default_value_t = 2048,
+        help_heading = "Head"
+    )]
     pub head_hidden_dim: i64,
     /// Bottleneck width before the last layer (official: 256, no flag there).
-    #[arg(long, allow_hyphen_values = true, default_value_t = 256, help_heading = "Head")]
+    #[arg(
+        long,
+        allow_hyphen_values = true,
+        default_value_t = 256,
+        help_heading = "Head"
+    )]
     pub head_bottleneck_dim: i64,
 
     // ---- iBOT objective
     /// Starting EMA momentum of the teacher, raised to 1 by a cosine schedule. Small batches
     /// want it higher (e.g. 0.9995 at batch 256).
-    #[arg(long, allow_hyphen_values = true, default_value_t = 0.996, help_heading = "Objective")]
+    #[arg(
+        long,
+        allow_hyphen_values = true,
+        default_value_t = 0.996,
+        help_heading = "Objective"
+    )]
     pub momentum_teacher: f64,
     /// Mask patches of the student's global views and predict the teacher's patch tokens.
     #[arg(long, default_value = "true", value_parser = parse_bool, action = ArgAction::Set, num_args = 0..=1, default_missing_value = "true", help_heading = "Objective")]
@@ -113,30 +153,70 @@ pub struct TrainArgs {
     #[arg(long, value_enum, default_value = "block", help_heading = "Objective")]
     pub pred_shape: PredShape,
     /// Epoch from which images are masked (before it masks are empty).
-    #[arg(long, allow_hyphen_values = true, default_value_t = 0, help_heading = "Objective")]
+    #[arg(
+        long,
+        allow_hyphen_values = true,
+        default_value_t = 0,
+        help_heading = "Objective"
+    )]
     pub pred_start_epoch: usize,
     /// Weight of the [CLS] self-distillation loss.
-    #[arg(long, allow_hyphen_values = true, default_value_t = 1.0, help_heading = "Objective")]
+    #[arg(
+        long,
+        allow_hyphen_values = true,
+        default_value_t = 1.0,
+        help_heading = "Objective"
+    )]
     pub lambda1: f64,
     /// Weight of the masked-patch loss.
-    #[arg(long, allow_hyphen_values = true, default_value_t = 1.0, help_heading = "Objective")]
+    #[arg(
+        long,
+        allow_hyphen_values = true,
+        default_value_t = 1.0,
+        help_heading = "Objective"
+    )]
     pub lambda2: f64,
     /// Teacher [CLS] temperature at the start of its warm-up.
-    #[arg(long, allow_hyphen_values = true, default_value_t = 0.04, help_heading = "Objective")]
+    #[arg(
+        long,
+        allow_hyphen_values = true,
+        default_value_t = 0.04,
+        help_heading = "Objective"
+    )]
     pub warmup_teacher_temp: f64,
     /// Teacher [CLS] temperature after the warm-up; above ~0.07 training tends to diverge.
-    #[arg(long, allow_hyphen_values = true, default_value_t = 0.04, help_heading = "Objective")]
+    #[arg(
+        long,
+        allow_hyphen_values = true,
+        default_value_t = 0.04,
+        help_heading = "Objective"
+    )]
     pub teacher_temp: f64,
     /// Teacher patch temperature at the start of its warm-up.
-    #[arg(long, allow_hyphen_values = true, default_value_t = 0.04, help_heading = "Objective")]
+    #[arg(
+        long,
+        allow_hyphen_values = true,
+        default_value_t = 0.04,
+        help_heading = "Objective"
+    )]
     pub warmup_teacher_patch_temp: f64,
     /// Teacher patch temperature after the warm-up.
-    #[arg(long, allow_hyphen_values = true, default_value_t = 0.07, help_heading = "Objective")]
+    #[arg(
+        long,
+        allow_hyphen_values = true,
+        default_value_t = 0.07,
+        help_heading = "Objective"
+    )]
     pub teacher_patch_temp: f64,
     /// Epochs of the linear teacher-temperature warm-up (official default 30). As in the
     /// official code it must not exceed --epochs: for shorter runs set it lower, e.g.
     /// `--warmup_teacher_temp_epochs 0`.
-    #[arg(long, allow_hyphen_values = true, default_value_t = 30, help_heading = "Objective")]
+    #[arg(
+        long,
+        allow_hyphen_values = true,
+        default_value_t = 30,
+        help_heading = "Objective"
+    )]
     pub warmup_teacher_temp_epochs: usize,
 
     // ---- optimisation
@@ -153,33 +233,83 @@ pub struct TrainArgs {
     #[arg(long, value_enum, default_value_t = PrecisionChoice::Auto, help_heading = "Optimisation")]
     pub precision: PrecisionChoice,
     /// Weight decay at the start of its cosine schedule.
-    #[arg(long, allow_hyphen_values = true, default_value_t = 0.04, help_heading = "Optimisation")]
+    #[arg(
+        long,
+        allow_hyphen_values = true,
+        default_value_t = 0.04,
+        help_heading = "Optimisation"
+    )]
     pub weight_decay: f64,
     /// Weight decay at the end of training.
-    #[arg(long, allow_hyphen_values = true, default_value_t = 0.4, help_heading = "Optimisation")]
+    #[arg(
+        long,
+        allow_hyphen_values = true,
+        default_value_t = 0.4,
+        help_heading = "Optimisation"
+    )]
     pub weight_decay_end: f64,
     /// Per-tensor gradient-norm clip (0 disables).
-    #[arg(long, allow_hyphen_values = true, default_value_t = 3.0, help_heading = "Optimisation")]
+    #[arg(
+        long,
+        allow_hyphen_values = true,
+        default_value_t = 3.0,
+        help_heading = "Optimisation"
+    )]
     pub clip_grad: f64,
     /// Images per step on each device.
-    #[arg(long, allow_hyphen_values = true, default_value_t = 128, help_heading = "Optimisation")]
+    #[arg(
+        long,
+        allow_hyphen_values = true,
+        default_value_t = 128,
+        help_heading = "Optimisation"
+    )]
     pub batch_size_per_gpu: usize,
-    #[arg(long, allow_hyphen_values = true, default_value_t = 100, help_heading = "Optimisation")]
+    #[arg(
+        long,
+        allow_hyphen_values = true,
+        default_value_t = 100,
+        help_heading = "Optimisation"
+    )]
     pub epochs: usize,
     /// Epochs during which the head's last layer is not updated.
-    #[arg(long, allow_hyphen_values = true, default_value_t = 1, help_heading = "Optimisation")]
+    #[arg(
+        long,
+        allow_hyphen_values = true,
+        default_value_t = 1,
+        help_heading = "Optimisation"
+    )]
     pub freeze_last_layer: usize,
     /// Peak learning rate for a total batch of 256 (scaled linearly with the real batch).
-    #[arg(long, allow_hyphen_values = true, default_value_t = 0.0005, help_heading = "Optimisation")]
+    #[arg(
+        long,
+        allow_hyphen_values = true,
+        default_value_t = 0.0005,
+        help_heading = "Optimisation"
+    )]
     pub lr: f64,
     /// Epochs of linear learning-rate warm-up.
-    #[arg(long, allow_hyphen_values = true, default_value_t = 10, help_heading = "Optimisation")]
+    #[arg(
+        long,
+        allow_hyphen_values = true,
+        default_value_t = 10,
+        help_heading = "Optimisation"
+    )]
     pub warmup_epochs: usize,
     /// Learning rate at the end of the cosine schedule.
-    #[arg(long, allow_hyphen_values = true, default_value_t = 1e-6, help_heading = "Optimisation")]
+    #[arg(
+        long,
+        allow_hyphen_values = true,
+        default_value_t = 1e-6,
+        help_heading = "Optimisation"
+    )]
     pub min_lr: f64,
     /// adamw (for ViTs), sgd or lars.
-    #[arg(long, value_enum, default_value = "adamw", help_heading = "Optimisation")]
+    #[arg(
+        long,
+        value_enum,
+        default_value = "adamw",
+        help_heading = "Optimisation"
+    )]
     pub optimizer: OptimizerKind,
     /// Checkpoint to resume from (relative to --output_dir, like the official flag). Without
     /// it, training resumes from <output_dir>/checkpoint.safetensors when that exists.
@@ -187,22 +317,42 @@ pub struct TrainArgs {
     pub load_from: Option<PathBuf>,
 
     // ---- multi-crop
-    #[arg(long, allow_hyphen_values = true, default_value_t = 2, help_heading = "Multi-crop")]
+    #[arg(
+        long,
+        allow_hyphen_values = true,
+        default_value_t = 2,
+        help_heading = "Multi-crop"
+    )]
     pub global_crops_number: usize,
     /// Area range of the global crops relative to the image.
     #[arg(long, allow_negative_numbers = true, num_args = 2, default_values_t = vec![0.14, 1.0], help_heading = "Multi-crop")]
     pub global_crops_scale: Vec<f64>,
     /// Number of small local views (0 disables multi-crop; the paper uses 10).
-    #[arg(long, allow_hyphen_values = true, default_value_t = 0, help_heading = "Multi-crop")]
+    #[arg(
+        long,
+        allow_hyphen_values = true,
+        default_value_t = 0,
+        help_heading = "Multi-crop"
+    )]
     pub local_crops_number: usize,
     /// Area range of the local crops.
     #[arg(long, allow_negative_numbers = true, num_args = 2, default_values_t = vec![0.05, 0.4], help_heading = "Multi-crop")]
     pub local_crops_scale: Vec<f64>,
     /// Side of the global crops in pixels.
-    #[arg(long, allow_hyphen_values = true, default_value_t = 224, help_heading = "Multi-crop")]
+    #[arg(
+        long,
+        allow_hyphen_values = true,
+        default_value_t = 224,
+        help_heading = "Multi-crop"
+    )]
     pub global_crops_size: usize,
     /// Side of the local crops in pixels.
-    #[arg(long, allow_hyphen_values = true, default_value_t = 96, help_heading = "Multi-crop")]
+    #[arg(
+        long,
+        allow_hyphen_values = true,
+        default_value_t = 96,
+        help_heading = "Multi-crop"
+    )]
     pub local_crops_size: usize,
 
     // ---- misc
@@ -223,12 +373,27 @@ pub struct TrainArgs {
     #[arg(long, default_value = ".", help_heading = "Data and output")]
     pub output_dir: PathBuf,
     /// Also keep checkpointNNNN.safetensors every this many epochs (0: never).
-    #[arg(long, allow_hyphen_values = true, default_value_t = 40, help_heading = "Data and output")]
+    #[arg(
+        long,
+        allow_hyphen_values = true,
+        default_value_t = 40,
+        help_heading = "Data and output"
+    )]
     pub saveckp_freq: usize,
-    #[arg(long, allow_hyphen_values = true, default_value_t = 0, help_heading = "Data and output")]
+    #[arg(
+        long,
+        allow_hyphen_values = true,
+        default_value_t = 0,
+        help_heading = "Data and output"
+    )]
     pub seed: u64,
     /// Data-loading threads.
-    #[arg(long, allow_hyphen_values = true, default_value_t = 10, help_heading = "Data and output")]
+    #[arg(
+        long,
+        allow_hyphen_values = true,
+        default_value_t = 10,
+        help_heading = "Data and output"
+    )]
     pub num_workers: usize,
     /// cpu, cuda, cuda:N or auto (a GPU when there is one).
     #[arg(long, default_value = "auto", help_heading = "Data and output")]
@@ -241,7 +406,6 @@ pub struct TrainArgs {
     #[command(flatten)]
     pub dist: DistArgs,
 }
-
 
 impl TrainArgs {
     /// [`TrainArgs::into_config`] without giving the options up.

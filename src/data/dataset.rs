@@ -433,7 +433,11 @@ impl Subset {
     /// The images `indices` of `inner`; each index must be below `inner.len()`.
     pub fn new(inner: Box<dyn Dataset>, indices: Vec<usize>) -> Result<Self> {
         if let Some(&bad) = indices.iter().find(|&&i| i >= inner.len()) {
-            bail!("subset index {bad} is past the {} images of {}", inner.len(), inner.describe());
+            bail!(
+                "subset index {bad} is past the {} images of {}",
+                inner.len(),
+                inner.describe()
+            );
         }
         Ok(Self { inner, indices })
     }

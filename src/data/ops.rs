@@ -268,12 +268,30 @@ pub fn resized_crop_with(
     out_w: usize,
     filter: Filter,
 ) -> Rgb8 {
-    resized_crop_kernel(img, top, left, height, width, out_h, out_w, Kernel::Pil(filter))
+    resized_crop_kernel(
+        img,
+        top,
+        left,
+        height,
+        width,
+        out_h,
+        out_w,
+        Kernel::Pil(filter),
+    )
 }
 
 /// `img.resize((out_w, out_h), LANCZOS)` as Pillow computes it (horizontal pass first).
 pub fn resize_lanczos(img: &Rgb8, out_w: usize, out_h: usize) -> Rgb8 {
-    resized_crop_kernel(img, 0, 0, img.height, img.width, out_h, out_w, Kernel::Lanczos)
+    resized_crop_kernel(
+        img,
+        0,
+        0,
+        img.height,
+        img.width,
+        out_h,
+        out_w,
+        Kernel::Lanczos,
+    )
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -312,7 +330,12 @@ fn resized_crop_kernel(
         return Rgb8::new(out_w, out_h, rows);
     }
     let mut out = vec![0u8; out_h * out_w * 3];
-    resample_rows(&rows, out_w * 3, &coeffs_kernel(height, out_h, filter), &mut out);
+    resample_rows(
+        &rows,
+        out_w * 3,
+        &coeffs_kernel(height, out_h, filter),
+        &mut out,
+    );
     Rgb8::new(out_w, out_h, out)
 }
 

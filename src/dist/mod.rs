@@ -150,9 +150,9 @@ pub fn parse_dist_url(url: &str) -> Result<Option<(String, u16)>> {
         .with_context(|| format!("--dist_url {url:?} has no port (tcp://HOST:PORT)"))?;
     let host = host.trim_start_matches('[').trim_end_matches(']');
     ensure!(!host.is_empty(), "--dist_url {url:?} has no host");
-    let port: u16 = port
-        .parse()
-        .map_err(|_| anyhow!("--dist_url {url:?}: port {port:?} is not a number from 0 to 65535"))?;
+    let port: u16 = port.parse().map_err(|_| {
+        anyhow!("--dist_url {url:?}: port {port:?} is not a number from 0 to 65535")
+    })?;
     Ok(Some((host.to_string(), port)))
 }
 
@@ -170,42 +170,43 @@ impl DistEnv {
     ) -> Result<Option<Self>> {
         let url = parse_dist_url(dist_url)?;
         let launched = env_var(get, "IBOT_LAUNCHED").is_some();
-        let (rank, world, local_rank, local_world, launcher) =
-            if let Some(rank) = parse_env::<usize>(get, "RANK")? {
-                let world = parse_env::<usize>(get, "WORLD_SIZE")?.context(
-                    "RANK is set but WORLD_SIZE is not: launch with torchrun, srun or `ibot launch`, \
+        let (rank, world, local_rank, local_world, launcher) = if let Some(rank) =
+            parse_env::<usize>(get, "RANK")?
+        {
+            let world = parse_env::<usize>(get, "WORLD_SIZE")?.context(
+                "RANK is set but WORLD_SIZE is not: launch with torchrun, srun or `ibot launch`, \
                      or set both",
-                )?;
-                let local_rank = parse_env::<usize>(get, "LOCAL_RANK")?.unwrap_or(rank);
-                let local_world = parse_env::<usize>(get, "LOCAL_WORLD_SIZE")?.unwrap_or(world);
-                let who = if launched {
-                    "ibot launch"
-                } else if env_var(get, "TORCHELASTIC_RUN_ID").is_some() {
-                    "torchrun"
-                } else {
-                    "the environment (RANK/WORLD_SIZE)"
-                };
-                (rank, world, local_rank, local_world, who)
-            } else if let Some(rank) = parse_env::<usize>(get, "SLURM_PROCID")? {
-                let world = parse_env::<usize>(get, "SLURM_NTASKS")?
-                    .context("SLURM_PROCID is set but SLURM_NTASKS is not")?;
-                let local_rank = parse_env::<usize>(get, "SLURM_LOCALID")?.unwrap_or(0);
-                // "2(x3),1" → 2: the tasks on the first nodes; only used for thread counts.
-                let local_world = env_var(get, "SLURM_NTASKS_PER_NODE")
-                    .or_else(|| env_var(get, "SLURM_TASKS_PER_NODE"))
-                    .and_then(|v| {
-                        v.chars()
-                            .take_while(|c| c.is_ascii_digit())
-                            .collect::<String>()
-                            .parse::<usize>()
-                            .ok()
-                    })
-                    .unwrap_or(1)
-                    .max(local_rank + 1);
-                (rank, world, local_rank, local_world, "SLURM")
+            )?;
+            let local_rank = parse_env::<usize>(get, "LOCAL_RANK")?.unwrap_or(rank);
+            let local_world = parse_env::<usize>(get, "LOCAL_WORLD_SIZE")?.unwrap_or(world);
+            let who = if launched {
+                "ibot launch"
+            } else if env_var(get, "TORCHELASTIC_RUN_ID").is_some() {
+                "torchrun"
             } else {
-                return Ok(None);
+                "the environment (RANK/WORLD_SIZE)"
             };
+            (rank, world, local_rank, local_world, who)
+        } else if let Some(rank) = parse_env::<usize>(get, "SLURM_PROCID")? {
+            let world = parse_env::<usize>(get, "SLURM_NTASKS")?
+                .context("SLURM_PROCID is set but SLURM_NTASKS is not")?;
+            let local_rank = parse_env::<usize>(get, "SLURM_LOCALID")?.unwrap_or(0);
+            // "2(x3),1" → 2: the tasks on the first nodes; only used for thread counts.
+            let local_world = env_var(get, "SLURM_NTASKS_PER_NODE")
+                .or_else(|| env_var(get, "SLURM_TASKS_PER_NODE"))
+                .and_then(|v| {
+                    v.chars()
+                        .take_while(|c| c.is_ascii_digit())
+                        .collect::<String>()
+                        .parse::<usize>()
+                        .ok()
+                })
+                .unwrap_or(1)
+                .max(local_rank + 1);
+            (rank, world, local_rank, local_world, "SLURM")
+        } else {
+            return Ok(None);
+        };
         ensure!(world >= 1, "WORLD_SIZE must be at least 1");
         ensure!(
             rank < world,
@@ -338,7 +339,9 @@ fn take_error(err: *mut c_char) -> String {
         return "unknown error in c10d".into();
     }
     // SAFETY: the shim returns a NUL-terminated malloc'ed string, freed right after copying.
-    let s = unsafe { CStr::from_ptr(err) }.to_string_lossy().into_owned();
+    let s = unsafe { CStr::from_ptr(err) }
+        .to_string_lossy()
+        .into_owned();
     unsafe { ffi::ibot_dist_free_error(err) };
     s
 }
@@ -358,7 +361,9 @@ impl ProcessGroup {
         let prefix = CString::new(format!("ibot/{}/", env.restart)).expect("no NUL in prefix");
         let world = c_int::try_from(env.world_size).context("world size too large")?;
         let rank = c_int::try_from(env.rank).context("rank too large")?;
-        let ms = i64::try_from(timeout.as_millis()).unwrap_or(i64::MAX).max(1);
+        let ms = i64::try_from(timeout.as_millis())
+            .unwrap_or(i64::MAX)
+            .max(1);
         let mut err: *mut c_char = std::ptr::null_mut();
         // SAFETY: valid C strings that outlive the call; `err` receives an owned string.
         let raw = unsafe {
@@ -439,7 +444,9 @@ impl ProcessGroup {
         let mut d = self.operand(t)?;
         let mut err = std::ptr::null_mut();
         // SAFETY: `d` is a live at::Tensor owned by tch for the duration of the call.
-        let rc = unsafe { ffi::ibot_dist_all_reduce(self.raw, d.as_mut_ptr() as *mut c_void, op, &mut err) };
+        let rc = unsafe {
+            ffi::ibot_dist_all_reduce(self.raw, d.as_mut_ptr() as *mut c_void, op, &mut err)
+        };
         self.check(rc, err, name)
     }
 }
@@ -470,7 +477,12 @@ impl Comm for ProcessGroup {
         let mut err = std::ptr::null_mut();
         // SAFETY: as in `reduce`.
         let rc = unsafe {
-            ffi::ibot_dist_broadcast(self.raw, d.as_mut_ptr() as *mut c_void, root as c_int, &mut err)
+            ffi::ibot_dist_broadcast(
+                self.raw,
+                d.as_mut_ptr() as *mut c_void,
+                root as c_int,
+                &mut err,
+            )
         };
         self.check(rc, err, "broadcast")
     }
@@ -565,7 +577,13 @@ pub fn broadcast_params(comm: &dyn Comm, ps: &ParamStore) -> Result<()> {
     let sums: Vec<Tensor> = ps
         .params()
         .iter()
-        .map(|p| p.tensor.detach().to_kind(Kind::Double).sum(Kind::Double).reshape([1]))
+        .map(|p| {
+            p.tensor
+                .detach()
+                .to_kind(Kind::Double)
+                .sum(Kind::Double)
+                .reshape([1])
+        })
         .collect();
     let mine = Tensor::f_cat(&sums, 0)?;
     let all = comm.all_gather(&mine)?.view([comm.world_size() as i64, -1]);
@@ -587,8 +605,14 @@ pub fn check_same(comm: &dyn Comm, fingerprint: u64, what: &str) -> Result<()> {
         return Ok(());
     }
     // Two 32-bit halves: exact in int64 whatever the sign.
-    let mine = Tensor::from_slice(&[(fingerprint >> 32) as i64, (fingerprint & 0xFFFF_FFFF) as i64]);
-    let all = Vec::<i64>::try_from(comm.all_gather(&mine.to_device(comm.device()))?.to_device(Device::Cpu))?;
+    let mine = Tensor::from_slice(&[
+        (fingerprint >> 32) as i64,
+        (fingerprint & 0xFFFF_FFFF) as i64,
+    ]);
+    let all = Vec::<i64>::try_from(
+        comm.all_gather(&mine.to_device(comm.device()))?
+            .to_device(Device::Cpu),
+    )?;
     for r in 1..comm.world_size() {
         if all[2 * r..2 * r + 2] != all[0..2] {
             bail!("rank {r} was started with different {what} than rank 0: every rank must get the same options");
@@ -646,7 +670,9 @@ pub fn unshard(comm: &dyn Comm, t: &Tensor, n: usize) -> Result<Tensor> {
         "shard of {:?} rows, expected {per}",
         t.size()
     );
-    let all = comm.all_gather(&t.to_device(comm.device()))?.to_device(Device::Cpu);
+    let all = comm
+        .all_gather(&t.to_device(comm.device()))?
+        .to_device(Device::Cpu);
     // Position p was computed by rank p % W as its (p / W)-th row.
     let order: Vec<i64> = (0..n).map(|p| ((p % ws) * per + p / ws) as i64).collect();
     Ok(all.f_index_select(0, &Tensor::from_slice(&order))?)

@@ -23,10 +23,10 @@ use tch::{Device, Kind, Reduction, Tensor};
 
 pub use super::features::FeatureSpec;
 use super::features::{eval_view, view_batch};
+use crate::config::{Arch, CheckpointKey};
 use crate::data::augment::random_resized_crop_params;
 use crate::data::dataset::Dataset;
 use crate::data::ops::{self, Filter, Rgb8};
-use crate::config::{Arch, CheckpointKey};
 use crate::device::DeviceChoice;
 use crate::models::BackboneRef;
 use crate::params::{read_safetensors, write_safetensors, ParamStore};
@@ -263,7 +263,8 @@ pub fn training_view_of(img: &Rgb8, index: usize, size: usize, seed: u64, epoch:
 /// The order in which `epoch` visits the training images.
 pub fn epoch_order(train_idx: &[usize], seed: u64, epoch: usize) -> Vec<usize> {
     let mut order = train_idx.to_vec();
-    let mut rng = ChaCha8Rng::seed_from_u64(seed.wrapping_mul(1_000_003).wrapping_add(epoch as u64));
+    let mut rng =
+        ChaCha8Rng::seed_from_u64(seed.wrapping_mul(1_000_003).wrapping_add(epoch as u64));
     rand::seq::SliceRandom::shuffle(&mut order[..], &mut rng);
     order
 }
@@ -304,6 +305,58 @@ pub fn evaluate(
     (acc1, acc5, loss)
 }
 
+/// What every linear probe (eval-linear, eval-linear-multi) settles before training: the image
+/// indices (at most `subset` of each split), the number of classes (`--num_labels`, or one
+/// past the largest label) and the crop side (`--crop_size`, or the resolution the backbone was
+/// built for, which the command resolves and reports).
+pub(crate) struct ProbeData {
+    pub train_idx: Vec<usize>,
+    pub val_idx: Vec<usize>,
+    pub num_labels: i64,
+    pub size: usize,
+}
+
+impl ProbeData {
+    pub(crate) fn new(
+        train: &dyn Dataset,
+        val: &dyn Dataset,
+        subset: Option<usize>,
+        num_labels: Option<i64>,
+        crop_size: Option<usize>,
+        backbone: BackboneRef,
+    ) -> Result<Self> {
+        let lim = subset.unwrap_or(usize::MAX);
+        let train_idx: Vec<usize> = (0..train.len().min(lim)).collect();
+        let val_idx: Vec<usize> = (0..val.len().min(lim)).collect();
+        ensure!(
+            !train_idx.is_empty() && !val_idx.is_empty(),
+            "the training or validation set is empty"
+        );
+        let tl: Vec<i64> = train_idx.iter().map(|&i| train.label(i)).collect();
+        let vl: Vec<i64> = val_idx.iter().map(|&i| val.label(i)).collect();
+        if tl.iter().chain(&vl).any(|&l| l < 0) {
+            bail!("linear evaluation needs labelled images (class folders or IDX labels)");
+        }
+        let seen = tl.iter().chain(&vl).max().copied().unwrap_or(0) + 1;
+        let num_labels = num_labels.unwrap_or(seen);
+        ensure!(
+            seen <= num_labels,
+            "labels go up to {} but --num_labels is {num_labels}",
+            seen - 1
+        );
+        let trained = match backbone {
+            BackboneRef::Vit(v) => v.cfg.img_size,
+            BackboneRef::Swin(s) => s.cfg.img_size,
+        };
+        Ok(Self {
+            train_idx,
+            val_idx,
+            num_labels,
+            size: crop_size.unwrap_or(trained as usize),
+        })
+    }
+}
+
 /// Runs the linear evaluation of `backbone` on `train`/`val`.
 pub fn run<'a>(
     a: &LinearConfig,
@@ -322,32 +375,13 @@ pub fn run<'a>(
         a.epochs > 0 && a.batch_size_per_gpu > 0 && a.val_freq > 0,
         "--epochs, --batch_size_per_gpu and --val_freq must be positive"
     );
-    let lim = a.subset.unwrap_or(usize::MAX);
-    let train_idx: Vec<usize> = (0..train.len().min(lim)).collect();
-    let val_idx: Vec<usize> = (0..val.len().min(lim)).collect();
-    ensure!(
-        !train_idx.is_empty() && !val_idx.is_empty(),
-        "the training or validation set is empty"
-    );
-    let tl: Vec<i64> = train_idx.iter().map(|&i| train.label(i)).collect();
-    let vl: Vec<i64> = val_idx.iter().map(|&i| val.label(i)).collect();
-    if tl.iter().chain(&vl).any(|&l| l < 0) {
-        bail!("linear evaluation needs labelled images (class folders or IDX labels)");
-    }
-    let seen = tl.iter().chain(&vl).max().copied().unwrap_or(0) + 1;
-    let num_labels = a.num_labels.unwrap_or(seen);
-    ensure!(
-        seen <= num_labels,
-        "labels go up to {} but --num_labels is {num_labels}",
-        seen - 1
-    );
+    let ProbeData {
+        train_idx,
+        val_idx,
+        num_labels,
+        size,
+    } = ProbeData::new(train, val, a.subset, a.num_labels, a.crop_size, backbone)?;
     let dim = spec.dim_for(backbone);
-    // Default: the resolution the backbone was built for (main.rs resolves and reports it).
-    let trained = match backbone {
-        BackboneRef::Vit(v) => v.cfg.img_size,
-        BackboneRef::Swin(s) => s.cfg.img_size,
-    };
-    let size = a.crop_size.unwrap_or(trained as usize);
     let feats_of = |x: &Tensor| spec.features_of(backbone, &x.to_device(device));
 
     std::fs::create_dir_all(&a.output_dir)

@@ -18,12 +18,14 @@
 
 use std::path::PathBuf;
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{ensure, Context, Result};
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
 use super::features::{eval_view, view_batch, FeatureSpec};
-use super::linear::{append_line, epoch_order, evaluate, training_view_of, LinearProbe, Optim};
+use super::linear::{
+    append_line, epoch_order, evaluate, training_view_of, LinearProbe, Optim, ProbeData,
+};
 use crate::data::dataset::Dataset;
 use crate::data::ops::Rgb8;
 use crate::models::BackboneRef;
@@ -148,31 +150,20 @@ pub fn run<'a>(
         cfg.epochs > 0 && cfg.batch_size_per_gpu > 0 && cfg.val_freq > 0,
         "--epochs, --batch_size_per_gpu and --val_freq must be positive"
     );
-    let lim = cfg.subset.unwrap_or(usize::MAX);
-    let train_idx: Vec<usize> = (0..train.len().min(lim)).collect();
-    let val_idx: Vec<usize> = (0..val.len().min(lim)).collect();
-    ensure!(
-        !train_idx.is_empty() && !val_idx.is_empty(),
-        "the training or validation set is empty"
-    );
-    let tl: Vec<i64> = train_idx.iter().map(|&i| train.label(i)).collect();
-    let vl: Vec<i64> = val_idx.iter().map(|&i| val.label(i)).collect();
-    if tl.iter().chain(&vl).any(|&l| l < 0) {
-        bail!("linear evaluation needs labelled images (class folders or IDX labels)");
-    }
-    let seen = tl.iter().chain(&vl).max().copied().unwrap_or(0) + 1;
-    let num_labels = cfg.num_labels.unwrap_or(seen);
-    ensure!(
-        seen <= num_labels,
-        "labels go up to {} but --num_labels is {num_labels}",
-        seen - 1
-    );
+    let ProbeData {
+        train_idx,
+        val_idx,
+        num_labels,
+        size,
+    } = ProbeData::new(
+        train,
+        val,
+        cfg.subset,
+        cfg.num_labels,
+        cfg.crop_size,
+        backbone,
+    )?;
     let dim = spec.dim_for(backbone);
-    let trained = match backbone {
-        BackboneRef::Vit(v) => v.cfg.img_size,
-        BackboneRef::Swin(s) => s.cfg.img_size,
-    };
-    let size = cfg.crop_size.unwrap_or(trained as usize);
     let feats_of = |x: &Tensor| spec.features_of(backbone, &x.to_device(device));
     std::fs::create_dir_all(&cfg.output_dir)
         .with_context(|| format!("creating {}", cfg.output_dir.display()))?;

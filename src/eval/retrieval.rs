@@ -218,9 +218,7 @@ pub fn thumbnail(img: &Rgb8, max: usize) -> Rgb8 {
     match thumbnail_size(img.width, img.height, max) {
         None => img.clone(),
         Some((w, h)) if (w, h) == (img.width, img.height) => img.clone(),
-        Some((w, h)) => {
-            ops::resize_lanczos(img, w, h)
-        }
+        Some((w, h)) => ops::resize_lanczos(img, w, h),
     }
 }
 

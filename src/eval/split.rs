@@ -39,7 +39,11 @@ pub fn eval_split(
     let Some(path) = data_path else {
         bail!("give --data_path (a folder with train/ and val/ image folders, or IDX files train-* and t10k-*), or {flag}");
     };
-    anyhow::ensure!(path.exists(), "--data_path {} does not exist", path.display());
+    anyhow::ensure!(
+        path.exists(),
+        "--data_path {} does not exist",
+        path.display()
+    );
     let (tr, va) = (path.join("train"), path.join("val"));
     if tr.is_dir() && va.is_dir() {
         return Ok((path.join(dir), "train"));
@@ -78,7 +82,6 @@ pub fn eval_splits(
     let (vap, vas) = eval_split(data_path, val_path, Half::Val)?;
     Ok((trp, trs, vap, vas))
 }
-
 
 /// The first `min(n, limit)` indices (`--subset` of the evaluation commands).
 pub fn first_n(n: usize, limit: usize) -> Vec<usize> {

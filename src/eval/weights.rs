@@ -54,7 +54,10 @@ impl WeightsConfig {
     }
 
     /// [`WeightsConfig::open_backbone`] on a given device (a data-parallel rank's).
-    pub fn open_backbone_on(&self, device: Device) -> Result<(Pretrained, Backbone, usize, Device)> {
+    pub fn open_backbone_on(
+        &self,
+        device: Device,
+    ) -> Result<(Pretrained, Backbone, usize, Device)> {
         let (p, backbone) = self.load(device)?;
         let size = super::resolve_crop(
             self.crop_size,

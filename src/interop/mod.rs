@@ -1,8 +1,8 @@
 //! Weights from and for other tools: official PyTorch checkpoints (read without executing
 //! anything), backbone export, layout detection.
 
-pub mod pth;
 pub mod extract;
+pub mod pth;
 pub mod weights;
 
 pub use pth::{read_pth, read_pth_subset, PthFile};

@@ -136,7 +136,10 @@ fn heads_for(d: i64, depth: i64, arch: Option<&str>, num_heads: Option<i64>) -> 
             "--num_heads {h} does not divide the width {d} of the weights"
         );
         if let (Some(a), Some(ah)) = (arch, from_arch) {
-            ensure!(ah == h, "--num_heads {h} contradicts --arch {a}, which has {ah} heads");
+            ensure!(
+                ah == h,
+                "--num_heads {h} contradicts --arch {a}, which has {ah} heads"
+            );
         }
         return Ok(h);
     }

@@ -176,7 +176,11 @@ impl IbotLoss {
     /// What every loss call needs: a mask per global view and a temperature for the epoch.
     fn check_call(&self, masks: &[Tensor], epoch: usize) -> Result<()> {
         let g = self.cfg.ngcrops;
-        ensure!(masks.len() >= g, "{} masks given for {g} global views", masks.len());
+        ensure!(
+            masks.len() >= g,
+            "{} masks given for {g} global views",
+            masks.len()
+        );
         ensure!(
             epoch < self.teacher_temp_schedule.len(),
             "epoch {epoch} is past the end of the temperature schedule ({} epochs)",
@@ -211,7 +215,9 @@ impl IbotLoss {
         let g = cfg.ngcrops;
         let tsz = teacher_patch.size();
         ensure!(
-            tsz.len() == 3 && tsz[2] == cfg.patch_out_dim && student_patch_rows.size().last() == Some(&cfg.patch_out_dim),
+            tsz.len() == 3
+                && tsz[2] == cfg.patch_out_dim
+                && student_patch_rows.size().last() == Some(&cfg.patch_out_dim),
             "patch outputs must have dim {} (teacher {:?}, student rows {:?})",
             cfg.patch_out_dim,
             tsz,
@@ -221,7 +227,9 @@ impl IbotLoss {
         let cls = self.cls_term(student_cls, teacher_cls, student_local_cls, epoch)?;
 
         let temp2 = self.teacher_temp2_schedule[epoch];
-        let t_rows = teacher_patch.reshape([rows * n, cfg.patch_out_dim]).index_select(0, masked);
+        let t_rows = teacher_patch
+            .reshape([rows * n, cfg.patch_out_dim])
+            .index_select(0, masked);
         let t = ((t_rows - self.center2.reshape([1, cfg.patch_out_dim])) / temp2)
             .softmax(-1, Kind::Float)
             .detach();
@@ -257,7 +265,11 @@ impl IbotLoss {
     ) -> Result<Tensor> {
         let cfg = &self.cfg;
         let g = cfg.ngcrops;
-        let ncrops = g + if student_local_cls.is_some() { cfg.nlcrops } else { 0 };
+        let ncrops = g + if student_local_cls.is_some() {
+            cfg.nlcrops
+        } else {
+            0
+        };
         ensure!(
             teacher_cls.size().last() == Some(&cfg.out_dim)
                 && student_cls.size().last() == Some(&cfg.out_dim),

@@ -203,8 +203,24 @@ impl Mlp {
         trainable: bool,
         dev: Device,
     ) -> Self {
-        let fc1 = Linear::new_trunc(ps, &format!("{name}.fc1"), in_dim, hidden, true, trainable, dev);
-        let fc2 = Linear::new_trunc(ps, &format!("{name}.fc2"), hidden, in_dim, true, trainable, dev);
+        let fc1 = Linear::new_trunc(
+            ps,
+            &format!("{name}.fc1"),
+            in_dim,
+            hidden,
+            true,
+            trainable,
+            dev,
+        );
+        let fc2 = Linear::new_trunc(
+            ps,
+            &format!("{name}.fc2"),
+            hidden,
+            in_dim,
+            true,
+            trainable,
+            dev,
+        );
         Self { fc1, fc2 }
     }
 
@@ -233,7 +249,15 @@ impl Attention {
         trainable: bool,
         dev: Device,
     ) -> Self {
-        let qkv = Linear::new_trunc(ps, &format!("{name}.qkv"), dim, 3 * dim, qkv_bias, trainable, dev);
+        let qkv = Linear::new_trunc(
+            ps,
+            &format!("{name}.qkv"),
+            dim,
+            3 * dim,
+            qkv_bias,
+            trainable,
+            dev,
+        );
         let proj = Linear::new_trunc(ps, &format!("{name}.proj"), dim, dim, true, trainable, dev);
         Self {
             qkv,
@@ -314,7 +338,8 @@ impl PatchEmbed {
     ) -> Self {
         let p = patch_size;
         let bound = 1.0 / ((in_chans * p * p) as f64).sqrt();
-        let w = Tensor::empty([embed_dim, in_chans, p, p], (Kind::Float, dev)).uniform_(-bound, bound);
+        let w =
+            Tensor::empty([embed_dim, in_chans, p, p], (Kind::Float, dev)).uniform_(-bound, bound);
         let b = Tensor::empty([embed_dim], (Kind::Float, dev)).uniform_(-bound, bound);
         Self {
             weight: ps.add(format!("{name}.proj.weight"), w, trainable),

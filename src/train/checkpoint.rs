@@ -13,8 +13,8 @@ use serde::{Deserialize, Serialize};
 use tch::Tensor;
 
 use super::amp::{GradScaler, Precision};
-use crate::config::TrainConfig;
 use super::{Ibot, IbotConfig};
+use crate::config::TrainConfig;
 use crate::params::{read_safetensors, write_safetensors};
 
 pub const FORMAT: &str = "ibot-rs-checkpoint/1";

@@ -1,16 +1,12 @@
 //! One iBOT training step, piece by piece as the official `train_one_epoch`.
 
 pub mod amp;
-pub mod args;
 pub mod checkpoint;
 pub mod interrupt;
 pub mod optim;
 pub mod plot;
 pub mod run;
 pub mod tensorboard;
-
-/// The schedules live in [`crate::schedule`] (shared with the loss and the evaluations).
-pub use crate::schedule;
 
 use anyhow::{bail, ensure, Result};
 use serde::{Deserialize, Serialize};

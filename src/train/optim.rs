@@ -159,9 +159,7 @@ impl Optimizer {
                         g.push(grad(i));
                         m.push(s.exp_avg.shallow_clone());
                         v.push(s.exp_avg_sq.shallow_clone());
-                        st.push(
-                            Tensor::from_slice(&[s.step as f32]).to_device(param.device()),
-                        );
+                        st.push(Tensor::from_slice(&[s.step as f32]).to_device(param.device()));
                     }
                     crate::fastops::fused_adamw(
                         &p, &g, &m, &v, &st, lr, self.beta1, self.beta2, decay, self.eps,

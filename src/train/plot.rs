@@ -107,7 +107,11 @@ pub fn write_loss_png(points: &[EpochLoss], path: &Path) -> Result<()> {
 
 /// Draws `curves` and writes `path` (PNG) atomically.
 pub fn write_training_png(curves: &Curves, path: &Path) -> Result<()> {
-    let h = if curves.schedules.is_empty() { H } else { H + H_SCHED };
+    let h = if curves.schedules.is_empty() {
+        H
+    } else {
+        H + H_SCHED
+    };
     let mut buf = vec![0u8; (W * h * 3) as usize];
     draw(curves, &mut buf, h, font_available())
         .map_err(|e| anyhow!("drawing the loss curve: {e}"))?;
@@ -138,7 +142,10 @@ fn y_range(ys: &[f64]) -> (f64, f64) {
         let pad = if scale > 0.0 { scale * 0.5 } else { 1.0 };
         return (lo - if lo < 0.0 { pad } else { 0.0 }, hi + pad);
     }
-    (if lo < 0.0 { lo - 0.05 * span } else { lo }, hi + 0.05 * span)
+    (
+        if lo < 0.0 { lo - 0.05 * span } else { lo },
+        hi + 0.05 * span,
+    )
 }
 
 /// Width of the legend column on the right of the chart.
@@ -178,12 +185,8 @@ fn draw(
         top.split_horizontally(W)
     };
     let finite_pt = |p: &(f64, f64)| p.0.is_finite() && p.1.is_finite();
-    let iters: Vec<(f64, f64)> = smoothed(
-        &curves
-            .iter_points()
-            .filter(finite_pt)
-            .collect::<Vec<_>>(),
-    );
+    let iters: Vec<(f64, f64)> =
+        smoothed(&curves.iter_points().filter(finite_pt).collect::<Vec<_>>());
     let finite = |v: f64| v.is_finite();
     let ys: Vec<f64> = points
         .iter()
@@ -198,7 +201,9 @@ fn draw(
         .iter()
         .map(|p| p.epoch)
         .chain(iters.iter().map(|p| p.0))
-        .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), e| (a.min(e), b.max(e)));
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), e| {
+            (a.min(e), b.max(e))
+        });
     let (xlo, xhi) = if xlo.is_finite() {
         (xlo - 0.5, xhi + 0.5)
     } else {
@@ -270,7 +275,10 @@ fn draw(
         }
         if !iters.is_empty() {
             let y = 60 + 26 * 3;
-            legend.draw(&PathElement::new(vec![(8, y), (36, y)], GREY.stroke_width(1)))?;
+            legend.draw(&PathElement::new(
+                vec![(8, y), (36, y)],
+                GREY.stroke_width(1),
+            ))?;
             legend.draw(&Text::new(
                 "per iteration",
                 (44, y - 8),
@@ -305,7 +313,9 @@ where
             .collect();
         let (lo, hi) = pts
             .iter()
-            .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), p| (a.min(p.1), b.max(p.1)));
+            .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), p| {
+                (a.min(p.1), b.max(p.1))
+            });
         let (lo, hi) = if !lo.is_finite() {
             (0.0, 1.0)
         } else if hi - lo <= 1e-12 * hi.abs().max(1e-12) {

@@ -10,20 +10,18 @@ use indicatif::{ProgressBar, ProgressStyle};
 use tch::{Device, Kind, Tensor};
 
 use super::amp::{Precision, PrecisionChoice};
-use crate::config::TrainConfig;
-use crate::schedule::cosine_scheduler;
 use super::{checkpoint, Ibot, IbotConfig, IbotLossConfig, NonFiniteLoss, StepStats};
+use crate::config::TrainConfig;
 use crate::data::augment::AugmentConfig;
 use crate::data::loader::{Batch, Loader, LoaderConfig};
 use crate::data::masking::MaskConfig;
+use crate::dist::Comm;
 use crate::eval::cluster;
-use crate::dist::{Comm, DistEnv};
 use crate::models::{BackboneConfig, HeadConfig, SwinConfig, VitConfig};
+use crate::schedule::cosine_scheduler;
 
 /// Device selection lives in [`crate::device`] and the subset wrapper in
 /// [`crate::data::dataset`]; re-exported for code written against these paths.
-pub use crate::data::dataset::open_subset as open_dataset;
-pub use crate::device::select_device;
 
 /// The model/loss configuration the arguments describe.
 pub fn ibot_config(a: &TrainConfig) -> Result<IbotConfig> {
@@ -85,7 +83,11 @@ pub fn ibot_config(a: &TrainConfig) -> Result<IbotConfig> {
     }
     let loss = IbotLossConfig {
         out_dim: a.head.out_dim,
-        patch_out_dim: if same_dim { a.head.out_dim } else { a.head.patch_out_dim },
+        patch_out_dim: if same_dim {
+            a.head.out_dim
+        } else {
+            a.head.patch_out_dim
+        },
         ngcrops: a.data.global_crops_number,
         nlcrops: a.data.local_crops_number,
         warmup_teacher_temp: a.loss.warmup_teacher_temp,
@@ -194,7 +196,14 @@ fn progress(n: u64, epoch: usize, epochs: usize) -> Option<ProgressBar> {
 fn options_fingerprint(args: &TrainConfig) -> Result<u64> {
     let mut v = serde_json::to_value(args)?;
     if let Some(m) = v.as_object_mut() {
-        for k in ["output_dir", "data_path", "num_workers", "device", "load_from", "stop_after"] {
+        for k in [
+            "output_dir",
+            "data_path",
+            "num_workers",
+            "device",
+            "load_from",
+            "stop_after",
+        ] {
             m.remove(k);
         }
     }
@@ -205,15 +214,6 @@ fn options_fingerprint(args: &TrainConfig) -> Result<u64> {
         h = h.wrapping_mul(0x0100_0000_01b3);
     }
     Ok(h)
-}
-
-/// [`crate::dist::join_world`] from the command line's `--dist_*` options and `--device` text
-/// (kept for callers written against this path).
-pub fn join_world(
-    dist: &crate::cli::DistArgs,
-    device_name: &str,
-) -> Result<(Box<dyn Comm>, Device, Option<DistEnv>)> {
-    crate::dist::join_world(&dist.config(), device_name.parse()?)
 }
 
 /// Runs (or resumes) training as the arguments say: one process, or one rank of a data-parallel
@@ -301,7 +301,12 @@ pub fn train_with(args: &TrainConfig, comm: &dyn Comm, device: Device) -> Result
     } else {
         None
     };
-    let ds = crate::data::dataset::open_subset(&args.data.data_path, "train", args.data.subset, args.run.seed)?;
+    let ds = crate::data::dataset::open_subset(
+        &args.data.data_path,
+        "train",
+        args.data.subset,
+        args.run.seed,
+    )?;
     if main {
         eprintln!("data: {}", ds.describe());
     }
@@ -347,15 +352,23 @@ pub fn train_loop(
         .unwrap_or(args.schedule.epochs)
         .min(args.schedule.epochs);
     super::interrupt::set_run(&args.run.output_dir, main);
-    let mut run = RunState::new(args, main, (stop_at.saturating_sub(start_epoch) * niter) / 4000);
+    let mut run = RunState::new(
+        args,
+        main,
+        (stop_at.saturating_sub(start_epoch) * niter) / 4000,
+    );
     let mut last = None;
     let mut done = 0;
     for epoch in start_epoch..stop_at {
         let t0 = Instant::now();
-        let sums = train_epoch(args, comm, &mut ibot, source, observer, &schedules, &mut run, epoch, &ckpt_path)?;
+        let sums = train_epoch(
+            args, comm, &mut ibot, source, observer, &schedules, &mut run, epoch, &ckpt_path,
+        )?;
         let st = epoch_stats(comm, sums, epoch)?;
         observer.epoch_end(epoch, &st.stats, &ibot)?;
-        end_epoch(args, comm, &ibot, &schedules, &mut run, epoch, &ckpt_path, &st.stats)?;
+        end_epoch(
+            args, comm, &ibot, &schedules, &mut run, epoch, &ckpt_path, &st.stats,
+        )?;
         if main {
             let s = &st.stats;
             eprintln!(
@@ -442,8 +455,11 @@ impl Schedules {
 /// rank reads the checkpoint itself, and in a data-parallel run all must be at the same epoch
 /// and then hold rank 0's weights. Returns the epoch to start at.
 fn resume(args: &TrainConfig, comm: &dyn Comm, ibot: &mut Ibot, ckpt_path: &Path) -> Result<usize> {
-    let resume =
-        crate::util::resume_path(&args.run.output_dir, args.run.load_from.as_deref(), ckpt_path)?;
+    let resume = crate::util::resume_path(
+        &args.run.output_dir,
+        args.run.load_from.as_deref(),
+        ckpt_path,
+    )?;
     let mut start_epoch = 0;
     if let Some(p) = &resume {
         let meta =
@@ -840,7 +856,10 @@ fn schedule_curves(
     niter: usize,
     epoch: usize,
 ) -> Vec<(&'static str, Vec<(f64, f64)>)> {
-    let upto = ((epoch + 1) * niter).min(lr.len()).min(wd.len()).min(mom.len());
+    let upto = ((epoch + 1) * niter)
+        .min(lr.len())
+        .min(wd.len())
+        .min(mom.len());
     let step = (upto / 2000).max(1);
     let per_iter = |v: &[f64]| -> Vec<(f64, f64)> {
         (0..upto)

@@ -36,8 +36,8 @@ use crate::eval::knn::knn_classifier;
 use crate::loss::{teacher_temp_schedules, IbotLossConfig, SingleProcess};
 use crate::models::{BackboneConfig, HeadAct, HeadConfig, HeadNorm, SwinConfig, VitConfig};
 use crate::params::{read_safetensors, ParamStore};
-use crate::train::optim::{get_params_groups, Optimizer, OptimizerKind};
 use crate::schedule::cosine_scheduler;
+use crate::train::optim::{get_params_groups, Optimizer, OptimizerKind};
 use crate::train::{ema_pairs, ema_update, Ibot, IbotConfig, StepForward};
 
 pub const TOL_FORWARD: f64 = 1e-5;
@@ -726,7 +726,11 @@ fn load_initial_weights(
 }
 
 /// The fixture's views and masks, and the centres it starts from.
-fn inputs(fx: &Fixture, ibot: &mut Ibot, report: &mut Report) -> Result<(Vec<Tensor>, Vec<Tensor>)> {
+fn inputs(
+    fx: &Fixture,
+    ibot: &mut Ibot,
+    report: &mut Report,
+) -> Result<(Vec<Tensor>, Vec<Tensor>)> {
     let nlocal = ibot.cfg.loss.nlcrops;
     let mut images = views(fx.t("in.global_crops")?);
     if nlocal > 0 {
@@ -791,7 +795,11 @@ fn check_forward_and_loss(
         fx.t("out.student_patch")?,
         TOL_FORWARD,
     );
-    match (&fwd.student_local, fx.opt("out.student_local_cls"), nlocal > 0) {
+    match (
+        &fwd.student_local,
+        fx.opt("out.student_local_cls"),
+        nlocal > 0,
+    ) {
         (Some(local), Some(r), true) => {
             report.tensor("forward", "student_local_cls", &local.cls, r, TOL_FORWARD)
         }
@@ -1096,7 +1104,10 @@ fn check_optimizer_step(
         .student_ps
         .params()
         .iter()
-        .map(|p| fx.opt(&format!("grad.{}", p.name)).map(|g| g.shallow_clone()))
+        .map(|p| {
+            fx.opt(&format!("grad.{}", p.name))
+                .map(|g| g.shallow_clone())
+        })
         .collect();
     (steps.optimizer)(&ibot.student_ps, &ref_grads, lr, wd)?;
     let mut student_after_ref = HashMap::new();

@@ -35,11 +35,11 @@ use serde_json::Value;
 use tch::{Device, Kind, Tensor};
 
 use super::Report;
+use crate::cli::train::TrainArgs;
+use crate::config::TrainConfig;
 use crate::data::loader::Batch;
 use crate::dist::SingleProcess;
 use crate::params::read_safetensors;
-use crate::cli::train::TrainArgs;
-use crate::config::TrainConfig;
 use crate::train::run::{self, BatchSource, EpochStats, Observer};
 use crate::train::{Ibot, StepStats};
 
@@ -130,7 +130,10 @@ fn train_argv(c: &Value, img_size: i64, out: &Path) -> Result<Vec<String>> {
     push("teacher_temp", s("teacher_temp")?);
     push("warmup_teacher_patch_temp", s("warmup_teacher_patch_temp")?);
     push("teacher_patch_temp", s("teacher_patch_temp")?);
-    push("warmup_teacher_temp_epochs", s("warmup_teacher_temp_epochs")?);
+    push(
+        "warmup_teacher_temp_epochs",
+        s("warmup_teacher_temp_epochs")?,
+    );
     push("epochs", s("epochs")?);
     push("freeze_last_layer", s("freeze_last_layer")?);
     push(
@@ -256,9 +259,27 @@ impl Observer for Compare<'_> {
             .ok_or_else(|| anyhow!("trajectory.json has no iteration {it}"))?;
         let epoch = num(r, "epoch")? as usize;
         let mut rep = self.report.borrow_mut();
-        rep.scalar("schedules", &format!("lr[{it}]"), s.lr, num(r, "lr")?, TOL_EXACT);
-        rep.scalar("schedules", &format!("wd[{it}]"), s.wd, num(r, "wd")?, TOL_EXACT);
-        rep.scalar("schedules", &format!("momentum[{it}]"), s.momentum, num(r, "momentum")?, TOL_EXACT);
+        rep.scalar(
+            "schedules",
+            &format!("lr[{it}]"),
+            s.lr,
+            num(r, "lr")?,
+            TOL_EXACT,
+        );
+        rep.scalar(
+            "schedules",
+            &format!("wd[{it}]"),
+            s.wd,
+            num(r, "wd")?,
+            TOL_EXACT,
+        );
+        rep.scalar(
+            "schedules",
+            &format!("momentum[{it}]"),
+            s.momentum,
+            num(r, "momentum")?,
+            TOL_EXACT,
+        );
         let temps = (
             ibot.loss.teacher_temp_schedule.get(epoch).copied(),
             ibot.loss.teacher_temp2_schedule.get(epoch).copied(),
@@ -266,19 +287,59 @@ impl Observer for Compare<'_> {
         let (Some(tt), Some(tt2)) = temps else {
             bail!("no teacher temperature for epoch {epoch}")
         };
-        rep.scalar("schedules", &format!("teacher_temp[{it}]"), tt, num(r, "teacher_temp")?, TOL_EXACT);
-        rep.scalar("schedules", &format!("teacher_patch_temp[{it}]"), tt2, num(r, "teacher_patch_temp")?, TOL_EXACT);
+        rep.scalar(
+            "schedules",
+            &format!("teacher_temp[{it}]"),
+            tt,
+            num(r, "teacher_temp")?,
+            TOL_EXACT,
+        );
+        rep.scalar(
+            "schedules",
+            &format!("teacher_patch_temp[{it}]"),
+            tt2,
+            num(r, "teacher_patch_temp")?,
+            TOL_EXACT,
+        );
         for (k, ours) in [("loss", s.loss), ("cls", s.cls), ("patch", s.patch)] {
             let rf = num(r, k)?;
-            rep.scalar("loss terms", &format!("{k}[{it}]"), ours, rf, TOL_LOSS * rf.abs().max(1.0));
+            rep.scalar(
+                "loss terms",
+                &format!("{k}[{it}]"),
+                ours,
+                rf,
+                TOL_LOSS * rf.abs().max(1.0),
+            );
         }
-        rep.scalar("loss terms", &format!("acc[{it}]"), s.acc, num(r, "acc")?, 1e-9);
+        rep.scalar(
+            "loss terms",
+            &format!("acc[{it}]"),
+            s.acc,
+            num(r, "acc")?,
+            1e-9,
+        );
         let (c, c2) = (
             self.get(&format!("traj.{it}.center"))?,
             self.get(&format!("traj.{it}.center2"))?,
         );
-        update(&mut rep, "centres", &format!("center after {it}"), &ibot.loss.center, c, &self.prev_center.0, None);
-        update(&mut rep, "centres", &format!("center2 after {it}"), &ibot.loss.center2, c2, &self.prev_center.1, None);
+        update(
+            &mut rep,
+            "centres",
+            &format!("center after {it}"),
+            &ibot.loss.center,
+            c,
+            &self.prev_center.0,
+            None,
+        );
+        update(
+            &mut rep,
+            "centres",
+            &format!("center2 after {it}"),
+            &ibot.loss.center2,
+            c2,
+            &self.prev_center.1,
+            None,
+        );
         // The next step's update starts from the reference centres' values as we computed them.
         self.prev_center = (
             ibot.loss.center.detach().to_device(Device::Cpu),
@@ -306,7 +367,13 @@ impl Observer for Compare<'_> {
             ("fscore", st.fscore, 1e-6),
         ] {
             let rf = num(r, k)?;
-            rep.scalar("epoch stats", &format!("{k}[{epoch}]"), ours, rf, tol * rf.abs().max(1.0));
+            rep.scalar(
+                "epoch stats",
+                &format!("{k}[{epoch}]"),
+                ours,
+                rf,
+                tol * rf.abs().max(1.0),
+            );
         }
         for (net, ps) in [("student", &ibot.student_ps), ("teacher", &ibot.teacher_ps)] {
             for (name, t) in ps.state_dict() {
@@ -321,7 +388,15 @@ impl Observer for Compare<'_> {
                 };
                 let start = self.get(&format!("init.student.{src}"))?;
                 let keep = noise_mask(name, reference);
-                update(&mut rep, "parameters", &key, t, reference, start, Some(&keep));
+                update(
+                    &mut rep,
+                    "parameters",
+                    &key,
+                    t,
+                    reference,
+                    start,
+                    Some(&keep),
+                );
             }
         }
         Ok(())
@@ -343,7 +418,8 @@ impl Compare<'_> {
 pub fn verify_trajectory(dir: &Path, tweak: &dyn Fn(&mut TrainConfig)) -> Result<Report> {
     let jp = dir.join("trajectory.json");
     let raw = std::fs::read_to_string(&jp).with_context(|| format!("reading {}", jp.display()))?;
-    let j: Value = serde_json::from_str(&raw).with_context(|| format!("parsing {}", jp.display()))?;
+    let j: Value =
+        serde_json::from_str(&raw).with_context(|| format!("parsing {}", jp.display()))?;
     let t = read_safetensors(&dir.join("trajectory.safetensors"))?;
     let get = |k: &str| -> Result<&Tensor> {
         t.get(k)
@@ -353,7 +429,10 @@ pub fn verify_trajectory(dir: &Path, tweak: &dyn Fn(&mut TrainConfig)) -> Result
     let pos = get("init.student.backbone.pos_embed")?;
     let rows = pos.size()[1] - 1;
     let grid = (rows as f64).sqrt().round() as i64;
-    ensure!(grid * grid == rows, "pos_embed of {rows} patch rows is not a square grid");
+    ensure!(
+        grid * grid == rows,
+        "pos_embed of {rows} patch rows is not a square grid"
+    );
     let img_size = grid * num(&c["backbone"], "patch_size")? as i64;
 
     // The loop writes checkpoints: a directory of this call's own (never resumed from).
@@ -362,10 +441,11 @@ pub fn verify_trajectory(dir: &Path, tweak: &dyn Fn(&mut TrainConfig)) -> Result
     let out = std::env::temp_dir().join(format!("ibot-verify-traj-{}-{n}", std::process::id()));
     let _ = std::fs::remove_dir_all(&out);
     let argv = train_argv(c, img_size, &out)?;
-    let mut args = Cli::try_parse_from(std::iter::once("ibot".to_string()).chain(argv.into_iter().skip(1)))
-        .map_err(|e| anyhow!("fixture options rejected by `ibot train`: {e}"))?
-        .args
-        .into_config();
+    let mut args =
+        Cli::try_parse_from(std::iter::once("ibot".to_string()).chain(argv.into_iter().skip(1)))
+            .map_err(|e| anyhow!("fixture options rejected by `ibot train`: {e}"))?
+            .args
+            .into_config();
     tweak(&mut args);
 
     // The batches exactly as the official loop received them.
@@ -382,7 +462,11 @@ pub fn verify_trajectory(dir: &Path, tweak: &dyn Fn(&mut TrainConfig)) -> Result
             views.extend((0..l.size()[0]).map(|v| l.get(v)));
             let m = get(&format!("{p}.masks_global"))?.to_kind(Kind::Bool);
             let masks: Vec<Tensor> = (0..m.size()[0]).map(|v| m.get(v)).collect();
-            ep.push((views, masks, get(&format!("{p}.labels"))?.to_kind(Kind::Int64)));
+            ep.push((
+                views,
+                masks,
+                get(&format!("{p}.labels"))?.to_kind(Kind::Int64),
+            ));
         }
         batches.push(ep);
     }
@@ -390,7 +474,9 @@ pub fn verify_trajectory(dir: &Path, tweak: &dyn Fn(&mut TrainConfig)) -> Result
 
     // The official initial student; the teacher from it as `load_state_dict(strict=False)`.
     let ibot = Ibot::new(run::ibot_config(&args)?, Device::Cpu)?;
-    ibot.student_ps.load_strict(&t, "init.student.").context("initial student")?;
+    ibot.student_ps
+        .load_strict(&t, "init.student.")
+        .context("initial student")?;
     ibot.init_teacher_from_student()?;
     let mut report = Report::default();
     let map = j
@@ -398,19 +484,39 @@ pub fn verify_trajectory(dir: &Path, tweak: &dyn Fn(&mut TrainConfig)) -> Result
         .and_then(Value::as_object)
         .ok_or_else(|| anyhow!("trajectory.json has no teacher_init_from_student"))?;
     for (tk, sk) in map {
-        let (Some(tt), Some(st)) = (ibot.teacher_ps.get(tk), t.get(&format!("init.student.{}", sk.as_str().unwrap_or("")))) else {
-            report.fact("teacher init", tk, false, format!("missing teacher tensor or init.student.{sk}"));
+        let (Some(tt), Some(st)) = (
+            ibot.teacher_ps.get(tk),
+            t.get(&format!("init.student.{}", sk.as_str().unwrap_or(""))),
+        ) else {
+            report.fact(
+                "teacher init",
+                tk,
+                false,
+                format!("missing teacher tensor or init.student.{sk}"),
+            );
             continue;
         };
         report.tensor("teacher init", tk, tt, st, 0.0);
     }
-    let teacher_keys: Vec<String> = ibot.teacher_ps.state_dict().map(|(k, _)| k.to_string()).collect();
-    let extra: Vec<&String> = teacher_keys.iter().filter(|k| !map.contains_key(*k)).collect();
+    let teacher_keys: Vec<String> = ibot
+        .teacher_ps
+        .state_dict()
+        .map(|(k, _)| k.to_string())
+        .collect();
+    let extra: Vec<&String> = teacher_keys
+        .iter()
+        .filter(|k| !map.contains_key(*k))
+        .collect();
     report.fact(
         "teacher init",
         "keys",
         extra.is_empty() && teacher_keys.len() == map.len(),
-        format!("{} teacher keys, {} in the reference map, unmapped {:?}", teacher_keys.len(), map.len(), extra),
+        format!(
+            "{} teacher keys, {} in the reference map, unmapped {:?}",
+            teacher_keys.len(),
+            map.len(),
+            extra
+        ),
     );
     let teacher_src: HashMap<String, String> = map
         .iter()
@@ -443,11 +549,19 @@ pub fn verify_trajectory(dir: &Path, tweak: &dyn Fn(&mut TrainConfig)) -> Result
         "coverage",
         "iterations",
         cmp.steps_seen == iters_json.len(),
-        format!("{} of {} reference iterations compared", cmp.steps_seen, iters_json.len()),
+        format!(
+            "{} of {} reference iterations compared",
+            cmp.steps_seen,
+            iters_json.len()
+        ),
     );
     // Final optimizer state.
     let ibot = outcome.ibot;
-    let ours: HashMap<String, Tensor> = ibot.optimizer.state_tensors(&ibot.student_ps).into_iter().collect();
+    let ours: HashMap<String, Tensor> = ibot
+        .optimizer
+        .state_tensors(&ibot.student_ps)
+        .into_iter()
+        .collect();
     let steps = j["optim_steps"]
         .as_object()
         .ok_or_else(|| anyhow!("trajectory.json has no optim_steps"))?;
@@ -465,7 +579,15 @@ pub fn verify_trajectory(dir: &Path, tweak: &dyn Fn(&mut TrainConfig)) -> Result
             };
             let keep = noise_mask(n, reference);
             let zero = reference.zeros_like();
-            update(&mut report, "optimizer", &key, o, reference, &zero, Some(&keep));
+            update(
+                &mut report,
+                "optimizer",
+                &key,
+                o,
+                reference,
+                &zero,
+                Some(&keep),
+            );
         }
         let ours_steps = ours
             .get(&format!("{n}.step"))
