@@ -6,64 +6,34 @@ use std::time::Instant;
 use anyhow::Result;
 use tch::{Device, Kind, Tensor};
 
-use crate::cli::train::TrainArgs;
 use crate::dist::Comm;
 use crate::train::Ibot;
 
-/// What `ibot bench train` measures: every model, head, crop and objective option of
-/// `ibot train` (so any recipe can be timed), with benchmark defaults where `train`'s would
-/// make a poor benchmark (batch 8, 2 local crops, float32, CPU, 1 loader worker, no frozen last
-/// layer), plus the timing options.
-#[derive(Debug, Clone, clap::Args)]
-#[command(rename_all = "snake_case")]
-#[command(
-    mut_arg("batch_size_per_gpu", |a| a.default_value("8").visible_alias("batch")),
-    mut_arg("local_crops_number", |a| a.default_value("2")),
-    mut_arg("use_fp16", |a| a.default_value("false")),
-    mut_arg("device", |a| a.default_value("cpu")),
-    mut_arg("num_workers", |a| a.default_value("1")),
-    mut_arg("freeze_last_layer", |a| a.default_value("0")),
-    mut_arg("data_path", |a| a.default_value(RANDOM_TENSORS).help(
-        "Take the batches from the data loader over this image folder (e.g. \
-         ../shared/bench/photos), with the train options' augmentation and masks; each timed \
-         step then includes waiting for its batch. Without it the views are random tensors \
-         and the masks random (30% of the patches), made before each step's clock starts"
-    )),
-)]
-pub struct StepBench {
-    #[command(flatten)]
-    pub train: TrainArgs,
+/// What `ibot bench train` measures (its options: [`crate::cli::bench::StepBench`]): the model
+/// and loss `ibot train` would build from `train`, fed by random tensors or, with `data_path`,
+/// by the data loader.
+#[derive(Debug, Clone)]
+pub struct StepBenchConfig {
+    pub train: crate::config::TrainConfig,
+    /// The image folder to load batches from; None: random views and masks.
+    pub data_path: Option<std::path::PathBuf>,
     /// Timed steps (after the warm-up steps).
-    #[arg(long, default_value_t = 10)]
     pub iters: usize,
-    /// Untimed steps first (allocator and kernel caches warm up).
-    #[arg(long, default_value_t = 2)]
+    /// Untimed steps first.
     pub warmup: usize,
-    /// Run the student's head on every token as the official code does (false: only on the
-    /// masked tokens and the local views' [CLS], which is what `ibot train` does).
-    #[arg(long, default_value = "false", value_parser = crate::cli::parse_bool, action = clap::ArgAction::Set)]
+    /// Run the student's head on every token as the official code does.
     pub full_head: bool,
 }
 
-/// `--data_path` of `bench train` when none is given: random tensors instead of a loader.
-const RANDOM_TENSORS: &str = "random";
-
-impl StepBench {
-    /// The training configuration benchmarked. With a shared teacher head (the default) the
-    /// patch head's width must equal `--out_dim`, so here it follows `--out_dim` (`ibot train`
-    /// asks for both flags instead).
+impl StepBenchConfig {
+    /// The training configuration benchmarked.
     pub fn bench_config(&self) -> crate::config::TrainConfig {
-        let mut c = self.train.to_config();
-        if c.head.shared_head_teacher {
-            c.head.patch_out_dim = c.head.out_dim;
-        }
-        c
+        self.train.clone()
     }
 
     /// The image folder to load batches from, if one was given.
     pub fn data_path(&self) -> Option<&std::path::Path> {
-        (self.train.data_path.as_os_str() != RANDOM_TENSORS)
-            .then_some(self.train.data_path.as_path())
+        self.data_path.as_deref()
     }
 }
 
@@ -84,7 +54,7 @@ pub struct StepTiming {
 impl StepTiming {
     /// The lines `ibot bench train` prints: the configuration and the time per step (wall and
     /// CPU), then the phases.
-    pub fn report(&self, b: &StepBench, world_size: usize) -> String {
+    pub fn report(&self, b: &StepBenchConfig, world_size: usize) -> String {
         let a = b.bench_config();
         let feed = match b.data_path() {
             Some(p) => format!(
@@ -137,7 +107,7 @@ pub fn process_cpu_seconds() -> f64 {
 /// and loss `ibot train` would build from `b.train`. Without `--data_path`, data loading is
 /// excluded (views are random tensors made before the clock starts for each step); with it,
 /// each timed step includes getting its batch from the loader.
-pub fn step(b: &StepBench, device: Device, comm: &dyn Comm) -> Result<StepTiming> {
+pub fn step(b: &StepBenchConfig, device: Device, comm: &dyn Comm) -> Result<StepTiming> {
     let a = b.bench_config();
     tch::manual_seed(a.run.seed as i64);
     let cfg = crate::train::run::ibot_config(&a)?;
@@ -223,7 +193,7 @@ struct BatchStream {
 }
 
 impl BatchStream {
-    fn new(path: &std::path::Path, b: &StepBench) -> Result<Self> {
+    fn new(path: &std::path::Path, b: &StepBenchConfig) -> Result<Self> {
         let cfg = crate::train::run::loader_config(&b.bench_config())?;
         let loader = loader_for(path, cfg.augment, cfg.mask, cfg.batch_size, cfg.num_workers)?;
         anyhow::ensure!(

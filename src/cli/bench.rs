@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::Subcommand;
 
+use super::train::TrainArgs;
 use super::DistArgs;
 
 #[derive(Subcommand)]
@@ -30,7 +31,7 @@ pub enum BenchCmd {
     /// backward + clipping + AdamW + EMA): on random tensors (data loading excluded, comparable
     /// with bench/torch_step.py), or fed by the loader with --data_path.
     #[command(rename_all = "snake_case", alias = "step")]
-    Train(crate::bench::StepBench),
+    Train(StepBench),
     /// Milliseconds and bandwidth of one all-reduce of a flat float32 gradient over the ranks
     /// of a data-parallel launch: `ibot launch --nproc_per_node 2 bench allreduce`. Compare with
     /// `torchrun --nproc_per_node 2 bench/torch_allreduce.py`.
@@ -102,11 +103,70 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
         BenchCmd::Train(b) => {
             let (comm, device, _) =
                 crate::dist::join_world(&b.train.dist.config(), b.train.device)?;
-            let t = crate::bench::step(&b, device, comm.as_ref())?;
+            let cfg = b.config();
+            let t = crate::bench::step(&cfg, device, comm.as_ref())?;
             if comm.is_main() {
-                print!("{}", t.report(&b, comm.world_size()));
+                print!("{}", t.report(&cfg, comm.world_size()));
             }
             Ok(())
+        }
+    }
+}
+
+/// What `ibot bench train` measures: every model, head, crop and objective option of
+/// `ibot train` (so any recipe can be timed), with benchmark defaults where `train`'s would
+/// make a poor benchmark (batch 8, 2 local crops, float32, CPU, 1 loader worker, no frozen last
+/// layer), plus the timing options.
+#[derive(Debug, Clone, clap::Args)]
+#[command(rename_all = "snake_case")]
+#[command(
+    mut_arg("batch_size_per_gpu", |a| a.default_value("8").visible_alias("batch")),
+    mut_arg("local_crops_number", |a| a.default_value("2")),
+    mut_arg("use_fp16", |a| a.default_value("false")),
+    mut_arg("device", |a| a.default_value("cpu")),
+    mut_arg("num_workers", |a| a.default_value("1")),
+    mut_arg("freeze_last_layer", |a| a.default_value("0")),
+    mut_arg("data_path", |a| a.default_value(RANDOM_TENSORS).help(
+        "Take the batches from the data loader over this image folder (e.g. \
+         ../shared/bench/photos), with the train options' augmentation and masks; each timed \
+         step then includes waiting for its batch. Without it the views are random tensors \
+         and the masks random (30% of the patches), made before each step's clock starts"
+    )),
+)]
+pub struct StepBench {
+    #[command(flatten)]
+    pub train: TrainArgs,
+    /// Timed steps (after the warm-up steps).
+    #[arg(long, default_value_t = 10)]
+    pub iters: usize,
+    /// Untimed steps first (allocator and kernel caches warm up).
+    #[arg(long, default_value_t = 2)]
+    pub warmup: usize,
+    /// Run the student's head on every token as the official code does (false: only on the
+    /// masked tokens and the local views' [CLS], which is what `ibot train` does).
+    #[arg(long, default_value = "false", value_parser = super::parse_bool, action = clap::ArgAction::Set)]
+    pub full_head: bool,
+}
+
+/// `--data_path` of `bench train` when none is given: random tensors instead of a loader.
+const RANDOM_TENSORS: &str = "random";
+
+impl StepBench {
+    /// The benchmark's configuration. With a shared teacher head (the default) the patch
+    /// head's width must equal `--out_dim`, so here it follows `--out_dim` (`ibot train` asks
+    /// for both flags instead).
+    pub fn config(&self) -> crate::bench::StepBenchConfig {
+        let mut c = self.train.to_config();
+        if c.head.shared_head_teacher {
+            c.head.patch_out_dim = c.head.out_dim;
+        }
+        crate::bench::StepBenchConfig {
+            train: c,
+            data_path: (self.train.data_path.as_os_str() != RANDOM_TENSORS)
+                .then(|| self.train.data_path.clone()),
+            iters: self.iters,
+            warmup: self.warmup,
+            full_head: self.full_head,
         }
     }
 }

@@ -170,43 +170,42 @@ impl DistEnv {
     ) -> Result<Option<Self>> {
         let url = parse_dist_url(dist_url)?;
         let launched = env_var(get, "IBOT_LAUNCHED").is_some();
-        let (rank, world, local_rank, local_world, launcher) = if let Some(rank) =
-            parse_env::<usize>(get, "RANK")?
-        {
-            let world = parse_env::<usize>(get, "WORLD_SIZE")?.context(
+        let (rank, world, local_rank, local_world, launcher) =
+            if let Some(rank) = parse_env::<usize>(get, "RANK")? {
+                let world = parse_env::<usize>(get, "WORLD_SIZE")?.context(
                 "RANK is set but WORLD_SIZE is not: launch with torchrun, srun or `ibot launch`, \
                      or set both",
             )?;
-            let local_rank = parse_env::<usize>(get, "LOCAL_RANK")?.unwrap_or(rank);
-            let local_world = parse_env::<usize>(get, "LOCAL_WORLD_SIZE")?.unwrap_or(world);
-            let who = if launched {
-                "ibot launch"
-            } else if env_var(get, "TORCHELASTIC_RUN_ID").is_some() {
-                "torchrun"
+                let local_rank = parse_env::<usize>(get, "LOCAL_RANK")?.unwrap_or(rank);
+                let local_world = parse_env::<usize>(get, "LOCAL_WORLD_SIZE")?.unwrap_or(world);
+                let who = if launched {
+                    "ibot launch"
+                } else if env_var(get, "TORCHELASTIC_RUN_ID").is_some() {
+                    "torchrun"
+                } else {
+                    "the environment (RANK/WORLD_SIZE)"
+                };
+                (rank, world, local_rank, local_world, who)
+            } else if let Some(rank) = parse_env::<usize>(get, "SLURM_PROCID")? {
+                let world = parse_env::<usize>(get, "SLURM_NTASKS")?
+                    .context("SLURM_PROCID is set but SLURM_NTASKS is not")?;
+                let local_rank = parse_env::<usize>(get, "SLURM_LOCALID")?.unwrap_or(0);
+                // "2(x3),1" → 2: the tasks on the first nodes; only used for thread counts.
+                let local_world = env_var(get, "SLURM_NTASKS_PER_NODE")
+                    .or_else(|| env_var(get, "SLURM_TASKS_PER_NODE"))
+                    .and_then(|v| {
+                        v.chars()
+                            .take_while(|c| c.is_ascii_digit())
+                            .collect::<String>()
+                            .parse::<usize>()
+                            .ok()
+                    })
+                    .unwrap_or(1)
+                    .max(local_rank + 1);
+                (rank, world, local_rank, local_world, "SLURM")
             } else {
-                "the environment (RANK/WORLD_SIZE)"
+                return Ok(None);
             };
-            (rank, world, local_rank, local_world, who)
-        } else if let Some(rank) = parse_env::<usize>(get, "SLURM_PROCID")? {
-            let world = parse_env::<usize>(get, "SLURM_NTASKS")?
-                .context("SLURM_PROCID is set but SLURM_NTASKS is not")?;
-            let local_rank = parse_env::<usize>(get, "SLURM_LOCALID")?.unwrap_or(0);
-            // "2(x3),1" → 2: the tasks on the first nodes; only used for thread counts.
-            let local_world = env_var(get, "SLURM_NTASKS_PER_NODE")
-                .or_else(|| env_var(get, "SLURM_TASKS_PER_NODE"))
-                .and_then(|v| {
-                    v.chars()
-                        .take_while(|c| c.is_ascii_digit())
-                        .collect::<String>()
-                        .parse::<usize>()
-                        .ok()
-                })
-                .unwrap_or(1)
-                .max(local_rank + 1);
-            (rank, world, local_rank, local_world, "SLURM")
-        } else {
-            return Ok(None);
-        };
         ensure!(world >= 1, "WORLD_SIZE must be at least 1");
         ensure!(
             rank < world,
