@@ -49,7 +49,7 @@ fn vit(embed_dim: i64, depth: i64, num_heads: i64, patch: i64, img: i64) -> VitC
 fn classifier(v: VitConfig, nb_classes: i64, mean_pooling: bool, init_scale: f64) -> Classifier {
     Classifier::new(
         &ClassifierConfig {
-            vit: v,
+            backbone: v.into(),
             nb_classes,
             use_mean_pooling: mean_pooling,
             finetune_head_layer: 0,

@@ -23,6 +23,64 @@ pub fn layer_id_for_vit(name: &str, num_max_layer: usize) -> usize {
     }
 }
 
+/// The official `get_num_layer_for_swin`: `cls_token`, `mask_token`, `pos_embed` and
+/// `patch_embed.*` are layer 0; `layers.i.blocks.j.*` is layer `sum(depths[..i]) + j + 1`;
+/// `layers.i.downsample.*` (the patch merging at the end of stage i) takes the layer of the
+/// stage's last block, `sum(depths[..=i])`; `rel_pos_bias.*` and everything else (final norm,
+/// head, `absolute_pos_embed`) layer `num_max_layer - 1` = sum(depths) + 1.
+pub fn layer_id_for_swin(name: &str, num_max_layer: usize, depths: &[usize]) -> usize {
+    if matches!(name, "cls_token" | "mask_token" | "pos_embed") || name.starts_with("patch_embed") {
+        return 0;
+    }
+    if name.starts_with("rel_pos_bias") {
+        return num_max_layer - 1;
+    }
+    let Some(rest) = name.strip_prefix("layers") else {
+        return num_max_layer - 1;
+    };
+    let parts: Vec<&str> = rest.split('.').collect();
+    // parts[0] is what followed "layers" up to the first dot ("" for "layers.i...").
+    let stage = parts.get(1).and_then(|i| i.parse::<usize>().ok());
+    let Some(stage) = stage.filter(|&i| i < depths.len()) else {
+        return num_max_layer - 1;
+    };
+    let block = if name.contains("blocks") {
+        match parts.get(3).and_then(|j| j.parse::<usize>().ok()) {
+            Some(j) => j,
+            None => return num_max_layer - 1,
+        }
+    } else {
+        depths[stage].saturating_sub(1)
+    };
+    depths[..stage].iter().sum::<usize>() + block + 1
+}
+
+/// Which layer-id rule a model follows (`LayerDecayValueAssigner(values, is_swin, depths)`).
+#[derive(Debug, Clone, PartialEq)]
+pub enum LayerIds {
+    /// `get_num_layer_for_vit` for a ViT of this depth.
+    Vit { depth: usize },
+    /// `get_num_layer_for_swin` with these stage depths (num_layers = their sum).
+    Swin { depths: Vec<usize> },
+}
+
+impl LayerIds {
+    /// `get_num_layers()`: the depth of a ViT, the total number of blocks of a Swin.
+    pub fn num_layers(&self) -> usize {
+        match self {
+            Self::Vit { depth } => *depth,
+            Self::Swin { depths } => depths.iter().sum(),
+        }
+    }
+
+    pub fn layer_id(&self, name: &str, num_max_layer: usize) -> usize {
+        match self {
+            Self::Vit { .. } => layer_id_for_vit(name, num_max_layer),
+            Self::Swin { depths } => layer_id_for_swin(name, num_max_layer, depths),
+        }
+    }
+}
+
 extern "C" {
     /// The C library's `pow`, which CPython's `float ** int` calls: Rust's `powf`/`powi` may
     /// round differently in the last bit (0.65² gave 0.42250000000000004, Python 0.4225).
@@ -49,9 +107,23 @@ pub fn get_parameter_groups(
     skip_list: &[&str],
     layer_decay: Option<(f64, usize)>,
 ) -> Vec<ScaledGroup> {
+    get_parameter_groups_for(
+        ps,
+        skip_list,
+        layer_decay.map(|(ld, depth)| (ld, LayerIds::Vit { depth })),
+    )
+}
+
+/// [`get_parameter_groups`] with the layer ids of a ViT or a Swin (the official assigner with
+/// `is_swin=True, depths=model.depths` for a Swin).
+pub fn get_parameter_groups_for(
+    ps: &ParamStore,
+    skip_list: &[&str],
+    layer_decay: Option<(f64, LayerIds)>,
+) -> Vec<ScaledGroup> {
     let assigner = layer_decay
         .filter(|(ld, _)| *ld < 1.0)
-        .map(|(ld, depth)| layer_scales(ld, depth));
+        .map(|(ld, ids)| (layer_scales(ld, ids.num_layers()), ids));
     let mut groups: Vec<ScaledGroup> = Vec::new();
     for (i, p) in ps.params().iter().enumerate() {
         if !p.trainable {
@@ -62,8 +134,8 @@ pub fn get_parameter_groups(
             || skip_list.contains(&p.name.as_str());
         let base = if no_decay { "no_decay" } else { "decay" };
         let (name, scale) = match &assigner {
-            Some(values) => {
-                let id = layer_id_for_vit(&p.name, values.len());
+            Some((values, ids)) => {
+                let id = ids.layer_id(&p.name, values.len());
                 (format!("layer_{id}_{base}"), values[id])
             }
             None => (base.to_string(), 1.0),

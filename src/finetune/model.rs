@@ -8,6 +8,13 @@
 //! (`--finetune_head_layer n`, the official `ClassProjHead`) the first n linear layers of the
 //! pre-trained projection head as `head.mlp.{0,2,..}` (GELU between and after them) followed by
 //! `head.cls_head`.
+//!
+//! A Swin backbone (the official `models/swin_transformer.py` `SwinTransformer` with
+//! `num_classes > 0`) keeps its own names (`patch_embed.*`, `layers.{i}.blocks.{j}.*`,
+//! `layers.{i}.downsample.*`, `norm.*`), pools as the official `forward` does (the average of
+//! the final-stage tokens after the final `norm`, `avgpool` over `x_region`) and has a plain
+//! `head` initialised by its `_init_weights` (trunc-normal .02, zero bias; the official Swin
+//! takes no `init_scale` and no `use_mean_pooling`, so both are ignored for it).
 
 use std::collections::HashMap;
 
@@ -17,14 +24,16 @@ use tch::{Device, Kind, Tensor};
 
 use crate::models::init::trunc_normal;
 use crate::models::layers::{LayerNorm, Linear, LN_EPS};
-use crate::models::{VisionTransformer, VitConfig};
+use crate::models::{Backbone, BackboneConfig, VisionTransformer};
 use crate::params::ParamStore;
 
 /// Shape of the classifier.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ClassifierConfig {
-    /// The backbone, with `img_size = input_size` and the fine-tuning drop-path rate.
-    pub vit: VitConfig,
+    /// The backbone (ViT or Swin), with `img_size = input_size` and the fine-tuning drop-path
+    /// rate. Serialised as `vit` (checkpoints written before Swin existed read back).
+    #[serde(rename = "vit")]
+    pub backbone: BackboneConfig,
     pub nb_classes: i64,
     /// Mean of the patch tokens through `fc_norm` instead of the normed [CLS] token.
     pub use_mean_pooling: bool,
@@ -42,7 +51,7 @@ pub struct ClassifierConfig {
 pub struct Classifier {
     pub cfg: ClassifierConfig,
     pub ps: ParamStore,
-    pub vit: VisionTransformer,
+    pub backbone: Backbone,
     pub fc_norm: Option<LayerNorm>,
     /// The kept projection-head layers (each followed by GELU).
     pub proj: Vec<Linear>,
@@ -57,24 +66,30 @@ impl Classifier {
     pub fn new(cfg: &ClassifierConfig, device: Device) -> Result<Self> {
         ensure!(cfg.nb_classes >= 1, "--nb_classes must be at least 1");
         ensure!(
-            !cfg.vit.masked_im_modeling,
+            !cfg.backbone.masked_im_modeling(),
             "the fine-tuning backbone has no masked_embed"
         );
+        let is_swin = matches!(cfg.backbone, BackboneConfig::Swin(_));
+        // Mean pooling with fc_norm is the ViT's option; the Swin pools its own way.
+        let mean_pooling = cfg.use_mean_pooling && !is_swin;
         let mut scratch = ParamStore::new();
-        let vit = VisionTransformer::new(&mut scratch, "", &cfg.vit, true, device)?;
+        let backbone = Backbone::new(&mut scratch, "", &cfg.backbone, true, device)?;
         // Re-register in the official order, without the final norm when mean pooling
         // replaces it (it is an nn.Identity there, with no parameters).
         let mut ps = ParamStore::new();
         for p in scratch.params() {
-            if cfg.use_mean_pooling && p.name.starts_with("norm.") {
+            if mean_pooling && p.name.starts_with("norm.") {
                 continue;
             }
             let _ = ps.add(p.name.clone(), p.tensor.shallow_clone(), true);
         }
-        let d = cfg.vit.embed_dim;
-        let fc_norm = cfg
-            .use_mean_pooling
-            .then(|| LayerNorm::new(&mut ps, "fc_norm", d, LN_EPS, true, device));
+        // The Swin's relative_position_index buffers (part of the official state dict).
+        for b in scratch.buffers() {
+            let _ = ps.add_buffer(b.name.clone(), b.tensor.shallow_clone());
+        }
+        let d = cfg.backbone.embed_dim();
+        let fc_norm =
+            mean_pooling.then(|| LayerNorm::new(&mut ps, "fc_norm", d, LN_EPS, true, device));
         let mut proj = Vec::new();
         let mut in_dim = d;
         for l in 0..cfg.finetune_head_layer {
@@ -98,8 +113,14 @@ impl Classifier {
         } else {
             "head"
         };
-        let w = trunc_normal(&[cfg.nb_classes, in_dim], 0.02, device) * cfg.init_scale;
-        let b = Tensor::zeros([cfg.nb_classes], (Kind::Float, device)) * cfg.init_scale;
+        // The official Swin's head is initialised by `_init_weights` only (no init_scale).
+        let scale = if is_swin && cfg.finetune_head_layer == 0 {
+            1.0
+        } else {
+            cfg.init_scale
+        };
+        let w = trunc_normal(&[cfg.nb_classes, in_dim], 0.02, device) * scale;
+        let b = Tensor::zeros([cfg.nb_classes], (Kind::Float, device)) * scale;
         let head = Linear {
             weight: ps.add(format!("{head_name}.weight"), w, true),
             bias: Some(ps.add(format!("{head_name}.bias"), b, true)),
@@ -107,7 +128,7 @@ impl Classifier {
         Ok(Self {
             cfg: cfg.clone(),
             ps,
-            vit,
+            backbone,
             fc_norm,
             proj,
             head,
@@ -116,15 +137,25 @@ impl Classifier {
 
     /// The pooled feature `[B, D]` (`train` enables drop path).
     pub fn features(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let t = self.vit.forward_unnormed(x, train)?;
+        let vit = match &self.backbone {
+            Backbone::Vit(v) => v,
+            // forward's token 0: avgpool over the final-stage tokens after the final norm.
+            Backbone::Swin(s) => return Ok(s.forward(x, None, train)?.select(1, 0)),
+        };
+        let t = vit.forward_unnormed(x, train)?;
         Ok(match &self.fc_norm {
             Some(n) => n.forward(&t.narrow(1, 1, t.size()[1] - 1).mean_dim(
                 [1i64].as_slice(),
                 false,
                 Kind::Float,
             )),
-            None => self.vit.norm.forward(&t).select(1, 0),
+            None => vit.norm.forward(&t).select(1, 0),
         })
+    }
+
+    /// The ViT backbone (None for a Swin).
+    pub fn vit(&self) -> Option<&VisionTransformer> {
+        self.backbone.as_vit()
     }
 
     /// Logits `[B, nb_classes]`.

@@ -13,14 +13,14 @@ use tch::{Device, Kind, Tensor};
 
 use super::cls;
 use super::data::{self, epoch_order, load_batch, view_rng};
-use super::groups::get_parameter_groups;
+use super::groups::{get_parameter_groups_for, LayerIds};
 use super::loss::Criterion;
 use super::model::{Classifier, ClassifierConfig};
 use super::schedule::{deit_epoch_lr, per_iteration_cosine};
 use super::{FinetuneConfig, Recipe};
 use crate::data::dataset::Dataset;
 use crate::interop::Pretrained;
-use crate::models::VitConfig;
+use crate::models::{BackboneConfig, VitConfig};
 use crate::params::{read_safetensors, read_safetensors_metadata, write_safetensors};
 use crate::train::amp::{self, Precision};
 use crate::train::optim::{Optimizer, OptimizerKind, ScaledGroup};
@@ -28,6 +28,9 @@ use crate::train::optim::{Optimizer, OptimizerKind, ScaledGroup};
 /// Metadata key of fine-tuning checkpoints.
 pub const META_KEY: &str = "ibot_finetune";
 const FORMAT: &str = "ibot-rs-finetune/1";
+
+/// The official Swin's `no_weight_decay()`.
+pub const SWIN_NO_WEIGHT_DECAY: &[&str] = &["absolute_pos_embed"];
 
 /// Loss and accuracies on the validation set (percent), as the official `evaluate`.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -91,14 +94,30 @@ impl Trainer {
     /// A trainer for `model` with the recipe's parameter groups: the official layer-decay
     /// grouping (skip list `pos_embed`, `cls_token`) for `imagenet_layer_decay`, timm's
     /// `add_weight_decay` (no skip list: the official ViT defines no `no_weight_decay`) for the
-    /// DeiT recipes, with layer decay there too when `--layer_decay` < 1.
+    /// DeiT recipes, with layer decay there too when `--layer_decay` < 1. A Swin takes the
+    /// official `get_num_layer_for_swin` ids and its `no_weight_decay()` = {absolute_pos_embed}
+    /// as skip list in every recipe (its `no_weight_decay_keywords`, relative_position_bias_table,
+    /// is consulted by neither BEiT's `get_parameter_groups` nor timm's `add_weight_decay`, so
+    /// the 2-D bias tables are decayed, as in the official runs).
     pub fn new(model: Classifier, cfg: &FinetuneConfig, device: Device) -> Result<Self> {
-        let depth = model.cfg.vit.depth as usize;
-        let skip: &[&str] = match cfg.recipe {
-            Recipe::ImagenetLayerDecay => &["pos_embed", "cls_token"],
-            _ => &[],
+        let (skip, ids): (&[&str], LayerIds) = match &model.cfg.backbone {
+            BackboneConfig::Vit(v) => (
+                match cfg.recipe {
+                    Recipe::ImagenetLayerDecay => &["pos_embed", "cls_token"],
+                    _ => &[],
+                },
+                LayerIds::Vit {
+                    depth: v.depth as usize,
+                },
+            ),
+            BackboneConfig::Swin(s) => (
+                SWIN_NO_WEIGHT_DECAY,
+                LayerIds::Swin {
+                    depths: s.depths.iter().map(|&d| d as usize).collect(),
+                },
+            ),
         };
-        let groups = get_parameter_groups(&model.ps, skip, Some((cfg.layer_decay, depth)));
+        let groups = get_parameter_groups_for(&model.ps, skip, Some((cfg.layer_decay, ids)));
         let ema = if cfg.model_ema {
             let e = Classifier::new(&model.cfg, device)?;
             tch::no_grad(|| -> Result<()> {
@@ -341,34 +360,41 @@ pub fn build_model(
         }
         None => None,
     };
-    let mut vit = match &pre {
-        Some(p) => match p.vit() {
-            Some(v) => v.clone(),
-            None => bail!(
-                "`ibot finetune` fine-tunes ViTs; these weights are a Swin Transformer ({}), whose \
-                 fine-tuning (layer ids per stage, the official get_num_layer_for_swin) is not \
-                 implemented",
-                p.description
-            ),
-        },
+    let mut backbone: BackboneConfig = match &pre {
+        Some(p) => p.config.clone(),
+        None if cfg.arch.as_deref().is_some_and(|a| a.starts_with("swin")) => {
+            crate::models::SwinConfig::from_arch(cfg.arch.as_deref().unwrap_or_default(), 7)?.into()
+        }
         None => {
             let arch = cfg.arch.as_deref().unwrap_or("vit_small");
             let mut v = VitConfig::from_arch(arch, 16)?;
             if let Some(h) = cfg.num_heads {
                 v.num_heads = h;
             }
-            v
+            v.into()
         }
     };
     let size = cfg.aug.input_size as i64;
     ensure!(
-        size % vit.patch_size == 0,
+        size % backbone.patch_size() == 0,
         "--input_size {size} is not a multiple of the model's patch size {}",
-        vit.patch_size
+        backbone.patch_size()
     );
-    vit.img_size = size;
-    vit.drop_path_rate = cfg.drop_path;
-    vit.masked_im_modeling = false;
+    match &mut backbone {
+        BackboneConfig::Vit(v) => {
+            v.img_size = size;
+            v.drop_path_rate = cfg.drop_path;
+            v.masked_im_modeling = false;
+        }
+        BackboneConfig::Swin(s) => {
+            // The official create_model(img_size=input_size, drop_path_rate=drop_path): the
+            // windows and shifts follow the fine-tuning resolution.
+            s.img_size = size;
+            s.drop_path_rate = cfg.drop_path;
+            s.masked_im_modeling = false;
+            s.validate().context("the Swin at --input_size")?;
+        }
+    }
     let mut head_hidden_dim = 0;
     if cfg.finetune_head_layer > 0 {
         let Some(p) = &pre else {
@@ -384,7 +410,7 @@ pub fn build_model(
             cfg.finetune_head_layer,
             p.description
         );
-        let hc = crate::interop::infer_head_config(&p.head, vit.embed_dim)?
+        let hc = crate::interop::infer_head_config(&p.head, backbone.embed_dim())?
             .context("the projection head could not be read")?;
         ensure!(
             hc.norm == crate::models::HeadNorm::None,
@@ -401,7 +427,7 @@ pub fn build_model(
         head_hidden_dim = hc.hidden_dim;
     }
     let ccfg = ClassifierConfig {
-        vit,
+        backbone,
         nb_classes,
         use_mean_pooling: cfg.use_mean_pooling,
         finetune_head_layer: cfg.finetune_head_layer,
@@ -412,8 +438,9 @@ pub fn build_model(
     if (pre.is_none() || cfg.from_scratch) && cfg.recipe == Recipe::ImagenetLayerDecay {
         // modeling_finetune's fix_init_weight: attn.proj and mlp.fc2 of block i divided by
         // sqrt(2 (i + 1)).
+        // (The official Swin has no fix_init_weight.)
         tch::no_grad(|| {
-            for (i, b) in model.vit.blocks.iter().enumerate() {
+            for (i, b) in model.vit().map(|v| &v.blocks[..]).unwrap_or(&[]).iter().enumerate() {
                 let s = (2.0 * (i + 1) as f64).sqrt();
                 let _ = b.attn.proj.weight.detach().g_div_scalar_(s);
                 let _ = b.mlp.fc2.weight.detach().g_div_scalar_(s);
@@ -451,7 +478,7 @@ pub fn build_model(
                         path.display()
                     );
                     eprintln!("Removing key head.weight, head.bias from pretrained checkpoint ({rows} classes)");
-                } else if w.size()[1] == ccfg.vit.embed_dim {
+                } else if w.size()[1] == ccfg.backbone.embed_dim() {
                     src.insert("head.weight".into(), w);
                     src.insert("head.bias".into(), b);
                 }
@@ -789,7 +816,7 @@ pub fn run(cfg: &FinetuneConfig) -> Result<FinetuneOutcome> {
         }
         trainer
             .model
-            .vit
+            .backbone
             .reseed_drop_path(cfg.seed.wrapping_mul(31).wrapping_add(epoch as u64));
         let order = epoch_order(n_train, cfg.seed, epoch, cfg.repeated_aug);
         let n_micro = steps_per_epoch * cfg.update_freq;

@@ -160,6 +160,93 @@ def groups_of(model, layer_decay, weight_decay):
         assigner.get_scale if assigner is not None else None)
 
 
+# ---- models/swin_transformer.py's parameters (registration order and shapes; no forward: the
+# groups only need named_parameters), classifier head as SwinTransformer(num_classes>0) has it.
+class SwinAttention(nn.Module):
+    def __init__(self, d, ws, heads):
+        super().__init__()
+        self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * ws - 1) ** 2, heads))
+        self.register_buffer("relative_position_index", torch.zeros(ws * ws, ws * ws, dtype=torch.long))
+        self.qkv = nn.Linear(d, 3 * d)
+        self.proj = nn.Linear(d, d)
+
+
+class SwinBlock(nn.Module):
+    def __init__(self, d, ws, heads):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(d)
+        self.attn = SwinAttention(d, ws, heads)
+        self.norm2 = nn.LayerNorm(d)
+        self.mlp = Mlp(d, 4 * d)
+
+
+class PatchMerging(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.reduction = nn.Linear(4 * d, 2 * d, bias=False)
+        self.norm = nn.LayerNorm(4 * d)
+
+
+class BasicLayer(nn.Module):
+    def __init__(self, d, depth, ws, heads, downsample):
+        super().__init__()
+        self.blocks = nn.ModuleList([SwinBlock(d, ws, heads) for _ in range(depth)])
+        self.downsample = PatchMerging(d) if downsample else None
+
+
+class SwinPatchEmbed(nn.Module):
+    def __init__(self, patch, d):
+        super().__init__()
+        self.proj = nn.Conv2d(3, d, patch, patch)
+        self.norm = nn.LayerNorm(d)
+
+
+class SwinTransformer(nn.Module):
+    def __init__(self, d, depths, heads, windows, patch, nb_classes, ape=False):
+        super().__init__()
+        self.depths = depths
+        self.patch_embed = SwinPatchEmbed(patch, d)
+        if ape:
+            self.absolute_pos_embed = nn.Parameter(torch.zeros(1, 4, d))
+        self.layers = nn.ModuleList([
+            BasicLayer(d * 2 ** i, depths[i], windows[i], heads[i], i < len(depths) - 1)
+            for i in range(len(depths))])
+        self.norm = nn.LayerNorm(d * 2 ** (len(depths) - 1))
+        self.head = nn.Linear(d * 2 ** (len(depths) - 1), nb_classes)
+
+    def no_weight_decay(self):
+        return {"absolute_pos_embed"}
+
+
+def get_num_layer_for_swin(var_name, num_max_layer, depths):
+    if var_name in ("cls_token", "mask_token", "pos_embed"):
+        return 0
+    elif var_name.startswith("patch_embed"):
+        return 0
+    elif var_name.startswith("rel_pos_bias"):
+        return num_max_layer - 1
+    elif var_name.startswith("layers"):
+        layer_id = int(var_name.split(".")[1])
+        if "blocks" in var_name:
+            block_id = int(var_name.split(".")[3])
+        else:
+            block_id = depths[layer_id] - 1
+        return sum(depths[:layer_id]) + block_id + 1
+    return num_max_layer - 1
+
+
+def swin_groups_of(model, layer_decay, weight_decay):
+    # run_class_finetuning.py with 'swin' in --model: LayerDecayValueAssigner(values,
+    # is_swin=True, depths=model.depths), num_layers = the Swin's block count.
+    num_layers = sum(model.depths)
+    values = list(layer_decay ** (num_layers + 1 - i) for i in range(num_layers + 2))
+    get_num_layer = lambda n: get_num_layer_for_swin(n, len(values), model.depths)
+    return get_parameter_groups(
+        model, weight_decay, model.no_weight_decay(),
+        get_num_layer if layer_decay < 1.0 else None,
+        (lambda i: values[i]) if layer_decay < 1.0 else None)
+
+
 # ---- timm.data.mixup (targets) and timm.loss.SoftTargetCrossEntropy
 def one_hot(x, num_classes, on_value=1.0, off_value=0.0):
     x = x.long().view(-1, 1)
@@ -180,6 +267,13 @@ def soft_target_ce(x, target):
 
 def main():
     mode = sys.argv[1]
+    if mode == "swin_groups":
+        c = json.loads(sys.argv[2])
+        m = SwinTransformer(c["embed_dim"], c["depths"], c["num_heads"], c["windows"], c["patch"],
+                            c["nb_classes"], c.get("ape", False))
+        names, _ = swin_groups_of(m, c["layer_decay"], c["weight_decay"])
+        print(json.dumps([[k, v["weight_decay"], repr(v["lr_scale"]), v["params"]] for k, v in names.items()]))
+        return
     if mode == "groups":
         c = json.loads(sys.argv[2])
         grid = c.get("grid", 14)

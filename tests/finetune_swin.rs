@@ -1,0 +1,228 @@
+//! `ibot finetune` on a Swin backbone: the layer-decay parameter groups against the official
+//! `get_num_layer_for_swin` / `get_parameter_groups` (tests/py/finetune_ref.py `swin_groups`,
+//! run at test time), and a short end-to-end fine-tune of a tiny Swin.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use clap::Parser;
+use ibot::finetune::model::{Classifier, ClassifierConfig};
+use ibot::finetune::run::Trainer;
+use ibot::finetune::FinetuneConfig;
+use ibot::models::{SwinConfig, SwinTransformer};
+use ibot::params::ParamStore;
+use tch::Device;
+
+#[derive(Parser)]
+struct Cli {
+    #[command(flatten)]
+    args: ibot::cli::finetune::FinetuneArgs,
+}
+
+fn config(argv: &[&str]) -> FinetuneConfig {
+    let mut v = vec!["x"];
+    v.extend_from_slice(argv);
+    let mut c = Cli::parse_from(v).args.to_config().unwrap();
+    c.progress = false;
+    c
+}
+
+/// A small Swin: width 12, 4-px... patches of `patch` px on `img` px, stages `depths`.
+fn swin(depths: &[i64], heads: &[i64], patch: i64, img: i64, window: i64) -> SwinConfig {
+    SwinConfig {
+        img_size: img,
+        patch_size: patch,
+        in_chans: 3,
+        embed_dim: 12,
+        depths: depths.to_vec(),
+        num_heads: heads.to_vec(),
+        window_size: window,
+        mlp_ratio: 4.0,
+        qkv_bias: true,
+        drop_path_rate: 0.0,
+        masked_im_modeling: false,
+    }
+}
+
+/// The groups (name, weight decay, lr scale, parameter names) of the official
+/// `get_parameter_groups` with `LayerDecayValueAssigner(values, is_swin=True, depths)` and the
+/// Swin's `no_weight_decay()` skip list, computed by tests/py/finetune_ref.py on a module with
+/// models/swin_transformer.py's parameter names and registration order, equal the groups the
+/// trainer builds for a Swin classifier exactly (lr scales bit for bit, compared as Python's
+/// repr / Rust's {:?}, the shortest round-trip text). Three stages of depths 2, 3, 2 so that
+/// every downsample rule (the stage's last block) and the stage offsets show.
+///
+/// Mutations checked by hand (each made this test fail, then reverted): downsample layers of
+/// stage i on layer `sum(depths[..i]) + 1` (the stage's first block) instead of its last
+/// (`layers.0.downsample.reduction.weight` moved from layer_2_decay to layer_1_decay); the ViT
+/// layer ids for the Swin (`LayerIds::Vit`: every `layers.*` parameter on the last layer, 2 groups
+/// instead of 18); num_layers = number of stages instead of blocks (lr scales differ:
+/// layer_0_no_decay 0.75^4 vs 0.75^8).
+#[test]
+fn swin_layer_decay_groups_match_the_official_get_parameter_groups() {
+    let depths = [2i64, 3, 2];
+    let heads = [1i64, 2, 4];
+    let sc = swin(&depths, &heads, 2, 32, 4);
+    let windows: Vec<i64> = (0..depths.len())
+        .map(|i| sc.window_and_shift(i, 0).0)
+        .collect();
+    let (ld, wd, ncls) = (0.75, 0.05, 7);
+    let m = Classifier::new(
+        &ClassifierConfig {
+            backbone: sc.clone().into(),
+            nb_classes: ncls,
+            use_mean_pooling: false,
+            finetune_head_layer: 0,
+            head_hidden_dim: 0,
+            init_scale: 0.001,
+        },
+        Device::Cpu,
+    )
+    .unwrap();
+    let fc = config(&[
+        "--data_path",
+        "unused",
+        "--layer_decay",
+        &ld.to_string(),
+        "--weight_decay",
+        &wd.to_string(),
+        "--device",
+        "cpu",
+    ]);
+    let t = Trainer::new(m, &fc, Device::Cpu).unwrap();
+    let cfg = serde_json::json!({"embed_dim": 12, "depths": depths, "num_heads": heads,
+        "windows": windows, "patch": 2, "nb_classes": ncls, "layer_decay": ld, "weight_decay": wd});
+    let out = std::process::Command::new(common::venv_python())
+        .arg(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/py/finetune_ref.py"))
+        .arg("swin_groups")
+        .arg(cfg.to_string())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let want: Vec<(String, f64, String, Vec<String>)> =
+        serde_json::from_slice(&out.stdout).unwrap();
+    let got: Vec<(String, f64, String, Vec<String>)> = t
+        .groups
+        .iter()
+        .map(|g| {
+            (
+                g.name.clone(),
+                if g.weight_decay { wd } else { 0.0 },
+                format!("{:?}", g.lr_scale),
+                g.indices
+                    .iter()
+                    .map(|&i| t.model.ps.params()[i].name.clone())
+                    .collect(),
+            )
+        })
+        .collect();
+    for (g, w) in got.iter().zip(&want) {
+        assert_eq!(g, w, "group {}", w.0);
+    }
+    assert_eq!(got.len(), want.len(), "number of groups");
+    // 7 blocks + embeddings + the last layer, each with decay and no_decay groups.
+    assert_eq!(got.len(), 2 * 9);
+    // The classifier is the official Swin's: avgpool over the normed final tokens (no
+    // fc_norm), head trunc-normal(.02) with zero bias, no init_scale.
+    assert!(t.model.fc_norm.is_none() && t.model.ps.contains("norm.weight"));
+    let hw = &t.model.head.weight;
+    assert_eq!(hw.size(), [ncls, 48]);
+    let std = hw.std(true).double_value(&[]);
+    assert!(
+        (0.01..0.03).contains(&std),
+        "head std {std} (init_scale must not apply)"
+    );
+}
+
+/// A tiny pre-trained Swin saved with its configuration (as `extract-backbone` writes it).
+fn tiny_swin(path: &Path) -> SwinConfig {
+    tch::manual_seed(5);
+    let cfg = swin(&[2, 2], &[1, 2], 2, 16, 4);
+    let mut ps = ParamStore::new();
+    let _m = SwinTransformer::new(&mut ps, "", &cfg, false, Device::Cpu).unwrap();
+    let named: Vec<(String, tch::Tensor)> = ps
+        .state_dict()
+        .map(|(k, t)| (k.to_string(), t.shallow_clone()))
+        .collect();
+    let mut md = HashMap::new();
+    md.insert(
+        ibot::interop::SWIN_CONFIG_KEY.to_string(),
+        serde_json::to_string(&cfg).unwrap(),
+    );
+    ibot::params::write_safetensors(path, &named, Some(md)).unwrap();
+    cfg
+}
+
+/// Two epochs of `imagenet_layer_decay` (layer decay, mixup/cutmix, drop path) fine-tune a tiny
+/// pre-trained Swin end to end: log.txt has one line per epoch with the official keys, the
+/// checkpoint holds the Swin's tensors (pre-trained values moved by training) and the head.
+#[test]
+fn tiny_swin_finetunes_end_to_end() {
+    let root = common::scratch_dir("finetune_swin", "e2e");
+    let (data, w) = (root.join("data"), root.join("swin.safetensors"));
+    std::fs::create_dir_all(&data).unwrap();
+    common::write_idx(&data, "train", 32, 16);
+    common::write_idx(&data, "t10k", 16, 16);
+    tiny_swin(&w);
+    let out = root.join("out");
+    let c = config(&[
+        "--pretrained_weights",
+        w.to_str().unwrap(),
+        "--data_path",
+        data.to_str().unwrap(),
+        "--output_dir",
+        out.to_str().unwrap(),
+        "--input_size",
+        "16",
+        "--batch_size",
+        "8",
+        "--epochs",
+        "2",
+        "--warmup_epochs",
+        "1",
+        "--lr",
+        "1e-3",
+        "--device",
+        "cpu",
+        "--num_workers",
+        "2",
+    ]);
+    assert!(c.layer_decay < 1.0 && c.mixup.active() && c.drop_path > 0.0);
+    let o = ibot::finetune::run(&c).unwrap();
+    assert_eq!(o.epochs_done, 2);
+    let log = std::fs::read_to_string(out.join("log.txt")).unwrap();
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2);
+    for (e, l) in lines.iter().enumerate() {
+        assert_eq!(l["epoch"], e);
+        for k in ["train_loss", "train_lr", "test_loss", "test_acc1", "test_acc5"] {
+            assert!(l[k].as_f64().is_some_and(f64::is_finite), "{k} in {l}");
+        }
+        assert_eq!(l["n_parameters"], o.n_parameters);
+    }
+    let ck = ibot::params::read_safetensors(&out.join("checkpoint.safetensors")).unwrap();
+    let pre = ibot::params::read_safetensors(&w).unwrap();
+    for k in [
+        "model.layers.0.blocks.1.attn.relative_position_bias_table",
+        "model.layers.0.downsample.reduction.weight",
+        "model.norm.weight",
+        "model.head.weight",
+    ] {
+        assert!(ck.contains_key(k), "{k} missing from the checkpoint");
+    }
+    let k = "layers.1.blocks.0.mlp.fc1.weight";
+    let moved = (&ck[&format!("model.{k}")] - &pre[k]).abs().max().double_value(&[]);
+    assert!(
+        moved > 0.0 && moved < 0.1,
+        "{k} moved by {moved}: loaded, then trained"
+    );
+}
