@@ -29,7 +29,7 @@ fn config(argv: &[&str]) -> FinetuneConfig {
     c
 }
 
-/// A small Swin: width 12, 4-px... patches of `patch` px on `img` px, stages `depths`.
+/// A small Swin of width 12: patches of `patch` px on `img` px, stages `depths`.
 fn swin(depths: &[i64], heads: &[i64], patch: i64, img: i64, window: i64) -> SwinConfig {
     SwinConfig {
         img_size: img,
@@ -55,11 +55,11 @@ fn swin(depths: &[i64], heads: &[i64], patch: i64, img: i64, window: i64) -> Swi
 /// every downsample rule (the stage's last block) and the stage offsets show.
 ///
 /// Mutations checked by hand (each made this test fail, then reverted): downsample layers of
-/// stage i on layer `sum(depths[..i]) + 1` (the stage's first block) instead of its last
-/// (`layers.0.downsample.reduction.weight` moved from layer_2_decay to layer_1_decay); the ViT
-/// layer ids for the Swin (`LayerIds::Vit`: every `layers.*` parameter on the last layer, 2 groups
-/// instead of 18); num_layers = number of stages instead of blocks (lr scales differ:
-/// layer_0_no_decay 0.75^4 vs 0.75^8).
+/// stage i on the stage's first block instead of its last (`layers.0.downsample.norm.*` moved
+/// into layer_1_no_decay instead of layer_2_no_decay); the ViT layer ids for the Swin
+/// (`layers.0.blocks.0.*` landed in layer_8 with lr scale 1.0 instead of layer_1 at
+/// 0.13348388671875); num_layers = number of stages instead of blocks (layer ids beyond the
+/// assigner's values: the test panics).
 #[test]
 fn swin_layer_decay_groups_match_the_official_get_parameter_groups() {
     let depths = [2i64, 3, 2];
