@@ -204,7 +204,13 @@ fn tiny_swin_finetunes_end_to_end() {
     assert_eq!(lines.len(), 2);
     for (e, l) in lines.iter().enumerate() {
         assert_eq!(l["epoch"], e);
-        for k in ["train_loss", "train_lr", "test_loss", "test_acc1", "test_acc5"] {
+        for k in [
+            "train_loss",
+            "train_lr",
+            "test_loss",
+            "test_acc1",
+            "test_acc5",
+        ] {
             assert!(l[k].as_f64().is_some_and(f64::is_finite), "{k} in {l}");
         }
         assert_eq!(l["n_parameters"], o.n_parameters);
@@ -220,7 +226,10 @@ fn tiny_swin_finetunes_end_to_end() {
         assert!(ck.contains_key(k), "{k} missing from the checkpoint");
     }
     let k = "layers.1.blocks.0.mlp.fc1.weight";
-    let moved = (&ck[&format!("model.{k}")] - &pre[k]).abs().max().double_value(&[]);
+    let moved = (&ck[&format!("model.{k}")] - &pre[k])
+        .abs()
+        .max()
+        .double_value(&[]);
     assert!(
         moved > 0.0 && moved < 0.1,
         "{k} moved by {moved}: loaded, then trained"

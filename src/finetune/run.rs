@@ -440,7 +440,13 @@ pub fn build_model(
         // sqrt(2 (i + 1)).
         // (The official Swin has no fix_init_weight.)
         tch::no_grad(|| {
-            for (i, b) in model.vit().map(|v| &v.blocks[..]).unwrap_or(&[]).iter().enumerate() {
+            for (i, b) in model
+                .vit()
+                .map(|v| &v.blocks[..])
+                .unwrap_or(&[])
+                .iter()
+                .enumerate()
+            {
                 let s = (2.0 * (i + 1) as f64).sqrt();
                 let _ = b.attn.proj.weight.detach().g_div_scalar_(s);
                 let _ = b.mlp.fc2.weight.detach().g_div_scalar_(s);
