@@ -112,7 +112,7 @@ fn worst(a: &HashMap<String, Tensor>, b: &HashMap<String, Tensor>) -> (String, f
     let mut worst = (String::new(), 0.0);
     for (k, tb) in b {
         let ta = &a[k];
-        let mut d = (ta.to_kind(Kind::Double) - tb.to_kind(Kind::Double)).abs();
+        let d = (ta.to_kind(Kind::Double) - tb.to_kind(Kind::Double)).abs();
         if k.contains("attn.qkv.bias") && d.size() == [72] {
             // The key bias (entries dim..2 dim) has an analytically zero gradient (softmax is
             // shift-invariant); its float32 rounding noise is what AdamW normalises into
@@ -143,14 +143,16 @@ fn log(dir: &Path) -> Vec<Vec<(String, f64)>> {
         .collect()
 }
 
-/// Tolerance on the weights and AdamW moments after 8 steps: float32 summation order (two
-/// batch-4 means averaged vs one batch-8 mean, different thread counts). Measured: see the
-/// eprintln; hand mutations of src/finetune/run.rs (2026-11-28, this test's data):
-/// - no `average_gradients` (each rank steps on its own half batch): weights 2.4e-1 relative,
-///   FAILS;
-/// - the sum instead of the mean (`f_div_scalar_` removed in dist::average_gradients): AdamW is
-///   nearly blind to a gradient scale (m / sqrt(v)), so the weights stay within tolerance, but
-///   the logged, synchronized `train_grad_norm` doubles and the log check below FAILS.
+/// Tolerance on the weights, EMA-free model and AdamW moments after 8 steps: float32 summation
+/// order (two batch-4 means averaged vs one batch-8 mean, other thread counts); measured
+/// 5.9e-6 (model.blocks.1.mlp.fc2.weight). Hand mutations of src/finetune/run.rs, each run
+/// once on 2026-11-28 and reverted:
+/// - no `average_gradients` (each rank steps on its own half batch): 18 relative
+///   (optimizer.head.bias.exp_avg), FAILS;
+/// - the sum instead of the mean (gradients x world size after averaging): AdamW's step is
+///   nearly scale-blind, but its moments are not: 2.7 relative (head.weight.exp_avg_sq), FAILS;
+/// - meters not synchronized (rank 0 logs its own half): train_class_acc 0.1875 vs 0.21875,
+///   FAILS the log check.
 const TOL: f64 = 2e-5;
 
 #[test]
