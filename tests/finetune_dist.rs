@@ -74,7 +74,11 @@ fn args(data: &Path, w: &Path, out: &Path, batch: usize, epochs: usize) -> Vec<S
          --precision float32 --dist_timeout 60"
     );
     let mut v: Vec<String> = s.split_whitespace().map(String::from).collect();
-    for (k, p) in [("--data_path", data), ("--pretrained_weights", w), ("--output_dir", out)] {
+    for (k, p) in [
+        ("--data_path", data),
+        ("--pretrained_weights", w),
+        ("--output_dir", out),
+    ] {
         v.push(k.into());
         v.push(p.display().to_string());
     }
@@ -164,6 +168,7 @@ fn log(dir: &Path) -> Vec<Vec<(String, f64)>> {
 ///   nearly scale-blind, but its moments are not: 2.7 relative (head.weight.exp_avg_sq), FAILS;
 /// - meters not synchronized (rank 0 logs its own half): train_class_acc 0.1875 vs 0.21875,
 ///   FAILS the log check.
+///
 /// The 2-rank resume check compares bit for bit; it was not mutation-tested beyond this: a
 /// relaunch that ignored the checkpoint would train 2 more epochs and differ.
 const TOL: f64 = 2e-5;
@@ -184,13 +189,20 @@ fn two_ranks_of_batch_4_fine_tune_as_one_process_of_batch_8() {
     let ck = |d: &Path| read_safetensors(&d.join("checkpoint.safetensors")).unwrap();
     let (k, r) = worst(&ck(&two), &ck(&one));
     eprintln!("worst relative difference of the checkpoint tensors: {k} {r:e}");
-    assert!(r < TOL, "{k}: relative difference {r:e} (tolerance {TOL:e})");
+    assert!(
+        r < TOL,
+        "{k}: relative difference {r:e} (tolerance {TOL:e})"
+    );
 
     // MetricLogger synchronized over the ranks: the same epoch averages as one process (loss
     // and class accuracy averaged over both half batches, the averaged gradient's norm).
     let (l1, l2) = (log(&one), log(&two));
     assert_eq!(l1.len(), 2);
-    assert_eq!(l2.len(), 2, "rank 0 alone writes log.txt, one line per epoch");
+    assert_eq!(
+        l2.len(),
+        2,
+        "rank 0 alone writes log.txt, one line per epoch"
+    );
     for (e1, e2) in l1.iter().zip(&l2) {
         let keys1: Vec<&String> = e1.iter().map(|(k, _)| k).collect();
         let keys2: Vec<&String> = e2.iter().map(|(k, _)| k).collect();

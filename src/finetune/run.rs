@@ -645,7 +645,8 @@ impl Meters {
             .flat_map(|(_, s, n)| [*s, *n as f64])
             .collect();
         let mut t = Tensor::from_slice(&flat).to_device(comm.device());
-        comm.all_reduce_sum(&mut t).context("synchronizing the metrics")?;
+        comm.all_reduce_sum(&mut t)
+            .context("synchronizing the metrics")?;
         let all = Vec::<f64>::try_from(t.to_device(Device::Cpu))?;
         for (e, v) in self.sums.iter_mut().zip(all.chunks(2)) {
             e.1 = v[0];
@@ -897,15 +898,12 @@ pub fn run_with(cfg: &FinetuneConfig, comm: &dyn Comm, device: Device) -> Result
         if let Some(sig) = crate::train::interrupt::pending() {
             return Err(crate::train::interrupt::interrupted(sig));
         }
-        trainer
-            .model
-            .vit
-            .reseed_drop_path(
-                cfg.seed
-                    .wrapping_mul(31)
-                    .wrapping_add(epoch as u64)
-                    .wrapping_add((rank as u64) << 32),
-            );
+        trainer.model.vit.reseed_drop_path(
+            cfg.seed
+                .wrapping_mul(31)
+                .wrapping_add(epoch as u64)
+                .wrapping_add((rank as u64) << 32),
+        );
         // The same permutation on every rank (seed and epoch), this rank's share of it.
         let order = epoch_order(n_train, cfg.seed, epoch, cfg.repeated_aug);
         let mut order = crate::dist::shard(&order, rank, ws);
@@ -1059,20 +1057,21 @@ pub fn run_with(cfg: &FinetuneConfig, comm: &dyn Comm, device: Device) -> Result
             }
             save_checkpoint(&ckpt, &trainer, epoch + 1, max_accuracy, cfg)?;
             append_log(&log_path, &entries)?;
-        let curves = crate::train::plot::Curves {
-            epochs: &[],
-            iters: &iter_loss,
-            schedules: &[
-                ("test acc@1 (%)", acc_pts.clone()),
-                ("test loss", tloss_pts.clone()),
-                ("learning rate (max over groups)", iter_lr.clone()),
-            ],
-        };
-        if let Err(e) =
-            crate::train::plot::write_training_png(&curves, &cfg.output_dir.join("finetune.png"))
-        {
-            eprintln!("warning: finetune.png not written: {e:#}");
-        }
+            let curves = crate::train::plot::Curves {
+                epochs: &[],
+                iters: &iter_loss,
+                schedules: &[
+                    ("test acc@1 (%)", acc_pts.clone()),
+                    ("test loss", tloss_pts.clone()),
+                    ("learning rate (max over groups)", iter_lr.clone()),
+                ],
+            };
+            if let Err(e) = crate::train::plot::write_training_png(
+                &curves,
+                &cfg.output_dir.join("finetune.png"),
+            ) {
+                eprintln!("warning: finetune.png not written: {e:#}");
+            }
         }
         comm.barrier().context("after saving the checkpoint")?;
         (last, ema_last, done) = (Some(test), ema_test, done + 1);
