@@ -6,6 +6,8 @@ use std::path::PathBuf;
 use anyhow::{bail, ensure, Result};
 use clap::Args;
 
+use super::DistArgs;
+
 use crate::finetune::{cls, FinetuneConfig, Recipe};
 
 /// Recipe defaults shown at the end of `ibot finetune --help`.
@@ -95,11 +97,11 @@ pub struct FinetuneArgs {
     #[arg(long, alias = "drop-path")]
     pub drop_path: Option<f64>,
     /// Learning rate as the recipe's script takes it: absolute for imagenet_layer_decay,
-    /// multiplied by batch_size / 512 for deit_transfer and semi.
+    /// multiplied by batch_size x world_size / 512 for deit_transfer and semi.
     #[arg(long)]
     pub lr: Option<f64>,
     /// Absolute learning rate per 256 images instead of --lr: lr = blr x batch_size x
-    /// update_freq / 256 (MAE's convention; not in the iBOT scripts).
+    /// update_freq x world_size / 256 (MAE's convention; not in the iBOT scripts).
     #[arg(long, conflicts_with = "lr")]
     pub blr: Option<f64>,
     #[arg(long, alias = "warmup-epochs")]
@@ -218,6 +220,10 @@ pub struct FinetuneArgs {
     /// compare with the same recipe from random initialisation (see `ibot finetune --help`).
     #[arg(long)]
     pub demo: bool,
+    // ---- data parallelism: launch with `ibot launch --nproc_per_node N ibot finetune ...`,
+    // torchrun or srun; --batch_size is per rank, as the official scripts'.
+    #[command(flatten)]
+    pub dist: DistArgs,
 }
 
 impl FinetuneArgs {
@@ -242,14 +248,20 @@ impl FinetuneArgs {
         let batch_size = pick_u(self.batch_size, 128, 96, 128);
         ensure!(batch_size > 0, "--batch_size must be positive");
         ensure!(self.update_freq > 0, "--update_freq must be at least 1");
-        let total = (batch_size * self.update_freq) as f64;
+        // The world the launcher set up (1 without one): the official scripts scale the
+        // learning rate by the total batch, batch_size x update_freq x world_size.
+        let world = crate::dist::DistEnv::detect(&self.dist.dist_url)
+            .ok()
+            .flatten()
+            .map_or(1, |e| e.world_size);
+        let total = (batch_size * self.update_freq * world) as f64;
         let lr = match (self.blr, self.lr) {
             (Some(b), _) => b * total / 256.0,
             (None, l) => {
                 let l = pick(l, 4e-3, 7.5e-6, 5e-6);
                 if deit {
                     // eval_cls.py: linear_scaled_lr = lr * batch_size * world_size / 512.
-                    l * batch_size as f64 / 512.0
+                    l * (batch_size * world) as f64 / 512.0
                 } else {
                     l
                 }
@@ -342,6 +354,7 @@ impl FinetuneArgs {
             subset: self.subset,
             progress: true,
             from_scratch: self.from_scratch,
+            dist: self.dist.config(),
         };
         cfg.validate()?;
         Ok(cfg)
@@ -373,7 +386,7 @@ pub fn main(a: &FinetuneArgs) -> Result<()> {
     }
     let cfg = a.to_config()?;
     let out = crate::finetune::run(&cfg)?;
-    if !cfg.eval {
+    if !cfg.eval && out.rank == 0 {
         println!(
             "{} epoch(s) fine-tuned; max accuracy {:.2}%; log.txt and checkpoint.safetensors in {}",
             out.epochs_done,

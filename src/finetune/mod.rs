@@ -110,6 +110,10 @@ pub struct FinetuneConfig {
     /// initialisation (the demo's baseline).
     #[serde(default)]
     pub from_scratch: bool,
+    /// How the ranks of a data-parallel run find each other (`--dist_url`, `--dist_timeout`);
+    /// not part of the run's identity (a run may resume on another world).
+    #[serde(default)]
+    pub dist: crate::dist::DistConfig,
 }
 
 impl FinetuneConfig {

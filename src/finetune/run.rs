@@ -19,6 +19,7 @@ use super::model::{Classifier, ClassifierConfig};
 use super::schedule::{deit_epoch_lr, per_iteration_cosine};
 use super::{FinetuneConfig, Recipe};
 use crate::data::dataset::Dataset;
+use crate::dist::Comm;
 use crate::interop::Pretrained;
 use crate::models::{BackboneConfig, VitConfig};
 use crate::params::{read_safetensors, read_safetensors_metadata, write_safetensors};
@@ -50,6 +51,9 @@ pub struct FinetuneOutcome {
     pub epochs_done: usize,
     pub n_parameters: i64,
     pub nb_classes: i64,
+    /// This process's rank (0 without a launcher).
+    #[serde(default)]
+    pub rank: usize,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -166,6 +170,20 @@ impl Trainer {
         lr: f64,
         wd: f64,
     ) -> Result<StepOut> {
+        self.micro_step_dist(&crate::dist::SingleProcess, samples, targets, lr, wd)
+    }
+
+    /// [`Trainer::micro_step`] as one rank of a data-parallel run: on an update the gradients
+    /// are averaged over the ranks (DDP's all-reduce / world size) before clipping and the
+    /// optimizer step, so every rank applies the same update.
+    pub fn micro_step_dist(
+        &mut self,
+        comm: &dyn Comm,
+        samples: &Tensor,
+        targets: &Tensor,
+        lr: f64,
+        wd: f64,
+    ) -> Result<StepOut> {
         let (x, y) = (
             samples.to_device(self.device),
             targets.to_device(self.device),
@@ -209,7 +227,7 @@ impl Trainer {
         self.micro += 1;
         let mut grad_norm = None;
         if self.micro % self.update_freq == 0 {
-            grad_norm = Some(self.update(lr, wd)?);
+            grad_norm = Some(self.update(comm, lr, wd)?);
         }
         Ok(StepOut {
             loss: value,
@@ -218,8 +236,11 @@ impl Trainer {
         })
     }
 
-    fn update(&mut self, lr: f64, wd: f64) -> Result<f64> {
+    fn update(&mut self, comm: &dyn Comm, lr: f64, wd: f64) -> Result<f64> {
         let mut grads: Vec<Option<Tensor>> = std::mem::take(&mut self.accum);
+        // DDP averages after every backward; the mean of sums equals the sum of means, so one
+        // all-reduce per update gives the same gradients with update_freq times less traffic.
+        crate::dist::average_gradients(comm, &mut grads).context("averaging gradients")?;
         let norm = tch::no_grad(|| -> f64 {
             // torch.nn.utils.clip_grad_norm_: the norm of the per-tensor norms, coefficient
             // max_norm / (total + 1e-6) clamped to 1, every gradient multiplied by it.
@@ -644,6 +665,28 @@ impl Meters {
             None => self.sums.push((k.to_string(), v, 1)),
         }
     }
+    /// MetricLogger.synchronize_between_processes: every meter's total and count summed over
+    /// the ranks (every rank updates the same meters in the same order), so the averages are
+    /// the global ones.
+    fn synchronize(&mut self, comm: &dyn Comm) -> Result<()> {
+        if comm.world_size() == 1 || self.sums.is_empty() {
+            return Ok(());
+        }
+        let flat: Vec<f64> = self
+            .sums
+            .iter()
+            .flat_map(|(_, s, n)| [*s, *n as f64])
+            .collect();
+        let mut t = Tensor::from_slice(&flat).to_device(comm.device());
+        comm.all_reduce_sum(&mut t)
+            .context("synchronizing the metrics")?;
+        let all = Vec::<f64>::try_from(t.to_device(Device::Cpu))?;
+        for (e, v) in self.sums.iter_mut().zip(all.chunks(2)) {
+            e.1 = v[0];
+            e.2 = v[1].round() as usize;
+        }
+        Ok(())
+    }
     fn averages(&self) -> Vec<(String, f64)> {
         self.sums
             .iter()
@@ -652,10 +695,43 @@ impl Meters {
     }
 }
 
-/// Runs fine-tuning (or, with `eval`, only the evaluation) as configured.
+/// A hash of the options every rank must share (not the device, threads, progress bars or
+/// rendezvous).
+fn options_fingerprint(cfg: &FinetuneConfig) -> Result<u64> {
+    let mut v = serde_json::to_value(cfg)?;
+    if let Some(m) = v.as_object_mut() {
+        for k in ["device", "num_workers", "progress", "dist"] {
+            m.remove(k);
+        }
+    }
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in v.to_string().bytes() {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    Ok(h)
+}
+
+/// Runs fine-tuning (or, with `eval`, only the evaluation) as configured: one process, or one
+/// rank of a data-parallel run when launched by `ibot launch`, torchrun or SLURM.
 pub fn run(cfg: &FinetuneConfig) -> Result<FinetuneOutcome> {
     cfg.validate()?;
-    let device = crate::device::select_device(&cfg.device)?;
+    let choice: crate::device::DeviceChoice = cfg.device.parse()?;
+    let (comm, device, _env) = crate::dist::join_world(&cfg.dist, choice)?;
+    run_with(cfg, comm.as_ref(), device)
+}
+
+/// [`run`] inside an existing world, as the official scripts under torch.distributed: rank 0's
+/// initial weights everywhere, the training set sharded per epoch as DistributedSampler
+/// (shuffled with seed and epoch, padded by wrapping, rank r taking positions r, r + W, ...;
+/// RASampler's share with repeated augmentation), gradients averaged over the ranks, the
+/// MetricLogger's meters summed over the ranks, evaluation on every rank over the whole
+/// validation set (the scripts' default without --dist_eval), and only rank 0 writing.
+pub fn run_with(cfg: &FinetuneConfig, comm: &dyn Comm, device: Device) -> Result<FinetuneOutcome> {
+    cfg.validate()?;
+    let (rank, ws, main) = (comm.rank(), comm.world_size(), comm.is_main());
+    crate::dist::check_same(comm, options_fingerprint(cfg)?, "fine-tuning options")?;
+    let progress = cfg.progress && main;
     let (train_ds, val_ds) = data::open_sets(
         &cfg.data_path,
         cfg.eval_data_path.as_deref(),
@@ -719,7 +795,12 @@ pub fn run(cfg: &FinetuneConfig) -> Result<FinetuneOutcome> {
 
     std::fs::create_dir_all(&cfg.output_dir)
         .with_context(|| format!("creating {}", cfg.output_dir.display()))?;
-    let _lock = crate::util::lock_dir(&cfg.output_dir)?;
+    // One run per output directory: rank 0 holds the lock.
+    let _lock = if main {
+        Some(crate::util::lock_dir(&cfg.output_dir)?)
+    } else {
+        None
+    };
     let ckpt = cfg.output_dir.join("checkpoint.safetensors");
     let resume = match &cfg.resume {
         Some(p) => {
@@ -731,10 +812,28 @@ pub fn run(cfg: &FinetuneConfig) -> Result<FinetuneOutcome> {
     let (mut start, mut max_accuracy) = (0usize, 0.0f64);
     if let Some(p) = &resume {
         (start, max_accuracy) = load_checkpoint(p, &mut trainer)?;
-        eprintln!(
-            "Resume checkpoint {} (next epoch {start}, max accuracy {max_accuracy:.2}%)",
-            p.display()
-        );
+        if main {
+            eprintln!(
+                "Resume checkpoint {} (next epoch {start}, max accuracy {max_accuracy:.2}%)",
+                p.display()
+            );
+        }
+    }
+    if ws > 1 {
+        // Every rank read the same checkpoint (or none) ...
+        let epochs = crate::dist::all_gather_i64(comm, &[start as i64])?;
+        if let Some(r) = epochs.iter().position(|&e| e != start as i64) {
+            bail!(
+                "rank {r} would resume at epoch {} but rank {rank} at epoch {start}: every rank \
+                 must see the same checkpoint (put --output_dir on a file system all nodes share)",
+                epochs[r]
+            );
+        }
+        // ... and, as DDP at construction, holds rank 0's weights (checked).
+        crate::dist::broadcast_params(comm, &trainer.model.ps).context("model")?;
+        if let Some(e) = &trainer.ema {
+            crate::dist::broadcast_params(comm, &e.ps).context("EMA model")?;
+        }
     }
     let size = cfg.aug.input_size;
     let eval_t = cls::EvalTransform::new(&cfg.aug)?;
@@ -749,14 +848,17 @@ pub fn run(cfg: &FinetuneConfig) -> Result<FinetuneOutcome> {
             size,
             eval_bs,
             workers,
-            cfg.progress,
+            progress,
             device,
         )?;
-        println!(
+        if main {
+            println!(
             "* Acc@1 {:.3} Acc@5 {:.3} loss {:.3}\nAccuracy of the network on the {} test images: {:.1}%",
             s.acc1, s.acc5, s.loss, val_idx.len(), s.acc1
         );
+        }
         return Ok(FinetuneOutcome {
+            rank,
             max_accuracy: s.acc1,
             last: Some(s),
             ema_last: None,
@@ -768,16 +870,23 @@ pub fn run(cfg: &FinetuneConfig) -> Result<FinetuneOutcome> {
 
     let train_t = cls::TrainTransform::new(&cfg.aug)?;
     let total_batch = cfg.batch_size * cfg.update_freq;
+    // This rank's images per epoch: DistributedSampler's ceil(n / W), or RASampler's
+    // floor(n // 256 * 256 / W).
     let per_epoch_items = if cfg.repeated_aug {
-        n_train / 256 * 256
+        n_train / 256 * 256 / ws
     } else {
-        n_train
+        n_train.div_ceil(ws)
     };
     let steps_per_epoch = per_epoch_items / total_batch;
     ensure!(
         steps_per_epoch > 0,
-        "{} training images{} make no full step of {} images (--batch_size x --update_freq)",
+        "{} training images{}{} make no full step of {} images (--batch_size x --update_freq)",
         n_train,
+        if ws > 1 {
+            format!(" shared by {ws} ranks")
+        } else {
+            String::new()
+        },
         if cfg.repeated_aug {
             " (repeated augmentation keeps len // 256 * 256 of them per epoch)"
         } else {
@@ -805,10 +914,12 @@ pub fn run(cfg: &FinetuneConfig) -> Result<FinetuneOutcome> {
         0,
         0.0,
     )?;
-    crate::util::atomic_write(
-        &cfg.output_dir.join("args.json"),
-        serde_json::to_string_pretty(cfg)?.as_bytes(),
-    )?;
+    if main {
+        crate::util::atomic_write(
+            &cfg.output_dir.join("args.json"),
+            serde_json::to_string_pretty(cfg)?.as_bytes(),
+        )?;
+    }
     let log_path = cfg.output_dir.join("log.txt");
     let (mut last, mut ema_last, mut done) = (None, None, 0);
     let mut iter_loss: Vec<(f64, f64)> = Vec::new();
@@ -820,13 +931,18 @@ pub fn run(cfg: &FinetuneConfig) -> Result<FinetuneOutcome> {
         if let Some(sig) = crate::train::interrupt::pending() {
             return Err(crate::train::interrupt::interrupted(sig));
         }
-        trainer
-            .model
-            .backbone
-            .reseed_drop_path(cfg.seed.wrapping_mul(31).wrapping_add(epoch as u64));
+        trainer.model.backbone.reseed_drop_path(
+            cfg.seed
+                .wrapping_mul(31)
+                .wrapping_add(epoch as u64)
+                .wrapping_add((rank as u64) << 32),
+        );
+        // The same permutation on every rank (seed and epoch), this rank's share of it.
         let order = epoch_order(n_train, cfg.seed, epoch, cfg.repeated_aug);
+        let mut order = crate::dist::shard(&order, rank, ws);
+        order.truncate(per_epoch_items);
         let n_micro = steps_per_epoch * cfg.update_freq;
-        let bar = if cfg.progress {
+        let bar = if progress {
             crate::util::progress_bar(n_micro as u64, &format!("Epoch: [{epoch}]"))
         } else {
             crate::util::Progress::hidden()
@@ -865,14 +981,15 @@ pub fn run(cfg: &FinetuneConfig) -> Result<FinetuneOutcome> {
                     let mut r = ChaCha8Rng::seed_from_u64(
                         cfg.seed
                             ^ ((epoch as u64) << 32)
-                            ^ (b as u64).wrapping_mul(0x2545_F491_4F6C_DD1D),
+                            ^ (b as u64).wrapping_mul(0x2545_F491_4F6C_DD1D)
+                            ^ (rank as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
                     );
                     m.apply(&x, &y, &mut r)?
                 }
                 None => (x, y),
             };
             let out = trainer
-                .micro_step(&x, &y, lr, wd)
+                .micro_step_dist(comm, &x, &y, lr, wd)
                 .with_context(|| format!("epoch {epoch}, iteration {b}"))?;
             let (max_lr, min_lr) = trainer.groups.iter().fold((0.0f64, 10.0f64), |(a, c), g| {
                 (a.max(lr * g.lr_scale), c.min(lr * g.lr_scale))
@@ -897,6 +1014,7 @@ pub fn run(cfg: &FinetuneConfig) -> Result<FinetuneOutcome> {
             bar.inc(1);
         }
         bar.finish_and_clear();
+        meters.synchronize(comm)?;
         let test = evaluate(
             &trainer.model,
             val_ds.as_ref(),
@@ -905,7 +1023,7 @@ pub fn run(cfg: &FinetuneConfig) -> Result<FinetuneOutcome> {
             size,
             eval_bs,
             workers,
-            cfg.progress,
+            progress,
             device,
         )?;
         let ema_test = match &trainer.ema {
@@ -917,30 +1035,29 @@ pub fn run(cfg: &FinetuneConfig) -> Result<FinetuneOutcome> {
                 size,
                 eval_bs,
                 workers,
-                cfg.progress,
+                progress,
                 device,
             )?),
             None => None,
         };
-        println!(
-            "Accuracy of the network on the {} test images: {:.1}%{}",
-            val_idx.len(),
-            test.acc1,
-            ema_test
-                .map(|e| format!(" (EMA model: {:.1}%)", e.acc1))
-                .unwrap_or_default()
-        );
-        if test.acc1 > max_accuracy {
-            max_accuracy = test.acc1;
-            save_checkpoint(
-                &cfg.output_dir.join("checkpoint-best.safetensors"),
-                &trainer,
-                epoch + 1,
-                max_accuracy,
-                cfg,
-            )?;
+        if main {
+            println!(
+                "Accuracy of the network on the {} test images: {:.1}%{}",
+                val_idx.len(),
+                test.acc1,
+                ema_test
+                    .map(|e| format!(" (EMA model: {:.1}%)", e.acc1))
+                    .unwrap_or_default()
+            );
         }
-        println!("Max accuracy: {max_accuracy:.2}%");
+        // Every rank evaluated the same weights on the same images: the same decision.
+        let improved = test.acc1 > max_accuracy;
+        if improved {
+            max_accuracy = test.acc1;
+        }
+        if main {
+            println!("Max accuracy: {max_accuracy:.2}%");
+        }
         let mut entries: Vec<(String, serde_json::Value)> = meters
             .averages()
             .into_iter()
@@ -956,27 +1073,43 @@ pub fn run(cfg: &FinetuneConfig) -> Result<FinetuneOutcome> {
         }
         entries.push(("epoch".into(), epoch.into()));
         entries.push(("n_parameters".into(), n_parameters.into()));
-        save_checkpoint(&ckpt, &trainer, epoch + 1, max_accuracy, cfg)?;
-        append_log(&log_path, &entries)?;
         acc_pts.push((epoch as f64, test.acc1));
         tloss_pts.push((epoch as f64, test.loss));
-        let curves = crate::train::plot::Curves {
-            epochs: &[],
-            iters: &iter_loss,
-            schedules: &[
-                ("test acc@1 (%)", acc_pts.clone()),
-                ("test loss", tloss_pts.clone()),
-                ("learning rate (max over groups)", iter_lr.clone()),
-            ],
-        };
-        if let Err(e) =
-            crate::train::plot::write_training_png(&curves, &cfg.output_dir.join("finetune.png"))
-        {
-            eprintln!("warning: finetune.png not written: {e:#}");
+        // Rank 0 writes between two barriers: nobody runs ahead of a checkpoint being written,
+        // and no rank stops (or resumes) before it is complete.
+        comm.barrier().context("before saving the checkpoint")?;
+        if main {
+            if improved {
+                save_checkpoint(
+                    &cfg.output_dir.join("checkpoint-best.safetensors"),
+                    &trainer,
+                    epoch + 1,
+                    max_accuracy,
+                    cfg,
+                )?;
+            }
+            save_checkpoint(&ckpt, &trainer, epoch + 1, max_accuracy, cfg)?;
+            append_log(&log_path, &entries)?;
+            let curves = crate::train::plot::Curves {
+                epochs: &[],
+                iters: &iter_loss,
+                schedules: &[
+                    ("test acc@1 (%)", acc_pts.clone()),
+                    ("test loss", tloss_pts.clone()),
+                    ("learning rate (max over groups)", iter_lr.clone()),
+                ],
+            };
+            if let Err(e) = crate::train::plot::write_training_png(
+                &curves,
+                &cfg.output_dir.join("finetune.png"),
+            ) {
+                eprintln!("warning: finetune.png not written: {e:#}");
+            }
         }
+        comm.barrier().context("after saving the checkpoint")?;
         (last, ema_last, done) = (Some(test), ema_test, done + 1);
     }
-    if done > 0 {
+    if done > 0 && main {
         eprintln!("Training time {:.0}s", t0.elapsed().as_secs_f64());
     }
     Ok(FinetuneOutcome {
@@ -986,6 +1119,7 @@ pub fn run(cfg: &FinetuneConfig) -> Result<FinetuneOutcome> {
         epochs_done: done,
         n_parameters,
         nb_classes,
+        rank,
     })
 }
 
