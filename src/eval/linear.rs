@@ -357,6 +357,38 @@ impl ProbeData {
     }
 }
 
+/// Features of `idx` under the evaluation view (as the probe takes them: not normalised) and
+/// their labels, in batches of `bs` with a progress bar, gathered on the CPU and then moved to
+/// `device`: the fixed validation set, and the training set with `--precompute_features`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn probe_features(
+    ds: &dyn Dataset,
+    idx: &[usize],
+    size: usize,
+    bs: usize,
+    num_workers: usize,
+    feats_of: &dyn Fn(&Tensor) -> Result<Tensor>,
+    device: Device,
+    what: &str,
+) -> Result<(Tensor, Tensor)> {
+    let bar = crate::util::progress_bar(idx.len().div_ceil(bs) as u64, what);
+    let mut f = Vec::new();
+    let mut l = Vec::new();
+    for chunk in idx.chunks(bs) {
+        let (x, y) = view_batch(ds, chunk, size, num_workers, &|img: &Rgb8, _| {
+            eval_view(img, size)
+        })?;
+        f.push(feats_of(&x)?.to_device(Device::Cpu));
+        l.push(y);
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    Ok((
+        Tensor::cat(&f, 0).to_device(device),
+        Tensor::cat(&l, 0).to_device(device),
+    ))
+}
+
 /// Runs the linear evaluation of `backbone` on `train`/`val`.
 pub fn run<'a>(
     a: &LinearConfig,
@@ -405,23 +437,8 @@ pub fn run<'a>(
 
     // Validation features never change (frozen backbone, fixed views): compute them once.
     let bs = a.batch_size_per_gpu;
-    let eval_feats = |ds: &dyn Dataset, idx: &[usize], what: &str| -> Result<(Tensor, Tensor)> {
-        let bar = crate::util::progress_bar(idx.len().div_ceil(bs) as u64, what);
-        let mut f = Vec::new();
-        let mut l = Vec::new();
-        for chunk in idx.chunks(bs) {
-            let (x, y) = view_batch(ds, chunk, size, a.num_workers, &|img: &Rgb8, _| {
-                eval_view(img, size)
-            })?;
-            f.push(feats_of(&x)?.to_device(Device::Cpu));
-            l.push(y);
-            bar.inc(1);
-        }
-        bar.finish_and_clear();
-        Ok((
-            Tensor::cat(&f, 0).to_device(device),
-            Tensor::cat(&l, 0).to_device(device),
-        ))
+    let eval_feats = |ds: &dyn Dataset, idx: &[usize], what: &str| {
+        probe_features(ds, idx, size, bs, a.num_workers, &feats_of, device, what)
     };
     let (val_f, val_l) = eval_feats(val, &val_idx, "validation features")?;
     let cached_train = if a.precompute_features {

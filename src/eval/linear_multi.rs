@@ -22,9 +22,10 @@ use anyhow::{ensure, Context, Result};
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
-use super::features::{eval_view, view_batch, FeatureSpec};
+use super::features::{view_batch, FeatureSpec};
 use super::linear::{
-    append_line, epoch_order, evaluate, training_view_of, LinearProbe, Optim, ProbeData,
+    append_line, epoch_order, evaluate, probe_features, training_view_of, LinearProbe, Optim,
+    ProbeData,
 };
 use crate::data::dataset::Dataset;
 use crate::data::ops::Rgb8;
@@ -178,22 +179,8 @@ pub fn run<'a>(
         .collect();
 
     let bs = cfg.batch_size_per_gpu;
-    let eval_feats = |ds: &dyn Dataset, idx: &[usize], what: &str| -> Result<(Tensor, Tensor)> {
-        let bar = crate::util::progress_bar(idx.len().div_ceil(bs) as u64, what);
-        let (mut f, mut l) = (Vec::new(), Vec::new());
-        for chunk in idx.chunks(bs) {
-            let (x, y) = view_batch(ds, chunk, size, cfg.num_workers, &|img: &Rgb8, _| {
-                eval_view(img, size)
-            })?;
-            f.push(feats_of(&x)?.to_device(Device::Cpu));
-            l.push(y);
-            bar.inc(1);
-        }
-        bar.finish_and_clear();
-        Ok((
-            Tensor::cat(&f, 0).to_device(device),
-            Tensor::cat(&l, 0).to_device(device),
-        ))
+    let eval_feats = |ds: &dyn Dataset, idx: &[usize], what: &str| {
+        probe_features(ds, idx, size, bs, cfg.num_workers, &feats_of, device, what)
     };
     let (val_f, val_l) = eval_feats(val, &val_idx, "validation features")?;
     let cached_train = if cfg.precompute_features {

@@ -839,9 +839,11 @@ pub fn run_with(cfg: &FinetuneConfig, comm: &dyn Comm, device: Device) -> Result
     let eval_t = cls::EvalTransform::new(&cfg.aug)?;
     let eval_bs = ((1.5 * cfg.batch_size as f64) as usize).max(1);
     let workers = cfg.num_workers.max(1);
-    if cfg.eval {
-        let s = evaluate(
-            &trainer.model,
+    // The validation pass of the model or of its EMA: every rank on the whole set (the official
+    // default without --dist_eval).
+    let evaluate_on = |model: &Classifier| {
+        evaluate(
+            model,
             val_ds.as_ref(),
             &val_idx,
             &eval_t,
@@ -850,7 +852,10 @@ pub fn run_with(cfg: &FinetuneConfig, comm: &dyn Comm, device: Device) -> Result
             workers,
             progress,
             device,
-        )?;
+        )
+    };
+    if cfg.eval {
+        let s = evaluate_on(&trainer.model)?;
         if main {
             println!(
             "* Acc@1 {:.3} Acc@5 {:.3} loss {:.3}\nAccuracy of the network on the {} test images: {:.1}%",
@@ -1015,29 +1020,9 @@ pub fn run_with(cfg: &FinetuneConfig, comm: &dyn Comm, device: Device) -> Result
         }
         bar.finish_and_clear();
         meters.synchronize(comm)?;
-        let test = evaluate(
-            &trainer.model,
-            val_ds.as_ref(),
-            &val_idx,
-            &eval_t,
-            size,
-            eval_bs,
-            workers,
-            progress,
-            device,
-        )?;
+        let test = evaluate_on(&trainer.model)?;
         let ema_test = match &trainer.ema {
-            Some(e) => Some(evaluate(
-                e,
-                val_ds.as_ref(),
-                &val_idx,
-                &eval_t,
-                size,
-                eval_bs,
-                workers,
-                progress,
-                device,
-            )?),
+            Some(e) => Some(evaluate_on(e)?),
             None => None,
         };
         if main {
