@@ -82,19 +82,10 @@ fn layer_decay_groups_match_the_official_get_parameter_groups() {
         let ours = get_parameter_groups(&m.ps, &["pos_embed", "cls_token"], Some((ld, 12)));
         let cfg = serde_json::json!({"embed_dim": d, "depth": 12, "num_heads": heads,
             "nb_classes": 10, "mean_pooling": mean_pooling, "layer_decay": ld, "weight_decay": wd});
-        let out = std::process::Command::new(common::venv_python())
-            .arg(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/py/finetune_ref.py"))
-            .arg("groups")
-            .arg(cfg.to_string())
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let want: Vec<(String, f64, String, Vec<String>)> =
-            serde_json::from_slice(&out.stdout).unwrap();
+        let want: Vec<(String, f64, String, Vec<String>)> = serde_json::from_slice(
+            &common::python_stdout("finetune_ref.py", &["groups", &cfg.to_string()]),
+        )
+        .unwrap();
         // lr scales as shortest round-trip text (Python's repr, Rust's {:?}): equal text is
         // equal bits.
         let got: Vec<(String, f64, String, Vec<String>)> = ours

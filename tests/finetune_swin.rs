@@ -5,7 +5,7 @@
 mod common;
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use clap::Parser;
 use ibot::finetune::model::{Classifier, ClassifierConfig};
@@ -94,19 +94,10 @@ fn swin_layer_decay_groups_match_the_official_get_parameter_groups() {
     let t = Trainer::new(m, &fc, Device::Cpu).unwrap();
     let cfg = serde_json::json!({"embed_dim": 12, "depths": depths, "num_heads": heads,
         "windows": windows, "patch": 2, "nb_classes": ncls, "layer_decay": ld, "weight_decay": wd});
-    let out = std::process::Command::new(common::venv_python())
-        .arg(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/py/finetune_ref.py"))
-        .arg("swin_groups")
-        .arg(cfg.to_string())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let want: Vec<(String, f64, String, Vec<String>)> =
-        serde_json::from_slice(&out.stdout).unwrap();
+    let want: Vec<(String, f64, String, Vec<String>)> = serde_json::from_slice(
+        &common::python_stdout("finetune_ref.py", &["swin_groups", &cfg.to_string()]),
+    )
+    .unwrap();
     let got: Vec<(String, f64, String, Vec<String>)> = t
         .groups
         .iter()

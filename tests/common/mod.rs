@@ -125,6 +125,25 @@ pub fn python_reference<T: AsRef<tch::Tensor>>(
     tch::Tensor::read_npz(&out).unwrap().into_iter().collect()
 }
 
+/// Standard output of `tests/py/<script> ARGS...` run by the venv's Python (for references that
+/// print JSON); a failing script fails the test with its stderr.
+pub fn python_stdout(script: &str, args: &[&str]) -> Vec<u8> {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/py")
+        .join(script);
+    let out = std::process::Command::new(venv_python())
+        .arg(&path)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{script} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
 /// A fresh scratch directory `ibot-<suite>-<pid>-<name>` under the system temp directory.
 pub fn scratch_dir(suite: &str, name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("ibot-{suite}-{}-{name}", std::process::id()));
