@@ -305,7 +305,9 @@ fn checkpoint_tensors(dir: &Path) -> HashMap<String, Tensor> {
 
 /// A run stopped after epoch 1 and resumed ends bit for bit where an uninterrupted run ends
 /// (float32 on the CPU: model, EMA and AdamW state, and log.txt's numbers), with drop path,
-/// the EMA and gradient accumulation on. log.txt carries the official keys in the official
+/// dropout (`--drop`, `--attn_drop_rate`), the EMA and gradient accumulation on. (Mutation
+/// checked by hand: the dropout seed taken from a generator the epoch loop does not reseed
+/// makes the resumed run differ.) log.txt carries the official keys in the official
 /// order (run_class_finetuning.py's MetricLogger: lr, min_lr, loss, weight_decay, grad_norm;
 /// `loss_scale` is absent, there being no loss scaler in float32), plus the EMA's evaluation.
 #[test]
@@ -337,6 +339,10 @@ fn resume_equals_uninterrupted_and_log_keys() {
             "0.9",
             "--lr",
             "1e-3",
+            "--drop",
+            "0.1",
+            "--attn_drop_rate",
+            "0.1",
             "--device",
             "cpu",
             "--num_workers",

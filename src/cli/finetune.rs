@@ -96,6 +96,27 @@ pub struct FinetuneArgs {
     /// Stochastic depth rate of the last block.
     #[arg(long, alias = "drop-path")]
     pub drop_path: Option<f64>,
+    /// Dropout rate after the position embedding, the attention projection and both MLP layers
+    /// (training only; the official default 0).
+    #[arg(long, default_value_t = 0.0)]
+    pub drop: f64,
+    /// Dropout rate of the attention probabilities (training only; default 0).
+    #[arg(long, default_value_t = 0.0)]
+    pub attn_drop_rate: f64,
+    /// Optimizer, by timm's create_optimizer name: adamw (default); adam (L2 weight decay);
+    /// sgd or nesterov (SGD with Nesterov momentum, timm's meaning of 'sgd'); momentum (SGD
+    /// with plain momentum). timm's other optimizers are refused.
+    #[arg(long, default_value = "adamw")]
+    pub opt: String,
+    /// Adam/AdamW epsilon (ignored by SGD, as timm drops it).
+    #[arg(long, alias = "opt-eps", default_value_t = 1e-8)]
+    pub opt_eps: f64,
+    /// Adam/AdamW betas, two numbers (default PyTorch's 0.9 0.999).
+    #[arg(long, alias = "opt-betas", num_args = 1..)]
+    pub opt_betas: Option<Vec<f64>>,
+    /// SGD momentum (--opt sgd / momentum).
+    #[arg(long, default_value_t = 0.9)]
+    pub momentum: f64,
     /// Learning rate as the recipe's script takes it: absolute for imagenet_layer_decay,
     /// multiplied by batch_size x world_size / 512 for deit_transfer and semi.
     #[arg(long)]
@@ -106,6 +127,10 @@ pub struct FinetuneArgs {
     pub blr: Option<f64>,
     #[arg(long, alias = "warmup-epochs")]
     pub warmup_epochs: Option<usize>,
+    /// Warm-up length in iterations, overriding --warmup_epochs' length (imagenet_layer_decay's
+    /// per-iteration schedule; as officially, it needs --warmup_epochs > 0). Values <= 0: off.
+    #[arg(long, allow_negative_numbers = true)]
+    pub warmup_steps: Option<i64>,
     /// Warm-up start of the DeiT recipes' schedule (unused by imagenet_layer_decay, whose
     /// warm-up starts at 0 as the official script's does).
     #[arg(long, alias = "warmup-lr")]
@@ -149,6 +174,10 @@ pub struct FinetuneArgs {
     /// CutMix alpha (on when > 0).
     #[arg(long)]
     pub cutmix: Option<f64>,
+    /// CutMix box side bounds as fractions of the image side, two numbers (timm's
+    /// rand_bbox_minmax): turns CutMix on with alpha 1 and boxes drawn uniformly in them.
+    #[arg(long, alias = "cutmix-minmax", num_args = 1..)]
+    pub cutmix_minmax: Option<Vec<f64>>,
     /// Probability of mixing a batch at all.
     #[arg(long, alias = "mixup-prob", default_value_t = 1.0)]
     pub mixup_prob: f64,
@@ -286,9 +315,26 @@ impl FinetuneArgs {
             aug.crop_pct = Some(c);
         }
         let smoothing = pick(self.smoothing, 0.1, 0.1, 0.1);
+        let cutmix_minmax = match self.cutmix_minmax.as_deref() {
+            None => None,
+            Some(&[lo, hi]) => Some((lo, hi)),
+            Some(v) => bail!(
+                "--cutmix_minmax takes two numbers (min and max box side fractions), got {}",
+                v.len()
+            ),
+        };
+        let opt_betas = match self.opt_betas.as_deref() {
+            None => None,
+            Some(&[b1, b2]) => Some((b1, b2)),
+            Some(v) => bail!(
+                "--opt_betas takes two numbers (Adam's beta1 beta2), got {}",
+                v.len()
+            ),
+        };
         let mixup = cls::MixupConfig {
             mixup_alpha: pick(self.mixup, 0.8, 0.8, 0.8),
             cutmix_alpha: pick(self.cutmix, 1.0, 1.0, 1.0),
+            cutmix_minmax,
             prob: self.mixup_prob,
             switch_prob: self.mixup_switch_prob,
             mode: cls::MixupMode::parse(&self.mixup_mode)?,
@@ -355,6 +401,15 @@ impl FinetuneArgs {
             progress: true,
             from_scratch: self.from_scratch,
             dist: self.dist.config(),
+            opt: crate::finetune::OptConfig {
+                opt: self.opt.clone(),
+                opt_eps: self.opt_eps,
+                opt_betas,
+                momentum: self.momentum,
+            },
+            warmup_steps: self.warmup_steps.filter(|&s| s > 0).map(|s| s as usize),
+            drop: self.drop,
+            attn_drop_rate: self.attn_drop_rate,
         };
         cfg.validate()?;
         Ok(cfg)
