@@ -306,8 +306,9 @@ fn checkpoint_tensors(dir: &Path) -> HashMap<String, Tensor> {
 /// A run stopped after epoch 1 and resumed ends bit for bit where an uninterrupted run ends
 /// (float32 on the CPU: model, EMA and AdamW state, and log.txt's numbers), with drop path,
 /// dropout (`--drop`, `--attn_drop_rate`), the EMA and gradient accumulation on. (Mutation
-/// checked by hand: the dropout seed taken from a generator the epoch loop does not reseed
-/// makes the resumed run differ.) log.txt carries the official keys in the official
+/// checked by hand: libtorch's generator seeded for dropout from a process-wide counter instead
+/// of the per-epoch drop-path generator: model_ema.blocks.1.mlp.fc2.weight differs after
+/// resuming.) log.txt carries the official keys in the official
 /// order (run_class_finetuning.py's MetricLogger: lr, min_lr, loss, weight_decay, grad_norm;
 /// `loss_scale` is absent, there being no loss scaler in float32), plus the EMA's evaluation.
 #[test]

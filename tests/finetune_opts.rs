@@ -91,9 +91,9 @@ fn floats(v: &serde_json::Value) -> Vec<f64> {
 /// relative (both are f64; the warm-up multiplies and divides in another order).
 ///
 /// Mutations checked by hand (each failed, then reverted): `deit_epoch_lr` without the
-/// one-epoch delay (`epoch` instead of `epoch.saturating_sub(1)`): epoch 1 is 0.000334 here
-/// against timm's 1e-6; the cosine counted from the end of the warm-up (timm's
-/// warmup_prefix, `t - warmup_epochs`): epoch 4 is 0.00098 against 0.000855.
+/// one-epoch delay (`epoch` instead of `epoch.saturating_sub(1)`): epoch 1 at 0.000334 against
+/// timm's 1e-6; the cosine counted from the end of the warm-up (timm's warmup_prefix, `t -
+/// warmup_epochs` over `epochs - warmup_epochs`): epoch 4 at 0.001 against 0.000855.
 #[test]
 fn deit_transfer_schedule_equals_timm_create_scheduler() {
     let cases = [
@@ -154,8 +154,9 @@ fn deit_transfer_schedule_equals_timm_create_scheduler() {
 /// its length assertion; ours refuses too (and so does the option check).
 ///
 /// Mutations checked by hand (each failed, then reverted): the warm-up length left at
-/// `warmup_epochs × niter` when warmup_steps is given (iteration 3: 0.0024 vs the reference's
-/// 0.004); the cosine over all iterations instead of those after the warm-up.
+/// `warmup_epochs × niter` when warmup_steps is given (iteration 1 at 0.000308 against the
+/// reference's 0.00133); the cosine's period over all iterations instead of those after the
+/// warm-up (iteration 5 at 0.0039920 against 0.0039897).
 #[test]
 fn layer_decay_schedule_with_warmup_steps_equals_beit_cosine_scheduler() {
     let (base, fin, epochs, niter) = (4e-3, 1e-6, 5usize, 7usize);
@@ -208,8 +209,8 @@ fn layer_decay_schedule_with_warmup_steps_equals_beit_cosine_scheduler() {
 /// mean within 5 standard errors of 0, the bias exactly 0.
 ///
 /// Mutations checked by hand (each failed, then reverted): the init_scale multiplication
-/// removed (std 0.02 against 2e-5); std 0.01 instead of 0.02 (ratio 0.5); PyTorch's default
-/// Linear init (uniform ±1/sqrt(192): std 0.0417, share 0.577).
+/// removed (std 2.006e-2 against 1.998e-5); std 0.01 instead of 0.02 (1.003e-5); PyTorch's
+/// default Linear init, uniform ±1/sqrt(192), times init_scale (4.18e-5).
 #[test]
 fn head_initialisation_matches_the_official_distribution() {
     let cases = [(0.001, "imagenet_layer_decay"), (1.0, "deit_transfer")];
@@ -260,8 +261,9 @@ fn head_initialisation_matches_the_official_distribution() {
 /// momentum). Names timm has that are not implemented, and nonsense, are refused with the
 /// supported list.
 ///
-/// Mutations checked by hand (each failed, then reverted): 'sgd' without Nesterov (p0 off by
-/// 0.02); 'adam' with decoupled decay (the AdamW kernel; p0 off by 2e-3); --opt_betas ignored.
+/// Mutations checked by hand (each failed, then reverted): 'sgd' without Nesterov (w off by
+/// 0.22 after two steps); 'adam' with decoupled decay (the AdamW kernel; off by 0.092);
+/// --opt_betas ignored (adamw off by 0.0058).
 #[test]
 fn optimizers_equal_timm_create_optimizer() {
     let names = ["adamw", "adam", "sgd", "momentum", "nesterov"];
@@ -383,10 +385,10 @@ fn optimizers_equal_timm_create_optimizer() {
 /// with another seed. With both rates 0 a training forward is the evaluation one (drop path
 /// 0), so pre-training's forward is untouched.
 ///
-/// Mutations checked by hand (each failed, then reverted): `dropout(p, true)` in the MLP
-/// whatever `train` (evaluation differs); scaled_dot_product_attention's dropout_p given in
-/// evaluation; the seed not drawn from the drop-path generator (two forwards after the same
-/// reseed differ).
+/// Mutations checked by hand (each failed, then reverted): the block's dropout path taken in
+/// evaluation too (evaluation differs); the MLP's first dropout active whatever `train`;
+/// scaled_dot_product_attention's dropout_p given in evaluation; libtorch's generator not
+/// seeded from the drop-path generator (two forwards after the same reseed differ).
 #[test]
 fn dropout_is_off_in_evaluation_and_reproducible_in_training() {
     tch::manual_seed(5);
@@ -449,9 +451,10 @@ fn dropout_is_off_in_evaluation_and_reproducible_in_training() {
 /// unchanged, the scale halved), and counts a clean update toward growth; the scale only
 /// changes at updates.
 ///
-/// Mutations checked by hand (each failed, then reverted): no unscale (gradients 1024x);
-/// the optimizer step taken despite an overflow (non-finite or changed weights); the scaler
-/// updated on every micro-step (the scale halves twice per update).
+/// Mutations checked by hand (each failed, then reverted): no unscale (cls_token's gradient
+/// 1022 of its scale away); the optimizer step taken despite an overflow (weights changed);
+/// the scaler's clean-step count advanced on every micro-step (growth tracker 2 after one
+/// update).
 #[test]
 fn float16_finetune_steps_scale_unscale_and_skip_overflows() {
     tch::manual_seed(8);
