@@ -215,6 +215,42 @@ pub struct FinetuneArgs {
     /// Threads decoding and augmenting images.
     #[arg(long, default_value_t = 2)]
     pub num_workers: usize,
+    // ---- accepted for compatibility with the official command lines (see the README's table
+    // of official options): each selects what `ibot finetune` does anyway, or concerns only
+    // PyTorch's data loading / placement.
+    /// eval_cls.py's pooling switch: 1 = --use_mean_pooling, 0 = [CLS].
+    #[arg(long, value_parser = ["0", "1"], help_heading = "Official options accepted for compatibility")]
+    pub avgpool_patchtokens: Option<String>,
+    /// run.sh imagenet_cls passes it: the iBOT ViT has absolute position embeddings.
+    #[arg(long, help_heading = "Official options accepted for compatibility")]
+    pub disable_rel_pos_bias: bool,
+    /// run.sh imagenet_cls passes it: absolute (learned) position embeddings, as here.
+    #[arg(long, help_heading = "Official options accepted for compatibility")]
+    pub abs_pos_emb: bool,
+    /// The default of run_class_finetuning.py: learned absolute position embeddings, as here.
+    #[arg(long, help_heading = "Official options accepted for compatibility")]
+    pub learned_abs_pos_emb: bool,
+    /// run.sh imagenet_cls passes 0 (no LayerScale, as the iBOT ViT); other values are refused.
+    #[arg(long, help_heading = "Official options accepted for compatibility")]
+    pub layer_scale_init_value: Option<f64>,
+    /// run.sh imagenet_cls passes it: ImageNet's mean and std, which every recipe here uses.
+    #[arg(long, help_heading = "Official options accepted for compatibility")]
+    pub imagenet_default_mean_and_std: bool,
+    /// PyTorch DataLoader memory pinning (no effect here).
+    #[arg(long, help_heading = "Official options accepted for compatibility")]
+    pub pin_mem: bool,
+    #[arg(long, help_heading = "Official options accepted for compatibility")]
+    pub no_pin_mem: bool,
+    /// Keeps timm's EMA on the CPU in the official scripts (no effect on its values; the EMA
+    /// lives on --device here).
+    #[arg(long, help_heading = "Official options accepted for compatibility")]
+    pub model_ema_force_cpu: bool,
+    /// Declared but unused by the official scripts (never passed to create_transform).
+    #[arg(long, help_heading = "Official options accepted for compatibility")]
+    pub resplit: bool,
+    /// Resuming from <output_dir>/checkpoint.safetensors is always on here.
+    #[arg(long, help_heading = "Official options accepted for compatibility")]
+    pub auto_resume: bool,
     #[arg(long, default_value = "auto")]
     pub device: String,
     /// Mixed precision as `ibot train`: bfloat16 autocast on CPUs with AMX, else float32.
@@ -349,6 +385,30 @@ impl FinetuneArgs {
             (0.0..=1.0).contains(&mixup.prob) && (0.0..=1.0).contains(&mixup.switch_prob),
             "--mixup_prob and --mixup_switch_prob must be in [0, 1]"
         );
+        if let Some(v) = self.layer_scale_init_value {
+            ensure!(
+                v == 0.0,
+                "--layer_scale_init_value {v}: LayerScale (BEiT's gamma_1/gamma_2) is not \
+                 implemented; the iBOT ViT has none (run.sh imagenet_cls passes 0.0)"
+            );
+        }
+        let use_mean_pooling = match self.avgpool_patchtokens.as_deref() {
+            Some("1") => {
+                ensure!(
+                    !self.use_cls,
+                    "--avgpool_patchtokens 1 and --use_cls contradict each other"
+                );
+                true
+            }
+            Some(_) => {
+                ensure!(
+                    !self.use_mean_pooling,
+                    "--avgpool_patchtokens 0 and --use_mean_pooling contradict each other"
+                );
+                false
+            }
+            None => self.use_mean_pooling,
+        };
         let data_path = match (&self.data_path, self.demo) {
             (Some(p), _) => p.clone(),
             (None, true) => PathBuf::from(crate::finetune::DEMO_DATA),
@@ -381,7 +441,7 @@ impl FinetuneArgs {
             clip_grad: self.clip_grad,
             model_ema: self.model_ema.unwrap_or(deit),
             model_ema_decay: pick(self.model_ema_decay, 0.9999, 0.99996, 0.99996),
-            use_mean_pooling: self.use_mean_pooling,
+            use_mean_pooling,
             finetune_head_layer: pick_u(self.finetune_head_layer, 0, 0, 1),
             init_scale: pick(self.init_scale, 0.001, 1.0, 1.0),
             update_freq: self.update_freq,
