@@ -1,7 +1,10 @@
 //! Data-parallel `ibot finetune`: 2 ranks × batch 4 under `ibot launch` end where 1 process ×
 //! batch 8 ends (weights, AdamW state, and the synchronized log.txt meters), as the official
 //! scripts under torch.distributed (DistributedSampler + DDP's gradient average + MetricLogger's
-//! synchronize_between_processes).
+//! synchronize_between_processes). Also: torchrun and a two-node launch end bit for bit where
+//! `ibot launch` ends; `--dist_eval` reports the official numbers (padded shards, summed meters);
+//! ranks with different options are refused naming the options; a killed rank stops the other
+//! with an error, leaving a whole checkpoint.
 //!
 //! Mixup/CutMix are off here: the official Mixup pairs image i with image B-1-i of the *local*
 //! batch and draws lambda per rank, so 2 × 4 cannot reproduce the pairs of 1 × 8 (the official
@@ -479,12 +482,14 @@ fn a_killed_rank_stops_the_other_with_a_clear_error_and_a_whole_checkpoint() {
 /// process). Without --dist_eval the same 2-rank run reports the single-process numbers.
 ///
 /// Tolerances: accuracies 1e-3 points (the official float32 per-batch percentages; one image is
-/// 100/24 = 4.2 points), loss 1e-5 relative (per-image vs batched float32 logits). The check
-/// can fail: the test asserts the official --dist_eval numbers differ from the single-process
-/// ones by far more than that, so an implementation that ignored --dist_eval, dropped the
-/// duplicate (acc1 over 23 images), or averaged the ranks' results instead of summing counts
-/// and totals (hand mutation on 2026-11-28: rank means averaged, test_loss off by 2e-3 relative)
-/// fails.
+/// 100/24 = 4.2 points), loss 1e-5 relative (per-image vs batched float32 logits). The test
+/// asserts the official --dist_eval numbers differ from the single-process ones by far more
+/// than that (measured: acc1 33.33 vs 34.78, loss 1.10071 vs 1.09951). Hand mutations of
+/// src/finetune/run.rs, each run once on 2026-11-28 and reverted:
+/// - --dist_eval ignored (every rank on the whole set): test_acc1 34.78 vs 33.33, FAILS;
+/// - shards without the padding (12 + 11 images, no duplicate): test_acc1 34.78 vs 33.33, FAILS;
+/// - meters not synchronized (rank 0 reports its own shard): test_loss 1.09889 vs 1.10071,
+///   FAILS.
 #[test]
 fn dist_eval_shards_the_validation_set_and_sums_the_meters_as_the_official_scripts() {
     let root = common::scratch_dir("finetune_dist", "dist_eval");
