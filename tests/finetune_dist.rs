@@ -278,14 +278,14 @@ fn assert_same_checkpoint(a: &Path, b: &Path, what: &str) {
     }
 }
 
-/// torchrun (the venv's, as tests/dist.rs runs `ibot train`) and a two-"node" launch on loopback
-/// (`ibot launch --nnodes 2 --node_rank 0|1`, one process each) end bit for bit where the
-/// 2-rank `ibot launch` run ends: the same ranks, shards and collectives whoever starts them.
+/// torchrun (the venv's, as tests/dist.rs runs `ibot train`), a two-"node" launch on loopback
+/// (`ibot launch --nnodes 2 --node_rank 0|1`, one process each) and two SLURM tasks (srun's
+/// variables) end bit for bit where the 2-rank `ibot launch` run ends: the same ranks, shards and collectives whoever starts them.
 /// Every rank runs one libtorch thread in all three (`ibot launch` gives each of its 2 workers
-/// 1 of the 2 cores, torchrun sets OMP_NUM_THREADS=1, the node launches get it from the test),
+/// 1 of the 2 cores, torchrun sets OMP_NUM_THREADS=1, the others get it from the test),
 /// so even the float32 summation order is the same.
 #[test]
-fn torchrun_and_a_two_node_launch_fine_tune_as_ibot_launch() {
+fn torchrun_two_nodes_and_slurm_tasks_fine_tune_as_ibot_launch() {
     let (root, data, w) = fixture();
     let two = two_by_four();
 
@@ -348,6 +348,41 @@ fn torchrun_and_a_two_node_launch_fine_tune_as_ibot_launch() {
     }
     assert_same_checkpoint(&nodes, two, "two nodes vs ibot launch");
     assert_eq!(log(&nodes), log(two), "log.txt of the two-node run");
+
+    // Two SLURM tasks (what `srun --ntasks 2` sets; the master given as MASTER_ADDR/PORT).
+    let slurm = root.join("slurm");
+    let port = free_port().to_string();
+    let task = |rank: &str| {
+        let mut c = Command::new(BIN);
+        c.args(args(data, w, &slurm, 4, 2));
+        clean(&mut c)
+            .envs([
+                ("SLURM_PROCID", rank),
+                ("SLURM_NTASKS", "2"),
+                ("SLURM_LOCALID", rank),
+                ("SLURM_NTASKS_PER_NODE", "2"),
+                ("MASTER_ADDR", "127.0.0.1"),
+                ("MASTER_PORT", &port),
+                ("OMP_NUM_THREADS", "1"),
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let (t0, t1) = (task("0"), task("1"));
+    for (i, t) in [t0, t1].into_iter().enumerate() {
+        let o = t.wait_with_output().unwrap();
+        assert!(
+            o.status.success(),
+            "SLURM task {i}: {}\n{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+    assert_same_checkpoint(&slurm, two, "SLURM tasks vs ibot launch");
+    assert_eq!(log(&slurm), log(two), "log.txt of the SLURM run");
 }
 
 /// `args` with `--flag value` replaced.
