@@ -616,3 +616,97 @@ fn dist_eval_shards_the_validation_set_and_sums_the_meters_as_the_official_scrip
         "--dist_eval and single-process numbers are too close to tell apart: {r}"
     );
 }
+
+/// Pids of the direct children of `pid` (from /proc).
+fn children(pid: u32) -> Vec<u32> {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|s| s.parse().ok())
+        .collect()
+}
+
+fn alive(pid: u32) -> bool {
+    // A zombie still has a /proc entry: look at its state.
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| !s.contains(") Z "))
+        .unwrap_or(false)
+}
+
+/// The epoch a fine-tuning checkpoint resumes at.
+fn next_epoch(ckpt: &Path) -> u64 {
+    let md = ibot::params::read_safetensors_metadata(ckpt).unwrap();
+    let meta: serde_json::Value = serde_json::from_str(&md[ibot::finetune::run::META_KEY]).unwrap();
+    meta["next_epoch"].as_u64().unwrap()
+}
+
+/// As tests/dist.rs does for `ibot train`: rank 1 of an `ibot launch` run killed mid-run, the
+/// launcher stops within 60 s naming rank 1 with no worker left, the last checkpoint is whole,
+/// and a relaunch on 2 ranks resumes from it.
+#[test]
+fn a_killed_rank_under_ibot_launch_stops_the_run_and_a_relaunch_resumes() {
+    let (root, data, w) = fixture();
+    let out = root.join("kill-launch");
+    let mut launcher = clean(Command::new(BIN).args(launch(args(data, w, &out, 4, 1000))))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let ckpt = out.join("checkpoint.safetensors");
+    let t0 = Instant::now();
+    while !ckpt.is_file() || next_epoch(&ckpt) < 2 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(120),
+            "no checkpoint after 120 s"
+        );
+        assert!(
+            launcher.try_wait().unwrap().is_none(),
+            "the run ended early"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let workers = children(launcher.id());
+    assert_eq!(workers.len(), 2, "workers {workers:?}");
+    unsafe { libc::kill(workers[1] as i32, libc::SIGKILL) };
+    let killed_at = Instant::now();
+    let status = loop {
+        if let Some(s) = launcher.try_wait().unwrap() {
+            break s;
+        }
+        if killed_at.elapsed() > Duration::from_secs(60) {
+            let _ = launcher.kill();
+            panic!("the launcher did not stop within 60 s of a dead rank");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut err = String::new();
+    use std::io::Read;
+    launcher
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert!(
+        !status.success(),
+        "launcher exited 0 after a rank was killed"
+    );
+    assert!(
+        err.contains("rank 1"),
+        "the launcher does not name the dead rank:\n{err}"
+    );
+    for p in &workers {
+        assert!(!alive(*p), "worker {p} is still running");
+    }
+    read_safetensors(&ckpt).expect("the checkpoint is damaged");
+    let e = next_epoch(&ckpt);
+    // Relaunch for one more epoch: both ranks read the checkpoint and go on from it.
+    let o = run(Command::new(BIN).args(launch(args(data, w, &out, 4, e as usize + 1))));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains(&format!("(next epoch {e},")),
+        "the relaunch did not resume at epoch {e}:\n{err}"
+    );
+    assert_eq!(next_epoch(&ckpt), e + 1);
+}
