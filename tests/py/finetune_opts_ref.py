@@ -16,6 +16,8 @@ Modes (JSON on stdout unless noted):
       zero bias, both multiplied by init_scale (modeling_finetune.VisionTransformer,
       eval_cls.py's head.apply(_init_weights) + mul_(init_scale)); the weight's std, mean,
       share within one std of 0, and the largest |bias|.
+  forward_drop IN.npz OUT.npz
+      modeling_finetune's training forward with dropout (see vit_forward_drop).
   IN.npz OUT.npz (python_reference)
       for each optimizer NAME in IN's "names" (codes), two steps of the optimizer timm's
       create_optimizer_v2 builds for `--opt NAME` over two parameter groups (weight decay on
@@ -85,6 +87,41 @@ def head_init(rows, cols, init_scale):
     }
 
 
+def vit_forward_drop(d):
+    """modeling_finetune.VisionTransformer's training forward ([CLS] pooling, no drop path)
+    with its dropouts as F.dropout / nn.Dropout apply them: pos_drop, attn_drop on the softmax
+    probabilities, proj_drop, Mlp.drop after the activation and after fc2; libtorch's generator
+    seeded with `seed` first."""
+    import torch.nn.functional as F
+
+    c = d["cfg"]
+    depth, heads, patch, drop, attn_drop = int(c[0]), int(c[1]), int(c[2]), float(c[3]), float(c[4])
+    seed = int(d["seed"][0])
+    sd = {k[2:]: torch.from_numpy(v) for k, v in d.items() if k.startswith("p.")}
+    x = torch.from_numpy(d["x"])
+    ln = lambda t, n: F.layer_norm(t, (t.shape[-1],), sd[n + ".weight"], sd[n + ".bias"], 1e-6)
+    lin = lambda t, n: F.linear(t, sd[n + ".weight"], sd[n + ".bias"])
+    torch.manual_seed(seed)
+    t = F.conv2d(x, sd["patch_embed.proj.weight"], sd["patch_embed.proj.bias"], stride=patch)
+    t = t.flatten(2).transpose(1, 2)
+    B, _, D = t.shape
+    t = torch.cat((sd["cls_token"].expand(B, -1, -1), t), dim=1) + sd["pos_embed"]
+    t = F.dropout(t, drop, True)
+    for i in range(depth):
+        b = f"blocks.{i}."
+        h = ln(t, b + "norm1")
+        N = h.shape[1]
+        qkv = lin(h, b + "attn.qkv").reshape(B, N, 3, heads, D // heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        attn = ((q * (D // heads) ** -0.5) @ k.transpose(-2, -1)).softmax(dim=-1)
+        attn = F.dropout(attn, attn_drop, True)
+        a = (attn @ v).transpose(1, 2).reshape(B, N, D)
+        t = t + F.dropout(lin(a, b + "attn.proj"), drop, True)
+        h = F.dropout(F.gelu(lin(ln(t, b + "norm2"), b + "mlp.fc1")), drop, True)
+        t = t + F.dropout(lin(h, b + "mlp.fc2"), drop, True)
+    return {"logits": lin(ln(t, "norm")[:, 0], "head").numpy()}
+
+
 NAMES = {0: "adamw", 1: "adam", 2: "sgd", 3: "momentum", 4: "nesterov"}
 
 
@@ -135,6 +172,8 @@ if __name__ == "__main__":
     elif mode == "head_init":
         print(json.dumps([head_init(int(a[0]), int(a[1]), float(s))
                           for s in json.loads(a[2])]))
+    elif mode == "forward_drop":
+        np.savez(a[1], **vit_forward_drop(dict(np.load(a[0]))))
     elif mode.endswith(".npz"):
         opt_steps(mode, a[0])
     else:
