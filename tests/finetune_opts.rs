@@ -539,6 +539,10 @@ fn float16_finetune_steps_scale_unscale_and_skip_overflows() {
         "--layer_decay",
         "1",
     ]);
+    // At the command line float16 is CUDA's (the CPU takes bfloat16), as for `ibot train`.
+    let c16 = config(&["--precision", "float16"]);
+    let e = Trainer::new(twin(&m32), &c16, Device::Cpu).err().unwrap();
+    assert!(e.to_string().contains("CUDA"), "{e}");
     let x = Tensor::randn([8, 3, 16, 16], (Kind::Float, Device::Cpu));
     let y = Tensor::from_slice(&[0i64, 1, 2, 3, 4, 0, 1, 2]);
     let (x1, x2, y1, y2) = (

@@ -253,10 +253,11 @@ pub struct FinetuneArgs {
     pub auto_resume: bool,
     #[arg(long, default_value = "auto")]
     pub device: String,
-    /// Mixed precision as `ibot train`: bfloat16 autocast on CPUs with AMX, else float32.
+    /// Mixed precision as `ibot train`: float16 autocast with loss scaling (GradScaler) on
+    /// CUDA, bfloat16 autocast on CPUs with AMX, else float32.
     #[arg(long, num_args = 0..=1, default_missing_value = "true", default_value = "false")]
     pub use_fp16: bool,
-    /// auto (follows --use_fp16), float32 or bfloat16.
+    /// auto (follows --use_fp16), float32, bfloat16 or float16 (CUDA only).
     #[arg(long, value_enum, default_value = "auto")]
     pub precision: crate::train::amp::PrecisionChoice,
     /// Resume from this checkpoint (default: <output_dir>/checkpoint.safetensors when it exists).
