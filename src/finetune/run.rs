@@ -976,18 +976,23 @@ pub fn run_with(cfg: &FinetuneConfig, comm: &dyn Comm, device: Device) -> Result
     } else {
         val_idx.clone()
     };
+    // The official `evaluate` runs under autocast too (float16 on CUDA, bfloat16 here on AMX
+    // CPUs; a plain call in float32).
+    let precision = trainer.precision;
     let evaluate_on = |model: &Classifier| -> Result<EvalStats> {
-        let mut m = evaluate_meters(
-            model,
-            val_ds.as_ref(),
-            &eval_idx,
-            &eval_t,
-            size,
-            eval_bs,
-            workers,
-            progress,
-            device,
-        )?;
+        let mut m = amp::autocast(precision, device, || {
+            evaluate_meters(
+                model,
+                val_ds.as_ref(),
+                &eval_idx,
+                &eval_t,
+                size,
+                eval_bs,
+                workers,
+                progress,
+                device,
+            )
+        })?;
         m.synchronize(comm)?;
         m.stats()
     };
