@@ -390,6 +390,30 @@ fn resume_equals_uninterrupted_and_log_keys() {
         assert_eq!(keys, want);
     }
     assert!(a.join("finetune.png").is_file() && a.join("args.json").is_file());
+
+    // `--eval --resume CKPT` alone: the checkpoint names the architecture (a ViT-S built from
+    // the defaults instead fails to load it), and the evaluation repeats the last epoch's.
+    let c = config(&[
+        "--eval",
+        "--resume",
+        a.join("checkpoint.safetensors").to_str().unwrap(),
+        "--data_path",
+        data.to_str().unwrap(),
+        "--output_dir",
+        root.join("c").to_str().unwrap(),
+        "--input_size",
+        "16",
+        "--batch_size",
+        "4",
+        "--device",
+        "cpu",
+    ]);
+    let e = ibot::finetune::run(&c).unwrap().last.unwrap();
+    let last = la.lines().last().unwrap();
+    let logged: serde_json::Value = serde_json::from_str(last).unwrap();
+    assert_eq!(e.acc1, logged["test_acc1"].as_f64().unwrap(), "{last}");
+    let loss = logged["test_loss"].as_f64().unwrap();
+    assert!((e.loss - loss).abs() <= 1e-6 * loss.abs(), "{} vs {last}", e.loss);
 }
 
 /// eval_cls.py's log (DeiT transfer recipe): train_lr, train_loss, then the test keys; its

@@ -456,6 +456,9 @@ pub fn build_model(
     device: Device,
 ) -> Result<(Classifier, Option<Pretrained>)> {
     tch::manual_seed(cfg.seed as i64);
+    if let Some(model) = resumed_architecture(cfg, nb_classes, device)? {
+        return Ok((model, None));
+    }
     let pre = match &cfg.pretrained_weights {
         Some(p) => {
             ensure!(
@@ -731,6 +734,65 @@ pub fn checkpoint_classes(path: &Path) -> Result<Option<i64>> {
     })
 }
 
+/// The checkpoint a run resumes from: `--resume`, else `checkpoint.safetensors` in
+/// `--output_dir` when it exists.
+fn resume_path(cfg: &FinetuneConfig) -> Option<PathBuf> {
+    match &cfg.resume {
+        Some(p) => Some(p.clone()),
+        None => Some(cfg.output_dir.join("checkpoint.safetensors")).filter(|p| p.is_file()),
+    }
+}
+
+/// When neither `--pretrained_weights` nor `--arch` names an architecture but the run resumes
+/// (e.g. `--eval --resume CKPT`), the classifier the checkpoint was written by, with this
+/// run's drop path, dropout and input size (the official scripts take the architecture from
+/// `--model`; the checkpoint already says it). None otherwise.
+fn resumed_architecture(
+    cfg: &FinetuneConfig,
+    nb_classes: i64,
+    device: Device,
+) -> Result<Option<Classifier>> {
+    if cfg.pretrained_weights.is_some() || cfg.arch.is_some() {
+        return Ok(None);
+    }
+    let Some(path) = resume_path(cfg).filter(|p| p.is_file()) else {
+        return Ok(None);
+    };
+    let md = read_safetensors_metadata(&path)?;
+    let raw = md.get(META_KEY).with_context(|| {
+        format!(
+            "{} is not an `ibot finetune` checkpoint (give --pretrained_weights or --arch for \
+             the architecture)",
+            path.display()
+        )
+    })?;
+    let meta: CheckpointMeta = serde_json::from_str(raw)
+        .with_context(|| format!("{}: damaged metadata", path.display()))?;
+    let mut c = meta.classifier;
+    ensure!(
+        c.nb_classes == nb_classes,
+        "{} classifies {} classes but the data has {nb_classes} (--nb_classes)",
+        path.display(),
+        c.nb_classes
+    );
+    let size = cfg.aug.input_size as i64;
+    match &mut c.backbone {
+        BackboneConfig::Vit(v) => {
+            v.img_size = size;
+            v.drop_path_rate = cfg.drop_path;
+        }
+        BackboneConfig::Swin(s) => {
+            s.img_size = size;
+            s.drop_path_rate = cfg.drop_path;
+            s.validate().context("the Swin at --input_size")?;
+        }
+    }
+    let mut model = Classifier::new(&c, device)?;
+    model.set_dropout(cfg.drop, cfg.attn_drop_rate)?;
+    eprintln!("architecture: the classifier of {}", path.display());
+    Ok(Some(model))
+}
+
 /// The fine-tuned classifier of an `ibot finetune` checkpoint (the `model.` tensors, not the EMA)
 /// with the configuration of the run that wrote it, e.g. to predict with it from a program.
 pub fn load_finetuned(path: &Path, device: Device) -> Result<(Classifier, FinetuneConfig)> {
@@ -923,13 +985,10 @@ pub fn run_with(cfg: &FinetuneConfig, comm: &dyn Comm, device: Device) -> Result
         None
     };
     let ckpt = cfg.output_dir.join("checkpoint.safetensors");
-    let resume = match &cfg.resume {
-        Some(p) => {
-            ensure!(p.is_file(), "--resume {} does not exist", p.display());
-            Some(p.clone())
-        }
-        None => ckpt.is_file().then(|| ckpt.clone()),
-    };
+    if let Some(p) = &cfg.resume {
+        ensure!(p.is_file(), "--resume {} does not exist", p.display());
+    }
+    let resume = resume_path(cfg);
     let (mut start, mut max_accuracy) = (0usize, 0.0f64);
     if let Some(p) = &resume {
         (start, max_accuracy) = load_checkpoint(p, &mut trainer)?;
