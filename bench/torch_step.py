@@ -13,6 +13,8 @@ on the 32-px grid, i.e. the last stage's, and repeated up to the 4-px grid for m
 Usage (from the repo root, after scripts/bootstrap.sh):
   .venv/bin/python bench/torch_step.py --arch vit_small --batch 8 --local_crops_number 2
   .venv/bin/python bench/torch_step.py --arch swin_tiny --window_size 7 --batch 4 --local_crops_number 2
+  # nn.Linear on oneDNN inside libtorch (as ibot) instead of MKL's sgemm; CPU time per phase
+  .venv/bin/python bench/torch_step.py --threads 1 --gemm onednn --batch 4 --local_crops_number 10 --phases
 """
 import argparse
 import math
@@ -28,25 +30,28 @@ SWIN_ARCHS = {"swin_tiny": (96, (2, 2, 6, 2), (3, 6, 12, 24)), "swin_small": (96
               "swin_base": (128, (2, 2, 18, 2), (4, 8, 16, 32)), "swin_large": (192, (2, 2, 18, 2), (6, 12, 24, 48))}
 
 
-PHASES = {}  # phase name -> CPU seconds, filled when --phases is on
+PHASES = {}  # phase name -> [CPU seconds, wall seconds], filled when --phases is on
 _PHASES_ON = [False]
 _PREFIX = [""]
 
 
 class phase:
-    """Adds the CPU time of the block to PHASES[name] (with --phases; one thread: process time
-    is the block's own)."""
+    """Adds the CPU and wall time of the block to PHASES[name] (with --phases; with one thread
+    the process CPU time is the block's own; wall time, as `ibot bench train` reports, also
+    counts waits for a core on a loaded machine)."""
 
     def __init__(self, name):
         self.name = name
 
     def __enter__(self):
         if _PHASES_ON[0]:
-            self.t = time.process_time()
+            self.t, self.w = time.process_time(), time.perf_counter()
 
     def __exit__(self, *exc):
         if _PHASES_ON[0]:
-            PHASES[self.name] = PHASES.get(self.name, 0.0) + time.process_time() - self.t
+            acc = PHASES.setdefault(self.name, [0.0, 0.0])
+            acc[0] += time.process_time() - self.t
+            acc[1] += time.perf_counter() - self.w
 
 
 def _dense(t):
@@ -461,9 +466,10 @@ def main():
           f"2x{g} + {args.local_crops_number}x{l}: {dt * 1000:.1f} ms/iter (CPU {cpu * 1000:.1f} ms/iter), {b / dt:.2f} img/s")
 
     if args.phases:
-        total = sum(PHASES.values())
-        print("phases (CPU ms per step, share of the timed phases): " + ", ".join(
-            f"{k} {v / args.iters * 1000:.0f} ({v / total:.0%})" for k, v in PHASES.items()))
+        total = sum(v[0] for v in PHASES.values())
+        print("where the time goes (ms per step: CPU, wall; share of the phases' CPU time):")
+        for k, (c, w) in PHASES.items():
+            print(f"  {k:<26} {c / args.iters * 1000:9.1f} {w / args.iters * 1000:9.1f}  {100 * c / total:5.1f}%")
 
 
 if __name__ == "__main__":
