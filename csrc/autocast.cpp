@@ -3,6 +3,7 @@
 #include <ATen/autocast_mode.h>
 #include <c10/core/DeviceType.h>
 #include <c10/core/ScalarType.h>
+#include <torch/headeronly/version.h>
 
 namespace {
 c10::DeviceType device_of(int cuda) { return cuda ? c10::DeviceType::CUDA : c10::DeviceType::CPU; }
@@ -40,5 +41,8 @@ void ibot_autocast_exit(int cuda, int previous) {
 }
 
 int ibot_autocast_is_enabled(int cuda) { return at::autocast::is_autocast_enabled(device_of(cuda)) ? 1 : 0; }
+
+// The libtorch version the binary was built against (a key of the precision probe's cache).
+const char* ibot_torch_version() { return TORCH_VERSION; }
 
 }  // extern "C"

@@ -125,8 +125,15 @@ pub fn step(b: &StepBenchConfig, device: Device, comm: &dyn Comm) -> Result<Step
     let (ngc, nlc) = (a.data.global_crops_number, a.data.local_crops_number);
     let mut ibot = Ibot::new(cfg, device)?;
     ibot.full_head = b.full_head;
-    ibot.precision =
-        crate::train::amp::Precision::resolve(a.optim.use_fp16, a.optim.precision, device)?;
+    let (precision, reason) = crate::train::amp::decide_for_run(
+        a.optim.use_fp16,
+        a.optim.precision,
+        device,
+        None,
+        &crate::dist::SingleProcess,
+    )?;
+    eprintln!("precision: {} ({reason})", precision.name());
+    ibot.precision = precision;
     let opts = (Kind::Float, device);
     let mut batches = match b.data_path() {
         Some(path) => Some(BatchStream::new(path, b)?),

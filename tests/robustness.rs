@@ -36,6 +36,8 @@ fn tiny() -> Vec<&'static str> {
 
 fn ibot(args: &[&str]) -> Output {
     Command::new(BIN)
+        // No bfloat16 probe (nor a write to the user's cache) in runs with --use_fp16.
+        .env("IBOT_PRECISION_PROBE", "off")
         .args(["--threads", "1"])
         .args(args)
         .output()

@@ -28,6 +28,11 @@ fn tiny_args(data: &Path, out: &Path, extra: &[&str]) -> TrainConfig {
             "0.1",
             "--saveckp_freq",
             "1",
+            // Explicit: with the default `--precision auto`, `--use_fp16` (on by default) may
+            // pick bfloat16 on a CPU whose probe says it pays (tests/precision_probe.rs); these
+            // tests compare float32 runs. BF16_RUN's later `--precision bfloat16` overrides it.
+            "--precision",
+            "float32",
         ]
         .map(String::from),
     );
@@ -552,6 +557,9 @@ fn a_checkpoint_from_an_earlier_release_resumes_evaluates_and_exports() {
     args.run.output_dir = out.clone();
     args.data.data_path = data;
     args.data.num_workers = 1;
+    // Float32 as the old checkpoint's run on a CPU without AMX (its metadata stores no
+    // precision, so `auto` would decide again and could probe into the user's cache).
+    args.optim.precision = ibot::config::PrecisionChoice::Float32;
     let o = run::train(&args).unwrap();
     assert_eq!(o.epochs_done, 1, "the old checkpoint was not resumed");
     assert_eq!(

@@ -66,6 +66,10 @@ struct CheckpointMeta {
     /// The float16 loss scaler's state (the official checkpoints' `scaler`).
     #[serde(default)]
     scaler: Option<GradScaler>,
+    /// The precision the run used (absent before it was stored): a run resumed with the same
+    /// `--use_fp16` and `--precision auto` keeps it.
+    #[serde(default)]
+    precision: Option<Precision>,
 }
 
 /// The model, its EMA, the optimizer and the criterion: one optimisation step at a time.
@@ -657,10 +661,20 @@ fn save_checkpoint(
         classifier: t.model.cfg.clone(),
         config: cfg.clone(),
         scaler: (t.precision == Precision::Fp16).then(|| t.scaler.clone()),
+        precision: Some(t.precision),
     };
     let mut md = HashMap::new();
     md.insert(META_KEY.to_string(), serde_json::to_string(&meta)?);
     write_safetensors(path, &named, Some(md))
+}
+
+/// The metadata of a fine-tuning checkpoint.
+fn read_meta(path: &Path) -> Result<CheckpointMeta> {
+    let md = read_safetensors_metadata(path)?;
+    let raw = md
+        .get(META_KEY)
+        .with_context(|| format!("{} is not an `ibot finetune` checkpoint", path.display()))?;
+    serde_json::from_str(raw).with_context(|| format!("{}: damaged metadata", path.display()))
 }
 
 fn load_checkpoint(path: &Path, t: &mut Trainer) -> Result<(usize, f64)> {
@@ -970,10 +984,28 @@ pub fn run_with(cfg: &FinetuneConfig, comm: &dyn Comm, device: Device) -> Result
     } else {
         None
     };
-    let mut trainer = Trainer::new(model, cfg, device)?;
+    // The precision is decided once for every rank (rank 0 may probe; a resumed run keeps the
+    // stored one) and handed to the trainer as an explicit choice.
+    let stored = resume_path(cfg).and_then(|p| {
+        let meta = read_meta(&p).ok()?;
+        let same = meta.config.use_fp16 == cfg.use_fp16
+            && meta.config.precision == amp::PrecisionChoice::Auto;
+        meta.precision.filter(|_| same).map(|pr| (pr, p))
+    });
+    let (precision, reason) =
+        amp::decide_for_run(cfg.use_fp16, cfg.precision, device, stored, comm)?;
+    let decided = FinetuneConfig {
+        precision: match precision {
+            Precision::Fp32 => amp::PrecisionChoice::Float32,
+            Precision::Bf16 => amp::PrecisionChoice::Bfloat16,
+            Precision::Fp16 => amp::PrecisionChoice::Float16,
+        },
+        ..cfg.clone()
+    };
+    let mut trainer = Trainer::new(model, &decided, device)?;
     eprintln!("criterion = {}", trainer.criterion.name());
     if main {
-        eprintln!("precision: {}", trainer.precision.name());
+        eprintln!("precision: {} ({reason})", trainer.precision.name());
     }
 
     std::fs::create_dir_all(&cfg.output_dir)

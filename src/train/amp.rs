@@ -4,10 +4,10 @@
 //! The official `--use_fp16` runs the forward passes and the loss under
 //! `torch.cuda.amp.autocast()` and steps through a `GradScaler`. Here the same flag picks:
 //! CUDA → float16 autocast with loss scaling; a CPU with AMX (bfloat16 tile matrix units) →
-//! bfloat16 autocast, which needs no scaling and about halves a ViT step there; any other CPU →
-//! float32. AVX512-BF16 alone is not enough: measured on such a Xeon (2 cores, no AMX), a
-//! ViT-S/16 step under bfloat16 autocast took 1.5x its float32 time (the casts cost more than
-//! the dot-product instructions save), and emulated bfloat16 is slower still.
+//! bfloat16 autocast, which needs no scaling and about halves a ViT step there; a CPU with AVX512-BF16 and no AMX → what a start-up probe measured to pay, cached per
+//! machine ([`super::precision_probe`]): on such a Xeon (2 cores, products on MKL) a ViT-S/16
+//! step under bfloat16 autocast took 1.5x its float32 time, on a Zen 5 (products on oneDNN)
+//! 0.74x; any other CPU → float32 (emulated bfloat16 is slower still).
 
 use serde::{Deserialize, Serialize};
 use tch::{Device, Tensor};
@@ -16,6 +16,7 @@ extern "C" {
     fn ibot_autocast_enter(cuda: i32, half: i32) -> i32;
     fn ibot_autocast_exit(cuda: i32, previous: i32);
     fn ibot_autocast_is_enabled(cuda: i32) -> i32;
+    fn ibot_torch_version() -> *const std::os::raw::c_char;
 }
 
 /// The arithmetic of the forward passes.
@@ -30,35 +31,13 @@ pub enum Precision {
 }
 
 impl Precision {
-    /// What `--use_fp16` means on `device` (see the module documentation).
+    /// What `--use_fp16` means on `device` (see [`auto`]).
     pub fn for_device(use_fp16: bool, device: Device) -> Self {
-        match (use_fp16, device) {
-            (false, _) => Precision::Fp32,
-            (true, Device::Cuda(_)) => Precision::Fp16,
-            (true, _) if cpu_has_amx_bf16() => Precision::Bf16,
-            (true, _) => Precision::Fp32,
-        }
-    }
-
-    /// Why `auto` chose what it chose, for the start-up line.
-    pub fn auto_reason(use_fp16: bool, device: Device) -> &'static str {
-        match (use_fp16, device) {
-            (false, _) => "--use_fp16 false",
-            (true, Device::Cuda(_)) => "--use_fp16 on CUDA",
-            (true, _) if cpu_has_amx_bf16() => "--use_fp16 on a CPU with AMX bfloat16 units",
-            (true, _) if cpu_has_native_bf16() => {
-                "--use_fp16, but this CPU has AVX512-BF16 without AMX, where bfloat16 autocast \
-                 measured slower than float32; --precision bfloat16 forces it"
-            }
-            (true, _) => {
-                "--use_fp16, but this CPU has no native bfloat16 arithmetic, where it would be \
-                 slower than float32; --precision bfloat16 forces it"
-            }
-        }
+        auto(use_fp16, device).0
     }
 
     /// The precision a run uses: `choice` when it names one, else what `--use_fp16` means on
-    /// `device`. float16 needs CUDA (its loss scaling guards CUDA's float16 kernels; CPUs take
+    /// `device` ([`auto`], which may run the bfloat16 probe). float16 needs CUDA (its loss scaling guards CUDA's float16 kernels; CPUs take
     /// bfloat16).
     pub fn resolve(
         use_fp16: bool,
@@ -75,6 +54,24 @@ impl Precision {
                  use --precision bfloat16 on a CPU"
             ),
         })
+    }
+
+    /// A small integer for collectives (see [`Precision::from_code`]).
+    pub fn code(self) -> i64 {
+        match self {
+            Precision::Fp32 => 0,
+            Precision::Bf16 => 1,
+            Precision::Fp16 => 2,
+        }
+    }
+
+    pub fn from_code(code: i64) -> Option<Self> {
+        match code {
+            0 => Some(Precision::Fp32),
+            1 => Some(Precision::Bf16),
+            2 => Some(Precision::Fp16),
+            _ => None,
+        }
     }
 
     pub fn name(self) -> &'static str {
@@ -96,6 +93,129 @@ pub enum PrecisionChoice {
     Float32,
     Bfloat16,
     Float16,
+}
+
+/// What `--use_fp16` with `--precision auto` means on `device`, and why (for the start-up
+/// line): float32 without `--use_fp16`; float16 with loss scaling on CUDA; on a CPU with AMX,
+/// bfloat16; on a CPU with AVX512-BF16 and no AMX, what the per-machine probe measured to pay
+/// ([`super::precision_probe`], cached); on other CPUs float32 (emulated bfloat16 is slower).
+/// `IBOT_PRECISION_PROBE` (`off`, `fp32`, `bf16`, `fresh`) overrides the probe.
+pub fn auto(use_fp16: bool, device: Device) -> (Precision, String) {
+    use super::precision_probe as probe;
+    const FORCE: &str = "--precision float32|bfloat16 forces either";
+    if !use_fp16 {
+        return (Precision::Fp32, "--use_fp16 false".into());
+    }
+    if device.is_cuda() {
+        return (Precision::Fp16, "--use_fp16 on CUDA".into());
+    }
+    let over = std::env::var(probe::ENV).unwrap_or_default();
+    match over.as_str() {
+        "fp32" | "float32" => {
+            return (
+                Precision::Fp32,
+                format!(
+                    "--use_fp16, and {}={over} answers for the probe",
+                    probe::ENV
+                ),
+            )
+        }
+        "bf16" | "bfloat16" => {
+            return (
+                Precision::Bf16,
+                format!(
+                    "--use_fp16, and {}={over} answers for the probe",
+                    probe::ENV
+                ),
+            )
+        }
+        _ => {}
+    }
+    if cpu_has_amx_bf16() {
+        return (
+            Precision::Bf16,
+            format!("--use_fp16 on a CPU with AMX bfloat16 units; {FORCE}"),
+        );
+    }
+    if !cpu_has_native_bf16() {
+        return (
+            Precision::Fp32,
+            format!(
+                "--use_fp16, but this CPU has no native bfloat16 arithmetic, where bfloat16 is \
+                 slower than float32; {FORCE}"
+            ),
+        );
+    }
+    if over == "off" {
+        return (
+            Precision::Fp32,
+            format!(
+                "--use_fp16 on a CPU with AVX512-BF16 and no AMX, {}=off: no probe; {FORCE}",
+                probe::ENV
+            ),
+        );
+    }
+    match probe::probe_this_machine(over == "fresh") {
+        Ok(p) => (p.precision(), p.reason()),
+        Err(e) => (
+            Precision::Fp32,
+            format!("--use_fp16, but the bfloat16 probe failed ({e:#}); {FORCE}"),
+        ),
+    }
+}
+
+/// The precision of a (possibly data-parallel) run and the reason for the start-up line: an
+/// explicit `--precision` as given; with `--precision auto`, `stored` (the precision of the
+/// checkpoint the run resumes from, when that run chose it with the same options) so that a
+/// resumed run keeps its arithmetic; otherwise [`auto`] on rank 0 only (the probe runs once),
+/// and every rank takes rank 0's answer.
+pub fn decide_for_run(
+    use_fp16: bool,
+    choice: PrecisionChoice,
+    device: Device,
+    stored: Option<(Precision, std::path::PathBuf)>,
+    comm: &dyn crate::dist::Comm,
+) -> anyhow::Result<(Precision, String)> {
+    use anyhow::Context;
+    let (mut precision, mut reason) = if choice != PrecisionChoice::Auto {
+        (
+            Precision::resolve(use_fp16, choice, device)?,
+            "--precision".to_string(),
+        )
+    } else if let Some((p, path)) =
+        stored.filter(|(p, _)| *p != Precision::Fp16 || device.is_cuda())
+    {
+        (
+            p,
+            format!(
+                "--precision auto resumes with the precision stored in {}; --precision \
+                 float32|bfloat16 forces either",
+                path.display()
+            ),
+        )
+    } else if comm.is_main() {
+        auto(use_fp16, device)
+    } else {
+        (Precision::Fp32, String::new())
+    };
+    if comm.world_size() > 1 {
+        let codes = crate::dist::all_gather_i64(comm, &[precision.code()])?;
+        let rank0 = Precision::from_code(codes[0])
+            .with_context(|| format!("rank 0 sent precision code {}", codes[0]))?;
+        if !comm.is_main() {
+            reason = "rank 0's choice".into();
+        }
+        precision = rank0;
+    }
+    Ok((precision, reason))
+}
+
+/// The libtorch version the binary was built against (`TORCH_VERSION`, e.g. "2.13.0").
+pub fn torch_version() -> String {
+    // SAFETY: returns a pointer to a static NUL-terminated string.
+    unsafe { std::ffi::CStr::from_ptr(ibot_torch_version()) }
+        .to_string_lossy()
+        .into_owned()
 }
 
 /// True when the CPU computes bfloat16 natively (AVX512-BF16 or AMX-BF16).

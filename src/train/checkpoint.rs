@@ -31,6 +31,10 @@ pub struct CheckpointMeta {
     /// Loss-scaler state of float16 runs (the official `fp16_scaler`).
     #[serde(default)]
     pub scaler: Option<GradScaler>,
+    /// The precision the run used (absent in checkpoints of earlier releases): a run resumed
+    /// with the same `--use_fp16` and `--precision auto` keeps it rather than deciding again.
+    #[serde(default)]
+    pub precision: Option<Precision>,
 }
 
 /// Writes `ibot`'s complete training state to `path`.
@@ -53,6 +57,7 @@ pub fn save(path: &Path, ibot: &Ibot, next_epoch: usize, args: &TrainConfig) -> 
         args: args.clone(),
         config: ibot.cfg.clone(),
         scaler: (ibot.precision == Precision::Fp16).then(|| ibot.scaler.clone()),
+        precision: Some(ibot.precision),
     };
     let mut md = HashMap::new();
     md.insert("ibot".to_string(), serde_json::to_string(&meta)?);

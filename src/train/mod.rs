@@ -5,6 +5,7 @@ pub mod checkpoint;
 pub mod interrupt;
 pub mod optim;
 pub mod plot;
+pub mod precision_probe;
 pub mod run;
 pub mod tensorboard;
 

@@ -2,7 +2,7 @@
 //! resume, `log.txt` and progress reporting.
 
 use std::io::{IsTerminal, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, ensure, Context, Result};
@@ -331,9 +331,9 @@ pub fn train_loop(
     ensure!(niter > 0, "no batches to train on");
     std::fs::create_dir_all(&args.run.output_dir)
         .with_context(|| format!("creating {}", args.run.output_dir.display()))?;
-    set_precision(args, &mut ibot, main)?;
-    let schedules = Schedules::new(args, niter, comm.world_size())?;
     let ckpt_path = args.run.output_dir.join("checkpoint.safetensors");
+    set_precision(args, comm, &mut ibot, &ckpt_path)?;
+    let schedules = Schedules::new(args, niter, comm.world_size())?;
     let start_epoch = resume(args, comm, &mut ibot, &ckpt_path)?;
     if main {
         let args_json = serde_json::to_string_pretty(args)?;
@@ -394,23 +394,43 @@ pub fn train_loop(
 }
 
 /// The arithmetic of the run (`--use_fp16`, `--precision`) on the model's device, said on
-/// stderr with the reason.
-fn set_precision(args: &TrainConfig, ibot: &mut Ibot, main: bool) -> Result<()> {
+/// stderr with the reason. With `--precision auto`: a run resuming from a checkpoint written
+/// with the same `--use_fp16` and `--precision auto` keeps the precision stored there (an exact
+/// resume must not change arithmetic because the probe answers differently today); otherwise
+/// rank 0 decides ([`amp::auto`], which may probe) and every rank takes its answer.
+fn set_precision(
+    args: &TrainConfig,
+    comm: &dyn Comm,
+    ibot: &mut Ibot,
+    ckpt_path: &Path,
+) -> Result<()> {
     let device = ibot.device;
-    ibot.precision = Precision::resolve(args.optim.use_fp16, args.optim.precision, device)?;
-    if !main {
-        return Ok(());
-    }
-    if args.optim.precision == PrecisionChoice::Auto {
-        eprintln!(
-            "precision: {} ({})",
-            ibot.precision.name(),
-            Precision::auto_reason(args.optim.use_fp16, device)
-        );
-    } else {
-        eprintln!("precision: {} (--precision)", ibot.precision.name());
+    let o = &args.optim;
+    let stored = stored_precision(args, ckpt_path);
+    let (precision, reason) =
+        super::amp::decide_for_run(o.use_fp16, o.precision, device, stored, comm)?;
+    ibot.precision = precision;
+    if comm.is_main() {
+        eprintln!("precision: {} ({reason})", precision.name());
     }
     Ok(())
+}
+
+/// The precision stored in the checkpoint this run resumes from, when that run chose it with
+/// the same `--use_fp16` and `--precision auto`. Unreadable checkpoints give `None` here;
+/// resuming reports them.
+fn stored_precision(args: &TrainConfig, ckpt_path: &Path) -> Option<(Precision, PathBuf)> {
+    let path = crate::util::resume_path(
+        &args.run.output_dir,
+        args.run.load_from.as_deref(),
+        ckpt_path,
+    )
+    .ok()??;
+    let meta = checkpoint::read_meta(&path).ok()?;
+    let same = meta.args.optim.use_fp16 == args.optim.use_fp16
+        && meta.args.optim.precision == PrecisionChoice::Auto;
+    let p = meta.precision?;
+    same.then_some((p, path))
 }
 
 /// The per-iteration schedules of the whole run.
