@@ -413,11 +413,7 @@ fn resume_equals_uninterrupted_and_log_keys() {
     let logged: serde_json::Value = serde_json::from_str(last).unwrap();
     assert_eq!(e.acc1, logged["test_acc1"].as_f64().unwrap(), "{last}");
     let loss = logged["test_loss"].as_f64().unwrap();
-    assert!(
-        (e.loss - loss).abs() <= 1e-6 * loss.abs(),
-        "{} vs {last}",
-        e.loss
-    );
+    assert!((e.loss - loss).abs() <= 1e-6 * loss.abs(), "{} vs {last}", e.loss);
 }
 
 /// eval_cls.py's log (DeiT transfer recipe): train_lr, train_loss, then the test keys; its
