@@ -26,6 +26,11 @@
 # oneDNN inside libtorch, as ibot does, instead of MKL's sgemm (AVX2-only on AMD CPUs): the
 # ratio to expect where MKL is not handicapped (Intel). OURS_GEMM=blas runs ibot with
 # IBOT_CPU_GEMM=blas (F.linear, MKL) instead: both sides on MKL.
+# OURS_PRECISION (recipe-step, scaling) sets ibot's arithmetic: float32 (the default here: `ibot
+# bench train` runs with --use_fp16 false), default (--use_fp16 true --precision auto: what
+# `ibot train` does by default, i.e. bfloat16 autocast where the CPU has AMX or the cached
+# start-up probe measured it to pay, else float32; the chosen precision is printed) or bfloat16
+# (forced). The reference always runs the official float32 step.
 # ROUNDS=n sets how many alternating runs of each side the step comparisons take the median of.
 # THREADS=n runs both sides with n libtorch threads (default: all cores). On a machine shared with
 # other jobs, THREADS=1 and the CPU times ("CPU ... ms/iter") are the steadier comparison: the
@@ -45,7 +50,13 @@ ours_threads=(); ref_threads=()
 if [ "$threads" != 0 ]; then ours_threads=(--threads "$threads"); ref_threads=(--threads "$threads"); fi
 ref_threads+=(--gemm "${REF_GEMM:-default}")
 if [ -n "${OURS_GEMM:-}" ]; then export IBOT_CPU_GEMM="$OURS_GEMM"; fi
-echo "reference gemm: ${REF_GEMM:-default}; ibot IBOT_CPU_GEMM=${IBOT_CPU_GEMM:-(default: onednn)}"
+case "${OURS_PRECISION:-float32}" in
+float32) ours_prec=(--use_fp16 false) ;;
+default) ours_prec=(--use_fp16 true --precision auto) ;;
+bfloat16) ours_prec=(--precision bfloat16) ;;
+*) echo "OURS_PRECISION must be float32, default or bfloat16" >&2; exit 2 ;;
+esac
+echo "reference gemm: ${REF_GEMM:-default}; ibot IBOT_CPU_GEMM=${IBOT_CPU_GEMM:-(default: onednn)}, ibot precision: ${OURS_PRECISION:-float32} (${ours_prec[*]})"
 median() { printf '%s\n' "$@" | sort -g | awk '{ v[NR] = $1 } END { print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
 case "${1:-data}" in
@@ -137,7 +148,8 @@ recipe-step)
     flags=(--arch vit_small --batch 4 --local_crops_number 10 --out_dim 8192 --iters "$iters" --warmup "$warmup")
     o=(); r=(); oc=(); rc=(); om=(); rm=()
     for i in $(seq "$rounds"); do
-        out=$( { /usr/bin/time -f 'peak RSS %M KB' target/release/ibot "${ours_threads[@]}" bench train "${flags[@]}" --patch_out_dim 8192; } 2>&1 )
+        out=$( { /usr/bin/time -f 'peak RSS %M KB' target/release/ibot "${ours_threads[@]}" bench train "${flags[@]}" --patch_out_dim 8192 "${ours_prec[@]}"; } 2>&1 )
+        if [ "$i" = 1 ]; then echo "$out" | grep -m1 '^precision:' || true; fi
         o+=("$(echo "$out" | rate)"); oc+=("$(echo "$out" | cpu_rate)"); om+=("$(echo "$out" | grep -oE 'peak RSS [0-9]+' | cut -d' ' -f3)")
         out=$( { /usr/bin/time -f 'peak RSS %M KB' $py bench/torch_step.py "${ref_threads[@]}" "${flags[@]}"; } 2>&1 )
         r+=("$(echo "$out" | rate)"); rc+=("$(echo "$out" | cpu_rate)"); rm+=("$(echo "$out" | grep -oE 'peak RSS [0-9]+' | cut -d' ' -f3)")
@@ -153,7 +165,7 @@ scaling)
     model=(--arch vit_tiny --patch_size 4 --embed_dim 192 --depth 6 --num_heads 3 --img_size 32 --global_crops_size 32 --local_crops_size 16 --out_dim 8192 --iters "$iters" --warmup "$warmup")
     point() {
         local o r
-        o=$(target/release/ibot "${ours_threads[@]}" bench train "${model[@]}" --patch_out_dim 8192 "$@" 2>&1)
+        o=$(target/release/ibot "${ours_threads[@]}" bench train "${model[@]}" --patch_out_dim 8192 "${ours_prec[@]}" "$@" 2>&1)
         r=$($py bench/torch_step.py "${ref_threads[@]}" "${model[@]}" "$@" 2>/dev/null)
         printf '%-34s ibot %9s ms (CPU %9s)   PyTorch %9s ms (CPU %9s)   CPU ratio %s\n' "$*" "$(echo "$o" | rate)" "$(echo "$o" | cpu_rate)" "$(echo "$r" | rate)" "$(echo "$r" | cpu_rate)" "$(ratio "$(echo "$o" | cpu_rate)" "$(echo "$r" | cpu_rate)")"
     }

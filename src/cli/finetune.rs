@@ -254,7 +254,8 @@ pub struct FinetuneArgs {
     #[arg(long, default_value = "auto")]
     pub device: String,
     /// Mixed precision as `ibot train`: float16 autocast with loss scaling (GradScaler) on
-    /// CUDA, bfloat16 autocast on CPUs with AMX, else float32.
+    /// CUDA, bfloat16 autocast on CPUs with AMX or where the start-up probe measures it to pay
+    /// (AVX512-BF16 CPUs, cached per machine), else float32.
     #[arg(long, num_args = 0..=1, default_missing_value = "true", default_value = "false")]
     pub use_fp16: bool,
     /// auto (follows --use_fp16), float32, bfloat16 or float16 (CUDA only).

@@ -222,8 +222,10 @@ pub struct TrainArgs {
     // ---- optimisation
     /// Mixed precision (official default: on). On CUDA: float16 autocast for the forward passes
     /// and the loss, with dynamic loss scaling (GradScaler). On a CPU with AMX: bfloat16
-    /// autocast, about twice as fast. Other CPUs (AVX512-BF16 alone included, where bfloat16
-    /// measured slower): float32. The choice and its reason are printed at start.
+    /// autocast, about twice as fast. On a CPU with AVX512-BF16 but no AMX: bfloat16 only if a
+    /// sub-second start-up probe (cached per machine in ~/.cache/ibot/precision-probe.json)
+    /// measures it at most 0.8x the float32 time. Other CPUs: float32. The choice and its reason
+    /// are printed at start; a resumed run keeps the precision stored in its checkpoint.
     #[arg(long, default_value = "true", value_parser = parse_bool, action = ArgAction::Set, num_args = 0..=1, default_missing_value = "true", help_heading = "Optimisation")]
     pub use_fp16: bool,
     /// Force the arithmetic instead of letting --use_fp16 choose (auto): float32, bfloat16
