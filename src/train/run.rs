@@ -417,7 +417,7 @@ fn set_precision(
 }
 
 /// The precision stored in the checkpoint this run resumes from, when that run chose it with
-/// the same `--use_fp16` and `--precision auto`. Unreadable checkpoints give `None` here;
+/// `--use_fp16` and `--precision auto` as this one does. Unreadable checkpoints give `None` here;
 /// resuming reports them.
 fn stored_precision(args: &TrainConfig, ckpt_path: &Path) -> Option<(Precision, PathBuf)> {
     let path = crate::util::resume_path(
@@ -427,7 +427,8 @@ fn stored_precision(args: &TrainConfig, ckpt_path: &Path) -> Option<(Precision, 
     )
     .ok()??;
     let meta = checkpoint::read_meta(&path).ok()?;
-    let same = meta.args.optim.use_fp16 == args.optim.use_fp16
+    let same = args.optim.use_fp16
+        && meta.args.optim.use_fp16
         && meta.args.optim.precision == PrecisionChoice::Auto;
     let p = meta.precision?;
     same.then_some((p, path))
