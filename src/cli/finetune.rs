@@ -61,6 +61,11 @@ pub struct FinetuneArgs {
     /// Number of attention heads, for weights of a non-standard width.
     #[arg(long)]
     pub num_heads: Option<i64>,
+    /// Swin window size at fine-tuning (default: the pre-trained model's, 7 without weights).
+    /// Another window (e.g. 12 at --input_size 384) resizes each pre-trained
+    /// relative_position_bias_table bicubically, as the Swin code does.
+    #[arg(long)]
+    pub window_size: Option<i64>,
     /// Training data: a folder with train/ and val/ image folders (ImageNet layout), a folder of
     /// IDX files (train-* and t10k-*), or with --eval_data_path the training image folder itself.
     #[arg(long)]
@@ -316,6 +321,7 @@ impl FinetuneArgs {
             checkpoint_key: self.checkpoint_key.clone(),
             arch: self.arch.clone(),
             num_heads: self.num_heads,
+            window_size: self.window_size,
             data_path,
             eval_data_path: self.eval_data_path.clone(),
             data_set: self.data_set.clone(),
