@@ -22,7 +22,8 @@ Usage:
       IN.npz: "table.<i>" [(2s-1)^2, heads] with "window.<i>" (new window), "pos.<i>" [1, 1+n, D]
       with "grid.<i>" (new grid side)
       OUT.npz: "timm.<i>" (timm.layers.resize_rel_pos_bias_table_simple), "official.<i>" (the
-      official Swin init_weights formula), "pos.<i>" (run_class_finetuning.py's interpolation)
+      official Swin init_weights formula), "index.<i>" (the official relative_position_index of
+      the new window), "pos.<i>" (run_class_finetuning.py's interpolation)
 """
 import json
 import math
@@ -267,7 +268,7 @@ def step(inp, outp):
     out["grad_norm"] = np.array(float(norm))
     out["target"] = target.numpy()
     out["index_ok"] = np.array(int(index_ok))
-    np.savez(outp, **out)
+    np.savez(outp, **{k: np.ascontiguousarray(v) for k, v in out.items()})
 
 
 def resize(inp, outp):
@@ -287,6 +288,7 @@ def resize(inp, outp):
             s1 = int(L1 ** 0.5)
             r = F.interpolate(t.permute(1, 0).view(1, nH, s1, s1), size=(s2, s2), mode="bicubic")
             out["official." + i] = r.view(nH, s2 * s2).permute(1, 0).numpy()
+            out["index." + i] = official_index(w).numpy()
         elif k.startswith("pos."):
             i = k.split(".", 1)[1]
             pe = torch.from_numpy(d[k])
@@ -298,7 +300,7 @@ def resize(inp, outp):
             tok = F.interpolate(tok, size=(new, new), mode="bicubic", align_corners=False)
             tok = tok.permute(0, 2, 3, 1).flatten(1, 2)
             out["pos." + i] = torch.cat((pe[:, :1], tok), dim=1).numpy()
-    np.savez(outp, **out)
+    np.savez(outp, **{k: np.ascontiguousarray(v) for k, v in out.items()})
 
 
 if __name__ == "__main__":
