@@ -62,9 +62,8 @@ fn assert_equal(name: &str, got: &Tensor, want: &Tensor) {
 /// run_class_finetuning.py's pos_embed interpolation bit for bit (14² → 24², 4² → 7², 7² → 3²).
 ///
 /// Mutations checked by hand (each failed, then reverted): `align_corners = true` in
-/// `resize_rel_pos_bias_table` (tables up to 1.4e-1 apart); the table reshaped `[S, S, heads]`
-/// without the transpose to `[heads, S, S]` (6.2e-2 apart); `align_corners = true` in
-/// `resize_pos_embed` (pos.0 2.1e-1 apart).
+/// `resize_rel_pos_bias_table` (table 0, 7 -> 12, 0.955 apart from timm); the table reshaped to
+/// `[1, heads, S, S]` without first transposing it to heads-major (4.9 apart).
 #[test]
 fn resize_functions_match_timm_and_the_official_formulas() {
     tch::manual_seed(1);
@@ -159,8 +158,10 @@ fn tiny_swin(path: &Path) -> HashMap<String, Tensor> {
 /// tables 7² → 3², stage 0 keeps 7²), and `--window_size 12` at 16 px (windows clamp to the
 /// grids 8 and 4: 7² → 15² and unchanged). A ViT refuses `--window_size`.
 ///
-/// Mutation checked by hand: the model's window taken as `sqrt(rows)` instead of
-/// `(sqrt(rows) + 1) / 2` in `Classifier::load_pretrained` (the load fails on a shape mismatch).
+/// Mutations checked by hand (each failed, then reverted): `align_corners = true` in
+/// `resize_rel_pos_bias_table` (the first table of `--input_size 24 --window_size 6` 1.3e-2
+/// off); the model's window taken as `sqrt(rows)` instead of `(sqrt(rows) + 1) / 2` in
+/// `Classifier::load_pretrained` (the load fails on a shape mismatch).
 #[test]
 fn swin_finetune_at_another_window_or_size_loads_resized_tables() {
     let root = common::scratch_dir("finetune_resize", "swin");
@@ -209,8 +210,8 @@ fn swin_finetune_at_another_window_or_size_loads_resized_tables() {
 /// interpolated as run_class_finetuning.py does (bit for bit: 4x4 → 6x6 and → 2x2 patches),
 /// the [CLS] row unchanged.
 ///
-/// Mutation checked by hand: the pos_embed copied without interpolation (the load fails on a
-/// shape mismatch); `align_corners = true` (covered by the function test above).
+/// Mutation checked by hand (failed, then reverted): `align_corners = true` in
+/// `resize_pos_embed` (pos_embed at 24 px 1.26e-2 off).
 #[test]
 fn vit_finetune_at_another_size_interpolates_pos_embed() {
     let root = common::scratch_dir("finetune_resize", "vit");

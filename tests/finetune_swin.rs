@@ -265,11 +265,11 @@ fn swin_reference(
 /// Adam's first step amplifies (see the ViT test in tests/finetune.rs).
 ///
 /// Mutations checked by hand (each failed, then reverted): shift `window / 2 + 1` instead of
-/// `window / 2` in `SwinConfig::window_and_shift` (loss 1.6107 vs 1.6110, the first mismatch
-/// `patch_embed.proj.weight`'s gradient, 8.5e-2 of its largest element); the shifted-window
-/// mask with -10 instead of -100 (gradients 1.2e-3 apart); downsample layers on their stage's
-/// first block in `layer_id_for_swin` (`layers.0.downsample.norm.weight` 2.0e-4 off after the
-/// step); no weight decay on the 2-D `relative_position_bias_table`s (3.3e-5 off).
+/// `window / 2` in `SwinConfig::window_and_shift` (with the coverage assert below disabled:
+/// mixup loss 1.82274 vs 1.82109); the shifted-window mask with -10 instead of -100 between
+/// regions (the clipped gradient of `layers.0.blocks.1.norm1.weight` 2.2e-5 of its largest
+/// element off); downsample layers on their stage's first block instead of its last in
+/// `layer_id_for_swin` (`layers.0.downsample.reduction.weight` 4.7e-5 off after the step).
 #[test]
 fn swin_one_step_equals_pytorch() {
     use ibot::finetune::cls::{mix_with, mixup_target, rand_bbox_with, Lam};
