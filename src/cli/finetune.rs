@@ -377,10 +377,12 @@ pub fn main(a: &FinetuneArgs) -> Result<()> {
         b.data_path.get_or_insert_with(|| PathBuf::from("."));
         let cfg = b.to_config()?;
         let classes = cfg.nb_classes.unwrap_or(1000);
-        let (ms, ips) = crate::finetune::bench::step(&cfg, classes, n, 1)?;
+        let (ms, ips, cpu_ms) = crate::finetune::bench::step(&cfg, classes, n, 1)?;
         println!(
-            "ibot finetune step ({:?}, {} libtorch thread(s), batch {} at {} px, {} classes, mixup {}/{}): {ms:.1} ms/iter, {ips:.2} img/s",
+            "ibot finetune step ({:?}, {}{}, {} libtorch thread(s), batch {} at {} px, {} classes, mixup {}/{}): {ms:.1} ms/iter (CPU {cpu_ms:.1} ms/iter), {ips:.2} img/s",
             cfg.recipe,
+            cfg.arch.as_deref().unwrap_or("vit_small"),
+            cfg.window_size.map(|w| format!(" window {w}")).unwrap_or_default(),
             tch::get_num_threads(),
             cfg.batch_size,
             cfg.aug.input_size,
