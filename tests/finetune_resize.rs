@@ -52,7 +52,10 @@ fn reference(inputs: &[(String, Tensor)], dir: &Path) -> HashMap<String, Tensor>
 fn assert_equal(name: &str, got: &Tensor, want: &Tensor) {
     assert_eq!(got.size(), want.size(), "{name}: shape");
     let d = ibot::util::max_abs(&(got - want));
-    assert!(d == 0.0, "{name}: max abs difference {d}, expected bit-for-bit");
+    assert!(
+        d == 0.0,
+        "{name}: max abs difference {d}, expected bit-for-bit"
+    );
 }
 
 /// `resize_rel_pos_bias_table` equals timm 1.0.31's `resize_rel_pos_bias_table_simple` and the
@@ -67,7 +70,13 @@ fn assert_equal(name: &str, got: &Tensor, want: &Tensor) {
 #[test]
 fn resize_functions_match_timm_and_the_official_formulas() {
     tch::manual_seed(1);
-    let tables = [(7i64, 3i64, 12i64), (7, 2, 3), (4, 1, 6), (4, 4, 2), (5, 2, 5)];
+    let tables = [
+        (7i64, 3i64, 12i64),
+        (7, 2, 3),
+        (4, 1, 6),
+        (4, 4, 2),
+        (5, 2, 5),
+    ];
     let grids = [(14i64, 24i64, 8i64), (4, 7, 6), (7, 3, 4)];
     let mut inputs = Vec::new();
     for (i, &(w0, heads, w1)) in tables.iter().enumerate() {
@@ -110,7 +119,11 @@ fn resize_functions_match_timm_and_the_official_formulas() {
     }
     for (i, &(g0, g1, d)) in grids.iter().enumerate() {
         let got = resize_pos_embed(&inp[&format!("pos.{i}")], &[1, 1 + g1 * g1, d]).unwrap();
-        assert_equal(&format!("pos_embed {g0} -> {g1}"), &got, &r[&format!("pos.{i}")]);
+        assert_equal(
+            &format!("pos_embed {g0} -> {g1}"),
+            &got,
+            &r[&format!("pos.{i}")],
+        );
     }
     // Bad tables are refused with a message.
     let e = resize_rel_pos_bias_table(&Tensor::zeros([10, 2], (Kind::Float, Device::Cpu)), 3)
@@ -198,9 +211,16 @@ fn swin_finetune_at_another_window_or_size_loads_resized_tables() {
         for (i, k) in names.iter().enumerate() {
             assert_equal(&format!("{argv:?} {k}"), &sd[k], &r[&format!("timm.{i}")]);
             let ik = k.replace("relative_position_bias_table", "relative_position_index");
-            assert_equal(&format!("{argv:?} {ik}"), &sd[&ik], &r[&format!("index.{i}")]);
+            assert_equal(
+                &format!("{argv:?} {ik}"),
+                &sd[&ik],
+                &r[&format!("index.{i}")],
+            );
         }
-        for k in ["layers.1.blocks.1.mlp.fc1.weight", "patch_embed.proj.weight"] {
+        for k in [
+            "layers.1.blocks.1.mlp.fc1.weight",
+            "patch_embed.proj.weight",
+        ] {
             assert_equal(&format!("{argv:?} {k}"), &sd[k], &pre[k]);
         }
     }
@@ -264,10 +284,26 @@ fn vit_finetune_at_another_size_interpolates_pos_embed() {
             .state_dict()
             .map(|(k, t)| (k.to_string(), t.detach()))
             .collect();
-        assert_equal(&format!("pos_embed at {size} px"), &sd["pos_embed"], &r["pos.0"]);
-        assert_equal("cls row", &sd["pos_embed"].narrow(1, 0, 1), &pre["pos_embed"].narrow(1, 0, 1));
+        assert_equal(
+            &format!("pos_embed at {size} px"),
+            &sd["pos_embed"],
+            &r["pos.0"],
+        );
+        assert_equal(
+            "cls row",
+            &sd["pos_embed"].narrow(1, 0, 1),
+            &pre["pos_embed"].narrow(1, 0, 1),
+        );
     }
-    let cfg = config(&["--pretrained_weights", w.to_str().unwrap(), "--window_size", "7"]);
+    let cfg = config(&[
+        "--pretrained_weights",
+        w.to_str().unwrap(),
+        "--window_size",
+        "7",
+    ]);
     let e = build_model(&cfg, 3, Device::Cpu).unwrap_err();
-    assert!(format!("{e:#}").contains("--window_size is a Swin option"), "{e:#}");
+    assert!(
+        format!("{e:#}").contains("--window_size is a Swin option"),
+        "{e:#}"
+    );
 }

@@ -279,7 +279,9 @@ fn swin_one_step_equals_pytorch() {
     let (smoothing, ld, lr, wd, clip) = (0.1f64, 0.75, 1e-3, 0.3, 0.5);
     let sc = swin(&depths, &heads, patch, img, window);
     assert_eq!(
-        (0..3).map(|i| sc.window_and_shift(i, 1)).collect::<Vec<_>>(),
+        (0..3)
+            .map(|i| sc.window_and_shift(i, 1))
+            .collect::<Vec<_>>(),
         [(4, 2), (4, 2), (3, 0)],
         "the test must cover shifted, padded and clamped windows"
     );
@@ -333,10 +335,7 @@ fn swin_one_step_equals_pytorch() {
         inputs.push(("x".into(), xm.copy()));
         inputs.push(("y".into(), y.copy()));
         inputs.push(("lam".into(), Tensor::from(lam)));
-        inputs.push((
-            "cfg".into(),
-            Tensor::from_slice(cfg.to_string().as_bytes()),
-        ));
+        inputs.push(("cfg".into(), Tensor::from_slice(cfg.to_string().as_bytes())));
         let dir = common::scratch_dir("finetune_swin", &format!("step-{name}"));
         let r = swin_reference("step", &inputs, &dir);
         assert_eq!(
@@ -344,7 +343,12 @@ fn swin_one_step_equals_pytorch() {
             1,
             "{name}: relative_position_index"
         );
-        common::assert_close(&format!("{name}: soft targets"), &target, &r["target"], 1e-7);
+        common::assert_close(
+            &format!("{name}: soft targets"),
+            &target,
+            &r["target"],
+            1e-7,
+        );
 
         let fc = config(&[
             "--data_path",

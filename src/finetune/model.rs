@@ -23,8 +23,8 @@ use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
 use crate::models::init::trunc_normal;
-use crate::models::swin::resize_rel_pos_bias_table;
 use crate::models::layers::{LayerNorm, Linear, LN_EPS};
+use crate::models::swin::resize_rel_pos_bias_table;
 use crate::models::{Backbone, BackboneConfig, VisionTransformer};
 use crate::params::ParamStore;
 
