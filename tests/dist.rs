@@ -436,6 +436,10 @@ fn ranks_started_with_different_options_are_refused() {
         e.contains("rank 1 was started with different training options"),
         "{e}"
     );
+    assert!(
+        e.contains("--batch_size_per_gpu: 4 on rank 0, 2 on rank 1"),
+        "the error does not name the option: {e}"
+    );
 }
 
 #[test]

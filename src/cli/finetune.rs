@@ -229,6 +229,13 @@ pub struct FinetuneArgs {
     // torchrun or srun; --batch_size is per rank, as the official scripts'.
     #[command(flatten)]
     pub dist: DistArgs,
+    /// Data-parallel evaluation, as the official --dist_eval: each rank evaluates its
+    /// DistributedSampler(shuffle=False) share of the validation set and the metrics are summed
+    /// over the ranks. A set not divisible by the number of ranks is padded by repeating its
+    /// first images (counted in the reported accuracy, with the official warning). Without it
+    /// every rank evaluates the whole set.
+    #[arg(long, help_heading = "Data parallelism")]
+    pub dist_eval: bool,
 }
 
 impl FinetuneArgs {
@@ -361,6 +368,7 @@ impl FinetuneArgs {
             progress: true,
             from_scratch: self.from_scratch,
             dist: self.dist.config(),
+            dist_eval: self.dist_eval,
         };
         cfg.validate()?;
         Ok(cfg)

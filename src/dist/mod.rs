@@ -620,6 +620,107 @@ pub fn check_same(comm: &dyn Comm, fingerprint: u64, what: &str) -> Result<()> {
     Ok(())
 }
 
+/// Fails unless every rank was started with the same `options` (a JSON object of the options
+/// that must agree: paths, devices and threads left out by the caller), naming each option that
+/// differs and its value on both ranks, e.g. `--lr: 0.005 on rank 0, 0.001 on rank 1`.
+///
+/// The usual case costs one all-gather of a 64-bit hash (as [`check_same`]); only when the hashes
+/// differ are the options themselves gathered (every rank sees the same hashes, so every rank
+/// takes the same branch and the collectives stay matched).
+pub fn check_same_options(comm: &dyn Comm, options: &serde_json::Value, what: &str) -> Result<()> {
+    if comm.world_size() == 1 {
+        return Ok(());
+    }
+    let text = options.to_string();
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325; // FNV-1a
+    for b in text.bytes() {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    let mine = Tensor::from_slice(&[(h >> 32) as i64, (h & 0xFFFF_FFFF) as i64]);
+    let hashes = Vec::<i64>::try_from(
+        comm.all_gather(&mine.to_device(comm.device()))
+            .with_context(|| format!("comparing the {what} of the ranks"))?
+            .to_device(Device::Cpu),
+    )?;
+    let Some(r) = (1..comm.world_size()).find(|&r| hashes[2 * r..2 * r + 2] != hashes[0..2]) else {
+        return Ok(());
+    };
+    // Someone differs: gather every rank's options (bytes as int64) and name the differences
+    // between rank 0 and the first rank that differs.
+    let bytes: Vec<i64> = text.bytes().map(i64::from).collect();
+    let lens = all_gather_i64(comm, &[bytes.len() as i64])?;
+    let all = all_gather_i64(comm, &bytes)?;
+    let text_of = |k: usize| -> String {
+        let start: i64 = lens[..k].iter().sum();
+        all[start as usize..(start + lens[k]) as usize]
+            .iter()
+            .map(|&b| b as u8 as char)
+            .collect()
+    };
+    let (a, b): (serde_json::Value, serde_json::Value) = (
+        serde_json::from_str(&text_of(0)).unwrap_or_default(),
+        serde_json::from_str(&text_of(r)).unwrap_or_default(),
+    );
+    let mut diffs = Vec::new();
+    option_diff(&a, &b, "", &mut diffs);
+    let named: Vec<String> = diffs
+        .iter()
+        .map(|(path, x, y)| {
+            let name = if path.contains('.') {
+                path.clone()
+            } else {
+                format!("--{path}")
+            };
+            format!("{name}: {x} on rank 0, {y} on rank {r}")
+        })
+        .collect();
+    bail!(
+        "rank {r} was started with different {what} than rank 0 ({}): every rank must get the \
+         same options",
+        if named.is_empty() {
+            "the option files differ".to_string()
+        } else {
+            named.join("; ")
+        }
+    )
+}
+
+/// The leaves (`a.b.c`) where two JSON values differ, with both values.
+fn option_diff(
+    a: &serde_json::Value,
+    b: &serde_json::Value,
+    path: &str,
+    out: &mut Vec<(String, String, String)>,
+) {
+    use serde_json::Value;
+    let join = |k: &str| {
+        if path.is_empty() {
+            k.to_string()
+        } else {
+            format!("{path}.{k}")
+        }
+    };
+    match (a, b) {
+        (Value::Object(x), Value::Object(y)) => {
+            let mut keys: Vec<&String> = x.keys().chain(y.keys()).collect();
+            keys.sort();
+            keys.dedup();
+            for k in keys {
+                let null = Value::Null;
+                option_diff(
+                    x.get(k).unwrap_or(&null),
+                    y.get(k).unwrap_or(&null),
+                    &join(k),
+                    out,
+                );
+            }
+        }
+        (x, y) if x != y => out.push((path.to_string(), x.to_string(), y.to_string())),
+        _ => {}
+    }
+}
+
 /// Variable-length all-gather of int64 values (e.g. per-rank predictions when some images were
 /// skipped): every rank's list, in rank order.
 pub fn all_gather_i64(comm: &dyn Comm, values: &[i64]) -> Result<Vec<i64>> {

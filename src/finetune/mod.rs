@@ -117,6 +117,10 @@ pub struct FinetuneConfig {
     /// not part of the run's identity (a run may resume on another world).
     #[serde(default)]
     pub dist: crate::dist::DistConfig,
+    /// Evaluate on each rank's DistributedSampler(shuffle=False) share of the validation set
+    /// instead of the whole set on every rank (the official --dist_eval).
+    #[serde(default)]
+    pub dist_eval: bool,
 }
 
 impl FinetuneConfig {

@@ -278,6 +278,64 @@ impl Trainer {
     }
 }
 
+/// The meters of the official `evaluate` (a MetricLogger): `loss` updated once per batch with the
+/// batch's mean cross-entropy, `acc1` / `acc5` updated with n = the batch size, each a
+/// SmoothedValue's (count, total).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct EvalMeters {
+    pub loss_total: f64,
+    pub loss_count: f64,
+    /// Σ over batches of acc1 (percent) × batch size, i.e. 100 × the top-1 hits.
+    pub acc1_total: f64,
+    pub acc5_total: f64,
+    /// Images seen (the acc meters' count).
+    pub count: f64,
+}
+
+impl EvalMeters {
+    /// MetricLogger.synchronize_between_processes: every meter's count and total summed over
+    /// the ranks (float64 all-reduce). With --dist_eval the ranks saw different shards and the
+    /// averages become the global ones, duplicated padding samples included; without it every
+    /// rank saw the whole set and the averages are unchanged (totals and counts both × W).
+    pub fn synchronize(&mut self, comm: &dyn Comm) -> Result<()> {
+        if comm.world_size() == 1 {
+            return Ok(());
+        }
+        let flat = [
+            self.loss_total,
+            self.loss_count,
+            self.acc1_total,
+            self.acc5_total,
+            self.count,
+        ];
+        let mut t = Tensor::from_slice(&flat).to_device(comm.device());
+        comm.all_reduce_sum(&mut t)
+            .context("synchronizing the evaluation metrics")?;
+        let v = Vec::<f64>::try_from(t.to_device(Device::Cpu))?;
+        (
+            self.loss_total,
+            self.loss_count,
+            self.acc1_total,
+            self.acc5_total,
+            self.count,
+        ) = (v[0], v[1], v[2], v[3], v[4]);
+        Ok(())
+    }
+
+    /// The meters' global averages (SmoothedValue.global_avg = total / count).
+    pub fn stats(&self) -> Result<EvalStats> {
+        ensure!(
+            self.count > 0.0 && self.loss_count > 0.0,
+            "the validation set is empty"
+        );
+        Ok(EvalStats {
+            loss: self.loss_total / self.loss_count,
+            acc1: self.acc1_total / self.count,
+            acc5: self.acc5_total / self.count,
+        })
+    }
+}
+
 /// Loss, top-1 and top-5 of `model` on `idx` of `ds` (eval mode, batches of `bs`).
 #[allow(clippy::too_many_arguments)]
 pub fn evaluate(
@@ -291,13 +349,32 @@ pub fn evaluate(
     progress: bool,
     device: Device,
 ) -> Result<EvalStats> {
+    evaluate_meters(
+        model, ds, idx, transform, size, bs, workers, progress, device,
+    )?
+    .stats()
+}
+
+/// [`evaluate`]'s meters before averaging: one rank's part of a data-parallel evaluation.
+#[allow(clippy::too_many_arguments)]
+pub fn evaluate_meters(
+    model: &Classifier,
+    ds: &dyn Dataset,
+    idx: &[usize],
+    transform: &cls::EvalTransform,
+    size: usize,
+    bs: usize,
+    workers: usize,
+    progress: bool,
+    device: Device,
+) -> Result<EvalMeters> {
     let bar = if progress {
         crate::util::progress_bar(idx.len().div_ceil(bs) as u64, "Test")
     } else {
         crate::util::Progress::hidden()
     };
     let k = 5.min(model.cfg.nb_classes);
-    let (mut losses, mut c1, mut c5, mut n) = (Vec::new(), 0.0, 0.0, 0usize);
+    let mut m = EvalMeters::default();
     for chunk in idx.chunks(bs) {
         let (x, y) = load_batch(ds, chunk, |&i| i, size, workers, &|img, _| {
             transform.apply(img)
@@ -306,21 +383,19 @@ pub fn evaluate(
         let _g = tch::no_grad_guard();
         let logits = model.forward(&x, false)?;
         let loss = logits.cross_entropy_loss::<Tensor>(&y, None, tch::Reduction::Mean, -100, 0.0);
-        losses.push(loss.double_value(&[]));
+        m.loss_total += loss.double_value(&[]);
+        m.loss_count += 1.0;
         let (_, top) = logits.topk(k, 1, true, true);
         let hit = top.eq_tensor(&y.reshape([-1, 1]));
-        c1 += hit.narrow(1, 0, 1).sum(Kind::Float).double_value(&[]);
-        c5 += hit.sum(Kind::Float).double_value(&[]);
-        n += chunk.len();
+        // timm's accuracy() × n: hits × 100 (exact here; the official float32 acc × n rounds
+        // at the 1e-7 level).
+        m.acc1_total += 100.0 * hit.narrow(1, 0, 1).sum(Kind::Float).double_value(&[]);
+        m.acc5_total += 100.0 * hit.sum(Kind::Float).double_value(&[]);
+        m.count += chunk.len() as f64;
         bar.inc(1);
     }
     bar.finish_and_clear();
-    ensure!(n > 0, "the validation set is empty");
-    Ok(EvalStats {
-        loss: losses.iter().sum::<f64>() / losses.len() as f64,
-        acc1: c1 * 100.0 / n as f64,
-        acc5: c5 * 100.0 / n as f64,
-    })
+    Ok(m)
 }
 
 /// The classifier rows of a weights file, when it has a classifier (`head.weight` of a timm or
@@ -646,6 +721,29 @@ pub fn checkpoint_classes(path: &Path) -> Result<Option<i64>> {
     })
 }
 
+/// The fine-tuned classifier of an `ibot finetune` checkpoint (the `model.` tensors, not the EMA)
+/// with the configuration of the run that wrote it, e.g. to predict with it from a program.
+pub fn load_finetuned(path: &Path, device: Device) -> Result<(Classifier, FinetuneConfig)> {
+    let md = read_safetensors_metadata(path)?;
+    let raw = md
+        .get(META_KEY)
+        .with_context(|| format!("{} is not an `ibot finetune` checkpoint", path.display()))?;
+    let meta: CheckpointMeta = serde_json::from_str(raw)
+        .with_context(|| format!("{}: damaged metadata", path.display()))?;
+    let model = Classifier::new(&meta.classifier, device)?;
+    let all = read_safetensors(path)?;
+    model
+        .ps
+        .load_strict(
+            &all.into_iter()
+                .filter(|(k, _)| k.starts_with("model."))
+                .collect(),
+            "model.",
+        )
+        .with_context(|| format!("loading {}", path.display()))?;
+    Ok((model, meta.config))
+}
+
 fn append_log(path: &Path, entries: &[(String, serde_json::Value)]) -> Result<()> {
     use std::io::Write;
     // Keys in the official order (serde_json's map would sort them).
@@ -708,21 +806,16 @@ impl Meters {
     }
 }
 
-/// A hash of the options every rank must share (not the device, threads, progress bars or
-/// rendezvous).
-fn options_fingerprint(cfg: &FinetuneConfig) -> Result<u64> {
+/// The options every rank must share (not the device, threads, progress bars or rendezvous),
+/// compared across the ranks by [`crate::dist::check_same_options`].
+fn shared_options(cfg: &FinetuneConfig) -> Result<serde_json::Value> {
     let mut v = serde_json::to_value(cfg)?;
     if let Some(m) = v.as_object_mut() {
         for k in ["device", "num_workers", "progress", "dist"] {
             m.remove(k);
         }
     }
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in v.to_string().bytes() {
-        h ^= b as u64;
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    Ok(h)
+    Ok(v)
 }
 
 /// Runs fine-tuning (or, with `eval`, only the evaluation) as configured: one process, or one
@@ -739,11 +832,13 @@ pub fn run(cfg: &FinetuneConfig) -> Result<FinetuneOutcome> {
 /// (shuffled with seed and epoch, padded by wrapping, rank r taking positions r, r + W, ...;
 /// RASampler's share with repeated augmentation), gradients averaged over the ranks, the
 /// MetricLogger's meters summed over the ranks, evaluation on every rank over the whole
-/// validation set (the scripts' default without --dist_eval), and only rank 0 writing.
+/// validation set (the scripts' default) or, with --dist_eval, sharded as
+/// DistributedSampler(shuffle=False) (padded by repeating the first images) with the meters
+/// summed over the ranks, and only rank 0 writing.
 pub fn run_with(cfg: &FinetuneConfig, comm: &dyn Comm, device: Device) -> Result<FinetuneOutcome> {
     cfg.validate()?;
     let (rank, ws, main) = (comm.rank(), comm.world_size(), comm.is_main());
-    crate::dist::check_same(comm, options_fingerprint(cfg)?, "fine-tuning options")?;
+    crate::dist::check_same_options(comm, &shared_options(cfg)?, "fine-tuning options")?;
     let progress = cfg.progress && main;
     let (train_ds, val_ds) = data::open_sets(
         &cfg.data_path,
@@ -852,20 +947,36 @@ pub fn run_with(cfg: &FinetuneConfig, comm: &dyn Comm, device: Device) -> Result
     let eval_t = cls::EvalTransform::new(&cfg.aug)?;
     let eval_bs = ((1.5 * cfg.batch_size as f64) as usize).max(1);
     let workers = cfg.num_workers.max(1);
-    // The validation pass of the model or of its EMA: every rank on the whole set (the official
-    // default without --dist_eval).
-    let evaluate_on = |model: &Classifier| {
-        evaluate(
+    // The validation pass of the model or of its EMA, as the official scripts: every rank on
+    // the whole set (SequentialSampler), or with --dist_eval each rank on its
+    // DistributedSampler(shuffle=False) share; the meters then summed over the ranks.
+    let dist_eval = cfg.dist_eval && ws > 1;
+    if dist_eval && val_idx.len() % ws != 0 && main {
+        eprintln!(
+            "Warning: Enabling distributed evaluation with an eval dataset not divisible by process \
+             number. This will slightly alter validation results as extra duplicate entries are \
+             added to achieve equal num of samples per-process."
+        );
+    }
+    let eval_idx = if dist_eval {
+        crate::dist::shard(&val_idx, rank, ws)
+    } else {
+        val_idx.clone()
+    };
+    let evaluate_on = |model: &Classifier| -> Result<EvalStats> {
+        let mut m = evaluate_meters(
             model,
             val_ds.as_ref(),
-            &val_idx,
+            &eval_idx,
             &eval_t,
             size,
             eval_bs,
             workers,
             progress,
             device,
-        )
+        )?;
+        m.synchronize(comm)?;
+        m.stats()
     };
     if cfg.eval {
         let s = evaluate_on(&trainer.model)?;

@@ -191,9 +191,9 @@ fn progress(n: u64, epoch: usize, epochs: usize) -> Option<ProgressBar> {
     Some(pb)
 }
 
-/// FNV-1a of the options every rank must share (the model, data and optimisation ones; paths,
-/// workers and the device may differ between nodes).
-fn options_fingerprint(args: &TrainConfig) -> Result<u64> {
+/// The options every rank must share (the model, data and optimisation ones; paths, workers and
+/// the device may differ between nodes), compared by [`crate::dist::check_same_options`].
+fn shared_options(args: &TrainConfig) -> Result<serde_json::Value> {
     let mut v = serde_json::to_value(args)?;
     if let Some(m) = v.as_object_mut() {
         for k in [
@@ -207,13 +207,7 @@ fn options_fingerprint(args: &TrainConfig) -> Result<u64> {
             m.remove(k);
         }
     }
-    let text = v.to_string();
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in text.bytes() {
-        h ^= b as u64;
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    Ok(h)
+    Ok(v)
 }
 
 /// Runs (or resumes) training as the arguments say: one process, or one rank of a data-parallel
@@ -292,7 +286,7 @@ pub fn train_with(args: &TrainConfig, comm: &dyn Comm, device: Device) -> Result
     let mut lcfg = loader_config(args)?;
     lcfg.rank = comm.rank();
     lcfg.world_size = comm.world_size();
-    crate::dist::check_same(comm, options_fingerprint(args)?, "training options")?;
+    crate::dist::check_same_options(comm, &shared_options(args)?, "training options")?;
     std::fs::create_dir_all(&args.run.output_dir)
         .with_context(|| format!("creating {}", args.run.output_dir.display()))?;
     // One run per output directory: rank 0 holds an exclusive lock until it returns.
