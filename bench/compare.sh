@@ -19,6 +19,16 @@
 #   bash bench/compare.sh scaling    # ms/iter of both vs batch (1 4 16 64) and local crops (0 2 6 10)
 #                                    # on the Fashion-MNIST recipe (ViT patch 4, width 192, depth 6,
 #                                    # 2x32 + Nx16 crops, out_dim 8192)
+#   bash bench/compare.sh fmnist-epochs  # whole epochs of that recipe with data loading: `ibot
+#                                    # train` vs the official training loop (bench/torch_train_fmnist.py)
+#                                    # on the first SUBSET (default 1280) Fashion-MNIST images,
+#                                    # EPOCHS (default 2), batch 64, 6 local crops, WORKERS (default 2)
+#                                    # loader workers; wall and CPU time (user + sys of the process
+#                                    # and its workers) of the whole run, ROUNDS (default 1) alternating
+# REF_GEMM=onednn (recipe-step, scaling, fmnist-epochs) routes the reference's nn.Linear through
+# oneDNN inside libtorch, as ibot does, instead of MKL's sgemm (AVX2-only on AMD CPUs): the
+# ratio to expect where MKL is not handicapped (Intel). OURS_GEMM=blas runs ibot with
+# IBOT_CPU_GEMM=blas (F.linear, MKL) instead: both sides on MKL.
 # ROUNDS=n sets how many alternating runs of each side the step comparisons take the median of.
 # THREADS=n runs both sides with n libtorch threads (default: all cores). On a machine shared with
 # other jobs, THREADS=1 and the CPU times ("CPU ... ms/iter") are the steadier comparison: the
@@ -36,6 +46,9 @@ cpu_rate() { grep -oE 'CPU [0-9.]+ ms/iter' | head -1 | cut -d' ' -f2; }
 threads=${THREADS:-0}
 ours_threads=(); ref_threads=()
 if [ "$threads" != 0 ]; then ours_threads=(--threads "$threads"); ref_threads=(--threads "$threads"); fi
+ref_threads+=(--gemm "${REF_GEMM:-default}")
+if [ -n "${OURS_GEMM:-}" ]; then export IBOT_CPU_GEMM="$OURS_GEMM"; fi
+echo "reference gemm: ${REF_GEMM:-default}; ibot IBOT_CPU_GEMM=${IBOT_CPU_GEMM:-(default: onednn)}"
 median() { printf '%s\n' "$@" | sort -g | awk '{ v[NR] = $1 } END { print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
 case "${1:-data}" in
@@ -169,8 +182,35 @@ scaling)
     for l in 0 2 6 10; do point --batch 64 --local_crops_number "$l"; done
     echo "load $(cut -d' ' -f1-3 /proc/loadavg)"
     ;;
+fmnist-epochs)
+    # Whole epochs of the Fashion-MNIST recipe of issue 14 with data loading, the same options
+    # on both sides (float32, the student head shared as the reference's, norm_last_layer).
+    rounds=${ROUNDS:-1}; subset=${SUBSET:-1280}; epochs=${EPOCHS:-2}; workers=${WORKERS:-2}
+    data=${DATA:-/usr/share/datasets/fashion-mnist}
+    common=(--arch vit_tiny --patch_size 4 --embed_dim 192 --depth 6 --num_heads 3 --img_size 32
+        --global_crops_size 32 --local_crops_size 16 --local_crops_number 6 --out_dim 8192
+        --batch_size_per_gpu 64 --epochs "$epochs" --subset "$subset" --num_workers "$workers"
+        --warmup_epochs 1 --warmup_teacher_temp_epochs 1 --data_path "$data")
+    out_dir=$(mktemp -d); trap 'rm -rf "$out_dir"' EXIT
+    tfmt='TIME wall %e user %U sys %S rss %M'
+    field() { grep -oE "TIME .*" | grep -oE "$1 [0-9.]+" | cut -d' ' -f2; }
+    ow=(); rw=(); oc=(); rc=()
+    for i in $(seq "$rounds"); do
+        rm -rf "$out_dir"/*
+        out=$( { /usr/bin/time -f "$tfmt" target/release/ibot "${ours_threads[@]}" train "${common[@]}" --patch_out_dim 8192 \
+            --shared_head true --precision float32 --output_dir "$out_dir/ibot" --saveckp_freq 0; } 2>&1 )
+        ow+=("$(echo "$out" | field wall)"); oc+=("$(awk -v u="$(echo "$out" | field user)" -v s="$(echo "$out" | field sys)" 'BEGIN { print u + s }')")
+        echo "$out" | grep -E '^epoch [0-9]+:' | sed 's/^/  ibot: /' || true
+        out=$( { /usr/bin/time -f "$tfmt" $py bench/torch_train_fmnist.py "${ref_threads[@]}" "${common[@]}" --output_dir "$out_dir/ref"; } 2>&1 )
+        rw+=("$(echo "$out" | field wall)"); rc+=("$(awk -v u="$(echo "$out" | field user)" -v s="$(echo "$out" | field sys)" 'BEGIN { print u + s }')")
+        echo "$out" | grep -E '^(epoch [0-9]+:|onednn)' | sed 's/^/  official loop: /' || true
+        echo "round $i (load $(cut -d' ' -f1-3 /proc/loadavg)): ibot ${ow[-1]} s wall, ${oc[-1]} s CPU; official loop ${rw[-1]} s wall, ${rc[-1]} s CPU"
+    done
+    mow=$(median "${ow[@]}"); mrw=$(median "${rw[@]}"); moc=$(median "${oc[@]}"); mrc=$(median "${rc[@]}")
+    echo "Fashion-MNIST recipe, $epochs epochs of $subset images (batch 64, 2x32 + 6x16, $workers workers, threads ${THREADS:-default}), whole process, medians of $rounds: CPU ibot $moc s vs official loop $mrc s (ratio $(ratio "$moc" "$mrc")); wall $mow s vs $mrw s (ratio $(ratio "$mow" "$mrw"))"
+    ;;
 *)
-    echo "usage: bash bench/compare.sh data|step|step-bf16|finetune-step|finetune-swin-step|swin-step|recipe-step|scaling|allreduce|dp-step" >&2
+    echo "usage: bash bench/compare.sh data|step|step-bf16|finetune-step|finetune-swin-step|swin-step|recipe-step|scaling|fmnist-epochs|allreduce|dp-step" >&2
     exit 2
     ;;
 esac

@@ -13,6 +13,8 @@ on the 32-px grid, i.e. the last stage's, and repeated up to the 4-px grid for m
 Usage (from the repo root, after scripts/bootstrap.sh):
   .venv/bin/python bench/torch_step.py --arch vit_small --batch 8 --local_crops_number 2
   .venv/bin/python bench/torch_step.py --arch swin_tiny --window_size 7 --batch 4 --local_crops_number 2
+  # nn.Linear on oneDNN inside libtorch (as ibot) instead of MKL's sgemm; CPU time per phase
+  .venv/bin/python bench/torch_step.py --threads 1 --gemm onednn --batch 4 --local_crops_number 10 --phases
 """
 import argparse
 import math
@@ -26,6 +28,95 @@ ARCHS = {"vit_tiny": (192, 12, 3), "vit_small": (384, 12, 6), "vit_base": (768, 
 # Swin: embed_dim, depths, heads per stage (official swin_tiny/small/base/large).
 SWIN_ARCHS = {"swin_tiny": (96, (2, 2, 6, 2), (3, 6, 12, 24)), "swin_small": (96, (2, 2, 18, 2), (3, 6, 12, 24)),
               "swin_base": (128, (2, 2, 18, 2), (4, 8, 16, 32)), "swin_large": (192, (2, 2, 18, 2), (6, 12, 24, 48))}
+
+
+PHASES = {}  # phase name -> [CPU seconds, wall seconds], filled when --phases is on
+_PHASES_ON = [False]
+_PREFIX = [""]
+
+
+class phase:
+    """Adds the CPU and wall time of the block to PHASES[name] (with --phases; with one thread
+    the process CPU time is the block's own; wall time, as `ibot bench train` reports, also
+    counts waits for a core on a loaded machine)."""
+
+    def __init__(self, name):
+        self.name = name
+
+    def __enter__(self):
+        if _PHASES_ON[0]:
+            self.t, self.w = time.process_time(), time.perf_counter()
+
+    def __exit__(self, *exc):
+        if _PHASES_ON[0]:
+            acc = PHASES.setdefault(self.name, [0.0, 0.0])
+            acc[0] += time.process_time() - self.t
+            acc[1] += time.perf_counter() - self.w
+
+
+def _dense(t):
+    return t.to_dense() if t.is_mkldnn else t
+
+
+class OnednnLinear(torch.autograd.Function):
+    """y = x @ w.T + b on oneDNN's float32 inner product inside libtorch (aten.mkldnn_linear and
+    its two backward ops), saving the dense input and weight as F.linear does: the same products
+    ibot's csrc/fastops.cpp runs. F.linear calls MKL's sgemm, which takes an AVX2 path on AMD
+    CPUs; on Intel both are AVX-512, so `--gemm onednn` estimates the ratio MKL does not handicap."""
+
+    @staticmethod
+    def forward(ctx, x, w, b):
+        rows = x.reshape(-1, x.shape[-1]).contiguous()
+        wc = w.contiguous()
+        bias = b.contiguous() if b is not None else None
+        y = _dense(torch.ops.aten.mkldnn_linear(rows.to_mkldnn(), wc, bias))
+        ctx.save_for_backward(rows, wc)
+        ctx.has_bias, ctx.shape = b is not None, x.shape
+        return y.view(*x.shape[:-1], w.shape[0])
+
+    @staticmethod
+    def backward(ctx, gy):
+        rows, w = ctx.saved_tensors
+        g = gy.reshape(-1, w.shape[0]).contiguous().to_mkldnn()
+        gx = gw = gb = None
+        if ctx.needs_input_grad[0]:
+            gx = _dense(torch.ops.aten.mkldnn_linear_backward_input(list(rows.shape), g, w)).view(ctx.shape)
+        if ctx.needs_input_grad[1] or (ctx.has_bias and ctx.needs_input_grad[2]):
+            rw, rb = torch.ops.aten.mkldnn_linear_backward_weights(g, rows.to_mkldnn(), w, ctx.has_bias)
+            gw = _dense(rw) if ctx.needs_input_grad[1] else None
+            gb = _dense(rb) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return gx, gw, gb
+
+
+def use_onednn_linear(check=True):
+    """Routes every float32 CPU nn.Linear (outside autocast) through OnednnLinear. With `check`,
+    first compares forward and gradients with F.linear on a ViT-S MLP shape and prints the
+    largest differences relative to each result's largest magnitude (float32 summation order
+    only: ~1e-6)."""
+    plain = nn.Linear.forward
+
+    def forward(self, x):
+        if x.dtype == torch.float32 and not x.is_cuda and not torch.is_autocast_enabled("cpu"):
+            return OnednnLinear.apply(x, self.weight, self.bias)
+        return plain(self, x)
+
+    if check:
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(4, 394, 384, generator=g)
+        w = torch.randn(1536, 384, generator=g) * 0.05
+        b = torch.randn(1536, generator=g)
+        gy = torch.randn(4, 394, 1536, generator=g)
+        outs = []
+        for f in (F.linear, OnednnLinear.apply):
+            xs, ws, bs = (t.clone().requires_grad_() for t in (x, w, b))
+            y = f(xs, ws, bs)
+            y.backward(gy)
+            outs.append((y.detach(), xs.grad, ws.grad, bs.grad))
+        rel = [float((o - r).abs().max() / r.abs().max()) for r, o in zip(*outs)]
+        print("onednn linear vs F.linear, max |diff| / max |ref| (y, dx, dw, db): " + ", ".join(f"{e:.1e}" for e in rel))
+        if max(rel) > 1e-5:
+            raise SystemExit("oneDNN linear disagrees with F.linear")
+    nn.Linear.forward = forward
 
 
 def drop_path(x, p, training):
@@ -245,8 +336,10 @@ class Net(nn.Module):
             self.head = Head(shape[0], args.out_dim, args.head_hidden_dim, args.head_bottleneck_dim)
 
     def forward(self, views, masks=None):
-        toks = self.backbone(torch.cat(views), torch.cat(masks) if masks is not None else None)
-        return self.head(toks)
+        with phase(_PREFIX[0] + " backbone"):
+            toks = self.backbone(torch.cat(views), torch.cat(masks) if masks is not None else None)
+        with phase(_PREFIX[0] + " head"):
+            return self.head(toks)
 
 
 def main():
@@ -269,6 +362,11 @@ def main():
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--gemm", choices=["default", "onednn"], default="default",
+                    help="onednn: every float32 nn.Linear on oneDNN's inner product inside libtorch (as ibot does) "
+                         "instead of F.linear's MKL sgemm, to see the ratio where MKL is not handicapped (Intel CPUs)")
+    ap.add_argument("--phases", action="store_true",
+                    help="print the CPU ms per step of each phase (teacher / student backbone and head, loss, backward, ...)")
     ap.add_argument("--autocast", choices=["none", "bf16"], default="none",
                     help="run forward and loss under torch.autocast (CPU, bfloat16), as the official --use_fp16 does on CUDA")
     args = ap.parse_args()
@@ -277,6 +375,8 @@ def main():
         args.patch_size = 4 if swin else 16
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.gemm == "onednn":
+        use_onednn_linear()
     torch.manual_seed(0)
     student, teacher = Net(args, True), Net(args, False)
     teacher.load_state_dict(student.state_dict(), strict=False)
@@ -298,11 +398,18 @@ def main():
             return forward_and_loss(views, masks)
 
     def forward_and_loss(views, masks):
-        nonlocal center, center2
         with torch.no_grad():
+            _PREFIX[0] = "teacher"
             t_cls, t_patch = teacher(views[:2])
+        _PREFIX[0] = "student global"
         s_cls, s_patch = student(views[:2], masks)
+        _PREFIX[0] = "student local"
         s_loc = student(views[2:])[0] if args.local_crops_number else None
+        with phase("loss"):
+            return loss_and_center(t_cls, t_patch, s_cls, s_patch, s_loc, masks)
+
+    def loss_and_center(t_cls, t_patch, s_cls, s_patch, s_loc, masks):
+        nonlocal center, center2
         sc = torch.cat([s_cls, s_loc]) if s_loc is not None else s_cls
         sc = (sc / 0.1).chunk(2 + args.local_crops_number)
         sp = (s_patch / 0.1).chunk(2)
@@ -326,32 +433,43 @@ def main():
         return loss
 
     def step():
-        views = [torch.randn(b, 3, g, g) for _ in range(2)] + [torch.randn(b, 3, l, l) for _ in range(args.local_crops_number)]
-        masks = [torch.rand(b, grid, grid) < 0.3 for _ in range(2)]
+        with phase("inputs"):
+            views = [torch.randn(b, 3, g, g) for _ in range(2)] + [torch.randn(b, 3, l, l) for _ in range(args.local_crops_number)]
+            masks = [torch.rand(b, grid, grid) < 0.3 for _ in range(2)]
         loss = forward(views, masks)
-        opt.zero_grad()
-        loss.backward()
-        for p in student.parameters():
-            if p.grad is not None:
-                n = p.grad.norm(2)
-                c = 3.0 / (n + 1e-6)
-                if c < 1:
-                    p.grad.mul_(c)
-        opt.step()
-        with torch.no_grad():
+        with phase("backward"):
+            opt.zero_grad()
+            loss.backward()
+        with phase("clip"):
+            for p in student.parameters():
+                if p.grad is not None:
+                    n = p.grad.norm(2)
+                    c = 3.0 / (n + 1e-6)
+                    if c < 1:
+                        p.grad.mul_(c)
+        with phase("optimizer"):
+            opt.step()
+        with phase("EMA"), torch.no_grad():
             for name, pt in teacher_params.items():
                 pt.mul_(0.996).add_(student_params[name].detach() * 0.004)
         return loss.item()
 
     for _ in range(args.warmup):
         step()
+    _PHASES_ON[0] = args.phases
     t0, c0 = time.perf_counter(), time.process_time()
     for _ in range(args.iters):
         step()
     dt = (time.perf_counter() - t0) / args.iters
     cpu = (time.process_time() - c0) / args.iters
-    print(f"pytorch {torch.__version__} threads {torch.get_num_threads()} autocast {args.autocast}: {args.arch}/{args.patch_size}{f' window {args.window_size}' if swin else ''} batch {b} "
+    print(f"pytorch {torch.__version__} threads {torch.get_num_threads()} autocast {args.autocast} gemm {args.gemm}: {args.arch}/{args.patch_size}{f' window {args.window_size}' if swin else ''} batch {b} "
           f"2x{g} + {args.local_crops_number}x{l}: {dt * 1000:.1f} ms/iter (CPU {cpu * 1000:.1f} ms/iter), {b / dt:.2f} img/s")
+
+    if args.phases:
+        total = sum(v[0] for v in PHASES.values())
+        print("where the time goes (ms per step: CPU, wall; share of the phases' CPU time):")
+        for k, (c, w) in PHASES.items():
+            print(f"  {k:<26} {c / args.iters * 1000:9.1f} {w / args.iters * 1000:9.1f}  {100 * c / total:5.1f}%")
 
 
 if __name__ == "__main__":

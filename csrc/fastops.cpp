@@ -115,6 +115,38 @@ int ibot_fused_sgd(at::Tensor** params, at::Tensor** grads, at::Tensor** bufs, i
   }
 }
 
+// torch.optim.Adam(fused=True)'s update: Adam with L2 weight decay added to the gradient (not
+// decoupled), timm's `--opt adam` in the fine-tuning scripts.
+int ibot_fused_adam(at::Tensor** params, at::Tensor** grads, at::Tensor** exp_avgs,
+                    at::Tensor** exp_avg_sqs, at::Tensor** steps, int n, double lr, double beta1,
+                    double beta2, double weight_decay, double eps, char** err) {
+  try {
+    at::NoGradGuard no_grad;
+    at::_fused_adam_(list(params, n), list(grads, n), list(exp_avgs, n), list(exp_avg_sqs, n), {},
+                     list(steps, n), lr, beta1, beta2, weight_decay, eps, /*amsgrad=*/false,
+                     /*maximize=*/false);
+    return 0;
+  } catch (const std::exception& e) {
+    set_error(err, e.what());
+    return 1;
+  }
+}
+
+// torch.optim.SGD(nesterov=True, fused=True)'s update (dampening 0): timm's `--opt sgd`.
+int ibot_fused_sgd_nesterov(at::Tensor** params, at::Tensor** grads, at::Tensor** bufs, int n,
+                            double weight_decay, double momentum, double lr, int first_step,
+                            char** err) {
+  try {
+    at::NoGradGuard no_grad;
+    at::_fused_sgd_(list(params, n), list(grads, n), list(bufs, n), weight_decay, momentum, lr,
+                    /*dampening=*/0.0, /*nesterov=*/true, /*maximize=*/false, first_step != 0);
+    return 0;
+  } catch (const std::exception& e) {
+    set_error(err, e.what());
+    return 1;
+  }
+}
+
 // The official EMA `t.mul_(m).add_((1 - m) * s)` over n pairs, as multi-tensor operations
 // (the same roundings as the official per-tensor code).
 int ibot_foreach_ema(at::Tensor** teacher, at::Tensor** student, int n, double m, char** err) {

@@ -49,6 +49,33 @@ mod ffi {
             first_step: c_int,
             err: *mut *mut c_char,
         ) -> c_int;
+        #[allow(clippy::too_many_arguments)]
+        pub fn ibot_fused_adam(
+            params: *const *mut c_void,
+            grads: *const *mut c_void,
+            exp_avgs: *const *mut c_void,
+            exp_avg_sqs: *const *mut c_void,
+            steps: *const *mut c_void,
+            n: c_int,
+            lr: f64,
+            beta1: f64,
+            beta2: f64,
+            weight_decay: f64,
+            eps: f64,
+            err: *mut *mut c_char,
+        ) -> c_int;
+        #[allow(clippy::too_many_arguments)]
+        pub fn ibot_fused_sgd_nesterov(
+            params: *const *mut c_void,
+            grads: *const *mut c_void,
+            bufs: *const *mut c_void,
+            n: c_int,
+            weight_decay: f64,
+            momentum: f64,
+            lr: f64,
+            first_step: c_int,
+            err: *mut *mut c_char,
+        ) -> c_int;
         pub fn ibot_foreach_ema(
             teacher: *const *mut c_void,
             student: *const *mut c_void,
@@ -122,6 +149,52 @@ pub fn fused_adamw(
     weight_decay: f64,
     eps: f64,
 ) -> Result<()> {
+    fused_adam_impl(
+        true,
+        params,
+        grads,
+        exp_avgs,
+        exp_avg_sqs,
+        steps,
+        [lr, beta1, beta2, weight_decay, eps],
+    )
+}
+
+/// Adam with L2 weight decay (`torch.optim.Adam(fused=True)`, `torch._fused_adam_`): the
+/// decay is added to the gradient before the moments, unlike [`fused_adamw`].
+#[allow(clippy::too_many_arguments)]
+pub fn fused_adam(
+    params: &[Tensor],
+    grads: &[Tensor],
+    exp_avgs: &[Tensor],
+    exp_avg_sqs: &[Tensor],
+    steps: &[Tensor],
+    lr: f64,
+    beta1: f64,
+    beta2: f64,
+    weight_decay: f64,
+    eps: f64,
+) -> Result<()> {
+    fused_adam_impl(
+        false,
+        params,
+        grads,
+        exp_avgs,
+        exp_avg_sqs,
+        steps,
+        [lr, beta1, beta2, weight_decay, eps],
+    )
+}
+
+fn fused_adam_impl(
+    decoupled: bool,
+    params: &[Tensor],
+    grads: &[Tensor],
+    exp_avgs: &[Tensor],
+    exp_avg_sqs: &[Tensor],
+    steps: &[Tensor],
+    [lr, beta1, beta2, weight_decay, eps]: [f64; 5],
+) -> Result<()> {
     let n = params.len();
     ensure!(
         [grads.len(), exp_avgs.len(), exp_avg_sqs.len(), steps.len()]
@@ -141,8 +214,13 @@ pub fn fused_adamw(
     );
     let mut err = std::ptr::null_mut();
     // SAFETY: n live tensors in each list.
+    let f = if decoupled {
+        ffi::ibot_fused_adamw
+    } else {
+        ffi::ibot_fused_adam
+    };
     let rc = unsafe {
-        ffi::ibot_fused_adamw(
+        f(
             p.as_ptr(),
             g.as_ptr(),
             m.as_ptr(),
@@ -157,12 +235,44 @@ pub fn fused_adamw(
             &mut err,
         )
     };
-    check_rc(rc, err, "fused AdamW")
+    check_rc(
+        rc,
+        err,
+        if decoupled {
+            "fused AdamW"
+        } else {
+            "fused Adam"
+        },
+    )
 }
 
 /// SGD with momentum (dampening 0, no Nesterov, coupled weight decay) as `torch._fused_sgd_`;
 /// with `first_step` the buffers (any contents) are set to the decayed gradients first.
 pub fn fused_sgd(
+    params: &[Tensor],
+    grads: &[Tensor],
+    bufs: &[Tensor],
+    weight_decay: f64,
+    momentum: f64,
+    lr: f64,
+    first_step: bool,
+) -> Result<()> {
+    fused_sgd_with(
+        false,
+        params,
+        grads,
+        bufs,
+        weight_decay,
+        momentum,
+        lr,
+        first_step,
+    )
+}
+
+/// [`fused_sgd`] with Nesterov momentum or not (`torch._fused_sgd_(nesterov=...)`).
+#[allow(clippy::too_many_arguments)]
+pub fn fused_sgd_with(
+    nesterov: bool,
     params: &[Tensor],
     grads: &[Tensor],
     bufs: &[Tensor],
@@ -182,8 +292,13 @@ pub fn fused_sgd(
     let (p, g, b) = (ptrs(params), ptrs(grads), ptrs(bufs));
     let mut err = std::ptr::null_mut();
     // SAFETY: n live tensors in each list.
+    let f = if nesterov {
+        ffi::ibot_fused_sgd_nesterov
+    } else {
+        ffi::ibot_fused_sgd
+    };
     let rc = unsafe {
-        ffi::ibot_fused_sgd(
+        f(
             p.as_ptr(),
             g.as_ptr(),
             b.as_ptr(),

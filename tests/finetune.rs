@@ -305,7 +305,10 @@ fn checkpoint_tensors(dir: &Path) -> HashMap<String, Tensor> {
 
 /// A run stopped after epoch 1 and resumed ends bit for bit where an uninterrupted run ends
 /// (float32 on the CPU: model, EMA and AdamW state, and log.txt's numbers), with drop path,
-/// the EMA and gradient accumulation on. log.txt carries the official keys in the official
+/// dropout (`--drop`, `--attn_drop_rate`), the EMA and gradient accumulation on. (Mutation
+/// checked by hand: libtorch's generator seeded for dropout from a process-wide counter instead
+/// of the per-epoch drop-path generator: model_ema.blocks.1.mlp.fc2.weight differs after
+/// resuming.) log.txt carries the official keys in the official
 /// order (run_class_finetuning.py's MetricLogger: lr, min_lr, loss, weight_decay, grad_norm;
 /// `loss_scale` is absent, there being no loss scaler in float32), plus the EMA's evaluation.
 #[test]
@@ -337,6 +340,10 @@ fn resume_equals_uninterrupted_and_log_keys() {
             "0.9",
             "--lr",
             "1e-3",
+            "--drop",
+            "0.1",
+            "--attn_drop_rate",
+            "0.1",
             "--device",
             "cpu",
             "--num_workers",
@@ -383,6 +390,30 @@ fn resume_equals_uninterrupted_and_log_keys() {
         assert_eq!(keys, want);
     }
     assert!(a.join("finetune.png").is_file() && a.join("args.json").is_file());
+
+    // `--eval --resume CKPT` alone: the checkpoint names the architecture (a ViT-S built from
+    // the defaults instead fails to load it), and the evaluation repeats the last epoch's.
+    let c = config(&[
+        "--eval",
+        "--resume",
+        a.join("checkpoint.safetensors").to_str().unwrap(),
+        "--data_path",
+        data.to_str().unwrap(),
+        "--output_dir",
+        root.join("c").to_str().unwrap(),
+        "--input_size",
+        "16",
+        "--batch_size",
+        "4",
+        "--device",
+        "cpu",
+    ]);
+    let e = ibot::finetune::run(&c).unwrap().last.unwrap();
+    let last = la.lines().last().unwrap();
+    let logged: serde_json::Value = serde_json::from_str(last).unwrap();
+    assert_eq!(e.acc1, logged["test_acc1"].as_f64().unwrap(), "{last}");
+    let loss = logged["test_loss"].as_f64().unwrap();
+    assert!((e.loss - loss).abs() <= 1e-6 * loss.abs(), "{} vs {last}", e.loss);
 }
 
 /// eval_cls.py's log (DeiT transfer recipe): train_lr, train_loss, then the test keys; its

@@ -101,6 +101,27 @@ pub struct FinetuneArgs {
     /// Stochastic depth rate of the last block.
     #[arg(long, alias = "drop-path")]
     pub drop_path: Option<f64>,
+    /// Dropout rate after the position embedding, the attention projection and both MLP layers
+    /// (training only; the official default 0).
+    #[arg(long, default_value_t = 0.0)]
+    pub drop: f64,
+    /// Dropout rate of the attention probabilities (training only; default 0).
+    #[arg(long, default_value_t = 0.0)]
+    pub attn_drop_rate: f64,
+    /// Optimizer, by timm's create_optimizer name: adamw (default); adam (L2 weight decay);
+    /// sgd or nesterov (SGD with Nesterov momentum, timm's meaning of 'sgd'); momentum (SGD
+    /// with plain momentum). timm's other optimizers are refused.
+    #[arg(long, default_value = "adamw")]
+    pub opt: String,
+    /// Adam/AdamW epsilon (ignored by SGD, as timm drops it).
+    #[arg(long, alias = "opt-eps", default_value_t = 1e-8)]
+    pub opt_eps: f64,
+    /// Adam/AdamW betas, two numbers (default PyTorch's 0.9 0.999).
+    #[arg(long, alias = "opt-betas", num_args = 1..)]
+    pub opt_betas: Option<Vec<f64>>,
+    /// SGD momentum (--opt sgd / momentum).
+    #[arg(long, default_value_t = 0.9)]
+    pub momentum: f64,
     /// Learning rate as the recipe's script takes it: absolute for imagenet_layer_decay,
     /// multiplied by batch_size x world_size / 512 for deit_transfer and semi.
     #[arg(long)]
@@ -111,6 +132,10 @@ pub struct FinetuneArgs {
     pub blr: Option<f64>,
     #[arg(long, alias = "warmup-epochs")]
     pub warmup_epochs: Option<usize>,
+    /// Warm-up length in iterations, overriding --warmup_epochs' length (imagenet_layer_decay's
+    /// per-iteration schedule; as officially, it needs --warmup_epochs > 0). Values <= 0: off.
+    #[arg(long, allow_negative_numbers = true)]
+    pub warmup_steps: Option<i64>,
     /// Warm-up start of the DeiT recipes' schedule (unused by imagenet_layer_decay, whose
     /// warm-up starts at 0 as the official script's does).
     #[arg(long, alias = "warmup-lr")]
@@ -154,6 +179,10 @@ pub struct FinetuneArgs {
     /// CutMix alpha (on when > 0).
     #[arg(long)]
     pub cutmix: Option<f64>,
+    /// CutMix box side bounds as fractions of the image side, two numbers (timm's
+    /// rand_bbox_minmax): turns CutMix on with alpha 1 and boxes drawn uniformly in them.
+    #[arg(long, alias = "cutmix-minmax", num_args = 1..)]
+    pub cutmix_minmax: Option<Vec<f64>>,
     /// Probability of mixing a batch at all.
     #[arg(long, alias = "mixup-prob", default_value_t = 1.0)]
     pub mixup_prob: f64,
@@ -191,12 +220,49 @@ pub struct FinetuneArgs {
     /// Threads decoding and augmenting images.
     #[arg(long, default_value_t = 2)]
     pub num_workers: usize,
+    // ---- accepted for compatibility with the official command lines (see the README's table
+    // of official options): each selects what `ibot finetune` does anyway, or concerns only
+    // PyTorch's data loading / placement.
+    /// eval_cls.py's pooling switch: 1 = --use_mean_pooling, 0 = [CLS].
+    #[arg(long, value_parser = ["0", "1"], help_heading = "Official options accepted for compatibility")]
+    pub avgpool_patchtokens: Option<String>,
+    /// run.sh imagenet_cls passes it: the iBOT ViT has absolute position embeddings.
+    #[arg(long, help_heading = "Official options accepted for compatibility")]
+    pub disable_rel_pos_bias: bool,
+    /// run.sh imagenet_cls passes it: absolute (learned) position embeddings, as here.
+    #[arg(long, help_heading = "Official options accepted for compatibility")]
+    pub abs_pos_emb: bool,
+    /// The default of run_class_finetuning.py: learned absolute position embeddings, as here.
+    #[arg(long, help_heading = "Official options accepted for compatibility")]
+    pub learned_abs_pos_emb: bool,
+    /// run.sh imagenet_cls passes 0 (no LayerScale, as the iBOT ViT); other values are refused.
+    #[arg(long, help_heading = "Official options accepted for compatibility")]
+    pub layer_scale_init_value: Option<f64>,
+    /// run.sh imagenet_cls passes it: ImageNet's mean and std, which every recipe here uses.
+    #[arg(long, help_heading = "Official options accepted for compatibility")]
+    pub imagenet_default_mean_and_std: bool,
+    /// PyTorch DataLoader memory pinning (no effect here).
+    #[arg(long, help_heading = "Official options accepted for compatibility")]
+    pub pin_mem: bool,
+    #[arg(long, help_heading = "Official options accepted for compatibility")]
+    pub no_pin_mem: bool,
+    /// Keeps timm's EMA on the CPU in the official scripts (no effect on its values; the EMA
+    /// lives on --device here).
+    #[arg(long, help_heading = "Official options accepted for compatibility")]
+    pub model_ema_force_cpu: bool,
+    /// Declared but unused by the official scripts (never passed to create_transform).
+    #[arg(long, help_heading = "Official options accepted for compatibility")]
+    pub resplit: bool,
+    /// Resuming from <output_dir>/checkpoint.safetensors is always on here.
+    #[arg(long, help_heading = "Official options accepted for compatibility")]
+    pub auto_resume: bool,
     #[arg(long, default_value = "auto")]
     pub device: String,
-    /// Mixed precision as `ibot train`: bfloat16 autocast on CPUs with AMX, else float32.
+    /// Mixed precision as `ibot train`: float16 autocast with loss scaling (GradScaler) on
+    /// CUDA, bfloat16 autocast on CPUs with AMX, else float32.
     #[arg(long, num_args = 0..=1, default_missing_value = "true", default_value = "false")]
     pub use_fp16: bool,
-    /// auto (follows --use_fp16), float32 or bfloat16.
+    /// auto (follows --use_fp16), float32, bfloat16 or float16 (CUDA only).
     #[arg(long, value_enum, default_value = "auto")]
     pub precision: crate::train::amp::PrecisionChoice,
     /// Resume from this checkpoint (default: <output_dir>/checkpoint.safetensors when it exists).
@@ -298,9 +364,26 @@ impl FinetuneArgs {
             aug.crop_pct = Some(c);
         }
         let smoothing = pick(self.smoothing, 0.1, 0.1, 0.1);
+        let cutmix_minmax = match self.cutmix_minmax.as_deref() {
+            None => None,
+            Some(&[lo, hi]) => Some((lo, hi)),
+            Some(v) => bail!(
+                "--cutmix_minmax takes two numbers (min and max box side fractions), got {}",
+                v.len()
+            ),
+        };
+        let opt_betas = match self.opt_betas.as_deref() {
+            None => None,
+            Some(&[b1, b2]) => Some((b1, b2)),
+            Some(v) => bail!(
+                "--opt_betas takes two numbers (Adam's beta1 beta2), got {}",
+                v.len()
+            ),
+        };
         let mixup = cls::MixupConfig {
             mixup_alpha: pick(self.mixup, 0.8, 0.8, 0.8),
             cutmix_alpha: pick(self.cutmix, 1.0, 1.0, 1.0),
+            cutmix_minmax,
             prob: self.mixup_prob,
             switch_prob: self.mixup_switch_prob,
             mode: cls::MixupMode::parse(&self.mixup_mode)?,
@@ -315,6 +398,30 @@ impl FinetuneArgs {
             (0.0..=1.0).contains(&mixup.prob) && (0.0..=1.0).contains(&mixup.switch_prob),
             "--mixup_prob and --mixup_switch_prob must be in [0, 1]"
         );
+        if let Some(v) = self.layer_scale_init_value {
+            ensure!(
+                v == 0.0,
+                "--layer_scale_init_value {v}: LayerScale (BEiT's gamma_1/gamma_2) is not \
+                 implemented; the iBOT ViT has none (run.sh imagenet_cls passes 0.0)"
+            );
+        }
+        let use_mean_pooling = match self.avgpool_patchtokens.as_deref() {
+            Some("1") => {
+                ensure!(
+                    !self.use_cls,
+                    "--avgpool_patchtokens 1 and --use_cls contradict each other"
+                );
+                true
+            }
+            Some(_) => {
+                ensure!(
+                    !self.use_mean_pooling,
+                    "--avgpool_patchtokens 0 and --use_mean_pooling contradict each other"
+                );
+                false
+            }
+            None => self.use_mean_pooling,
+        };
         let data_path = match (&self.data_path, self.demo) {
             (Some(p), _) => p.clone(),
             (None, true) => PathBuf::from(crate::finetune::DEMO_DATA),
@@ -348,7 +455,7 @@ impl FinetuneArgs {
             clip_grad: self.clip_grad,
             model_ema: self.model_ema.unwrap_or(deit),
             model_ema_decay: pick(self.model_ema_decay, 0.9999, 0.99996, 0.99996),
-            use_mean_pooling: self.use_mean_pooling,
+            use_mean_pooling,
             finetune_head_layer: pick_u(self.finetune_head_layer, 0, 0, 1),
             init_scale: pick(self.init_scale, 0.001, 1.0, 1.0),
             update_freq: self.update_freq,
@@ -369,6 +476,15 @@ impl FinetuneArgs {
             from_scratch: self.from_scratch,
             dist: self.dist.config(),
             dist_eval: self.dist_eval,
+            opt: crate::finetune::OptConfig {
+                opt: self.opt.clone(),
+                opt_eps: self.opt_eps,
+                opt_betas,
+                momentum: self.momentum,
+            },
+            warmup_steps: self.warmup_steps.filter(|&s| s > 0).map(|s| s as usize),
+            drop: self.drop,
+            attn_drop_rate: self.attn_drop_rate,
         };
         cfg.validate()?;
         Ok(cfg)

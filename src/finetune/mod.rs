@@ -121,6 +121,151 @@ pub struct FinetuneConfig {
     /// instead of the whole set on every rank (the official --dist_eval).
     #[serde(default)]
     pub dist_eval: bool,
+    /// `--opt`, `--opt_eps`, `--opt_betas`, `--momentum`.
+    #[serde(default)]
+    pub opt: OptConfig,
+    /// `--warmup_steps` (run_class_finetuning.py): warm-up iterations overriding
+    /// `warmup_epochs × iterations per epoch` (None: the official -1).
+    #[serde(default)]
+    pub warmup_steps: Option<usize>,
+    /// `--drop`: dropout after the position embedding, the attention projection and both MLP
+    /// layers (the official `pos_drop`, `proj_drop`, `Mlp.drop`).
+    #[serde(default)]
+    pub drop: f64,
+    /// `--attn_drop_rate`: dropout on the attention probabilities.
+    #[serde(default)]
+    pub attn_drop_rate: f64,
+}
+
+/// The optimizer of timm's `create_optimizer` as the official fine-tuning scripts call it
+/// (`--opt`, `--opt_eps`, `--opt_betas`, `--momentum`), restricted to the update rules
+/// implemented here.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct OptConfig {
+    /// timm's name: adamw, adam, sgd / nesterov (SGD with Nesterov momentum), momentum (SGD with
+    /// plain momentum).
+    pub opt: String,
+    /// Adam's epsilon (`--opt_eps`; timm drops it for SGD).
+    pub opt_eps: f64,
+    /// Adam's betas (`--opt_betas`; None: PyTorch's (0.9, 0.999)).
+    pub opt_betas: Option<(f64, f64)>,
+    /// SGD momentum (`--momentum`).
+    pub momentum: f64,
+}
+
+impl Default for OptConfig {
+    fn default() -> Self {
+        Self {
+            opt: "adamw".into(),
+            opt_eps: 1e-8,
+            opt_betas: None,
+            momentum: 0.9,
+        }
+    }
+}
+
+/// The optimizers of timm's `create_optimizer` (the list of BEiT's `optim_factory` and timm's
+/// legacy factory) that are not implemented here.
+pub const UNSUPPORTED_OPTS: &[&str] = &[
+    "nadam",
+    "radam",
+    "adamp",
+    "sgdp",
+    "adadelta",
+    "adafactor",
+    "adahessian",
+    "rmsprop",
+    "rmsproptf",
+    "novograd",
+    "nvnovograd",
+    "lamb",
+    "lars",
+    "fusedsgd",
+    "fusedmomentum",
+    "fusedadam",
+    "fusedadamw",
+    "fusedlamb",
+    "fusednovograd",
+];
+
+impl OptConfig {
+    /// The update rule `--opt` names, as timm's `create_optimizer` reads it: lower-cased, the
+    /// part after the last `_` (a `lookahead_` prefix wraps the optimizer in Lookahead, which
+    /// is not implemented; other prefixes are ignored, as timm ignores them). Returns the kind
+    /// and whether SGD uses Nesterov momentum.
+    pub fn kind(&self) -> Result<(crate::train::optim::OptimizerKind, bool)> {
+        use crate::train::optim::OptimizerKind as K;
+        const SUPPORTED: &str = "adamw (default), adam, sgd (= nesterov: SGD with Nesterov \
+                                 momentum, as timm), momentum (SGD without Nesterov)";
+        let lower = self.opt.to_lowercase();
+        let parts: Vec<&str> = lower.split('_').collect();
+        if parts.len() > 1 && parts[0] == "lookahead" {
+            bail!(
+                "--opt {}: the Lookahead wrapper is not implemented; supported: {SUPPORTED}",
+                self.opt
+            );
+        }
+        let name = parts.last().copied().unwrap_or_default();
+        let (kind, nesterov) = match name {
+            "adamw" => (K::Adamw, false),
+            "adam" => (K::Adam, false),
+            "sgd" | "nesterov" => (K::Sgd, true),
+            "momentum" => (K::Sgd, false),
+            n if UNSUPPORTED_OPTS.contains(&n) => bail!(
+                "--opt {}: timm's {n} is not implemented in `ibot finetune`; supported: \
+                 {SUPPORTED}",
+                self.opt
+            ),
+            _ => bail!(
+                "--opt {}: unknown optimizer (timm would fail with 'Invalid optimizer'); \
+                 supported: {SUPPORTED}",
+                self.opt
+            ),
+        };
+        if kind == K::Sgd {
+            ensure!(
+                self.opt_betas.is_none(),
+                "--opt_betas does not apply to SGD (PyTorch's SGD takes no betas)"
+            );
+            ensure!(
+                self.momentum >= 0.0 && self.momentum.is_finite(),
+                "--momentum must be >= 0"
+            );
+            ensure!(
+                !nesterov || self.momentum > 0.0,
+                "--opt {} is SGD with Nesterov momentum, which needs --momentum > 0 (PyTorch \
+                 refuses Nesterov without momentum); use --opt momentum --momentum 0 for plain SGD",
+                self.opt
+            );
+        } else {
+            ensure!(
+                self.opt_eps > 0.0 && self.opt_eps.is_finite(),
+                "--opt_eps must be positive"
+            );
+            if let Some((b1, b2)) = self.opt_betas {
+                ensure!(
+                    (0.0..1.0).contains(&b1) && (0.0..1.0).contains(&b2),
+                    "--opt_betas must be two numbers in [0, 1) (got {b1} {b2})"
+                );
+            }
+        }
+        Ok((kind, nesterov))
+    }
+
+    /// A new optimizer over `ps` with these options.
+    pub fn build(&self, ps: &crate::params::ParamStore) -> Result<crate::train::optim::Optimizer> {
+        let (kind, nesterov) = self.kind()?;
+        let mut o = crate::train::optim::Optimizer::new(kind, ps);
+        o.eps = self.opt_eps;
+        if let Some((b1, b2)) = self.opt_betas {
+            o.beta1 = b1;
+            o.beta2 = b2;
+        }
+        o.momentum = self.momentum;
+        o.nesterov = nesterov;
+        Ok(o)
+    }
 }
 
 impl FinetuneConfig {
@@ -181,6 +326,27 @@ impl FinetuneConfig {
         );
         if self.subset == Some(0) {
             bail!("--subset 0 leaves no images");
+        }
+        self.opt.kind()?;
+        ensure!(
+            (0.0..1.0).contains(&self.drop) && (0.0..1.0).contains(&self.attn_drop_rate),
+            "--drop and --attn_drop_rate must be in [0, 1) (got {} and {})",
+            self.drop,
+            self.attn_drop_rate
+        );
+        if let Some(s) = self.warmup_steps {
+            ensure!(
+                !self.recipe.is_deit(),
+                "--warmup_steps is an option of run_class_finetuning.py (--recipe \
+                 imagenet_layer_decay); eval_cls.py's timm scheduler warms up per epoch \
+                 (--warmup_epochs)"
+            );
+            ensure!(
+                s == 0 || self.warmup_epochs > 0 || self.eval,
+                "--warmup_steps {s} with --warmup_epochs 0: the official cosine_scheduler only \
+                 builds a warm-up when warmup_epochs > 0 (and then fails its length check); give \
+                 --warmup_epochs 1 or more with --warmup_steps"
+            );
         }
         self.aug.validate()
     }

@@ -154,6 +154,19 @@ impl Classifier {
         })
     }
 
+    /// Turns on the official dropouts of the fine-tuning ViT (`--drop`, `--attn_drop_rate`; see
+    /// [`VisionTransformer::set_dropout`]). A Swin refuses rates above 0 (not implemented).
+    pub fn set_dropout(&mut self, drop: f64, attn_drop: f64) -> Result<()> {
+        match &mut self.backbone {
+            Backbone::Vit(v) => v.set_dropout(drop, attn_drop),
+            Backbone::Swin(_) if drop == 0.0 && attn_drop == 0.0 => Ok(()),
+            Backbone::Swin(_) => bail!(
+                "--drop and --attn_drop_rate are not implemented for Swin backbones yet (the ViT \
+                 takes them)"
+            ),
+        }
+    }
+
     /// The ViT backbone (None for a Swin).
     pub fn vit(&self) -> Option<&VisionTransformer> {
         self.backbone.as_vit()

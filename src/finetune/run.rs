@@ -16,15 +16,15 @@ use super::data::{self, epoch_order, load_batch, view_rng};
 use super::groups::{get_parameter_groups_for, LayerIds};
 use super::loss::Criterion;
 use super::model::{Classifier, ClassifierConfig};
-use super::schedule::{deit_epoch_lr, per_iteration_cosine};
+use super::schedule::{deit_epoch_lr, per_iteration_cosine, per_iteration_cosine_steps};
 use super::{FinetuneConfig, Recipe};
 use crate::data::dataset::Dataset;
 use crate::dist::Comm;
 use crate::interop::Pretrained;
 use crate::models::{BackboneConfig, VitConfig};
 use crate::params::{read_safetensors, read_safetensors_metadata, write_safetensors};
-use crate::train::amp::{self, Precision};
-use crate::train::optim::{Optimizer, OptimizerKind, ScaledGroup};
+use crate::train::amp::{self, GradScaler, Precision};
+use crate::train::optim::{Optimizer, ScaledGroup};
 
 /// Metadata key of fine-tuning checkpoints.
 pub const META_KEY: &str = "ibot_finetune";
@@ -63,6 +63,9 @@ struct CheckpointMeta {
     max_accuracy: f64,
     classifier: ClassifierConfig,
     config: FinetuneConfig,
+    /// The float16 loss scaler's state (the official checkpoints' `scaler`).
+    #[serde(default)]
+    scaler: Option<GradScaler>,
 }
 
 /// The model, its EMA, the optimizer and the criterion: one optimisation step at a time.
@@ -76,6 +79,9 @@ pub struct Trainer {
     pub update_freq: usize,
     pub ema_decay: f64,
     pub precision: Precision,
+    /// The loss scaler of float16 runs (`NativeScalerWithGradNormCount` / timm's
+    /// `NativeScaler`: torch.cuda.amp.GradScaler with its defaults); unused otherwise.
+    pub scaler: GradScaler,
     pub device: Device,
     /// Keep the (clipped) gradients of the last update in `last_grads` (for tests).
     pub keep_grads: bool,
@@ -135,14 +141,9 @@ impl Trainer {
             None
         };
         let precision = Precision::resolve(cfg.use_fp16, cfg.precision, device)?;
-        ensure!(
-            precision != Precision::Fp16,
-            "float16 with loss scaling is not available in `ibot finetune` yet; use \
-             --precision bfloat16 or float32"
-        );
         let n = model.ps.len();
         Ok(Self {
-            opt: Optimizer::new(OptimizerKind::Adamw, &model.ps),
+            opt: cfg.opt.build(&model.ps)?,
             model,
             ema,
             groups,
@@ -151,6 +152,7 @@ impl Trainer {
             update_freq: cfg.update_freq,
             ema_decay: cfg.model_ema_decay,
             precision,
+            scaler: GradScaler::default(),
             device,
             keep_grads: false,
             last_grads: Vec::new(),
@@ -208,11 +210,17 @@ impl Trainer {
         let value = loss.double_value(&[]);
         ensure!(value.is_finite(), "Loss is {value}, stopping training");
         let params: Vec<&Tensor> = self.model.ps.params().iter().map(|p| &p.tensor).collect();
-        let scaled = if self.update_freq > 1 {
+        let mut scaled = if self.update_freq > 1 {
             loss / self.update_freq as f64
         } else {
             loss
         };
+        if self.precision == Precision::Fp16 {
+            // NativeScalerWithGradNormCount: `scaler.scale(loss / update_freq).backward()` on
+            // every micro-step with the scale of the moment (it only changes at an update), so
+            // the accumulated gradients carry one common scale that the update divides out.
+            scaled = self.scaler.scale_loss(&scaled);
+        }
         let grads = Tensor::run_backward(&[&scaled], &params, false, false);
         tch::no_grad(|| {
             for (acc, g) in self.accum.iter_mut().zip(grads) {
@@ -241,6 +249,9 @@ impl Trainer {
         // DDP averages after every backward; the mean of sums equals the sum of means, so one
         // all-reduce per update gives the same gradients with update_freq times less traffic.
         crate::dist::average_gradients(comm, &mut grads).context("averaging gradients")?;
+        // float16: `scaler.unscale_(optimizer)` before the norm and clipping (an overflow on any
+        // rank reached every rank through the average, so all skip together).
+        let found_inf = self.precision == Precision::Fp16 && self.scaler.unscale(&mut grads);
         let norm = tch::no_grad(|| -> f64 {
             // torch.nn.utils.clip_grad_norm_: the norm of the per-tensor norms, coefficient
             // max_norm / (total + 1e-6) clamped to 1, every gradient multiplied by it.
@@ -258,8 +269,15 @@ impl Trainer {
             }
             total.double_value(&[])
         });
-        self.opt
-            .step_groups(&self.model.ps, &grads, &self.groups, lr, wd)?;
+        if !found_inf {
+            self.opt
+                .step_groups(&self.model.ps, &grads, &self.groups, lr, wd)?;
+        }
+        if self.precision == Precision::Fp16 {
+            // `scaler.step` skipped the step on inf/NaN; `scaler.update()` adapts the scale.
+            // The official loop still updates the EMA after a skipped step.
+            self.scaler.update(found_inf);
+        }
         self.accum = (0..grads.len()).map(|_| None).collect();
         if self.keep_grads {
             self.last_grads = grads;
@@ -438,6 +456,9 @@ pub fn build_model(
     device: Device,
 ) -> Result<(Classifier, Option<Pretrained>)> {
     tch::manual_seed(cfg.seed as i64);
+    if let Some(model) = resumed_architecture(cfg, nb_classes, device)? {
+        return Ok((model, None));
+    }
     let pre = match &cfg.pretrained_weights {
         Some(p) => {
             ensure!(
@@ -543,7 +564,8 @@ pub fn build_model(
         head_hidden_dim,
         init_scale: cfg.init_scale,
     };
-    let model = Classifier::new(&ccfg, device)?;
+    let mut model = Classifier::new(&ccfg, device)?;
+    model.set_dropout(cfg.drop, cfg.attn_drop_rate)?;
     if (pre.is_none() || cfg.from_scratch) && cfg.recipe == Recipe::ImagenetLayerDecay {
         // modeling_finetune's fix_init_weight: attn.proj and mlp.fc2 of block i divided by
         // sqrt(2 (i + 1)).
@@ -647,6 +669,7 @@ fn save_checkpoint(
         max_accuracy,
         classifier: t.model.cfg.clone(),
         config: cfg.clone(),
+        scaler: (t.precision == Precision::Fp16).then(|| t.scaler.clone()),
     };
     let mut md = HashMap::new();
     md.insert(META_KEY.to_string(), serde_json::to_string(&meta)?);
@@ -705,6 +728,9 @@ fn load_checkpoint(path: &Path, t: &mut Trainer) -> Result<(usize, f64)> {
         }
     }
     t.opt.load_state(&t.model.ps, &all, "optimizer.")?;
+    if let (Some(sc), Precision::Fp16) = (meta.scaler, t.precision) {
+        t.scaler = sc;
+    }
     Ok((meta.next_epoch, meta.max_accuracy))
 }
 
@@ -719,6 +745,65 @@ pub fn checkpoint_classes(path: &Path) -> Result<Option<i64>> {
         ),
         None => None,
     })
+}
+
+/// The checkpoint a run resumes from: `--resume`, else `checkpoint.safetensors` in
+/// `--output_dir` when it exists.
+fn resume_path(cfg: &FinetuneConfig) -> Option<PathBuf> {
+    match &cfg.resume {
+        Some(p) => Some(p.clone()),
+        None => Some(cfg.output_dir.join("checkpoint.safetensors")).filter(|p| p.is_file()),
+    }
+}
+
+/// When neither `--pretrained_weights` nor `--arch` names an architecture but the run resumes
+/// (e.g. `--eval --resume CKPT`), the classifier the checkpoint was written by, with this
+/// run's drop path, dropout and input size (the official scripts take the architecture from
+/// `--model`; the checkpoint already says it). None otherwise.
+fn resumed_architecture(
+    cfg: &FinetuneConfig,
+    nb_classes: i64,
+    device: Device,
+) -> Result<Option<Classifier>> {
+    if cfg.pretrained_weights.is_some() || cfg.arch.is_some() {
+        return Ok(None);
+    }
+    let Some(path) = resume_path(cfg).filter(|p| p.is_file()) else {
+        return Ok(None);
+    };
+    let md = read_safetensors_metadata(&path)?;
+    let raw = md.get(META_KEY).with_context(|| {
+        format!(
+            "{} is not an `ibot finetune` checkpoint (give --pretrained_weights or --arch for \
+             the architecture)",
+            path.display()
+        )
+    })?;
+    let meta: CheckpointMeta = serde_json::from_str(raw)
+        .with_context(|| format!("{}: damaged metadata", path.display()))?;
+    let mut c = meta.classifier;
+    ensure!(
+        c.nb_classes == nb_classes,
+        "{} classifies {} classes but the data has {nb_classes} (--nb_classes)",
+        path.display(),
+        c.nb_classes
+    );
+    let size = cfg.aug.input_size as i64;
+    match &mut c.backbone {
+        BackboneConfig::Vit(v) => {
+            v.img_size = size;
+            v.drop_path_rate = cfg.drop_path;
+        }
+        BackboneConfig::Swin(s) => {
+            s.img_size = size;
+            s.drop_path_rate = cfg.drop_path;
+            s.validate().context("the Swin at --input_size")?;
+        }
+    }
+    let mut model = Classifier::new(&c, device)?;
+    model.set_dropout(cfg.drop, cfg.attn_drop_rate)?;
+    eprintln!("architecture: the classifier of {}", path.display());
+    Ok(Some(model))
 }
 
 /// The fine-tuned classifier of an `ibot finetune` checkpoint (the `model.` tensors, not the EMA)
@@ -900,6 +985,9 @@ pub fn run_with(cfg: &FinetuneConfig, comm: &dyn Comm, device: Device) -> Result
     };
     let mut trainer = Trainer::new(model, cfg, device)?;
     eprintln!("criterion = {}", trainer.criterion.name());
+    if main {
+        eprintln!("precision: {}", trainer.precision.name());
+    }
 
     std::fs::create_dir_all(&cfg.output_dir)
         .with_context(|| format!("creating {}", cfg.output_dir.display()))?;
@@ -910,13 +998,10 @@ pub fn run_with(cfg: &FinetuneConfig, comm: &dyn Comm, device: Device) -> Result
         None
     };
     let ckpt = cfg.output_dir.join("checkpoint.safetensors");
-    let resume = match &cfg.resume {
-        Some(p) => {
-            ensure!(p.is_file(), "--resume {} does not exist", p.display());
-            Some(p.clone())
-        }
-        None => ckpt.is_file().then(|| ckpt.clone()),
-    };
+    if let Some(p) = &cfg.resume {
+        ensure!(p.is_file(), "--resume {} does not exist", p.display());
+    }
+    let resume = resume_path(cfg);
     let (mut start, mut max_accuracy) = (0usize, 0.0f64);
     if let Some(p) = &resume {
         (start, max_accuracy) = load_checkpoint(p, &mut trainer)?;
@@ -963,18 +1048,23 @@ pub fn run_with(cfg: &FinetuneConfig, comm: &dyn Comm, device: Device) -> Result
     } else {
         val_idx.clone()
     };
+    // The official `evaluate` runs under autocast too (float16 on CUDA, bfloat16 here on AMX
+    // CPUs; a plain call in float32).
+    let precision = trainer.precision;
     let evaluate_on = |model: &Classifier| -> Result<EvalStats> {
-        let mut m = evaluate_meters(
-            model,
-            val_ds.as_ref(),
-            &eval_idx,
-            &eval_t,
-            size,
-            eval_bs,
-            workers,
-            progress,
-            device,
-        )?;
+        let mut m = amp::autocast(precision, device, || {
+            evaluate_meters(
+                model,
+                val_ds.as_ref(),
+                &eval_idx,
+                &eval_t,
+                size,
+                eval_bs,
+                workers,
+                progress,
+                device,
+            )
+        })?;
         m.synchronize(comm)?;
         m.stats()
     };
@@ -1026,13 +1116,14 @@ pub fn run_with(cfg: &FinetuneConfig, comm: &dyn Comm, device: Device) -> Result
     let lr_sched = if cfg.recipe.is_deit() {
         None
     } else {
-        Some(per_iteration_cosine(
+        Some(per_iteration_cosine_steps(
             cfg.lr,
             cfg.min_lr,
             cfg.epochs,
             steps_per_epoch,
             cfg.warmup_epochs,
             0.0,
+            cfg.warmup_steps,
         )?)
     };
     let wd_sched = per_iteration_cosine(
@@ -1132,6 +1223,11 @@ pub fn run_with(cfg: &FinetuneConfig, comm: &dyn Comm, device: Device) -> Result
                 meters.update(
                     "class_acc",
                     if mixup.is_none() { out.class_acc } else { None },
+                );
+                // The scale after this micro-step (`loss_scaler.state_dict()["scale"]`).
+                meters.update(
+                    "loss_scale",
+                    (trainer.precision == Precision::Fp16).then_some(trainer.scaler.scale),
                 );
                 meters.update("weight_decay", (cfg.weight_decay > 0.0).then_some(wd));
                 meters.update("grad_norm", out.grad_norm);

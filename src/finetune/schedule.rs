@@ -1,6 +1,6 @@
 //! Learning-rate schedules of the fine-tuning recipes.
 
-use anyhow::Result;
+use anyhow::{ensure, Result};
 
 /// BEiT's `utils.cosine_scheduler` as `run_class_finetuning.py` calls it: per iteration, a
 /// linear warm-up from `start_warmup_value` (the script passes none: 0, so `--warmup_lr` plays
@@ -21,6 +21,53 @@ pub fn per_iteration_cosine(
         warmup_epochs,
         start_warmup_value,
     )
+}
+
+/// [`per_iteration_cosine`] with run_class_finetuning.py's `--warmup_steps`: BEiT's
+/// `cosine_scheduler(..., warmup_steps)`, whose warm-up lasts `warmup_steps` iterations instead of
+/// `warmup_epochs × niter_per_ep` when `warmup_steps > 0` (None or 0: the official -1), is built
+/// only when `warmup_epochs > 0`, and is followed by the half cosine over the remaining
+/// iterations. A warm-up step count with `warmup_epochs == 0` (where the official schedule comes
+/// out short and fails its length assertion) or longer than training is an error.
+pub fn per_iteration_cosine_steps(
+    base: f64,
+    final_: f64,
+    epochs: usize,
+    niter_per_ep: usize,
+    warmup_epochs: usize,
+    start_warmup_value: f64,
+    warmup_steps: Option<usize>,
+) -> Result<Vec<f64>> {
+    let steps = match warmup_steps {
+        Some(s) if s > 0 => s,
+        _ => {
+            return per_iteration_cosine(
+                base,
+                final_,
+                epochs,
+                niter_per_ep,
+                warmup_epochs,
+                start_warmup_value,
+            )
+        }
+    };
+    let total = epochs * niter_per_ep;
+    ensure!(
+        warmup_epochs > 0,
+        "--warmup_steps {steps} needs --warmup_epochs > 0 (the official cosine_scheduler builds \
+         no warm-up otherwise and fails its length check)"
+    );
+    ensure!(
+        steps <= total,
+        "--warmup_steps {steps} is longer than training ({total} iterations)"
+    );
+    let mut s = crate::schedule::linspace(start_warmup_value, base, steps);
+    let n = total - steps;
+    s.extend((0..n).map(|i| {
+        let c = (std::f64::consts::PI * i as f64 / n as f64).cos();
+        final_ + 0.5 * (base - final_) * (1.0 + c)
+    }));
+    Ok(s)
 }
 
 /// timm's `CosineLRScheduler` (`create_scheduler` with `--sched cosine`, one cycle of

@@ -227,6 +227,13 @@ impl Mlp {
     pub fn forward(&self, x: &Tensor) -> Tensor {
         self.fc2.forward(&self.fc1.forward(x).gelu("none"))
     }
+
+    /// The official `Mlp` with dropout `p` after the activation and after `fc2` (training only;
+    /// the draws come from libtorch's generator).
+    pub fn forward_drop(&self, x: &Tensor, p: f64, train: bool) -> Tensor {
+        let h = self.fc1.forward(x).gelu("none").dropout(p, train);
+        self.fc2.forward(&h).dropout(p, train)
+    }
 }
 
 /// Multi-head self-attention with a fused qkv projection (`qkv`, `proj`).
@@ -301,6 +308,28 @@ impl Attention {
             false,
         );
         self.proj.forward(&out.transpose(1, 2).reshape([b, n, c]))
+    }
+
+    /// [`Attention::forward`] with the official dropouts: `attn_drop` on the attention
+    /// probabilities (scaled_dot_product_attention's `dropout_p`, given only when training) and
+    /// `proj_drop` after the projection. libtorch's CPU flash kernel takes no dropout, so with
+    /// `attn_drop > 0` in training the product runs through its explicit (math) kernel.
+    pub fn forward_drop(&self, x: &Tensor, attn_drop: f64, proj_drop: f64, train: bool) -> Tensor {
+        let (b, n, c) = x.size3().expect("attention input must be [B, N, C]");
+        let (q, k, v) = self.qkv(x);
+        let out = Tensor::scaled_dot_product_attention(
+            &q,
+            &k,
+            &v,
+            None::<Tensor>,
+            if train { attn_drop } else { 0.0 },
+            false,
+            Some(self.scale),
+            false,
+        );
+        self.proj
+            .forward(&out.transpose(1, 2).reshape([b, n, c]))
+            .dropout(proj_drop, train)
     }
 
     /// The official explicit computation, `proj(softmax(q·kᵀ·scale)·v)` with the attention

@@ -111,10 +111,26 @@ pub struct Block {
     pub norm2: LayerNorm,
     pub mlp: Mlp,
     pub drop_path: f64,
+    /// Dropout rate of the attention projection and the MLP (the official `drop`; 0 in
+    /// pre-training, set by fine-tuning's `--drop`).
+    pub drop: f64,
+    /// Dropout rate of the attention probabilities (`attn_drop`, fine-tuning's
+    /// `--attn_drop_rate`).
+    pub attn_drop: f64,
 }
 
 impl Block {
     pub fn forward(&self, x: &Tensor, train: bool, rng: &Mutex<ChaCha8Rng>) -> Tensor {
+        if train && (self.drop > 0.0 || self.attn_drop > 0.0) {
+            let a = self
+                .attn
+                .forward_drop(&self.norm1.forward(x), self.attn_drop, self.drop, true);
+            let x = x + drop_path(&a, self.drop_path, train, rng);
+            let y = self
+                .mlp
+                .forward_drop(&self.norm2.forward(&x), self.drop, true);
+            return &x + drop_path(&y, self.drop_path, train, rng);
+        }
         let x = x + drop_path(
             &self.attn.forward(&self.norm1.forward(x)),
             self.drop_path,
@@ -136,8 +152,11 @@ pub struct VisionTransformer {
     pub patch_embed: PatchEmbed,
     pub blocks: Vec<Block>,
     pub norm: LayerNorm,
-    /// Generator of the drop-path draws.
+    /// Generator of the drop-path draws (and of the seeds of the dropout draws).
     drop_rng: Mutex<ChaCha8Rng>,
+    /// Dropout after the position embedding (`pos_drop`) and in every block (`drop`).
+    drop_rate: f64,
+    attn_drop_rate: f64,
 }
 
 impl VisionTransformer {
@@ -209,6 +228,8 @@ impl VisionTransformer {
                 norm2,
                 mlp,
                 drop_path: dpr,
+                drop: 0.0,
+                attn_drop: 0.0,
             });
         }
         let norm = LayerNorm::new(ps, &format!("{prefix}norm"), d, LN_EPS, trainable, dev);
@@ -221,12 +242,53 @@ impl VisionTransformer {
             blocks,
             norm,
             drop_rng: Mutex::new(ChaCha8Rng::seed_from_u64(0)),
+            drop_rate: 0.0,
+            attn_drop_rate: 0.0,
         })
     }
 
     /// Restarts the drop-path generator (the training loop does it every epoch).
     pub fn reseed_drop_path(&self, seed: u64) {
         *self.drop_rng.lock().unwrap_or_else(|e| e.into_inner()) = ChaCha8Rng::seed_from_u64(seed);
+    }
+
+    /// Turns on the official dropouts (fine-tuning's `--drop`, `--attn_drop_rate`; the model
+    /// is built without them, as pre-training uses none): `drop` after the position embedding
+    /// (`pos_drop`), the attention projection and both MLP layers, `attn_drop` on the attention
+    /// probabilities. Active only in training forwards.
+    ///
+    /// Their Bernoulli draws are libtorch's (dropout and scaled_dot_product_attention take no
+    /// generator): each training forward with dropout first seeds libtorch's process-wide
+    /// generator with a value drawn from this model's drop-path generator, so the draws are
+    /// reproducible, and resume exactly, wherever the drop-path draws do. Nothing else may draw
+    /// from libtorch's generator concurrently with such a forward.
+    pub fn set_dropout(&mut self, drop: f64, attn_drop: f64) -> Result<()> {
+        ensure!(
+            (0.0..1.0).contains(&drop) && (0.0..1.0).contains(&attn_drop),
+            "dropout rates must be in [0, 1) (got {drop} and {attn_drop})"
+        );
+        self.drop_rate = drop;
+        self.attn_drop_rate = attn_drop;
+        for b in &mut self.blocks {
+            b.drop = drop;
+            b.attn_drop = attn_drop;
+        }
+        Ok(())
+    }
+
+    /// `pos_drop` of a training forward, after seeding libtorch's generator (see
+    /// [`VisionTransformer::set_dropout`]); the tokens unchanged without dropout.
+    fn start_dropout(&self, t: Tensor, train: bool) -> Tensor {
+        if !train || (self.drop_rate == 0.0 && self.attn_drop_rate == 0.0) {
+            return t;
+        }
+        let seed = {
+            use rand::Rng;
+            let mut r = self.drop_rng.lock().unwrap_or_else(|e| e.into_inner());
+            r.gen::<u64>() >> 1
+        };
+        tch::manual_seed(seed as i64);
+        t.dropout(self.drop_rate, true)
     }
 
     /// Checks an input batch `[B, C, H, W]` (and its mask `[B, H/p, W/p]`) before use.
@@ -318,7 +380,7 @@ impl VisionTransformer {
 
     /// All output tokens after the final norm, `[B, 1 + N, D]`. `train` enables drop path.
     pub fn forward(&self, x: &Tensor, mask: Option<&Tensor>, train: bool) -> Result<Tensor> {
-        let mut t = self.prepare_tokens(x, mask)?;
+        let mut t = self.start_dropout(self.prepare_tokens(x, mask)?, train);
         for blk in &self.blocks {
             t = blk.forward(&t, train, &self.drop_rng);
         }
@@ -328,7 +390,7 @@ impl VisionTransformer {
     /// All output tokens of the last block BEFORE the final norm, `[B, 1 + N, D]`; `train`
     /// enables drop path (fine-tuning's mean-pooling model replaces the final norm by `fc_norm`).
     pub fn forward_unnormed(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let mut t = self.prepare_tokens(x, None)?;
+        let mut t = self.start_dropout(self.prepare_tokens(x, None)?, train);
         for blk in &self.blocks {
             t = blk.forward(&t, train, &self.drop_rng);
         }

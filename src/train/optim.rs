@@ -22,6 +22,8 @@ pub enum OptimizerKind {
     Adamw,
     Sgd,
     Lars,
+    /// Adam with L2 weight decay (torch.optim.Adam; fine-tuning's `--opt adam`).
+    Adam,
 }
 
 impl std::str::FromStr for OptimizerKind {
@@ -87,6 +89,8 @@ pub struct Optimizer {
     pub beta2: f64,
     pub eps: f64,
     pub momentum: f64,
+    /// Nesterov momentum for SGD (timm's `--opt sgd`; PyTorch's `nesterov=True`).
+    pub nesterov: bool,
     pub lars_eta: f64,
 }
 
@@ -100,6 +104,7 @@ impl Optimizer {
             beta2: 0.999,
             eps: 1e-8,
             momentum: 0.9,
+            nesterov: false,
             lars_eta: 0.001,
         }
     }
@@ -148,7 +153,7 @@ impl Optimizer {
                 .collect();
             let grad = |i: usize| grads[i].as_ref().map(Tensor::contiguous).expect("filtered");
             match self.kind {
-                OptimizerKind::Adamw => {
+                OptimizerKind::Adamw | OptimizerKind::Adam => {
                     let mut p = Vec::with_capacity(live.len());
                     let (mut g, mut m, mut v, mut st) = (vec![], vec![], vec![], vec![]);
                     for &i in &live {
@@ -161,7 +166,12 @@ impl Optimizer {
                         v.push(s.exp_avg_sq.shallow_clone());
                         st.push(Tensor::from_slice(&[s.step as f32]).to_device(param.device()));
                     }
-                    crate::fastops::fused_adamw(
+                    let f = if self.kind == OptimizerKind::Adam {
+                        crate::fastops::fused_adam
+                    } else {
+                        crate::fastops::fused_adamw
+                    };
+                    f(
                         &p, &g, &m, &v, &st, lr, self.beta1, self.beta2, decay, self.eps,
                     )?;
                 }
@@ -185,10 +195,22 @@ impl Optimizer {
                             g.push(grad(i));
                             b.push(buf.shallow_clone());
                         }
-                        crate::fastops::fused_sgd(&p, &g, &b, decay, self.momentum, lr, first)?;
+                        crate::fastops::fused_sgd_with(
+                            self.nesterov,
+                            &p,
+                            &g,
+                            &b,
+                            decay,
+                            self.momentum,
+                            lr,
+                            first,
+                        )?;
                     }
                 }
                 OptimizerKind::Sgd => {
+                    if self.nesterov {
+                        bail!("Nesterov momentum requires a momentum (PyTorch's SGD refuses it)");
+                    }
                     for &i in &live {
                         let mut p = params[i].tensor.shallow_clone();
                         sgd_update(&mut self.state[i], &mut p, &grad(i), lr, decay, 0.0);
