@@ -101,18 +101,19 @@ finetune-swin-step)
     # The imagenet_layer_decay step on the official Swin-T classifier, random 224-px images.
     # One libtorch thread per side by default: on a shared machine the CPU times are the steadier
     # comparison (wall time counts the waits for a core).
-    rounds=${ROUNDS:-3}; iters=${ITERS:-2}; window=${WINDOW:-7}; batch=${BATCH:-32}; th=${THREADS:-1}
+    # GEMM=onednn runs the reference's nn.Linear on oneDNN too (bench/torch_step.py --gemm).
+    rounds=${ROUNDS:-3}; iters=${ITERS:-2}; window=${WINDOW:-7}; batch=${BATCH:-32}; th=${THREADS:-1}; gemm=${GEMM:-default}
     ips() { grep -oE '[0-9.]+ img/s' | head -1 | cut -d' ' -f1; }
     o=(); r=(); oc=(); rc=()
     for i in $(seq "$rounds"); do
         out=$(target/release/ibot --threads "$th" finetune --arch swin_tiny --window_size "$window" --batch_size "$batch" --bench_steps "$iters" --device cpu 2>/dev/null)
         o+=("$(echo "$out" | ips)"); oc+=("$(echo "$out" | cpu_rate)")
-        out=$($py bench/torch_finetune_step.py --arch swin_tiny --window_size "$window" --batch "$batch" --iters "$iters" --threads "$th" 2>/dev/null)
+        out=$($py bench/torch_finetune_step.py --arch swin_tiny --window_size "$window" --batch "$batch" --iters "$iters" --threads "$th" --gemm "$gemm" 2>/dev/null)
         r+=("$(echo "$out" | ips)"); rc+=("$(echo "$out" | cpu_rate)")
         echo "round $i (load $(cut -d' ' -f1-3 /proc/loadavg)): ibot ${o[-1]} img/s (CPU ${oc[-1]} ms/iter), PyTorch ${r[-1]} img/s (CPU ${rc[-1]} ms/iter)"
     done
     mo=$(median "${o[@]}"); mr=$(median "${r[@]}"); co=$(median "${oc[@]}"); cr=$(median "${rc[@]}")
-    echo "Swin-T/$window fine-tuning step, batch $batch, $th thread(s), medians of $rounds: wall ibot $mo vs PyTorch $mr img/s (throughput ratio $(ratio "$mo" "$mr")); CPU ibot $co vs PyTorch $cr ms/iter (time ratio ibot/PyTorch $(ratio "$co" "$cr"))"
+    echo "Swin-T/$window fine-tuning step, batch $batch, $th thread(s), reference gemm $gemm, medians of $rounds: wall ibot $mo vs PyTorch $mr img/s (throughput ratio $(ratio "$mo" "$mr")); CPU ibot $co vs PyTorch $cr ms/iter (time ratio ibot/PyTorch $(ratio "$co" "$cr"))"
     ;;
 swin-step)
     # Same step as `step`, on the official Swin-T (4-px patches, masks on the 32-px grid) at a

@@ -12,7 +12,7 @@ classifier of models/swin_transformer.py (tests/py/finetune_swin_ref.py, drop pa
 Swin layer-decay groups (`get_num_layer_for_swin`); bash bench/compare.sh finetune-swin-step.
 
 Usage: python bench/torch_finetune_step.py [--arch vit_small] [--batch 32] [--iters 3] [--warmup 1]
-                                           [--window_size 7] [--threads N]
+                                           [--window_size 7] [--threads N] [--gemm onednn]
 """
 import argparse
 import os
@@ -60,9 +60,14 @@ def main():
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--window_size", type=int, default=7, help="Swin window")
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--gemm", choices=["default", "onednn"], default="default",
+                    help="onednn: nn.Linear on oneDNN inside libtorch, as ibot (bench/torch_step.py --gemm)")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
+    if a.gemm == "onednn":
+        import torch_step  # noqa: E402 (bench/, the script's own folder)
+        torch_step.use_onednn_linear()
     torch.manual_seed(0)
     if a.arch in SWIN_ARCHS:
         d, depths, heads = SWIN_ARCHS[a.arch]
@@ -106,7 +111,7 @@ def main():
     dt = time.perf_counter() - t0
     cpu = time.process_time() - c0
     win = f" window {a.window_size}" if a.arch in SWIN_ARCHS else ""
-    print(f"PyTorch eager finetune step ({a.arch}{win}, {torch.get_num_threads()} thread(s), batch {a.batch}): "
+    print(f"PyTorch eager finetune step ({a.arch}{win}, {torch.get_num_threads()} thread(s), gemm {a.gemm}, batch {a.batch}): "
           f"{dt * 1e3 / a.iters:.1f} ms/iter (CPU {cpu * 1e3 / a.iters:.1f} ms/iter), {a.batch * a.iters / dt:.2f} img/s")
 
 
