@@ -25,7 +25,7 @@
 #                                    # EPOCHS (default 2), batch 64, 6 local crops, WORKERS (default 2)
 #                                    # loader workers; wall and CPU time (user + sys of the process
 #                                    # and its workers) of the whole run, ROUNDS (default 1) alternating
-# REF_GEMM=onednn (recipe-step, scaling, fmnist-epochs) routes the reference's nn.Linear through
+# REF_GEMM=onednn (recipe-step, scaling, fmnist-epochs, finetune-swin-step) routes the reference's nn.Linear through
 # oneDNN inside libtorch, as ibot does, instead of MKL's sgemm (AVX2-only on AMD CPUs): the
 # ratio to expect where MKL is not handicapped (Intel). OURS_GEMM=blas runs ibot with
 # IBOT_CPU_GEMM=blas (F.linear, MKL) instead: both sides on MKL.
@@ -101,8 +101,8 @@ finetune-swin-step)
     # The imagenet_layer_decay step on the official Swin-T classifier, random 224-px images.
     # One libtorch thread per side by default: on a shared machine the CPU times are the steadier
     # comparison (wall time counts the waits for a core).
-    # GEMM=onednn runs the reference's nn.Linear on oneDNN too (bench/torch_step.py --gemm).
-    rounds=${ROUNDS:-3}; iters=${ITERS:-2}; window=${WINDOW:-7}; batch=${BATCH:-32}; th=${THREADS:-1}; gemm=${GEMM:-default}
+    # REF_GEMM=onednn runs the reference's nn.Linear on oneDNN too (bench/torch_step.py --gemm).
+    rounds=${ROUNDS:-3}; iters=${ITERS:-2}; window=${WINDOW:-7}; batch=${BATCH:-32}; th=${THREADS:-1}; gemm=${REF_GEMM:-default}
     ips() { grep -oE '[0-9.]+ img/s' | head -1 | cut -d' ' -f1; }
     o=(); r=(); oc=(); rc=()
     for i in $(seq "$rounds"); do
