@@ -16,7 +16,7 @@ use super::data::{self, epoch_order, load_batch, view_rng};
 use super::groups::{get_parameter_groups_for, LayerIds};
 use super::loss::Criterion;
 use super::model::{Classifier, ClassifierConfig};
-use super::schedule::{deit_epoch_lr, per_iteration_cosine, per_iteration_cosine_steps};
+use super::schedule::{deit_epoch_lr, per_iteration_cosine_steps};
 use super::{FinetuneConfig, Recipe};
 use crate::data::dataset::Dataset;
 use crate::dist::Comm;
@@ -1126,7 +1126,7 @@ pub fn run_with(cfg: &FinetuneConfig, comm: &dyn Comm, device: Device) -> Result
             cfg.warmup_steps,
         )?)
     };
-    let wd_sched = per_iteration_cosine(
+    let wd_sched = crate::schedule::cosine_scheduler(
         cfg.weight_decay,
         cfg.weight_decay_end,
         cfg.epochs,
