@@ -9,6 +9,9 @@
 #   bash bench/compare.sh dp-step    # ViT-S/16 step: 2 ranks x 1 thread vs 1 process x 2 threads
 #   bash bench/compare.sh finetune-step  # one fine-tuning step (ViT-S/16, batch 32, Mixup/CutMix,
 #                                    # layer decay; imagenet_layer_decay recipe), img/s
+#   bash bench/compare.sh finetune-swin-step  # one fine-tuning step of Swin-T/7 (WINDOW=7 or 14,
+#                                    # BATCH default 32, layer decay, Mixup/CutMix), img/s; one
+#                                    # thread each (THREADS), wall and CPU time, alternating rounds
 #   bash bench/compare.sh swin-step  # one Swin-T training step (WINDOW=7 or 14, default 7), batch 4,
 #                                    # 2x224 + 2x96 crops, out_dim 8192, float32
 #   bash bench/compare.sh recipe-step  # the official ViT-S/16 recipe's step: batch 4, 2x224 + 10x96,
@@ -22,7 +25,7 @@
 #                                    # EPOCHS (default 2), batch 64, 6 local crops, WORKERS (default 2)
 #                                    # loader workers; wall and CPU time (user + sys of the process
 #                                    # and its workers) of the whole run, ROUNDS (default 1) alternating
-# REF_GEMM=onednn (recipe-step, scaling, fmnist-epochs) routes the reference's nn.Linear through
+# REF_GEMM=onednn (recipe-step, scaling, fmnist-epochs, finetune-swin-step) routes the reference's nn.Linear through
 # oneDNN inside libtorch, as ibot does, instead of MKL's sgemm (AVX2-only on AMD CPUs): the
 # ratio to expect where MKL is not handicapped (Intel). OURS_GEMM=blas runs ibot with
 # IBOT_CPU_GEMM=blas (F.linear, MKL) instead: both sides on MKL.
@@ -104,6 +107,24 @@ finetune-step)
     median() { printf '%s\n' "$@" | sort -g | awk '{ v[NR] = $1 } END { print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
     mo=$(median "${o[@]}"); mr=$(median "${r[@]}")
     printf 'img/s (ViT-S/16 fine-tuning step, batch 32, median of %s): ibot %s, PyTorch eager %s, throughput ratio ibot/PyTorch %.2f\n' "$rounds" "$mo" "$mr" "$(awk -v a="$mo" -v b="$mr" 'BEGIN { print a / b }')"
+    ;;
+finetune-swin-step)
+    # The imagenet_layer_decay step on the official Swin-T classifier, random 224-px images.
+    # One libtorch thread per side by default: on a shared machine the CPU times are the steadier
+    # comparison (wall time counts the waits for a core).
+    # REF_GEMM=onednn runs the reference's nn.Linear on oneDNN too (bench/torch_step.py --gemm).
+    rounds=${ROUNDS:-3}; iters=${ITERS:-2}; window=${WINDOW:-7}; batch=${BATCH:-32}; th=${THREADS:-1}; gemm=${REF_GEMM:-default}
+    ips() { grep -oE '[0-9.]+ img/s' | head -1 | cut -d' ' -f1; }
+    o=(); r=(); oc=(); rc=()
+    for i in $(seq "$rounds"); do
+        out=$(target/release/ibot --threads "$th" finetune --arch swin_tiny --window_size "$window" --batch_size "$batch" --bench_steps "$iters" --device cpu 2>/dev/null)
+        o+=("$(echo "$out" | ips)"); oc+=("$(echo "$out" | cpu_rate)")
+        out=$($py bench/torch_finetune_step.py --arch swin_tiny --window_size "$window" --batch "$batch" --iters "$iters" --threads "$th" --gemm "$gemm" 2>/dev/null)
+        r+=("$(echo "$out" | ips)"); rc+=("$(echo "$out" | cpu_rate)")
+        echo "round $i (load $(cut -d' ' -f1-3 /proc/loadavg)): ibot ${o[-1]} img/s (CPU ${oc[-1]} ms/iter), PyTorch ${r[-1]} img/s (CPU ${rc[-1]} ms/iter)"
+    done
+    mo=$(median "${o[@]}"); mr=$(median "${r[@]}"); co=$(median "${oc[@]}"); cr=$(median "${rc[@]}")
+    echo "Swin-T/$window fine-tuning step, batch $batch, $th thread(s), reference gemm $gemm, medians of $rounds: wall ibot $mo vs PyTorch $mr img/s (throughput ratio $(ratio "$mo" "$mr")); CPU ibot $co vs PyTorch $cr ms/iter (time ratio ibot/PyTorch $(ratio "$co" "$cr"))"
     ;;
 swin-step)
     # Same step as `step`, on the official Swin-T (4-px patches, masks on the 32-px grid) at a
@@ -202,7 +223,7 @@ fmnist-epochs)
     echo "Fashion-MNIST recipe, $epochs epochs of $subset images (batch 64, 2x32 + 6x16, $workers workers, threads ${THREADS:-default}), whole process, medians of $rounds: CPU ibot $moc s vs official loop $mrc s (ratio $(ratio "$moc" "$mrc")); wall $mow s vs $mrw s (ratio $(ratio "$mow" "$mrw"))"
     ;;
 *)
-    echo "usage: bash bench/compare.sh data|step|step-bf16|swin-step|recipe-step|scaling|fmnist-epochs|allreduce|dp-step" >&2
+    echo "usage: bash bench/compare.sh data|step|step-bf16|finetune-step|finetune-swin-step|swin-step|recipe-step|scaling|fmnist-epochs|allreduce|dp-step" >&2
     exit 2
     ;;
 esac

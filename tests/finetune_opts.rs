@@ -33,20 +33,7 @@ fn config(argv: &[&str]) -> FinetuneConfig {
     try_config(argv).unwrap()
 }
 
-fn vit(embed_dim: i64, depth: i64, num_heads: i64, patch: i64, img: i64) -> VitConfig {
-    VitConfig {
-        img_size: img,
-        patch_size: patch,
-        in_chans: 3,
-        embed_dim,
-        depth,
-        num_heads,
-        mlp_ratio: 4.0,
-        qkv_bias: true,
-        drop_path_rate: 0.0,
-        masked_im_modeling: false,
-    }
-}
+use common::vit_config as vit;
 
 fn classifier_cfg(v: VitConfig, nb_classes: i64, init_scale: f64) -> ClassifierConfig {
     ClassifierConfig {

@@ -61,6 +61,11 @@ pub struct FinetuneArgs {
     /// Number of attention heads, for weights of a non-standard width.
     #[arg(long)]
     pub num_heads: Option<i64>,
+    /// Swin window size at fine-tuning (default: the pre-trained model's, 7 without weights).
+    /// Another window (e.g. 12 at --input_size 384) resizes each pre-trained
+    /// relative_position_bias_table bicubically, as the Swin code does.
+    #[arg(long)]
+    pub window_size: Option<i64>,
     /// Training data: a folder with train/ and val/ image folders (ImageNet layout), a folder of
     /// IDX files (train-* and t10k-*), or with --eval_data_path the training image folder itself.
     #[arg(long)]
@@ -431,6 +436,7 @@ impl FinetuneArgs {
             checkpoint_key: self.checkpoint_key.clone(),
             arch: self.arch.clone(),
             num_heads: self.num_heads,
+            window_size: self.window_size,
             data_path,
             eval_data_path: self.eval_data_path.clone(),
             data_set: self.data_set.clone(),
@@ -496,10 +502,12 @@ pub fn main(a: &FinetuneArgs) -> Result<()> {
         b.data_path.get_or_insert_with(|| PathBuf::from("."));
         let cfg = b.to_config()?;
         let classes = cfg.nb_classes.unwrap_or(1000);
-        let (ms, ips) = crate::finetune::bench::step(&cfg, classes, n, 1)?;
+        let (ms, ips, cpu_ms) = crate::finetune::bench::step(&cfg, classes, n, 1)?;
         println!(
-            "ibot finetune step ({:?}, {} libtorch thread(s), batch {} at {} px, {} classes, mixup {}/{}): {ms:.1} ms/iter, {ips:.2} img/s",
+            "ibot finetune step ({:?}, {}{}, {} libtorch thread(s), batch {} at {} px, {} classes, mixup {}/{}): {ms:.1} ms/iter (CPU {cpu_ms:.1} ms/iter), {ips:.2} img/s",
             cfg.recipe,
+            cfg.arch.as_deref().unwrap_or("vit_small"),
+            cfg.window_size.map(|w| format!(" window {w}")).unwrap_or_default(),
             tch::get_num_threads(),
             cfg.batch_size,
             cfg.aug.input_size,

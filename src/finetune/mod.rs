@@ -63,6 +63,9 @@ pub struct FinetuneConfig {
     pub checkpoint_key: String,
     pub arch: Option<String>,
     pub num_heads: Option<i64>,
+    /// `--window_size`: the Swin's window at fine-tuning (None: the pre-trained one).
+    #[serde(default)]
+    pub window_size: Option<i64>,
     pub data_path: PathBuf,
     pub eval_data_path: Option<PathBuf>,
     /// `--data_set`: CIFAR (CIFAR-100), CIFAR10, IMNET / image_folder, or None (found out).

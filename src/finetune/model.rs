@@ -24,6 +24,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::models::init::trunc_normal;
 use crate::models::layers::{LayerNorm, Linear, LN_EPS};
+use crate::models::swin::resize_rel_pos_bias_table;
 use crate::models::{Backbone, BackboneConfig, VisionTransformer};
 use crate::params::ParamStore;
 
@@ -194,7 +195,10 @@ impl Classifier {
     /// (`masked_embed`, the final `norm` under mean pooling, the projection head's other
     /// layers) are reported as unexpected, model keys missing from `src` (the new classifier,
     /// `fc_norm`) as missing. A position table of another grid is resized bicubically first,
-    /// as the official fine-tuning scripts do.
+    /// as the official fine-tuning scripts do; a Swin's `relative_position_bias_table` of another
+    /// window is resized bicubically ([`resize_rel_pos_bias_table`]) and its
+    /// `relative_position_index` is always the model's own (the official script drops the
+    /// checkpoint's).
     pub fn load_pretrained(
         &self,
         src: &HashMap<String, Tensor>,
@@ -208,6 +212,29 @@ impl Classifier {
             let t = if p.name == "pos_embed" && t.size() != p.tensor.size() {
                 resize_pos_embed(t, &p.tensor.size())
                     .context("interpolating the pre-trained position embedding")?
+            } else if p.name.ends_with("relative_position_bias_table")
+                && t.size() != p.tensor.size()
+            {
+                // A Swin built for another window (--window_size, or a stage whose grid at
+                // --input_size clamps its window): the table resized bicubically.
+                let want = p.tensor.size();
+                ensure!(
+                    t.dim() == 2 && t.size()[1] == want[1],
+                    "'{}': the checkpoint's table {:?} has another number of heads than the \
+                     model's {want:?}",
+                    p.name,
+                    t.size()
+                );
+                let w = ((want[0] as f64).sqrt().round() as i64 + 1) / 2;
+                let r = resize_rel_pos_bias_table(t, w)
+                    .with_context(|| format!("resizing the pre-trained '{}'", p.name))?;
+                eprintln!(
+                    "Position interpolate for {} from {:?} to {:?}",
+                    p.name,
+                    t.size(),
+                    r.size()
+                );
+                r
             } else {
                 t.shallow_clone()
             };

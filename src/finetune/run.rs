@@ -16,7 +16,7 @@ use super::data::{self, epoch_order, load_batch, view_rng};
 use super::groups::{get_parameter_groups_for, LayerIds};
 use super::loss::Criterion;
 use super::model::{Classifier, ClassifierConfig};
-use super::schedule::{deit_epoch_lr, per_iteration_cosine, per_iteration_cosine_steps};
+use super::schedule::{deit_epoch_lr, per_iteration_cosine_steps};
 use super::{FinetuneConfig, Recipe};
 use crate::data::dataset::Dataset;
 use crate::dist::Comm;
@@ -484,7 +484,11 @@ pub fn build_model(
     let mut backbone: BackboneConfig = match &pre {
         Some(p) => p.config.clone(),
         None if cfg.arch.as_deref().is_some_and(|a| a.starts_with("swin")) => {
-            crate::models::SwinConfig::from_arch(cfg.arch.as_deref().unwrap_or_default(), 7)?.into()
+            crate::models::SwinConfig::from_arch(
+                cfg.arch.as_deref().unwrap_or_default(),
+                cfg.window_size.unwrap_or(7),
+            )?
+            .into()
         }
         None => {
             let arch = cfg.arch.as_deref().unwrap_or("vit_small");
@@ -503,6 +507,10 @@ pub fn build_model(
     );
     match &mut backbone {
         BackboneConfig::Vit(v) => {
+            ensure!(
+                cfg.window_size.is_none(),
+                "--window_size is a Swin option; this model is a ViT"
+            );
             v.img_size = size;
             v.drop_path_rate = cfg.drop_path;
             v.masked_im_modeling = false;
@@ -510,7 +518,12 @@ pub fn build_model(
         BackboneConfig::Swin(s) => {
             // The official create_model(img_size=input_size, drop_path_rate=drop_path): the
             // windows and shifts follow the fine-tuning resolution.
+            // --window_size replaces the pre-trained window; load_pretrained then resizes the
+            // relative position bias tables to the new per-stage windows.
             s.img_size = size;
+            if let Some(w) = cfg.window_size {
+                s.window_size = w;
+            }
             s.drop_path_rate = cfg.drop_path;
             s.masked_im_modeling = false;
             s.validate().context("the Swin at --input_size")?;
@@ -1144,7 +1157,7 @@ pub fn run_with(cfg: &FinetuneConfig, comm: &dyn Comm, device: Device) -> Result
             cfg.warmup_steps,
         )?)
     };
-    let wd_sched = per_iteration_cosine(
+    let wd_sched = crate::schedule::cosine_scheduler(
         cfg.weight_decay,
         cfg.weight_decay_end,
         cfg.epochs,

@@ -166,6 +166,41 @@ pub fn relative_position_index(ws: i64, dev: Device) -> Tensor {
     Tensor::from_slice(&idx).view([n, n]).to_device(dev)
 }
 
+/// A pre-trained `relative_position_bias_table` `[(2s-1)², heads]` for a `window x window`
+/// window: `[(2·window-1)², heads]`, each head's `(2s-1) x (2s-1)` table resized bicubically
+/// (`F.interpolate(mode='bicubic', align_corners=False)`), as the official Swin's
+/// `init_weights` (and Microsoft's Swin fine-tuning, and timm's `resize_rel_pos_bias_table_simple`)
+/// do when a model is built with another window than its checkpoint. The official
+/// `run_class_finetuning.py` has no Swin path for it (see README, Swin fine-tuning).
+pub fn resize_rel_pos_bias_table(table: &Tensor, window: i64) -> Result<Tensor> {
+    ensure!(window > 0, "window size must be positive");
+    let size = table.size();
+    ensure!(
+        size.len() == 2,
+        "a relative_position_bias_table is [(2w-1)², heads], not {size:?}"
+    );
+    let (l1, heads) = (size[0], size[1]);
+    let s1 = (l1 as f64).sqrt().round() as i64;
+    ensure!(
+        s1 * s1 == l1 && s1 % 2 == 1,
+        "a relative_position_bias_table of {l1} rows is not (2w-1)² for a window w"
+    );
+    let s2 = 2 * window - 1;
+    if s1 == s2 {
+        return Ok(table.shallow_clone());
+    }
+    let kind = table.kind();
+    Ok(table
+        .to_kind(Kind::Float)
+        .permute([1, 0])
+        .reshape([1, heads, s1, s1])
+        .upsample_bicubic2d([s2, s2], false, None, None)
+        .reshape([heads, s2 * s2])
+        .permute([1, 0])
+        .contiguous()
+        .to_kind(kind))
+}
+
 /// `[B, H, W, C]` → `[B·nW, ws², C]` (windows row-major within each image).
 fn window_partition(x: &Tensor, ws: i64) -> Tensor {
     let (b, h, w, c) = x.size4().expect("window_partition on [B, H, W, C]");
