@@ -294,3 +294,72 @@ fn a_resumed_auto_run_keeps_the_precision_stored_in_its_checkpoint() {
     assert!(precision_line(&o)
         .starts_with("precision: float32 (--use_fp16, and IBOT_PRECISION_PROBE=fp32"));
 }
+
+#[test]
+fn a_resumed_auto_finetune_keeps_the_precision_stored_in_its_checkpoint() {
+    // As the training test, for `ibot finetune --use_fp16` (its default is float32). Mutation
+    // tried by hand: not passing the stored precision (`stored` = None) makes the second run
+    // say float32.
+    let dir = common::scratch_dir("precision-probe", "finetune");
+    let (data, w, out) = (
+        dir.join("data"),
+        dir.join("backbone.safetensors"),
+        dir.join("out"),
+    );
+    std::fs::create_dir_all(&data).unwrap();
+    common::write_idx(&data, "train", 8, 16);
+    common::write_idx(&data, "t10k", 4, 16);
+    common::save_vit_backbone(&w, &common::vit_config(24, 1, 2, 4, 16), 3, vec![]);
+    let run = |probe: &str, epochs: &str| {
+        let (d, w, o) = (
+            data.display().to_string(),
+            w.display().to_string(),
+            out.display().to_string(),
+        );
+        let a = [
+            "--threads",
+            "1",
+            "finetune",
+            "--pretrained_weights",
+            &w,
+            "--data_path",
+            &d,
+            "--output_dir",
+            &o,
+            "--input_size",
+            "16",
+            "--batch_size",
+            "4",
+            "--epochs",
+            epochs,
+            "--warmup_epochs",
+            "0",
+            "--device",
+            "cpu",
+            "--num_workers",
+            "0",
+            "--use_fp16",
+        ];
+        let o = Command::new(BIN)
+            .args(a)
+            .env("IBOT_PRECISION_PROBE", probe)
+            .env("IBOT_CACHE_DIR", dir.join("cache"))
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        precision_line(&o)
+    };
+    let first = run("bf16", "1");
+    assert!(
+        first
+            .starts_with("precision: bfloat16 autocast (--use_fp16, and IBOT_PRECISION_PROBE=bf16"),
+        "{first}"
+    );
+    let second = run("fp32", "2");
+    assert!(
+        second.starts_with(
+            "precision: bfloat16 autocast (--precision auto resumes with the precision stored in"
+        ),
+        "{second}"
+    );
+}
