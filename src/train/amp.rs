@@ -5,9 +5,10 @@
 //! `torch.cuda.amp.autocast()` and steps through a `GradScaler`. Here the same flag picks:
 //! CUDA → float16 autocast with loss scaling; a CPU with AMX (bfloat16 tile matrix units) →
 //! bfloat16 autocast, which needs no scaling and about halves a ViT step there; a CPU with
-//! AVX512-BF16 and no AMX → what a start-up probe measured to pay, cached per machine ([`super::precision_probe`]): on such a Xeon (2 cores, products on MKL) a ViT-S/16
-//! step under bfloat16 autocast took 1.5x its float32 time, on a Zen 5 (products on oneDNN)
-//! 0.74x; any other CPU → float32 (emulated bfloat16 is slower still).
+//! AVX512-BF16 and no AMX → what a start-up probe measured to pay, cached per machine
+//! ([`super::precision_probe`]): on such a Xeon (2 cores, products on MKL) a ViT-S/16 step
+//! under bfloat16 autocast took 1.5x its float32 time, on a Zen 5 (products on oneDNN) 0.74x;
+//! any other CPU → float32 (emulated bfloat16 is slower still).
 
 use serde::{Deserialize, Serialize};
 use tch::{Device, Tensor};
