@@ -394,6 +394,11 @@ fn resume_equals_uninterrupted_and_log_keys() {
         "{} vs {last}",
         e.loss
     );
+    // An option that would build another classifier is refused, not ignored.
+    let mut c2 = c.clone();
+    c2.use_mean_pooling = true;
+    let err = format!("{:#}", ibot::finetune::run(&c2).unwrap_err());
+    assert!(err.contains("was written with [CLS] pooling"), "{err}");
 }
 
 /// eval_cls.py's log (DeiT transfer recipe): train_lr, train_loss, then the test keys; its
