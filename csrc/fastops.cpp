@@ -83,48 +83,24 @@ at::Tensor* ibot_onednn_linear(at::Tensor* x, at::Tensor* w, at::Tensor* b, char
   }
 }
 
-// torch.optim.AdamW(fused=True)'s update of n parameters; `steps` are float scalars holding
-// each parameter's step count after this step's increment.
-int ibot_fused_adamw(at::Tensor** params, at::Tensor** grads, at::Tensor** exp_avgs,
-                     at::Tensor** exp_avg_sqs, at::Tensor** steps, int n, double lr, double beta1,
-                     double beta2, double weight_decay, double eps, char** err) {
-  try {
-    at::NoGradGuard no_grad;
-    at::_fused_adamw_(list(params, n), list(grads, n), list(exp_avgs, n), list(exp_avg_sqs, n), {},
-                      list(steps, n), lr, beta1, beta2, weight_decay, eps, /*amsgrad=*/false,
-                      /*maximize=*/false);
-    return 0;
-  } catch (const std::exception& e) {
-    set_error(err, e.what());
-    return 1;
-  }
-}
-
-// torch.optim.SGD(fused=True)'s update (dampening 0, no Nesterov). With first_step, the
-// buffers are filled with the (weight-decayed) gradients, as PyTorch's first momentum step.
-int ibot_fused_sgd(at::Tensor** params, at::Tensor** grads, at::Tensor** bufs, int n,
-                   double weight_decay, double momentum, double lr, int first_step, char** err) {
-  try {
-    at::NoGradGuard no_grad;
-    at::_fused_sgd_(list(params, n), list(grads, n), list(bufs, n), weight_decay, momentum, lr,
-                    /*dampening=*/0.0, /*nesterov=*/false, /*maximize=*/false, first_step != 0);
-    return 0;
-  } catch (const std::exception& e) {
-    set_error(err, e.what());
-    return 1;
-  }
-}
-
-// torch.optim.Adam(fused=True)'s update: Adam with L2 weight decay added to the gradient (not
-// decoupled), timm's `--opt adam` in the fine-tuning scripts.
+// torch.optim.AdamW(fused=True)'s update of n parameters (decoupled != 0), or
+// torch.optim.Adam(fused=True)'s, with L2 weight decay added to the gradient (timm's `--opt
+// adam` of the fine-tuning scripts); `steps` are float scalars holding each parameter's step
+// count after this step's increment.
 int ibot_fused_adam(at::Tensor** params, at::Tensor** grads, at::Tensor** exp_avgs,
                     at::Tensor** exp_avg_sqs, at::Tensor** steps, int n, double lr, double beta1,
-                    double beta2, double weight_decay, double eps, char** err) {
+                    double beta2, double weight_decay, double eps, int decoupled, char** err) {
   try {
     at::NoGradGuard no_grad;
-    at::_fused_adam_(list(params, n), list(grads, n), list(exp_avgs, n), list(exp_avg_sqs, n), {},
-                     list(steps, n), lr, beta1, beta2, weight_decay, eps, /*amsgrad=*/false,
-                     /*maximize=*/false);
+    auto p = list(params, n), g = list(grads, n), m = list(exp_avgs, n), v = list(exp_avg_sqs, n),
+         s = list(steps, n);
+    if (decoupled) {
+      at::_fused_adamw_(p, g, m, v, {}, s, lr, beta1, beta2, weight_decay, eps,
+                        /*amsgrad=*/false, /*maximize=*/false);
+    } else {
+      at::_fused_adam_(p, g, m, v, {}, s, lr, beta1, beta2, weight_decay, eps, /*amsgrad=*/false,
+                       /*maximize=*/false);
+    }
     return 0;
   } catch (const std::exception& e) {
     set_error(err, e.what());
@@ -132,14 +108,16 @@ int ibot_fused_adam(at::Tensor** params, at::Tensor** grads, at::Tensor** exp_av
   }
 }
 
-// torch.optim.SGD(nesterov=True, fused=True)'s update (dampening 0): timm's `--opt sgd`.
-int ibot_fused_sgd_nesterov(at::Tensor** params, at::Tensor** grads, at::Tensor** bufs, int n,
-                            double weight_decay, double momentum, double lr, int first_step,
-                            char** err) {
+// torch.optim.SGD(nesterov=..., fused=True)'s update (dampening 0; Nesterov is timm's `--opt
+// sgd`). With first_step, the buffers are filled with the (weight-decayed) gradients, as
+// PyTorch's first momentum step.
+int ibot_fused_sgd(at::Tensor** params, at::Tensor** grads, at::Tensor** bufs, int n,
+                   double weight_decay, double momentum, double lr, int nesterov, int first_step,
+                   char** err) {
   try {
     at::NoGradGuard no_grad;
     at::_fused_sgd_(list(params, n), list(grads, n), list(bufs, n), weight_decay, momentum, lr,
-                    /*dampening=*/0.0, /*nesterov=*/true, /*maximize=*/false, first_step != 0);
+                    /*dampening=*/0.0, nesterov != 0, /*maximize=*/false, first_step != 0);
     return 0;
   } catch (const std::exception& e) {
     set_error(err, e.what());

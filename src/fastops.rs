@@ -23,33 +23,6 @@ mod ffi {
             err: *mut *mut c_char,
         ) -> *mut c_void;
         #[allow(clippy::too_many_arguments)]
-        pub fn ibot_fused_adamw(
-            params: *const *mut c_void,
-            grads: *const *mut c_void,
-            exp_avgs: *const *mut c_void,
-            exp_avg_sqs: *const *mut c_void,
-            steps: *const *mut c_void,
-            n: c_int,
-            lr: f64,
-            beta1: f64,
-            beta2: f64,
-            weight_decay: f64,
-            eps: f64,
-            err: *mut *mut c_char,
-        ) -> c_int;
-        #[allow(clippy::too_many_arguments)]
-        pub fn ibot_fused_sgd(
-            params: *const *mut c_void,
-            grads: *const *mut c_void,
-            bufs: *const *mut c_void,
-            n: c_int,
-            weight_decay: f64,
-            momentum: f64,
-            lr: f64,
-            first_step: c_int,
-            err: *mut *mut c_char,
-        ) -> c_int;
-        #[allow(clippy::too_many_arguments)]
         pub fn ibot_fused_adam(
             params: *const *mut c_void,
             grads: *const *mut c_void,
@@ -62,10 +35,11 @@ mod ffi {
             beta2: f64,
             weight_decay: f64,
             eps: f64,
+            decoupled: c_int,
             err: *mut *mut c_char,
         ) -> c_int;
         #[allow(clippy::too_many_arguments)]
-        pub fn ibot_fused_sgd_nesterov(
+        pub fn ibot_fused_sgd(
             params: *const *mut c_void,
             grads: *const *mut c_void,
             bufs: *const *mut c_void,
@@ -73,6 +47,7 @@ mod ffi {
             weight_decay: f64,
             momentum: f64,
             lr: f64,
+            nesterov: c_int,
             first_step: c_int,
             err: *mut *mut c_char,
         ) -> c_int;
@@ -134,59 +109,12 @@ fn check_rc(rc: c_int, err: *mut c_char, what: &str) -> Result<()> {
     }
 }
 
-/// AdamW over `params` (in place, with their moments), as `torch._fused_adamw_`: `steps[i]` is
+/// AdamW over `params` (in place, with their moments) as `torch._fused_adamw_`, or with
+/// `decoupled` false Adam with L2 weight decay (`torch.optim.Adam(fused=True)`,
+/// `torch._fused_adam_`: the decay is added to the gradient before the moments). `steps[i]` is
 /// a float32 scalar with parameter i's step count including this step.
 #[allow(clippy::too_many_arguments)]
-pub fn fused_adamw(
-    params: &[Tensor],
-    grads: &[Tensor],
-    exp_avgs: &[Tensor],
-    exp_avg_sqs: &[Tensor],
-    steps: &[Tensor],
-    lr: f64,
-    beta1: f64,
-    beta2: f64,
-    weight_decay: f64,
-    eps: f64,
-) -> Result<()> {
-    fused_adam_impl(
-        true,
-        params,
-        grads,
-        exp_avgs,
-        exp_avg_sqs,
-        steps,
-        [lr, beta1, beta2, weight_decay, eps],
-    )
-}
-
-/// Adam with L2 weight decay (`torch.optim.Adam(fused=True)`, `torch._fused_adam_`): the
-/// decay is added to the gradient before the moments, unlike [`fused_adamw`].
-#[allow(clippy::too_many_arguments)]
 pub fn fused_adam(
-    params: &[Tensor],
-    grads: &[Tensor],
-    exp_avgs: &[Tensor],
-    exp_avg_sqs: &[Tensor],
-    steps: &[Tensor],
-    lr: f64,
-    beta1: f64,
-    beta2: f64,
-    weight_decay: f64,
-    eps: f64,
-) -> Result<()> {
-    fused_adam_impl(
-        false,
-        params,
-        grads,
-        exp_avgs,
-        exp_avg_sqs,
-        steps,
-        [lr, beta1, beta2, weight_decay, eps],
-    )
-}
-
-fn fused_adam_impl(
     decoupled: bool,
     params: &[Tensor],
     grads: &[Tensor],
@@ -195,12 +123,17 @@ fn fused_adam_impl(
     steps: &[Tensor],
     [lr, beta1, beta2, weight_decay, eps]: [f64; 5],
 ) -> Result<()> {
+    let what = if decoupled {
+        "fused AdamW"
+    } else {
+        "fused Adam"
+    };
     let n = params.len();
     ensure!(
         [grads.len(), exp_avgs.len(), exp_avg_sqs.len(), steps.len()]
             .iter()
             .all(|&l| l == n),
-        "fused AdamW needs as many gradients, moments and steps as parameters"
+        "{what} needs as many gradients, moments and steps as parameters"
     );
     if n == 0 {
         return Ok(());
@@ -214,13 +147,8 @@ fn fused_adam_impl(
     );
     let mut err = std::ptr::null_mut();
     // SAFETY: n live tensors in each list.
-    let f = if decoupled {
-        ffi::ibot_fused_adamw
-    } else {
-        ffi::ibot_fused_adam
-    };
     let rc = unsafe {
-        f(
+        ffi::ibot_fused_adam(
             p.as_ptr(),
             g.as_ptr(),
             m.as_ptr(),
@@ -232,46 +160,18 @@ fn fused_adam_impl(
             beta2,
             weight_decay,
             eps,
+            c_int::from(decoupled),
             &mut err,
         )
     };
-    check_rc(
-        rc,
-        err,
-        if decoupled {
-            "fused AdamW"
-        } else {
-            "fused Adam"
-        },
-    )
+    check_rc(rc, err, what)
 }
 
-/// SGD with momentum (dampening 0, no Nesterov, coupled weight decay) as `torch._fused_sgd_`;
-/// with `first_step` the buffers (any contents) are set to the decayed gradients first.
-pub fn fused_sgd(
-    params: &[Tensor],
-    grads: &[Tensor],
-    bufs: &[Tensor],
-    weight_decay: f64,
-    momentum: f64,
-    lr: f64,
-    first_step: bool,
-) -> Result<()> {
-    fused_sgd_with(
-        false,
-        params,
-        grads,
-        bufs,
-        weight_decay,
-        momentum,
-        lr,
-        first_step,
-    )
-}
-
-/// [`fused_sgd`] with Nesterov momentum or not (`torch._fused_sgd_(nesterov=...)`).
+/// SGD with momentum (dampening 0, coupled weight decay), Nesterov or not, as
+/// `torch._fused_sgd_`; with `first_step` the buffers (any contents) are set to the decayed
+/// gradients first.
 #[allow(clippy::too_many_arguments)]
-pub fn fused_sgd_with(
+pub fn fused_sgd(
     nesterov: bool,
     params: &[Tensor],
     grads: &[Tensor],
@@ -292,13 +192,8 @@ pub fn fused_sgd_with(
     let (p, g, b) = (ptrs(params), ptrs(grads), ptrs(bufs));
     let mut err = std::ptr::null_mut();
     // SAFETY: n live tensors in each list.
-    let f = if nesterov {
-        ffi::ibot_fused_sgd_nesterov
-    } else {
-        ffi::ibot_fused_sgd
-    };
     let rc = unsafe {
-        f(
+        ffi::ibot_fused_sgd(
             p.as_ptr(),
             g.as_ptr(),
             b.as_ptr(),
@@ -306,6 +201,7 @@ pub fn fused_sgd_with(
             weight_decay,
             momentum,
             lr,
+            c_int::from(nesterov),
             c_int::from(first_step),
             &mut err,
         )

@@ -35,17 +35,32 @@ pub fn cosine_scheduler(
         warmup_iters <= total,
         "warm-up ({warmup_epochs} epochs) is longer than training ({epochs} epochs)"
     );
-    let mut s = if warmup_epochs > 0 {
-        linspace(start_warmup_value, base, warmup_iters)
-    } else {
-        vec![]
-    };
-    let n = total - warmup_iters;
+    Ok(warmup_then_cosine(
+        base,
+        final_,
+        total,
+        warmup_iters,
+        start_warmup_value,
+    ))
+}
+
+/// `total` values: a linear warm-up from `start_warmup_value` to `base` over `warmup_iters`
+/// (`np.linspace`, both ends included), then a half cosine from `base` towards `final_` over the
+/// rest (the body of `utils.cosine_scheduler`, which BEiT's `--warmup_steps` variant shares).
+pub fn warmup_then_cosine(
+    base: f64,
+    final_: f64,
+    total: usize,
+    warmup_iters: usize,
+    start_warmup_value: f64,
+) -> Vec<f64> {
+    let mut s = linspace(start_warmup_value, base, warmup_iters.min(total));
+    let n = total - s.len();
     s.extend((0..n).map(|i| {
         let c = (std::f64::consts::PI * i as f64 / n as f64).cos();
         final_ + 0.5 * (base - final_) * (1.0 + c)
     }));
-    Ok(s)
+    s
 }
 
 /// PyTorch's `CosineAnnealingLR(T_max=epochs, eta_min=0)` after `epoch` scheduler steps (the

@@ -11,6 +11,7 @@ use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+use common::procs::{clean, free_port};
 use ibot::dist::{first_slurm_host, parse_dist_url, DistEnv};
 use ibot::params::read_safetensors;
 use tch::{Kind, Tensor};
@@ -19,12 +20,6 @@ const BIN: &str = env!("CARGO_BIN_EXE_ibot");
 
 fn scratch(name: &str) -> PathBuf {
     common::scratch_dir("dist", name)
-}
-
-/// A port nobody listens on right now (the OS picks it).
-fn free_port() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().port()
 }
 
 /// 32 labelled 16x16 grey images in IDX files.
@@ -69,24 +64,6 @@ fn run(cmd: &mut Command) -> Output {
         );
     }
     out
-}
-
-/// Single-process environment: no launcher variables leak in from the test's own environment.
-fn clean(cmd: &mut Command) -> &mut Command {
-    for k in [
-        "RANK",
-        "WORLD_SIZE",
-        "LOCAL_RANK",
-        "LOCAL_WORLD_SIZE",
-        "MASTER_ADDR",
-        "MASTER_PORT",
-        "SLURM_PROCID",
-        "SLURM_NTASKS",
-        "TORCHELASTIC_USE_AGENT_STORE",
-    ] {
-        cmd.env_remove(k);
-    }
-    cmd
 }
 
 /// The checkpoint's student, teacher and centres.
@@ -235,23 +212,6 @@ fn the_tolerance_rejects_a_run_that_sees_half_the_batch() {
     );
 }
 
-/// Pids of the direct children of `pid` (from /proc).
-fn children(pid: u32) -> Vec<u32> {
-    let p = format!("/proc/{pid}/task/{pid}/children");
-    std::fs::read_to_string(p)
-        .unwrap_or_default()
-        .split_whitespace()
-        .filter_map(|s| s.parse().ok())
-        .collect()
-}
-
-fn alive(pid: u32) -> bool {
-    // A zombie still has a /proc entry: look at its state.
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|s| !s.contains(") Z "))
-        .unwrap_or(false)
-}
-
 #[test]
 fn a_killed_rank_stops_the_run_and_a_rerun_resumes_from_the_last_checkpoint() {
     let out = scratch("kill");
@@ -281,40 +241,8 @@ fn a_killed_rank_stops_the_run_and_a_rerun_resumes_from_the_last_checkpoint() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    let workers = children(launcher.id());
-    assert_eq!(workers.len(), 2, "workers {workers:?}");
-    // SIGKILL rank 1 (the second child) in the middle of an epoch.
-    unsafe { libc::kill(workers[1] as i32, libc::SIGKILL) };
-    let killed_at = Instant::now();
-    let status = loop {
-        if let Some(s) = launcher.try_wait().unwrap() {
-            break s;
-        }
-        assert!(
-            killed_at.elapsed() < Duration::from_secs(60),
-            "the launcher did not stop within 60 s of a dead rank"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    let mut err = String::new();
-    use std::io::Read;
-    launcher
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut err)
-        .unwrap();
-    assert!(
-        !status.success(),
-        "launcher exited 0 after a rank was killed"
-    );
-    assert!(
-        err.contains("rank 1"),
-        "the launcher does not name the dead rank:\n{err}"
-    );
-    for w in &workers {
-        assert!(!alive(*w), "worker {w} is still running");
-    }
+    // SIGKILL rank 1 in the middle of an epoch.
+    common::procs::kill_rank_1(&mut launcher);
     // The last checkpoint is intact and a 2-process rerun resumes from it.
     let meta = ibot::train::checkpoint::read_meta(&ckpt).unwrap();
     read_safetensors(&ckpt).unwrap();

@@ -11,8 +11,7 @@ use ibot::finetune::groups::get_parameter_groups;
 use ibot::finetune::model::{Classifier, ClassifierConfig};
 use ibot::finetune::run::Trainer;
 use ibot::finetune::FinetuneConfig;
-use ibot::models::{VisionTransformer, VitConfig};
-use ibot::params::ParamStore;
+use ibot::models::VitConfig;
 use tch::{Device, Kind, Tensor};
 
 const BIN: &str = env!("CARGO_BIN_EXE_ibot");
@@ -31,20 +30,7 @@ fn config(argv: &[&str]) -> FinetuneConfig {
     c
 }
 
-fn vit(embed_dim: i64, depth: i64, num_heads: i64, patch: i64, img: i64) -> VitConfig {
-    VitConfig {
-        img_size: img,
-        patch_size: patch,
-        in_chans: 3,
-        embed_dim,
-        depth,
-        num_heads,
-        mlp_ratio: 4.0,
-        qkv_bias: true,
-        drop_path_rate: 0.0,
-        masked_im_modeling: false,
-    }
-}
+use common::vit_config as vit;
 
 fn classifier(v: VitConfig, nb_classes: i64, mean_pooling: bool, init_scale: f64) -> Classifier {
     Classifier::new(
@@ -244,33 +230,23 @@ fn one_step_equals_pytorch() {
 /// A tiny pre-trained backbone (width 24, two blocks, 4-px patches on 16 px) saved as
 /// `extract-backbone` writes it, optionally with a classifier of `head_classes` rows.
 fn tiny_backbone(path: &Path, head_classes: Option<i64>) {
-    tch::manual_seed(3);
     let cfg = VitConfig {
         mlp_ratio: 2.0,
         ..vit(24, 2, 2, 4, 16)
     };
-    let mut ps = ParamStore::new();
-    let _m = VisionTransformer::new(&mut ps, "", &cfg, false, Device::Cpu).unwrap();
-    let mut named: Vec<(String, Tensor)> = ps
-        .state_dict()
-        .map(|(k, t)| (k.to_string(), t.shallow_clone()))
-        .collect();
-    if let Some(k) = head_classes {
-        named.push((
-            "head.weight".into(),
-            Tensor::zeros([k, 24], (Kind::Float, Device::Cpu)),
-        ));
-        named.push((
-            "head.bias".into(),
-            Tensor::zeros([k], (Kind::Float, Device::Cpu)),
-        ));
-    }
-    let mut md = HashMap::new();
-    md.insert(
-        ibot::interop::VIT_CONFIG_KEY.to_string(),
-        serde_json::to_string(&cfg).unwrap(),
-    );
-    ibot::params::write_safetensors(path, &named, Some(md)).unwrap();
+    let head = head_classes.map_or(vec![], |k| {
+        vec![
+            (
+                "head.weight".into(),
+                Tensor::zeros([k, 24], (Kind::Float, Device::Cpu)),
+            ),
+            (
+                "head.bias".into(),
+                Tensor::zeros([k], (Kind::Float, Device::Cpu)),
+            ),
+        ]
+    });
+    common::save_vit_backbone(path, &cfg, 3, head);
 }
 
 fn tiny_data(dir: &Path, n_train: usize) {
@@ -413,7 +389,16 @@ fn resume_equals_uninterrupted_and_log_keys() {
     let logged: serde_json::Value = serde_json::from_str(last).unwrap();
     assert_eq!(e.acc1, logged["test_acc1"].as_f64().unwrap(), "{last}");
     let loss = logged["test_loss"].as_f64().unwrap();
-    assert!((e.loss - loss).abs() <= 1e-6 * loss.abs(), "{} vs {last}", e.loss);
+    assert!(
+        (e.loss - loss).abs() <= 1e-6 * loss.abs(),
+        "{} vs {last}",
+        e.loss
+    );
+    // An option that would build another classifier is refused, not ignored.
+    let mut c2 = c.clone();
+    c2.use_mean_pooling = true;
+    let err = format!("{:#}", ibot::finetune::run(&c2).unwrap_err());
+    assert!(err.contains("was written with [CLS] pooling"), "{err}");
 }
 
 /// eval_cls.py's log (DeiT transfer recipe): train_lr, train_loss, then the test keys; its

@@ -14,22 +14,17 @@
 mod common;
 
 use std::collections::HashMap;
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use ibot::models::{VisionTransformer, VitConfig};
-use ibot::params::{read_safetensors, ParamStore};
+use common::procs::{clean, free_port};
+use ibot::models::VitConfig;
+use ibot::params::read_safetensors;
 use tch::{Device, Kind, Tensor};
 
 const BIN: &str = env!("CARGO_BIN_EXE_ibot");
-
-fn free_port() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().port()
-}
 
 /// Held while this file's tests draw from libtorch's global generator (they run on parallel
 /// threads): without it another test's model initialisation interleaves with `tiny_backbone`'s
@@ -40,31 +35,11 @@ static TORCH_RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
 /// A 2-block ViT (dim 24, patch 4, 16 px) saved with its configuration.
 fn tiny_backbone(path: &Path) {
     let _g = TORCH_RNG.lock().unwrap_or_else(|e| e.into_inner());
-    tch::manual_seed(3);
     let cfg = VitConfig {
-        img_size: 16,
-        patch_size: 4,
-        in_chans: 3,
-        embed_dim: 24,
-        depth: 2,
-        num_heads: 2,
         mlp_ratio: 2.0,
-        qkv_bias: true,
-        drop_path_rate: 0.0,
-        masked_im_modeling: false,
+        ..common::vit_config(24, 2, 2, 4, 16)
     };
-    let mut ps = ParamStore::new();
-    let _m = VisionTransformer::new(&mut ps, "", &cfg, false, Device::Cpu).unwrap();
-    let named: Vec<(String, Tensor)> = ps
-        .state_dict()
-        .map(|(k, t)| (k.to_string(), t.shallow_clone()))
-        .collect();
-    let mut md = HashMap::new();
-    md.insert(
-        ibot::interop::VIT_CONFIG_KEY.to_string(),
-        serde_json::to_string(&cfg).unwrap(),
-    );
-    ibot::params::write_safetensors(path, &named, Some(md)).unwrap();
+    common::save_vit_backbone(path, &cfg, 3, vec![]);
 }
 
 fn setup() -> (PathBuf, PathBuf, PathBuf) {
@@ -130,24 +105,6 @@ fn launch(args: Vec<String>) -> Vec<String> {
         .collect();
     a.extend(args);
     a
-}
-
-/// No launcher variables leak in from the test's own environment.
-fn clean(cmd: &mut Command) -> &mut Command {
-    for k in [
-        "RANK",
-        "WORLD_SIZE",
-        "LOCAL_RANK",
-        "LOCAL_WORLD_SIZE",
-        "MASTER_ADDR",
-        "MASTER_PORT",
-        "SLURM_PROCID",
-        "SLURM_NTASKS",
-        "TORCHELASTIC_USE_AGENT_STORE",
-    ] {
-        cmd.env_remove(k);
-    }
-    cmd
 }
 
 fn run(cmd: &mut Command) -> Output {
@@ -617,22 +574,6 @@ fn dist_eval_shards_the_validation_set_and_sums_the_meters_as_the_official_scrip
     );
 }
 
-/// Pids of the direct children of `pid` (from /proc).
-fn children(pid: u32) -> Vec<u32> {
-    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
-        .unwrap_or_default()
-        .split_whitespace()
-        .filter_map(|s| s.parse().ok())
-        .collect()
-}
-
-fn alive(pid: u32) -> bool {
-    // A zombie still has a /proc entry: look at its state.
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|s| !s.contains(") Z "))
-        .unwrap_or(false)
-}
-
 /// The epoch a fine-tuning checkpoint resumes at.
 fn next_epoch(ckpt: &Path) -> u64 {
     let md = ibot::params::read_safetensors_metadata(ckpt).unwrap();
@@ -666,39 +607,7 @@ fn a_killed_rank_under_ibot_launch_stops_the_run_and_a_relaunch_resumes() {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
-    let workers = children(launcher.id());
-    assert_eq!(workers.len(), 2, "workers {workers:?}");
-    unsafe { libc::kill(workers[1] as i32, libc::SIGKILL) };
-    let killed_at = Instant::now();
-    let status = loop {
-        if let Some(s) = launcher.try_wait().unwrap() {
-            break s;
-        }
-        if killed_at.elapsed() > Duration::from_secs(60) {
-            let _ = launcher.kill();
-            panic!("the launcher did not stop within 60 s of a dead rank");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let mut err = String::new();
-    use std::io::Read;
-    launcher
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut err)
-        .unwrap();
-    assert!(
-        !status.success(),
-        "launcher exited 0 after a rank was killed"
-    );
-    assert!(
-        err.contains("rank 1"),
-        "the launcher does not name the dead rank:\n{err}"
-    );
-    for p in &workers {
-        assert!(!alive(*p), "worker {p} is still running");
-    }
+    common::procs::kill_rank_1(&mut launcher);
     read_safetensors(&ckpt).expect("the checkpoint is damaged");
     let e = next_epoch(&ckpt);
     // Relaunch for one more epoch: both ranks read the checkpoint and go on from it.

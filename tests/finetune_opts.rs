@@ -33,20 +33,7 @@ fn config(argv: &[&str]) -> FinetuneConfig {
     try_config(argv).unwrap()
 }
 
-fn vit(embed_dim: i64, depth: i64, num_heads: i64, patch: i64, img: i64) -> VitConfig {
-    VitConfig {
-        img_size: img,
-        patch_size: patch,
-        in_chans: 3,
-        embed_dim,
-        depth,
-        num_heads,
-        mlp_ratio: 4.0,
-        qkv_bias: true,
-        drop_path_rate: 0.0,
-        masked_im_modeling: false,
-    }
-}
+use common::vit_config as vit;
 
 fn classifier_cfg(v: VitConfig, nb_classes: i64, init_scale: f64) -> ClassifierConfig {
     ClassifierConfig {
@@ -631,4 +618,39 @@ fn float16_finetune_steps_scale_unscale_and_skip_overflows() {
         "float16 update applied at scale {} after {skipped} skipped",
         t.scaler.scale
     );
+}
+
+/// `--warmup_steps` replaces a `--warmup_epochs` longer than the run (as the official
+/// cosine_scheduler, which only checks the total length), and a `--cutmix_minmax` range holding
+/// no whole pixel is refused (timm's `np.random.randint(lo, hi)` raises) instead of silently
+/// drawing empty boxes. Each assertion fails without its check in `FinetuneConfig::validate`.
+#[test]
+fn warmup_steps_and_cutmix_minmax_are_validated_as_the_official_code() {
+    let check = |argv: &[&str]| try_config(argv).and_then(|c| c.validate());
+    check(&[
+        "--epochs",
+        "2",
+        "--warmup_epochs",
+        "20",
+        "--warmup_steps",
+        "5",
+    ])
+    .unwrap();
+    let e = format!(
+        "{:#}",
+        check(&["--epochs", "2", "--warmup_epochs", "20"]).unwrap_err()
+    );
+    assert!(
+        e.contains("--warmup_epochs 20 is longer than --epochs 2"),
+        "{e}"
+    );
+    let e = format!(
+        "{:#}",
+        check(&["--input_size", "224", "--cutmix_minmax", "0.5", "0.501"]).unwrap_err()
+    );
+    assert!(
+        e.contains("--cutmix_minmax 0.5 0.501 leaves no box size"),
+        "{e}"
+    );
+    check(&["--input_size", "224", "--cutmix_minmax", "0.2", "0.8"]).unwrap();
 }

@@ -15,7 +15,7 @@ use ibot::finetune::model::resize_pos_embed;
 use ibot::finetune::run::build_model;
 use ibot::finetune::FinetuneConfig;
 use ibot::models::swin::{relative_position_index, resize_rel_pos_bias_table};
-use ibot::models::{SwinConfig, SwinTransformer, VisionTransformer, VitConfig};
+use ibot::models::{SwinConfig, SwinTransformer, VitConfig};
 use ibot::params::ParamStore;
 use tch::{Device, Kind, Tensor};
 
@@ -236,32 +236,11 @@ fn swin_finetune_at_another_window_or_size_loads_resized_tables() {
 fn vit_finetune_at_another_size_interpolates_pos_embed() {
     let root = common::scratch_dir("finetune_resize", "vit");
     let w = root.join("vit.safetensors");
-    tch::manual_seed(3);
     let vc = VitConfig {
-        img_size: 16,
-        patch_size: 4,
-        in_chans: 3,
-        embed_dim: 24,
-        depth: 2,
-        num_heads: 2,
         mlp_ratio: 2.0,
-        qkv_bias: true,
-        drop_path_rate: 0.0,
-        masked_im_modeling: false,
+        ..common::vit_config(24, 2, 2, 4, 16)
     };
-    let mut ps = ParamStore::new();
-    let _m = VisionTransformer::new(&mut ps, "", &vc, false, Device::Cpu).unwrap();
-    let named: Vec<(String, Tensor)> = ps
-        .state_dict()
-        .map(|(k, t)| (k.to_string(), t.copy()))
-        .collect();
-    let mut md = HashMap::new();
-    md.insert(
-        ibot::interop::VIT_CONFIG_KEY.to_string(),
-        serde_json::to_string(&vc).unwrap(),
-    );
-    ibot::params::write_safetensors(&w, &named, Some(md)).unwrap();
-    let pre: HashMap<String, Tensor> = named.into_iter().collect();
+    let pre = common::save_vit_backbone(&w, &vc, 3, vec![]);
     for size in [24i64, 8] {
         let s = size.to_string();
         let cfg = config(&[

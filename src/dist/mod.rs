@@ -653,10 +653,11 @@ pub fn check_same_options(comm: &dyn Comm, options: &serde_json::Value, what: &s
     let all = all_gather_i64(comm, &bytes)?;
     let text_of = |k: usize| -> String {
         let start: i64 = lens[..k].iter().sum();
-        all[start as usize..(start + lens[k]) as usize]
+        let b: Vec<u8> = all[start as usize..(start + lens[k]) as usize]
             .iter()
-            .map(|&b| b as u8 as char)
-            .collect()
+            .map(|&b| b as u8)
+            .collect();
+        String::from_utf8_lossy(&b).into_owned()
     };
     let (a, b): (serde_json::Value, serde_json::Value) = (
         serde_json::from_str(&text_of(0)).unwrap_or_default(),

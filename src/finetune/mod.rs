@@ -306,12 +306,28 @@ impl FinetuneConfig {
                 "--clip_grad must be positive (leave it out for no clipping)"
             );
         }
+        // With --warmup_steps the warm-up is that many iterations (checked against the run's
+        // length when the schedule is built), whatever --warmup_epochs says.
         ensure!(
-            self.warmup_epochs <= self.epochs || self.eval,
+            self.warmup_epochs <= self.epochs
+                || self.eval
+                || self.warmup_steps.is_some_and(|s| s > 0),
             "--warmup_epochs {} is longer than --epochs {}",
             self.warmup_epochs,
             self.epochs
         );
+        if let Some((lo, hi)) = self.mixup.cutmix_minmax {
+            // timm's rand_bbox_minmax draws the box sides with np.random.randint(int(size * min),
+            // int(size * max)), which refuses an empty range.
+            let size = self.aug.input_size as f64;
+            let (a, b) = ((size * lo) as i64, (size * hi) as i64);
+            ensure!(
+                a < b || self.eval,
+                "--cutmix_minmax {lo} {hi} leaves no box size at --input_size {}: the sides are \
+                 drawn from [{a}, {b}) pixels; widen the range",
+                self.aug.input_size
+            );
+        }
         if !["teacher", "student"].contains(&self.checkpoint_key.as_str()) {
             bail!(
                 "--checkpoint_key must be teacher or student, not '{}'",

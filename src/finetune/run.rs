@@ -16,7 +16,7 @@ use super::data::{self, epoch_order, load_batch, view_rng};
 use super::groups::{get_parameter_groups_for, LayerIds};
 use super::loss::Criterion;
 use super::model::{Classifier, ClassifierConfig};
-use super::schedule::{deit_epoch_lr, per_iteration_cosine, per_iteration_cosine_steps};
+use super::schedule::{deit_epoch_lr, per_iteration_cosine_steps};
 use super::{FinetuneConfig, Recipe};
 use crate::data::dataset::Dataset;
 use crate::dist::Comm;
@@ -522,7 +522,8 @@ pub fn build_model(
             }
             s.drop_path_rate = cfg.drop_path;
             s.masked_im_modeling = false;
-            s.validate().context("the Swin at --input_size")?;
+            s.validate()
+                .context("the Swin at --input_size and --window_size")?;
         }
     }
     let mut head_hidden_dim = 0;
@@ -782,6 +783,32 @@ fn resumed_architecture(
     let meta: CheckpointMeta = serde_json::from_str(raw)
         .with_context(|| format!("{}: damaged metadata", path.display()))?;
     let mut c = meta.classifier;
+    // Options that would build another classifier than the checkpoint's are refused here
+    // rather than silently ignored.
+    let mean_pooling = c.use_mean_pooling;
+    ensure!(
+        cfg.use_mean_pooling == mean_pooling,
+        "{} was written with {} pooling; leave out --use_mean_pooling/--use_cls or give \
+         --pretrained_weights or --arch to build another classifier",
+        path.display(),
+        if mean_pooling { "mean" } else { "[CLS]" }
+    );
+    match &c.backbone {
+        BackboneConfig::Vit(v) => ensure!(
+            cfg.window_size.is_none() && cfg.num_heads.is_none_or(|h| h == v.num_heads),
+            "--window_size/--num_heads do not apply when the architecture comes from {} (a ViT \
+             with {} heads); give --pretrained_weights or --arch to build another one",
+            path.display(),
+            v.num_heads
+        ),
+        BackboneConfig::Swin(s) => ensure!(
+            cfg.window_size.is_none_or(|w| w == s.window_size) && cfg.num_heads.is_none(),
+            "--window_size/--num_heads do not apply when the architecture comes from {} (a Swin \
+             with window {}); give --pretrained_weights or --arch to build another one",
+            path.display(),
+            s.window_size
+        ),
+    }
     ensure!(
         c.nb_classes == nb_classes,
         "{} classifies {} classes but the data has {nb_classes} (--nb_classes)",
@@ -891,12 +918,23 @@ impl Meters {
     }
 }
 
-/// The options every rank must share (not the device, threads, progress bars or rendezvous),
-/// compared across the ranks by [`crate::dist::check_same_options`].
+/// The options every rank must share, compared across the ranks by
+/// [`crate::dist::check_same_options`]: not the device, threads, progress bars or rendezvous,
+/// nor where each node reads its data and weights (nodes may hold local copies; the output
+/// directory is compared, as resuming needs one that all ranks share).
 fn shared_options(cfg: &FinetuneConfig) -> Result<serde_json::Value> {
     let mut v = serde_json::to_value(cfg)?;
     if let Some(m) = v.as_object_mut() {
-        for k in ["device", "num_workers", "progress", "dist"] {
+        for k in [
+            "device",
+            "num_workers",
+            "progress",
+            "dist",
+            "data_path",
+            "eval_data_path",
+            "pretrained_weights",
+            "split_file",
+        ] {
             m.remove(k);
         }
     }
@@ -1126,7 +1164,7 @@ pub fn run_with(cfg: &FinetuneConfig, comm: &dyn Comm, device: Device) -> Result
             cfg.warmup_steps,
         )?)
     };
-    let wd_sched = per_iteration_cosine(
+    let wd_sched = crate::schedule::cosine_scheduler(
         cfg.weight_decay,
         cfg.weight_decay_end,
         cfg.epochs,

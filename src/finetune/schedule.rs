@@ -2,28 +2,9 @@
 
 use anyhow::{ensure, Result};
 
-/// BEiT's `utils.cosine_scheduler` as `run_class_finetuning.py` calls it: per iteration, a
-/// linear warm-up from `start_warmup_value` (the script passes none: 0, so `--warmup_lr` plays
-/// no part there) to `base` over `warmup_epochs`, then a half cosine to `final_`.
-pub fn per_iteration_cosine(
-    base: f64,
-    final_: f64,
-    epochs: usize,
-    niter_per_ep: usize,
-    warmup_epochs: usize,
-    start_warmup_value: f64,
-) -> Result<Vec<f64>> {
-    crate::schedule::cosine_scheduler(
-        base,
-        final_,
-        epochs,
-        niter_per_ep,
-        warmup_epochs,
-        start_warmup_value,
-    )
-}
-
-/// [`per_iteration_cosine`] with run_class_finetuning.py's `--warmup_steps`: BEiT's
+/// BEiT's `utils.cosine_scheduler` as `run_class_finetuning.py` calls it, per iteration (the
+/// official one, [`crate::schedule::cosine_scheduler`]; the script passes no
+/// `start_warmup_value`: 0, so `--warmup_lr` plays no part there), with its `--warmup_steps`: BEiT's
 /// `cosine_scheduler(..., warmup_steps)`, whose warm-up lasts `warmup_steps` iterations instead of
 /// `warmup_epochs × niter_per_ep` when `warmup_steps > 0` (None or 0: the official -1), is built
 /// only when `warmup_epochs > 0`, and is followed by the half cosine over the remaining
@@ -41,7 +22,7 @@ pub fn per_iteration_cosine_steps(
     let steps = match warmup_steps {
         Some(s) if s > 0 => s,
         _ => {
-            return per_iteration_cosine(
+            return crate::schedule::cosine_scheduler(
                 base,
                 final_,
                 epochs,
@@ -61,13 +42,13 @@ pub fn per_iteration_cosine_steps(
         steps <= total,
         "--warmup_steps {steps} is longer than training ({total} iterations)"
     );
-    let mut s = crate::schedule::linspace(start_warmup_value, base, steps);
-    let n = total - steps;
-    s.extend((0..n).map(|i| {
-        let c = (std::f64::consts::PI * i as f64 / n as f64).cos();
-        final_ + 0.5 * (base - final_) * (1.0 + c)
-    }));
-    Ok(s)
+    Ok(crate::schedule::warmup_then_cosine(
+        base,
+        final_,
+        total,
+        steps,
+        start_warmup_value,
+    ))
 }
 
 /// timm's `CosineLRScheduler` (`create_scheduler` with `--sched cosine`, one cycle of

@@ -166,13 +166,14 @@ impl Optimizer {
                         v.push(s.exp_avg_sq.shallow_clone());
                         st.push(Tensor::from_slice(&[s.step as f32]).to_device(param.device()));
                     }
-                    let f = if self.kind == OptimizerKind::Adam {
-                        crate::fastops::fused_adam
-                    } else {
-                        crate::fastops::fused_adamw
-                    };
-                    f(
-                        &p, &g, &m, &v, &st, lr, self.beta1, self.beta2, decay, self.eps,
+                    crate::fastops::fused_adam(
+                        self.kind != OptimizerKind::Adam,
+                        &p,
+                        &g,
+                        &m,
+                        &v,
+                        &st,
+                        [lr, self.beta1, self.beta2, decay, self.eps],
                     )?;
                 }
                 OptimizerKind::Sgd if self.momentum != 0.0 => {
@@ -195,7 +196,7 @@ impl Optimizer {
                             g.push(grad(i));
                             b.push(buf.shallow_clone());
                         }
-                        crate::fastops::fused_sgd_with(
+                        crate::fastops::fused_sgd(
                             self.nesterov,
                             &p,
                             &g,

@@ -3,6 +3,8 @@
 
 use std::path::PathBuf;
 
+pub mod procs;
+
 use ibot::loss::IbotLossConfig;
 use ibot::models::{HeadConfig, VitConfig};
 use ibot::train::optim::OptimizerKind;
@@ -370,4 +372,51 @@ pub fn assert_close(name: &str, got: &tch::Tensor, want: &tch::Tensor, tol: f64)
     assert_eq!(got.size(), want.size(), "{name}: shape");
     let d = ibot::util::max_abs(&(got - want));
     assert!(d <= tol, "{name}: max abs difference {d} > {tol}");
+}
+
+/// A ViT configuration for tests: MLP ratio 4, qkv bias, no drop path, no masked embedding.
+pub fn vit_config(embed_dim: i64, depth: i64, num_heads: i64, patch: i64, img: i64) -> VitConfig {
+    VitConfig {
+        img_size: img,
+        patch_size: patch,
+        in_chans: 3,
+        embed_dim,
+        depth,
+        num_heads,
+        mlp_ratio: 4.0,
+        qkv_bias: true,
+        drop_path_rate: 0.0,
+        masked_im_modeling: false,
+    }
+}
+
+/// A ViT initialised from libtorch's generator seeded with `seed`, saved to `path` with its
+/// configuration as `extract-backbone` writes it, plus the `extra` tensors (e.g. a classifier).
+/// Returns the backbone's tensors. Callers whose tests draw from the generator on parallel
+/// threads hold their own lock around it.
+pub fn save_vit_backbone(
+    path: &std::path::Path,
+    cfg: &VitConfig,
+    seed: i64,
+    extra: Vec<(String, tch::Tensor)>,
+) -> std::collections::HashMap<String, tch::Tensor> {
+    tch::manual_seed(seed);
+    let mut ps = ibot::params::ParamStore::new();
+    let _m =
+        ibot::models::VisionTransformer::new(&mut ps, "", cfg, false, tch::Device::Cpu).unwrap();
+    let backbone: Vec<(String, tch::Tensor)> = ps
+        .state_dict()
+        .map(|(k, t)| (k.to_string(), t.copy()))
+        .collect();
+    let named: Vec<(String, tch::Tensor)> = backbone
+        .iter()
+        .map(|(k, t)| (k.clone(), t.shallow_clone()))
+        .chain(extra)
+        .collect();
+    let md = std::collections::HashMap::from([(
+        ibot::interop::VIT_CONFIG_KEY.to_string(),
+        serde_json::to_string(cfg).unwrap(),
+    )]);
+    ibot::params::write_safetensors(path, &named, Some(md)).unwrap();
+    backbone.into_iter().collect()
 }
