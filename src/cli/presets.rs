@@ -48,7 +48,7 @@ pub const PRESETS: &[(&str, &str, &[&str])] = &[
             "--global_crops_scale", "0.4", "1", "--local_crops_scale", "0.1", "0.4", "--out_dim", "512",
             "--patch_out_dim", "512", "--head_hidden_dim", "512", "--head_bottleneck_dim", "128", "--shared_head",
             "true", "--norm_last_layer", "true", "--batch_size_per_gpu", "128", "--epochs", "4", "--warmup_epochs",
-            "1", "--warmup_teacher_temp_epochs", "1", "--teacher_temp", "0.04", "--lr", "0.003", "--min_lr", "1e-5",
+            "1", "--warmup_teacher_temp_epochs", "1", "--teacher_temp", "0.04", "--lr", "0.0015", "--min_lr", "1e-5",
             "--momentum_teacher", "0.95", "--drop_path", "0.0", "--pred_ratio", "0", "0.3", "--pred_ratio_var", "0", "0.2",
             "--freeze_last_layer", "0", "--saveckp_freq", "0", "--use_fp16", "false",
         ],
