@@ -163,38 +163,7 @@ fn two_ranks_under_torchrun_compute_the_step_of_one_process_with_the_whole_batch
 #[test]
 fn two_nodes_of_one_process_each_compute_the_same_step() {
     let out = scratch("nodes2");
-    let port = free_port().to_string();
-    let node = |rank: &str| {
-        let mut c = Command::new(BIN);
-        c.args([
-            "launch",
-            "--nnodes",
-            "2",
-            "--node_rank",
-            rank,
-            "--nproc_per_node",
-            "1",
-            "--master_addr",
-            "127.0.0.1",
-            "--master_port",
-            &port,
-        ])
-        .args(train_args(&out, 4, 2))
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-        clean(&mut c).spawn().unwrap()
-    };
-    let (n0, n1) = (node("0"), node("1"));
-    for (i, n) in [n0, n1].into_iter().enumerate() {
-        let o = n.wait_with_output().unwrap();
-        assert!(
-            o.status.success(),
-            "node {i}: {}\n{}",
-            String::from_utf8_lossy(&o.stdout),
-            String::from_utf8_lossy(&o.stderr)
-        );
-    }
+    common::procs::run_two_nodes(BIN, &train_args(&out, 4, 2), &[]);
     let (k, r) = worst(&state(&out), &reference());
     eprintln!("worst relative difference to the 1x8 run: {k} {r:e}");
     assert!(r < TOL, "{k}: relative difference {r:e} to the 1x8 run");

@@ -270,39 +270,11 @@ fn torchrun_two_nodes_and_slurm_tasks_fine_tune_as_ibot_launch() {
     assert_eq!(log(&tr), log(two), "log.txt under torchrun");
 
     let nodes = root.join("nodes");
-    let port = free_port().to_string();
-    let node = |rank: &str| {
-        let mut c = Command::new(BIN);
-        c.args([
-            "launch",
-            "--nnodes",
-            "2",
-            "--node_rank",
-            rank,
-            "--nproc_per_node",
-            "1",
-            "--master_addr",
-            "127.0.0.1",
-            "--master_port",
-            &port,
-        ])
-        .args(args(data, w, &nodes, 4, 2))
-        .env("OMP_NUM_THREADS", "1")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-        clean(&mut c).spawn().unwrap()
-    };
-    let (n0, n1) = (node("0"), node("1"));
-    for (i, n) in [n0, n1].into_iter().enumerate() {
-        let o = n.wait_with_output().unwrap();
-        assert!(
-            o.status.success(),
-            "node {i}: {}\n{}",
-            String::from_utf8_lossy(&o.stdout),
-            String::from_utf8_lossy(&o.stderr)
-        );
-    }
+    common::procs::run_two_nodes(
+        BIN,
+        &args(data, w, &nodes, 4, 2),
+        &[("OMP_NUM_THREADS", "1")],
+    );
     assert_same_checkpoint(&nodes, two, "two nodes vs ibot launch");
     assert_eq!(log(&nodes), log(two), "log.txt of the two-node run");
 

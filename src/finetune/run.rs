@@ -1039,7 +1039,9 @@ pub fn run_with(cfg: &FinetuneConfig, comm: &dyn Comm, device: Device) -> Result
     // stored one) and handed to the trainer as an explicit choice.
     let stored = resume_path(cfg).and_then(|p| {
         let meta = read_meta(&p).ok()?;
-        let same = cfg.use_fp16 && meta.config.use_fp16 && meta.config.precision == amp::PrecisionChoice::Auto;
+        let same = cfg.use_fp16
+            && meta.config.use_fp16
+            && meta.config.precision == amp::PrecisionChoice::Auto;
         meta.precision.filter(|_| same).map(|pr| (pr, p))
     });
     let (precision, reason) =

@@ -85,3 +85,41 @@ pub fn kill_rank_1(launcher: &mut Child) -> String {
     }
     err
 }
+
+/// Runs `bin launch --nnodes 2 --node_rank 0|1 --nproc_per_node 1` on loopback with `args`
+/// (one process per "node", `envs` set on both) and asserts that both nodes succeed.
+pub fn run_two_nodes(bin: &str, args: &[String], envs: &[(&str, &str)]) {
+    let port = free_port().to_string();
+    let node = |rank: &str| {
+        let mut c = Command::new(bin);
+        c.args([
+            "launch",
+            "--nnodes",
+            "2",
+            "--node_rank",
+            rank,
+            "--nproc_per_node",
+            "1",
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            &port,
+        ])
+        .args(args)
+        .envs(envs.iter().copied())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+        clean(&mut c).spawn().unwrap()
+    };
+    let (n0, n1) = (node("0"), node("1"));
+    for (i, n) in [n0, n1].into_iter().enumerate() {
+        let o = n.wait_with_output().unwrap();
+        assert!(
+            o.status.success(),
+            "node {i}: {}\n{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+}
