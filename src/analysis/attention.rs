@@ -154,6 +154,16 @@ pub fn attention_of(
 /// official `interpolate(scale_factor=patch, mode="nearest")`), coloured with viridis between
 /// the map's own minimum and maximum (as `plt.imsave` does).
 pub fn heat_map(map: &Tensor, patch: usize) -> Result<Rgb8> {
+    colour_map(map, patch, |t| {
+        let c = ViridisRGB.get_color(t);
+        [c.0, c.1, c.2]
+    })
+}
+
+/// A patch-level map (`[gh, gw]`) as an RGB picture `patch` times larger (nearest), each value
+/// scaled to the map's own range, `(v - min) / (max - min)` (0 for a constant map), then
+/// coloured by `colour` (as `plt.imsave` with a colour map does).
+pub fn colour_map(map: &Tensor, patch: usize, colour: impl Fn(f32) -> [u8; 3]) -> Result<Rgb8> {
     let (gh, gw) = match map.size()[..] {
         [h, w] => (h as usize, w as usize),
         ref s => anyhow::bail!("a map must be 2-D, not {s:?}"),
@@ -165,13 +175,7 @@ pub fn heat_map(map: &Tensor, patch: usize) -> Result<Rgb8> {
             (l.min(x), h.max(x))
         });
     let span = if hi > lo { hi - lo } else { 1.0 };
-    let colours: Vec<[u8; 3]> = v
-        .iter()
-        .map(|&x| {
-            let c = ViridisRGB.get_color((x - lo) / span);
-            [c.0, c.1, c.2]
-        })
-        .collect();
+    let colours: Vec<[u8; 3]> = v.iter().map(|&x| colour((x - lo) / span)).collect();
     let (h, w) = (gh * patch, gw * patch);
     let mut data = Vec::with_capacity(h * w * 3);
     for y in 0..h {

@@ -13,7 +13,7 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{ensure, Context, Result};
 use image::codecs::gif::{GifEncoder, Repeat};
 use image::{Delay, Frame, RgbaImage};
 use serde::{Deserialize, Serialize};
@@ -70,33 +70,10 @@ pub fn frame_attention(
 /// A patch-level map as `plt.imsave(cmap="inferno")` draws it, `patch` times larger: scaled
 /// to its own range, colour `int(v * 256)` (clipped to 255) of the 256-colour table.
 pub fn inferno_picture(map: &Tensor, patch: usize) -> Result<Rgb8> {
-    let (gh, gw) = match map.size()[..] {
-        [h, w] => (h as usize, w as usize),
-        ref s => bail!("a map must be 2-D, not {s:?}"),
-    };
-    let v = Vec::<f32>::try_from(map.to_kind(Kind::Float).flatten(0, -1))?;
-    let (lo, hi) = v
-        .iter()
-        .fold((f32::INFINITY, f32::NEG_INFINITY), |(l, h), &x| {
-            (l.min(x), h.max(x))
-        });
-    let span = if hi > lo { hi - lo } else { 1.0 };
-    let colours: Vec<[u8; 3]> = v
-        .iter()
-        .map(|&x| {
-            let i = (((x - lo) / span) * 256.0) as usize;
-            let c = colorous::INFERNO.eval_rational(i.min(255), 256);
-            [c.r, c.g, c.b]
-        })
-        .collect();
-    let (h, w) = (gh * patch, gw * patch);
-    let mut data = Vec::with_capacity(h * w * 3);
-    for y in 0..h {
-        for x in 0..w {
-            data.extend_from_slice(&colours[(y / patch) * gw + x / patch]);
-        }
-    }
-    Ok(Rgb8::new(w, h, data))
+    super::attention::colour_map(map, patch, |t| {
+        let c = colorous::INFERNO.eval_rational(((t * 256.0) as usize).min(255), 256);
+        [c.r, c.g, c.b]
+    })
 }
 
 /// Image files directly in `dir` whose name passes `keep`, sorted by name.
