@@ -126,5 +126,9 @@ fn main() {
         println!("cargo:rustc-link-arg=-lc10_cuda");
         println!("cargo:rustc-link-arg=-Wl,--as-needed");
     }
+    // csrc/fastops.cpp's `mkl_serv_intel_cpu_true` must be in the executable's dynamic symbol
+    // table to take precedence over libtorch_cpu's (see the comment there).
+    println!("cargo:rustc-link-arg=-Wl,--undefined=mkl_serv_intel_cpu_true");
+    println!("cargo:rustc-link-arg=-Wl,--export-dynamic-symbol=mkl_serv_intel_cpu_true");
     println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib.display());
 }

@@ -5,6 +5,8 @@
 #include <ATen/ATen.h>
 #include <torch/csrc/autograd/custom_function.h>
 
+#include <dlfcn.h>
+
 #include <cstdlib>
 #include <cstring>
 #include <vector>
@@ -21,6 +23,43 @@ std::vector<at::Tensor> list(at::Tensor** ts, int n) {
   for (int i = 0; i < n; ++i) out.push_back(*ts[i]);
   return out;
 }
+
+}  // namespace
+
+// MKL (linked statically into libtorch_cpu) chooses its kernels by CPU vendor: on a non-Intel
+// CPU its sgemm takes an AVX2 path even where AVX-512 is there (on this project's AMD Zen 5 a
+// 1576x384 by 384x1536 product: 17.9 ms instead of 8.6 ms, one thread), and the vendor switches
+// MKL once had (MKL_DEBUG_CPU_TYPE) are gone. libtorch still calls MKL for the small products
+// inside the CPU flash attention and for everything on `F.linear`. MKL asks this function
+// whether the CPU is an Intel one; libtorch_cpu exports it and calls it through its PLT, so the
+// definition exported by the ibot executable (build.rs: --export-dynamic-symbol) is the one the
+// dynamic linker binds, and MKL then picks its kernels by the CPU's features alone (the
+// features are still checked: a CPU without AVX-512 gets the AVX2 kernels). Results are MKL's
+// own float32 arithmetic either way (summation order may differ in the last bits).
+// IBOT_MKL_VENDOR_CHECK=1 keeps MKL's own answer (read once, at MKL's first call).
+extern "C" __attribute__((visibility("default"), used)) int mkl_serv_intel_cpu_true() {
+  static const int answer = [] {
+    const char* keep = std::getenv("IBOT_MKL_VENDOR_CHECK");
+    if (keep && std::strcmp(keep, "1") == 0) {
+      // MKL's own function, next in the dynamic linker's search order (libtorch_cpu's).
+      using Fn = int (*)();
+      if (auto own = reinterpret_cast<Fn>(dlsym(RTLD_NEXT, "mkl_serv_intel_cpu_true"))) return own();
+    }
+    return 1;
+  }();
+  return answer;
+}
+
+// 1 when the dynamic linker binds MKL's vendor question to the definition above (exported by
+// the executable), 0 when libtorch's own answers it (a binary linked without the export).
+extern "C" int ibot_mkl_vendor_override_bound() {
+  return dlsym(RTLD_DEFAULT, "mkl_serv_intel_cpu_true") ==
+                 reinterpret_cast<void*>(&mkl_serv_intel_cpu_true)
+             ? 1
+             : 0;
+}
+
+namespace {
 
 at::Tensor dense(const at::Tensor& t) { return t.is_mkldnn() ? t.to_dense() : t; }
 

@@ -5,7 +5,9 @@
 //!   ([`crate::models::layers::linear`] decides when);
 //! * [`fused_adamw`], [`fused_sgd`]: `torch.optim.AdamW(fused=True)` / `SGD(fused=True)` updates
 //!   of many parameters in one call (one pass over each tensor instead of a chain of temporaries);
-//! * [`foreach_ema`]: the teacher EMA as multi-tensor operations.
+//! * [`foreach_ema`]: the teacher EMA as multi-tensor operations;
+//! * [`mkl_picks_kernels_by_features`]: whether MKL's vendor check is answered by
+//!   `csrc/fastops.cpp` (MKL then runs its AVX-512 kernels on AMD CPUs too).
 
 use std::ffi::{c_char, c_int, CStr};
 
@@ -16,6 +18,7 @@ mod ffi {
     use std::ffi::{c_char, c_int, c_void};
     extern "C" {
         pub fn ibot_fastops_free_error(s: *mut c_char);
+        pub fn ibot_mkl_vendor_override_bound() -> c_int;
         pub fn ibot_onednn_linear(
             x: *mut c_void,
             w: *mut c_void,
@@ -226,4 +229,15 @@ pub fn foreach_ema(teacher: &[Tensor], student: &[Tensor], m: f64) -> Result<()>
     let rc =
         unsafe { ffi::ibot_foreach_ema(t.as_ptr(), s.as_ptr(), t.len() as c_int, m, &mut err) };
     check_rc(rc, err, "teacher EMA")
+}
+
+/// True when MKL's vendor question (`mkl_serv_intel_cpu_true`) is bound to the answer in
+/// `csrc/fastops.cpp`, so that MKL picks its kernels by the CPU's features (AVX-512 on AMD
+/// Zen 4/5 too) instead of taking its AVX2 path on every non-Intel CPU. False in a binary linked
+/// without build.rs's `--export-dynamic-symbol`. `IBOT_MKL_VENDOR_CHECK=1` keeps MKL's own
+/// answer (the binding stays; the answer is then libtorch's).
+pub fn mkl_picks_kernels_by_features() -> bool {
+    // SAFETY: a pure query of the dynamic linker.
+    let bound = unsafe { ffi::ibot_mkl_vendor_override_bound() == 1 };
+    bound && std::env::var("IBOT_MKL_VENDOR_CHECK").as_deref() != Ok("1")
 }

@@ -3,8 +3,8 @@
 //! depth. Each keeps the official state-dict names of its parameters.
 //!
 //! Two things here are faster than the official modules while computing the same function:
-//! * float32 matrix products of [`linear`] on the CPU go through oneDNN instead of the BLAS
-//!   (MKL) behind `F.linear`; see [`CpuGemm`];
+//! * float32 matrix products of [`linear`] on the CPU run MKL's kernels for the CPU's features
+//!   (MKL's vendor check answered in `csrc/fastops.cpp`), or oneDNN's; see [`CpuGemm`];
 //! * [`Attention::forward`] is libtorch's fused `scaled_dot_product_attention` (the CPU flash
 //!   kernel, forward and backward) instead of the explicit softmax(q·kᵀ)·v, which is kept in
 //!   [`Attention::attention_map`] where the probabilities themselves are wanted.
@@ -24,12 +24,15 @@ pub const LN_EPS: f64 = 1e-6;
 
 /// Which library multiplies the float32 matrices of [`linear`] on the CPU.
 ///
-/// libtorch's `F.linear` calls MKL's sgemm, which on AMD processors takes an AVX2 code path:
-/// on this project's 2-core AMD EPYC (Zen 5, AVX-512) oneDNN's float32 kernels, also inside
-/// libtorch, ran the ViT-S shapes in about half the CPU time (forward, input gradient and weight
-/// gradient alike), to the same float32 accuracy (1e-6 relative, summation order only).
-/// oneDNN is therefore the default on every CPU; `IBOT_CPU_GEMM=blas` restores libtorch's
-/// default for comparison. Autocast regions (bfloat16/float16) and non-CPU devices always use
+/// libtorch's `F.linear` calls MKL's sgemm. MKL chooses its kernels by CPU vendor and took an
+/// AVX2 path on AMD processors; `csrc/fastops.cpp` now answers MKL's vendor question so that it
+/// chooses by the CPU's features (its AVX-512 kernels on this project's AMD Zen 5). With that,
+/// MKL runs the ViT-S shapes as fast as oneDNN's float32 inner product, and `F.linear` needs no
+/// copies into oneDNN's layout: a ViT-S/16 recipe step (one thread) took 2624 ms on BLAS
+/// against 2754-2903 ms on oneDNN, the Fashion-MNIST recipe 2969-3011 against 3150-3244 ms, a
+/// Swin-T step 2112 against 2300 ms. BLAS is therefore the default; `IBOT_CPU_GEMM=onednn`
+/// selects oneDNN (which was the default while MKL ran AVX2 on AMD: there it halved the
+/// products' time). Autocast regions (bfloat16/float16) and non-CPU devices always use
 /// `F.linear`, whose autocast rules they need.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CpuGemm {
@@ -43,15 +46,15 @@ pub enum CpuGemm {
 static CPU_GEMM: AtomicU8 = AtomicU8::new(0);
 
 impl CpuGemm {
-    /// The process-wide choice: `IBOT_CPU_GEMM` (`blas` or `onednn`) read once, else oneDNN.
+    /// The process-wide choice: `IBOT_CPU_GEMM` (`blas` or `onednn`) read once, else BLAS.
     pub fn current() -> Self {
         match CPU_GEMM.load(Ordering::Relaxed) {
             1 => Self::Blas,
             2 => Self::Onednn,
             _ => {
                 let c = match std::env::var("IBOT_CPU_GEMM").as_deref() {
-                    Ok("blas") | Ok("mkl") => Self::Blas,
-                    _ => Self::Onednn,
+                    Ok("onednn") | Ok("mkldnn") => Self::Onednn,
+                    _ => Self::Blas,
                 };
                 c.set();
                 c
@@ -72,7 +75,10 @@ impl CpuGemm {
 
     pub fn name(self) -> &'static str {
         match self {
-            Self::Blas => "BLAS (libtorch's F.linear)",
+            Self::Blas if crate::fastops::mkl_picks_kernels_by_features() => {
+                "MKL (libtorch's F.linear; kernels chosen by CPU features)"
+            }
+            Self::Blas => "MKL (libtorch's F.linear; MKL's vendor dispatch)",
             Self::Onednn => "oneDNN",
         }
     }

@@ -189,11 +189,11 @@ pub fn machine_key() -> String {
         })
         .unwrap_or_default();
     format!(
-        "{model} | {} | libtorch {} | threads {} | float32 products {:?}",
+        "{model} | {} | libtorch {} | threads {} | float32 products {}",
         flags.join(" "),
         crate::train::amp::torch_version(),
         tch::get_num_threads(),
-        crate::models::layers::CpuGemm::current()
+        crate::models::layers::CpuGemm::current().name()
     )
 }
 
