@@ -272,40 +272,71 @@ fn weights_round_trip_through_safetensors_and_bad_files_are_refused() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// The training path (patch head on masked tokens only, locals' [CLS] only) gives the loss,
-/// centres and gradients of the full forward pass, for every head layout, with masks that
-/// include an image without any masked patch; and it fails loudly when the masks do not fit.
+/// The training path (patch head on masked tokens only, locals' [CLS] only, and for the ViT the
+/// last block's queries/proj/residual/MLP and the final norm on [CLS] + masked rows only) gives
+/// the loss, centres and gradients of the full forward pass, for every head layout, with masks
+/// that include an image without any masked patch, with drop path in the last block (rate
+/// 0.5 and 0.3, the drop-path generator reseeded before each path so both draw the same) and
+/// with masked image modelling off (patch rows still chosen by the masks); and it fails loudly
+/// when the masks do not fit.
+///
+/// Shown to fail by hand (each mutation of the pruned last block, then this test): the
+/// residual rows gathered one token off (`token_rows` + 1) fails "cls loss"; skipping the
+/// attention residual (`x = drop_path_rows(a)` without the gathered rows) fails "cls loss";
+/// the final norm skipped in `forward_train_rows` fails "cls loss"; the drop path scaling each
+/// row by the draw of image 0 (`sample` all zero) fails "cls loss" in the drop-path cases only;
+/// the queries taken from row 0 of each image (no per-image patch rows) fails "patch loss".
 #[test]
 fn the_lean_training_forward_equals_the_full_one() {
-    for (shared, shared_t, bottleneck) in [
-        (false, true, 8),
-        (true, true, 8),
-        (false, false, 8),
-        (false, true, 0),
+    for (shared, shared_t, bottleneck, dpr, mim) in [
+        (false, true, 8, 0.0, true),
+        (true, true, 8, 0.0, true),
+        (false, false, 8, 0.0, true),
+        (false, true, 0, 0.0, true),
+        (false, true, 8, 0.5, true),
+        (true, false, 8, 0.3, false),
     ] {
         tch::manual_seed(3);
         let mut cfg = common::tiny_config(shared, shared_t);
         cfg.head.bottleneck_dim = bottleneck;
+        let vit = cfg.backbone.as_vit_mut().unwrap();
+        vit.drop_path_rate = dpr;
+        vit.masked_im_modeling = mim;
         let mut ibot = Ibot::new(cfg, Device::Cpu).unwrap();
         let (v, m) = views(3);
         let _ = m[1].get(0).fill_(0); // one image of view 1 has no masked patch
         let (c, c2) = (ibot.loss.center.copy(), ibot.loss.center2.copy());
+        ibot.student.backbone.reseed_drop_path(11);
         let full = ibot.forward(&v, &m, 0, true, &SingleProcess).unwrap();
         let full_centres = (ibot.loss.center.copy(), ibot.loss.center2.copy());
-        let gf = ibot.backward(&full.loss.total);
-        ibot.loss.center = c;
-        ibot.loss.center2 = c2;
-        let lean = ibot.forward_train(&v, &m, 0, &SingleProcess).unwrap();
-        assert!(lean.student.patch.is_none());
-        let gl = ibot.backward(&lean.loss.total);
         let close = |a: &Tensor, b: &Tensor, tol: f64, what: &str| {
             let d = (a - b).abs().max().double_value(&[]);
             let s = b.abs().max().double_value(&[]).max(1e-3);
             assert!(
                 d <= tol * s,
-                "{what} ({shared}/{shared_t}/{bottleneck}): {d:e} vs scale {s:e}"
+                "{what} ({shared}/{shared_t}/{bottleneck}/{dpr}/{mim}): {d:e} vs scale {s:e}"
             );
         };
+        let gf = ibot.backward(&full.loss.total);
+        ibot.loss.center = c;
+        ibot.loss.center2 = c2;
+        ibot.student.backbone.reseed_drop_path(11);
+        let lean = ibot.forward_train(&v, &m, 0, &SingleProcess).unwrap();
+        assert!(lean.student.patch.is_none());
+        // The [CLS] tokens the training path keeps of the student's backbone outputs.
+        close(
+            &lean.student.backbone[0].select(1, 0),
+            &full.student.backbone[0].select(1, 0),
+            1e-5,
+            "student [CLS] tokens, global views",
+        );
+        close(
+            &lean.student_local.as_ref().unwrap().backbone[0].select(1, 0),
+            &full.student_local.as_ref().unwrap().backbone[0].select(1, 0),
+            1e-5,
+            "student [CLS] tokens, local views",
+        );
+        let gl = ibot.backward(&lean.loss.total);
         close(&lean.loss.cls, &full.loss.cls, 1e-6, "cls loss");
         close(&lean.loss.patch, &full.loss.patch, 1e-6, "patch loss");
         close(&ibot.loss.center, &full_centres.0, 1e-6, "center");
@@ -423,5 +454,61 @@ fn the_head_matches_an_official_layout_head_in_pytorch() {
             let diff = (ours - &r[name]).abs().max().double_value(&[]);
             assert!(diff < 1e-5, "case {i}: {name} differs by {diff}");
         }
+    }
+}
+
+/// `VisionTransformer::forward_train_rows` (the training path's pruned last block and final
+/// norm) gives, row for row, the full forward's outputs at [CLS] and the selected patches, in
+/// the order of the selection's `nonzero()`, with drop path on (the same draws: the generator
+/// reseeded before each, and the next forward after each draws the same again, so both
+/// consumed as many draws), for a one-block and a two-block ViT, patch counts that differ per
+/// image (one image with none) and no selection at all; a selection of the wrong shape is an
+/// error. Shown to fail by hand: `attn_rows` of the patches shifted by one (each row reading
+/// its neighbour's attention) fails "rows"; drawing the second residual's mask once per row
+/// instead of once per image fails "next draws".
+#[test]
+fn vit_training_rows_are_the_full_forward_at_those_rows() {
+    use ibot::models::VisionTransformer;
+    for depth in [1, 2] {
+        tch::manual_seed(5);
+        let mut cfg = match common::tiny_config(false, true).backbone {
+            ibot::models::BackboneConfig::Vit(c) => c,
+            _ => unreachable!(),
+        };
+        cfg.depth = depth;
+        cfg.drop_path_rate = 0.6;
+        let mut ps = ParamStore::new();
+        let vit = VisionTransformer::new(&mut ps, "", &cfg, true, Device::Cpu).unwrap();
+        let x = Tensor::randn([4, 3, 16, 16], CPU);
+        let mask = Tensor::rand([4, 4, 4], CPU).lt(0.4);
+        let _ = mask.get(2).fill_(0);
+        let _ = mask.get(0).get(1).get(3).fill_(1);
+        let sel = mask.reshape([4, 16]);
+        for patches in [Some(&sel), None] {
+            vit.reseed_drop_path(9);
+            let full = vit.forward(&x, Some(&mask), true).unwrap();
+            let full_next = vit.forward(&x, Some(&mask), true).unwrap();
+            vit.reseed_drop_path(9);
+            let rows = vit
+                .forward_train_rows(&x, Some(&mask), patches, true)
+                .unwrap();
+            let rows_next = vit.forward(&x, Some(&mask), true).unwrap();
+            let mut want = vec![full.select(1, 0)];
+            if let Some(p) = patches {
+                let idx = p.flatten(0, -1).nonzero().squeeze_dim(1);
+                want.push(full.narrow(1, 1, 16).reshape([-1, 24]).index_select(0, &idx));
+            }
+            let want = Tensor::cat(&want, 0);
+            assert_eq!(rows.size(), want.size(), "depth {depth}");
+            let d = (&rows - &want).abs().max().double_value(&[]);
+            assert!(d < 1e-5, "rows (depth {depth}): {d:e}");
+            let d = (&rows_next - &full_next).abs().max().double_value(&[]);
+            assert!(d == 0.0, "next draws (depth {depth}): {d:e}");
+        }
+        let bad = Tensor::ones([4, 15], (Kind::Bool, Device::Cpu));
+        let e = vit
+            .forward_train_rows(&x, Some(&mask), Some(&bad), true)
+            .unwrap_err();
+        assert!(format!("{e:#}").contains("patch selection"), "{e:#}");
     }
 }

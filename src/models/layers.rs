@@ -338,6 +338,49 @@ impl Attention {
             .dropout(proj_drop, train)
     }
 
+    /// Attention for selected query rows only, BEFORE `proj`: `x` `[B, T, C]` gives keys and
+    /// values at every token, `q_rows` (`[B·Q]`, flat indices into the `B·T` rows, image `b`'s
+    /// queries at `b·Q..b·Q+Q`) the queries; returns `[B·Q, C]`, row for row what
+    /// [`Attention::forward`] computes (before its projection) for those tokens. The queries are
+    /// projected on the selected rows only (`qkv`'s first `C` output rows), keys and values on
+    /// every token. Used by the training path's last block ([`super::vit::Block::forward_rows`]).
+    pub fn attend_rows(&self, x: &Tensor, q_rows: &Tensor, q: i64) -> Tensor {
+        let (b, t, c) = x.size3().expect("attention input must be [B, N, C]");
+        let (h, hd) = (self.num_heads, c / self.num_heads);
+        let w = &self.qkv.weight;
+        let bias = self.qkv.bias.as_ref();
+        let (q_t, kv) = if std::env::var_os("IBOT_PRUNE_QKV_ALL").is_some() {
+            let qkv = self.qkv.forward(x);
+            let q_t = qkv
+                .narrow(2, 0, c)
+                .reshape([b * t, c])
+                .index_select(0, q_rows);
+            (q_t, qkv.narrow(2, c, 2 * c))
+        } else {
+            let xq = x.reshape([b * t, c]).index_select(0, q_rows);
+            let q_t = linear(&xq, &w.narrow(0, 0, c), bias.map(|b| b.narrow(0, 0, c)).as_ref());
+            let kv = linear(
+                x,
+                &w.narrow(0, c, 2 * c),
+                bias.map(|b| b.narrow(0, c, 2 * c)).as_ref(),
+            );
+            (q_t, kv)
+        };
+        let q_t = q_t.reshape([b, q, h, hd]).transpose(1, 2);
+        let kv = kv.reshape([b, t, 2, h, hd]).permute([2, 0, 3, 1, 4]);
+        let out = Tensor::scaled_dot_product_attention(
+            &q_t,
+            &kv.get(0),
+            &kv.get(1),
+            None::<Tensor>,
+            0.0,
+            false,
+            Some(self.scale),
+            false,
+        );
+        out.transpose(1, 2).reshape([b * q, c])
+    }
+
     /// The official explicit computation, `proj(softmax(q·kᵀ·scale)·v)` with the attention
     /// matrix materialised (kept to compare the fused kernel against).
     pub fn forward_explicit(&self, x: &Tensor) -> Tensor {
@@ -412,6 +455,39 @@ pub fn drop_path(x: &Tensor, p: f64, train: bool, rng: &Mutex<ChaCha8Rng>) -> Te
     let mask = Tensor::from_slice(&draws)
         .view(shape.as_slice())
         .to_device(x.device())
+        .to_kind(x.kind());
+    x.g_div_scalar(keep) * mask
+}
+
+/// [`drop_path`] on selected rows `[R, ...]` of a batch of `b` samples, `sample` (`[R]`) naming
+/// each row's sample: the same `b` draws from `rng` in the same order as [`drop_path`] on the
+/// whole batch, and each kept row scaled exactly as there, so a forward that computes only some
+/// rows keeps the run's randomness (the training path's last block,
+/// [`super::vit::Block::forward_rows`]).
+pub fn drop_path_rows(
+    x: &Tensor,
+    sample: &Tensor,
+    b: i64,
+    p: f64,
+    train: bool,
+    rng: &Mutex<ChaCha8Rng>,
+) -> Tensor {
+    if p == 0.0 || !train {
+        return x.shallow_clone();
+    }
+    let keep = 1.0 - p;
+    let draws: Vec<f32> = {
+        let mut r = rng.lock().unwrap_or_else(|e| e.into_inner());
+        (0..b)
+            .map(|_| (keep + r.gen::<f64>()).floor() as f32)
+            .collect()
+    };
+    let mut shape = vec![-1];
+    shape.extend(std::iter::repeat(1).take(x.dim() - 1));
+    let mask = Tensor::from_slice(&draws)
+        .to_device(x.device())
+        .index_select(0, sample)
+        .view(shape.as_slice())
         .to_kind(x.kind());
     x.g_div_scalar(keep) * mask
 }

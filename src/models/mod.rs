@@ -238,7 +238,9 @@ pub struct MultiCropOutput {
     pub cls: Tensor,
     /// Head output of the patch tokens, `[V·B, N, patch_dim]` (views of one resolution only).
     pub patch: Option<Tensor>,
-    /// Backbone tokens after the final norm, one entry per resolution group `[Vg·B, 1 + N, D]`.
+    /// Backbone tokens after the final norm, one entry per resolution group `[Vg·B, 1 + N, D]`
+    /// (`[Vg·B, 1, D]`, the [CLS] tokens alone, where a ViT ran the training path's pruned last
+    /// block: [`MultiCropWrapper::forward_cls_only`], [`crate::train::Ibot::forward_train`]).
     pub backbone: Vec<Tensor>,
 }
 
@@ -281,7 +283,10 @@ impl MultiCropWrapper {
     }
 
     /// [`MultiCropWrapper::forward`] with the head on the [CLS] tokens only (`patch` is None):
-    /// the student's local views, whose patch outputs the loss never reads.
+    /// the student's local views, whose patch outputs the loss never reads. A ViT also runs its
+    /// last block's queries, MLP and final norm on the [CLS] rows only
+    /// ([`VisionTransformer::forward_train_rows`]), so `backbone` then holds the [CLS] tokens
+    /// alone, `[Vg·B, 1, D]`.
     pub fn forward_cls_only(&self, views: &[Tensor], train: bool) -> Result<MultiCropOutput> {
         self.forward_with(views, None, train, false)
     }
@@ -314,6 +319,14 @@ impl MultiCropWrapper {
             }
             let x = Tensor::cat(&views[start..end], 0);
             let m = masks.map(|m| Tensor::cat(&m[start..end], 0));
+            if let (false, Some(vit)) = (patch_head, self.backbone.as_vit()) {
+                // [CLS] only: the last block and the final norm on the [CLS] rows alone.
+                let c = vit.forward_train_rows(&x, m.as_ref(), None, train)?;
+                cls.push(self.head.forward_cls(&c));
+                backbone.push(c.unsqueeze(1));
+                start = end;
+                continue;
+            }
             let tokens = self.backbone.forward(&x, m.as_ref(), train)?;
             if patch_head {
                 let (c, p) = self.head.forward_tokens(&tokens)?;

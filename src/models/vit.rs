@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
 use super::init::{trunc_normal, zeros};
-use super::layers::{drop_path, Attention, LayerNorm, Mlp, PatchEmbed, LN_EPS};
+use super::layers::{drop_path, drop_path_rows, Attention, LayerNorm, Mlp, PatchEmbed, LN_EPS};
 use crate::params::ParamStore;
 
 /// Shape of a ViT. The presets follow the official `vit_tiny/small/base/large`.
@@ -139,6 +139,124 @@ impl Block {
         );
         let y = self.mlp.forward(&self.norm2.forward(&x));
         &x + drop_path(&y, self.drop_path, train, rng)
+    }
+}
+
+/// The rows of a batch `[B, 1 + N, D]` whose last-block outputs a training loss reads: every
+/// image's [CLS] token, then the patch tokens selected by a `[B, N]` mask (row-major: image by
+/// image, patches ascending, the order of `mask.nonzero()`). Built by [`LossRows::new`] for
+/// [`Block::forward_rows`].
+#[derive(Debug)]
+pub struct LossRows {
+    /// Images in the batch.
+    pub b: i64,
+    /// Query rows per image in the attention (1 + the most patches any image selects; images
+    /// with fewer repeat their [CLS] query, whose extra outputs are discarded).
+    pub q: i64,
+    /// `[B·q]`: flat indices into the `B·(1 + N)` token rows of the attention's queries.
+    pub q_rows: Tensor,
+    /// `[R]`: for each output row, its index among the `B·q` attention rows.
+    pub attn_rows: Tensor,
+    /// `[R]`: for each output row, its index among the `B·(1 + N)` token rows.
+    pub token_rows: Tensor,
+    /// `[R]`: for each output row, its image (for the drop-path draws).
+    pub sample: Tensor,
+    /// `R`: `B` [CLS] rows plus the selected patches.
+    pub len: i64,
+}
+
+impl LossRows {
+    /// The rows for a batch of `b` images of `n` patches; `patches` `[B, N]` (bool or 0/1)
+    /// selects patch tokens besides the [CLS] tokens (None: [CLS] only).
+    pub fn new(b: i64, n: i64, patches: Option<&Tensor>, dev: Device) -> Result<Self> {
+        let t = n + 1;
+        let mut per: Vec<Vec<i64>> = vec![Vec::new(); b as usize];
+        if let Some(m) = patches {
+            ensure!(
+                m.size() == [b, n],
+                "the patch selection {:?} does not match the {b} images of {n} patches",
+                m.size()
+            );
+            let flat = Vec::<u8>::try_from(
+                m.ne(0)
+                    .to_kind(Kind::Uint8)
+                    .to_device(Device::Cpu)
+                    .flatten(0, -1),
+            )?;
+            for (i, &f) in flat.iter().enumerate() {
+                if f != 0 {
+                    per[i / n as usize].push(i as i64 % n);
+                }
+            }
+        }
+        let q = 1 + per.iter().map(Vec::len).max().unwrap_or(0) as i64;
+        let (mut q_rows, mut attn_rows, mut token_rows, mut sample) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for (i, js) in per.iter().enumerate() {
+            let i = i as i64;
+            q_rows.push(i * t);
+            q_rows.extend(js.iter().map(|j| i * t + 1 + j));
+            q_rows.extend(std::iter::repeat(i * t).take((q - 1) as usize - js.len()));
+            attn_rows.push(i * q);
+            token_rows.push(i * t);
+            sample.push(i);
+        }
+        for (i, js) in per.iter().enumerate() {
+            let i = i as i64;
+            attn_rows.extend((0..js.len() as i64).map(|k| i * q + 1 + k));
+            token_rows.extend(js.iter().map(|j| i * t + 1 + j));
+            sample.extend(std::iter::repeat(i).take(js.len()));
+        }
+        if std::env::var_os("IBOT_PRUNE_ALL_QUERIES").is_some() && q > 1 {
+            // Every token queries (no padding); the outputs are gathered after the attention.
+            return Ok(Self {
+                b,
+                q: t,
+                q_rows: Tensor::arange(b * t, (Kind::Int64, dev)),
+                attn_rows: Tensor::from_slice(&token_rows).to_device(dev),
+                len: token_rows.len() as i64,
+                token_rows: Tensor::from_slice(&token_rows).to_device(dev),
+                sample: Tensor::from_slice(&sample).to_device(dev),
+            });
+        }
+        let idx = |v: &[i64]| Tensor::from_slice(v).to_device(dev);
+        Ok(Self {
+            b,
+            q,
+            q_rows: idx(&q_rows),
+            attn_rows: idx(&attn_rows),
+            token_rows: idx(&token_rows),
+            sample: idx(&sample),
+            len: token_rows.len() as i64,
+        })
+    }
+}
+
+impl Block {
+    /// [`Block::forward`] computed only at `rows` (pruned rows of the training path's last block,
+    /// see [`VisionTransformer::forward_train_rows`]): norm1 and the keys and values on every
+    /// token of `x` `[B, T, D]`, the queries, attention, `proj`, residual, norm2 and MLP on the
+    /// selected rows only; returns `[R, D]`, row for row `forward(x)` at those rows. The drop
+    /// path draws as [`Block::forward`] does (`B` draws per residual branch, in the same order)
+    /// and scales each row by its image's draw. Without the dropouts of fine-tuning (`drop`,
+    /// `attn_drop`), which pre-training never sets.
+    pub fn forward_rows(
+        &self,
+        x: &Tensor,
+        rows: &LossRows,
+        train: bool,
+        rng: &Mutex<ChaCha8Rng>,
+    ) -> Tensor {
+        let (b, t, d) = x.size3().expect("block input must be [B, T, D]");
+        let a = self
+            .attn
+            .attend_rows(&self.norm1.forward(x), &rows.q_rows, rows.q)
+            .index_select(0, &rows.attn_rows);
+        let a = self.attn.proj.forward(&a);
+        let x = x.reshape([b * t, d]).index_select(0, &rows.token_rows)
+            + drop_path_rows(&a, &rows.sample, b, self.drop_path, train, rng);
+        let y = self.mlp.forward(&self.norm2.forward(&x));
+        &x + drop_path_rows(&y, &rows.sample, b, self.drop_path, train, rng)
     }
 }
 
@@ -385,6 +503,43 @@ impl VisionTransformer {
             t = blk.forward(&t, train, &self.drop_rng);
         }
         Ok(self.norm.forward(&t))
+    }
+
+    /// The training path's backbone: the outputs after the final norm of only the tokens a
+    /// training loss reads, `[R, D]` — every image's [CLS] token (rows `0..B`), then the patch
+    /// tokens `patches` (`[B, N]`, None: none) selects, image by image in ascending order (the
+    /// order of `patches.nonzero()`). Row for row what [`VisionTransformer::forward`] gives
+    /// there, with the same drop-path draws; the last block computes its queries, attention
+    /// output, residual, MLP and the final norm on those rows only ([`Block::forward_rows`]).
+    /// `mask` is the masked-image-modelling mask of [`VisionTransformer::forward`]. With
+    /// fine-tuning's dropouts on, the full forward runs and the rows are gathered from it.
+    pub fn forward_train_rows(
+        &self,
+        x: &Tensor,
+        mask: Option<&Tensor>,
+        patches: Option<&Tensor>,
+        train: bool,
+    ) -> Result<Tensor> {
+        let (b, gh, gw) = self.check_input(x, mask)?;
+        let rows = LossRows::new(b, gh * gw, patches, x.device())?;
+        if train && (self.drop_rate > 0.0 || self.attn_drop_rate > 0.0) {
+            let t = self.forward(x, mask, train)?;
+            let d = t.size()[2];
+            return Ok(t
+                .reshape([-1, d])
+                .index_select(0, &rows.token_rows));
+        }
+        let mut t = self.prepare_tokens(x, mask)?;
+        let (last, rest) = self
+            .blocks
+            .split_last()
+            .expect("a ViT has at least one block");
+        for blk in rest {
+            t = blk.forward(&t, train, &self.drop_rng);
+        }
+        Ok(self
+            .norm
+            .forward(&last.forward_rows(&t, &rows, train, &self.drop_rng)))
     }
 
     /// All output tokens of the last block BEFORE the final norm, `[B, 1 + N, D]`; `train`
