@@ -349,23 +349,13 @@ impl Attention {
         let (h, hd) = (self.num_heads, c / self.num_heads);
         let w = &self.qkv.weight;
         let bias = self.qkv.bias.as_ref();
-        let (q_t, kv) = if std::env::var_os("IBOT_PRUNE_QKV_ALL").is_some() {
-            let qkv = self.qkv.forward(x);
-            let q_t = qkv
-                .narrow(2, 0, c)
-                .reshape([b * t, c])
-                .index_select(0, q_rows);
-            (q_t, qkv.narrow(2, c, 2 * c))
-        } else {
-            let xq = x.reshape([b * t, c]).index_select(0, q_rows);
-            let q_t = linear(&xq, &w.narrow(0, 0, c), bias.map(|b| b.narrow(0, 0, c)).as_ref());
-            let kv = linear(
-                x,
-                &w.narrow(0, c, 2 * c),
-                bias.map(|b| b.narrow(0, c, 2 * c)).as_ref(),
-            );
-            (q_t, kv)
-        };
+        let xq = x.reshape([b * t, c]).index_select(0, q_rows);
+        let q_t = linear(&xq, &w.narrow(0, 0, c), bias.map(|b| b.narrow(0, 0, c)).as_ref());
+        let kv = linear(
+            x,
+            &w.narrow(0, c, 2 * c),
+            bias.map(|b| b.narrow(0, c, 2 * c)).as_ref(),
+        );
         let q_t = q_t.reshape([b, q, h, hd]).transpose(1, 2);
         let kv = kv.reshape([b, t, 2, h, hd]).permute([2, 0, 3, 1, 4]);
         let out = Tensor::scaled_dot_product_attention(

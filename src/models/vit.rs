@@ -207,18 +207,6 @@ impl LossRows {
             token_rows.extend(js.iter().map(|j| i * t + 1 + j));
             sample.extend(std::iter::repeat(i).take(js.len()));
         }
-        if std::env::var_os("IBOT_PRUNE_ALL_QUERIES").is_some() && q > 1 {
-            // Every token queries (no padding); the outputs are gathered after the attention.
-            return Ok(Self {
-                b,
-                q: t,
-                q_rows: Tensor::arange(b * t, (Kind::Int64, dev)),
-                attn_rows: Tensor::from_slice(&token_rows).to_device(dev),
-                len: token_rows.len() as i64,
-                token_rows: Tensor::from_slice(&token_rows).to_device(dev),
-                sample: Tensor::from_slice(&sample).to_device(dev),
-            });
-        }
         let idx = |v: &[i64]| Tensor::from_slice(v).to_device(dev);
         Ok(Self {
             b,
