@@ -358,7 +358,8 @@ impl Attention {
     /// queries at `b·Q..b·Q+Q`) the queries; returns `[B·Q, C]`, row for row what
     /// [`Attention::forward`] computes (before its projection) for those tokens. The queries are
     /// projected on the selected rows only (`qkv`'s first `C` output rows), keys and values on
-    /// every token. Used by the training path's last block ([`super::vit::Block::forward_rows`]).
+    /// every token; the kernel is chosen as in [`Attention::forward`]. Used by the training
+    /// path's last block ([`super::vit::Block::forward_rows`]).
     pub fn attend_rows(&self, x: &Tensor, q_rows: &Tensor, q: i64) -> Tensor {
         let (b, t, c) = x.size3().expect("attention input must be [B, N, C]");
         let (h, hd) = (self.num_heads, c / self.num_heads);
@@ -373,16 +374,24 @@ impl Attention {
         );
         let q_t = q_t.reshape([b, q, h, hd]).transpose(1, 2);
         let kv = kv.reshape([b, t, 2, h, hd]).permute([2, 0, 3, 1, 4]);
-        let out = Tensor::scaled_dot_product_attention(
-            &q_t,
-            &kv.get(0),
-            &kv.get(1),
-            None::<Tensor>,
-            0.0,
-            false,
-            Some(self.scale),
-            false,
-        );
+        let (k, v) = (kv.get(0), kv.get(1));
+        // The kernel choice of `forward`: explicit product on short sequences on the CPU.
+        let out = if x.device() == Device::Cpu && t < FUSED_ATTENTION_MIN_TOKENS {
+            (q_t.matmul(&k.transpose(-2, -1)) * self.scale)
+                .softmax(-1, Kind::Float)
+                .matmul(&v)
+        } else {
+            Tensor::scaled_dot_product_attention(
+                &q_t,
+                &k,
+                &v,
+                None::<Tensor>,
+                0.0,
+                false,
+                Some(self.scale),
+                false,
+            )
+        };
         out.transpose(1, 2).reshape([b * q, c])
     }
 
