@@ -366,7 +366,11 @@ impl Attention {
         let w = &self.qkv.weight;
         let bias = self.qkv.bias.as_ref();
         let xq = x.reshape([b * t, c]).index_select(0, q_rows);
-        let q_t = linear(&xq, &w.narrow(0, 0, c), bias.map(|b| b.narrow(0, 0, c)).as_ref());
+        let q_t = linear(
+            &xq,
+            &w.narrow(0, 0, c),
+            bias.map(|b| b.narrow(0, 0, c)).as_ref(),
+        );
         let kv = linear(
             x,
             &w.narrow(0, c, 2 * c),

@@ -513,9 +513,7 @@ impl VisionTransformer {
         if train && (self.drop_rate > 0.0 || self.attn_drop_rate > 0.0) {
             let t = self.forward(x, mask, train)?;
             let d = t.size()[2];
-            return Ok(t
-                .reshape([-1, d])
-                .index_select(0, &rows.token_rows));
+            return Ok(t.reshape([-1, d]).index_select(0, &rows.token_rows));
         }
         let mut t = self.prepare_tokens(x, mask)?;
         let (last, rest) = self

@@ -275,53 +275,51 @@ impl Ibot {
         let m = Tensor::f_cat(&masks[..g], 0)?.to_device(self.device);
         let mim = self.cfg.backbone.masked_im_modeling();
         let mim_mask = mim.then_some(&m);
-        let (student_cls, student_patch, masked, student_tokens) = match self
-            .student
-            .backbone
-            .as_vit()
-        {
-            Some(vit) => {
-                // Only [CLS] and the masked tokens leave the last block (its other rows are
-                // never read): `rows` is [CLS] of every image, then the masked patches in the
-                // order of `masked`.
-                let (gb, gh, gw) = vit.check_input(&x, mim_mask)?;
-                let n = gh * gw;
-                ensure!(
-                    m.dim() == 3 && m.size()[0] == gb && m.size()[1] * m.size()[2] == n,
-                    "masks of {:?} do not cover the {n} patches of the global views",
-                    m.size()
-                );
-                let patches = m.reshape([gb, n]);
-                let rows = vit.forward_train_rows(&x, mim_mask, Some(&patches), true)?;
-                self.lap("student backbone, global views", &mut t);
-                let masked = patches.flatten(0, -1).nonzero().squeeze_dim(1);
-                let cls_rows = rows.narrow(0, 0, gb);
-                let student_cls = self.student.head.forward_cls(&cls_rows);
-                let student_patch = self
-                    .student
-                    .head
-                    .forward_patch_rows(&rows.narrow(0, gb, rows.size()[0] - gb));
-                (student_cls, student_patch, masked, cls_rows.unsqueeze(1))
-            }
-            None => {
-                let tokens = self.student.backbone.forward(&x, mim_mask, true)?;
-                self.lap("student backbone, global views", &mut t);
-                let (n, d) = (tokens.size()[1] - 1, tokens.size()[2]);
-                ensure!(
-                    m.dim() == 3 && m.size()[1] * m.size()[2] == n,
-                    "masks of {:?} do not cover the {n} patches of the global views",
-                    m.size()
-                );
-                let student_cls = self.student.head.forward_cls(&tokens.select(1, 0));
-                let masked = m.flatten(0, -1).nonzero().squeeze_dim(1);
-                let rows = tokens
-                    .narrow(1, 1, n)
-                    .reshape([-1, d])
-                    .index_select(0, &masked);
-                let student_patch = self.student.head.forward_patch_rows(&rows);
-                (student_cls, student_patch, masked, tokens)
-            }
-        };
+        let (student_cls, student_patch, masked, student_tokens) =
+            match self.student.backbone.as_vit() {
+                Some(vit) => {
+                    // Only [CLS] and the masked tokens leave the last block (its other rows are
+                    // never read): `rows` is [CLS] of every image, then the masked patches in the
+                    // order of `masked`.
+                    let (gb, gh, gw) = vit.check_input(&x, mim_mask)?;
+                    let n = gh * gw;
+                    ensure!(
+                        m.dim() == 3 && m.size()[0] == gb && m.size()[1] * m.size()[2] == n,
+                        "masks of {:?} do not cover the {n} patches of the global views",
+                        m.size()
+                    );
+                    let patches = m.reshape([gb, n]);
+                    let rows = vit.forward_train_rows(&x, mim_mask, Some(&patches), true)?;
+                    self.lap("student backbone, global views", &mut t);
+                    let masked = patches.flatten(0, -1).nonzero().squeeze_dim(1);
+                    let cls_rows = rows.narrow(0, 0, gb);
+                    let student_cls = self.student.head.forward_cls(&cls_rows);
+                    let student_patch = self.student.head.forward_patch_rows(&rows.narrow(
+                        0,
+                        gb,
+                        rows.size()[0] - gb,
+                    ));
+                    (student_cls, student_patch, masked, cls_rows.unsqueeze(1))
+                }
+                None => {
+                    let tokens = self.student.backbone.forward(&x, mim_mask, true)?;
+                    self.lap("student backbone, global views", &mut t);
+                    let (n, d) = (tokens.size()[1] - 1, tokens.size()[2]);
+                    ensure!(
+                        m.dim() == 3 && m.size()[1] * m.size()[2] == n,
+                        "masks of {:?} do not cover the {n} patches of the global views",
+                        m.size()
+                    );
+                    let student_cls = self.student.head.forward_cls(&tokens.select(1, 0));
+                    let masked = m.flatten(0, -1).nonzero().squeeze_dim(1);
+                    let rows = tokens
+                        .narrow(1, 1, n)
+                        .reshape([-1, d])
+                        .index_select(0, &masked);
+                    let student_patch = self.student.head.forward_patch_rows(&rows);
+                    (student_cls, student_patch, masked, tokens)
+                }
+            };
         self.lap("student head, global views (masked tokens)", &mut t);
         let student_local = if images.len() > g {
             Some(self.student.forward_cls_only(&images[g..], true)?)
