@@ -272,9 +272,18 @@ fn weights_round_trip_through_safetensors_and_bad_files_are_refused() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// The training path (patch head on masked tokens only, locals' [CLS] only) gives the loss,
-/// centres and gradients of the full forward pass, for every head layout, with masks that
-/// include an image without any masked patch; and it fails loudly when the masks do not fit.
+/// The training path (patch head on masked tokens only, locals' [CLS] only; the teacher's patch
+/// last layer only at the masked positions of the student's view of the same index plus once
+/// on each sample's mean bottleneck output for the centre) gives the loss, centres and
+/// gradients of the full forward pass, for every head layout (the last case, no bottleneck,
+/// keeps the teacher's head on every token), with masks that include an image without any
+/// masked patch; and it fails loudly when the masks do not fit. Tolerances: 1e-6 of the scale
+/// for losses and centres, 1e-5 for gradients (float32 summation order; the two paths agree to
+/// ~1e-7). Mutations of the lean teacher path checked by hand to fail here (2026-11-28):
+/// teacher rows taken from the other global view (`masked` shifted by B·N modulo G·B·N:
+/// "patch loss" off by ~1e-2), the centre from view 0's token means counted twice ("center2"),
+/// the token mean over the masked tokens only instead of all ("center2"), the mean taken
+/// over the [CLS] token too ("center2"), and no centre update on the lean path ("center2").
 #[test]
 fn the_lean_training_forward_equals_the_full_one() {
     for (shared, shared_t, bottleneck) in [
@@ -297,6 +306,7 @@ fn the_lean_training_forward_equals_the_full_one() {
         ibot.loss.center2 = c2;
         let lean = ibot.forward_train(&v, &m, 0, &SingleProcess).unwrap();
         assert!(lean.student.patch.is_none());
+        assert_eq!(lean.teacher.patch.is_none(), bottleneck > 0);
         let gl = ibot.backward(&lean.loss.total);
         let close = |a: &Tensor, b: &Tensor, tol: f64, what: &str| {
             let d = (a - b).abs().max().double_value(&[]);
@@ -306,6 +316,7 @@ fn the_lean_training_forward_equals_the_full_one() {
                 "{what} ({shared}/{shared_t}/{bottleneck}): {d:e} vs scale {s:e}"
             );
         };
+        close(&lean.teacher.cls, &full.teacher.cls, 1e-6, "teacher cls");
         close(&lean.loss.cls, &full.loss.cls, 1e-6, "cls loss");
         close(&lean.loss.patch, &full.loss.patch, 1e-6, "patch loss");
         close(&ibot.loss.center, &full_centres.0, 1e-6, "center");
@@ -326,6 +337,54 @@ fn the_lean_training_forward_equals_the_full_one() {
         .map(|_| Tensor::ones([3, 2, 2], (Kind::Bool, Device::Cpu)))
         .collect();
     assert!(ibot.forward_train(&v, &bad, 0, &SingleProcess).is_err());
+}
+
+/// The teacher's lean head (`forward_tokens_at`): its [CLS] outputs, its patch outputs at the
+/// given positions and each sample's mean over all patch tokens are those of the head on every
+/// token (float32 summation order: 1e-6 of the scale), for a shared and a separate patch last
+/// layer; heads without a bottleneck decline (None); positions outside the grid are an error.
+/// Checked by hand to fail: rows of the other view, the mean over the masked tokens only.
+#[test]
+fn the_teacher_head_at_masked_positions_equals_the_head_on_every_token() {
+    use ibot::models::{HeadConfig, IbotHead};
+    for (shared, bottleneck) in [(true, 8), (false, 8), (false, 0)] {
+        tch::manual_seed(5);
+        let mut ps = ParamStore::new();
+        let cfg = HeadConfig {
+            hidden_dim: 32,
+            bottleneck_dim: bottleneck,
+            ..HeadConfig::new(24, 40, 48, true, shared)
+        };
+        let head = IbotHead::new(&mut ps, "head.", &cfg, false, Device::Cpu).unwrap();
+        let x = Tensor::randn([6, 17, 24], CPU);
+        let masked = Tensor::rand([6 * 16], CPU)
+            .lt(0.4)
+            .nonzero()
+            .squeeze_dim(1);
+        let lean = tch::no_grad(|| head.forward_tokens_at(&x, &masked)).unwrap();
+        let Some((cls, rows, mean)) = lean else {
+            assert_eq!(bottleneck, 0, "a bottleneck head must take the lean path");
+            continue;
+        };
+        assert!(bottleneck > 0, "a head without bottleneck has no lean path");
+        let (cls_f, patch_f) = tch::no_grad(|| head.forward_tokens(&x)).unwrap();
+        let pd = cfg.patch_dim();
+        let close = |a: &Tensor, b: &Tensor, what: &str| {
+            assert_eq!(a.size(), b.size(), "{what}");
+            let d = (a - b).abs().max().double_value(&[]);
+            let s = b.abs().max().double_value(&[]);
+            assert!(d <= 1e-6 * s, "{what} (shared {shared}): {d:e} vs {s:e}");
+        };
+        close(&cls, &cls_f, "cls");
+        close(
+            &rows,
+            &patch_f.reshape([-1, pd]).index_select(0, &masked),
+            "rows at the masked positions",
+        );
+        close(&mean, &patch_f.mean_dim(1, false, Kind::Float), "token means");
+        let outside = Tensor::from_slice(&[0i64, 6 * 16]);
+        assert!(head.forward_tokens_at(&x, &outside).is_err());
+    }
 }
 
 /// `--norm_in_head ln` as the official `iBOTHead` builds it: one LayerNorm module appended after
