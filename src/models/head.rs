@@ -329,8 +329,13 @@ impl IbotHead {
 
     fn run_mlp(&self, layers: &[MlpLayer], x: &Tensor) -> Tensor {
         let mut x = x.shallow_clone();
-        for l in layers {
+        let mut layers = layers.iter().peekable();
+        while let Some(l) = layers.next() {
             x = match l {
+                MlpLayer::Linear(lin) if matches!(layers.peek(), Some(MlpLayer::Act(HeadAct::Gelu))) => {
+                    layers.next();
+                    lin.forward_gelu(&x)
+                }
                 MlpLayer::Linear(lin) => lin.forward(&x),
                 MlpLayer::Norm(n) => n.forward(&x),
                 MlpLayer::Act(HeadAct::Gelu) => x.gelu("none"),
