@@ -360,10 +360,7 @@ fn the_teacher_head_at_masked_positions_equals_the_head_on_every_token() {
         };
         let head = IbotHead::new(&mut ps, "head.", &cfg, false, Device::Cpu).unwrap();
         let x = Tensor::randn([6, 17, 24], CPU);
-        let masked = Tensor::rand([6 * 16], CPU)
-            .lt(0.4)
-            .nonzero()
-            .squeeze_dim(1);
+        let masked = Tensor::rand([6 * 16], CPU).lt(0.4).nonzero().squeeze_dim(1);
         let lean = tch::no_grad(|| head.forward_tokens_at(&x, &masked)).unwrap();
         let Some((cls, rows, mean)) = lean else {
             assert_eq!(bottleneck, 0, "a bottleneck head must take the lean path");
@@ -384,7 +381,11 @@ fn the_teacher_head_at_masked_positions_equals_the_head_on_every_token() {
             &patch_f.reshape([-1, pd]).index_select(0, &masked),
             "rows at the masked positions",
         );
-        close(&mean, &patch_f.mean_dim(1, false, Kind::Float), "token means");
+        close(
+            &mean,
+            &patch_f.mean_dim(1, false, Kind::Float),
+            "token means",
+        );
         let outside = Tensor::from_slice(&[0i64, 6 * 16]);
         assert!(head.forward_tokens_at(&x, &outside).is_err());
     }
@@ -529,7 +530,10 @@ fn the_fused_linear_gelu_is_the_exact_erf_gelu_of_the_product() {
             .double_value(&[]);
         assert!(err <= 1e-6 * scale, "{k}->{out}: {err:e} vs {scale:e}");
         let d = (&fused - &unfused).abs().max().double_value(&[]);
-        assert!(d <= 1e-6 * scale, "{k}->{out} vs unfused: {d:e} vs {scale:e}");
+        assert!(
+            d <= 1e-6 * scale,
+            "{k}->{out} vs unfused: {d:e} vs {scale:e}"
+        );
         // With gradients: the unfused, differentiable path.
         let xg = x.set_requires_grad(true);
         let y = lin.forward_gelu(&xg);

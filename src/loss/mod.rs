@@ -252,7 +252,10 @@ impl IbotLoss {
                     t.detach().mean_dim(1, false, Kind::Float),
                 )
             }
-            TeacherPatch::Rows { rows: r, token_mean } => {
+            TeacherPatch::Rows {
+                rows: r,
+                token_mean,
+            } => {
                 ensure!(
                     r.size() == [masked.size()[0], pd] && token_mean.size() == [rows, pd],
                     "teacher patch rows {:?} and token means {:?}, expected [{}, {pd}] and [{rows}, {pd}]",

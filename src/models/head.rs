@@ -332,7 +332,9 @@ impl IbotHead {
         let mut layers = layers.iter().peekable();
         while let Some(l) = layers.next() {
             x = match l {
-                MlpLayer::Linear(lin) if matches!(layers.peek(), Some(MlpLayer::Act(HeadAct::Gelu))) => {
+                MlpLayer::Linear(lin)
+                    if matches!(layers.peek(), Some(MlpLayer::Act(HeadAct::Gelu))) =>
+                {
                     layers.next();
                     lin.forward_gelu(&x)
                 }
@@ -415,10 +417,7 @@ impl IbotHead {
             masked.kind()
         );
         if masked.numel() > 0 {
-            let (lo, hi) = (
-                masked.min().int64_value(&[]),
-                masked.max().int64_value(&[]),
-            );
+            let (lo, hi) = (masked.min().int64_value(&[]), masked.max().int64_value(&[]));
             ensure!(
                 lo >= 0 && hi < b * n,
                 "masked positions {lo}..={hi} fall outside the {b}x{n} patch grid"
