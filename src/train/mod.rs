@@ -15,7 +15,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::dist::Comm;
 pub use crate::loss::IbotLossConfig;
-use crate::loss::{IbotLoss, LossOutput};
+use crate::loss::{IbotLoss, LossOutput, TeacherPatch};
 use crate::models::{BackboneConfig, HeadConfig, MultiCropOutput, MultiCropWrapper};
 use crate::params::{Param, ParamStore};
 use amp::{GradScaler, Precision};
@@ -249,12 +249,17 @@ impl Ibot {
     /// whose result the loss discards (as DINOv2 does): the student's patch head runs only on
     /// the masked tokens of the global views (the patch loss is a masked mean) and the local
     /// views go through the head with their [CLS] token only (their patch outputs are never
-    /// used). The teacher still runs its head on every token: the patch centre averages them
-    /// all. A ViT student also runs its last block past the attention (queries, `proj`,
-    /// residual, MLP) and the final norm only on those rows ([CLS] and the masked tokens of the
-    /// global views, [CLS] of the local views; [`crate::models::VisionTransformer::forward_train_rows`]),
-    /// with the drop-path draws of the full forward. `student.patch` of the result is None, and
-    /// for a ViT `student.backbone` holds the [CLS] tokens alone, `[G·B, 1, D]`.
+    /// used). The teacher's patch last layer likewise runs only at those masked positions
+    /// (teacher view q pairs with student view q in the patch loss) and on each sample's mean
+    /// bottleneck output, which the patch centre needs: the last layer is linear without bias
+    /// ([`crate::models::IbotHead::forward_tokens_at`]). Heads without a bottleneck run the
+    /// teacher's head on every token. A ViT student also runs its last block past the attention
+    /// (queries, `proj`, residual, MLP) and the final norm only on the rows the loss reads
+    /// ([CLS] and the masked tokens of the global views, [CLS] of the local views;
+    /// [`crate::models::VisionTransformer::forward_train_rows`]), with the drop-path draws of
+    /// the full forward. `student.patch` and `teacher.patch` of the result are None
+    /// (`teacher.patch` is kept for a head without bottleneck), and for a ViT `student.backbone`
+    /// holds the [CLS] tokens alone, `[G·B, 1, D]`.
     pub fn forward_train(
         &mut self,
         images: &[Tensor],
@@ -265,61 +270,83 @@ impl Ibot {
         let g = self.global_views(images, masks)?;
         let globals = &images[..g];
         let mut t = std::time::Instant::now();
-        let teacher = tch::no_grad(|| self.teacher.forward(globals, None, false))?;
-        let Some(t_patch) = &teacher.patch else {
-            bail!("all global views must have the same resolution")
-        };
-        let t_patch = t_patch.shallow_clone();
-        self.lap("teacher forward (backbone + head)", &mut t);
+        ensure!(
+            globals
+                .windows(2)
+                .all(|w| w[0].size().last() == w[1].size().last()),
+            "all global views must have the same resolution"
+        );
         let x = Tensor::f_cat(globals, 0)?;
         let m = Tensor::f_cat(&masks[..g], 0)?.to_device(self.device);
+        let t_tokens = tch::no_grad(|| self.teacher.backbone.forward(&x, None, false))?;
+        let n = t_tokens.size()[1] - 1;
+        ensure!(
+            m.dim() == 3 && m.size()[0] == x.size()[0] && m.size()[1] * m.size()[2] == n,
+            "masks of {:?} do not cover the {n} patches of the {} global view images",
+            m.size(),
+            x.size()[0]
+        );
+        let masked = m.flatten(0, -1).nonzero().squeeze_dim(1);
+        let lean_teacher =
+            tch::no_grad(|| self.teacher.head.forward_tokens_at(&t_tokens, &masked))?;
+        let (teacher, t_rows) = match lean_teacher {
+            Some((cls, rows, mean)) => (
+                MultiCropOutput {
+                    cls,
+                    patch: None,
+                    backbone: vec![t_tokens],
+                },
+                Some((rows, mean)),
+            ),
+            None => {
+                let (cls, patch) = tch::no_grad(|| self.teacher.head.forward_tokens(&t_tokens))?;
+                (
+                    MultiCropOutput {
+                        cls,
+                        patch: Some(patch),
+                        backbone: vec![t_tokens],
+                    },
+                    None,
+                )
+            }
+        };
+        self.lap("teacher forward (backbone + head)", &mut t);
         let mim = self.cfg.backbone.masked_im_modeling();
         let mim_mask = mim.then_some(&m);
-        let (student_cls, student_patch, masked, student_tokens) =
-            match self.student.backbone.as_vit() {
-                Some(vit) => {
-                    // Only [CLS] and the masked tokens leave the last block (its other rows are
-                    // never read): `rows` is [CLS] of every image, then the masked patches in the
-                    // order of `masked`.
-                    let (gb, gh, gw) = vit.check_input(&x, mim_mask)?;
-                    let n = gh * gw;
-                    ensure!(
-                        m.dim() == 3 && m.size()[0] == gb && m.size()[1] * m.size()[2] == n,
-                        "masks of {:?} do not cover the {n} patches of the global views",
-                        m.size()
-                    );
-                    let patches = m.reshape([gb, n]);
-                    let rows = vit.forward_train_rows(&x, mim_mask, Some(&patches), true)?;
-                    self.lap("student backbone, global views", &mut t);
-                    let masked = patches.flatten(0, -1).nonzero().squeeze_dim(1);
-                    let cls_rows = rows.narrow(0, 0, gb);
-                    let student_cls = self.student.head.forward_cls(&cls_rows);
-                    let student_patch = self.student.head.forward_patch_rows(&rows.narrow(
-                        0,
-                        gb,
-                        rows.size()[0] - gb,
-                    ));
-                    (student_cls, student_patch, masked, cls_rows.unsqueeze(1))
-                }
-                None => {
-                    let tokens = self.student.backbone.forward(&x, mim_mask, true)?;
-                    self.lap("student backbone, global views", &mut t);
-                    let (n, d) = (tokens.size()[1] - 1, tokens.size()[2]);
-                    ensure!(
-                        m.dim() == 3 && m.size()[1] * m.size()[2] == n,
-                        "masks of {:?} do not cover the {n} patches of the global views",
-                        m.size()
-                    );
-                    let student_cls = self.student.head.forward_cls(&tokens.select(1, 0));
-                    let masked = m.flatten(0, -1).nonzero().squeeze_dim(1);
-                    let rows = tokens
-                        .narrow(1, 1, n)
-                        .reshape([-1, d])
-                        .index_select(0, &masked);
-                    let student_patch = self.student.head.forward_patch_rows(&rows);
-                    (student_cls, student_patch, masked, tokens)
-                }
-            };
+        let (student_cls, student_patch, student_tokens) = match self.student.backbone.as_vit() {
+            Some(vit) => {
+                // Only [CLS] and the masked tokens leave the last block (its other rows are
+                // never read): `rows` is [CLS] of every image, then the masked patches in the
+                // order of `masked`.
+                let gb = x.size()[0];
+                let rows = vit.forward_train_rows(&x, mim_mask, Some(&m.reshape([gb, n])), true)?;
+                self.lap("student backbone, global views", &mut t);
+                let cls_rows = rows.narrow(0, 0, gb);
+                let student_cls = self.student.head.forward_cls(&cls_rows);
+                let student_patch =
+                    self.student
+                        .head
+                        .forward_patch_rows(&rows.narrow(0, gb, rows.size()[0] - gb));
+                (student_cls, student_patch, cls_rows.unsqueeze(1))
+            }
+            None => {
+                let tokens = self.student.backbone.forward(&x, mim_mask, true)?;
+                self.lap("student backbone, global views", &mut t);
+                let d = tokens.size()[2];
+                ensure!(
+                    tokens.size()[1] - 1 == n,
+                    "the student has {} patch tokens, the teacher {n}",
+                    tokens.size()[1] - 1
+                );
+                let student_cls = self.student.head.forward_cls(&tokens.select(1, 0));
+                let rows = tokens
+                    .narrow(1, 1, n)
+                    .reshape([-1, d])
+                    .index_select(0, &masked);
+                let student_patch = self.student.head.forward_patch_rows(&rows);
+                (student_cls, student_patch, tokens)
+            }
+        };
         self.lap("student head, global views (masked tokens)", &mut t);
         let student_local = if images.len() > g {
             Some(self.student.forward_cls_only(&images[g..], true)?)
@@ -327,12 +354,17 @@ impl Ibot {
             None
         };
         self.lap("student local views (backbone + [CLS] head)", &mut t);
+        let t_patch = match (&t_rows, &teacher.patch) {
+            (Some((rows, token_mean)), _) => TeacherPatch::Rows { rows, token_mean },
+            (None, Some(p)) => TeacherPatch::Full(p),
+            (None, None) => bail!("the teacher gave no patch outputs"),
+        };
         let loss = self.loss.forward_masked(
             &student_cls,
             &student_patch,
             &masked,
             &teacher.cls,
-            &t_patch,
+            t_patch,
             student_local.as_ref().map(|o| &o.cls),
             &masks[..g],
             epoch,
