@@ -280,19 +280,20 @@ impl Attention {
         }
     }
 
-    /// q, k, v as `[B, heads, N, head_dim]`.
+    /// q, k, v as `[B, heads, N, head_dim]` (views into the qkv projection).
     fn qkv(&self, x: &Tensor) -> (Tensor, Tensor, Tensor) {
         let (b, n, c) = x.size3().expect("attention input must be [B, N, C]");
         let qkv = self
             .qkv
             .forward(x)
-            .reshape([b, n, 3, self.num_heads, c / self.num_heads])
-            .permute([2, 0, 3, 1, 4]);
-        // `unbind` rather than the official `qkv[0], qkv[1], qkv[2]`: the same views, but one
-        // backward node that stacks the three gradients, where three `select`s would each fill
-        // a zero tensor of the whole qkv size, copy into it, and then be summed.
-        let mut t = qkv.unbind(0).into_iter();
-        let mut next = || t.next().expect("qkv has 3 parts");
+            .reshape([b, n, 3, self.num_heads, c / self.num_heads]);
+        // The official `permute(2, 0, 3, 1, 4)` then `qkv[0], qkv[1], qkv[2]` gives the same
+        // views as `unbind(2)` then `transpose(1, 2)`, but its backward is slower: three
+        // `select`s each fill a zero tensor of the whole qkv size and copy into it before the
+        // three are summed, and the permuted result must be copied again to reshape. Here the
+        // backward is one `stack` along dim 2, already in the projection's `[B, N, 3·C]` layout.
+        let mut t = qkv.unbind(2).into_iter();
+        let mut next = || t.next().expect("qkv has 3 parts").transpose(1, 2);
         (next(), next(), next())
     }
 
