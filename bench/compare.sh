@@ -25,10 +25,15 @@
 #                                    # EPOCHS (default 2), batch 64, 6 local crops, WORKERS (default 2)
 #                                    # loader workers; wall and CPU time (user + sys of the process
 #                                    # and its workers) of the whole run, ROUNDS (default 1) alternating
-# REF_GEMM=onednn (recipe-step, scaling, fmnist-epochs, finetune-swin-step) routes the reference's nn.Linear through
-# oneDNN inside libtorch, as ibot does, instead of MKL's sgemm (AVX2-only on AMD CPUs): the
-# ratio to expect where MKL is not handicapped (Intel). OURS_GEMM=blas runs ibot with
-# IBOT_CPU_GEMM=blas (F.linear, MKL) instead: both sides on MKL.
+# REF_MKL=features (every step comparison) lets the reference's MKL choose its kernels by the
+# CPU's features (AVX-512 on AMD Zen 4/5 too) instead of by vendor, as ibot's MKL does: both sides
+# then run the same MKL kernels, which is the comparison to expect on an Intel CPU. Without it
+# the reference runs as the unchanged official code does on this CPU.
+# REF_GEMM=onednn (recipe-step, scaling, fmnist-epochs, finetune-swin-step) routes the reference's
+# nn.Linear through oneDNN inside libtorch instead of MKL's sgemm (the earlier way to take MKL's
+# AVX2-only path on AMD out of the comparison; REF_MKL=features is the closer one, since it also
+# covers the reference's batched products). OURS_GEMM=onednn runs ibot with IBOT_CPU_GEMM=onednn
+# (its float32 Linear on oneDNN) instead of MKL's F.linear, the default.
 # OURS_PRECISION (recipe-step, scaling) sets ibot's arithmetic: float32 (the default here: `ibot
 # bench train` runs with --use_fp16 false), default (--use_fp16 true --precision auto: what
 # `ibot train` does by default, i.e. bfloat16 autocast where the CPU has AMX or the cached
@@ -53,13 +58,24 @@ ours_threads=(); ref_threads=()
 if [ "$threads" != 0 ]; then ours_threads=(--threads "$threads"); ref_threads=(--threads "$threads"); fi
 ref_threads+=(--gemm "${REF_GEMM:-default}")
 if [ -n "${OURS_GEMM:-}" ]; then export IBOT_CPU_GEMM="$OURS_GEMM"; fi
+# REF_MKL=features: the reference's MKL picks its kernels by CPU features, as ibot's does
+# (bench/mkl_cpu_features.c, LD_PRELOADed); default: the official code as it runs unchanged.
+ref_py=$py
+case "${REF_MKL:-vendor}" in
+features)
+    mkdir -p target/bench
+    gcc -shared -fPIC -O2 -o target/bench/libmkl_cpu_features.so bench/mkl_cpu_features.c
+    ref_py="env LD_PRELOAD=$PWD/target/bench/libmkl_cpu_features.so $py" ;;
+vendor) ;;
+*) echo "REF_MKL must be vendor or features" >&2; exit 2 ;;
+esac
 case "${OURS_PRECISION:-float32}" in
 float32) ours_prec=(--use_fp16 false) ;;
 default) ours_prec=(--use_fp16 true --precision auto) ;;
 bfloat16) ours_prec=(--precision bfloat16) ;;
 *) echo "OURS_PRECISION must be float32, default or bfloat16" >&2; exit 2 ;;
 esac
-echo "reference gemm: ${REF_GEMM:-default}; ibot IBOT_CPU_GEMM=${IBOT_CPU_GEMM:-(default: onednn)}, ibot precision: ${OURS_PRECISION:-float32} (${ours_prec[*]})"
+echo "reference gemm: ${REF_GEMM:-default}, MKL kernels: ${REF_MKL:-vendor}; ibot IBOT_CPU_GEMM=${IBOT_CPU_GEMM:-(default: blas, i.e. MKL)}, ibot precision: ${OURS_PRECISION:-float32} (${ours_prec[*]})"
 median() { printf '%s\n' "$@" | sort -g | awk '{ v[NR] = $1 } END { print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
 case "${1:-data}" in
@@ -88,7 +104,7 @@ step | step-bf16)
     o=(); r=()
     for i in $(seq "$rounds"); do
         o+=("$(target/release/ibot bench train --iters 8 --warmup 2 "${ours_flags[@]}" | rate)")
-        r+=("$($py bench/torch_step.py --iters 8 --warmup 2 "${ref_flags[@]}" 2>/dev/null | rate)")
+        r+=("$($ref_py bench/torch_step.py --iters 8 --warmup 2 "${ref_flags[@]}" 2>/dev/null | rate)")
         echo "round $i: ibot ${o[-1]} ms/iter, PyTorch ${r[-1]} ms/iter"
     done
     median() { printf '%s\n' "$@" | sort -g | awk '{ v[NR] = $1 } END { print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
@@ -101,7 +117,7 @@ finetune-step)
     o=(); r=()
     for i in $(seq "$rounds"); do
         o+=("$(target/release/ibot finetune --arch vit_small --batch_size 32 --bench_steps "$iters" --device cpu | ips)")
-        r+=("$($py bench/torch_finetune_step.py --arch vit_small --batch 32 --iters "$iters" 2>/dev/null | ips)")
+        r+=("$($ref_py bench/torch_finetune_step.py --arch vit_small --batch 32 --iters "$iters" 2>/dev/null | ips)")
         echo "round $i: ibot ${o[-1]} img/s, PyTorch ${r[-1]} img/s"
     done
     median() { printf '%s\n' "$@" | sort -g | awk '{ v[NR] = $1 } END { print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
@@ -119,7 +135,7 @@ finetune-swin-step)
     for i in $(seq "$rounds"); do
         out=$(target/release/ibot --threads "$th" finetune --arch swin_tiny --window_size "$window" --batch_size "$batch" --bench_steps "$iters" --device cpu 2>/dev/null)
         o+=("$(echo "$out" | ips)"); oc+=("$(echo "$out" | cpu_rate)")
-        out=$($py bench/torch_finetune_step.py --arch swin_tiny --window_size "$window" --batch "$batch" --iters "$iters" --threads "$th" --gemm "$gemm" 2>/dev/null)
+        out=$($ref_py bench/torch_finetune_step.py --arch swin_tiny --window_size "$window" --batch "$batch" --iters "$iters" --threads "$th" --gemm "$gemm" 2>/dev/null)
         r+=("$(echo "$out" | ips)"); rc+=("$(echo "$out" | cpu_rate)")
         echo "round $i (load $(cut -d' ' -f1-3 /proc/loadavg)): ibot ${o[-1]} img/s (CPU ${oc[-1]} ms/iter), PyTorch ${r[-1]} img/s (CPU ${rc[-1]} ms/iter)"
     done
@@ -134,7 +150,7 @@ swin-step)
     o=(); r=()
     for i in $(seq "$rounds"); do
         o+=("$(target/release/ibot bench train "${flags[@]}" | rate)")
-        r+=("$($py bench/torch_step.py "${flags[@]}" 2>/dev/null | rate)")
+        r+=("$($ref_py bench/torch_step.py "${flags[@]}" 2>/dev/null | rate)")
         echo "round $i: ibot ${o[-1]} ms/iter, PyTorch ${r[-1]} ms/iter"
     done
     median() { printf '%s\n' "$@" | sort -g | awk '{ v[NR] = $1 } END { print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
@@ -172,7 +188,7 @@ recipe-step)
         out=$( { /usr/bin/time -f 'peak RSS %M KB' target/release/ibot "${ours_threads[@]}" bench train "${flags[@]}" --patch_out_dim 8192 "${ours_prec[@]}"; } 2>&1 )
         if [ "$i" = 1 ]; then echo "$out" | grep -m1 '^precision:' || true; fi
         o+=("$(echo "$out" | rate)"); oc+=("$(echo "$out" | cpu_rate)"); om+=("$(echo "$out" | grep -oE 'peak RSS [0-9]+' | cut -d' ' -f3)")
-        out=$( { /usr/bin/time -f 'peak RSS %M KB' $py bench/torch_step.py "${ref_threads[@]}" "${flags[@]}"; } 2>&1 )
+        out=$( { /usr/bin/time -f 'peak RSS %M KB' $ref_py bench/torch_step.py "${ref_threads[@]}" "${flags[@]}"; } 2>&1 )
         r+=("$(echo "$out" | rate)"); rc+=("$(echo "$out" | cpu_rate)"); rm+=("$(echo "$out" | grep -oE 'peak RSS [0-9]+' | cut -d' ' -f3)")
         echo "round $i (load $(cut -d' ' -f1-3 /proc/loadavg)): ibot ${o[-1]} ms/iter (CPU ${oc[-1]}, RSS ${om[-1]} KB), PyTorch ${r[-1]} ms/iter (CPU ${rc[-1]}, RSS ${rm[-1]} KB)"
     done
@@ -187,7 +203,7 @@ scaling)
     point() {
         local o r
         o=$(target/release/ibot "${ours_threads[@]}" bench train "${model[@]}" --patch_out_dim 8192 "${ours_prec[@]}" "$@" 2>&1)
-        r=$($py bench/torch_step.py "${ref_threads[@]}" "${model[@]}" "$@" 2>/dev/null)
+        r=$($ref_py bench/torch_step.py "${ref_threads[@]}" "${model[@]}" "$@" 2>/dev/null)
         printf '%-34s ibot %9s ms (CPU %9s)   PyTorch %9s ms (CPU %9s)   CPU ratio %s\n' "$*" "$(echo "$o" | rate)" "$(echo "$o" | cpu_rate)" "$(echo "$r" | rate)" "$(echo "$r" | cpu_rate)" "$(ratio "$(echo "$o" | cpu_rate)" "$(echo "$r" | cpu_rate)")"
     }
     echo "load $(cut -d' ' -f1-3 /proc/loadavg)"
@@ -214,7 +230,7 @@ fmnist-epochs)
             --shared_head true --precision float32 --output_dir "$out_dir/ibot" --saveckp_freq 0; } 2>&1 )
         ow+=("$(echo "$out" | field wall)"); oc+=("$(awk -v u="$(echo "$out" | field user)" -v s="$(echo "$out" | field sys)" 'BEGIN { print u + s }')")
         echo "$out" | grep -E '^epoch [0-9]+:' | sed 's/^/  ibot: /' || true
-        out=$( { /usr/bin/time -f "$tfmt" $py bench/torch_train_fmnist.py "${ref_threads[@]}" "${common[@]}" --output_dir "$out_dir/ref"; } 2>&1 )
+        out=$( { /usr/bin/time -f "$tfmt" $ref_py bench/torch_train_fmnist.py "${ref_threads[@]}" "${common[@]}" --output_dir "$out_dir/ref"; } 2>&1 )
         rw+=("$(echo "$out" | field wall)"); rc+=("$(awk -v u="$(echo "$out" | field user)" -v s="$(echo "$out" | field sys)" 'BEGIN { print u + s }')")
         echo "$out" | grep -E '^(epoch [0-9]+:|onednn)' | sed 's/^/  official loop: /' || true
         echo "round $i (load $(cut -d' ' -f1-3 /proc/loadavg)): ibot ${ow[-1]} s wall, ${oc[-1]} s CPU; official loop ${rw[-1]} s wall, ${rc[-1]} s CPU"

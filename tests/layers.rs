@@ -123,7 +123,7 @@ fn the_fused_attention_equals_the_explicit_one_forward_and_backward() {
         };
         let x = x.detach().set_requires_grad(true);
         let y = if fused {
-            a.forward(&x)
+            a.forward_fused(&x)
         } else {
             a.forward_explicit(&x)
         };
@@ -140,6 +140,11 @@ fn the_fused_attention_equals_the_explicit_one_forward_and_backward() {
     // 1% off in the softmax scale is far outside that tolerance.
     let off = run(true, 1.01);
     assert!(rel(&off[0], &explicit[0]) > 1e-4);
+    // `forward` picks by length: the explicit product below FUSED_ATTENTION_MIN_TOKENS, the
+    // fused kernel from there on (bit for bit the same calls).
+    assert!(attn.forward(&x).equal(&attn.forward_explicit(&x)));
+    let long = Tensor::randn([1, ibot::models::layers::FUSED_ATTENTION_MIN_TOKENS, 48], CPU);
+    assert!(attn.forward(&long).equal(&attn.forward_fused(&long)));
     // The attention map still comes from the explicit product: rows sum to one.
     let map = attn.attention_map(&x);
     assert_eq!(map.size(), [3, 6, 17, 17]);

@@ -1,8 +1,8 @@
 //! What `--use_fp16` (with `--precision auto`) means on a CPU with native bfloat16 arithmetic
 //! (AVX512-BF16) but no AMX: measured, not assumed. Whether bfloat16 autocast pays there
 //! depends on the CPU and on the library doing the products: on an AMD Zen 5, oneDNN's bfloat16
-//! inner product runs in half the time of its float32 one and a ViT-S step under autocast took
-//! 0.74x its float32 time; on issue 14's Xeon (AVX512-BF16, no AMX, products on MKL) the same
+//! inner product runs in half the time of the float32 products (oneDNN's, or MKL's AVX-512
+//! ones) and a ViT-S step under autocast took 0.74x its float32 time; on issue 14's Xeon (AVX512-BF16, no AMX, products on MKL) the same
 //! step took 1.5x. So the first run on a machine times a representative piece of a training
 //! step both ways and picks bfloat16 only when it takes at most [`THRESHOLD`] of the float32
 //! time; the answer is cached per machine in `precision-probe.json`.
@@ -18,7 +18,8 @@
 //!
 //! The cache (`$IBOT_CACHE_DIR`, else `$XDG_CACHE_HOME/ibot`, else `~/.cache/ibot`) maps a key
 //! (CPU model name, the relevant CPU flags, libtorch version, libtorch thread count, the float32
-//! product library of `IBOT_CPU_GEMM`) to the two timings and the choice. An unreadable or
+//! product library of `IBOT_CPU_GEMM` and whether MKL picks its kernels by CPU features) to the
+//! two timings and the choice. An unreadable or
 //! corrupt cache is ignored (re-probed and rewritten), an unwritable one only gives a note.
 //!
 //! `IBOT_PRECISION_PROBE` overrides the probe (for tests and for users who want no probe):
