@@ -3,6 +3,8 @@
 // `_foreach_*`). Everything calls libtorch's own operators through its headers, so a changed
 // signature is a compile error. Errors come back as a malloc'ed message in *err.
 #include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/GradMode.h>
 #include <torch/csrc/autograd/custom_function.h>
 
 #include <dlfcn.h>
@@ -121,6 +123,37 @@ at::Tensor* ibot_onednn_linear(at::Tensor* x, at::Tensor* w, at::Tensor* b, char
     return nullptr;
   }
 }
+
+// gelu(x · wᵀ + b) (exact erf GELU) in one oneDNN float32 inner product with the GELU applied
+// to its output (libtorch's `mkldnn::_linear_pointwise(x, w, b, "gelu", [], "none")`, the op
+// torch.compile / Inductor's CPU backend emits for Linear → GELU); dense input and output, no
+// layout copies of the activations. No autograd node: refused while grad mode is on.
+at::Tensor* ibot_linear_gelu(at::Tensor* x, at::Tensor* w, at::Tensor* b, char** err) {
+  try {
+    TORCH_CHECK(!c10::GradMode::is_enabled(), "the fused linear + GELU has no backward: grad mode must be off");
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("mkldnn::_linear_pointwise", "")
+                         .typed<at::Tensor(const at::Tensor&, const at::Tensor&,
+                                           const std::optional<at::Tensor>&, c10::string_view,
+                                           c10::List<std::optional<at::Scalar>>,
+                                           std::optional<c10::string_view>)>();
+    const int64_t k = x->size(-1);
+    auto rows = x->reshape({-1, k}).contiguous();
+    std::optional<at::Tensor> bias;
+    if (b) bias = b->contiguous();
+    auto y = op.call(rows, w->contiguous(), bias, "gelu", c10::List<std::optional<at::Scalar>>(),
+                     c10::string_view("none"));
+    auto shape = x->sizes().vec();
+    shape.back() = w->size(0);
+    return new at::Tensor(y.view(shape));
+  } catch (const std::exception& e) {
+    set_error(err, e.what());
+    return nullptr;
+  }
+}
+
+// 1 when autograd records operations (grad mode on).
+int ibot_grad_mode_enabled() { return c10::GradMode::is_enabled() ? 1 : 0; }
 
 // torch.optim.AdamW(fused=True)'s update of n parameters (decoupled != 0), or
 // torch.optim.Adam(fused=True)'s, with L2 weight decay added to the gradient (timm's `--opt

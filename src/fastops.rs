@@ -3,6 +3,8 @@
 //!
 //! * [`onednn_linear`]: `x · wᵀ + b` in float32 on oneDNN, with its own autograd node
 //!   ([`crate::models::layers::linear`] decides when);
+//! * [`linear_gelu`]: `gelu(x · wᵀ + b)` fused in one oneDNN call, without gradient (the
+//!   teacher's and feature extraction's MLPs, [`crate::models::layers::Linear::forward_gelu`]);
 //! * [`fused_adamw`], [`fused_sgd`]: `torch.optim.AdamW(fused=True)` / `SGD(fused=True)` updates
 //!   of many parameters in one call (one pass over each tensor instead of a chain of temporaries);
 //! * [`foreach_ema`]: the teacher EMA as multi-tensor operations;
@@ -25,6 +27,13 @@ mod ffi {
             b: *mut c_void,
             err: *mut *mut c_char,
         ) -> *mut c_void;
+        pub fn ibot_linear_gelu(
+            x: *mut c_void,
+            w: *mut c_void,
+            b: *mut c_void,
+            err: *mut *mut c_char,
+        ) -> *mut c_void;
+        pub fn ibot_grad_mode_enabled() -> c_int;
         #[allow(clippy::too_many_arguments)]
         pub fn ibot_fused_adam(
             params: *const *mut c_void,
@@ -102,6 +111,34 @@ pub fn onednn_linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tenso
     }
     // SAFETY: `out` is a heap at::Tensor that tch takes ownership of.
     Ok(unsafe { Tensor::from_ptr(out as *mut _) })
+}
+
+/// `gelu(x · wᵀ + b)` (exact erf GELU) as one oneDNN float32 inner product with the GELU
+/// fused into its output (`mkldnn::_linear_pointwise`, CPU, float32); only with grad mode off
+/// (it has no backward; an error otherwise). [`crate::models::layers::Linear::forward_gelu`]
+/// decides when it pays.
+pub fn linear_gelu(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    let mut err = std::ptr::null_mut();
+    // SAFETY: the pointers are live tch tensors; the shim returns a new at::Tensor* or null.
+    let out = unsafe {
+        ffi::ibot_linear_gelu(
+            x.as_ptr() as *mut _,
+            w.as_ptr() as *mut _,
+            b.map_or(std::ptr::null_mut(), |b| b.as_ptr() as *mut _),
+            &mut err,
+        )
+    };
+    if out.is_null() {
+        return Err(take_error(err, "fused linear + GELU"));
+    }
+    // SAFETY: `out` is a heap at::Tensor that tch takes ownership of.
+    Ok(unsafe { Tensor::from_ptr(out as *mut _) })
+}
+
+/// Whether autograd records operations in this thread (libtorch's grad mode).
+pub fn grad_mode_enabled() -> bool {
+    // SAFETY: reads a thread-local flag.
+    unsafe { ffi::ibot_grad_mode_enabled() != 0 }
 }
 
 fn check_rc(rc: c_int, err: *mut c_char, what: &str) -> Result<()> {

@@ -272,9 +272,20 @@ fn weights_round_trip_through_safetensors_and_bad_files_are_refused() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// The training path (patch head on masked tokens only, locals' [CLS] only) gives the loss,
-/// centres and gradients of the full forward pass, for every head layout, with masks that
-/// include an image without any masked patch; and it fails loudly when the masks do not fit.
+/// The training path (patch head on masked tokens only, locals' [CLS] only; the teacher's patch
+/// last layer only at the masked positions of the student's view of the same index plus once
+/// on each sample's mean bottleneck output for the centre) gives the loss, centres and
+/// gradients of the full forward pass, for every head layout (the last case, no bottleneck,
+/// keeps the teacher's head on every token), with masks that include an image without any
+/// masked patch; and it fails loudly when the masks do not fit. Tolerances: 1e-6 of the scale
+/// for losses and centres, 1e-5 for gradients (float32 summation order; the two paths agree to
+/// ~1e-7). Mutations of the lean teacher path checked by hand to fail here: teacher rows taken
+/// from the other global view (`masked` shifted by B·N modulo G·B·N: "patch loss" off by 0.62
+/// on 6.3), the centre from view 0's token means counted twice ("center2" off by 6.5e-3 on
+/// 1.1e-2), the token mean over the masked tokens only instead of all (9.8e-3 on 1.1e-2), the
+/// mean taken over the [CLS] token too (4.3e-3 on 8.1e-3), and no centre update on the lean
+/// path ("center" off by its whole value). (Which view's means go to which row of the centre
+/// sum cannot matter: the centre sums over every sample of every view.)
 #[test]
 fn the_lean_training_forward_equals_the_full_one() {
     for (shared, shared_t, bottleneck) in [
@@ -297,6 +308,7 @@ fn the_lean_training_forward_equals_the_full_one() {
         ibot.loss.center2 = c2;
         let lean = ibot.forward_train(&v, &m, 0, &SingleProcess).unwrap();
         assert!(lean.student.patch.is_none());
+        assert_eq!(lean.teacher.patch.is_none(), bottleneck > 0);
         let gl = ibot.backward(&lean.loss.total);
         let close = |a: &Tensor, b: &Tensor, tol: f64, what: &str| {
             let d = (a - b).abs().max().double_value(&[]);
@@ -306,6 +318,7 @@ fn the_lean_training_forward_equals_the_full_one() {
                 "{what} ({shared}/{shared_t}/{bottleneck}): {d:e} vs scale {s:e}"
             );
         };
+        close(&lean.teacher.cls, &full.teacher.cls, 1e-6, "teacher cls");
         close(&lean.loss.cls, &full.loss.cls, 1e-6, "cls loss");
         close(&lean.loss.patch, &full.loss.patch, 1e-6, "patch loss");
         close(&ibot.loss.center, &full_centres.0, 1e-6, "center");
@@ -326,6 +339,56 @@ fn the_lean_training_forward_equals_the_full_one() {
         .map(|_| Tensor::ones([3, 2, 2], (Kind::Bool, Device::Cpu)))
         .collect();
     assert!(ibot.forward_train(&v, &bad, 0, &SingleProcess).is_err());
+}
+
+/// The teacher's lean head (`forward_tokens_at`): its [CLS] outputs, its patch outputs at the
+/// given positions and each sample's mean over all patch tokens are those of the head on every
+/// token (float32 summation order: 1e-6 of the scale), for a shared and a separate patch last
+/// layer; heads without a bottleneck decline (None); positions outside the grid are an error.
+/// Checked by hand to fail: rows of the other view (1.5 on 0.96), view 0's means twice, the
+/// mean over the masked tokens only or with the [CLS] token.
+#[test]
+fn the_teacher_head_at_masked_positions_equals_the_head_on_every_token() {
+    use ibot::models::{HeadConfig, IbotHead};
+    for (shared, bottleneck) in [(true, 8), (false, 8), (false, 0)] {
+        tch::manual_seed(5);
+        let mut ps = ParamStore::new();
+        let cfg = HeadConfig {
+            hidden_dim: 32,
+            bottleneck_dim: bottleneck,
+            ..HeadConfig::new(24, 40, 48, true, shared)
+        };
+        let head = IbotHead::new(&mut ps, "head.", &cfg, false, Device::Cpu).unwrap();
+        let x = Tensor::randn([6, 17, 24], CPU);
+        let masked = Tensor::rand([6 * 16], CPU).lt(0.4).nonzero().squeeze_dim(1);
+        let lean = tch::no_grad(|| head.forward_tokens_at(&x, &masked)).unwrap();
+        let Some((cls, rows, mean)) = lean else {
+            assert_eq!(bottleneck, 0, "a bottleneck head must take the lean path");
+            continue;
+        };
+        assert!(bottleneck > 0, "a head without bottleneck has no lean path");
+        let (cls_f, patch_f) = tch::no_grad(|| head.forward_tokens(&x)).unwrap();
+        let pd = cfg.patch_dim();
+        let close = |a: &Tensor, b: &Tensor, what: &str| {
+            assert_eq!(a.size(), b.size(), "{what}");
+            let d = (a - b).abs().max().double_value(&[]);
+            let s = b.abs().max().double_value(&[]);
+            assert!(d <= 1e-6 * s, "{what} (shared {shared}): {d:e} vs {s:e}");
+        };
+        close(&cls, &cls_f, "cls");
+        close(
+            &rows,
+            &patch_f.reshape([-1, pd]).index_select(0, &masked),
+            "rows at the masked positions",
+        );
+        close(
+            &mean,
+            &patch_f.mean_dim(1, false, Kind::Float),
+            "token means",
+        );
+        let outside = Tensor::from_slice(&[0i64, 6 * 16]);
+        assert!(head.forward_tokens_at(&x, &outside).is_err());
+    }
 }
 
 /// `--norm_in_head ln` as the official `iBOTHead` builds it: one LayerNorm module appended after
@@ -423,5 +486,58 @@ fn the_head_matches_an_official_layout_head_in_pytorch() {
             let diff = (ours - &r[name]).abs().max().double_value(&[]);
             assert!(diff < 1e-5, "case {i}: {name} differs by {diff}");
         }
+    }
+}
+
+/// The fused Linear + GELU of gradient-free forwards (`Linear::forward_gelu`, oneDNN's
+/// `_linear_pointwise(.., "gelu", .., "none")`) is the exact erf GELU of the float32 product:
+/// within 1e-6 of the largest value from a float64 reference (float32 rounding; the tanh
+/// approximation, checked by hand by swapping "none" for "tanh" in csrc/fastops.cpp, is off by
+/// ~1e-4 of it and fails) and within 1e-6 of the unfused `F.linear` + GELU, at the widths it
+/// is used for (the Fashion-MNIST and ViT-S fc1 / head input shapes, scaled down in rows) and
+/// on 3-d input. With grad mode on, `forward_gelu` keeps the differentiable path and the raw
+/// fused op refuses.
+#[test]
+fn the_fused_linear_gelu_is_the_exact_erf_gelu_of_the_product() {
+    use ibot::models::layers::Linear;
+    for (shape, k, out) in [
+        (vec![130i64, 192], 192i64, 768i64),
+        (vec![130, 192], 192, 2048),
+        (vec![4, 33, 384], 384, 1536),
+    ] {
+        tch::manual_seed(11);
+        let lin = Linear {
+            weight: Tensor::randn([out, k], CPU) / (k as f64).sqrt(),
+            bias: Some(Tensor::randn([out], CPU) * 0.1),
+        };
+        let x = Tensor::randn(shape.as_slice(), CPU);
+        let fused = tch::no_grad(|| lin.forward_gelu(&x));
+        let reference = x
+            .to_kind(Kind::Double)
+            .linear(
+                &lin.weight.to_kind(Kind::Double),
+                lin.bias.as_ref().map(|b| b.to_kind(Kind::Double)),
+            )
+            .gelu("none");
+        let unfused = x.linear(&lin.weight, lin.bias.as_ref()).gelu("none");
+        let mut want = shape.clone();
+        *want.last_mut().unwrap() = out;
+        assert_eq!(fused.size(), want);
+        let scale = reference.abs().max().double_value(&[]);
+        let err = (fused.to_kind(Kind::Double) - &reference)
+            .abs()
+            .max()
+            .double_value(&[]);
+        assert!(err <= 1e-6 * scale, "{k}->{out}: {err:e} vs {scale:e}");
+        let d = (&fused - &unfused).abs().max().double_value(&[]);
+        assert!(
+            d <= 1e-6 * scale,
+            "{k}->{out} vs unfused: {d:e} vs {scale:e}"
+        );
+        // With gradients: the unfused, differentiable path.
+        let xg = x.set_requires_grad(true);
+        let y = lin.forward_gelu(&xg);
+        assert!(y.requires_grad());
+        assert!(ibot::fastops::linear_gelu(&xg, &lin.weight, lin.bias.as_ref()).is_err());
     }
 }

@@ -325,7 +325,11 @@ fn a_resumed_bfloat16_run_stays_with_the_uninterrupted_one() {
     // exactly. Checked by hand: the run this test made before (AdamW at the default lr) moves
     // attn.proj.bias by 7e-5 in all, below even this tighter tolerance (the old one, 2e-3, was
     // 30 times the movement), and fails the movement assertion.
-    let (straight, resumed) = straight_and_resumed("bf16", BF16_RUN);
+    //
+    // One retry: under heavy concurrent load the test saw (once in several dozen runs) one
+    // tensor beyond its tolerance, which a rerun did not repeat: bfloat16 kernels are not
+    // reproducible from run to run. A resume that loses state drifts on every run, so it still
+    // fails both attempts; the retry only absorbs a rare noise excursion.
     let weight = |k: &str| k.starts_with("student.") || k.starts_with("teacher.");
     let tol_of = |k: &str, b: &tch::Tensor| {
         let scale = b.abs().max().double_value(&[]);
@@ -338,18 +342,30 @@ fn a_resumed_bfloat16_run_stays_with_the_uninterrupted_one() {
     let tol = |b: &tch::Tensor| tol_of("student.", b);
     let dist = |a: &tch::Tensor, b: &tch::Tensor| (a - b).abs().max().double_value(&[]);
     let close_k = |k: &str, a: &tch::Tensor, b: &tch::Tensor| dist(a, b) <= tol_of(k, b);
-    let a = tensors(&straight.join("checkpoint.safetensors"));
-    let b = tensors(&resumed.join("checkpoint.safetensors"));
-    assert_eq!(a.len(), b.len());
-    for ((ka, ta), (kb, tb)) in a.iter().zip(&b) {
-        assert_eq!(ka, kb);
-        assert!(
-            close_k(ka, ta, tb),
-            "{ka} drifts after a bfloat16 resume: max |a - b| = {:e}, tolerance {:e}",
-            dist(ta, tb),
-            tol_of(ka, tb)
-        );
+    let drift = |straight: &Path, resumed: &Path| -> Option<String> {
+        let a = tensors(&straight.join("checkpoint.safetensors"));
+        let b = tensors(&resumed.join("checkpoint.safetensors"));
+        assert_eq!(a.len(), b.len());
+        a.iter().zip(&b).find_map(|((ka, ta), (kb, tb))| {
+            assert_eq!(ka, kb);
+            (!close_k(ka, ta, tb)).then(|| {
+                format!(
+                    "{ka} drifts after a bfloat16 resume: max |a - b| = {:e}, tolerance {:e}",
+                    dist(ta, tb),
+                    tol_of(ka, tb)
+                )
+            })
+        })
+    };
+    let (mut straight, mut resumed) = straight_and_resumed("bf16", BF16_RUN);
+    if let Some(first) = drift(&straight, &resumed) {
+        eprintln!("retrying once: {first}");
+        (straight, resumed) = straight_and_resumed("bf16", BF16_RUN);
+        if let Some(second) = drift(&straight, &resumed) {
+            panic!("{second} (first attempt: {first})");
+        }
     }
+    let a = tensors(&straight.join("checkpoint.safetensors"));
     // The movement of every tensor from the seeded initialisation (as `ibot train` builds it).
     let cfg = tiny_args(Path::new("unused"), &straight, BF16_RUN);
     let init = ibot::train::Ibot::seeded(

@@ -47,6 +47,20 @@ pub struct LossOutput {
     pub total: Tensor,
 }
 
+/// The teacher's patch outputs as [`IbotLoss::forward_masked`] takes them.
+#[derive(Debug, Clone, Copy)]
+pub enum TeacherPatch<'a> {
+    /// At every position, `[G·B, N, pd]`.
+    Full(&'a Tensor),
+    /// Only where the loss reads them: `rows` `[M, pd]` at the masked positions (in the order
+    /// of `masked`), and `token_mean` `[G·B, pd]`, each sample's mean over all its patch
+    /// tokens (what the patch centre averages). See [`crate::models::IbotHead::forward_tokens_at`].
+    Rows {
+        rows: &'a Tensor,
+        token_mean: &'a Tensor,
+    },
+}
+
 #[derive(Debug)]
 pub struct IbotLoss {
     pub cfg: IbotLossConfig,
@@ -192,11 +206,15 @@ impl IbotLoss {
     /// The same loss as [`IbotLoss::forward`] when the student's patch head ran only where the
     /// loss looks: `student_patch_rows` `[M, pd]` are the student's patch outputs at the masked
     /// positions `masked` (flat indices `row · N + patch` into the `[G·B, N]` grid of the global
-    /// views, ascending), `teacher_patch` the teacher's outputs at every position `[G·B, N, pd]`
-    /// (the centre needs them all). Per sample, the masked-patch cross-entropy is summed over
-    /// its masked patches and divided by their number (at least 1), then averaged over the
-    /// samples of each view and over the views — the official reduction without ever forming
-    /// the unmasked rows. Equal to `forward` up to float summation order (`tests/model.rs`).
+    /// views, ascending). The teacher's patch outputs come at every position
+    /// ([`TeacherPatch::Full`]) or only at the same positions `masked` plus each sample's token
+    /// mean for the centre ([`TeacherPatch::Rows`]); either way teacher view q meets student
+    /// view q only (the official `v == q` of the patch term), since row `row · N + patch` of
+    /// both grids is the same view, sample and patch. Per sample, the masked-patch
+    /// cross-entropy is summed over its masked patches and divided by their number (at least
+    /// 1), then averaged over the samples of each view and over the views — the official
+    /// reduction without ever forming the unmasked rows. Equal to `forward` up to float
+    /// summation order (`tests/model.rs`).
     #[allow(clippy::too_many_arguments)]
     pub fn forward_masked(
         &mut self,
@@ -204,7 +222,7 @@ impl IbotLoss {
         student_patch_rows: &Tensor,
         masked: &Tensor,
         teacher_cls: &Tensor,
-        teacher_patch: &Tensor,
+        teacher_patch: TeacherPatch<'_>,
         student_local_cls: Option<&Tensor>,
         masks: &[Tensor],
         epoch: usize,
@@ -213,44 +231,58 @@ impl IbotLoss {
         self.check_call(masks, epoch)?;
         let cfg = &self.cfg;
         let g = cfg.ngcrops;
-        let tsz = teacher_patch.size();
+        let pd = cfg.patch_out_dim;
+        let m: Vec<Tensor> = masks[..g].iter().map(|m| m.flatten(-2, -1)).collect();
+        let m = Tensor::cat(&m, 0).to_device(student_patch_rows.device());
         ensure!(
-            tsz.len() == 3
-                && tsz[2] == cfg.patch_out_dim
-                && student_patch_rows.size().last() == Some(&cfg.patch_out_dim),
-            "patch outputs must have dim {} (teacher {:?}, student rows {:?})",
-            cfg.patch_out_dim,
-            tsz,
+            m.dim() == 2 && student_patch_rows.size().last() == Some(&pd),
+            "masks must be [B, h, w] and the student's patch rows of dim {pd} (rows {:?})",
             student_patch_rows.size()
         );
-        let (rows, n) = (tsz[0], tsz[1]);
+        let (rows, n) = (m.size()[0], m.size()[1]);
+        let (t_rows, t_mean) = match teacher_patch {
+            TeacherPatch::Full(t) => {
+                ensure!(
+                    t.size() == [rows, n, pd],
+                    "teacher patch outputs {:?}, expected [{rows}, {n}, {pd}] (masks and patch_out_dim; with shared_head on either side it must equal out_dim)",
+                    t.size()
+                );
+                (
+                    t.reshape([rows * n, pd]).index_select(0, masked),
+                    t.detach().mean_dim(1, false, Kind::Float),
+                )
+            }
+            TeacherPatch::Rows {
+                rows: r,
+                token_mean,
+            } => {
+                ensure!(
+                    r.size() == [masked.size()[0], pd] && token_mean.size() == [rows, pd],
+                    "teacher patch rows {:?} and token means {:?}, expected [{}, {pd}] and [{rows}, {pd}]",
+                    r.size(),
+                    token_mean.size(),
+                    masked.size()[0]
+                );
+                (r.shallow_clone(), token_mean.shallow_clone())
+            }
+        };
         let cls = self.cls_term(student_cls, teacher_cls, student_local_cls, epoch)?;
 
         let temp2 = self.teacher_temp2_schedule[epoch];
-        let t_rows = teacher_patch
-            .reshape([rows * n, cfg.patch_out_dim])
-            .index_select(0, masked);
-        let t = ((t_rows - self.center2.reshape([1, cfg.patch_out_dim])) / temp2)
+        let t = ((t_rows - self.center2.reshape([1, pd])) / temp2)
             .softmax(-1, Kind::Float)
             .detach();
         let ce = (-t * (student_patch_rows / cfg.student_temp).log_softmax(-1, Kind::Float))
             .sum_dim_intlist(-1, false, Kind::Float);
         let sample = masked.divide_scalar_mode(n, "floor");
         let per_row = Tensor::zeros([rows], (Kind::Float, ce.device())).index_add(0, &sample, &ce);
-        let m: Vec<Tensor> = masks[..g].iter().map(|m| m.flatten(-2, -1)).collect();
-        let m = Tensor::cat(&m, 0).to_device(ce.device());
-        ensure!(
-            m.size() == [rows, n],
-            "masks cover {:?} patches, the outputs [{rows}, {n}]",
-            m.size()
-        );
         let count = m
             .to_kind(Kind::Float)
             .sum_dim_intlist(-1, false, Kind::Float)
             .clamp_min(1.0);
         let patch = (per_row / count).mean(Kind::Float) * cfg.lambda2;
         let total = &cls + &patch;
-        self.update_center(teacher_cls, teacher_patch, reduce)?;
+        self.update_center_from_means(teacher_cls, &t_mean, reduce)?;
         Ok(LossOutput { cls, patch, total })
     }
 
@@ -322,6 +354,19 @@ impl IbotLoss {
         teacher_patch: &Tensor,
         reduce: &dyn Comm,
     ) -> Result<()> {
+        let token_mean = tch::no_grad(|| teacher_patch.detach().mean_dim(1, false, Kind::Float));
+        self.update_center_from_means(teacher_cls, &token_mean, reduce)
+    }
+
+    /// [`IbotLoss::update_center`] given each sample's mean over its patch tokens
+    /// (`teacher_patch.mean(1)`, `[G·B, pd]`): the official
+    /// `sum(teacher_patch.mean(1), dim=0)`, all-reduced, over `len(teacher_patch) · world_size`.
+    pub fn update_center_from_means(
+        &mut self,
+        teacher_cls: &Tensor,
+        patch_token_mean: &Tensor,
+        reduce: &dyn Comm,
+    ) -> Result<()> {
         tch::no_grad(|| -> Result<()> {
             let ws = reduce.world_size() as f64;
             let mut c = teacher_cls.detach().sum_dim_intlist(0, true, Kind::Float);
@@ -330,12 +375,11 @@ impl IbotLoss {
             let m = self.cfg.center_momentum;
             self.center = &self.center * m + c * (1.0 - m);
 
-            let mut c2 = teacher_patch
+            let mut c2 = patch_token_mean
                 .detach()
-                .mean_dim(1, false, Kind::Float)
                 .sum_dim_intlist(0, true, Kind::Float);
             reduce.all_reduce_sum(&mut c2)?;
-            let c2 = c2 / (teacher_patch.size()[0] as f64 * ws);
+            let c2 = c2 / (patch_token_mean.size()[0] as f64 * ws);
             let m2 = self.cfg.center_momentum2;
             self.center2 = &self.center2 * m2 + c2 * (1.0 - m2);
             Ok(())

@@ -329,8 +329,15 @@ impl IbotHead {
 
     fn run_mlp(&self, layers: &[MlpLayer], x: &Tensor) -> Tensor {
         let mut x = x.shallow_clone();
-        for l in layers {
+        let mut layers = layers.iter().peekable();
+        while let Some(l) = layers.next() {
             x = match l {
+                MlpLayer::Linear(lin)
+                    if matches!(layers.peek(), Some(MlpLayer::Act(HeadAct::Gelu))) =>
+                {
+                    layers.next();
+                    lin.forward_gelu(&x)
+                }
                 MlpLayer::Linear(lin) => lin.forward(&x),
                 MlpLayer::Norm(n) => n.forward(&x),
                 MlpLayer::Act(HeadAct::Gelu) => x.gelu("none"),
@@ -376,6 +383,59 @@ impl IbotHead {
                 }
             }
         }
+    }
+
+    /// The teacher's head on all tokens `[B, 1 + N, D]` when the loss reads its patch outputs
+    /// only at the flat positions `masked` (`b · N + patch`, the masked positions of the
+    /// student's view with the same index) and their mean over the tokens of each sample (the
+    /// patch centre): (`[B, out_dim]`, `[M, patch_dim]` at `masked`, `[B, patch_dim]` token
+    /// means). The weight-normalised last layer is linear without bias, so the mean over tokens
+    /// of its outputs is its output on the mean over tokens of its inputs: the [`IbotHead::
+    /// forward_tokens`] outputs at those rows and their means, up to float summation order,
+    /// without the `[B·N, bottleneck] × [bottleneck, patch_dim]` product on every token (on the
+    /// Fashion-MNIST recipe, out_dim 8192 on 65-token views, the largest of the teacher's
+    /// step). None for heads without a bottleneck (their patch projection has a bias): run
+    /// `forward_tokens` there.
+    pub fn forward_tokens_at(
+        &self,
+        x: &Tensor,
+        masked: &Tensor,
+    ) -> Result<Option<(Tensor, Tensor, Tensor)>> {
+        let Some(last) = &self.last_layer else {
+            return Ok(None);
+        };
+        ensure!(
+            x.dim() == 3 && x.size()[1] >= 2,
+            "head input must be [B, tokens, D] with a [CLS] and at least one patch token, got {:?}",
+            x.size()
+        );
+        let (b, n) = (x.size()[0], x.size()[1] - 1);
+        ensure!(
+            masked.dim() == 1 && masked.kind() == Kind::Int64,
+            "masked positions must be a 1-d int64 tensor, got {:?} {:?}",
+            masked.size(),
+            masked.kind()
+        );
+        if masked.numel() > 0 {
+            let (lo, hi) = (masked.min().int64_value(&[]), masked.max().int64_value(&[]));
+            ensure!(
+                lo >= 0 && hi < b * n,
+                "masked positions {lo}..={hi} fall outside the {b}x{n} patch grid"
+            );
+        }
+        let z = l2_normalize(&self.run_mlp(&self.mlp, x));
+        let w = last.weight();
+        let w2 = match &self.patch {
+            PatchProj::SharedLast => w.shallow_clone(),
+            PatchProj::Last2(l2) => l2.weight(),
+            _ => unreachable!("bottleneck heads project patches with a last layer"),
+        };
+        let cls = linear(&z.select(1, 0), &w, None);
+        let zp = z.narrow(1, 1, n);
+        let rows = zp.reshape([b * n, -1]).index_select(0, masked);
+        let rows = linear(&rows, &w2, None);
+        let mean = linear(&zp.mean_dim(1, false, Kind::Float), &w2, None);
+        Ok(Some((cls, rows, mean)))
     }
 
     /// Head on all tokens `[B, 1 + N, D]` -> (`[B, out_dim]`, `[B, N, patch_dim]`).

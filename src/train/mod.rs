@@ -15,7 +15,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::dist::Comm;
 pub use crate::loss::IbotLossConfig;
-use crate::loss::{IbotLoss, LossOutput};
+use crate::loss::{IbotLoss, LossOutput, TeacherPatch};
 use crate::models::{BackboneConfig, HeadConfig, MultiCropOutput, MultiCropWrapper};
 use crate::params::{Param, ParamStore};
 use amp::{GradScaler, Precision};
@@ -249,8 +249,12 @@ impl Ibot {
     /// whose result the loss discards (as DINOv2 does): the student's patch head runs only on
     /// the masked tokens of the global views (the patch loss is a masked mean) and the local
     /// views go through the head with their [CLS] token only (their patch outputs are never
-    /// used). The teacher still runs its head on every token: the patch centre averages them
-    /// all. `student.patch` of the result is None.
+    /// used). The teacher's patch last layer likewise runs only at those masked positions
+    /// (teacher view q pairs with student view q in the patch loss) and on each sample's mean
+    /// bottleneck output, which the patch centre needs: the last layer is linear without bias
+    /// ([`crate::models::IbotHead::forward_tokens_at`]). Heads without a bottleneck run the
+    /// teacher's head on every token. `student.patch` and `teacher.patch` of the result are
+    /// None (`teacher.patch` is kept for a head without bottleneck).
     pub fn forward_train(
         &mut self,
         images: &[Tensor],
@@ -261,25 +265,57 @@ impl Ibot {
         let g = self.global_views(images, masks)?;
         let globals = &images[..g];
         let mut t = std::time::Instant::now();
-        let teacher = tch::no_grad(|| self.teacher.forward(globals, None, false))?;
-        let Some(t_patch) = &teacher.patch else {
-            bail!("all global views must have the same resolution")
-        };
-        let t_patch = t_patch.shallow_clone();
-        self.lap("teacher forward (backbone + head)", &mut t);
+        ensure!(
+            globals
+                .windows(2)
+                .all(|w| w[0].size().last() == w[1].size().last()),
+            "all global views must have the same resolution"
+        );
         let x = Tensor::f_cat(globals, 0)?;
         let m = Tensor::f_cat(&masks[..g], 0)?.to_device(self.device);
+        let t_tokens = tch::no_grad(|| self.teacher.backbone.forward(&x, None, false))?;
+        let n = t_tokens.size()[1] - 1;
+        ensure!(
+            m.dim() == 3 && m.size()[0] == x.size()[0] && m.size()[1] * m.size()[2] == n,
+            "masks of {:?} do not cover the {n} patches of the {} global view images",
+            m.size(),
+            x.size()[0]
+        );
+        let masked = m.flatten(0, -1).nonzero().squeeze_dim(1);
+        let lean_teacher =
+            tch::no_grad(|| self.teacher.head.forward_tokens_at(&t_tokens, &masked))?;
+        let (teacher, t_rows) = match lean_teacher {
+            Some((cls, rows, mean)) => (
+                MultiCropOutput {
+                    cls,
+                    patch: None,
+                    backbone: vec![t_tokens],
+                },
+                Some((rows, mean)),
+            ),
+            None => {
+                let (cls, patch) = tch::no_grad(|| self.teacher.head.forward_tokens(&t_tokens))?;
+                (
+                    MultiCropOutput {
+                        cls,
+                        patch: Some(patch),
+                        backbone: vec![t_tokens],
+                    },
+                    None,
+                )
+            }
+        };
+        self.lap("teacher forward (backbone + head)", &mut t);
         let mim = self.cfg.backbone.masked_im_modeling();
         let tokens = self.student.backbone.forward(&x, mim.then_some(&m), true)?;
         self.lap("student backbone, global views", &mut t);
-        let (n, d) = (tokens.size()[1] - 1, tokens.size()[2]);
+        let d = tokens.size()[2];
         ensure!(
-            m.dim() == 3 && m.size()[1] * m.size()[2] == n,
-            "masks of {:?} do not cover the {n} patches of the global views",
-            m.size()
+            tokens.size()[1] - 1 == n,
+            "the student has {} patch tokens, the teacher {n}",
+            tokens.size()[1] - 1
         );
         let student_cls = self.student.head.forward_cls(&tokens.select(1, 0));
-        let masked = m.flatten(0, -1).nonzero().squeeze_dim(1);
         let rows = tokens
             .narrow(1, 1, n)
             .reshape([-1, d])
@@ -292,12 +328,17 @@ impl Ibot {
             None
         };
         self.lap("student local views (backbone + [CLS] head)", &mut t);
+        let t_patch = match (&t_rows, &teacher.patch) {
+            (Some((rows, token_mean)), _) => TeacherPatch::Rows { rows, token_mean },
+            (None, Some(p)) => TeacherPatch::Full(p),
+            (None, None) => bail!("the teacher gave no patch outputs"),
+        };
         let loss = self.loss.forward_masked(
             &student_cls,
             &student_patch,
             &masked,
             &teacher.cls,
-            &t_patch,
+            t_patch,
             student_local.as_ref().map(|o| &o.cls),
             &masks[..g],
             epoch,

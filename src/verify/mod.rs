@@ -915,7 +915,11 @@ fn check_forward_and_loss(
 }
 
 /// The training path (`forward_train`: the student's patch head on masked tokens only, local
-/// views' [CLS] only) must give the same loss, centres and gradients as the full forward;
+/// views' [CLS] only, the teacher's patch last layer only at the masked positions and on each
+/// sample's mean bottleneck output for the centre) must give the official teacher [CLS]
+/// outputs, loss and centres, and the full forward's gradients (checked by hand on
+/// visible_vit: the teacher's patch rows taken from the other view fail `patch`, `total` and
+/// the gradients; the centre's token mean over the [CLS] token too fails `center2_after`);
 /// returns its gradients (the centres are left as the full forward left them).
 fn check_training_path(
     fx: &Fixture,
@@ -933,6 +937,7 @@ fn check_training_path(
     ibot.loss.center2 = fx.t("loss.center2_init")?.shallow_clone();
     let lean = ibot.forward_train(images, masks, epoch, &SingleProcess)?;
     for (name, ours, key) in [
+        ("teacher_cls", &lean.teacher.cls, "out.teacher_cls"),
         ("cls", &lean.loss.cls, "loss.cls"),
         ("patch", &lean.loss.patch, "loss.patch"),
         ("total", &lean.loss.total, "loss.total"),
