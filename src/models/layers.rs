@@ -322,15 +322,21 @@ impl Attention {
         }
     }
 
-    /// q, k, v as `[B, heads, N, head_dim]`.
+    /// q, k, v as `[B, heads, N, head_dim]` (views into the qkv projection).
     fn qkv(&self, x: &Tensor) -> (Tensor, Tensor, Tensor) {
         let (b, n, c) = x.size3().expect("attention input must be [B, N, C]");
         let qkv = self
             .qkv
             .forward(x)
-            .reshape([b, n, 3, self.num_heads, c / self.num_heads])
-            .permute([2, 0, 3, 1, 4]);
-        (qkv.get(0), qkv.get(1), qkv.get(2))
+            .reshape([b, n, 3, self.num_heads, c / self.num_heads]);
+        // The official `permute(2, 0, 3, 1, 4)` then `qkv[0], qkv[1], qkv[2]` gives the same
+        // views as `unbind(2)` then `transpose(1, 2)`, but its backward is slower: three
+        // `select`s each fill a zero tensor of the whole qkv size and copy into it before the
+        // three are summed, and the permuted result must be copied again to reshape. Here the
+        // backward is one `stack` along dim 2, already in the projection's `[B, N, 3·C]` layout.
+        let mut t = qkv.unbind(2).into_iter();
+        let mut next = || t.next().expect("qkv has 3 parts").transpose(1, 2);
+        (next(), next(), next())
     }
 
     /// Attention probabilities `[B, heads, N, N]`, computed as the official code does.
@@ -499,23 +505,35 @@ impl PatchEmbed {
     }
 }
 
+/// The per-sample decisions of one stochastic-depth call (training, `p > 0`): `b` draws from
+/// the model's generator, sample i kept when `floor(1 - p + U[0, 1))` is 1, as the official
+/// `drop_path`'s `random_tensor`. Every call draws exactly `b` values in sample order, whichever
+/// way the branch is then computed, so runs are reproducible and resume exactly.
+pub fn drop_path_keep(b: i64, p: f64, rng: &Mutex<ChaCha8Rng>) -> Vec<bool> {
+    let keep = 1.0 - p;
+    let mut r = rng.lock().unwrap_or_else(|e| e.into_inner());
+    (0..b)
+        .map(|_| (keep + r.gen::<f64>()).floor() >= 1.0)
+        .collect()
+}
+
 /// Stochastic depth: zeroes whole samples of the residual branch with probability `p` and
 /// rescales the rest by `1/(1-p)`, as the official `drop_path` (identity when not training).
 ///
 /// The per-sample draws come from the model's own generator (not libtorch's global one), so a
 /// run is reproducible whatever else the process does, and resumable exactly by reseeding.
+/// This is the official masking computation (the branch is computed for every sample); the ViT
+/// blocks use [`residual_drop_path`], which skips the dropped samples.
 pub fn drop_path(x: &Tensor, p: f64, train: bool, rng: &Mutex<ChaCha8Rng>) -> Tensor {
     if p == 0.0 || !train {
         return x.shallow_clone();
     }
     let keep = 1.0 - p;
     let b = x.size()[0];
-    let draws: Vec<f32> = {
-        let mut r = rng.lock().unwrap_or_else(|e| e.into_inner());
-        (0..b)
-            .map(|_| (keep + r.gen::<f64>()).floor() as f32)
-            .collect()
-    };
+    let draws: Vec<f32> = drop_path_keep(b, p, rng)
+        .into_iter()
+        .map(|k| if k { 1.0 } else { 0.0 })
+        .collect();
     let mut shape = vec![b];
     shape.extend(std::iter::repeat(1).take(x.dim() - 1));
     let mask = Tensor::from_slice(&draws)
@@ -542,12 +560,10 @@ pub fn drop_path_rows(
         return x.shallow_clone();
     }
     let keep = 1.0 - p;
-    let draws: Vec<f32> = {
-        let mut r = rng.lock().unwrap_or_else(|e| e.into_inner());
-        (0..b)
-            .map(|_| (keep + r.gen::<f64>()).floor() as f32)
-            .collect()
-    };
+    let draws: Vec<f32> = drop_path_keep(b, p, rng)
+        .into_iter()
+        .map(|k| if k { 1.0 } else { 0.0 })
+        .collect();
     let mut shape = vec![-1];
     shape.extend(std::iter::repeat(1).take(x.dim() - 1));
     let mask = Tensor::from_slice(&draws)
@@ -556,4 +572,45 @@ pub fn drop_path_rows(
         .view(shape.as_slice())
         .to_kind(x.kind());
     x.g_div_scalar(keep) * mask
+}
+
+/// `x + drop_path(branch(x))` for a per-sample residual branch, computing the branch only for
+/// the samples that stochastic depth keeps.
+///
+/// The official code (and [`drop_path`]) runs the branch on the whole batch and multiplies the
+/// dropped samples by 0. The draws here are the same ([`drop_path_keep`], same generator, same
+/// count and order), and since a ViT branch (norm → attention or norm → MLP) treats each sample
+/// independently, the result and every gradient are the same up to float summation order
+/// (`tests/layers.rs`):
+/// * not training or `p == 0`: `x + branch(x)`, no draws;
+/// * every sample kept: `x + branch(x)·(1/(1-p))` in one `addcmul` (no gather);
+/// * some dropped: the kept samples are gathered (`index_select`), the branch runs on them and
+///   `branch/(1-p)` is added back to their rows (`index_add`); the dropped rows are `x`;
+/// * none kept: the same with an empty batch, so the branch costs nothing but its parameters
+///   still receive (zero) gradients, as in the official code: an undefined gradient would make
+///   the optimizer skip the parameter (no weight decay) and desynchronise a distributed step.
+///
+/// `branch` must treat samples (dimension 0) independently.
+pub fn residual_drop_path(
+    x: &Tensor,
+    p: f64,
+    train: bool,
+    rng: &Mutex<ChaCha8Rng>,
+    branch: impl FnOnce(&Tensor) -> Tensor,
+) -> Tensor {
+    if p == 0.0 || !train {
+        return x + branch(x);
+    }
+    let b = x.size()[0];
+    let keep = drop_path_keep(b, p, rng);
+    let scale = Tensor::from(1.0 / (1.0 - p))
+        .to_kind(x.kind())
+        .to_device(x.device());
+    if keep.iter().all(|&k| k) {
+        return x.addcmul(&branch(x), &scale);
+    }
+    let kept: Vec<i64> = (0..b).filter(|&i| keep[i as usize]).collect();
+    let idx = Tensor::from_slice(&kept).to_device(x.device());
+    let y = branch(&x.index_select(0, &idx));
+    x.index_add(0, &idx, &(y * scale).to_kind(x.kind()))
 }

@@ -13,7 +13,9 @@ use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
 use super::init::{trunc_normal, zeros};
-use super::layers::{drop_path, drop_path_rows, Attention, LayerNorm, Mlp, PatchEmbed, LN_EPS};
+use super::layers::{
+    drop_path, drop_path_rows, residual_drop_path, Attention, LayerNorm, Mlp, PatchEmbed, LN_EPS,
+};
 use crate::params::ParamStore;
 
 /// Shape of a ViT. The presets follow the official `vit_tiny/small/base/large`.
@@ -120,24 +122,46 @@ pub struct Block {
 }
 
 impl Block {
+    /// `x + drop_path(attn(norm1(x)))`, then `x + drop_path(mlp(norm2(x)))`, each residual
+    /// branch computed only for the samples stochastic depth keeps ([`residual_drop_path`]:
+    /// the same draws and the same function as the official masking, [`Block::forward_masked`]).
+    /// With fine-tuning's dropout (`drop`, `attn_drop`) the branches run their dropouts on the
+    /// kept samples.
     pub fn forward(&self, x: &Tensor, train: bool, rng: &Mutex<ChaCha8Rng>) -> Tensor {
+        let x = residual_drop_path(x, self.drop_path, train, rng, |x| {
+            self.attn_branch(x, train)
+        });
+        residual_drop_path(&x, self.drop_path, train, rng, |x| {
+            self.mlp_branch(x, train)
+        })
+    }
+
+    /// `attn(norm1(x))`, with the attention dropouts when training with them.
+    pub fn attn_branch(&self, x: &Tensor, train: bool) -> Tensor {
+        let h = self.norm1.forward(x);
         if train && (self.drop > 0.0 || self.attn_drop > 0.0) {
-            let a = self
-                .attn
-                .forward_drop(&self.norm1.forward(x), self.attn_drop, self.drop, true);
-            let x = x + drop_path(&a, self.drop_path, train, rng);
-            let y = self
-                .mlp
-                .forward_drop(&self.norm2.forward(&x), self.drop, true);
-            return &x + drop_path(&y, self.drop_path, train, rng);
+            self.attn.forward_drop(&h, self.attn_drop, self.drop, true)
+        } else {
+            self.attn.forward(&h)
         }
-        let x = x + drop_path(
-            &self.attn.forward(&self.norm1.forward(x)),
-            self.drop_path,
-            train,
-            rng,
-        );
-        let y = self.mlp.forward(&self.norm2.forward(&x));
+    }
+
+    /// `mlp(norm2(x))`, with the MLP dropout when training with it.
+    pub fn mlp_branch(&self, x: &Tensor, train: bool) -> Tensor {
+        let h = self.norm2.forward(x);
+        if train && self.drop > 0.0 {
+            self.mlp.forward_drop(&h, self.drop, true)
+        } else {
+            self.mlp.forward(&h)
+        }
+    }
+
+    /// The block as the official code computes it: both branches on every sample, multiplied
+    /// by the drop-path mask ([`drop_path`]). Same draws as [`Block::forward`]; kept as the
+    /// reference the skipping path is tested against.
+    pub fn forward_masked(&self, x: &Tensor, train: bool, rng: &Mutex<ChaCha8Rng>) -> Tensor {
+        let x = x + drop_path(&self.attn_branch(x, train), self.drop_path, train, rng);
+        let y = self.mlp_branch(&x, train);
         &x + drop_path(&y, self.drop_path, train, rng)
     }
 }
