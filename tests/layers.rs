@@ -143,7 +143,10 @@ fn the_fused_attention_equals_the_explicit_one_forward_and_backward() {
     // `forward` picks by length: the explicit product below FUSED_ATTENTION_MIN_TOKENS, the
     // fused kernel from there on (bit for bit the same calls).
     assert!(attn.forward(&x).equal(&attn.forward_explicit(&x)));
-    let long = Tensor::randn([1, ibot::models::layers::FUSED_ATTENTION_MIN_TOKENS, 48], CPU);
+    let long = Tensor::randn(
+        [1, ibot::models::layers::FUSED_ATTENTION_MIN_TOKENS, 48],
+        CPU,
+    );
     assert!(attn.forward(&long).equal(&attn.forward_fused(&long)));
     // The attention map still comes from the explicit product: rows sum to one.
     let map = attn.attention_map(&x);
