@@ -96,10 +96,29 @@ fn ptrs(ts: &[Tensor]) -> Vec<*mut std::ffi::c_void> {
 /// `x · wᵀ + b` over the last dimension of `x` with oneDNN's float32 inner product (CPU, float32
 /// tensors); differentiable in `x`, `w` and `b`.
 pub fn onednn_linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    linear_shim(ffi::ibot_onednn_linear, x, w, b, "oneDNN linear")
+}
+
+/// The signature of the shim's linear entry points.
+type LinearShim = unsafe extern "C" fn(
+    *mut std::ffi::c_void,
+    *mut std::ffi::c_void,
+    *mut std::ffi::c_void,
+    *mut *mut c_char,
+) -> *mut std::ffi::c_void;
+
+/// Calls a linear entry point of the shim on `x`, `w` and the optional `b`.
+fn linear_shim(
+    f: LinearShim,
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    what: &str,
+) -> Result<Tensor> {
     let mut err = std::ptr::null_mut();
     // SAFETY: the pointers are live tch tensors; the shim returns a new at::Tensor* or null.
     let out = unsafe {
-        ffi::ibot_onednn_linear(
+        f(
             x.as_ptr() as *mut _,
             w.as_ptr() as *mut _,
             b.map_or(std::ptr::null_mut(), |b| b.as_ptr() as *mut _),
@@ -107,7 +126,7 @@ pub fn onednn_linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tenso
         )
     };
     if out.is_null() {
-        return Err(take_error(err, "oneDNN linear"));
+        return Err(take_error(err, what));
     }
     // SAFETY: `out` is a heap at::Tensor that tch takes ownership of.
     Ok(unsafe { Tensor::from_ptr(out as *mut _) })
@@ -118,21 +137,7 @@ pub fn onednn_linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tenso
 /// (it has no backward; an error otherwise). [`crate::models::layers::Linear::forward_gelu`]
 /// decides when it pays.
 pub fn linear_gelu(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
-    let mut err = std::ptr::null_mut();
-    // SAFETY: the pointers are live tch tensors; the shim returns a new at::Tensor* or null.
-    let out = unsafe {
-        ffi::ibot_linear_gelu(
-            x.as_ptr() as *mut _,
-            w.as_ptr() as *mut _,
-            b.map_or(std::ptr::null_mut(), |b| b.as_ptr() as *mut _),
-            &mut err,
-        )
-    };
-    if out.is_null() {
-        return Err(take_error(err, "fused linear + GELU"));
-    }
-    // SAFETY: `out` is a heap at::Tensor that tch takes ownership of.
-    Ok(unsafe { Tensor::from_ptr(out as *mut _) })
+    linear_shim(ffi::ibot_linear_gelu, x, w, b, "fused linear + GELU")
 }
 
 /// Whether autograd records operations in this thread (libtorch's grad mode).

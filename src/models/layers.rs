@@ -353,10 +353,10 @@ impl Attention {
     /// products cost more than the three batched ones (see the constant).
     pub fn forward(&self, x: &Tensor) -> Tensor {
         let n = x.size().get(1).copied().unwrap_or(0);
-        if x.device() == Device::Cpu && n < FUSED_ATTENTION_MIN_TOKENS {
-            self.forward_explicit(x)
-        } else {
+        if fused_attention_pays(x.device(), n) {
             self.forward_fused(x)
+        } else {
+            self.forward_explicit(x)
         }
     }
 
@@ -365,16 +365,7 @@ impl Attention {
     pub fn forward_fused(&self, x: &Tensor) -> Tensor {
         let (b, n, c) = x.size3().expect("attention input must be [B, N, C]");
         let (q, k, v) = self.qkv(x);
-        let out = Tensor::scaled_dot_product_attention(
-            &q,
-            &k,
-            &v,
-            None::<Tensor>,
-            0.0,
-            false,
-            Some(self.scale),
-            false,
-        );
+        let out = attend(&q, &k, &v, self.scale, true);
         self.proj.forward(&out.transpose(1, 2).reshape([b, n, c]))
     }
 
@@ -427,22 +418,13 @@ impl Attention {
         let kv = kv.reshape([b, t, 2, h, hd]).permute([2, 0, 3, 1, 4]);
         let (k, v) = (kv.get(0), kv.get(1));
         // The kernel choice of `forward`: explicit product on short sequences on the CPU.
-        let out = if x.device() == Device::Cpu && t < FUSED_ATTENTION_MIN_TOKENS {
-            (q_t.matmul(&k.transpose(-2, -1)) * self.scale)
-                .softmax(-1, Kind::Float)
-                .matmul(&v)
-        } else {
-            Tensor::scaled_dot_product_attention(
-                &q_t,
-                &k,
-                &v,
-                None::<Tensor>,
-                0.0,
-                false,
-                Some(self.scale),
-                false,
-            )
-        };
+        let out = attend(
+            &q_t,
+            &k,
+            &v,
+            self.scale,
+            fused_attention_pays(x.device(), t),
+        );
         out.transpose(1, 2).reshape([b * q, c])
     }
 
@@ -451,10 +433,38 @@ impl Attention {
     pub fn forward_explicit(&self, x: &Tensor) -> Tensor {
         let (b, n, c) = x.size3().expect("attention input must be [B, N, C]");
         let (q, k, v) = self.qkv(x);
-        let attn = (q.matmul(&k.transpose(-2, -1)) * self.scale).softmax(-1, Kind::Float);
-        let out = attn.matmul(&v).transpose(1, 2).reshape([b, n, c]);
+        let out = attend(&q, &k, &v, self.scale, false)
+            .transpose(1, 2)
+            .reshape([b, n, c]);
         self.proj.forward(&out)
     }
+}
+
+/// `softmax(q·kᵀ·scale)·v` over `[B, heads, N, head_dim]`: libtorch's fused
+/// `scaled_dot_product_attention` when `fused`, else the official explicit product.
+fn attend(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, fused: bool) -> Tensor {
+    if fused {
+        Tensor::scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            None::<Tensor>,
+            0.0,
+            false,
+            Some(scale),
+            false,
+        )
+    } else {
+        (q.matmul(&k.transpose(-2, -1)) * scale)
+            .softmax(-1, Kind::Float)
+            .matmul(v)
+    }
+}
+
+/// Whether the fused kernel is the faster one for `tokens` keys on `device` (see
+/// [`FUSED_ATTENTION_MIN_TOKENS`]; always on GPUs).
+fn fused_attention_pays(device: Device, tokens: i64) -> bool {
+    device != Device::Cpu || tokens >= FUSED_ATTENTION_MIN_TOKENS
 }
 
 /// Sequences of at least this many tokens use the fused (flash) attention on the CPU, shorter

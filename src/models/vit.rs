@@ -539,14 +539,7 @@ impl VisionTransformer {
             let d = t.size()[2];
             return Ok(t.reshape([-1, d]).index_select(0, &rows.token_rows));
         }
-        let mut t = self.prepare_tokens(x, mask)?;
-        let (last, rest) = self
-            .blocks
-            .split_last()
-            .expect("a ViT has at least one block");
-        for blk in rest {
-            t = blk.forward(&t, train, &self.drop_rng);
-        }
+        let (t, last) = self.all_but_last_block(self.prepare_tokens(x, mask)?, train);
         Ok(self
             .norm
             .forward(&last.forward_rows(&t, &rows, train, &self.drop_rng)))
@@ -564,15 +557,20 @@ impl VisionTransformer {
 
     /// Self-attention of the last block, `[B, heads, 1 + N, 1 + N]` (no mask, eval mode).
     pub fn get_last_selfattention(&self, x: &Tensor) -> Result<Tensor> {
-        let mut t = self.prepare_tokens(x, None)?;
+        let (t, last) = self.all_but_last_block(self.prepare_tokens(x, None)?, false);
+        Ok(last.attn.attention_map(&last.norm1.forward(&t)))
+    }
+
+    /// Runs every block but the last on the tokens `t`; returns their output and the last block.
+    fn all_but_last_block(&self, mut t: Tensor, train: bool) -> (Tensor, &Block) {
         let (last, rest) = self
             .blocks
             .split_last()
             .expect("a ViT has at least one block");
         for blk in rest {
-            t = blk.forward(&t, false, &self.drop_rng);
+            t = blk.forward(&t, train, &self.drop_rng);
         }
-        Ok(last.attn.attention_map(&last.norm1.forward(&t)))
+        (t, last)
     }
 
     /// Normed outputs of the last `n` blocks (the official `get_intermediate_layers`).
