@@ -376,16 +376,21 @@ impl Attention {
     pub fn forward_drop(&self, x: &Tensor, attn_drop: f64, proj_drop: f64, train: bool) -> Tensor {
         let (b, n, c) = x.size3().expect("attention input must be [B, N, C]");
         let (q, k, v) = self.qkv(x);
-        let out = Tensor::scaled_dot_product_attention(
-            &q,
-            &k,
-            &v,
-            None::<Tensor>,
-            if train { attn_drop } else { 0.0 },
-            false,
-            Some(self.scale),
-            false,
-        );
+        let out = if train && attn_drop > 0.0 {
+            Tensor::scaled_dot_product_attention(
+                &q,
+                &k,
+                &v,
+                None::<Tensor>,
+                attn_drop,
+                false,
+                Some(self.scale),
+                false,
+            )
+        } else {
+            // No attention dropout: the kernel `forward` picks.
+            attend(&q, &k, &v, self.scale, fused_attention_pays(x.device(), n))
+        };
         self.proj
             .forward(&out.transpose(1, 2).reshape([b, n, c]))
             .dropout(proj_drop, train)
