@@ -380,41 +380,7 @@ fn swin_one_step_equals_pytorch() {
         let mut t = Trainer::new(model, &fc, Device::Cpu).unwrap();
         t.keep_grads = true;
         let s = t.micro_step(&xm, &target, lr, wd).unwrap();
-        let rel = |a: f64, b: f64| (a - b).abs() / b.abs().max(1e-12);
-        let want_loss = r["loss"].double_value(&[]);
-        assert!(
-            rel(s.loss, want_loss) < 1e-5,
-            "{name}: loss {} vs {want_loss}",
-            s.loss
-        );
-        let want_norm = r["grad_norm"].double_value(&[]);
-        assert!(want_norm > clip, "the test must clip (norm {want_norm})");
-        let got_norm = s.grad_norm.unwrap();
-        assert!(
-            rel(got_norm, want_norm) < 1e-5,
-            "{name}: grad norm {got_norm} vs {want_norm}"
-        );
-        let mut n = 0;
-        for (p, g) in t.model.ps.params().iter().zip(&t.last_grads) {
-            let g = g.as_ref().unwrap();
-            let gw = &r[&format!("g.{}", p.name)];
-            let scale = ibot::util::max_abs(gw).max(1e-12);
-            common::assert_close(
-                &format!("{name}: clipped gradient of {}", p.name),
-                &(g / scale),
-                &(gw / scale),
-                1e-5,
-            );
-            let want = &r[&format!("p.{}", p.name)];
-            let (mut got, mut want) = (p.tensor.detach(), want.shallow_clone());
-            if p.name.ends_with("attn.qkv.bias") {
-                let d = got.size()[0] / 3;
-                got = Tensor::cat(&[got.narrow(0, 0, d), got.narrow(0, 2 * d, d)], 0);
-                want = Tensor::cat(&[want.narrow(0, 0, d), want.narrow(0, 2 * d, d)], 0);
-            }
-            common::assert_close(&format!("{name}: {}", p.name), &got, &want, 1e-5);
-            n += 1;
-        }
+        let n = common::assert_finetune_step_matches(&format!("{name}: "), &s, &t, &r, clip);
         assert_eq!(n, r.keys().filter(|k| k.starts_with("p.")).count());
     }
 }

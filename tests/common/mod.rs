@@ -420,3 +420,56 @@ pub fn save_vit_backbone(
     ibot::params::write_safetensors(path, &named, Some(md)).unwrap();
     backbone.into_iter().collect()
 }
+
+/// Asserts that one fine-tuning micro-step (`s`, from `t.micro_step` with `t.keep_grads`)
+/// equals the PyTorch reference `r` (keys `loss`, `grad_norm`, `g.<param>` clipped gradients and
+/// `p.<param>` parameters after the step): loss and gradient norm to 1e-5 relative, the
+/// reference must clip at `clip`, every clipped gradient to 1e-5 of its scale and every
+/// parameter to 1e-5 (the attention key bias excepted: its gradient is zero in exact arithmetic,
+/// so AdamW turns float noise into steps of a full lr). `what` prefixes the messages. Returns
+/// how many parameters were compared.
+pub fn assert_finetune_step_matches(
+    what: &str,
+    s: &ibot::finetune::run::StepOut,
+    t: &ibot::finetune::run::Trainer,
+    r: &std::collections::HashMap<String, tch::Tensor>,
+    clip: f64,
+) -> usize {
+    let rel = |a: f64, b: f64| (a - b).abs() / b.abs().max(1e-12);
+    let want_loss = r["loss"].double_value(&[]);
+    assert!(
+        rel(s.loss, want_loss) < 1e-5,
+        "{what}loss {} vs {want_loss}",
+        s.loss
+    );
+    let want_norm = r["grad_norm"].double_value(&[]);
+    assert!(want_norm > clip, "the test must clip (norm {want_norm})");
+    let got_norm = s.grad_norm.unwrap();
+    assert!(
+        rel(got_norm, want_norm) < 1e-5,
+        "{what}grad norm {got_norm} vs {want_norm}"
+    );
+    let mut n = 0;
+    for (p, g) in t.model.ps.params().iter().zip(&t.last_grads) {
+        let g = g.as_ref().unwrap();
+        let gw = &r[&format!("g.{}", p.name)];
+        let scale = ibot::util::max_abs(gw).max(1e-12);
+        assert_close(
+            &format!("{what}clipped gradient of {}", p.name),
+            &(g / scale),
+            &(gw / scale),
+            1e-5,
+        );
+        let want = &r[&format!("p.{}", p.name)];
+        let (mut got, mut want) = (p.tensor.detach(), want.shallow_clone());
+        if p.name.ends_with("attn.qkv.bias") {
+            // q and v biases only.
+            let d = got.size()[0] / 3;
+            got = tch::Tensor::cat(&[got.narrow(0, 0, d), got.narrow(0, 2 * d, d)], 0);
+            want = tch::Tensor::cat(&[want.narrow(0, 0, d), want.narrow(0, 2 * d, d)], 0);
+        }
+        assert_close(&format!("{what}{}", p.name), &got, &want, 1e-5);
+        n += 1;
+    }
+    n
+}
