@@ -15,8 +15,7 @@ use ibot::finetune::model::resize_pos_embed;
 use ibot::finetune::run::build_model;
 use ibot::finetune::FinetuneConfig;
 use ibot::models::swin::{relative_position_index, resize_rel_pos_bias_table};
-use ibot::models::{SwinConfig, SwinTransformer, VitConfig};
-use ibot::params::ParamStore;
+use ibot::models::{SwinConfig, VitConfig};
 use tch::{Device, Kind, Tensor};
 
 #[derive(Parser)]
@@ -134,7 +133,6 @@ fn resize_functions_match_timm_and_the_official_formulas() {
 /// A tiny pre-trained Swin (2-px patches on 16 px, window 4: stage windows 4 and 4) saved with
 /// its configuration, as `extract-backbone` writes it.
 fn tiny_swin(path: &Path) -> HashMap<String, Tensor> {
-    tch::manual_seed(5);
     let cfg = SwinConfig {
         img_size: 16,
         patch_size: 2,
@@ -148,19 +146,7 @@ fn tiny_swin(path: &Path) -> HashMap<String, Tensor> {
         drop_path_rate: 0.0,
         masked_im_modeling: false,
     };
-    let mut ps = ParamStore::new();
-    let _m = SwinTransformer::new(&mut ps, "", &cfg, false, Device::Cpu).unwrap();
-    let named: Vec<(String, Tensor)> = ps
-        .state_dict()
-        .map(|(k, t)| (k.to_string(), t.copy()))
-        .collect();
-    let mut md = HashMap::new();
-    md.insert(
-        ibot::interop::SWIN_CONFIG_KEY.to_string(),
-        serde_json::to_string(&cfg).unwrap(),
-    );
-    ibot::params::write_safetensors(path, &named, Some(md)).unwrap();
-    named.into_iter().collect()
+    common::save_swin_backbone(path, &cfg, 5)
 }
 
 /// `ibot finetune` builds the Swin for `--input_size` / `--window_size` and loads every

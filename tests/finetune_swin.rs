@@ -11,8 +11,7 @@ use clap::Parser;
 use ibot::finetune::model::{Classifier, ClassifierConfig};
 use ibot::finetune::run::Trainer;
 use ibot::finetune::FinetuneConfig;
-use ibot::models::{SwinConfig, SwinTransformer};
-use ibot::params::ParamStore;
+use ibot::models::SwinConfig;
 use tch::Device;
 
 #[derive(Parser)]
@@ -133,20 +132,8 @@ fn swin_layer_decay_groups_match_the_official_get_parameter_groups() {
 
 /// A tiny pre-trained Swin saved with its configuration (as `extract-backbone` writes it).
 fn tiny_swin(path: &Path) -> SwinConfig {
-    tch::manual_seed(5);
     let cfg = swin(&[2, 2], &[1, 2], 2, 16, 4);
-    let mut ps = ParamStore::new();
-    let _m = SwinTransformer::new(&mut ps, "", &cfg, false, Device::Cpu).unwrap();
-    let named: Vec<(String, tch::Tensor)> = ps
-        .state_dict()
-        .map(|(k, t)| (k.to_string(), t.shallow_clone()))
-        .collect();
-    let mut md = HashMap::new();
-    md.insert(
-        ibot::interop::SWIN_CONFIG_KEY.to_string(),
-        serde_json::to_string(&cfg).unwrap(),
-    );
-    ibot::params::write_safetensors(path, &named, Some(md)).unwrap();
+    common::save_swin_backbone(path, &cfg, 5);
     cfg
 }
 

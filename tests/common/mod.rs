@@ -473,3 +473,27 @@ pub fn assert_finetune_step_matches(
     }
     n
 }
+
+/// A Swin initialised from libtorch's generator seeded with `seed`, saved to `path` with its
+/// configuration as `extract-backbone` writes it; returns its tensors. Callers whose tests draw
+/// from the generator on parallel threads hold their own lock around it.
+pub fn save_swin_backbone(
+    path: &std::path::Path,
+    cfg: &ibot::models::SwinConfig,
+    seed: i64,
+) -> std::collections::HashMap<String, tch::Tensor> {
+    tch::manual_seed(seed);
+    let mut ps = ibot::params::ParamStore::new();
+    let _m = ibot::models::SwinTransformer::new(&mut ps, "", cfg, false, tch::Device::Cpu).unwrap();
+    let named: Vec<(String, tch::Tensor)> = ps
+        .state_dict()
+        .map(|(k, t)| (k.to_string(), t.copy()))
+        .collect();
+    let mut md = std::collections::HashMap::new();
+    md.insert(
+        ibot::interop::SWIN_CONFIG_KEY.to_string(),
+        serde_json::to_string(cfg).unwrap(),
+    );
+    ibot::params::write_safetensors(path, &named, Some(md)).unwrap();
+    named.into_iter().collect()
+}
