@@ -68,18 +68,7 @@ fn swin_layer_decay_groups_match_the_official_get_parameter_groups() {
         .map(|i| sc.window_and_shift(i, 0).0)
         .collect();
     let (ld, wd, ncls) = (0.75, 0.05, 7);
-    let m = Classifier::new(
-        &ClassifierConfig {
-            backbone: sc.clone().into(),
-            nb_classes: ncls,
-            use_mean_pooling: false,
-            finetune_head_layer: 0,
-            head_hidden_dim: 0,
-            init_scale: 0.001,
-        },
-        Device::Cpu,
-    )
-    .unwrap();
+    let m = swin_classifier(&sc, ncls);
     let fc = config(&[
         "--data_path",
         "unused",
@@ -128,6 +117,23 @@ fn swin_layer_decay_groups_match_the_official_get_parameter_groups() {
         (0.01..0.03).contains(&std),
         "head std {std} (init_scale must not apply)"
     );
+}
+
+/// The fine-tuning classifier of a Swin backbone `sc` with `ncls` classes (the official Swin
+/// head; `init_scale` does not apply to it).
+fn swin_classifier(sc: &SwinConfig, ncls: i64) -> Classifier {
+    Classifier::new(
+        &ClassifierConfig {
+            backbone: sc.clone().into(),
+            nb_classes: ncls,
+            use_mean_pooling: false,
+            finetune_head_layer: 0,
+            head_hidden_dim: 0,
+            init_scale: 0.001,
+        },
+        Device::Cpu,
+    )
+    .unwrap()
 }
 
 /// A tiny pre-trained Swin saved with its configuration (as `extract-backbone` writes it).
@@ -283,18 +289,7 @@ fn swin_one_step_equals_pytorch() {
     ];
     for (name, lam, cutmix, bbox) in cases {
         tch::manual_seed(11);
-        let model = Classifier::new(
-            &ClassifierConfig {
-                backbone: sc.clone().into(),
-                nb_classes: ncls,
-                use_mean_pooling: false,
-                finetune_head_layer: 0,
-                head_hidden_dim: 0,
-                init_scale: 0.001,
-            },
-            Device::Cpu,
-        )
-        .unwrap();
+        let model = swin_classifier(&sc, ncls);
         tch::no_grad(|| {
             for p in model.ps.params() {
                 // Bias tables of trained size (O(1)), so that their weight decay and every
