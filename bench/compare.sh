@@ -16,6 +16,9 @@
 #                                    # 2x224 + 2x96 crops, out_dim 8192, float32
 #   bash bench/compare.sh recipe-step  # the official ViT-S/16 recipe's step: batch 4, 2x224 + 10x96,
 #                                      # out_dim 8192, float32; wall and CPU time, peak RSS
+#   bash bench/compare.sh gemm-account  # recipe-step's shapes with MKL's and oneDNN's call logs:
+#                                    # what the matrix products cost per step on each side, at what
+#                                    # GFLOPS, and the time left outside them (bench/mkl_account.py)
 #   bash bench/compare.sh scaling    # ms/iter of both vs batch (1 4 16 64) and local crops (0 2 6 10)
 #                                    # on the Fashion-MNIST recipe (ViT patch 4, width 192, depth 6,
 #                                    # 2x32 + Nx16 crops, out_dim 8192)
@@ -195,6 +198,22 @@ recipe-step)
     mo=$(median "${o[@]}"); mr=$(median "${r[@]}"); co=$(median "${oc[@]}"); cr=$(median "${rc[@]}"); so=$(median "${om[@]}"); sr=$(median "${rm[@]}")
     echo "ViT-S/16 recipe step, medians of $rounds: wall ibot $mo vs PyTorch $mr ms/iter (ratio $(ratio "$mo" "$mr")); CPU ibot $co vs $cr ms/iter (ratio $(ratio "$co" "$cr")); peak RSS ibot $so vs $sr KB (ratio $(ratio "$so" "$sr"))"
     ;;
+gemm-account)
+    # recipe-step's shapes, one run of each side with MKL_VERBOSE=1 ONEDNN_VERBOSE=1 (every
+    # matrix product logged with its shape and duration) and one without (the step's CPU time),
+    # then bench/mkl_account.py: what the products cost per step on each side, at what speed, and
+    # what is left outside them. Run it with THREADS=1 (per-call times are one core's).
+    iters=${ITERS:-2}; warmup=${WARMUP:-1}; steps=$((iters + warmup))
+    flags=(--arch vit_small --batch 4 --local_crops_number 10 --out_dim 8192 --iters "$iters" --warmup "$warmup")
+    mkdir -p target/bench
+    co=$(target/release/ibot "${ours_threads[@]}" bench train "${flags[@]}" --patch_out_dim 8192 "${ours_prec[@]}" 2>&1 | cpu_rate)
+    MKL_VERBOSE=1 ONEDNN_VERBOSE=1 target/release/ibot "${ours_threads[@]}" bench train "${flags[@]}" --patch_out_dim 8192 "${ours_prec[@]}" > target/bench/gemm-ibot.log 2>&1
+    cr=$($ref_py bench/torch_step.py "${ref_threads[@]}" "${flags[@]}" 2>/dev/null | cpu_rate)
+    MKL_VERBOSE=1 ONEDNN_VERBOSE=1 $ref_py bench/torch_step.py "${ref_threads[@]}" "${flags[@]}" > target/bench/gemm-ref.log 2>&1
+    $py bench/mkl_account.py target/bench/gemm-ibot.log "$steps" --step_ms "$co" --label ibot
+    $py bench/mkl_account.py target/bench/gemm-ref.log "$steps" --step_ms "$cr" --label PyTorch
+    echo "CPU ms per step without logs: ibot $co, PyTorch $cr (ratio $(ratio "$co" "$cr")); logs in target/bench/gemm-{ibot,ref}.log"
+    ;;
 scaling)
     # The Fashion-MNIST recipe of issue 14 (ViT patch 4, width 192, depth 6, 3 heads, 32-px table,
     # 2x32 + Nx16 crops, out_dim 8192); one run of each side per point, alternating.
@@ -239,7 +258,7 @@ fmnist-epochs)
     echo "Fashion-MNIST recipe, $epochs epochs of $subset images (batch 64, 2x32 + 6x16, $workers workers, threads ${THREADS:-default}), whole process, medians of $rounds: CPU ibot $moc s vs official loop $mrc s (ratio $(ratio "$moc" "$mrc")); wall $mow s vs $mrw s (ratio $(ratio "$mow" "$mrw"))"
     ;;
 *)
-    echo "usage: bash bench/compare.sh data|step|step-bf16|finetune-step|finetune-swin-step|swin-step|recipe-step|scaling|fmnist-epochs|allreduce|dp-step" >&2
+    echo "usage: bash bench/compare.sh data|step|step-bf16|finetune-step|finetune-swin-step|swin-step|recipe-step|gemm-account|scaling|fmnist-epochs|allreduce|dp-step" >&2
     exit 2
     ;;
 esac
