@@ -108,6 +108,7 @@ pub fn process_cpu_seconds() -> f64 {
 /// excluded (views are random tensors made before the clock starts for each step); with it,
 /// each timed step includes getting its batch from the loader.
 pub fn step(b: &StepBenchConfig, device: Device, comm: &dyn Comm) -> Result<StepTiming> {
+    anyhow::ensure!(b.iters > 0, "--iters must be at least 1 (the timed steps)");
     let a = b.bench_config();
     tch::manual_seed(a.run.seed as i64);
     let cfg = crate::train::run::ibot_config(&a)?;
@@ -301,6 +302,10 @@ pub fn data(
 /// Compare with `bench/torch_allreduce.py` under torchrun: the same Gloo underneath.
 pub fn allreduce(comm: &dyn Comm, numel: i64, iters: usize, warmup: usize) -> Result<f64> {
     anyhow::ensure!(numel > 0, "--numel must be positive");
+    anyhow::ensure!(
+        iters > 0,
+        "--iters must be at least 1 (the timed repetitions)"
+    );
     let mut t = Tensor::f_ones([numel], (Kind::Float, comm.device()))?;
     let mut times = Vec::with_capacity(iters);
     for i in 0..warmup + iters {

@@ -15,7 +15,9 @@ use ibot::train::amp::Precision;
 use ibot::train::optim::ScaledGroup;
 use tch::{Device, Kind, Tensor};
 
+/// `ibot finetune`'s options as the command line parses them (a repeated option: the last wins).
 #[derive(Parser)]
+#[command(args_override_self = true)]
 struct Cli {
     #[command(flatten)]
     args: ibot::cli::finetune::FinetuneArgs,
@@ -347,6 +349,10 @@ fn optimizers_equal_timm_create_optimizer() {
     assert!(e.to_string().contains("Nesterov"), "{e}");
     let e = try_config(&["--opt_betas", "0.9"]).unwrap_err();
     assert!(e.to_string().contains("two numbers"), "{e}");
+    // Repeated, an option of several values keeps the last occurrence's, as argparse does
+    // (appending gave 4 numbers and the error above).
+    let c = config(&["--opt_betas", "0.9", "0.99", "--opt_betas", "0.8", "0.9"]);
+    assert_eq!(c.opt.opt_betas, Some((0.8, 0.9)));
     let c = config(&["--opt", "momentum", "--momentum", "0"]);
     assert_eq!(c.opt.momentum, 0.0);
     let c = config(&[

@@ -190,19 +190,34 @@ fn presets_and_config_files_supply_options_and_the_command_line_wins() {
     .iter()
     .map(|s| s.to_string())
     .collect();
-    let argv = expand_config_args(argv).unwrap();
-    let a = common::train_config(argv.into_iter().skip(1));
+    let a = common::train_config(
+        expand_config_args(argv.clone())
+            .unwrap()
+            .into_iter()
+            .skip(1),
+    );
     assert_eq!(
         (a.model.arch.as_str(), a.schedule.epochs, a.head.shared_head),
         ("vit_base", 9, true)
     );
     assert_eq!(a.loss.pred_ratio, vec![0.0, 0.3]);
+    // Options of several values are replaced by the command line's, as argparse's nargs='+'
+    // does, not appended to (appending gave [0.0, 0.3, 0.1, 0.5]).
+    let mut over = argv;
+    over.extend(["--pred_ratio", "0.1", "0.5"].map(String::from));
+    let a = common::train_config(expand_config_args(over).unwrap().into_iter().skip(1));
+    assert_eq!(a.loss.pred_ratio, vec![0.1, 0.5]);
 
     let argv: Vec<String> = ["ibot", "train", "--preset", "vit_small_800ep"]
         .iter()
         .map(|s| s.to_string())
         .collect();
-    let a = common::train_config(expand_config_args(argv).unwrap().into_iter().skip(1));
+    let a = common::train_config(
+        expand_config_args(argv.clone())
+            .unwrap()
+            .into_iter()
+            .skip(1),
+    );
     assert_eq!(
         (
             a.schedule.epochs,
@@ -212,6 +227,24 @@ fn presets_and_config_files_supply_options_and_the_command_line_wins() {
         (800, 10, false)
     );
     assert_eq!(a.loss.pred_ratio_var, vec![0.0, 0.2]);
+    let mut over = argv;
+    over.extend(
+        [
+            "--global_crops_scale",
+            "0.25",
+            "1",
+            "--pred_ratio_var",
+            "0.1",
+            "--local_crops_scale",
+            "0.1",
+            "0.3",
+        ]
+        .map(String::from),
+    );
+    let a = common::train_config(expand_config_args(over).unwrap().into_iter().skip(1));
+    assert_eq!(a.data.global_crops_scale, vec![0.25, 1.0]);
+    assert_eq!(a.data.local_crops_scale, vec![0.1, 0.3]);
+    assert_eq!(a.loss.pred_ratio_var, vec![0.1]);
     // The Swin-T recipes parse and describe an official Swin-T (4-px patches, masks on 32-px
     // cells), with the command line still winning.
     for (preset, window) in [("swin_tiny_7_300ep", 7), ("swin_tiny_14_300ep", 14)] {

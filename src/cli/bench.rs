@@ -30,7 +30,7 @@ pub enum BenchCmd {
     /// Milliseconds per full training step (teacher + masked student + local views + loss +
     /// backward + clipping + AdamW + EMA): on random tensors (data loading excluded, comparable
     /// with bench/torch_step.py), or fed by the loader with --data_path.
-    #[command(rename_all = "snake_case", alias = "step")]
+    #[command(rename_all = "snake_case", alias = "step", args_override_self = true)]
     Train(StepBench),
     /// Milliseconds and bandwidth of one all-reduce of a flat float32 gradient over the ranks
     /// of a data-parallel launch: `ibot launch --nproc_per_node 2 bench allreduce`. Compare with

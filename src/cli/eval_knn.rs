@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use clap::Args;
+use clap::{ArgAction, Args};
 
 use super::{DistArgs, WeightsArgs};
 use crate::eval::knn::KnnConfig;
@@ -26,7 +26,7 @@ pub struct KnnArgs {
     pub val_path: Option<PathBuf>,
     /// Numbers of nearest neighbours k, each at least 1; a k above the number of training
     /// (memory) images is lowered to that number, with a note.
-    #[arg(long, num_args = 1.., default_values_t = vec![10, 20, 100, 200])]
+    #[arg(long, action = ArgAction::Set, num_args = 1.., default_values_t = vec![10, 20, 100, 200])]
     pub nb_knn: Vec<i64>,
     #[arg(long, default_value_t = 0.07)]
     pub temperature: f64,

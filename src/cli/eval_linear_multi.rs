@@ -28,7 +28,7 @@ pub struct EvalLinearMultiArgs {
     pub val_path: Option<PathBuf>,
     /// Learning rates for a batch of 256 (scaled by batch/256), one classifier each. Default:
     /// the official 45, 1e-4 x (1..9), 1e-3 x (1..9), ..., 1 x (1..9).
-    #[arg(long, num_args = 1..)]
+    #[arg(long, action = clap::ArgAction::Set, num_args = 1..)]
     pub lrs: Option<Vec<f64>>,
     /// true (official default): weight decay 0 and SGD only; false: every learning rate also
     /// with weight decay 1e-6 and with the LARS optimiser (4 classifiers per learning rate).

@@ -27,7 +27,7 @@ pub struct EvalLogregArgs {
     pub val_path: Option<PathBuf>,
     /// Regularisation strengths λ of the objective 1/n Σ loss + λ/2 ‖W‖² (cyanure's `lambd`);
     /// one fit per value. The official script notes that 0.1 usually works best.
-    #[arg(long, num_args = 1.., default_values_t = vec![0.01, 0.1, 1.0])]
+    #[arg(long, action = clap::ArgAction::Set, num_args = 1.., default_values_t = vec![0.01, 0.1, 1.0])]
     pub lr_lambd: Vec<f64>,
     /// Concatenate the [CLS] tokens of the last n blocks (official default 1).
     #[arg(long, default_value_t = 1)]

@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, ensure, Result};
-use clap::Args;
+use clap::{ArgAction, Args};
 
 use super::DistArgs;
 
@@ -117,7 +117,7 @@ pub struct FinetuneArgs {
     #[arg(long, alias = "opt-eps", default_value_t = 1e-8)]
     pub opt_eps: f64,
     /// Adam/AdamW betas, two numbers (default PyTorch's 0.9 0.999).
-    #[arg(long, alias = "opt-betas", num_args = 1..)]
+    #[arg(long, alias = "opt-betas", action = ArgAction::Set, num_args = 1..)]
     pub opt_betas: Option<Vec<f64>>,
     /// SGD momentum (--opt sgd / momentum).
     #[arg(long, default_value_t = 0.9)]
@@ -181,7 +181,7 @@ pub struct FinetuneArgs {
     pub cutmix: Option<f64>,
     /// CutMix box side bounds as fractions of the image side, two numbers (timm's
     /// rand_bbox_minmax): turns CutMix on with alpha 1 and boxes drawn uniformly in them.
-    #[arg(long, alias = "cutmix-minmax", num_args = 1..)]
+    #[arg(long, alias = "cutmix-minmax", action = ArgAction::Set, num_args = 1..)]
     pub cutmix_minmax: Option<Vec<f64>>,
     /// Probability of mixing a batch at all.
     #[arg(long, alias = "mixup-prob", default_value_t = 1.0)]

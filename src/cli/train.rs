@@ -67,10 +67,10 @@ pub struct TrainArgs {
     #[arg(long, allow_hyphen_values = true, help_heading = "Model")]
     pub num_heads: Option<i64>,
     /// Swin: override the number of blocks of each stage (e.g. `--depths 2 2 6 2`).
-    #[arg(long, num_args = 1.., help_heading = "Model")]
+    #[arg(long, action = ArgAction::Set, num_args = 1.., help_heading = "Model")]
     pub depths: Option<Vec<i64>>,
     /// Swin: override the number of attention heads of each stage (e.g. `--stage_heads 3 6 12 24`).
-    #[arg(long, num_args = 1.., help_heading = "Model")]
+    #[arg(long, action = ArgAction::Set, num_args = 1.., help_heading = "Model")]
     pub stage_heads: Option<Vec<i64>>,
     /// Stochastic-depth rate of the student's last block (the teacher uses none). Swin: as in
     /// main_ibot.py the architecture's own rate is used (swin_tiny 0.1, the others 0.2).
@@ -144,10 +144,10 @@ pub struct TrainArgs {
     #[arg(long, default_value = "true", value_parser = parse_bool, action = ArgAction::Set, num_args = 0..=1, default_missing_value = "true", help_heading = "Objective")]
     pub use_masked_im_modeling: bool,
     /// Fraction of patches to mask; several values: one is drawn per image.
-    #[arg(long, allow_negative_numbers = true, num_args = 1.., default_values_t = vec![0.3], help_heading = "Objective")]
+    #[arg(long, action = ArgAction::Set, allow_negative_numbers = true, num_args = 1.., default_values_t = vec![0.3], help_heading = "Objective")]
     pub pred_ratio: Vec<f64>,
     /// Half-width of the uniform jitter of each masking ratio (0: none); one value or one per ratio.
-    #[arg(long, allow_negative_numbers = true, num_args = 1.., default_values_t = vec![0.0], help_heading = "Objective")]
+    #[arg(long, action = ArgAction::Set, allow_negative_numbers = true, num_args = 1.., default_values_t = vec![0.0], help_heading = "Objective")]
     pub pred_ratio_var: Vec<f64>,
     /// Mask shape: block (BEiT-style rectangles) or rand (independent patches).
     #[arg(long, value_enum, default_value = "block", help_heading = "Objective")]
@@ -327,7 +327,7 @@ pub struct TrainArgs {
     )]
     pub global_crops_number: usize,
     /// Area range of the global crops relative to the image.
-    #[arg(long, allow_negative_numbers = true, num_args = 2, default_values_t = vec![0.14, 1.0], help_heading = "Multi-crop")]
+    #[arg(long, action = ArgAction::Set, allow_negative_numbers = true, num_args = 2, default_values_t = vec![0.14, 1.0], help_heading = "Multi-crop")]
     pub global_crops_scale: Vec<f64>,
     /// Number of small local views (0 disables multi-crop; the paper uses 10).
     #[arg(
@@ -338,7 +338,7 @@ pub struct TrainArgs {
     )]
     pub local_crops_number: usize,
     /// Area range of the local crops.
-    #[arg(long, allow_negative_numbers = true, num_args = 2, default_values_t = vec![0.05, 0.4], help_heading = "Multi-crop")]
+    #[arg(long, action = ArgAction::Set, allow_negative_numbers = true, num_args = 2, default_values_t = vec![0.05, 0.4], help_heading = "Multi-crop")]
     pub local_crops_scale: Vec<f64>,
     /// Side of the global crops in pixels.
     #[arg(

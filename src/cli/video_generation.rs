@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use anyhow::Result;
-use clap::Args;
+use clap::{ArgAction, Args};
 
 use super::model_args::{vit, ModelArgs};
 use crate::analysis::video::{self, VideoConfig};
@@ -35,7 +35,7 @@ pub struct VideoArgs {
     #[arg(long, default_value_t = 0.6)]
     pub threshold: f64,
     /// Resize the frames: the shorter side to N (one number) or to HEIGHT WIDTH (two).
-    #[arg(long, num_args = 1..=2)]
+    #[arg(long, action = ArgAction::Set, num_args = 1..=2)]
     pub resize: Option<Vec<usize>>,
     /// Only turn the attention frames of --input_path into the animation.
     #[arg(long)]

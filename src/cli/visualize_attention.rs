@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use clap::Args;
+use clap::{ArgAction, Args};
 
 use super::WeightsArgs;
 use crate::analysis::visualize::AttentionConfig;
@@ -19,7 +19,7 @@ pub struct AttentionArgs {
     pub image_path: PathBuf,
     /// Resize to HEIGHT WIDTH (two numbers), or the shorter side to N keeping the aspect ratio
     /// (one number); the result is then cut to a multiple of the patch size.
-    #[arg(long, num_args = 1..=2, default_values_t = [480, 480])]
+    #[arg(long, action = ArgAction::Set, num_args = 1..=2, default_values_t = [480, 480])]
     pub image_size: Vec<usize>,
     /// Share of each head's attention mass whose patches are drawn over the image (0 to 1;
     /// 0 draws no masks).
