@@ -1189,3 +1189,102 @@ fn the_cuda_backend_loads_and_a_machine_without_a_gpu_runs_on_the_cpu() {
     assert!(r.status.success(), "{e}");
     assert!(!e.contains("could not be loaded"), "{e}");
 }
+
+/// `expand_config_args` over `ibot <sub...> --config FILE` with `toml` as FILE's text.
+fn expand_with_config(sub: &[&str], name: &str, toml: &str) -> anyhow::Result<Vec<String>> {
+    let dir = tempdir("toml");
+    let cfg = dir.join(name);
+    std::fs::write(&cfg, toml).unwrap();
+    let mut argv = vec!["ibot".to_string()];
+    argv.extend(sub.iter().map(|s| s.to_string()));
+    argv.extend(["--config".to_string(), s(&cfg)]);
+    ibot::cli::presets::expand_config_args(argv)
+}
+
+/// Config-file keys are checked against the command's options, naming the file. Before (each
+/// line shown failing by running this test without the check in `config_file_args`):
+/// `epochs = [1, 2]` gave clap's "unexpected argument '2' found", an unknown key "unexpected
+/// argument '--epochz'", neither naming the file; `preset = "..."` was silently ignored (clap
+/// accepts --preset and drops it), and `config = "..."` too.
+#[test]
+fn config_file_keys_are_checked_and_a_preset_key_applies() {
+    let err = |sub: &[&str], toml: &str| {
+        format!(
+            "{:#}",
+            expand_with_config(sub, "bad.toml", toml).unwrap_err()
+        )
+    };
+    for (sub, toml, msg) in [
+        (
+            &["train"][..],
+            "epochs = [1, 2]\n",
+            "bad.toml: option 'epochs' takes one value, not a list of 2",
+        ),
+        (
+            &["train"],
+            "global_crops_scale = []\n",
+            "bad.toml: option 'global_crops_scale' is given an empty list",
+        ),
+        (
+            &["train"],
+            "epochz = 3\n",
+            "bad.toml: unknown option 'epochz' (keys are the names of `ibot train` options",
+        ),
+        (
+            &["train"],
+            "config = \"other.toml\"\n",
+            "bad.toml: a config file cannot include another",
+        ),
+        (
+            &["train"],
+            "preset = \"nope\"\n",
+            "bad.toml: preset: unknown preset 'nope'",
+        ),
+        (
+            &["demo"],
+            "knn_test = [1, 2]\n",
+            "bad.toml: option 'knn_test' takes one value",
+        ),
+        (
+            &["bench", "train"],
+            "iters = [1, 2]\n",
+            "bad.toml: option 'iters' takes one value",
+        ),
+    ] {
+        let e = err(sub, toml);
+        assert!(e.contains(msg), "{toml}: expected '{msg}' in: {e}");
+    }
+    // Keys of the subcommand's own options, several values where allowed, and --threads.
+    for (sub, toml) in [
+        (&["demo"][..], "knn_train = 100\nthreads = 1\n"),
+        (&["bench", "train"], "iters = 1\nwarmup = 0\n"),
+        (&["train"], "pred_ratio = [0.0, 0.3]\nshared_head = true\n"),
+    ] {
+        expand_with_config(sub, "ok.toml", toml).unwrap();
+    }
+    // `preset = NAME` in a file applies the preset; the file's other keys win over it, and the
+    // command line over both.
+    let mut argv = expand_with_config(
+        &["train"],
+        "p.toml",
+        "epochs = 9\npreset = \"vit_small_800ep\"\n",
+    )
+    .unwrap();
+    let a = common::train_config(argv.clone().into_iter().skip(1));
+    assert_eq!(
+        (a.schedule.epochs, a.data.local_crops_number, a.head.norm_last_layer),
+        (9, 10, false)
+    );
+    argv.extend(["--epochs".to_string(), "3".to_string()]);
+    assert_eq!(common::train_config(argv.into_iter().skip(1)).schedule.epochs, 3);
+}
+
+/// --pred_start_epoch past the end of the run: the error told to "lower
+/// --warmup_teacher_temp_epochs" even when that was already 0 (shown failing with the old
+/// message); it now names --pred_start_epoch first.
+#[test]
+fn pred_start_epoch_past_the_run_names_that_flag() {
+    let out = tempdir("predstart");
+    let r = train_tiny(&out, &["--epochs", "1", "--pred_start_epoch", "5"]);
+    assert_error(&r, "lower --pred_start_epoch or --warmup_teacher_temp_epochs");
+}

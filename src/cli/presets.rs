@@ -82,6 +82,7 @@ pub fn expand_config_args(args: Vec<String>) -> Result<Vec<String>> {
     let Some(mut sub) = subcommand_position(&args) else {
         return Ok(args);
     };
+    let bench = args[sub] == "bench";
     // `bench train` (alias `bench step`) takes every train option, presets included.
     if args[sub] == "bench"
         && matches!(
@@ -117,19 +118,12 @@ pub fn expand_config_args(args: Vec<String>) -> Result<Vec<String>> {
                 }
             };
             if flag == "--preset" {
-                let Some((_, _, list)) = PRESETS.iter().find(|(n, _, _)| *n == value) else {
-                    bail!(
-                        "unknown preset '{value}'; available: {}",
-                        PRESETS
-                            .iter()
-                            .map(|(n, _, _)| *n)
-                            .collect::<Vec<_>>()
-                            .join(", ")
-                    )
-                };
-                front.extend(list.iter().map(|s| s.to_string()));
+                front.extend(preset_args(&value)?);
             } else {
-                front.extend(config_file_args(&PathBuf::from(&value))?);
+                front.extend(config_file_args(
+                    &PathBuf::from(&value),
+                    &options_of(bench, &args[sub]),
+                )?);
             }
         } else {
             out.push(a.clone());
@@ -141,28 +135,103 @@ pub fn expand_config_args(args: Vec<String>) -> Result<Vec<String>> {
     Ok(out)
 }
 
-fn config_file_args(path: &PathBuf) -> Result<Vec<String>> {
+/// The options of `ibot train` / `ibot demo` / `ibot bench train`, to check a config file's keys
+/// and their number of values against (clap would otherwise report a stray list item as an
+/// "unexpected argument" and silently take `preset = ...` for nothing, without naming the file).
+fn options_of(bench: bool, sub: &str) -> clap::Command {
+    use clap::Args;
+    let name = match (bench, sub) {
+        (true, _) => "bench train",
+        (false, "demo") => "demo",
+        _ => "train",
+    };
+    let c = clap::Command::new(name);
+    let mut c = if bench {
+        super::bench::StepBench::augment_args(c)
+    } else if sub == "demo" {
+        super::demo::DemoArgs::augment_args(c)
+    } else {
+        super::train::TrainArgs::augment_args(c)
+    };
+    c.build();
+    c
+}
+
+fn preset_args(name: &str) -> Result<Vec<String>> {
+    let Some((_, _, list)) = PRESETS.iter().find(|(n, _, _)| *n == name) else {
+        bail!(
+            "unknown preset '{name}'; available: {}",
+            PRESETS
+                .iter()
+                .map(|(n, _, _)| *n)
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    };
+    Ok(list.iter().map(|s| s.to_string()).collect())
+}
+
+fn config_file_args(path: &PathBuf, cmd: &clap::Command) -> Result<Vec<String>> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("reading config file {}", path.display()))?;
     let table: toml::Table =
         toml::from_str(&text).with_context(|| format!("parsing {} as TOML", path.display()))?;
+    let file = path.display();
+    // A `preset = "NAME"` key: the preset's options go before the file's others.
+    let mut front = Vec::new();
     let mut out = Vec::new();
     for (k, v) in table {
-        out.push(format!("--{k}"));
         let scalar = |v: &toml::Value| -> Result<String> {
             Ok(match v {
                 toml::Value::String(s) => s.clone(),
                 toml::Value::Integer(i) => i.to_string(),
                 toml::Value::Float(f) => f.to_string(),
                 toml::Value::Boolean(b) => b.to_string(),
-                other => bail!(
-                    "{}: option '{k}' has an unsupported value {other}",
-                    path.display()
-                ),
+                other => bail!("{file}: option '{k}' has an unsupported value {other}"),
             })
         };
+        if k == "preset" {
+            let toml::Value::String(name) = &v else {
+                bail!("{file}: preset must be a preset name in quotes (got {v})");
+            };
+            front.extend(preset_args(name).with_context(|| format!("{file}: preset"))?);
+            continue;
+        }
+        if k == "config" {
+            bail!("{file}: a config file cannot include another (key 'config'); pass several --config options instead");
+        }
+        // --threads is an option of `ibot` itself, accepted after the subcommand too.
+        let max_values = if k == "threads" {
+            1
+        } else {
+            let Some(arg) = cmd.get_arguments().find(|a| {
+                a.get_long() == Some(k.as_str())
+                    || a.get_all_aliases().is_some_and(|al| al.contains(&k.as_str()))
+            }) else {
+                bail!(
+                    "{file}: unknown option '{k}' (keys are the names of `ibot {}` options without the leading --)",
+                    cmd.get_name()
+                );
+            };
+            arg.get_num_args().map_or(1, |r| r.max_values())
+        };
+        out.push(format!("--{k}"));
         match &v {
             toml::Value::Array(items) => {
+                if items.is_empty() {
+                    bail!("{file}: option '{k}' is given an empty list");
+                }
+                if items.len() > max_values {
+                    let takes = if max_values == 1 {
+                        "one value".to_string()
+                    } else {
+                        format!("at most {max_values} values")
+                    };
+                    bail!(
+                        "{file}: option '{k}' takes {takes}, not a list of {} ({k} = {v})",
+                        items.len()
+                    );
+                }
                 for it in items {
                     out.push(scalar(it)?);
                 }
@@ -170,7 +239,8 @@ fn config_file_args(path: &PathBuf) -> Result<Vec<String>> {
             other => out.push(scalar(other)?),
         }
     }
-    Ok(out)
+    front.extend(out);
+    Ok(front)
 }
 
 /// `ibot presets`: every recipe with its options.

@@ -91,7 +91,7 @@ pub fn teacher_temp_schedules(cfg: &IbotLossConfig) -> Result<(Vec<f64>, Vec<f64
     } else {
         let s = cfg.mim_start_epoch;
         if w + s > cfg.nepochs {
-            bail!("--pred_start_epoch ({s}) + --warmup_teacher_temp_epochs ({w}) exceeds --epochs ({}); lower --warmup_teacher_temp_epochs", cfg.nepochs);
+            bail!("--pred_start_epoch ({s}) + --warmup_teacher_temp_epochs ({w}) exceeds --epochs ({}); lower --pred_start_epoch or --warmup_teacher_temp_epochs, or raise --epochs", cfg.nepochs);
         }
         let mut t = vec![cfg.warmup_teacher_temp2; s];
         t.extend(linspace(cfg.warmup_teacher_temp2, cfg.teacher_temp2, w));
