@@ -22,6 +22,31 @@ pub fn resume_path(
     }
 }
 
+/// Checks, before any long work, that a result file can be written at `path` (the value of
+/// `flag`): not a directory, and in a folder that exists. Otherwise the error came only after
+/// the work, and named [`atomic_write`]'s temporary file instead of the flag.
+pub fn check_output_file(path: &Path, flag: &str) -> Result<()> {
+    if path.is_dir() {
+        anyhow::bail!(
+            "{flag} {} is a directory; give a file name (e.g. {})",
+            path.display(),
+            path.join("result").display()
+        );
+    }
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    if !dir.is_dir() {
+        anyhow::bail!(
+            "{flag} {}: the folder {} does not exist (create it first)",
+            path.display(),
+            dir.display()
+        );
+    }
+    Ok(())
+}
+
 /// Writes `v` as pretty JSON to `path`, atomically (see [`atomic_write`]).
 pub fn write_json(path: &Path, v: &serde_json::Value) -> Result<()> {
     atomic_write(path, serde_json::to_string_pretty(v)?.as_bytes())

@@ -1288,3 +1288,46 @@ fn pred_start_epoch_past_the_run_names_that_flag() {
     let r = train_tiny(&out, &["--epochs", "1", "--pred_start_epoch", "5"]);
     assert_error(&r, "lower --pred_start_epoch or --warmup_teacher_temp_epochs");
 }
+
+/// eval-knn's --temperature must be > 0: 0 gave NaN votes and a printed (meaningless) accuracy
+/// with exit code 0, and a negative value clap's "unexpected argument '-1' found". A result file
+/// that cannot be written is refused before any feature is computed: the error came after the
+/// whole evaluation and named the temporary file ("creating /nonexist/.x.json.tmpPID"; "renaming
+/// /.tmp.tmpPID to /tmp: Is a directory"). Each case shown failing without the checks.
+#[test]
+fn knn_temperature_and_unwritable_outputs_are_refused_before_the_work() {
+    let (data, ckpt) = trained();
+    let (d, w) = (s(data), s(ckpt));
+    let dir = tempdir("outputs");
+    let dir_s = s(&dir);
+    let missing = s(&dir.join("no-such-folder").join("r.json"));
+    let base = |cmd: &'static str| {
+        vec![
+            cmd,
+            "--pretrained_weights",
+            w.as_str(),
+            "--data_path",
+            d.as_str(),
+            "--device",
+            "cpu",
+        ]
+    };
+    for (cmd, extra, msg) in [
+        ("eval-knn", ["--temperature", "0"], "--temperature must be > 0 (got 0)"),
+        ("eval-knn", ["--temperature", "-1"], "--temperature must be > 0 (got -1)"),
+        ("eval-knn", ["--output", &dir_s], "is a directory; give a file name"),
+        ("eval-knn", ["--output", &missing], "no-such-folder does not exist"),
+        ("eval-unsup", ["--output", &missing], "no-such-folder does not exist"),
+        ("extract-features", ["--output", &dir_s], "is a directory; give a file name"),
+    ] {
+        let mut a = base(cmd);
+        a.extend(extra);
+        let r = ibot(&a);
+        assert_error(&r, msg);
+        let e = stderr(&r);
+        assert!(e.contains(extra[0]), "{cmd}: {} not named in: {e}", extra[0]);
+        // Refused before the weights are read (and so before any feature).
+        assert!(!e.contains("weights:") && !e.contains("features"), "{cmd}: {e}");
+    }
+    assert!(!dir.join("no-such-folder").exists());
+}

@@ -26,9 +26,10 @@ pub struct KnnArgs {
     pub val_path: Option<PathBuf>,
     /// Numbers of nearest neighbours k, each at least 1; a k above the number of training
     /// (memory) images is lowered to that number, with a note.
-    #[arg(long, action = ArgAction::Set, num_args = 1.., default_values_t = vec![10, 20, 100, 200])]
+    #[arg(long, action = ArgAction::Set, num_args = 1.., default_values_t = vec![10, 20, 100, 200], allow_negative_numbers = true)]
     pub nb_knn: Vec<i64>,
-    #[arg(long, default_value_t = 0.07)]
+    /// Temperature of the neighbours' votes, exp(cosine similarity / T); > 0.
+    #[arg(long, default_value_t = 0.07, allow_negative_numbers = true)]
     pub temperature: f64,
     /// Concatenate the [CLS] tokens of the last n blocks (official default 1).
     #[arg(long, default_value_t = 1)]

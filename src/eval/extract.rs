@@ -51,6 +51,10 @@ impl Default for FeatureConfig {
 pub fn run(f: &FeatureConfig) -> Result<()> {
     let (comm, device, _) = crate::dist::join_world(&f.dist, f.weights.device)?;
     let comm = comm.as_ref();
+    // Only the main rank writes (on several nodes, the folder may exist on its node only).
+    if comm.is_main() {
+        crate::util::check_output_file(&f.output, "--output")?;
+    }
     let (_, vit, size, device) = f.weights.open_backbone_on(device)?;
     let spec = FeatureSpec {
         n_last_blocks: f.n_last_blocks,

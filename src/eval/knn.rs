@@ -231,9 +231,19 @@ pub fn run(k: &KnnConfig) -> Result<()> {
     if let Some(bad) = k.nb_knn.iter().find(|&&x| x < 1) {
         anyhow::bail!("--nb_knn: every k must be at least 1 (got {bad})");
     }
+    // The weights are exp(similarity / T): T = 0 gave NaN votes and a meaningless accuracy.
+    anyhow::ensure!(
+        k.temperature > 0.0 && k.temperature.is_finite(),
+        "--temperature must be > 0 (got {})",
+        k.temperature
+    );
     let t0 = std::time::Instant::now();
     let (comm, device, _) = crate::dist::join_world(&k.dist, k.weights.device)?;
     let comm = comm.as_ref();
+    // Only the main rank writes (on several nodes, the folder may exist on its node only).
+    if let (Some(out), true) = (&k.output, comm.is_main()) {
+        crate::util::check_output_file(out, "--output")?;
+    }
     let (ftr, ltr, fte, lte) = match &k.load_features {
         Some(dir) => load_features(dir)?,
         None => compute_features(k, comm, device)?,

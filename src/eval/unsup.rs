@@ -39,6 +39,9 @@ impl Default for UnsupConfig {
 
 /// Runs the evaluation and prints the scores.
 pub fn run(u: &UnsupConfig) -> Result<()> {
+    if let Some(out) = &u.output {
+        crate::util::check_output_file(out, "--output")?;
+    }
     let (p, vit, size, device) = u.weights.open_backbone()?;
     let (_, head) = p
         .head_model(device)?
