@@ -1272,11 +1272,20 @@ fn config_file_keys_are_checked_and_a_preset_key_applies() {
     .unwrap();
     let a = common::train_config(argv.clone().into_iter().skip(1));
     assert_eq!(
-        (a.schedule.epochs, a.data.local_crops_number, a.head.norm_last_layer),
+        (
+            a.schedule.epochs,
+            a.data.local_crops_number,
+            a.head.norm_last_layer
+        ),
         (9, 10, false)
     );
     argv.extend(["--epochs".to_string(), "3".to_string()]);
-    assert_eq!(common::train_config(argv.into_iter().skip(1)).schedule.epochs, 3);
+    assert_eq!(
+        common::train_config(argv.into_iter().skip(1))
+            .schedule
+            .epochs,
+        3
+    );
 }
 
 /// --pred_start_epoch past the end of the run: the error told to "lower
@@ -1286,7 +1295,10 @@ fn config_file_keys_are_checked_and_a_preset_key_applies() {
 fn pred_start_epoch_past_the_run_names_that_flag() {
     let out = tempdir("predstart");
     let r = train_tiny(&out, &["--epochs", "1", "--pred_start_epoch", "5"]);
-    assert_error(&r, "lower --pred_start_epoch or --warmup_teacher_temp_epochs");
+    assert_error(
+        &r,
+        "lower --pred_start_epoch or --warmup_teacher_temp_epochs",
+    );
 }
 
 /// eval-knn's --temperature must be > 0: 0 gave NaN votes and a printed (meaningless) accuracy
@@ -1313,21 +1325,52 @@ fn knn_temperature_and_unwritable_outputs_are_refused_before_the_work() {
         ]
     };
     for (cmd, extra, msg) in [
-        ("eval-knn", ["--temperature", "0"], "--temperature must be > 0 (got 0)"),
-        ("eval-knn", ["--temperature", "-1"], "--temperature must be > 0 (got -1)"),
-        ("eval-knn", ["--output", &dir_s], "is a directory; give a file name"),
-        ("eval-knn", ["--output", &missing], "no-such-folder does not exist"),
-        ("eval-unsup", ["--output", &missing], "no-such-folder does not exist"),
-        ("extract-features", ["--output", &dir_s], "is a directory; give a file name"),
+        (
+            "eval-knn",
+            ["--temperature", "0"],
+            "--temperature must be > 0 (got 0)",
+        ),
+        (
+            "eval-knn",
+            ["--temperature", "-1"],
+            "--temperature must be > 0 (got -1)",
+        ),
+        (
+            "eval-knn",
+            ["--output", &dir_s],
+            "is a directory; give a file name",
+        ),
+        (
+            "eval-knn",
+            ["--output", &missing],
+            "no-such-folder does not exist",
+        ),
+        (
+            "eval-unsup",
+            ["--output", &missing],
+            "no-such-folder does not exist",
+        ),
+        (
+            "extract-features",
+            ["--output", &dir_s],
+            "is a directory; give a file name",
+        ),
     ] {
         let mut a = base(cmd);
         a.extend(extra);
         let r = ibot(&a);
         assert_error(&r, msg);
         let e = stderr(&r);
-        assert!(e.contains(extra[0]), "{cmd}: {} not named in: {e}", extra[0]);
+        assert!(
+            e.contains(extra[0]),
+            "{cmd}: {} not named in: {e}",
+            extra[0]
+        );
         // Refused before the weights are read (and so before any feature).
-        assert!(!e.contains("weights:") && !e.contains("features"), "{cmd}: {e}");
+        assert!(
+            !e.contains("weights:") && !e.contains("features"),
+            "{cmd}: {e}"
+        );
     }
     assert!(!dir.join("no-such-folder").exists());
 }

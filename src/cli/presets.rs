@@ -206,7 +206,8 @@ fn config_file_args(path: &PathBuf, cmd: &clap::Command) -> Result<Vec<String>> 
         } else {
             let Some(arg) = cmd.get_arguments().find(|a| {
                 a.get_long() == Some(k.as_str())
-                    || a.get_all_aliases().is_some_and(|al| al.contains(&k.as_str()))
+                    || a.get_all_aliases()
+                        .is_some_and(|al| al.contains(&k.as_str()))
             }) else {
                 bail!(
                     "{file}: unknown option '{k}' (keys are the names of `ibot {}` options without the leading --)",
