@@ -47,6 +47,18 @@ pub fn check_output_file(path: &Path, flag: &str) -> Result<()> {
     Ok(())
 }
 
+/// Creates the `--output_dir` folder `dir` (and its parents). A file of that name gave "creating
+/// DIR: File exists", which hid that the value names a file.
+pub fn create_output_dir(dir: &Path) -> Result<()> {
+    if dir.exists() && !dir.is_dir() {
+        anyhow::bail!(
+            "--output_dir {} is a file, not a folder: give a folder for the run's outputs",
+            dir.display()
+        );
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("creating --output_dir {}", dir.display()))
+}
+
 /// Writes `v` as pretty JSON to `path`, atomically (see [`atomic_write`]).
 pub fn write_json(path: &Path, v: &serde_json::Value) -> Result<()> {
     atomic_write(path, serde_json::to_string_pretty(v)?.as_bytes())

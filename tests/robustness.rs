@@ -1374,3 +1374,43 @@ fn knn_temperature_and_unwritable_outputs_are_refused_before_the_work() {
     }
     assert!(!dir.join("no-such-folder").exists());
 }
+
+/// An --output_dir that names a file gave "creating FILE: File exists"; a --data_path that is
+/// one picture gave "X is not an IDX image file (bad magic)". Both now say what is wrong (each
+/// shown failing with the old messages).
+#[test]
+fn output_dir_a_file_and_data_path_a_single_image_say_so() {
+    let (data, ckpt) = trained();
+    let dir = tempdir("files");
+    let file = dir.join("notes.txt");
+    std::fs::write(&file, "keep me").unwrap();
+    let f = s(&file);
+    let r = train_tiny(&file, &["--epochs", "1"]);
+    assert_error(&r, &format!("--output_dir {f} is a file, not a folder"));
+    let (d, w) = (s(data), s(ckpt));
+    let r = ibot(&[
+        "eval-linear",
+        "--pretrained_weights",
+        &w,
+        "--data_path",
+        &d,
+        "--n_last_blocks",
+        "1",
+        "--epochs",
+        "1",
+        "--output_dir",
+        &f,
+    ]);
+    assert_error(&r, &format!("--output_dir {f} is a file, not a folder"));
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), "keep me");
+    // Only the extension is looked at, before the bytes.
+    let img = dir.join("cat.png");
+    std::fs::write(&img, "not even a png").unwrap();
+    let (i, o) = (s(&img), s(&dir.join("run")));
+    let mut a = vec!["train", "--data_path", &i, "--output_dir", &o];
+    a.extend_from_slice(&tiny());
+    assert_error(
+        &ibot(&a),
+        &format!("{i} is a single image, not a data set: give the folder"),
+    );
+}

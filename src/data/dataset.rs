@@ -288,6 +288,13 @@ fn be_u32(b: &[u8], at: usize, path: &Path) -> Result<usize> {
 impl IdxDataset {
     /// Opens an images file and the labels file next to it (`images` → `labels` in the name).
     pub fn open(images: &Path) -> Result<Self> {
+        // One picture given where a data set is expected: say so, not "bad magic".
+        ensure!(
+            !is_image(images),
+            "{} is a single image, not a data set: give the folder that holds the images \
+             (class sub-folders or image files) or an IDX images file",
+            images.display()
+        );
         let data = read_maybe_gz(images)?;
         ensure!(
             be_u32(&data, 0, images)? == 0x0803,

@@ -416,8 +416,7 @@ pub fn run<'a>(
     let dim = spec.dim_for(backbone);
     let feats_of = |x: &Tensor| spec.features_of(backbone, &x.to_device(device));
 
-    std::fs::create_dir_all(&a.output_dir)
-        .with_context(|| format!("creating {}", a.output_dir.display()))?;
+    crate::util::create_output_dir(&a.output_dir)?;
     let ckpt_path = a.output_dir.join(format!(
         "checkpoint_{}_linear.safetensors",
         a.checkpoint_key

@@ -166,8 +166,7 @@ pub fn run<'a>(
     )?;
     let dim = spec.dim_for(backbone);
     let feats_of = |x: &Tensor| spec.features_of(backbone, &x.to_device(device));
-    std::fs::create_dir_all(&cfg.output_dir)
-        .with_context(|| format!("creating {}", cfg.output_dir.display()))?;
+    crate::util::create_output_dir(&cfg.output_dir)?;
 
     // Every classifier starts from the draw `eval-linear --seed` makes (see the module notes).
     tch::manual_seed(cfg.seed as i64);

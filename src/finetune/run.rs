@@ -1060,8 +1060,7 @@ pub fn run_with(cfg: &FinetuneConfig, comm: &dyn Comm, device: Device) -> Result
         eprintln!("precision: {} ({reason})", trainer.precision.name());
     }
 
-    std::fs::create_dir_all(&cfg.output_dir)
-        .with_context(|| format!("creating {}", cfg.output_dir.display()))?;
+    crate::util::create_output_dir(&cfg.output_dir)?;
     // One run per output directory: rank 0 holds the lock.
     let _lock = if main {
         Some(crate::util::lock_dir(&cfg.output_dir)?)

@@ -287,8 +287,7 @@ pub fn train_with(args: &TrainConfig, comm: &dyn Comm, device: Device) -> Result
     lcfg.rank = comm.rank();
     lcfg.world_size = comm.world_size();
     crate::dist::check_same_options(comm, &shared_options(args)?, "training options")?;
-    std::fs::create_dir_all(&args.run.output_dir)
-        .with_context(|| format!("creating {}", args.run.output_dir.display()))?;
+    crate::util::create_output_dir(&args.run.output_dir)?;
     // One run per output directory: rank 0 holds an exclusive lock until it returns.
     let _lock = if main {
         Some(crate::util::lock_dir(&args.run.output_dir)?)
@@ -329,8 +328,7 @@ pub fn train_loop(
     let main = comm.is_main();
     let niter = source.iters_per_epoch();
     ensure!(niter > 0, "no batches to train on");
-    std::fs::create_dir_all(&args.run.output_dir)
-        .with_context(|| format!("creating {}", args.run.output_dir.display()))?;
+    crate::util::create_output_dir(&args.run.output_dir)?;
     let ckpt_path = args.run.output_dir.join("checkpoint.safetensors");
     set_precision(args, comm, &mut ibot, &ckpt_path)?;
     let schedules = Schedules::new(args, niter, comm.world_size())?;
