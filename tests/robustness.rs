@@ -1414,3 +1414,43 @@ fn output_dir_a_file_and_data_path_a_single_image_say_so() {
         &format!("{i} is a single image, not a data set: give the folder"),
     );
 }
+
+/// Training options refused where the data loader and the model are built named no flag
+/// ("batch size must be positive", "crop size 16 is not a multiple of the mask patch size 5",
+/// "embed_dim 26 is not divisible by num_heads 4", "the data set is empty" for --subset 0...).
+/// Shown failing with the old messages.
+#[test]
+fn training_options_refused_at_the_loader_or_model_name_the_flag() {
+    let out = tempdir("flagnames");
+    for (extra, msg) in [
+        (
+            &["--batch_size_per_gpu", "0"][..],
+            "--batch_size_per_gpu must be at least 1",
+        ),
+        (
+            &["--local_crops_size", "6"],
+            "--local_crops_size 6 is not a multiple of the 4-px mask cell (--patch_size",
+        ),
+        (
+            &["--global_crops_scale", "0.9", "0.2"],
+            "--global_crops_scale must satisfy 0 < min <= max <= 1",
+        ),
+        (
+            &["--local_crops_size", "0"],
+            "--global_crops_size and --local_crops_size must be at least 1",
+        ),
+        (
+            &["--embed_dim", "25"],
+            "--embed_dim 25 is not divisible by --num_heads 2",
+        ),
+        (
+            &["--subset", "0"],
+            "no images to train on (an empty data set, or --subset 0?)",
+        ),
+    ] {
+        let mut a = vec!["--epochs", "1"];
+        a.extend_from_slice(extra);
+        assert_error(&train_tiny(&out, &a), msg);
+    }
+    assert!(!out.join("checkpoint.safetensors").exists());
+}

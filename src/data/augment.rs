@@ -72,7 +72,7 @@ impl AugmentConfig {
         );
         ensure!(
             self.global_crops_size > 0 && self.local_crops_size > 0,
-            "crop sizes must be positive"
+            "--global_crops_size and --local_crops_size must be at least 1"
         );
         for (name, (a, b)) in [
             ("global_crops_scale", self.global_crops_scale),
@@ -80,7 +80,7 @@ impl AugmentConfig {
         ] {
             ensure!(
                 0.0 < a && a <= b && b <= 1.0,
-                "{name} must satisfy 0 < min <= max <= 1, got ({a}, {b})"
+                "--{name} must satisfy 0 < min <= max <= 1, got ({a}, {b})"
             );
         }
         ensure!(

@@ -80,7 +80,10 @@ impl Loader {
     pub fn new(dataset: Arc<dyn Dataset>, cfg: LoaderConfig) -> Result<Self> {
         cfg.augment.validate()?;
         cfg.mask.validate()?;
-        ensure!(cfg.batch_size > 0, "batch size must be positive");
+        ensure!(
+            cfg.batch_size > 0,
+            "--batch_size_per_gpu must be at least 1 (got 0)"
+        );
         ensure!(
             cfg.world_size > 0 && cfg.rank < cfg.world_size,
             "rank {} is not below world size {}",
@@ -91,11 +94,19 @@ impl Loader {
             let s = cfg.augment.crop_size(i);
             ensure!(
                 s % cfg.mask.patch_size == 0,
-                "crop size {s} is not a multiple of the mask patch size {}",
+                "{} {s} is not a multiple of the {}-px mask cell (--patch_size; Swin: 8 x --patch_size)",
+                if i < cfg.augment.global_crops_number {
+                    "--global_crops_size"
+                } else {
+                    "--local_crops_size"
+                },
                 cfg.mask.patch_size
             );
         }
-        ensure!(!dataset.is_empty(), "the data set is empty");
+        ensure!(
+            !dataset.is_empty(),
+            "no images to train on (an empty data set, or --subset 0?)"
+        );
         Ok(Self { dataset, cfg })
     }
 

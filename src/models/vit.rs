@@ -82,7 +82,7 @@ impl VitConfig {
         );
         ensure!(
             self.embed_dim % self.num_heads == 0,
-            "embed_dim {} is not divisible by num_heads {}",
+            "--embed_dim {} is not divisible by --num_heads {}",
             self.embed_dim,
             self.num_heads
         );
