@@ -47,15 +47,21 @@ pub fn check_output_file(path: &Path, flag: &str) -> Result<()> {
     Ok(())
 }
 
-/// Creates the `--output_dir` folder `dir` (and its parents). A file of that name gave "creating
-/// DIR: File exists", which hid that the value names a file.
-pub fn create_output_dir(dir: &Path) -> Result<()> {
+/// Checks, before any long work, that the folder `dir` given to `flag` is not a file.
+pub fn check_output_dir(dir: &Path, flag: &str) -> Result<()> {
     if dir.exists() && !dir.is_dir() {
         anyhow::bail!(
-            "--output_dir {} is a file, not a folder: give a folder for the run's outputs",
+            "{flag} {} is a file, not a folder: give a folder for the outputs",
             dir.display()
         );
     }
+    Ok(())
+}
+
+/// Creates the `--output_dir` folder `dir` (and its parents). A file of that name gave "creating
+/// DIR: File exists", which hid that the value names a file.
+pub fn create_output_dir(dir: &Path) -> Result<()> {
+    check_output_dir(dir, "--output_dir")?;
     std::fs::create_dir_all(dir).with_context(|| format!("creating --output_dir {}", dir.display()))
 }
 

@@ -1402,6 +1402,33 @@ fn output_dir_a_file_and_data_path_a_single_image_say_so() {
         &f,
     ]);
     assert_error(&r, &format!("--output_dir {f} is a file, not a folder"));
+    // visualize-attention's --output_dir and eval-knn's --dump_features (a folder) too, the
+    // latter before any feature is computed.
+    let pic = dir.join("pic.png");
+    image::RgbImage::from_pixel(16, 16, image::Rgb([90, 120, 200]))
+        .save(&pic)
+        .unwrap();
+    let r = ibot(&[
+        "visualize-attention",
+        "--pretrained_weights",
+        &w,
+        "--image_path",
+        &s(&pic),
+        "--output_dir",
+        &f,
+    ]);
+    assert_error(&r, &format!("--output_dir {f} is a file, not a folder"));
+    let r = ibot(&[
+        "eval-knn",
+        "--pretrained_weights",
+        &w,
+        "--data_path",
+        &d,
+        "--dump_features",
+        &f,
+    ]);
+    assert_error(&r, &format!("--dump_features {f} is a file, not a folder"));
+    assert!(!stderr(&r).contains("features of"), "{}", stderr(&r));
     assert_eq!(std::fs::read_to_string(&file).unwrap(), "keep me");
     // Only the extension is looked at, before the bytes.
     let img = dir.join("cat.png");

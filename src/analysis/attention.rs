@@ -387,6 +387,7 @@ pub fn visualize_path(
     show_pics: usize,
     device: Device,
 ) -> Result<Vec<PathBuf>> {
+    crate::util::check_output_dir(output_dir, "--output_dir")?;
     let patch = vit.cfg.patch_size as usize;
     let one = |img: &Rgb8, dir: &Path| -> Result<()> {
         let img = prepare_image(img, image_size, patch)?;

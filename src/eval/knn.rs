@@ -244,6 +244,9 @@ pub fn run(k: &KnnConfig) -> Result<()> {
     if let (Some(out), true) = (&k.output, comm.is_main()) {
         crate::util::check_output_file(out, "--output")?;
     }
+    if let (Some(dir), true) = (&k.dump_features, comm.is_main()) {
+        crate::util::check_output_dir(dir, "--dump_features")?;
+    }
     let (ftr, ltr, fte, lte) = match &k.load_features {
         Some(dir) => load_features(dir)?,
         None => compute_features(k, comm, device)?,
