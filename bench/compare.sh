@@ -47,8 +47,8 @@
 # other jobs, THREADS=1 and the CPU times ("CPU ... ms/iter") are the steadier comparison: the
 # wall time then counts the waits for a core, and with 2 threads OpenMP spins while its partner
 # thread waits.
-# The data comparison needs torchvision + Pillow in the venv; they are installed here (not by
-# scripts/bootstrap.sh: only this benchmark uses them).
+# The data comparison needs torchvision + Pillow in the venv; scripts/bootstrap.sh installs them
+# (as test oracles), and this script installs them itself if they are missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh >/dev/null
