@@ -84,7 +84,7 @@ pub fn expand_config_args(args: Vec<String>) -> Result<Vec<String>> {
     };
     let bench = args[sub] == "bench";
     // `bench train` (alias `bench step`) takes every train option, presets included.
-    if args[sub] == "bench"
+    if bench
         && matches!(
             args.get(sub + 1).map(String::as_str),
             Some("train" | "step")
@@ -139,19 +139,11 @@ pub fn expand_config_args(args: Vec<String>) -> Result<Vec<String>> {
 /// and their number of values against (clap would otherwise report a stray list item as an
 /// "unexpected argument" and silently take `preset = ...` for nothing, without naming the file).
 fn options_of(bench: bool, sub: &str) -> clap::Command {
-    use clap::Args;
-    let name = match (bench, sub) {
-        (true, _) => "bench train",
-        (false, "demo") => "demo",
-        _ => "train",
-    };
-    let c = clap::Command::new(name);
-    let mut c = if bench {
-        super::bench::StepBench::augment_args(c)
-    } else if sub == "demo" {
-        super::demo::DemoArgs::augment_args(c)
-    } else {
-        super::train::TrainArgs::augment_args(c)
+    use clap::{Args, Command};
+    let mut c = match (bench, sub) {
+        (true, _) => super::bench::StepBench::augment_args(Command::new("bench train")),
+        (false, "demo") => super::demo::DemoArgs::augment_args(Command::new("demo")),
+        _ => super::train::TrainArgs::augment_args(Command::new("train")),
     };
     c.build();
     c

@@ -543,19 +543,22 @@ pub fn drop_path(x: &Tensor, p: f64, train: bool, rng: &Mutex<ChaCha8Rng>) -> Te
     if p == 0.0 || !train {
         return x.shallow_clone();
     }
-    let keep = 1.0 - p;
     let b = x.size()[0];
+    let mut shape = vec![b];
+    shape.extend(std::iter::repeat(1).take(x.dim() - 1));
+    let mask = keep_mask(b, p, rng, x.device())
+        .view(shape.as_slice())
+        .to_kind(x.kind());
+    x.g_div_scalar(1.0 - p) * mask
+}
+
+/// [`drop_path_keep`]'s decisions as a float32 `[b]` tensor on `device`: 1 kept, 0 dropped.
+fn keep_mask(b: i64, p: f64, rng: &Mutex<ChaCha8Rng>, device: Device) -> Tensor {
     let draws: Vec<f32> = drop_path_keep(b, p, rng)
         .into_iter()
         .map(|k| if k { 1.0 } else { 0.0 })
         .collect();
-    let mut shape = vec![b];
-    shape.extend(std::iter::repeat(1).take(x.dim() - 1));
-    let mask = Tensor::from_slice(&draws)
-        .view(shape.as_slice())
-        .to_device(x.device())
-        .to_kind(x.kind());
-    x.g_div_scalar(keep) * mask
+    Tensor::from_slice(&draws).to_device(device)
 }
 
 /// [`drop_path`] on selected rows `[R, ...]` of a batch of `b` samples, `sample` (`[R]`) naming
@@ -574,19 +577,13 @@ pub fn drop_path_rows(
     if p == 0.0 || !train {
         return x.shallow_clone();
     }
-    let keep = 1.0 - p;
-    let draws: Vec<f32> = drop_path_keep(b, p, rng)
-        .into_iter()
-        .map(|k| if k { 1.0 } else { 0.0 })
-        .collect();
     let mut shape = vec![-1];
     shape.extend(std::iter::repeat(1).take(x.dim() - 1));
-    let mask = Tensor::from_slice(&draws)
-        .to_device(x.device())
+    let mask = keep_mask(b, p, rng, x.device())
         .index_select(0, sample)
         .view(shape.as_slice())
         .to_kind(x.kind());
-    x.g_div_scalar(keep) * mask
+    x.g_div_scalar(1.0 - p) * mask
 }
 
 /// `x + drop_path(branch(x))` for a per-sample residual branch, computing the branch only for

@@ -289,26 +289,17 @@ impl Ibot {
         let masked = m.flatten(0, -1).nonzero().squeeze_dim(1);
         let lean_teacher =
             tch::no_grad(|| self.teacher.head.forward_tokens_at(&t_tokens, &masked))?;
-        let (teacher, t_rows) = match lean_teacher {
-            Some((cls, rows, mean)) => (
-                MultiCropOutput {
-                    cls,
-                    patch: None,
-                    backbone: vec![t_tokens],
-                },
-                Some((rows, mean)),
-            ),
+        let (cls, patch, t_rows) = match lean_teacher {
+            Some((cls, rows, mean)) => (cls, None, Some((rows, mean))),
             None => {
                 let (cls, patch) = tch::no_grad(|| self.teacher.head.forward_tokens(&t_tokens))?;
-                (
-                    MultiCropOutput {
-                        cls,
-                        patch: Some(patch),
-                        backbone: vec![t_tokens],
-                    },
-                    None,
-                )
+                (cls, Some(patch), None)
             }
+        };
+        let teacher = MultiCropOutput {
+            cls,
+            patch,
+            backbone: vec![t_tokens],
         };
         self.lap("teacher forward (backbone + head)", &mut t);
         let mim = self.cfg.backbone.masked_im_modeling();

@@ -2,8 +2,8 @@
 //! (AVX512-BF16) but no AMX: measured, not assumed. Whether bfloat16 autocast pays there
 //! depends on the CPU and on the library doing the products: on an AMD Zen 5, oneDNN's bfloat16
 //! inner product runs in half the time of the float32 products (oneDNN's, or MKL's AVX-512
-//! ones) and a ViT-S step under autocast took 0.74x its float32 time; on issue 14's Xeon (AVX512-BF16, no AMX, products on MKL) the same
-//! step took 1.5x. So the first run on a machine times a representative piece of a training
+//! ones) and a ViT-S step under autocast took 0.74x its float32 time; on issue 14's Xeon
+//! (AVX512-BF16, no AMX, products on MKL) the same step took 1.5x. So the first run on a machine times a representative piece of a training
 //! step both ways and picks bfloat16 only when it takes at most [`THRESHOLD`] of the float32
 //! time; the answer is cached per machine in `precision-probe.json`.
 //!
